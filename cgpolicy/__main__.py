@@ -1,0 +1,3 @@
+from cgpolicy.cli import main
+
+main()

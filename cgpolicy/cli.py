@@ -1,0 +1,171 @@
+"""The `cgpolicy` command line.
+
+Commands import what they need inside their bodies: `--help`, `validate` and other commands
+that do not touch the kernel must not pay for importing bcc or pyroute2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cgpolicy import __version__
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INVALID = 2
+
+app = typer.Typer(
+    name="cgpolicy",
+    help="Declarative per-cgroup security policy, enforced by eBPF programs at cgroup hooks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@dataclass
+class Settings:
+    """Global options; the mount-derived defaults are discovered only when a command asks."""
+
+    cgroup_root: Optional[Path]
+    bpf_dir: Optional[Path]
+
+    def resolved_cgroup_root(self) -> Path:
+        from cgpolicy.mounts import find_cgroup2_root
+
+        root = self.cgroup_root or find_cgroup2_root()
+        if root is None:
+            _fail("no cgroup2 hierarchy is mounted (see `cgpolicy doctor`)")
+        return root
+
+    def resolved_bpf_dir(self) -> Path:
+        from cgpolicy.mounts import default_bpf_dir
+
+        return self.bpf_dir or default_bpf_dir()
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
+    typer.echo(f"cgpolicy: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cgpolicy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    cgroup_root: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--cgroup-root",
+            envvar="CGPOLICY_CGROUP_ROOT",
+            help="cgroup v2 mount point [default: discovered from /proc/self/mountinfo]",
+        ),
+    ] = None,
+    bpf_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--bpf-dir",
+            envvar="CGPOLICY_BPF_DIR",
+            help="bpffs folder cgpolicy pins into [default: <bpffs mount>/cgpolicy]",
+        ),
+    ] = None,
+    log_level: Annotated[
+        str,
+        typer.Option("--log-level", help="debug, info, warning or error"),
+    ] = "warning",
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        _fail(f"unknown log level {log_level!r}", EXIT_INVALID)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = Settings(cgroup_root=cgroup_root, bpf_dir=bpf_dir)
+
+
+PathsArgument = Annotated[
+    list[Path], typer.Argument(help="Policy files or folders (every *.yaml / *.yml in a folder).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@app.command()
+def validate(paths: PathsArgument, as_json: JsonOption = False) -> None:
+    """Check policy files; print every problem as FILE:LINE:COL: field: message.
+
+    Exit 0 when all are valid, 2 when any is not.
+    """
+    from cgpolicy.policy.validate import load_paths
+
+    result = load_paths(paths)
+    if as_json:
+        report = {
+            "valid": result.ok,
+            "files": result.files,
+            "policies": [policy.name for policy in result.policies],
+            "problems": [problem.to_json() for problem in result.problems],
+        }
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        for problem in result.problems:
+            typer.echo(problem.format(), err=True)
+        if result.ok:
+            names = ", ".join(policy.name for policy in result.policies)
+            typer.echo(f"{len(result.policies)} policies valid in {len(result.files)} files: {names}")
+        else:
+            typer.echo(f"{len(result.problems)} problems in {len(result.files)} files", err=True)
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_INVALID)
+
+
+@app.command()
+def describe(paths: PathsArgument) -> None:
+    """Validate policies and print what each would enforce, without touching the kernel."""
+    from cgpolicy.policy.describe import describe as describe_policy
+    from cgpolicy.policy.validate import load_paths
+
+    result = load_paths(paths)
+    for problem in result.problems:
+        typer.echo(problem.format(), err=True)
+    if not result.ok:
+        raise typer.Exit(EXIT_INVALID)
+    typer.echo("\n\n".join(describe_policy(policy) for policy in result.policies))
+
+
+@app.command()
+def doctor(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Check that this host can enforce policies; print the fix for every failed check.
+
+    Exit 0 when ready, 1 when any required check fails.
+    """
+    from cgpolicy.doctor import run_checks
+
+    settings: Settings = ctx.obj
+    checks = run_checks(cgroup_root=settings.cgroup_root, bpf_dir=settings.bpf_dir)
+    ready = all(check.ok or not check.required for check in checks)
+    if as_json:
+        typer.echo(json.dumps({"ready": ready, "checks": [c.to_json() for c in checks]}, indent=2))
+    else:
+        for check in checks:
+            status = "ok  " if check.ok else ("FAIL" if check.required else "warn")
+            typer.echo(f"[{status}] {check.name}: {check.detail}")
+            if not check.ok and check.fix:
+                typer.echo(f"       fix: {check.fix}")
+        typer.echo("ready" if ready else "not ready")
+    raise typer.Exit(EXIT_OK if ready else EXIT_FAILURE)
+
+
+def main() -> None:
+    app()

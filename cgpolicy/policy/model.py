@@ -1,0 +1,178 @@
+"""The typed policy model: what every layer after validation works with.
+
+Instances are built only by :mod:`cgpolicy.policy.build` from documents that passed the
+JSON Schema and the semantic checks, so code that receives a :class:`Policy` can trust it.
+Everything is frozen and hashable: a policy is a value, and rule order carries no meaning
+(a matching ``deny`` wins, then a matching ``allow``, then the section's ``default``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+Action = Literal["allow", "deny"]
+Mode = Literal["enforce", "audit"]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+NetworkProtocol = Literal["tcp", "udp", "icmp", "icmpv6", "any"]
+SocketProtocol = Literal["tcp", "udp", "any"]
+DeviceType = Literal["char", "block", "any"]
+SysctlAccess = Literal["read", "write", "rw"]
+
+# Socket families and types by name, with their Linux numbers (socket(2)).
+SOCKET_FAMILIES: dict[str, int] = {
+    "unix": 1,
+    "inet": 2,
+    "inet6": 10,
+    "netlink": 16,
+    "packet": 17,
+    "vsock": 40,
+}
+SOCKET_TYPES: dict[str, int] = {"stream": 1, "dgram": 2, "raw": 3, "seqpacket": 5}
+IP_PROTOCOLS: dict[str, int] = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceLocation:
+    """Where something was written, for messages and for `cgpolicy explain`."""
+
+    file: str
+    line: int  # 1-based
+    column: int  # 1-based
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    low: int
+    high: int
+
+    def __contains__(self, port: int) -> bool:
+        return self.low <= port <= self.high
+
+    def __str__(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A cgroup v2 path relative to the cgroup2 mount, literal or an fnmatch-style glob."""
+
+    pattern: str
+    is_glob: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkRule:
+    """A cgroup_skb rule. Empty tuples mean "any"."""
+
+    action: Action
+    cidrs: tuple[IPNetwork, ...] = ()  # remote address
+    protocol: NetworkProtocol = "any"
+    ports: tuple[PortRange, ...] = ()  # remote port on egress, local port on ingress
+    icmp_types: tuple[int, ...] = ()  # only with icmp/icmpv6
+    interfaces: tuple[str, ...] = ()  # names or globs, resolved to ifindexes at apply time
+    source: SourceLocation | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSection:
+    default: Action
+    rules: tuple[NetworkRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    ingress: NetworkSection | None = None
+    egress: NetworkSection | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SocketCreateRule:
+    """A sock_create rule; None means "any". Numbers are the socket(2) arguments."""
+
+    action: Action
+    family: int | None = None
+    type: int | None = None
+    protocol: int | None = None
+    source: SourceLocation | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SocketAddressRule:
+    """A bind or connect (and sendmsg) rule: local address on bind, remote on connect."""
+
+    action: Action
+    cidrs: tuple[IPNetwork, ...] = ()
+    protocol: SocketProtocol = "any"
+    ports: tuple[PortRange, ...] = ()
+    source: SourceLocation | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SocketCreateSection:
+    default: Action
+    rules: tuple[SocketCreateRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SocketAddressSection:
+    default: Action
+    rules: tuple[SocketAddressRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Sockets:
+    create: SocketCreateSection | None = None
+    bind: SocketAddressSection | None = None
+    connect: SocketAddressSection | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRule:
+    """A cgroup_device rule. `path:` rules are resolved to type/major/minor when the policy
+    is loaded; `path` is kept only for messages. None for major/minor means any ('*')."""
+
+    action: Action
+    type: DeviceType
+    major: int | None
+    minor: int | None
+    access: str  # a non-empty subset of "rwm", in that order
+    path: str | None = None
+    source: SourceLocation | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSection:
+    default: Action
+    rules: tuple[DeviceRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SysctlRule:
+    """A cgroup_sysctl rule. `name` is normalised to the slash form the kernel reports
+    (``net/ipv4/ip_forward``); '*' matches any characters including '/'."""
+
+    action: Action
+    name: str
+    access: SysctlAccess = "rw"
+    source: SourceLocation | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SysctlSection:
+    default: Action
+    rules: tuple[SysctlRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    mode: Mode
+    targets: tuple[Target, ...]
+    network: Network | None = None
+    sockets: Sockets | None = None
+    devices: DeviceSection | None = None
+    sysctl: SysctlSection | None = None
+    source: SourceLocation | None = field(default=None, compare=False)
