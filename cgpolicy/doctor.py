@@ -135,6 +135,35 @@ def check_bpftool() -> Check:
     )
 
 
+# The hooks cgpolicy compiles policy sections onto.
+PROBED_HOOKS = ("ingress", "sock_create", "connect4", "bind6", "device", "sysctl")
+_RETURN_ONE = bytes.fromhex("b700000001000000" "9500000000000000")  # r0 = 1; exit
+
+
+def probe_program_types() -> list[Check]:
+    """Load a two-instruction program of each type cgpolicy uses: the kernel says yes or no,
+    which is more honest than reading its version or config."""
+    from cgpolicy.kernel.bpf import BpfError, Program, hook
+
+    checks = []
+    for name in PROBED_HOOKS:
+        target = hook(name)
+        try:
+            Program.load(target.prog_type, _RETURN_ONE, "cgp_probe", target.attach_type).close()
+        except BpfError as error:
+            checks.append(
+                Check(
+                    f"program type for {name}",
+                    False,
+                    f"the kernel refuses {target.prog_type.name.lower()} programs: {error}",
+                    "a kernel built with CONFIG_CGROUP_BPF=y and CONFIG_BPF_SYSCALL=y",
+                )
+            )
+            continue
+        checks.append(Check(f"program type for {name}", True, target.prog_type.name.lower()))
+    return checks
+
+
 def run_checks(cgroup_root: Path | None, bpf_dir: Path | None) -> list[Check]:
     simple: list[Callable[[], Check]] = [
         check_privileges,

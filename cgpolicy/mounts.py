@@ -7,6 +7,7 @@ Reading mountinfo is a plain file read: this module makes no bpf() calls.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +24,12 @@ class Mount:
     options: str
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as octal (\\040 ...)."""
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    return _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field)
 
 
 def parse_mountinfo(text: str) -> list[Mount]:

@@ -1,0 +1,1 @@
+"""Policy -> CompiledPolicy: pure, no syscalls and no bcc."""

@@ -1,0 +1,1 @@
+"""The only layer that calls bpf(), imports bcc, or touches cgroupfs and bpffs."""

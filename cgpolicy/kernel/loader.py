@@ -1,0 +1,238 @@
+"""Compile once, load many: bcc compiles each C file once per process; every program
+instance gets fresh maps made here and a PROG_LOAD of the already compiled instructions.
+
+bcc's own loading ties a program to the maps bcc created for that compile, so 100 policies
+would mean 100 clang runs (~0.3 s each). Instead, the instructions of a function are taken
+once with ``BPF.dump_func``; in them every map reference is an ``ld_imm64`` whose ``imm`` is
+the fd of bcc's *template* map. A load creates the maps its MapSpecs describe, writes their
+fds over the template fds and loads the result: a few milliseconds plus the map fill.
+
+Only this module imports bcc, and only when something is first compiled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+from cgpolicy.compiler.spec import MapSpec, ProgramSpec
+from cgpolicy.kernel.bpf import (
+    MAP_TYPES,
+    Map,
+    MapInfo,
+    Program,
+    ProgramInfo,
+    close_all,
+    hook,
+    map_info,
+)
+
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "bpf"
+
+_LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: a 16-byte instruction
+_PSEUDO_MAP_FD = 1  # src_reg: imm is a map fd
+_PSEUDO_MAP_VALUE = 2  # src_reg: imm is a map fd, the next imm an offset into its value
+
+
+class LoaderError(Exception):
+    """A C source does not compile, or a ProgramSpec does not fit the compiled code."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledFunction:
+    """One C function's instructions and where they name which template map."""
+
+    source: Path
+    function: str
+    insns: bytes
+    relocations: tuple[tuple[int, str], ...]  # (byte offset of the ld_imm64, map name)
+    templates: dict[str, MapInfo]  # the maps the function references, as bcc declared them
+
+
+@dataclass
+class LoadedProgram:
+    """A program instance and the maps only it uses; closing it closes them all.
+
+    Pinning or attaching keeps the kernel objects alive after close().
+    """
+
+    spec: ProgramSpec
+    program: Program
+    maps: dict[str, Map]
+
+    @property
+    def fd(self) -> int:
+        return self.program.fd
+
+    def info(self) -> ProgramInfo:
+        return self.program.info()
+
+    def close(self) -> None:
+        close_all([self.program, *self.maps.values()])
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Compiled:
+    """A bcc module kept alive for the process: its template maps' fds are in the code."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.functions: dict[str, CompiledFunction] = {}
+        self.template_names = _template_names(module)
+
+
+_lock = threading.Lock()
+_cache: dict[tuple[str, str, tuple[str, ...]], _Compiled] = {}
+
+
+def compile_function(source: Path, function: str, cflags: Sequence[str] = ()) -> CompiledFunction:
+    """The compiled instructions of ``function`` in ``source``; compiled at most once per
+    process for the same path, text and cflags (an edited file compiles again)."""
+    try:
+        text = source.read_text()
+    except OSError as error:
+        raise LoaderError(f"cannot read BPF source {source}: {error.strerror}") from None
+    key = (str(source), text, tuple(cflags))
+    with _lock:
+        compiled = _cache.get(key)
+        if compiled is None:
+            compiled = _cache[key] = _Compiled(_bcc_compile(source, text, cflags))
+        found = compiled.functions.get(function)
+        if found is None:
+            found = compiled.functions[function] = _extract(compiled, source, function)
+    return found
+
+
+def load_program(
+    spec: ProgramSpec, source_dir: Path = SOURCE_DIR, cflags: Sequence[str] = ()
+) -> LoadedProgram:
+    """Load one instance of ``spec``: fresh maps filled from its MapSpecs, then PROG_LOAD with
+    the hook's program type and expected attach type. On failure nothing stays open."""
+    compiled = compile_function(source_dir / spec.source, spec.function, cflags)
+    _check_maps(spec, compiled)
+    target = hook(spec.hook)
+    maps: dict[str, Map] = {}
+    try:
+        for map_spec in spec.maps:
+            maps[map_spec.name] = created = _create_map(map_spec)
+            created.update_batch(map_spec.entries)
+        insns = bytearray(compiled.insns)
+        for offset, name in compiled.relocations:
+            struct.pack_into("<i", insns, offset + 4, maps[name].fd)
+        program = Program.load(target.prog_type, bytes(insns), spec.prog_name, target.attach_type)
+    except BaseException:
+        close_all(maps.values())
+        raise
+    return LoadedProgram(spec, program, maps)
+
+
+def _create_map(spec: MapSpec) -> Map:
+    try:
+        map_type = MAP_TYPES[spec.map_type]
+    except KeyError:
+        known = ", ".join(MAP_TYPES)
+        raise LoaderError(
+            f"map {spec.name}: unknown map_type {spec.map_type!r} ({known})"
+        ) from None
+    return Map.create(
+        map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, spec.name[:15]
+    )
+
+
+def _check_maps(spec: ProgramSpec, compiled: CompiledFunction) -> None:
+    """Refuse a spec whose maps differ from the ones the code uses, or whose layout differs
+    from the C declaration: the verifier would not notice a smaller key, the program would
+    just read garbage."""
+    where = f"program {spec.prog_name} ({spec.source}:{spec.function})"
+    given = {m.name: m for m in spec.maps}
+    missing = sorted(set(compiled.templates) - set(given))
+    extra = sorted(set(given) - set(compiled.templates))
+    if missing:
+        raise LoaderError(f"{where}: the code uses maps the spec does not give: {missing}")
+    if extra:
+        raise LoaderError(f"{where}: the spec gives maps the code does not use: {extra}")
+    for name, template in compiled.templates.items():
+        m = given[name]
+        expected = (template.type, template.key_size, template.value_size)
+        actual = (MAP_TYPES.get(m.map_type), m.key_size, m.value_size)
+        if actual != expected:
+            raise LoaderError(
+                f"{where}: map {name} is declared in C as (type {expected[0]}, key "
+                f"{expected[1]} B, value {expected[2]} B) but the spec says ({m.map_type}, "
+                f"key {m.key_size} B, value {m.value_size} B)"
+            )
+
+
+def _bcc_compile(source: Path, text: str, cflags: Sequence[str]) -> Any:
+    """Compile with bcc, capturing clang's diagnostics (printed on fd 2) for the error."""
+    import bcc  # heavy, and needs kernel headers: imported only to compile
+
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            return bcc.BPF(text=text.encode(), cflags=[f"-I{source.parent}", *cflags])
+        except Exception as error:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            diagnostics = captured.read().decode(errors="replace").strip()
+            diagnostics = diagnostics.replace("/virtual/main.c", str(source))
+            raise LoaderError(f"bcc cannot compile {source}: {error}\n{diagnostics}") from None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _template_names(module: Any) -> dict[int, str]:
+    """fd -> name of every map bcc created for a module."""
+    from bcc.libbcc import lib
+
+    lib.bpf_num_tables.restype = ctypes.c_ulonglong
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    lib.bpf_table_fd_id.restype = ctypes.c_int
+    lib.bpf_table_fd_id.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    handle = module.module
+    return {
+        lib.bpf_table_fd_id(handle, i): lib.bpf_table_name(handle, i).decode()
+        for i in range(lib.bpf_num_tables(handle))
+    }
+
+
+def _extract(compiled: _Compiled, source: Path, function: str) -> CompiledFunction:
+    try:
+        insns = compiled.module.dump_func(function.encode())
+    except Exception:
+        raise LoaderError(f"{source} has no BPF function {function!r}") from None
+    relocations = []
+    offset = 0
+    while offset < len(insns):
+        opcode, regs, _, imm = struct.unpack_from("<BBhi", insns, offset)
+        if opcode == _LD_IMM64:
+            if (regs >> 4) in (_PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE):
+                name = compiled.template_names.get(imm)
+                if name is None:
+                    raise LoaderError(
+                        f"{source}:{function}: instruction {offset // 8} names map fd {imm}, "
+                        "which is not one of bcc's maps for this file"
+                    )
+                relocations.append((offset, name))
+            offset += 8  # the second half of the 16-byte instruction
+        offset += 8
+    names = {name for _, name in relocations}
+    fds = {name: fd for fd, name in compiled.template_names.items()}
+    templates = {name: map_info(fds[name]) for name in sorted(names)}
+    return CompiledFunction(source, function, bytes(insns), tuple(relocations), templates)

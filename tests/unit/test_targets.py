@@ -1,0 +1,49 @@
+"""Target resolution against a folder tree shaped like a cgroup hierarchy."""
+
+from pathlib import Path
+
+from cgpolicy.enforcer.targets import resolve_targets
+from cgpolicy.policy.model import Target
+
+
+def make_tree(root: Path, *paths: str) -> None:
+    for path in paths:
+        (root / path).mkdir(parents=True)
+
+
+def test_glob_star_stays_within_one_path_component(tmp_path):
+    make_tree(
+        tmp_path,
+        "kubepods.slice/pod1/cri-containerd-a.scope",
+        "kubepods.slice/pod2/cri-containerd-b.scope",
+        "kubepods.slice/pod2/deeper/cri-containerd-c.scope",
+        "kubepods.slice/pod3/other.scope",
+    )
+    target = Target("kubepods.slice/*/cri-containerd-*.scope", is_glob=True)
+    resolution = resolve_targets(tmp_path, (target,))
+    assert [ref.relative for ref in resolution.cgroups] == [
+        "kubepods.slice/pod1/cri-containerd-a.scope",
+        "kubepods.slice/pod2/cri-containerd-b.scope",
+    ]
+    assert resolution.missing == ()
+
+
+def test_cgroup_ids_are_folder_inodes(tmp_path):
+    make_tree(tmp_path, "system.slice/nginx.service")
+    resolution = resolve_targets(tmp_path, (Target("system.slice/nginx.service", False),))
+    (ref,) = resolution.cgroups
+    assert ref.cgroup_id == (tmp_path / "system.slice/nginx.service").stat().st_ino
+
+
+def test_missing_literal_path_is_reported_but_an_empty_glob_is_not(tmp_path):
+    make_tree(tmp_path, "system.slice")
+    targets = (Target("system.slice/absent.service", False), Target("user.slice/*", True))
+    resolution = resolve_targets(tmp_path, targets)
+    assert resolution.cgroups == ()
+    assert resolution.missing == ("system.slice/absent.service",)
+
+
+def test_a_cgroup_named_by_two_targets_appears_once(tmp_path):
+    make_tree(tmp_path, "a/b")
+    targets = (Target("a/b", False), Target("a/*", True))
+    assert len(resolve_targets(tmp_path, targets).cgroups) == 1
