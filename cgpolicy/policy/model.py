@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 Action = Literal["allow", "deny"]
 Mode = Literal["enforce", "audit"]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 NetworkProtocol = Literal["tcp", "udp", "icmp", "icmpv6", "any"]
 SocketProtocol = Literal["tcp", "udp", "any"]

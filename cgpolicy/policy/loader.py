@@ -1,0 +1,452 @@
+"""Safe YAML loading for hostile input.
+
+Policy files may come from anyone who can write to a policy folder, so reading one must be
+fast, bounded in memory and unable to crash the reader. Rather than PyYAML's composer (which
+recurses once per nesting level, silently keeps the last of duplicate keys and expands
+aliases), this module walks libyaml's event stream with an explicit stack and builds plain
+JSON-like data itself. Decisions:
+
+* size: files over :data:`MAX_FILE_BYTES` (16 MiB) are refused before parsing;
+* encoding: UTF-8 only; a NUL byte means a binary file; both are located by line;
+* anchors, aliases and merge keys (``<<``) are refused outright, which makes expansion
+  bombs impossible instead of merely bounded;
+* nesting deeper than :data:`MAX_DEPTH` is refused as soon as it is seen, so a
+  100,000-deep ``[[[...`` costs 65 events;
+* at most :data:`MAX_NODES` nodes and :data:`MAX_COLLECTIONS` mappings/lists per file;
+* duplicate keys are errors naming both lines;
+* mapping keys are kept as their source text (``yes:`` is the key "yes", not True), and
+  only JSON-like scalars are built: str, int, float, bool, None. Timestamps stay strings.
+
+Every node's position is kept in a compact :class:`SourceMap` so that later stages can
+point at FILE:LINE:COL for any path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from cgpolicy.policy.problems import Path, Problem, field_name
+
+MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_DEPTH = 64
+MAX_NODES = 500_000  # a policy with the most CIDRs allowed (200,000) fits twice over
+MAX_COLLECTIONS = 100_000
+MAX_PROBLEMS = 1000  # per file, so that a hostile file cannot flood memory with messages
+
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_YAML_TAG = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {_YAML_TAG + name for name in ("str", "int", "float", "bool", "null")}
+_COLLECTION_TAGS = {None, "!", _YAML_TAG + "seq", _YAML_TAG + "map"}
+_DECIMAL = re.compile(r"(?:0|[1-9][0-9]{0,17})\Z")  # YAML 1.1 reads 010 as octal: not here
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_NO_ALIASES_HINT = (
+    "write the value out in full; anchors and aliases are refused so that a small file "
+    "cannot expand into a huge one"
+)
+
+
+def _pack(line: int, column: int) -> int:
+    return line << 32 | column
+
+
+def _mark(mark: Any) -> int:
+    return _pack(mark.line + 1, mark.column + 1)
+
+
+class SourceMap:
+    """Where each node of one document was written, stored compactly.
+
+    A position per list item or mapping entry costs 8 or 16 bytes (in arrays beside the
+    data); only collections get a dict entry.
+    """
+
+    def __init__(self, root: int = 0) -> None:
+        self.root = root  # the document's top node, set once it is finished
+        self._collections: dict[Path, tuple[array[int], list[Any] | dict[str, Any]]] = {}
+
+    def add(self, path: Path, positions: array[int], container: list[Any] | dict[str, Any]) -> None:
+        """Record a finished collection: `positions` holds, per list item, its position,
+        and per mapping entry, its key's position then its value's."""
+        self._collections[path] = (positions, container)
+
+    def locate(self, path: Path, *, key: bool = False) -> tuple[int, int]:
+        """(line, column) of the node at `path`, or of its deepest existing ancestor.
+
+        With key=True, a mapping entry is located by its key rather than its value.
+        """
+        position = self.root
+        for depth, part in enumerate(path):
+            entry = self._collections.get(path[:depth])
+            if entry is None:
+                break
+            positions, container = entry
+            if isinstance(container, dict):
+                if part not in container:
+                    break
+                index = list(container).index(part)
+                last = depth == len(path) - 1
+                position = positions[2 * index + (0 if key and last else 1)]
+            else:
+                if not isinstance(part, int) or not 0 <= part < len(container):
+                    break
+                position = positions[part]
+        return position >> 32, position & 0xFFFFFFFF
+
+
+@dataclass
+class Document:
+    """One YAML document of a file: plain data, positions, and what was wrong with it."""
+
+    index: int  # 0-based within its file
+    line: int
+    column: int
+    data: Any
+    source_map: SourceMap
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class LoadedFile:
+    """A file's documents, plus the problems that concern the whole file (unreadable,
+    too large, not UTF-8, YAML syntax, limits), after which no more documents were read."""
+
+    path: str
+    documents: list[Document] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def load_file(path: str) -> LoadedFile:
+    """Read and parse one file. Never raises for bad content or unreadable files."""
+    loaded = LoadedFile(path)
+    content = _read(path, loaded)
+    if content is None:
+        return loaded
+    text = _decode(content, loaded)
+    if text is None:
+        return loaded
+    _Composer(loaded, text).run(content)
+    if not loaded.documents and not loaded.problems:
+        loaded.problems.append(Problem(path, 1, 1, "", "file is empty: it holds no YAML document"))
+    return loaded
+
+
+def _read(path: str, loaded: LoadedFile) -> bytes | None:
+    """The file's bytes, refusing more than MAX_FILE_BYTES (checked before reading when
+    the size is known, and by reading at most one byte more when it is not, e.g. /dev/zero)."""
+    try:
+        with open(path, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            size = info.st_size if stat.S_ISREG(info.st_mode) else 0
+            content = handle.read(MAX_FILE_BYTES + 1) if size <= MAX_FILE_BYTES else b""
+    except OSError as error:
+        return _file_problem(loaded, f"cannot read the file: {error.strerror or error}")
+    if size > MAX_FILE_BYTES or len(content) > MAX_FILE_BYTES:
+        shown = f"{size / 2**20:.1f} MiB ({size} bytes)" if size else "larger than 16 MiB"
+        return _file_problem(
+            loaded,
+            f"file is {shown}, over the {MAX_FILE_BYTES // 2**20} MiB limit for a policy file",
+            "split it into several files; a policy with 100,000 CIDRs takes about 2 MiB",
+        )
+    return content
+
+
+def _file_problem(loaded: LoadedFile, message: str, hint: str | None = None) -> None:
+    loaded.problems.append(Problem(loaded.path, 0, 0, "", message, hint))
+    return None
+
+
+def _decode(content: bytes, loaded: LoadedFile) -> str | None:
+    """UTF-8 text, or None with a problem that locates the first offending byte."""
+    if content.startswith(_UTF16_BOMS):
+        return _file_problem(loaded, "file is UTF-16 encoded", "save it as UTF-8")
+    offset = content.find(b"\0")
+    if offset >= 0:
+        message = f"file contains a NUL byte at byte offset {offset}: it is binary, not YAML"
+        return _byte_problem(loaded, content, offset, message)
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        byte = content[error.start]
+        message = f"file is not valid UTF-8: byte 0x{byte:02x} at byte offset {error.start}"
+        return _byte_problem(loaded, content, error.start, message, "save it as UTF-8")
+
+
+def _byte_problem(
+    loaded: LoadedFile, content: bytes, offset: int, message: str, hint: str | None = None
+) -> None:
+    line = content.count(b"\n", 0, offset) + 1
+    column = offset - content.rfind(b"\n", 0, offset)
+    loaded.problems.append(Problem(loaded.path, line, column, "", message, hint))
+    return None
+
+
+class _Stop(Exception):
+    """The rest of the file cannot be read safely; carries the problem that says why."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+@dataclass(slots=True)
+class _Frame:
+    """A mapping or list being built."""
+
+    path: Path
+    container: list[Any] | dict[str, Any]
+    positions: array[int]
+    keep: bool  # False inside the value of a duplicate key: consumed, then dropped
+    position: int
+    key: str | None = None  # a mapping's key waiting for its value
+    key_position: int = 0
+    keep_value: bool = True
+    key_lines: dict[str, int] = field(default_factory=dict)
+
+
+class _Composer:
+    """Turns libyaml's events into documents with an explicit stack (no recursion)."""
+
+    def __init__(self, loaded: LoadedFile, text: str) -> None:
+        self.loaded = loaded
+        self.text = text
+        self.stack: list[_Frame] = []
+        self.nodes = 0
+        self.collections = 0
+        self.problem_count = 0
+        self.document: Document | None = None
+        self.resolver: Any = None
+
+    def run(self, content: bytes) -> None:
+        parser = _Loader(content)
+        self.resolver = parser
+        handlers: dict[type, Callable[[Any], None]] = {
+            yaml.ScalarEvent: self._scalar,
+            yaml.MappingStartEvent: self._start,
+            yaml.SequenceStartEvent: self._start,
+            yaml.MappingEndEvent: self._end,
+            yaml.SequenceEndEvent: self._end,
+            yaml.AliasEvent: self._alias,
+            yaml.DocumentStartEvent: self._start_document,
+            yaml.DocumentEndEvent: self._finish_document,
+        }
+        try:
+            while parser.check_event():
+                event = parser.get_event()
+                handler = handlers.get(type(event))
+                if handler is not None:
+                    handler(event)
+        except _Stop as stop:
+            self.loaded.problems.append(stop.problem)
+        except yaml.MarkedYAMLError as error:
+            self.loaded.problems.append(self._syntax_problem(error))
+        except yaml.YAMLError as error:
+            self.loaded.problems.append(self._reader_problem(error))
+        finally:
+            parser.dispose()
+
+    # -- nodes (the hot path: one call per scalar, so kept lean) --------------------------
+
+    def _scalar(self, event: yaml.ScalarEvent) -> None:
+        self._count(event)
+        if event.anchor is not None:
+            self._anchor(event)
+        frame = self.stack[-1] if self.stack else None
+        if frame is not None and frame.key is None and isinstance(frame.container, dict):
+            self._key(frame, event)
+        else:
+            self._value(self._construct(event), _mark(event.start_mark))
+
+    def _alias(self, event: yaml.AliasEvent) -> None:
+        self._count(event)
+        message = f"YAML aliases ('*{event.anchor}') are not allowed"
+        self._problem(event, message, _NO_ALIASES_HINT)
+        self._value(None, _mark(event.start_mark))
+
+    def _key(self, frame: _Frame, event: yaml.ScalarEvent) -> None:
+        key, position = event.value, _mark(event.start_mark)
+        if key == "<<" and event.implicit[0]:
+            self._problem(event, "YAML merge keys ('<<') are not allowed", _NO_ALIASES_HINT)
+        first = frame.key_lines.get(key)
+        if first is not None:
+            self._problem(
+                event,
+                f"duplicate key {key!r}: first set on line {first >> 32}, again on line "
+                f"{position >> 32}",
+                "YAML would silently keep only the last one; remove one of them",
+                path=frame.path + (key,),
+            )
+        else:
+            frame.key_lines[key] = position
+        frame.key, frame.key_position, frame.keep_value = key, position, first is None
+
+    def _start(self, event: yaml.MappingStartEvent | yaml.SequenceStartEvent) -> None:
+        self._count(event)
+        if event.anchor is not None:
+            self._anchor(event)
+        if event.tag not in _COLLECTION_TAGS:
+            self._problem(event, f"YAML tag {event.tag!r} is not allowed here")
+        if len(self.stack) >= MAX_DEPTH:
+            self._stop(event, f"nesting is deeper than {MAX_DEPTH} levels")
+        self.collections += 1
+        if self.collections > MAX_COLLECTIONS:
+            self._stop(event, f"file has more than {MAX_COLLECTIONS:,} mappings and lists")
+        parent = self.stack[-1] if self.stack else None
+        path: Path = ()
+        keep = True
+        if parent is not None:
+            if isinstance(parent.container, dict):
+                if parent.key is None:
+                    self._stop(event, "a mapping key must be a plain value, not a list or mapping")
+                path = parent.path + (parent.key,)  # type: ignore[operator]
+                keep = parent.keep and parent.keep_value
+            else:
+                path, keep = parent.path + (len(parent.container),), parent.keep
+        container: list[Any] | dict[str, Any] = (
+            {} if isinstance(event, yaml.MappingStartEvent) else []
+        )
+        self.stack.append(_Frame(path, container, array("Q"), keep, _mark(event.start_mark)))
+
+    def _end(self, _event: yaml.Event) -> None:
+        frame = self.stack.pop()
+        if frame.keep and self.document is not None:
+            self.document.source_map.add(frame.path, frame.positions, frame.container)
+        self._value(frame.container, frame.position)
+
+    def _value(self, value: Any, position: int) -> None:
+        """Attach a finished node to the collection being built, or make it the root."""
+        if not self.stack:
+            if self.document is not None:
+                self.document.data = value
+                self.document.source_map.root = position
+                self.document.line, self.document.column = position >> 32, position & 0xFFFFFFFF
+            return
+        frame = self.stack[-1]
+        if isinstance(frame.container, list):
+            frame.container.append(value)
+            frame.positions.append(position)
+        else:
+            if frame.keep_value:
+                frame.container[frame.key] = value  # type: ignore[index]
+                frame.positions.extend((frame.key_position, position))
+            frame.key = None
+
+    def _construct(self, event: yaml.ScalarEvent) -> Any:
+        """Only JSON-like values: str, int, float, bool, None."""
+        tag = event.tag
+        if tag is None or tag == "!":
+            if not event.implicit[0]:
+                return event.value  # quoted or block scalar: always a string
+            if _DECIMAL.match(event.value):
+                return int(event.value)  # the common case, without the resolver's regexes
+            tag = self.resolver.resolve(yaml.ScalarNode, event.value, (True, False))
+            if tag not in _SCALAR_TAGS:
+                return event.value  # timestamps and the like stay as written
+        elif tag not in _SCALAR_TAGS:
+            self._problem(event, f"YAML tag {tag!r} is not allowed here")
+            return event.value
+        if tag == _YAML_TAG + "str":
+            return event.value
+        try:
+            return self.resolver.yaml_constructors[tag](
+                self.resolver, yaml.ScalarNode(tag, event.value)
+            )
+        except (yaml.YAMLError, ValueError, KeyError):
+            kind = tag.removeprefix(_YAML_TAG)
+            self._problem(event, f"{event.value!r} cannot be read as {kind}")
+            return event.value
+
+    # -- documents and limits -----------------------------------------------------------
+
+    def _start_document(self, _event: yaml.Event) -> None:
+        self.document = Document(len(self.loaded.documents), 0, 0, None, SourceMap())
+
+    def _finish_document(self, _event: yaml.Event) -> None:
+        document = self.document
+        if document is None:
+            return
+        self.document = None
+        self.loaded.documents.append(document)
+        if document.data is None:
+            document.problems.append(
+                Problem(self.loaded.path, document.line, document.column, "", "document is empty")
+            )
+        elif not isinstance(document.data, dict):
+            kind = "a list" if isinstance(document.data, list) else f"{document.data!r}"
+            document.problems.append(
+                Problem(
+                    self.loaded.path,
+                    document.line,
+                    document.column,
+                    "",
+                    f"the top level of a policy must be a mapping, not {kind}",
+                    "a policy starts with apiVersion, kind, metadata and spec",
+                )
+            )
+
+    def _count(self, event: yaml.Event) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            self._stop(event, f"file has more than {MAX_NODES:,} YAML nodes")
+
+    def _anchor(self, event: yaml.NodeEvent) -> None:
+        message = f"YAML anchors ('&{event.anchor}') are not allowed"
+        self._problem(event, message, _NO_ALIASES_HINT)
+
+    def _problem(
+        self, event: yaml.Event, message: str, hint: str | None = None, path: Path | None = None
+    ) -> None:
+        self.problem_count += 1
+        if self.problem_count > MAX_PROBLEMS:
+            self._stop(event, f"more than {MAX_PROBLEMS} problems; stopped reading the file")
+        if path is None:
+            path = self._current_path()
+        problem = Problem(
+            self.loaded.path,
+            event.start_mark.line + 1,
+            event.start_mark.column + 1,
+            field_name(path),
+            message,
+            hint,
+        )
+        if self.document is not None:
+            self.document.problems.append(problem)
+
+    def _current_path(self) -> Path:
+        if not self.stack:
+            return ()
+        frame = self.stack[-1]
+        if isinstance(frame.container, list):
+            return frame.path + (len(frame.container),)
+        return frame.path if frame.key is None else frame.path + (frame.key,)
+
+    def _stop(self, event: yaml.Event, message: str) -> None:
+        line, column = event.start_mark.line + 1, event.start_mark.column + 1
+        raise _Stop(Problem(self.loaded.path, line, column, "", message))
+
+    def _syntax_problem(self, error: yaml.MarkedYAMLError) -> Problem:
+        mark = error.problem_mark or error.context_mark
+        message = f"invalid YAML: {error.problem or error.context}"
+        if error.context and error.context_mark and error.problem:
+            where = f"line {error.context_mark.line + 1}, column {error.context_mark.column + 1}"
+            message += f" ({error.context} at {where})"
+        line, column = (mark.line + 1, mark.column + 1) if mark else (0, 0)
+        return Problem(self.loaded.path, line, column, "", message)
+
+    def _reader_problem(self, error: yaml.YAMLError) -> Problem:
+        position = getattr(error, "position", None)
+        if not isinstance(position, int):
+            return Problem(self.loaded.path, 0, 0, "", f"invalid YAML: {error}")
+        line = self.text.count("\n", 0, position) + 1
+        column = position - self.text.rfind("\n", 0, position)
+        character = getattr(error, "character", None)
+        shown = f"U+{character:04X}" if isinstance(character, int) else repr(character)
+        reason = getattr(error, "reason", "invalid character")
+        return Problem(self.loaded.path, line, column, "", f"invalid YAML: {reason} ({shown})")

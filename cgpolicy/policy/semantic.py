@@ -1,0 +1,336 @@
+"""Checks the JSON Schema cannot express, and the parsers that :mod:`build` shares with them.
+
+The checks run on documents that may also have failed the schema, so they look only at values
+of the expected type and leave the rest to the schema's messages.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from cgpolicy.policy.model import DeviceType, IPNetwork, PortRange, SourceLocation
+from cgpolicy.policy.problems import Path, Problem
+
+MAX_CIDRS_PER_POLICY = 200_000
+
+_PORT = re.compile(r"([0-9]+)(?:-([0-9]+))?\Z")
+_DOTTED_COMPONENT = re.compile(r"[A-Za-z0-9_*-]+\Z")
+_SLASH_COMPONENT = re.compile(r"[A-Za-z0-9_*.-]+\Z")
+_CGROUP_MOUNTS = ("/sys/fs/cgroup/unified/", "/sys/fs/cgroup/")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A problem at a path of one document; the caller knows the file and positions."""
+
+    path: Path
+    message: str
+    hint: str | None = None
+
+
+class InvalidValue(ValueError):
+    """A value the parsers below refuse, with an operator-facing message and hint."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+# -- parsers shared with build ------------------------------------------------------------
+
+
+def parse_cidr(text: str) -> IPNetwork:
+    """A strict network: a bare address is /32 or /128; host bits set are an error."""
+    network = _plain_ipv4_network(text)
+    if network is not None:
+        return network
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        pass
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise InvalidValue(
+            f"{text!r} is not an IPv4 or IPv6 address or CIDR prefix",
+            "write e.g. 10.0.0.0/8, 192.0.2.1 or fd00::/8",
+        ) from None
+    raise InvalidValue(f"{text} has host bits set", f"did you mean {network}?")
+
+
+def _plain_ipv4_network(text: str) -> ipaddress.IPv4Network | None:
+    """The common case, twice as fast as ip_network (policies may list 200,000 CIDRs).
+    Accepts a subset of what ip_network accepts; anything else takes the slow path."""
+    address, _, length = text.partition("/")
+    try:
+        packed = socket.inet_pton(socket.AF_INET, address)
+    except OSError:
+        return None
+    if length and not (length.isascii() and length.isdigit() and int(length) <= 32):
+        return None
+    prefix = int(length) if length else 32
+    value = int.from_bytes(packed, "big")
+    if value & ((1 << (32 - prefix)) - 1):
+        return None  # host bits set: the slow path explains
+    return ipaddress.IPv4Network((value, prefix))
+
+
+def parse_port_range(value: int | float | str) -> PortRange:
+    """443 or "443" or "8000-8100" (1 <= low <= high <= 65535); YAML's 443.0 is 443."""
+    if not isinstance(value, str):
+        low = high = int(value)
+    else:
+        match = _PORT.match(value)
+        if match is None:
+            raise InvalidValue(f'{value!r} is not a port or a range such as "8000-8100"')
+        low = int(match.group(1))
+        high = int(match.group(2) or low)
+    for port in (low, high):
+        if not 1 <= port <= 65535:
+            raise InvalidValue(f"port {port} is out of range 1-65535")
+    if low > high:
+        raise InvalidValue(f"port range {value!r} is reversed", f'write "{high}-{low}"')
+    return PortRange(low, high)
+
+
+def normalise_sysctl_name(name: str) -> str:
+    """The slash form the kernel reports. In dotted form '.' always separates; in slash form
+    a component may contain '.' (net/ipv4/conf/eth0.100/forwarding)."""
+    if name.startswith("/proc/sys/"):
+        raise InvalidValue(
+            f"sysctl name {name!r} is a file path",
+            f"write {name.removeprefix('/proc/sys/')!r} (names are relative to /proc/sys)",
+        )
+    slash = "/" in name
+    parts = name.split("/" if slash else ".")
+    component = _SLASH_COMPONENT if slash else _DOTTED_COMPONENT
+    for part in parts:
+        if not part:
+            raise InvalidValue(
+                f"sysctl name {name!r} has an empty component",
+                "remove the leading, trailing or doubled separator",
+            )
+        if not component.match(part) or part in (".", ".."):
+            raise InvalidValue(
+                f"sysctl name {name!r} has an invalid component {part!r}",
+                "components are made of A-Z a-z 0-9 _ - and '*' globs",
+            )
+    return "/".join(parts)
+
+
+def resolve_device(path: str) -> tuple[DeviceType, int, int]:
+    """(type, major, minor) of a device node, following symlinks as open() would."""
+    if not path.startswith("/"):
+        raise InvalidValue(f"device path {path!r} is not absolute", f"write '/dev/{path}'?")
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        reason = "does not exist" if isinstance(error, FileNotFoundError) else error.strerror
+        raise InvalidValue(f"device path {path!r}: {reason}") from None
+    if stat.S_ISCHR(info.st_mode):
+        return "char", os.major(info.st_rdev), os.minor(info.st_rdev)
+    if stat.S_ISBLK(info.st_mode):
+        return "block", os.major(info.st_rdev), os.minor(info.st_rdev)
+    kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a device node"
+    raise InvalidValue(
+        f"device path {path!r} is {kind}",
+        "name a character or block device such as /dev/null, or use type/major/minor",
+    )
+
+
+def target_problem(text: str) -> InvalidValue | None:
+    """Why a target path or glob would not stay inside the cgroup hierarchy, if it would not."""
+    if text.startswith("/"):
+        relative = text
+        for mount in _CGROUP_MOUNTS:
+            relative = relative.removeprefix(mount)
+        return InvalidValue(
+            f"{text!r} is absolute; targets are relative to the cgroup2 mount",
+            f"write {relative.lstrip('/')!r}",
+        )
+    if text in ("", "."):
+        return InvalidValue("the root cgroup cannot be a target")
+    if any(ord(char) < 32 or char == "\x7f" for char in text):
+        return InvalidValue(f"{text!r} contains a control character")
+    for part in text.split("/"):
+        if part == "":
+            hint = "/".join(p for p in text.split("/") if p)
+            return InvalidValue(f"{text!r} has an empty path component", f"write {hint!r}")
+        if part in (".", ".."):
+            return InvalidValue(
+                f"{text!r} has a {part!r} component; targets must stay inside "
+                "the cgroup hierarchy and be written without '.' or '..'"
+            )
+    return None
+
+
+# -- checks ------------------------------------------------------------------------------
+
+
+def check_policy(data: Any) -> Iterator[Finding]:
+    """Every semantic finding of one policy document, lazily (a hostile document may have a
+    million bad values; the caller stops when it has enough)."""
+    spec = _mapping(data, "spec")
+    total = _count_cidrs(spec)
+    if total > MAX_CIDRS_PER_POLICY:
+        yield Finding(
+            ("spec",),
+            f"the policy lists {total:,} CIDRs; at most {MAX_CIDRS_PER_POLICY:,} are allowed "
+            "(so they were not checked one by one)",
+            "merge adjacent prefixes or split the targets over several policies",
+        )
+    yield from _check_targets(spec)
+    yield from _check_network(spec, check_cidrs=total <= MAX_CIDRS_PER_POLICY)
+    yield from _check_sockets(spec, check_cidrs=total <= MAX_CIDRS_PER_POLICY)
+    yield from _check_devices(spec)
+    yield from _check_sysctl(spec)
+
+
+def duplicate_name(name: str, where: SourceLocation, first: SourceLocation) -> Problem:
+    """The problem for a policy whose name another loaded policy already uses."""
+    return Problem(
+        where.file,
+        where.line,
+        where.column,
+        "metadata.name",
+        f"policy name {name!r} is already used at {first.file}:{first.line}:{first.column}",
+        "policy names must be unique among all loaded policies",
+    )
+
+
+def _mapping(data: Any, key: str) -> dict[str, Any]:
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _list(data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key)
+    return value if isinstance(value, list) else []
+
+
+def _rules(section: dict[str, Any], path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    for index, rule in enumerate(_list(section, "rules")):
+        if isinstance(rule, dict):
+            yield path + ("rules", index), rule
+
+
+def _check_targets(spec: dict[str, Any]) -> Iterator[Finding]:
+    for index, target in enumerate(_list(spec, "targets")):
+        if not isinstance(target, dict):
+            continue
+        for key in ("path", "glob"):
+            value = target.get(key)
+            problem = target_problem(value) if isinstance(value, str) else None
+            if problem is not None:
+                yield Finding(("spec", "targets", index, key), problem.message, problem.hint)
+
+
+def _check_network(spec: dict[str, Any], check_cidrs: bool) -> Iterator[Finding]:
+    network = _mapping(spec, "network")
+    for direction in ("ingress", "egress"):
+        section = _mapping(network, direction)
+        for path, rule in _rules(section, ("spec", "network", direction)):
+            protocol = rule.get("protocol", "any")
+            if check_cidrs:
+                yield from _check_cidrs(rule, path, protocol)
+            yield from _check_ports(rule, path)
+            if "ports" in rule and protocol not in ("tcp", "udp"):
+                yield Finding(
+                    path + ("ports",),
+                    f"ports need protocol tcp or udp, not {protocol!r}",
+                    "add 'protocol: tcp' or 'protocol: udp' (one rule each for both)",
+                )
+            if "icmpTypes" in rule and protocol not in ("icmp", "icmpv6"):
+                yield Finding(
+                    path + ("icmpTypes",),
+                    f"icmpTypes need protocol icmp or icmpv6, not {protocol!r}",
+                    "add 'protocol: icmp' or 'protocol: icmpv6'",
+                )
+
+
+def _check_sockets(spec: dict[str, Any], check_cidrs: bool) -> Iterator[Finding]:
+    sockets = _mapping(spec, "sockets")
+    for hook in ("bind", "connect"):
+        section = _mapping(sockets, hook)
+        for path, rule in _rules(section, ("spec", "sockets", hook)):
+            if check_cidrs:
+                yield from _check_cidrs(rule, path, "any")
+            yield from _check_ports(rule, path)
+
+
+def _check_cidrs(rule: dict[str, Any], path: Path, protocol: Any) -> Iterator[Finding]:
+    """Syntax and host bits of each CIDR, and its family against an ICMP protocol."""
+    version = {"icmp": 4, "icmpv6": 6}.get(protocol) if isinstance(protocol, str) else None
+    for index, text in enumerate(_list(rule, "cidrs")):
+        if not isinstance(text, str):
+            continue
+        try:
+            network = parse_cidr(text)
+        except InvalidValue as error:
+            yield Finding(path + ("cidrs", index), error.message, error.hint)
+            continue
+        if version is not None and network.version != version:
+            other = "icmpv6" if protocol == "icmp" else "icmp"
+            yield Finding(
+                path + ("cidrs", index),
+                f"{text} is IPv{network.version} and cannot match protocol {protocol}",
+                f"use protocol {other} for IPv{network.version} in a separate rule",
+            )
+
+
+def _check_ports(rule: dict[str, Any], path: Path) -> Iterator[Finding]:
+    for index, port in enumerate(_list(rule, "ports")):
+        if isinstance(port, str):
+            try:
+                parse_port_range(port)
+            except InvalidValue as error:
+                yield Finding(path + ("ports", index), error.message, error.hint)
+
+
+def _check_devices(spec: dict[str, Any]) -> Iterator[Finding]:
+    section = _mapping(spec, "devices")
+    for path, rule in _rules(section, ("spec", "devices")):
+        numbered = [key for key in ("type", "major", "minor") if key in rule]
+        device = rule.get("path")
+        if device is not None and numbered:
+            yield Finding(
+                path + ("path",),
+                f"a device rule takes either path or {'/'.join(numbered)}, not both",
+                "path is resolved to type, major and minor when the policy is loaded",
+            )
+        elif device is None and "type" not in rule:
+            yield Finding(
+                path,
+                "a device rule needs either type (char, block or any) or path",
+                "e.g. {action: allow, path: /dev/null, access: rw}",
+            )
+        if isinstance(device, str):
+            try:
+                resolve_device(device)
+            except InvalidValue as error:
+                yield Finding(path + ("path",), error.message, error.hint)
+
+
+def _check_sysctl(spec: dict[str, Any]) -> Iterator[Finding]:
+    section = _mapping(spec, "sysctl")
+    for path, rule in _rules(section, ("spec", "sysctl")):
+        name = rule.get("name")
+        if isinstance(name, str):
+            try:
+                normalise_sysctl_name(name)
+            except InvalidValue as error:
+                yield Finding(path + ("name",), error.message, error.hint)
+
+
+def _count_cidrs(spec: dict[str, Any]) -> int:
+    sections = [_mapping(_mapping(spec, "network"), d) for d in ("ingress", "egress")]
+    sections += [_mapping(_mapping(spec, "sockets"), h) for h in ("bind", "connect")]
+    return sum(len(_list(rule, "cidrs")) for s in sections for _, rule in _rules(s, ()))

@@ -1,0 +1,325 @@
+"""The compiler's map contents, without a kernel."""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import random
+import struct
+import time
+
+import pytest
+
+from cgpolicy.compiler.compile import (
+    CompileError,
+    compile_policy,
+    ordered_rules,
+    port_prefixes,
+    propagate_prefixes,
+    sysctl_dfa,
+)
+from cgpolicy.compiler.spec import CompiledPolicy, MapSpec
+from cgpolicy.policy.model import (
+    DeviceRule,
+    DeviceSection,
+    Network,
+    NetworkRule,
+    NetworkSection,
+    Policy,
+    PortRange,
+    SocketAddressRule,
+    SocketAddressSection,
+    SocketCreateRule,
+    SocketCreateSection,
+    Sockets,
+    SourceLocation,
+    SysctlRule,
+    SysctlSection,
+    Target,
+)
+
+
+def net(*cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+def egress_policy(*rules: NetworkRule, default: str = "deny", mode: str = "enforce") -> Policy:
+    return Policy(
+        name="web",
+        mode=mode,  # type: ignore[arg-type]
+        targets=(Target("system.slice/nginx.service", False),),
+        network=Network(egress=NetworkSection(default, rules)),  # type: ignore[arg-type]
+    )
+
+
+def maps_of(compiled: CompiledPolicy, hook: str) -> dict[str, MapSpec]:
+    (program,) = [p for p in compiled.programs if p.hook == hook]
+    return {m.name: m for m in program.maps}
+
+
+def lpm_entries(spec: MapSpec) -> dict[tuple[int, int], int]:
+    return {
+        (struct.unpack_from("<I", key)[0], int.from_bytes(key[4:], "big")): struct.unpack(
+            "<Q", value
+        )[0]
+        for key, value in spec.entries
+    }
+
+
+def lookup(entries: dict[tuple[int, int], int], value: int, width: int) -> int:
+    """What the kernel's longest-prefix match returns (0 when nothing matches)."""
+    for length in range(width, -1, -1):
+        prefix = value & (((1 << width) - 1) ^ ((1 << (width - length)) - 1))
+        if (length, prefix) in entries:
+            return entries[(length, prefix)]
+    return 0
+
+
+def test_port_prefixes_cover_ranges_exactly() -> None:
+    rng = random.Random(1)
+    cases = [(1, 65535), (1, 1023), (443, 443), (8000, 8100), (65535, 65535)]
+    cases += [tuple(sorted((rng.randint(1, 65535), rng.randint(1, 65535)))) for _ in range(300)]
+    for low, high in cases:
+        prefixes = port_prefixes(low, high)
+        assert len(prefixes) <= 30
+        covered = []
+        for length, first in prefixes:
+            assert first % (1 << (16 - length)) == 0  # aligned
+            covered.extend(range(first, first + (1 << (16 - length))))
+        assert covered == list(range(low, high + 1))
+    assert port_prefixes(443, 443) == [(16, 443)]
+    assert port_prefixes(1, 65535)[-1] == (1, 32768)
+
+
+def test_ancestor_propagation() -> None:
+    table = {(8, 0x0A000000): 0b01, (16, 0x0A010000): 0b10, (24, 0x0A010200): 0b100}
+    out = propagate_prefixes(table, 32)
+    assert out == {(8, 0x0A000000): 0b01, (16, 0x0A010000): 0b11, (24, 0x0A010200): 0b111}
+
+
+def test_allow_inside_deny_map_contents() -> None:
+    compiled = compile_policy(
+        egress_policy(
+            NetworkRule("deny", net("10.0.0.0/8")),
+            NetworkRule("allow", net("10.1.0.0/16"), "tcp", (PortRange(443, 443),)),
+        )
+    )
+    maps = maps_of(compiled, "egress")
+    rules = ordered_rules(
+        compiled_rules := (
+            NetworkRule("deny", net("10.0.0.0/8")),
+            NetworkRule("allow", net("10.1.0.0/16"), "tcp", (PortRange(443, 443),)),
+        )
+    )
+    deny_bit = 1 << rules.index(compiled_rules[0])
+    allow_bit = 1 << rules.index(compiled_rules[1])
+    cidr4 = lpm_entries(maps["cidr4"])
+    # 10.1.2.3 hits both rules: the deny wins in the program.
+    assert lookup(cidr4, int(ipaddress.IPv4Address("10.1.2.3")), 32) == deny_bit | allow_bit
+    assert lookup(cidr4, int(ipaddress.IPv4Address("10.2.0.1")), 32) == deny_bit
+    assert lookup(cidr4, int(ipaddress.IPv4Address("11.0.0.1")), 32) == 0
+    assert lpm_entries(maps["ports"]) == {(16, 443): allow_bit}
+    allow, deny, default, audit = struct.unpack_from("<QQII", maps["config"].entries[0][1])
+    assert (allow, deny, default, audit) == (allow_bit, deny_bit, 0, 0)
+    any_cidr, any_port, any_icmp, any_iface, *proto = struct.unpack_from(
+        "<9Q", maps["config"].entries[0][1], 24
+    )
+    assert any_cidr == 0 and any_port == deny_bit and any_icmp == any_iface == deny_bit | allow_bit
+    # tcp, udp, icmp, icmpv6, other
+    assert proto == [deny_bit | allow_bit, deny_bit, deny_bit, deny_bit, deny_bit]
+    assert maps["cidr4"].flags == 1 and maps["cidr4"].max_entries == 2
+    assert maps["cidr6"].max_entries == 1 and maps["cidr6"].entries == ()
+
+
+def test_random_cidrs_match_python_semantics() -> None:
+    rng = random.Random(3)
+    rules = []
+    for action in ("allow", "deny", "allow", "deny"):
+        cidrs = {
+            ipaddress.IPv4Network((rng.randrange(1 << 32), rng.randint(4, 28)), strict=False)
+            for _ in range(40)
+        }
+        rules.append(NetworkRule(action, tuple(cidrs)))  # type: ignore[arg-type]
+    compiled = compile_policy(egress_policy(*rules))
+    ordered = ordered_rules(rules)
+    cidr4 = lpm_entries(maps_of(compiled, "egress")["cidr4"])
+    for _ in range(2000):
+        address = ipaddress.IPv4Address(rng.randrange(1 << 32))
+        expected = sum(
+            1 << i for i, rule in enumerate(ordered) if any(address in c for c in rule.cidrs)
+        )
+        assert lookup(cidr4, int(address), 32) == expected
+
+
+def test_100k_cidrs_compile_fast() -> None:
+    rng = random.Random(5)
+    cidrs = tuple(
+        {ipaddress.IPv4Network((rng.randrange(1 << 24) << 8, 24)) for _ in range(100_000)}
+    )
+    wide = net("10.0.0.0/8", "192.168.0.0/16")
+    policy = egress_policy(NetworkRule("deny", cidrs), NetworkRule("allow", wide))
+    start = time.perf_counter()
+    compiled = compile_policy(policy)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, elapsed
+    spec = maps_of(compiled, "egress")["cidr4"]
+    assert spec.max_entries == len(spec.entries) == len(set(cidrs) | set(wide))
+
+
+def test_revision_is_stable_and_semantic() -> None:
+    a = NetworkRule("allow", net("10.0.0.0/8", "fd00::/8"), "tcp", (PortRange(443, 443),))
+    b = NetworkRule("deny", net("10.1.0.0/16"))
+    base = compile_policy(egress_policy(a, b)).revision
+    assert len(base) == 16
+    # Rule order, list order, duplicates and source positions do not count.
+    a_moved = NetworkRule(
+        "allow",
+        net("fd00::/8", "10.0.0.0/8"),
+        "tcp",
+        (PortRange(443, 443),),
+        source=SourceLocation("web.yaml", 9, 3),
+    )
+    assert compile_policy(egress_policy(b, a_moved, a)).revision == base
+    # Any semantic change does.
+    assert compile_policy(egress_policy(a)).revision != base
+    assert compile_policy(egress_policy(a, b, default="allow")).revision != base
+    assert compile_policy(egress_policy(a, b, mode="audit")).revision != base
+    c = NetworkRule("allow", net("10.0.0.0/8", "fd00::/8"), "tcp", (PortRange(443, 444),))
+    assert compile_policy(egress_policy(c, b)).revision != base
+
+
+def test_interfaces_need_a_resolver_and_count_in_the_revision() -> None:
+    policy = egress_policy(NetworkRule("allow", interfaces=("eth0", "wg*")))
+    with pytest.raises(CompileError):
+        compile_policy(policy)
+    one = compile_policy(policy, resolve_interfaces=lambda names: {2})
+    two = compile_policy(policy, resolve_interfaces=lambda names: {2, 5})
+    assert one.revision != two.revision
+    ifaces = maps_of(two, "egress")["ifaces"]
+    assert ifaces.entries == (
+        (struct.pack("<I", 2), struct.pack("<Q", 1)),
+        (struct.pack("<I", 5), struct.pack("<Q", 1)),
+    )
+
+
+def test_icmp_types_table() -> None:
+    compiled = compile_policy(
+        egress_policy(NetworkRule("allow", protocol="icmp", icmp_types=(8, 0)))
+    )
+    icmp = maps_of(compiled, "egress")["icmp_types"]
+    assert icmp.max_entries == 256
+    assert dict(icmp.entries) == {
+        struct.pack("<I", 0): struct.pack("<Q", 1),
+        struct.pack("<I", 8): struct.pack("<Q", 1),
+    }
+
+
+def test_sockets_programs_and_maps() -> None:
+    policy = Policy(
+        name="s",
+        mode="enforce",
+        targets=(Target("a", False),),
+        sockets=Sockets(
+            create=SocketCreateSection("allow", (SocketCreateRule("deny", family=10, type=3),)),
+            bind=SocketAddressSection(
+                "allow", (SocketAddressRule("deny", ports=(PortRange(1, 1023),)),)
+            ),
+            connect=SocketAddressSection(
+                "allow", (SocketAddressRule("deny", net("169.254.169.254/32")),)
+            ),
+        ),
+    )
+    compiled = compile_policy(policy)
+    hooks = {p.hook: p for p in compiled.programs}
+    assert set(hooks) == {
+        "sock_create",
+        "bind4",
+        "bind6",
+        "connect4",
+        "connect6",
+        "sendmsg4",
+        "sendmsg6",
+    }
+    assert {m.name for m in hooks["connect4"].maps} == {"config", "cidr4", "ports", "counters"}
+    assert {m.name for m in hooks["connect6"].maps} == {
+        "config",
+        "cidr4",
+        "cidr6",
+        "ports",
+        "counters",
+    }
+    assert all(p.prog_name.startswith("cgp_") and len(p.prog_name) <= 15 for p in compiled.programs)
+    config = hooks["sock_create"].maps[0]
+    assert config.name == "config" and config.value_size == 2736
+    families = struct.unpack_from("<64Q", config.entries[0][1], 48)
+    types = struct.unpack_from("<16Q", config.entries[0][1], 48 + 512)
+    assert families[10] == 1 and families[2] == 0 and types[3] == 1 and types[1] == 0
+
+
+def test_device_rules() -> None:
+    policy = Policy(
+        name="d",
+        mode="audit",
+        targets=(Target("a", False),),
+        devices=DeviceSection(
+            "deny",
+            (DeviceRule("allow", "char", 1, 3, "rw"), DeviceRule("deny", "any", None, None, "m")),
+        ),
+    )
+    (program,) = compile_policy(policy).programs
+    value = program.maps[0].entries[0][1]
+    assert len(value) == 24 + 8 + 64 * 24
+    allow, deny, default, audit, nrules = struct.unpack_from("<QQIII", value)
+    assert (default, audit, nrules) == (0, 1, 2)
+    rules = [struct.unpack_from("<QIIII", value, 32 + 24 * i) for i in range(2)]
+    assert [bit for bit, *_ in rules] == [1, 2]
+    assert {tuple(rest) for _, *rest in rules} == {(2, 1, 3, 6), (0, 0xFFFFFFFF, 0xFFFFFFFF, 1)}
+
+
+@pytest.mark.parametrize(
+    "patterns",
+    [
+        ["net/ipv4/*", "kernel/hostname", "*forwarding", "net/*/conf/*/rp_filter", "*", "a**b"],
+        ["net/ipv4/ip_forward"],
+        [],
+    ],
+)
+def test_sysctl_dfa_matches_like_fnmatch(patterns: list[str]) -> None:
+    dfa = sysctl_dfa(patterns)
+    names = [
+        "net/ipv4/ip_forward",
+        "net/ipv6/conf/all/forwarding",
+        "net/ipv4/conf/eth0.100/rp_filter",
+        "kernel/hostname",
+        "kernel/hostnamex",
+        "ab",
+        "axxb",
+        "",
+        "net/ipv4/",
+        "vm/swappiness",
+    ]
+    for name in names:
+        expected = sum(1 << i for i, p in enumerate(patterns) if fnmatch.fnmatchcase(name, p))
+        assert dfa.match(name) == expected, (name, patterns)
+
+
+def test_sysctl_maps() -> None:
+    policy = Policy(
+        name="y",
+        mode="enforce",
+        targets=(Target("a", False),),
+        sysctl=SysctlSection(
+            "allow",
+            (SysctlRule("deny", "net/ipv4/*", "write"), SysctlRule("allow", "kernel/*", "rw")),
+        ),
+    )
+    (program,) = compile_policy(policy).programs
+    maps = {m.name: m for m in program.maps}
+    assert set(maps) == {"config", "sysctl_next", "sysctl_accept", "counters"}
+    config = maps["config"].entries[0][1]
+    assert len(config) == 304
+    rules = ordered_rules(policy.sysctl.rules)  # type: ignore[union-attr]
+    read, write, nclasses = struct.unpack_from("<QQI", config, 24)
+    kernel_bit = 1 << [r.name for r in rules].index("kernel/*")
+    assert read == kernel_bit and write == 0b11
+    assert maps["sysctl_next"].max_entries % nclasses == 0
