@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -33,8 +33,8 @@ app = typer.Typer(
 class Settings:
     """Global options; the mount-derived defaults are discovered only when a command asks."""
 
-    cgroup_root: Optional[Path]
-    bpf_dir: Optional[Path]
+    cgroup_root: Path | None
+    bpf_dir: Path | None
 
     def resolved_cgroup_root(self) -> Path:
         from cgpolicy.mounts import find_cgroup2_root
@@ -65,7 +65,7 @@ def _version(value: bool) -> None:
 def main_options(
     ctx: typer.Context,
     cgroup_root: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--cgroup-root",
             envvar="CGPOLICY_CGROUP_ROOT",
@@ -73,7 +73,7 @@ def main_options(
         ),
     ] = None,
     bpf_dir: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--bpf-dir",
             envvar="CGPOLICY_BPF_DIR",
@@ -124,7 +124,9 @@ def validate(paths: PathsArgument, as_json: JsonOption = False) -> None:
             typer.echo(problem.format(), err=True)
         if result.ok:
             names = ", ".join(policy.name for policy in result.policies)
-            typer.echo(f"{len(result.policies)} policies valid in {len(result.files)} files: {names}")
+            typer.echo(
+                f"{len(result.policies)} policies valid in {len(result.files)} files: {names}"
+            )
         else:
             typer.echo(f"{len(result.problems)} problems in {len(result.files)} files", err=True)
     raise typer.Exit(EXIT_OK if result.ok else EXIT_INVALID)
@@ -165,6 +167,122 @@ def doctor(ctx: typer.Context, as_json: JsonOption = False) -> None:
                 typer.echo(f"       fix: {check.fix}")
         typer.echo("ready" if ready else "not ready")
     raise typer.Exit(EXIT_OK if ready else EXIT_FAILURE)
+
+
+def _load_valid(paths: list[Path]) -> list:
+    """Policies from ``paths``, or exit 2 after printing every problem."""
+    from cgpolicy.policy.validate import load_paths
+
+    result = load_paths(paths)
+    for problem in result.problems:
+        typer.echo(problem.format(), err=True)
+    if not result.ok:
+        raise typer.Exit(EXIT_INVALID)
+    return result.policies
+
+
+def _enforcer(ctx: typer.Context):  # -> Enforcer, imported lazily
+    from cgpolicy.enforcer.engine import Enforcer
+
+    settings: Settings = ctx.obj
+    return Enforcer(settings.resolved_cgroup_root(), settings.resolved_bpf_dir())
+
+
+def _print_plans(planned: list, as_json: bool, errors: dict[str, str] | None = None) -> None:
+    from cgpolicy.enforcer.plan import Action
+
+    errors = errors or {}
+    if as_json:
+        report = []
+        for item in planned:
+            entry = item.plan.to_json()
+            entry["error"] = errors.get(item.plan.name)
+            report.append(entry)
+        typer.echo(json.dumps({"policies": report}, indent=2))
+        return
+    for item in planned:
+        typer.echo(item.plan.summary())
+        for step in item.plan.steps:
+            if step.action is not Action.KEEP:
+                typer.echo(f"  {step.describe()}")
+        if item.plan.name in errors and not item.plan.blocked:
+            typer.echo(f"  FAILED: {errors[item.plan.name]} (previous state kept)")
+
+
+@app.command()
+def plan(ctx: typer.Context, paths: PathsArgument, as_json: JsonOption = False) -> None:
+    """Show what `apply` would change in the kernel for these policies; change nothing."""
+    policies = _load_valid(paths)
+    planned = _enforcer(ctx).plan(policies)
+    _print_plans(planned, as_json)
+    blocked = any(item.plan.blocked for item in planned)
+    raise typer.Exit(EXIT_FAILURE if blocked else EXIT_OK)
+
+
+@app.command()
+def apply(ctx: typer.Context, paths: PathsArgument, as_json: JsonOption = False) -> None:
+    """Enforce policies on their target cgroups; print what changed.
+
+    Idempotent: a second run changes nothing. A policy that fails to apply keeps what it
+    enforced before; the exit status is then 1.
+    """
+    policies = _load_valid(paths)
+    enforcer = _enforcer(ctx)
+    outcomes = enforcer.apply(enforcer.plan(policies))
+    _report_outcomes(outcomes, as_json)
+
+
+def _report_outcomes(outcomes: list, as_json: bool) -> None:
+    from cgpolicy.enforcer.engine import Planned
+
+    errors = {o.plan.name: o.error for o in outcomes if o.error}
+    _print_plans([Planned(o.plan, None) for o in outcomes], as_json, errors)
+    raise typer.Exit(EXIT_FAILURE if errors else EXIT_OK)
+
+
+@app.command()
+def remove(
+    ctx: typer.Context,
+    names: Annotated[list[str] | None, typer.Argument(help="Names of applied policies.")] = None,
+    remove_all: Annotated[
+        bool, typer.Option("--all", help="Remove every cgpolicy policy.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Detach and unpin what cgpolicy applied for these policies; nothing else is touched."""
+    if bool(names) == remove_all:
+        _fail("give policy names or --all (not both)", EXIT_INVALID)
+    enforcer = _enforcer(ctx)
+    outcomes = enforcer.apply(enforcer.plan_removal(None if remove_all else names))
+    _report_outcomes(outcomes, as_json)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def run(
+    ctx: typer.Context,
+    policy_file: Annotated[Path, typer.Argument(help="A file holding one policy.")],
+    command: Annotated[list[str], typer.Argument(help="The command, after `--`.")],
+) -> None:
+    """Run one command in a fresh cgroup under a policy: `cgpolicy run POLICY -- CMD...`.
+
+    The policy's targets are replaced by the transient cgroup; everything is removed when
+    the command ends, and its exit status is returned.
+    """
+    from cgpolicy.enforcer.apply import ApplyError
+    from cgpolicy.enforcer.transient import run_under_policy
+
+    policies = _load_valid([policy_file])
+    if len(policies) != 1:
+        _fail(
+            f"{policy_file} holds {len(policies)} policies; `run` takes exactly one", EXIT_INVALID
+        )
+    try:
+        status = run_under_policy(_enforcer(ctx), policies[0], command)
+    except (ApplyError, OSError) as error:
+        _fail(str(error))
+    raise typer.Exit(status if status >= 0 else 128 - status)
 
 
 def main() -> None:

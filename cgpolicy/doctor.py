@@ -56,7 +56,8 @@ def check_cgroup2(cgroup_root: Path | None) -> Check:
             "cgroup2",
             False,
             "no cgroup2 hierarchy is mounted",
-            "mount -t cgroup2 none /sys/fs/cgroup/unified (or boot with systemd.unified_cgroup_hierarchy=1)",
+            "mount -t cgroup2 none /sys/fs/cgroup/unified"
+            " (or boot with systemd.unified_cgroup_hierarchy=1)",
         )
     if not (root / "cgroup.procs").is_file():
         return Check("cgroup2", False, f"{root} is not a cgroup2 hierarchy", "check --cgroup-root")
@@ -137,7 +138,7 @@ def check_bpftool() -> Check:
 
 # The hooks cgpolicy compiles policy sections onto.
 PROBED_HOOKS = ("ingress", "sock_create", "connect4", "bind6", "device", "sysctl")
-_RETURN_ONE = bytes.fromhex("b700000001000000" "9500000000000000")  # r0 = 1; exit
+_RETURN_ONE = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1; exit
 
 
 def probe_program_types() -> list[Check]:

@@ -139,7 +139,9 @@ def _test_slug(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def scratch_cgroup(cgroup_parent: Path, cgroup_root: Path, request: pytest.FixtureRequest) -> Iterator[ScratchCgroup]:
+def scratch_cgroup(
+    cgroup_parent: Path, cgroup_root: Path, request: pytest.FixtureRequest
+) -> Iterator[ScratchCgroup]:
     path = cgroup_parent / _test_slug(request)
     path.mkdir()
     try:

@@ -6,7 +6,7 @@ real process in that cgroup would see. It uses only the standard library and sta
     probe.py connect tcp|udp HOST PORT      connect() (and a send for udp)
     probe.py sendto HOST PORT                unconnected UDP sendto()
     probe.py bind tcp|udp ADDR PORT
-    probe.py socket FAMILY TYPE [PROTO]      numbers or names (inet, inet6, packet; stream, dgram, raw)
+    probe.py socket FAMILY TYPE [PROTO]      numbers or names: inet, inet6, packet; stream, raw
     probe.py open PATH r|w|rw
     probe.py sysctl-read NAME                NAME in slash form: net/ipv4/ip_forward
     probe.py sysctl-write NAME VALUE
@@ -58,7 +58,9 @@ def number(table: dict[str, int], value: str) -> int:
 
 
 def do_socket(family: str, kind: str, protocol: str = "0") -> None:
-    socket.socket(number(FAMILIES, family), number(TYPES, kind), number(PROTOCOLS, protocol)).close()
+    socket.socket(
+        number(FAMILIES, family), number(TYPES, kind), number(PROTOCOLS, protocol)
+    ).close()
 
 
 def do_open(path: str, mode: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-
 import os
 
 from bcc import BPF, BPFAttachType
@@ -42,4 +41,3 @@ def test_deny_all_egress_program_makes_connect_fail(scratch_cgroup, tcp_server, 
     assert not udp_denied.ok and udp_denied.errno == errno.EPERM, udp_denied
     assert not inherited.ok, inherited
     assert allowed_again.ok, allowed_again
-

@@ -1,0 +1,438 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Network programs: cgroup_skb (network.ingress / network.egress: cgp_ingress, cgp_egress)
+ * and cgroup_sock_addr (sockets.bind: cgp_bind4/6; sockets.connect: cgp_connect4/6 and
+ * cgp_sendmsg4/6 for unconnected UDP). They share one mask engine and map layout, so they
+ * share this file (bcc cannot put map accesses in a header, see common.h).
+ * A cgroup_skb program returns 0 to drop the packet; a sock_addr one to fail the syscall
+ * with EPERM.
+ *
+ * Each condition of a rule is looked up in its own map and yields the set of rules that
+ * condition accepts; a rule matches when all its conditions do:
+ *
+ *   matched = cidr_mask & proto_mask & port_mask [& icmp_mask & iface_mask (skb only)]
+ *
+ * Rules without a constraint on a condition are in that condition's any_* mask, so every
+ * lookup is "any_x | map[x]". Rules live in maps, not code: a rule change is a map write.
+ * CIDRs and ports use LPM tries whose stored value for a prefix is the OR of the masks of
+ * every stored prefix containing it (the compiler propagates ancestors), so one
+ * longest-prefix lookup returns every rule whose list contains the address or port.
+ *
+ * Conditions that cannot be evaluated are "unknown": an unknown condition matches every
+ * deny rule and no allow rule that constrains it (unknown = any_x | deny_mask). A packet can
+ * therefore never slip past a deny rule by hiding its fields, and is never let in by an
+ * allow rule it might not satisfy; it falls to a deny rule or to the default.
+ */
+#include "common.h"
+
+#ifndef CGP_CIDR4_MAX
+#define CGP_CIDR4_MAX 1
+#endif
+#ifndef CGP_CIDR6_MAX
+#define CGP_CIDR6_MAX 1
+#endif
+#ifndef CGP_PORTS_MAX
+#define CGP_PORTS_MAX 1
+#endif
+#ifndef CGP_IFACES_MAX
+#define CGP_IFACES_MAX 1
+#endif
+
+#define CGP_ETH_P_IP 0x0800
+#define CGP_ETH_P_IPV6 0x86DD
+
+#define CGP_IPPROTO_HOPOPTS 0
+#define CGP_IPPROTO_ICMP 1
+#define CGP_IPPROTO_TCP 6
+#define CGP_IPPROTO_UDP 17
+#define CGP_IPPROTO_ROUTING 43
+#define CGP_IPPROTO_FRAGMENT 44
+#define CGP_IPPROTO_AH 51
+#define CGP_IPPROTO_ICMPV6 58
+#define CGP_IPPROTO_DSTOPTS 60
+
+/* Extension headers walked before giving up. Real traffic carries one or two; a longer
+ * chain is treated as unparseable (protocol unknown), never skipped. */
+#define CGP_IPV6_EXT_MAX 6
+
+/* Index into cgp_net_config.proto. */
+#define CGP_PROTO_TCP 0
+#define CGP_PROTO_UDP 1
+#define CGP_PROTO_ICMP 2
+#define CGP_PROTO_ICMPV6 3
+#define CGP_PROTO_OTHER 4 /* any other protocol: exactly the rules with protocol "any" */
+#define CGP_PROTO_N 5
+
+struct cgp_net_config {
+	struct cgp_verdict v;
+	__u64 any_cidr;  /* rules without cidrs */
+	__u64 any_port;  /* rules without ports */
+	__u64 any_icmp;  /* rules without icmpTypes (skb only) */
+	__u64 any_iface; /* rules without interfaces (skb only) */
+	__u64 proto[CGP_PROTO_N];
+};
+
+/* LPM keys: prefix length in bits, then the data in network byte order. */
+struct cgp_lpm4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+struct cgp_lpm6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+struct cgp_lpm_port {
+	__u32 prefixlen;
+	__u8 port[2];
+} __attribute__((packed)); /* 6 bytes: an LPM key is the prefix length and the data only */
+
+BPF_ARRAY(config, struct cgp_net_config, 1);
+BPF_LPM_TRIE(cidr4, struct cgp_lpm4, __u64, CGP_CIDR4_MAX);
+BPF_LPM_TRIE(cidr6, struct cgp_lpm6, __u64, CGP_CIDR6_MAX);
+BPF_LPM_TRIE(ports, struct cgp_lpm_port, __u64, CGP_PORTS_MAX);
+/* ICMP/ICMPv6 type -> rules listing it (both protocols share the table; the protocol mask
+ * keeps them apart). skb only. */
+BPF_ARRAY(icmp_types, __u64, 256);
+/* ifindex -> rules whose interfaces (resolved at compile time) include it. skb only. */
+BPF_HASH(ifaces, __u32, __u64, CGP_IFACES_MAX);
+BPF_PERCPU_ARRAY(counters, struct cgp_counter, CGP_COUNTER_SLOTS);
+
+static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched)
+{
+	struct cgp_decision d = cgp_decide(v, matched);
+
+	return cgp_count(v, &d, counters.lookup(&d.slot));
+}
+
+/* Rules whose cidrs contain the IPv4 address `addr` (network byte order). */
+static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __u32 addr)
+{
+	struct cgp_lpm4 key = {.prefixlen = 32};
+	__u64 *hit;
+
+	__builtin_memcpy(key.addr, &addr, 4);
+	hit = cidr4.lookup(&key);
+	return cfg->any_cidr | (hit ? *hit : 0);
+}
+
+/* Rules whose cidrs contain the IPv6 address `addr` (four network-order words).
+ * An IPv4-mapped address (::ffff:a.b.c.d) is the IPv4 address a.b.c.d: a dual-stack
+ * socket connecting to ::ffff:169.254.169.254 talks IPv4 to 169.254.169.254, so it meets
+ * the IPv4 rules too. Rules written either way apply (a rule's cidrs are ORed). */
+static __always_inline __u64 cgp_cidr6_mask(const struct cgp_net_config *cfg,
+					    const __u32 addr[4])
+{
+	struct cgp_lpm6 key = {.prefixlen = 128};
+	__u64 mask = cfg->any_cidr;
+	__u64 *hit;
+
+	__builtin_memcpy(key.addr, addr, 16);
+	hit = cidr6.lookup(&key);
+	if (hit)
+		mask |= *hit;
+	if (addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff))
+		mask |= cgp_cidr4_mask(cfg, addr[3]);
+	return mask;
+}
+
+/* Rules whose ports contain `port` (host byte order). */
+static __always_inline __u64 cgp_port_mask(const struct cgp_net_config *cfg, __u16 port)
+{
+	struct cgp_lpm_port key = {.prefixlen = 16};
+	__u64 *hit;
+
+	key.port[0] = port >> 8;
+	key.port[1] = port & 0xff;
+	hit = ports.lookup(&key);
+	return cfg->any_port | (hit ? *hit : 0);
+}
+
+/*
+ * cgroup_skb.
+ *
+ * Rules match the *remote* end, because that is what an operator names ("may only talk
+ * to 10.0.0.0/8"): the destination address on egress, the source address on ingress. The
+ * port is always the destination port, which is the remote (service) port on egress and
+ * the local (listening) port on ingress.
+ *
+ * The program sees the packet from its network header (offset 0). Unknown conditions:
+ *  - non-first fragments (IPv4 offset != 0, IPv6 fragment header offset != 0) have no
+ *    ports and no ICMP type; their protocol is known;
+ *  - an IPv6 packet with more than CGP_IPV6_EXT_MAX extension headers, or whose headers
+ *    run past the packet, has an unknown protocol (hence unknown ports and ICMP type);
+ *  - a truncated TCP/UDP/ICMP header: unknown ports / ICMP type;
+ *  - a packet that is neither IPv4 nor IPv6: unknown address and protocol. None should
+ *    reach these hooks (they run in the IPv4/IPv6 output path and the inet socket receive
+ *    path); should one appear it is handled like an unparseable packet rather than waved
+ *    through, since it has no address an allow rule could have approved;
+ *  - no device (ifindex 0): unknown interface.
+ * Protocols are matched by number: ICMP is protocol 1 and ICMPv6 58, whichever IP version
+ * carries them. Packets without ports (ICMP, ESP, ...) do not match rules with ports, and
+ * packets that are not ICMP do not match rules with icmpTypes.
+ */
+
+struct cgp_ipv4 {
+	__u8 ver_ihl;
+	__u8 tos;
+	__u16 tot_len;
+	__u16 id;
+	__u16 frag_off;
+	__u8 ttl;
+	__u8 protocol;
+	__u16 check;
+	__u32 saddr;
+	__u32 daddr;
+};
+
+struct cgp_ipv6 {
+	__u32 ver_tc_flow;
+	__u16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	__u32 saddr[4];
+	__u32 daddr[4];
+};
+
+/* What the parser learnt about layer 4. */
+struct cgp_l4 {
+	__u32 proto_known; /* protocol number found */
+	__u32 header;      /* the L4 header starts at `offset` (first fragment) */
+	__u32 proto;
+	__u32 offset;
+};
+
+static __always_inline int cgp_is_ipv6_ext(__u32 nexthdr)
+{
+	return nexthdr == CGP_IPPROTO_HOPOPTS || nexthdr == CGP_IPPROTO_ROUTING ||
+	       nexthdr == CGP_IPPROTO_DSTOPTS || nexthdr == CGP_IPPROTO_FRAGMENT ||
+	       nexthdr == CGP_IPPROTO_AH;
+}
+
+/* Walk the IPv6 extension headers that follow the fixed header. */
+static __always_inline void cgp_ipv6_l4(struct __sk_buff *skb, __u8 nexthdr, struct cgp_l4 *l4)
+{
+	__u32 offset = sizeof(struct cgp_ipv6);
+	__u32 nh = nexthdr;
+	__u8 ext[8];
+	int i;
+
+	for (i = 0; i < CGP_IPV6_EXT_MAX; i++) {
+		if (!cgp_is_ipv6_ext(nh))
+			break;
+		/* Every extension header is at least 8 bytes long. */
+		if (bpf_skb_load_bytes(skb, offset, ext, sizeof(ext)))
+			return; /* truncated: protocol unknown */
+		if (nh == CGP_IPPROTO_FRAGMENT) {
+			nh = ext[0];
+			offset += 8;
+			if (((ext[2] << 8) | ext[3]) & 0xfff8) {
+				/* Non-first fragment: protocol known, no L4 header. */
+				l4->proto_known = 1;
+				l4->proto = nh;
+				return;
+			}
+		} else if (nh == CGP_IPPROTO_AH) {
+			nh = ext[0];
+			offset += ((__u32)ext[1] + 2) * 4;
+		} else {
+			nh = ext[0];
+			offset += ((__u32)ext[1] + 1) * 8;
+		}
+	}
+	if (cgp_is_ipv6_ext(nh))
+		return; /* too many extension headers: protocol unknown */
+	l4->proto_known = 1;
+	l4->header = 1;
+	l4->proto = nh;
+	l4->offset = offset;
+}
+
+static __always_inline __u32 cgp_proto_slot(__u32 proto)
+{
+	switch (proto) {
+	case CGP_IPPROTO_TCP:
+		return CGP_PROTO_TCP;
+	case CGP_IPPROTO_UDP:
+		return CGP_PROTO_UDP;
+	case CGP_IPPROTO_ICMP:
+		return CGP_PROTO_ICMP;
+	case CGP_IPPROTO_ICMPV6:
+		return CGP_PROTO_ICMPV6;
+	default:
+		return CGP_PROTO_OTHER;
+	}
+}
+
+static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
+{
+	const struct cgp_net_config *cfg;
+	struct cgp_l4 l4 = {};
+	__u64 unknown, cidr_mask, proto_mask, port_mask, icmp_mask, iface_mask;
+	__u32 zero = 0, ifindex, slot;
+	__u64 *hit;
+
+	cfg = config.lookup(&zero);
+	if (!cfg)
+		return 0; /* cannot happen (array map); fail closed */
+	unknown = cfg->v.deny_mask;
+	cidr_mask = cfg->any_cidr | unknown;
+
+	if (skb->protocol == bpf_htons(CGP_ETH_P_IP)) {
+		struct cgp_ipv4 ip;
+
+		if (!bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip))) {
+			__u32 ihl = ip.ver_ihl & 0xf;
+
+			cidr_mask = cgp_cidr4_mask(cfg, egress ? ip.daddr : ip.saddr);
+			l4.proto_known = 1;
+			l4.proto = ip.protocol;
+			l4.offset = ihl * 4;
+			/* Only the first fragment carries the L4 header; ihl < 5 is malformed. */
+			l4.header = !(ip.frag_off & bpf_htons(0x1fff)) && ihl >= 5;
+		}
+	} else if (skb->protocol == bpf_htons(CGP_ETH_P_IPV6)) {
+		struct cgp_ipv6 ip6;
+
+		if (!bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6))) {
+			cidr_mask = cgp_cidr6_mask(cfg, egress ? ip6.daddr : ip6.saddr);
+			cgp_ipv6_l4(skb, ip6.nexthdr, &l4);
+		}
+	}
+
+	if (!l4.proto_known) {
+		proto_mask = cfg->proto[CGP_PROTO_OTHER] | unknown;
+		port_mask = cfg->any_port | unknown;
+		icmp_mask = cfg->any_icmp | unknown;
+	} else {
+		slot = cgp_proto_slot(l4.proto);
+		proto_mask = cfg->proto[slot];
+		port_mask = cfg->any_port;
+		icmp_mask = cfg->any_icmp;
+		if (slot == CGP_PROTO_TCP || slot == CGP_PROTO_UDP) {
+			__u16 dport;
+
+			/* TCP and UDP both keep the destination port at offset 2. */
+			if (l4.header && !bpf_skb_load_bytes(skb, l4.offset + 2, &dport, 2))
+				port_mask = cgp_port_mask(cfg, bpf_ntohs(dport));
+			else
+				port_mask |= unknown;
+		} else if (slot == CGP_PROTO_ICMP || slot == CGP_PROTO_ICMPV6) {
+			__u8 type;
+
+			if (l4.header && !bpf_skb_load_bytes(skb, l4.offset, &type, 1)) {
+				__u32 key = type;
+
+				hit = icmp_types.lookup(&key);
+				if (hit)
+					icmp_mask |= *hit;
+			} else {
+				icmp_mask |= unknown;
+			}
+		}
+	}
+
+	ifindex = skb->ifindex;
+	iface_mask = cfg->any_iface;
+	if (!ifindex) {
+		iface_mask |= unknown;
+	} else {
+		hit = ifaces.lookup(&ifindex);
+		if (hit)
+			iface_mask |= *hit;
+	}
+
+	return cgp_verdict(&cfg->v, cidr_mask & proto_mask & port_mask & icmp_mask & iface_mask);
+}
+
+int cgp_ingress(struct __sk_buff *skb)
+{
+	return cgp_skb(skb, 0);
+}
+
+int cgp_egress(struct __sk_buff *skb)
+{
+	return cgp_skb(skb, 1);
+}
+
+/*
+ * cgroup_sock_addr: the local address the socket asks for on bind, the remote address on
+ * connect and sendmsg. Addresses and ports are taken literally from the syscall:
+ *  - bind to port 0 is matched as port 0, which no port range contains, so only rules
+ *    without ports apply. The kernel then picks an ephemeral port, exactly as for an
+ *    implicit bind (connect/listen/sendto without bind), which never runs this hook.
+ *  - bind to 0.0.0.0 / :: is matched as that address, not as "every local address".
+ *  - IPv4-mapped IPv6 addresses also meet the IPv4 rules (cgp_cidr6_mask).
+ * Protocol "any" in a socket rule means TCP and UDP. Other protocols reaching these hooks
+ * (ICMP ping sockets on connect) have no TCP/UDP port: their protocol and port conditions
+ * are unknown, so deny rules (say, a cidr deny for the metadata address) still stop them
+ * and only allow rules without protocol and ports let them through.
+ */
+static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6)
+{
+	const struct cgp_net_config *cfg;
+	__u64 unknown, cidr_mask, proto_mask, port_mask;
+	__u32 zero = 0;
+	__u16 port;
+
+	cfg = config.lookup(&zero);
+	if (!cfg)
+		return 0; /* cannot happen (array map); fail closed */
+	unknown = cfg->v.deny_mask;
+
+	if (v6) {
+		__u32 addr[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
+				 ctx->user_ip6[3]};
+
+		cidr_mask = cgp_cidr6_mask(cfg, addr);
+	} else {
+		cidr_mask = cgp_cidr4_mask(cfg, ctx->user_ip4);
+	}
+
+	/* user_port holds the port in network byte order in its low 16 bits. */
+	port = bpf_ntohs((__u16)ctx->user_port);
+	switch (ctx->protocol) {
+	case CGP_IPPROTO_TCP:
+		proto_mask = cfg->proto[CGP_PROTO_TCP];
+		port_mask = cgp_port_mask(cfg, port);
+		break;
+	case CGP_IPPROTO_UDP:
+		proto_mask = cfg->proto[CGP_PROTO_UDP];
+		port_mask = cgp_port_mask(cfg, port);
+		break;
+	default:
+		proto_mask = cfg->proto[CGP_PROTO_OTHER] | unknown;
+		port_mask = cfg->any_port | unknown;
+	}
+
+	return cgp_verdict(&cfg->v, cidr_mask & proto_mask & port_mask);
+}
+
+int cgp_bind4(struct bpf_sock_addr *ctx)
+{
+	return cgp_sock_addr(ctx, 0);
+}
+
+int cgp_bind6(struct bpf_sock_addr *ctx)
+{
+	return cgp_sock_addr(ctx, 1);
+}
+
+int cgp_connect4(struct bpf_sock_addr *ctx)
+{
+	return cgp_sock_addr(ctx, 0);
+}
+
+int cgp_connect6(struct bpf_sock_addr *ctx)
+{
+	return cgp_sock_addr(ctx, 1);
+}
+
+int cgp_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return cgp_sock_addr(ctx, 0);
+}
+
+int cgp_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return cgp_sock_addr(ctx, 1);
+}

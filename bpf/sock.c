@@ -1,0 +1,63 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * cgroup_sock sock_create: sockets.create. Returning 0 fails socket() with EPERM.
+ *
+ * The kernel runs this hook from inet_create()/inet6_create() only, so it sees AF_INET and
+ * AF_INET6 sockets; unix, netlink, packet and vsock sockets never reach it.
+ *
+ * Each of family, type and protocol has a table value -> rules accepting that value (the
+ * compiler ORs the rules with "any" into every slot); values beyond a table match only
+ * the rules with "any". The context carries what the socket ended up with: sk_type
+ * without SOCK_NONBLOCK/SOCK_CLOEXEC (socket() strips them first), and the protocol the
+ * kernel chose (socket(AF_INET, SOCK_STREAM, 0) is protocol 6, a raw socket keeps the
+ * number it was opened with, e.g. 255 for IPPROTO_RAW).
+ */
+#include "common.h"
+
+#define CGP_FAMILY_SLOTS 64
+#define CGP_TYPE_SLOTS 16
+#define CGP_PROTOCOL_SLOTS 256
+
+struct cgp_create_config {
+	struct cgp_verdict v;
+	__u64 any_family;   /* rules with family any */
+	__u64 any_type;     /* rules with type any */
+	__u64 any_protocol; /* rules with protocol any */
+	__u64 family[CGP_FAMILY_SLOTS];
+	__u64 type[CGP_TYPE_SLOTS];
+	__u64 protocol[CGP_PROTOCOL_SLOTS];
+};
+
+BPF_ARRAY(config, struct cgp_create_config, 1);
+BPF_PERCPU_ARRAY(counters, struct cgp_counter, CGP_COUNTER_SLOTS);
+
+static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched)
+{
+	struct cgp_decision d = cgp_decide(v, matched);
+
+	return cgp_count(v, &d, counters.lookup(&d.slot));
+}
+
+int cgp_sock_create(struct bpf_sock *ctx)
+{
+	const struct cgp_create_config *cfg;
+	__u32 zero = 0, family, type, protocol;
+	__u64 matched;
+
+	cfg = config.lookup(&zero);
+	if (!cfg)
+		return 0; /* cannot happen (array map); fail closed */
+
+	family = ctx->family;
+	type = ctx->type;
+	protocol = ctx->protocol;
+	/* The masks (slot counts are powers of two) keep the index provably in bounds even when
+	 * clang computes the address before the comparison. */
+	matched = family < CGP_FAMILY_SLOTS ? cfg->family[family & (CGP_FAMILY_SLOTS - 1)]
+					    : cfg->any_family;
+	matched &= type < CGP_TYPE_SLOTS ? cfg->type[type & (CGP_TYPE_SLOTS - 1)] : cfg->any_type;
+	matched &= protocol < CGP_PROTOCOL_SLOTS
+			   ? cfg->protocol[protocol & (CGP_PROTOCOL_SLOTS - 1)]
+			   : cfg->any_protocol;
+	return cgp_verdict(&cfg->v, matched);
+}

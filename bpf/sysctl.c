@@ -1,0 +1,87 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * cgroup_sysctl: sysctl. Returning 0 fails the read() or write() of /proc/sys/... with
+ * EPERM.
+ *
+ * A rule matches when the access (read or write) is one it names and the sysctl's full
+ * name in slash form ("net/ipv4/ip_forward") matches its pattern, where '*' matches any
+ * run of characters including '/'.
+ *
+ * The compiler turns all the section's patterns into one DFA, so the program reads each
+ * byte of the name once, whatever the number of rules: bytes map to character classes
+ * (config.byte_class: the bytes some pattern names, plus one class for all others), and
+ * sysctl_next[state * nclasses + class] is the next state. sysctl_accept[state] is the set
+ * of rules whose pattern matches the name read so far. State 0 is dead (no pattern can
+ * match any more), state 1 the start. A per-rule glob matcher in BPF would cost
+ * rules x bytes loop iterations, which the verifier (walking bcc's bounded loops, bcc cannot
+ * emit bpf_loop callbacks) refuses for 64 rules.
+ *
+ * A name that does not fit the buffer cannot be matched: it counts as matching every deny
+ * rule for the access and no allow rule (no real sysctl name is that long).
+ */
+#include "common.h"
+
+#define CGP_SYSCTL_NAME_MAX 256
+#define CGP_SYSCTL_DEAD 0
+#define CGP_SYSCTL_START 1
+
+#ifndef CGP_SYSCTL_NEXT_MAX
+#define CGP_SYSCTL_NEXT_MAX 1
+#endif
+#ifndef CGP_SYSCTL_STATES_MAX
+#define CGP_SYSCTL_STATES_MAX 1
+#endif
+
+struct cgp_sysctl_config {
+	struct cgp_verdict v;
+	__u64 read_mask;  /* rules whose access includes read */
+	__u64 write_mask; /* rules whose access includes write */
+	__u32 nclasses;
+	__u8 byte_class[256];
+};
+
+BPF_ARRAY(config, struct cgp_sysctl_config, 1);
+/* state * nclasses + class -> next state. */
+BPF_ARRAY(sysctl_next, __u32, CGP_SYSCTL_NEXT_MAX);
+/* state -> rules whose pattern matches the name read so far. */
+BPF_ARRAY(sysctl_accept, __u64, CGP_SYSCTL_STATES_MAX);
+BPF_PERCPU_ARRAY(counters, struct cgp_counter, CGP_COUNTER_SLOTS);
+
+static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched)
+{
+	struct cgp_decision d = cgp_decide(v, matched);
+
+	return cgp_count(v, &d, counters.lookup(&d.slot));
+}
+
+int cgp_sysctl(struct bpf_sysctl *ctx)
+{
+	const struct cgp_sysctl_config *cfg;
+	char name[CGP_SYSCTL_NAME_MAX];
+	__u32 zero = 0, state = CGP_SYSCTL_START, i;
+	__u64 access, matched = 0, *accept;
+	long len;
+
+	cfg = config.lookup(&zero);
+	if (!cfg)
+		return 0; /* cannot happen (array map); fail closed */
+	access = ctx->write ? cfg->write_mask : cfg->read_mask;
+
+	len = bpf_sysctl_get_name(ctx, name, sizeof(name), 0);
+	if (len < 0) /* -E2BIG: truncated, name unknown */
+		return cgp_verdict(&cfg->v, access & cfg->v.deny_mask);
+
+	for (i = 0; i < CGP_SYSCTL_NAME_MAX; i++) {
+		__u32 key, *next;
+
+		if (i >= len || state == CGP_SYSCTL_DEAD)
+			break;
+		key = state * cfg->nclasses + cfg->byte_class[(__u8)name[i]];
+		next = sysctl_next.lookup(&key);
+		state = next ? *next : CGP_SYSCTL_DEAD;
+	}
+	accept = sysctl_accept.lookup(&state);
+	if (accept)
+		matched = *accept;
+	return cgp_verdict(&cfg->v, matched & access);
+}

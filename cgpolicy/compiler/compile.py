@@ -1,0 +1,545 @@
+"""Policy -> CompiledPolicy: the map contents of every program, packed as the C structs in
+bpf/ lay them out. Pure: no syscalls, no bcc.
+
+Every section is a set of at most 64 rules, kept in the programs as 64-bit masks (bit i =
+rule i). Rule i is the i-th rule in canonical order (sorted by its canonical serialisation,
+duplicates merged), so the same policy always gives the same bits and counter slots,
+whatever order its file lists the rules in; :func:`ordered_rules` gives that order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from cgpolicy.compiler.spec import CompiledPolicy, MapSpec, ProgramSpec
+from cgpolicy.policy.model import (
+    DeviceRule,
+    DeviceSection,
+    NetworkRule,
+    Policy,
+    SocketAddressRule,
+    SocketAddressSection,
+    SocketCreateRule,
+    SocketCreateSection,
+    SysctlRule,
+    SysctlSection,
+)
+
+InterfaceResolver = Callable[[tuple[str, ...]], set[int]]
+Rule = TypeVar("Rule", NetworkRule, SocketAddressRule, SocketCreateRule, DeviceRule, SysctlRule)
+
+MAX_RULES = 64
+COUNTER_SLOTS = MAX_RULES + 1  # slot 64: the section default decided
+BPF_F_NO_PREALLOC = 1  # required for LPM tries
+SYSCTL_MAX_STATES = 16384  # DFA states over all sysctl patterns of a section
+
+# struct cgp_net_config.proto slots (bpf/net.c)
+_PROTO_SLOTS = ("tcp", "udp", "icmp", "icmpv6")  # then "other": the rules with protocol any
+# struct cgp_create_config table sizes (bpf/sock.c)
+_FAMILY_SLOTS, _TYPE_SLOTS, _PROTOCOL_SLOTS = 64, 16, 256
+# bpf/device.c
+_DEV_ANY = 0xFFFFFFFF
+_DEV_TYPES = {"any": 0, "block": 1, "char": 2}  # BPF_DEVCG_DEV_*
+_DEV_ACCESS = {"m": 1, "r": 2, "w": 4}  # BPF_DEVCG_ACC_*
+# bpf/sysctl.c
+_SYSCTL_ACCESS = {"read": (True, False), "write": (False, True), "rw": (True, True)}
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_VERDICT = struct.Struct("<QQII")  # struct cgp_verdict
+_COUNTER_VALUE_SIZE = 16  # struct cgp_counter
+
+
+class CompileError(Exception):
+    """The policy cannot be turned into map contents (e.g. interfaces without a resolver)."""
+
+
+def compile_policy(
+    policy: Policy, resolve_interfaces: InterfaceResolver | None = None
+) -> CompiledPolicy:
+    """Compile ``policy``. ``resolve_interfaces`` turns a rule's interface names and globs
+    into ifindexes; it is needed only when a network rule names interfaces."""
+    audit = policy.mode == "audit"
+    programs: list[ProgramSpec] = []
+    resolved: dict[str, list[list[int]]] = {}
+
+    if policy.network is not None:
+        for hook, net_section in (
+            ("ingress", policy.network.ingress),
+            ("egress", policy.network.egress),
+        ):
+            if net_section is None:
+                continue
+            rules = ordered_rules(net_section.rules)
+            ifindexes = _resolve(rules, resolve_interfaces)
+            resolved[hook] = [sorted(found) for found in ifindexes]
+            maps = _network_maps(net_section.default, rules, audit, ifindexes)
+            programs.append(_program(hook, "net.c", f"cgp_{hook}", maps))
+
+    sockets = policy.sockets
+    if sockets is not None:
+        if sockets.create is not None:
+            maps = _create_maps(sockets.create, audit)
+            programs.append(_program("sock_create", "sock.c", "cgp_sock_create", maps))
+        for section, hooks in (
+            (sockets.bind, ("bind4", "bind6")),
+            (sockets.connect, ("connect4", "connect6", "sendmsg4", "sendmsg6")),
+        ):
+            if section is None:
+                continue
+            maps = _socket_address_maps(section, audit)
+            for hook in hooks:
+                # IPv4 programs do not use cidr6; IPv6 ones use both (IPv4-mapped addresses).
+                used = (
+                    maps if hook.endswith("6") else {k: v for k, v in maps.items() if k != "cidr6"}
+                )
+                programs.append(_program(hook, "net.c", f"cgp_{hook}", used))
+
+    if policy.devices is not None:
+        programs.append(
+            _program("device", "device.c", "cgp_device", _device_maps(policy.devices, audit))
+        )
+
+    if policy.sysctl is not None:
+        programs.append(
+            _program("sysctl", "sysctl.c", "cgp_sysctl", _sysctl_maps(policy.sysctl, audit))
+        )
+
+    return CompiledPolicy(
+        name=policy.name,
+        revision=revision(policy, resolved),
+        mode=policy.mode,
+        targets=policy.targets,
+        programs=tuple(programs),
+    )
+
+
+# --- canonical form -------------------------------------------------------------------------
+
+
+def _canonical_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return sorted(str(item) for item in value)
+    return value
+
+
+def canonical_rule(rule: Any) -> dict[str, Any]:
+    """A rule's semantic content as JSON-ready data (no source position; lists sorted)."""
+    return {
+        f.name: _canonical_value(getattr(rule, f.name))
+        for f in dataclasses.fields(rule)
+        if f.name != "source"
+    }
+
+
+def _rule_key(rule: Any) -> str:
+    return json.dumps(canonical_rule(rule), sort_keys=True, separators=(",", ":"))
+
+
+def ordered_rules(rules: Iterable[Rule]) -> tuple[Rule, ...]:
+    """A section's rules in canonical order, duplicates merged: rule i is bit i of the
+    programs' masks and counter slot i."""
+    unique = {_rule_key(rule): rule for rule in rules}
+    ordered = tuple(unique[key] for key in sorted(unique))
+    if len(ordered) > MAX_RULES:
+        raise CompileError(f"a section has {len(ordered)} rules; at most {MAX_RULES} are supported")
+    return ordered
+
+
+def _canonical_section(section: Any) -> dict[str, Any] | None:
+    if section is None:
+        return None
+    return {"default": section.default, "rules": sorted({_rule_key(r) for r in section.rules})}
+
+
+def revision(policy: Policy, resolved_interfaces: dict[str, list[list[int]]] | None = None) -> str:
+    """First 16 hex chars of the sha256 of the policy's canonical content: name, mode and
+    sections with their rules as sets. Source positions, rule order and targets do not
+    count (targets say where programs go, not what they are). Interfaces resolved to
+    ifindexes do count, per network hook in rule order, so that a new matching interface
+    gives a new revision and reconciliation reloads."""
+    network, sockets = policy.network, policy.sockets
+    content = {
+        "name": policy.name,
+        "mode": policy.mode,
+        "network": None
+        if network is None
+        else {
+            "ingress": _canonical_section(network.ingress),
+            "egress": _canonical_section(network.egress),
+        },
+        "sockets": None
+        if sockets is None
+        else {
+            "create": _canonical_section(sockets.create),
+            "bind": _canonical_section(sockets.bind),
+            "connect": _canonical_section(sockets.connect),
+        },
+        "devices": _canonical_section(policy.devices),
+        "sysctl": _canonical_section(policy.sysctl),
+        "interfaces": {
+            hook: found for hook, found in sorted((resolved_interfaces or {}).items()) if any(found)
+        },
+    }
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- shared pieces ----------------------------------------------------------------------------
+
+
+def _program(hook: str, source: str, function: str, maps: dict[str, MapSpec]) -> ProgramSpec:
+    return ProgramSpec(hook, source, function, function, tuple(maps[name] for name in sorted(maps)))
+
+
+def _verdict(default: str, rules: Sequence[Any], audit: bool) -> bytes:
+    allow = _mask(i for i, rule in enumerate(rules) if rule.action == "allow")
+    deny = _mask(i for i, rule in enumerate(rules) if rule.action == "deny")
+    return _VERDICT.pack(allow, deny, int(default == "allow"), int(audit))
+
+
+def _mask(indexes: Iterable[int]) -> int:
+    mask = 0
+    for index in indexes:
+        mask |= 1 << index
+    return mask
+
+
+def _counters() -> MapSpec:
+    return MapSpec("counters", "percpu_array", 4, _COUNTER_VALUE_SIZE, COUNTER_SLOTS, 0, ())
+
+
+def _config(value: bytes) -> MapSpec:
+    return MapSpec("config", "array", 4, len(value), 1, 0, ((_U32.pack(0), value),))
+
+
+def _array(name: str, value_size: int, max_entries: int, values: dict[int, bytes]) -> MapSpec:
+    entries = tuple((_U32.pack(key), values[key]) for key in sorted(values))
+    return MapSpec(name, "array", 4, value_size, max(1, max_entries), 0, entries)
+
+
+# --- prefixes (CIDRs and ports) ---------------------------------------------------------------
+
+
+def propagate_prefixes(
+    prefixes: dict[tuple[int, int], int], width: int
+) -> dict[tuple[int, int], int]:
+    """LPM trie contents: every stored (prefixlen, value) maps to the OR of the masks of all
+    stored prefixes containing it (itself included), so that the longest-prefix match of an
+    address yields every rule whose list contains the address. Only prefix lengths that
+    occur are checked: O(entries x distinct lengths)."""
+    lengths = sorted({length for length, _ in prefixes})
+    full = (1 << width) - 1
+    out: dict[tuple[int, int], int] = {}
+    for (length, value), mask in prefixes.items():
+        for shorter in lengths:
+            if shorter >= length:
+                break
+            ancestor = value & (full ^ (full >> shorter))
+            mask |= prefixes.get((shorter, ancestor), 0)
+        out[(length, value)] = mask
+    return out
+
+
+def port_prefixes(low: int, high: int) -> list[tuple[int, int]]:
+    """The inclusive port range as (prefixlen, first port) prefixes of a 16-bit space: at
+    most 30, the fewest that cover it exactly."""
+    prefixes = []
+    while low <= high:
+        size = low & -low if low else 1 << 16
+        while size > high - low + 1:
+            size >>= 1
+        prefixes.append((16 - size.bit_length() + 1, low))
+        low += size
+    return prefixes
+
+
+def _lpm_map(name: str, width: int, prefixes: dict[tuple[int, int], int]) -> MapSpec:
+    data = width // 8
+    entries = tuple(
+        (_U32.pack(length) + value.to_bytes(data, "big"), _U64.pack(mask))
+        for (length, value), mask in sorted(propagate_prefixes(prefixes, width).items())
+    )
+    return MapSpec(name, "lpm_trie", 4 + data, 8, max(1, len(entries)), BPF_F_NO_PREALLOC, entries)
+
+
+def _add(table: dict[tuple[int, int], int], key: tuple[int, int], bit: int) -> None:
+    table[key] = table.get(key, 0) | bit
+
+
+def _cidr_tables(
+    rules: Sequence[NetworkRule | SocketAddressRule],
+) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], int]]:
+    v4: dict[tuple[int, int], int] = {}
+    v6: dict[tuple[int, int], int] = {}
+    for index, rule in enumerate(rules):
+        bit = 1 << index
+        for net in rule.cidrs:
+            table = v4 if isinstance(net, ipaddress.IPv4Network) else v6
+            _add(table, (net.prefixlen, int(net.network_address)), bit)
+    return v4, v6
+
+
+def _port_table(rules: Sequence[NetworkRule | SocketAddressRule]) -> dict[tuple[int, int], int]:
+    table: dict[tuple[int, int], int] = {}
+    for index, rule in enumerate(rules):
+        for ports in rule.ports:
+            for prefix in port_prefixes(ports.low, ports.high):
+                _add(table, prefix, 1 << index)
+    return table
+
+
+def _net_config(
+    default: str,
+    rules: Sequence[NetworkRule | SocketAddressRule],
+    audit: bool,
+    any_icmp: int,
+    any_iface: int,
+) -> bytes:
+    """struct cgp_net_config (bpf/net.c)."""
+    any_cidr = _mask(i for i, rule in enumerate(rules) if not rule.cidrs)
+    any_port = _mask(i for i, rule in enumerate(rules) if not rule.ports)
+    protocol_any = _mask(i for i, rule in enumerate(rules) if rule.protocol == "any")
+    protocols = [
+        protocol_any | _mask(i for i, rule in enumerate(rules) if rule.protocol == name)
+        for name in _PROTO_SLOTS
+    ]
+    return _verdict(default, rules, audit) + struct.pack(
+        "<4Q5Q", any_cidr, any_port, any_icmp, any_iface, *protocols, protocol_any
+    )
+
+
+# --- network (cgroup_skb) ---------------------------------------------------------------------
+
+
+def _resolve(rules: Sequence[NetworkRule], resolver: InterfaceResolver | None) -> list[set[int]]:
+    found: list[set[int]] = []
+    for rule in rules:
+        if not rule.interfaces:
+            found.append(set())
+            continue
+        if resolver is None:
+            raise CompileError(
+                f"rule naming interfaces {list(rule.interfaces)} needs an interface resolver"
+            )
+        # A rule whose interfaces match nothing now never matches until recompiled.
+        found.append(set(resolver(rule.interfaces)))
+    return found
+
+
+def _network_maps(
+    default: str, rules: Sequence[NetworkRule], audit: bool, ifindexes: Sequence[set[int]]
+) -> dict[str, MapSpec]:
+    any_icmp = _mask(i for i, rule in enumerate(rules) if not rule.icmp_types)
+    any_iface = _mask(i for i, rule in enumerate(rules) if not rule.interfaces)
+    icmp: dict[int, int] = {}
+    ifaces: dict[int, int] = {}
+    for index, rule in enumerate(rules):
+        for icmp_type in rule.icmp_types:
+            icmp[icmp_type] = icmp.get(icmp_type, 0) | 1 << index
+        for ifindex in ifindexes[index]:
+            ifaces[ifindex] = ifaces.get(ifindex, 0) | 1 << index
+    v4, v6 = _cidr_tables(rules)
+    return {
+        "config": _config(_net_config(default, rules, audit, any_icmp, any_iface)),
+        "cidr4": _lpm_map("cidr4", 32, v4),
+        "cidr6": _lpm_map("cidr6", 128, v6),
+        "ports": _lpm_map("ports", 16, _port_table(rules)),
+        "icmp_types": _array("icmp_types", 8, 256, {t: _U64.pack(m) for t, m in icmp.items()}),
+        "ifaces": MapSpec(
+            "ifaces",
+            "hash",
+            4,
+            8,
+            max(1, len(ifaces)),
+            0,
+            tuple((_U32.pack(k), _U64.pack(ifaces[k])) for k in sorted(ifaces)),
+        ),
+        "counters": _counters(),
+    }
+
+
+# --- sockets (cgroup_sock_addr, cgroup_sock) --------------------------------------------------
+
+
+def _socket_address_maps(section: SocketAddressSection, audit: bool) -> dict[str, MapSpec]:
+    rules = ordered_rules(section.rules)
+    all_rules = _mask(range(len(rules)))
+    v4, v6 = _cidr_tables(rules)
+    return {
+        # No icmpTypes or interfaces in socket rules: every rule passes those conditions.
+        "config": _config(_net_config(section.default, rules, audit, all_rules, all_rules)),
+        "cidr4": _lpm_map("cidr4", 32, v4),
+        "cidr6": _lpm_map("cidr6", 128, v6),
+        "ports": _lpm_map("ports", 16, _port_table(rules)),
+        "counters": _counters(),
+    }
+
+
+def _value_table(
+    rules: Sequence[SocketCreateRule], field: str, slots: int
+) -> tuple[int, list[int]]:
+    """(rules with "any", per value: rules accepting it) for one socket() argument."""
+    any_mask = _mask(i for i, rule in enumerate(rules) if getattr(rule, field) is None)
+    table = [any_mask] * slots
+    for index, rule in enumerate(rules):
+        value = getattr(rule, field)
+        if value is not None:
+            if not 0 <= value < slots:
+                raise CompileError(f"socket {field} {value} is outside 0..{slots - 1}")
+            table[value] |= 1 << index
+    return any_mask, table
+
+
+def _create_maps(section: SocketCreateSection, audit: bool) -> dict[str, MapSpec]:
+    rules = ordered_rules(section.rules)
+    any_family, families = _value_table(rules, "family", _FAMILY_SLOTS)
+    any_type, types = _value_table(rules, "type", _TYPE_SLOTS)
+    any_protocol, protocols = _value_table(rules, "protocol", _PROTOCOL_SLOTS)
+    value = _verdict(section.default, rules, audit) + struct.pack(
+        f"<3Q{_FAMILY_SLOTS}Q{_TYPE_SLOTS}Q{_PROTOCOL_SLOTS}Q",
+        any_family,
+        any_type,
+        any_protocol,
+        *families,
+        *types,
+        *protocols,
+    )
+    return {"config": _config(value), "counters": _counters()}
+
+
+# --- devices (cgroup_device) ------------------------------------------------------------------
+
+
+def _device_maps(section: DeviceSection, audit: bool) -> dict[str, MapSpec]:
+    rules = ordered_rules(section.rules)
+    packed = b"".join(
+        struct.pack(
+            "<QIIII",
+            1 << index,
+            _DEV_TYPES[rule.type],
+            _DEV_ANY if rule.major is None else rule.major,
+            _DEV_ANY if rule.minor is None else rule.minor,
+            sum(_DEV_ACCESS[right] for right in rule.access),
+        )
+        for index, rule in enumerate(rules)
+    )
+    rule_size = struct.calcsize("<QIIII")
+    packed += bytes(rule_size * (MAX_RULES - len(rules)))
+    value = _verdict(section.default, rules, audit) + struct.pack("<II", len(rules), 0) + packed
+    return {"config": _config(value), "counters": _counters()}
+
+
+# --- sysctl (cgroup_sysctl) -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SysctlDfa:
+    """All patterns of a section as one DFA over byte classes (bpf/sysctl.c).
+    State 0 is dead, 1 the start."""
+
+    byte_class: bytes  # 256 entries: byte -> class; class 0 = bytes no pattern names
+    nclasses: int
+    next: tuple[int, ...]  # state * nclasses + class -> state
+    accept: tuple[int, ...]  # state -> mask of rules matching
+
+    def match(self, name: str) -> int:
+        """The rules whose pattern matches ``name`` (what the program computes)."""
+        state = 1
+        for byte in name.encode():
+            state = self.next[state * self.nclasses + self.byte_class[byte]]
+        return self.accept[state]
+
+
+def _collapse_stars(pattern: str) -> str:
+    while "**" in pattern:
+        pattern = pattern.replace("**", "*")
+    return pattern
+
+
+def sysctl_dfa(patterns: Sequence[str]) -> SysctlDfa:
+    """Subset construction over a bit-parallel NFA: bit j of a rule's slice means "the
+    pattern's first j characters match what was read"; '*' positions keep their bit on any
+    byte and, matching the empty string too, also set the next bit."""
+    encoded = [_collapse_stars(p).encode() for p in patterns]
+    literals = sorted({byte for pattern in encoded for byte in pattern if byte != ord("*")})
+    byte_class = bytearray(256)
+    for number, byte in enumerate(literals, start=1):
+        byte_class[byte] = number
+    nclasses = len(literals) + 1
+
+    starts = stars = 0
+    class_bits = [0] * nclasses
+    accept_bits: list[int] = []
+    offset = 0
+    for pattern in encoded:
+        starts |= 1 << offset
+        for j, byte in enumerate(pattern):
+            if byte == ord("*"):
+                stars |= 1 << (offset + j)
+            else:
+                class_bits[byte_class[byte]] |= 1 << (offset + j)
+        accept_bits.append(offset + len(pattern))
+        offset += len(pattern) + 1
+
+    def closure(state: int) -> int:
+        return state | (state & stars) << 1
+
+    def accepting(state: int) -> int:
+        return _mask(rule for rule, bit in enumerate(accept_bits) if state >> bit & 1)
+
+    sets = [0, closure(starts)]  # state id -> NFA position set; 0 dead, 1 start
+    ids = {0: 0}
+    ids.setdefault(sets[1], 1)
+    next_states: list[int] = []
+    current = 0
+    while current < len(sets):
+        nfa = sets[current]
+        for cls in range(nclasses):
+            target = closure((nfa & class_bits[cls]) << 1 | (nfa & stars))
+            found = ids.get(target)
+            if found is None:
+                if len(sets) >= SYSCTL_MAX_STATES:
+                    raise CompileError(
+                        f"the sysctl patterns need more than {SYSCTL_MAX_STATES} matcher "
+                        "states; use fewer '*' or fewer rules"
+                    )
+                found = ids[target] = len(sets)
+                sets.append(target)
+            next_states.append(found)
+        current += 1
+    return SysctlDfa(
+        bytes(byte_class), nclasses, tuple(next_states), tuple(accepting(s) for s in sets)
+    )
+
+
+def _sysctl_maps(section: SysctlSection, audit: bool) -> dict[str, MapSpec]:
+    rules = ordered_rules(section.rules)
+    dfa = sysctl_dfa([rule.name for rule in rules])
+    read = _mask(i for i, rule in enumerate(rules) if _SYSCTL_ACCESS[rule.access][0])
+    write = _mask(i for i, rule in enumerate(rules) if _SYSCTL_ACCESS[rule.access][1])
+    value = _verdict(section.default, rules, audit) + struct.pack("<QQI", read, write, dfa.nclasses)
+    value += dfa.byte_class + bytes(4)  # trailing padding to the struct's 8-byte alignment
+    nstates = len(dfa.accept)
+    return {
+        "config": _config(value),
+        "sysctl_next": _array(
+            "sysctl_next",
+            4,
+            len(dfa.next),
+            {i: _U32.pack(s) for i, s in enumerate(dfa.next) if s},
+        ),
+        "sysctl_accept": _array(
+            "sysctl_accept",
+            8,
+            nstates,
+            {i: _U64.pack(m) for i, m in enumerate(dfa.accept) if m},
+        ),
+        "counters": _counters(),
+    }

@@ -1,0 +1,1 @@
+"""Observe what the kernel enforces, plan the difference to the policies, apply it."""

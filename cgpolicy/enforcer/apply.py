@@ -1,0 +1,200 @@
+"""Execute a plan: make-before-break, all or nothing per policy.
+
+Order for one policy:
+1. Load every new program instance (fresh maps). A verifier rejection or a full map stops
+   here, before anything enforced has changed.
+2. Swap existing links to the new programs (BPF_LINK_UPDATE with BPF_F_REPLACE: atomic per
+   link, so a cgroup hook is never without a program and never runs half old, half new
+   rules) and create links on newly covered cgroups. If any of this fails, every link
+   already swapped is swapped back and every new link is detached: the old state stays.
+3. Pin the new programs and links, then detach links that are no longer wanted, then
+   record the new metadata last; a crash anywhere leaves a state the next apply repairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.enforcer import pins
+from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
+from cgpolicy.kernel.bpf import BpfError, CgroupLink, Program
+from cgpolicy.kernel.bpf import hook as hook_named
+from cgpolicy.kernel.cgroup import CgroupError, open_cgroup
+from cgpolicy.kernel.loader import LoadedProgram, LoaderError, load_program
+
+log = logging.getLogger(__name__)
+
+
+class ApplyError(Exception):
+    """One policy could not be applied; what was enforced before is still enforced."""
+
+
+@dataclass
+class _Swap:
+    """A link switched to a new program, and the program to switch it back to."""
+
+    link: CgroupLink
+    old_program: Program
+
+
+@dataclass
+class _Work:
+    new_programs: dict[str, LoadedProgram] = field(default_factory=dict)
+    current_programs: dict[str, Program] = field(default_factory=dict)
+    swapped: list[_Swap] = field(default_factory=list)
+    created: list[tuple[Step, CgroupLink]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for loaded in self.new_programs.values():
+            loaded.close()
+        for program in self.current_programs.values():
+            program.close()
+        for swap in self.swapped:
+            swap.link.close()
+            swap.old_program.close()
+        for _, link in self.created:
+            link.close()
+
+
+def _open_checked_cgroup(root: Path, step: Step) -> int:
+    """An fd for the step's cgroup, refusing a different cgroup re-created at the same path."""
+    fd = open_cgroup(root / step.cgroup)
+    if os.fstat(fd).st_ino != step.cgroup_id:
+        os.close(fd)
+        raise CgroupError(f"cgroup {step.cgroup} was re-created while applying")
+    return fd
+
+
+def apply_policy(
+    plan: PolicyPlan,
+    compiled: CompiledPolicy,
+    cgroup_root: Path,
+    bpf_dir: Path,
+    source: str | None = None,
+) -> None:
+    """Make the kernel match ``plan``; raise ApplyError (with the old state intact) if not."""
+    if plan.blocked:
+        raise ApplyError("; ".join(plan.problems))
+    work = _Work()
+    try:
+        _prepare_programs(plan, compiled, bpf_dir, work)
+        try:
+            _switch_links(plan, compiled, cgroup_root, bpf_dir, work)
+            _pin_new_programs(plan, bpf_dir, work)
+        except (BpfError, OSError) as error:
+            _roll_back(work)
+            raise ApplyError(f"attaching failed, previous state restored: {error}") from error
+        _detach_unwanted(plan, bpf_dir, {spec.hook for spec in compiled.programs})
+        cgroups = {s.cgroup_id: s.cgroup for s in plan.steps if s.action is not Action.DETACH}
+        meta = pins.PolicyMeta(compiled.name, compiled.revision, compiled.mode, source, cgroups)
+        pins.write_meta(bpf_dir, meta)
+    finally:
+        work.close()
+
+
+def _prepare_programs(
+    plan: PolicyPlan,
+    compiled: CompiledPolicy,
+    bpf_dir: Path,
+    work: _Work,
+) -> None:
+    for spec in compiled.programs:
+        if plan.reload:
+            try:
+                work.new_programs[spec.hook] = load_program(spec)
+            except (LoaderError, BpfError) as error:
+                raise ApplyError(f"loading the {spec.hook} program failed: {error}") from error
+        else:
+            prog_pin = pins.hook_dir(bpf_dir, compiled.name, spec.hook) / pins.PROG_PIN
+            work.current_programs[spec.hook] = Program.from_pin(prog_pin)
+
+
+def _program_fd(work: _Work, hook: str) -> int:
+    if hook in work.new_programs:
+        return work.new_programs[hook].fd
+    return work.current_programs[hook].fd
+
+
+def _switch_links(
+    plan: PolicyPlan, compiled: CompiledPolicy, root: Path, bpf_dir: Path, work: _Work
+) -> None:
+    for step in plan.steps:
+        if step.action is Action.UPDATE:
+            link_path = pins.link_pin(bpf_dir, compiled.name, step.hook, step.cgroup_id)
+            link = CgroupLink.from_pin(link_path)
+            old_program = Program.from_id(link.info().prog_id)
+            try:
+                link.update(_program_fd(work, step.hook), old_program.fd)
+            except BaseException:
+                link.close()
+                old_program.close()
+                raise
+            work.swapped.append(_Swap(link, old_program))
+        elif step.action in (Action.ATTACH, Action.REATTACH):
+            cgroup_fd = _open_checked_cgroup(root, step)
+            try:
+                attach_type = hook_named(step.hook).attach_type
+                link = CgroupLink.create(_program_fd(work, step.hook), cgroup_fd, attach_type)
+            finally:
+                os.close(cgroup_fd)
+            work.created.append((step, link))
+
+
+def _roll_back(work: _Work) -> None:
+    for swap in reversed(work.swapped):
+        try:
+            swap.link.update(swap.old_program.fd)
+        except BpfError as error:  # nothing better to do than say so
+            log.error("could not restore a link to program %d: %s", swap.old_program.id, error)
+    for _, link in work.created:
+        try:
+            link.detach()
+        except BpfError as error:
+            log.error("could not detach a new link: %s", error)
+
+
+def _pin_new_programs(plan: PolicyPlan, bpf_dir: Path, work: _Work) -> None:
+    for hook, loaded in work.new_programs.items():
+        pins.pin_replacing(loaded.program, pins.hook_dir(bpf_dir, plan.name, hook) / pins.PROG_PIN)
+    for step, link in work.created:
+        pins.pin_replacing(link, pins.link_pin(bpf_dir, plan.name, step.hook, step.cgroup_id))
+
+
+def _detach_unwanted(plan: PolicyPlan, bpf_dir: Path, wanted_hooks: set[str]) -> None:
+    for step in plan.steps:
+        if step.action is not Action.DETACH:
+            continue
+        link_path = pins.link_pin(bpf_dir, plan.name, step.hook, step.cgroup_id)
+        detach_pinned_link(link_path)
+    for hook_folder in pins.policy_dir(bpf_dir, plan.name).iterdir():
+        if hook_folder.is_dir() and hook_folder.name not in wanted_hooks:
+            for leftover in hook_folder.iterdir():  # the program pin, links of gone cgroups
+                if leftover.name.startswith(pins.LINK_PREFIX):
+                    detach_pinned_link(leftover)
+                else:
+                    leftover.unlink()
+            hook_folder.rmdir()
+
+
+def detach_pinned_link(link_path: Path) -> None:
+    """End an attachment cgpolicy made and drop its pin (a link already defunct is fine)."""
+    try:
+        with CgroupLink.from_pin(link_path) as link:
+            if link.info().cgroup_id:
+                link.detach()
+    except BpfError as error:
+        log.warning("link %s: %s", link_path, error)
+    link_path.unlink(missing_ok=True)
+
+
+def remove_policy(plan: PolicyPlan, bpf_dir: Path) -> None:
+    """Detach every link of an applied policy, then drop all of its pins."""
+    folder = pins.policy_dir(bpf_dir, plan.name)
+    _detach_unwanted(plan, bpf_dir, wanted_hooks=set())
+    for leftover in folder.iterdir():
+        leftover.unlink()
+    folder.rmdir()

@@ -1,0 +1,98 @@
+"""The facade the CLI and the reconciler use: observe, plan, apply, remove.
+
+enforcer = Enforcer(cgroup_root, bpf_dir)
+plans = enforcer.plan(policies)      # pure diff against what the kernel has
+report = enforcer.apply(plans)       # per policy: applied, or failed with old state kept
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from cgpolicy.compiler.compile import compile_policy
+from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.enforcer.apply import ApplyError, apply_policy, remove_policy
+from cgpolicy.enforcer.observe import AppliedPolicy, observe
+from cgpolicy.enforcer.plan import PolicyPlan, plan_policy, plan_removal
+from cgpolicy.enforcer.targets import resolve_targets
+from cgpolicy.kernel.cgroup import ensure_bpffs
+from cgpolicy.kernel.interfaces import resolve_interfaces
+from cgpolicy.policy.model import Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Planned:
+    plan: PolicyPlan
+    compiled: CompiledPolicy | None  # None for a removal
+    source: str | None = None
+
+
+@dataclass
+class Outcome:
+    plan: PolicyPlan
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Enforcer:
+    def __init__(self, cgroup_root: Path, bpf_dir: Path) -> None:
+        self.cgroup_root = cgroup_root
+        self.bpf_dir = bpf_dir
+
+    def observe(self) -> dict[str, AppliedPolicy]:
+        return observe(self.bpf_dir)
+
+    def plan(self, policies: list[Policy]) -> list[Planned]:
+        applied = self.observe()
+        planned = []
+        for policy in policies:
+            compiled = compile_policy(policy, resolve_interfaces)
+            resolution = resolve_targets(self.cgroup_root, policy.targets)
+            plan = plan_policy(compiled, resolution, applied.get(policy.name))
+            source = policy.source.file if policy.source else None
+            planned.append(Planned(plan, compiled, source))
+        return planned
+
+    def plan_removal(self, names: list[str] | None) -> list[Planned]:
+        """Removal plans for the named policies (all of cgpolicy's when ``names`` is None);
+        a name cgpolicy has not applied is reported, not guessed at."""
+        applied = self.observe()
+        selected = sorted(applied) if names is None else names
+        planned = []
+        for name in selected:
+            if name in applied:
+                planned.append(Planned(plan_removal(applied[name]), None))
+            else:
+                missing = PolicyPlan(name, None, None, reload=False)
+                missing.problems.append("no policy of this name is applied")
+                planned.append(Planned(missing, None))
+        return planned
+
+    def apply(self, planned: list[Planned]) -> list[Outcome]:
+        """Execute plans one policy at a time; a failure leaves that policy's old state."""
+        ensure_bpffs(self.bpf_dir.parent)
+        self.bpf_dir.mkdir(parents=True, exist_ok=True)
+        outcomes = []
+        for item in planned:
+            try:
+                if item.compiled is None:
+                    if item.plan.blocked:
+                        raise ApplyError("; ".join(item.plan.problems))
+                    remove_policy(item.plan, self.bpf_dir)
+                elif item.plan.changed or item.plan.blocked:
+                    apply_policy(
+                        item.plan, item.compiled, self.cgroup_root, self.bpf_dir, item.source
+                    )
+            except (ApplyError, OSError) as error:
+                log.info("%s: %s", item.plan.name, error)
+                outcomes.append(Outcome(item.plan, str(error)))
+                continue
+            outcomes.append(Outcome(item.plan))
+        return outcomes

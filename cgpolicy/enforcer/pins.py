@@ -1,0 +1,124 @@
+"""What cgpolicy keeps on bpffs, and how it reads it back.
+
+The kernel is the source of truth: everything cgpolicy has applied is found under its bpffs
+folder, so no state file can go stale.
+
+    <bpf_dir>/<policy>/meta                     array map, one entry: the policy's metadata as JSON
+    <bpf_dir>/<policy>/<hook>/prog              the policy's program for that hook
+    <bpf_dir>/<policy>/<hook>/link-<cgroup id>  a BPF link holding that program on one cgroup
+
+Pins are replaced by pinning under a temporary name and renaming over the old one, so a
+reader (or a crash) never sees a policy folder without its metadata or program.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cgpolicy.kernel.bpf import BpfError, Map, MapType
+
+META_PIN = "meta"
+PROG_PIN = "prog"
+LINK_PREFIX = "link-"
+_META_KEY = (0).to_bytes(4, "little")
+
+
+@dataclass(frozen=True)
+class PolicyMeta:
+    """What an applied policy is, as recorded next to its programs."""
+
+    name: str
+    revision: str
+    mode: str
+    source: str | None = None
+    # cgroup id -> path relative to the cgroup2 mount, for the links below this policy
+    cgroups: dict[int, str] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        data = {
+            "policy": self.name,
+            "revision": self.revision,
+            "mode": self.mode,
+            "source": self.source,
+            "cgroups": {str(k): v for k, v in sorted(self.cgroups.items())},
+        }
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PolicyMeta:
+        data = json.loads(raw.rstrip(b"\0"))
+        cgroups = {int(k): v for k, v in data.get("cgroups", {}).items()}
+        return cls(data["policy"], data["revision"], data["mode"], data.get("source"), cgroups)
+
+
+def policy_dir(bpf_dir: Path, name: str) -> Path:
+    return bpf_dir / name
+
+
+def hook_dir(bpf_dir: Path, name: str, hook: str) -> Path:
+    return bpf_dir / name / hook
+
+
+def link_pin(bpf_dir: Path, name: str, hook: str, cgroup_id: int) -> Path:
+    return hook_dir(bpf_dir, name, hook) / f"{LINK_PREFIX}{cgroup_id}"
+
+
+def pin_replacing(obj: Map | object, path: Path) -> None:
+    """Pin ``obj`` at ``path``, atomically replacing whatever was pinned there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}_new")  # bpffs refuses names with a '.'
+    if temporary.exists():
+        temporary.unlink()
+    obj.pin(temporary)  # type: ignore[attr-defined]
+    os.replace(temporary, path)
+
+
+def write_meta(bpf_dir: Path, meta: PolicyMeta) -> None:
+    """Record ``meta`` in a fresh map pinned over the old one (sized to fit, so no limit on
+    how many cgroups a policy covers)."""
+    payload = meta.encode()
+    size = max(4096, (len(payload) + 4095) // 4096 * 4096)
+    with Map.create(MapType.ARRAY, 4, size, 1, name="cgp_meta") as meta_map:
+        meta_map.update(_META_KEY, payload.ljust(size, b"\0"))
+        pin_replacing(meta_map, policy_dir(bpf_dir, meta.name) / META_PIN)
+
+
+def read_meta(folder: Path) -> PolicyMeta | None:
+    """The metadata pinned in a policy folder, or None if it is missing or unreadable."""
+    try:
+        with Map.from_pin(folder / META_PIN) as meta_map:
+            raw = meta_map.lookup(_META_KEY)
+    except (BpfError, OSError):
+        return None
+    if raw is None:
+        return None
+    try:
+        return PolicyMeta.decode(raw)
+    except (ValueError, KeyError):
+        return None
+
+
+def policy_folders(bpf_dir: Path) -> list[Path]:
+    if not bpf_dir.is_dir():
+        return []
+    return sorted(p for p in bpf_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def link_pins(folder: Path) -> dict[int, Path]:
+    """cgroup id -> link pin, for one hook folder."""
+    found = {}
+    for entry in folder.glob(f"{LINK_PREFIX}*"):
+        suffix = entry.name[len(LINK_PREFIX) :]
+        if suffix.isdigit():
+            found[int(suffix)] = entry
+    return found
+
+
+def remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass

@@ -1,0 +1,133 @@
+"""The difference between policies as written and what the kernel has: a pure function.
+
+`plan` prints it, `apply` executes it, `reconcile` repeats both. Nothing here makes a syscall.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.enforcer.observe import AppliedPolicy
+from cgpolicy.enforcer.targets import CgroupRef, Resolution
+
+
+class Action(StrEnum):
+    ATTACH = "attach"  # new link of the (new or current) program on a cgroup
+    UPDATE = "update"  # swap the program of an existing link atomically
+    REATTACH = "reattach"  # the link was detached from outside or is broken: replace it
+    DETACH = "detach"  # the cgroup or hook is no longer wanted, or the cgroup is gone
+    KEEP = "keep"
+
+
+@dataclass(frozen=True)
+class Step:
+    action: Action
+    hook: str
+    cgroup_id: int
+    cgroup: str  # relative path, or "<gone>" when unknown
+
+    def describe(self) -> str:
+        return f"{self.action.value} {self.hook} on {self.cgroup}"
+
+
+@dataclass
+class PolicyPlan:
+    name: str
+    old_revision: str | None
+    new_revision: str | None  # None: the policy is to be removed
+    reload: bool  # load new program instances (new policy or changed rules)
+    steps: list[Step] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # the policy is not applied while any
+
+    @property
+    def changed(self) -> bool:
+        return self.reload or any(step.action is not Action.KEEP for step in self.steps)
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self.problems)
+
+    def summary(self) -> str:
+        if self.blocked:
+            return f"{self.name}: not applied: {'; '.join(self.problems)}"
+        if self.new_revision is None:
+            return f"{self.name}: remove (revision {self.old_revision})"
+        if not self.changed:
+            return f"{self.name}: unchanged (revision {self.new_revision})"
+        if self.old_revision is None:
+            return f"{self.name}: new, revision {self.new_revision}"
+        if self.old_revision != self.new_revision:
+            return f"{self.name}: revision {self.old_revision} -> {self.new_revision}"
+        return f"{self.name}: repair (revision {self.new_revision})"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "policy": self.name,
+            "old_revision": self.old_revision,
+            "new_revision": self.new_revision,
+            "reload": self.reload,
+            "changed": self.changed,
+            "problems": self.problems,
+            "steps": [
+                {
+                    "action": s.action.value,
+                    "hook": s.hook,
+                    "cgroup": s.cgroup,
+                    "cgroup_id": s.cgroup_id,
+                }
+                for s in self.steps
+            ],
+        }
+
+
+def plan_policy(
+    desired: CompiledPolicy, resolution: Resolution, applied: AppliedPolicy | None
+) -> PolicyPlan:
+    """Steps that make the kernel enforce ``desired`` on the cgroups it resolves to."""
+    old_revision = applied.revision if applied else None
+    hooks = [program.hook for program in desired.programs]
+    program_missing = applied is not None and any(
+        hook not in applied.hooks or applied.hooks[hook].prog_id is None for hook in hooks
+    )
+    reload = applied is None or old_revision != desired.revision or program_missing
+    plan = PolicyPlan(desired.name, old_revision, desired.revision, reload)
+    plan.problems.extend(f"target cgroup {path} does not exist" for path in resolution.missing)
+
+    wanted: dict[int, CgroupRef] = {ref.cgroup_id: ref for ref in resolution.cgroups}
+    for hook in hooks:
+        current = applied.hooks.get(hook) if applied else None
+        for cgroup_id, ref in wanted.items():
+            link = current.links.get(cgroup_id) if current else None
+            if link is None:
+                action = Action.ATTACH
+            elif not link.attached:
+                action = Action.REATTACH
+            elif reload or link.prog_id != current.prog_id:
+                action = Action.UPDATE
+            else:
+                action = Action.KEEP
+            plan.steps.append(Step(action, hook, cgroup_id, ref.relative))
+    plan.steps.extend(_unwanted_links(applied, set(hooks), wanted))
+    return plan
+
+
+def plan_removal(applied: AppliedPolicy) -> PolicyPlan:
+    plan = PolicyPlan(applied.name, applied.revision, None, reload=False)
+    plan.steps.extend(_unwanted_links(applied, set(), {}))
+    return plan
+
+
+def _unwanted_links(
+    applied: AppliedPolicy | None, hooks: set[str], wanted: dict[int, CgroupRef]
+) -> list[Step]:
+    if applied is None:
+        return []
+    known = applied.meta.cgroups if applied.meta else {}
+    steps = []
+    for hook, current in applied.hooks.items():
+        for cgroup_id in current.links:
+            if hook not in hooks or cgroup_id not in wanted:
+                steps.append(Step(Action.DETACH, hook, cgroup_id, known.get(cgroup_id, "<gone>")))
+    return steps

@@ -1,0 +1,73 @@
+"""Resolve a policy's targets (cgroup paths and globs) to cgroup folders that exist now."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cgpolicy.policy.model import Target
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class CgroupRef:
+    """A cgroup as cgpolicy names it: relative to the cgroup2 mount, plus its kernel id."""
+
+    relative: str
+    cgroup_id: int  # the cgroup folder's inode number, which is the kernel's cgroup id
+
+    def path(self, root: Path) -> Path:
+        return root / self.relative
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    cgroups: tuple[CgroupRef, ...]
+    missing: tuple[str, ...]  # literal target paths that do not exist
+
+
+def _ref(root: Path, relative: str) -> CgroupRef | None:
+    try:
+        return CgroupRef(relative, os.stat(root / relative).st_ino)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # vanished between listing and stat
+
+
+def _glob(root: Path, pattern: str) -> list[str]:
+    """Match one path component at a time, so '*' never crosses a '/' (as in a shell)."""
+    matches = [""]
+    for component in pattern.split("/"):
+        next_matches = []
+        for base in matches:
+            folder = root / base if base else root
+            if not any(ch in component for ch in "*?["):
+                candidate = f"{base}/{component}" if base else component
+                if (root / candidate).is_dir():
+                    next_matches.append(candidate)
+                continue
+            try:
+                entries = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False) and fnmatch.fnmatchcase(
+                    entry.name, component
+                ):
+                    next_matches.append(f"{base}/{entry.name}" if base else entry.name)
+        matches = next_matches
+    return matches
+
+
+def resolve_targets(root: Path, targets: tuple[Target, ...]) -> Resolution:
+    found: dict[str, CgroupRef] = {}
+    missing = []
+    for target in targets:
+        relatives = _glob(root, target.pattern) if target.is_glob else [target.pattern]
+        for relative in relatives:
+            ref = _ref(root, relative)
+            if ref is not None:
+                found[relative] = ref
+            elif not target.is_glob:
+                missing.append(target.pattern)
+    return Resolution(tuple(sorted(found.values())), tuple(missing))
