@@ -1,5 +1,7 @@
 #!/bin/sh
-# The README's main job on the shipped examples: validate them, say what they enforce.
+# The README's main job on the built-in examples: validate them, say what they enforce,
+# then enforce one for real: a command run under the build sandbox (loopback only) reaches
+# a loopback listener but not the outside world, and everything is removed afterwards.
 set -eu
 cd "$(dirname "$0")/.."
 CGPOLICY=.venv/bin/cgpolicy
@@ -9,3 +11,6 @@ $CGPOLICY validate policies/
 echo
 echo "== what the shipped policies would enforce"
 $CGPOLICY describe policies/
+echo
+echo "== cgpolicy run policies/build-sandbox.yaml -- (connect to loopback, then to 192.0.2.1)"
+.venv/bin/python scripts/demo_sandbox.py
