@@ -84,6 +84,10 @@ def main_options(
         str,
         typer.Option("--log-level", help="debug, info, warning or error"),
     ] = "warning",
+    log_format: Annotated[
+        str,
+        typer.Option("--log-format", help="text, or json (one object per line, for services)"),
+    ] = "text",
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
@@ -92,7 +96,18 @@ def main_options(
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         _fail(f"unknown log level {log_level!r}", EXIT_INVALID)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if log_format not in ("text", "json"):
+        _fail(f"unknown log format {log_format!r}", EXIT_INVALID)
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", timestamp=True)
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     ctx.obj = Settings(cgroup_root=cgroup_root, bpf_dir=bpf_dir)
 
 
@@ -283,6 +298,47 @@ def run(
     except (ApplyError, OSError) as error:
         _fail(str(error))
     raise typer.Exit(status if status >= 0 else 128 - status)
+
+
+@app.command()
+def reconcile(
+    ctx: typer.Context,
+    policy_dir: Annotated[
+        Path, typer.Option("--policy-dir", help="Folder of policy files (a ConfigMap mount works).")
+    ],
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="Seconds between full resyncs.")
+    ] = 30.0,
+    once: Annotated[bool, typer.Option("--once", help="Run a single pass and exit.")] = False,
+    metrics_addr: Annotated[
+        str | None,
+        typer.Option("--metrics-addr", help="HOST:PORT for /metrics (Prometheus) and /healthz."),
+    ] = None,
+) -> None:
+    """Keep the policies in a folder applied: new cgroups, changed files, drift, restarts.
+
+    Applies every valid policy in the folder and removes policies that came from files
+    since deleted. A file that fails validation is logged and counted, and the last good
+    version of its policies stays enforced. SIGTERM exits and leaves enforcement in place;
+    SIGHUP re-reads the folder. With --once, exit 1 when any policy failed to apply.
+    """
+    from cgpolicy.reconciler.loop import Reconciler, Service
+    from cgpolicy.reconciler.metrics import Metrics
+
+    if not policy_dir.is_dir():
+        _fail(f"policy folder {policy_dir} does not exist", EXIT_INVALID)
+    metrics = Metrics()
+    metrics.healthy_within = max(60.0, 3 * interval)
+    if metrics_addr:
+        host, _, port = metrics_addr.rpartition(":")
+        if not port.isdigit():
+            _fail(f"--metrics-addr wants HOST:PORT, not {metrics_addr!r}", EXIT_INVALID)
+        metrics.serve(host.strip("[]") or "0.0.0.0", int(port))
+    reconciler = Reconciler(_enforcer(ctx), policy_dir, metrics)
+    if once:
+        report = reconciler.reconcile()
+        raise typer.Exit(EXIT_FAILURE if report.failed else EXIT_OK)
+    Service(reconciler, interval).run()
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ report = enforcer.apply(plans)       # per policy: applied, or failed with old s
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,21 +50,33 @@ class Enforcer:
     def observe(self) -> dict[str, AppliedPolicy]:
         return observe(self.bpf_dir)
 
-    def plan(self, policies: list[Policy]) -> list[Planned]:
-        applied = self.observe()
+    def plan(
+        self,
+        policies: list[Policy],
+        compile: Callable[[Policy], CompiledPolicy] | None = None,
+        applied: dict[str, AppliedPolicy] | None = None,
+        missing_target_blocks: bool = True,
+    ) -> list[Planned]:
+        """Plans for ``policies`` against ``applied`` (observed now if not given); ``compile``
+        lets a long-running caller reuse compilations."""
+        applied = self.observe() if applied is None else applied
         planned = []
         for policy in policies:
-            compiled = compile_policy(policy, resolve_interfaces)
+            compiled = compile(policy) if compile else compile_policy(policy, resolve_interfaces)
             resolution = resolve_targets(self.cgroup_root, policy.targets)
-            plan = plan_policy(compiled, resolution, applied.get(policy.name))
+            plan = plan_policy(
+                compiled, resolution, applied.get(policy.name), missing_target_blocks
+            )
             source = policy.source.file if policy.source else None
             planned.append(Planned(plan, compiled, source))
         return planned
 
-    def plan_removal(self, names: list[str] | None) -> list[Planned]:
+    def plan_removal(
+        self, names: list[str] | None, applied: dict[str, AppliedPolicy] | None = None
+    ) -> list[Planned]:
         """Removal plans for the named policies (all of cgpolicy's when ``names`` is None);
         a name cgpolicy has not applied is reported, not guessed at."""
-        applied = self.observe()
+        applied = self.observe() if applied is None else applied
         selected = sorted(applied) if names is None else names
         planned = []
         for name in selected:

@@ -40,6 +40,7 @@ class PolicyPlan:
     reload: bool  # load new program instances (new policy or changed rules)
     steps: list[Step] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # the policy is not applied while any
+    warnings: list[str] = field(default_factory=list)  # reported; the rest is applied
 
     @property
     def changed(self) -> bool:
@@ -54,13 +55,14 @@ class PolicyPlan:
             return f"{self.name}: not applied: {'; '.join(self.problems)}"
         if self.new_revision is None:
             return f"{self.name}: remove (revision {self.old_revision})"
+        waiting = f" (waiting for: {'; '.join(self.warnings)})" if self.warnings else ""
         if not self.changed:
-            return f"{self.name}: unchanged (revision {self.new_revision})"
+            return f"{self.name}: unchanged (revision {self.new_revision}){waiting}"
         if self.old_revision is None:
-            return f"{self.name}: new, revision {self.new_revision}"
+            return f"{self.name}: new, revision {self.new_revision}{waiting}"
         if self.old_revision != self.new_revision:
-            return f"{self.name}: revision {self.old_revision} -> {self.new_revision}"
-        return f"{self.name}: repair (revision {self.new_revision})"
+            return f"{self.name}: revision {self.old_revision} -> {self.new_revision}{waiting}"
+        return f"{self.name}: repair (revision {self.new_revision}){waiting}"
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -70,6 +72,7 @@ class PolicyPlan:
             "reload": self.reload,
             "changed": self.changed,
             "problems": self.problems,
+            "warnings": self.warnings,
             "steps": [
                 {
                     "action": s.action.value,
@@ -83,9 +86,15 @@ class PolicyPlan:
 
 
 def plan_policy(
-    desired: CompiledPolicy, resolution: Resolution, applied: AppliedPolicy | None
+    desired: CompiledPolicy,
+    resolution: Resolution,
+    applied: AppliedPolicy | None,
+    missing_target_blocks: bool = True,
 ) -> PolicyPlan:
-    """Steps that make the kernel enforce ``desired`` on the cgroups it resolves to."""
+    """Steps that make the kernel enforce ``desired`` on the cgroups it resolves to.
+
+    A literal target that does not exist blocks the whole policy by default (an operator's
+    `apply` should fail loudly); the reconciler instead applies the rest and retries."""
     old_revision = applied.revision if applied else None
     hooks = [program.hook for program in desired.programs]
     program_missing = applied is not None and any(
@@ -93,7 +102,8 @@ def plan_policy(
     )
     reload = applied is None or old_revision != desired.revision or program_missing
     plan = PolicyPlan(desired.name, old_revision, desired.revision, reload)
-    plan.problems.extend(f"target cgroup {path} does not exist" for path in resolution.missing)
+    missing = [f"target cgroup {path} does not exist" for path in resolution.missing]
+    (plan.problems if missing_target_blocks else plan.warnings).extend(missing)
 
     wanted: dict[int, CgroupRef] = {ref.cgroup_id: ref for ref in resolution.cgroups}
     for hook in hooks:

@@ -1,0 +1,2 @@
+"""The reconcile service: keep a policy folder applied through new cgroups, drift,
+faults and restarts."""

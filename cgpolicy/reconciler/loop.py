@@ -1,0 +1,215 @@
+"""`cgpolicy reconcile`: observe the kernel, plan against the policy folder, apply the
+difference, repeat. Level-triggered and idempotent: every pass starts from what the kernel
+has, so a restart (even after SIGKILL mid-apply) simply converges."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cgpolicy.compiler.compile import compile_policy
+from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.enforcer.engine import Enforcer, Planned
+from cgpolicy.enforcer.observe import AppliedPolicy
+from cgpolicy.enforcer.plan import Action
+from cgpolicy.kernel.interfaces import resolve_interfaces
+from cgpolicy.policy.model import Policy, Target
+from cgpolicy.policy.validate import Problem
+from cgpolicy.reconciler.metrics import Metrics
+from cgpolicy.reconciler.source import PolicySource
+from cgpolicy.reconciler.watch import Watcher, watch_folders
+
+log = logging.getLogger("cgpolicy.reconcile")
+
+# Plan steps on an unchanged revision are repairs of drift, named as `audit` names them.
+DRIFT_OF_ACTION = {Action.ATTACH: "missing", Action.REATTACH: "missing", Action.UPDATE: "stale"}
+
+
+@dataclass
+class PassReport:
+    applied: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    repaired: int = 0
+
+
+def _uses_interfaces(policy: Policy) -> bool:
+    network = policy.network
+    sections = (network.ingress, network.egress) if network else ()
+    return any(rule.interfaces for section in sections if section for rule in section.rules)
+
+
+class Reconciler:
+    def __init__(self, enforcer: Enforcer, policy_dir: Path, metrics: Metrics) -> None:
+        self.enforcer = enforcer
+        self.policy_dir = policy_dir.absolute()  # sources recorded in pins are absolute
+        self.source = PolicySource(self.policy_dir)
+        self.policies: list[Policy] = []
+        self.metrics = metrics
+        self.links_generation = 0
+        # id(policy) -> (policy, links generation or -1, compiled); the policy is kept so
+        # that its id cannot be reused while cached.
+        self._compiled: dict[int, tuple[Policy, int, CompiledPolicy]] = {}
+        self._warned: set[str] = set()
+        self._waiting: set[tuple[str, str]] = set()
+
+    def _compile(self, policy: Policy) -> CompiledPolicy:
+        generation = self.links_generation if _uses_interfaces(policy) else -1
+        cached = self._compiled.get(id(policy))
+        if cached and cached[0] is policy and cached[1] == generation:
+            return cached[2]
+        compiled = compile_policy(policy, resolve_interfaces)
+        self._compiled[id(policy)] = (policy, generation, compiled)
+        return compiled
+
+    def _managed(self, applied: dict[str, AppliedPolicy]) -> dict[str, str]:
+        """Applied policies that came from this folder: name -> source file."""
+        folder = str(self.policy_dir) + os.sep
+        managed = {}
+        for name, policy in applied.items():
+            source = policy.meta.source if policy.meta else None
+            if source and source.startswith(folder):
+                managed[name] = source
+        return managed
+
+    def reconcile(self) -> PassReport:
+        """One pass. Never raises for a bad policy or a failed apply: those are reported."""
+        started = time.monotonic()
+        snapshot = self.source.read()
+        self.policies = snapshot.policies
+        self._report_invalid(snapshot.invalid_files)
+        live = {id(p) for p in snapshot.policies}
+        self._compiled = {k: v for k, v in self._compiled.items() if k in live}
+
+        applied = self.enforcer.observe()
+        planned = self.enforcer.plan(
+            snapshot.policies, self._compile, applied, missing_target_blocks=False
+        )
+        wanted = {p.name for p in snapshot.policies}
+        # A file that exists but is invalid keeps what came from it enforced.
+        doomed = [
+            name
+            for name, source in self._managed(applied).items()
+            if name not in wanted and source not in snapshot.invalid_files
+        ]
+        planned += self.enforcer.plan_removal(doomed, applied) if doomed else []
+        report = self._execute(planned)
+        elapsed = time.monotonic() - started
+        self.metrics.passes.inc()
+        self.metrics.duration.observe(elapsed)
+        self.metrics.policies.labels("valid").set(len(snapshot.policies))
+        self.metrics.invalid_files.set(len(snapshot.invalid_files))
+        if not report.failed:
+            self.metrics.last_success.set_to_current_time()
+        return report
+
+    def _execute(self, planned: list[Planned]) -> PassReport:
+        report = PassReport()
+        waiting = {(item.plan.name, w) for item in planned for w in item.plan.warnings}
+        for name, warning in sorted(waiting - self._waiting):  # once, until it clears
+            log.warning("%s: %s; applied where it can, retried when it appears", name, warning)
+        self._waiting = waiting
+        work = [item for item in planned if item.plan.changed or item.plan.blocked]
+        for item in work:
+            plan = item.plan
+            if not plan.reload and plan.new_revision is not None:
+                for step in plan.steps:
+                    if step.action in DRIFT_OF_ACTION:
+                        self.metrics.drift_found.labels(DRIFT_OF_ACTION[step.action]).inc()
+        for outcome in self.enforcer.apply(work) if work else []:
+            plan = outcome.plan
+            if not outcome.ok:
+                report.failed[plan.name] = outcome.error or "failed"
+                self.metrics.apply_errors.labels(plan.name).inc()
+                log.error("%s: not applied: %s", plan.name, outcome.error)
+                continue
+            if plan.new_revision is None:
+                report.removed.append(plan.name)
+                log.info("%s: removed", plan.name)
+                continue
+            report.applied.append(plan.name)
+            if not plan.reload:
+                for step in plan.steps:
+                    if step.action in DRIFT_OF_ACTION:
+                        report.repaired += 1
+                        self.metrics.drift_repaired.labels(DRIFT_OF_ACTION[step.action]).inc()
+            log.info(
+                "%s",
+                plan.summary(),
+                extra={"steps": [s.describe() for s in plan.steps if s.action is not Action.KEEP]},
+            )
+        return report
+
+    def _report_invalid(self, invalid: dict[str, list[Problem]]) -> None:
+        for file, problems in invalid.items():
+            key = f"{file}:{len(problems)}:{problems[0].format() if problems else ''}"
+            if key in self._warned:
+                continue
+            self._warned.add(key)
+            for problem in problems:
+                log.error(
+                    "invalid policy file, last good version stays enforced: %s", problem.format()
+                )
+
+    def targets(self) -> list[Target]:
+        """Every target of the policies of the last pass."""
+        return [target for policy in self.policies for target in policy.targets]
+
+
+class Service:
+    """The loop around Reconciler: events wake it, a resync interval bounds it, SIGTERM
+    ends it cleanly (enforcement stays, it lives in the kernel), SIGHUP re-reads."""
+
+    def __init__(self, reconciler: Reconciler, interval: float) -> None:
+        self.reconciler = reconciler
+        self.interval = interval
+        self._stop = False
+        self._reread = False
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self._reread = True
+        else:
+            self._stop = True
+
+    def run(self) -> None:
+        reconciler = self.reconciler
+        watcher = Watcher(reconciler.policy_dir)
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        signal.set_wakeup_fd(wake_write)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        try:
+            next_resync = 0.0
+            while not self._stop:
+                if self._reread:
+                    self._reread = False
+                    reconciler.source = PolicySource(reconciler.policy_dir)
+                    log.info("SIGHUP: re-reading %s", reconciler.policy_dir)
+                reconciler.links_generation = watcher.links_generation
+                reconciler.reconcile()
+                root = reconciler.enforcer.cgroup_root
+                watcher.watch_cgroups(watch_folders(root, reconciler.targets()))
+                now = time.monotonic()
+                if now >= next_resync:
+                    next_resync = now + self.interval
+                timeout = max(0.0, next_resync - time.monotonic())
+                try:
+                    ready, _, _ = select.select([*watcher.fds(), wake_read], [], [], timeout)
+                except InterruptedError:
+                    ready = []
+                if wake_read in ready:
+                    os.read(wake_read, 512)
+                watcher.drain(ready)
+        finally:
+            signal.set_wakeup_fd(-1)
+            watcher.close()
+            os.close(wake_read)
+            os.close(wake_write)
+        log.info("stopping; what is applied stays enforced")

@@ -1,0 +1,136 @@
+"""Wake-ups for the reconcile loop: inotify on the policy folder and on the cgroup folders
+where a target can appear, netlink link events for interfaces. Events are hints; the
+periodic resync is the truth, so a missed or coalesced event costs latency, not safety."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from inotify_simple import INotify
+from inotify_simple import flags as inotify_flags
+
+from cgpolicy.policy.model import Target
+
+log = logging.getLogger(__name__)
+
+FOLDER_EVENTS = (
+    inotify_flags.CREATE
+    | inotify_flags.DELETE
+    | inotify_flags.MOVED_TO
+    | inotify_flags.MOVED_FROM
+    | inotify_flags.CLOSE_WRITE
+    | inotify_flags.ATTRIB
+    | inotify_flags.DELETE_SELF
+)
+CGROUP_EVENTS = inotify_flags.CREATE | inotify_flags.DELETE | inotify_flags.DELETE_SELF
+MAX_CGROUP_WATCHES = 20000
+
+
+def watch_folders(root: Path, targets: Iterable[Target]) -> set[Path]:
+    """The existing cgroup folders in which a target could appear next: for each target,
+    every folder matching a proper prefix of its pattern (for a literal path that does not
+    exist yet, its deepest existing ancestor)."""
+    folders: set[Path] = set()
+    for target in targets:
+        level = [root]
+        for component in target.pattern.split("/"):
+            folders.update(level)
+            following = []
+            for folder in level:
+                if not target.is_glob or not any(ch in component for ch in "*?["):
+                    candidate = folder / component
+                    if candidate.is_dir():
+                        following.append(candidate)
+                    continue
+                try:
+                    with os.scandir(folder) as entries:
+                        following.extend(
+                            Path(e.path)
+                            for e in entries
+                            if e.is_dir(follow_symlinks=False)
+                            and fnmatch.fnmatchcase(e.name, component)
+                        )
+                except OSError:
+                    continue
+            level = following
+            if not level:
+                break
+    return folders
+
+
+class Watcher:
+    """One inotify instance for the policy folder and the cgroup folders, and an optional
+    netlink socket for link changes; `fds()` feed the loop's select()."""
+
+    def __init__(self, policy_dir: Path, follow_links: bool = True) -> None:
+        self.inotify = INotify()
+        self.policy_dir = policy_dir
+        self._cgroup_watches: dict[Path, int] = {}
+        self._policy_watch = self.inotify.add_watch(policy_dir, FOLDER_EVENTS)
+        self._netlink = _link_monitor() if follow_links else None
+        self.links_generation = 0
+
+    def fds(self) -> list[int]:
+        fds = [self.inotify.fileno()]
+        if self._netlink is not None:
+            fds.append(self._netlink.fileno())
+        return fds
+
+    def drain(self, ready: Iterable[int]) -> bool:
+        """Consume pending events; True when anything arrived."""
+        woke = False
+        ready = set(ready)
+        if self.inotify.fileno() in ready:
+            events = self.inotify.read(timeout=0)
+            woke = woke or bool(events)
+            if any(
+                e.wd == self._policy_watch and e.mask & inotify_flags.DELETE_SELF for e in events
+            ):
+                log.warning("policy folder %s was removed", self.policy_dir)
+        if self._netlink is not None and self._netlink.fileno() in ready:
+            self._netlink.get()
+            self.links_generation += 1
+            woke = True
+        return woke
+
+    def watch_cgroups(self, folders: set[Path]) -> None:
+        """Watch exactly ``folders`` (new ones added, vanished or unneeded ones dropped)."""
+        for folder in list(self._cgroup_watches):
+            if folder not in folders:
+                wd = self._cgroup_watches.pop(folder)
+                try:
+                    self.inotify.rm_watch(wd)
+                except OSError:
+                    pass  # the folder is gone, and its watch with it
+        for folder in sorted(folders - set(self._cgroup_watches)):
+            if len(self._cgroup_watches) >= MAX_CGROUP_WATCHES:
+                log.warning(
+                    "watching %d cgroup folders; relying on resync for the rest", MAX_CGROUP_WATCHES
+                )
+                break
+            try:
+                self._cgroup_watches[folder] = self.inotify.add_watch(folder, CGROUP_EVENTS)
+            except OSError:
+                continue  # vanished meanwhile
+
+    def close(self) -> None:
+        self.inotify.close()
+        if self._netlink is not None:
+            self._netlink.close()
+
+
+def _link_monitor():  # -> pyroute2.IPRoute bound to link events, or None
+    try:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+        ipr = IPRoute()
+        ipr.bind(groups=RTMGRP_LINK)
+        return ipr
+    except Exception as error:  # noqa: BLE001 - netlink is a hint source, not required
+        log.warning("cannot follow interface changes over netlink (%s); resync only", error)
+        return None

@@ -1,0 +1,246 @@
+"""The reconcile service as it runs in production: a real daemon process on a policy folder,
+real cgroups appearing and vanishing, real faults injected from outside."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cgpolicy.kernel.bpf import CgroupLink, hook, prog_query
+from cgpolicy.kernel.cgroup import open_cgroup
+
+CGPOLICY = Path(sys.executable).with_name("cgpolicy")
+
+POLICY = """\
+apiVersion: cgpolicy.dev/v1
+kind: CgroupPolicy
+metadata: {{name: {name}}}
+spec:
+  targets: [{{glob: "{glob}"}}]
+  sockets:
+    connect:
+      default: allow
+      rules: [{{action: deny, cidrs: ["{denied}/32"]}}]
+"""
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Daemon:
+    def __init__(self, policy_dir: Path, bpf_dir: Path, log: Path) -> None:
+        self.policy_dir, self.bpf_dir, self.log_path = policy_dir, bpf_dir, log
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [
+            str(CGPOLICY),
+            "--bpf-dir",
+            str(self.bpf_dir),
+            "--log-level",
+            "info",
+            "reconcile",
+            "--policy-dir",
+            str(self.policy_dir),
+            "--interval",
+            "1",
+            "--metrics-addr",
+            f"127.0.0.1:{self.port}",
+        ]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=log)
+        assert wait_until(lambda: self.metrics() is not None), self.log()
+
+    def metrics(self) -> str | None:
+        try:
+            url = f"http://127.0.0.1:{self.port}/metrics"
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return response.read().decode()
+        except OSError:
+            return None
+
+    def metric(self, name: str) -> float | None:
+        for line in (self.metrics() or "").splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def signal(self, signum: int) -> int:
+        assert self.process is not None
+        self.process.send_signal(signum)
+        return self.process.wait(timeout=15)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, bpf_dir: Path) -> Iterator[Daemon]:
+    policy_dir = tmp_path / "policies.d"
+    policy_dir.mkdir()
+    service = Daemon(policy_dir, bpf_dir, tmp_path / "daemon.log")
+    try:
+        yield service
+    finally:
+        service.stop()
+        subprocess.run(
+            [str(CGPOLICY), "--bpf-dir", str(bpf_dir), "remove", "--all"], capture_output=True
+        )
+
+
+def write_policy(daemon: Daemon, scratch, name: str = "svc", denied: str = "127.0.0.2") -> Path:
+    path = daemon.policy_dir / f"{name}.yaml"
+    glob = f"{scratch.relative}/work-*"
+    path.write_text(POLICY.format(name=name, glob=glob, denied=denied))
+    return path
+
+
+def connect_denied(cgroup, address: str, port: int) -> bool:
+    result = cgroup.probe("connect", "tcp", address, port)
+    return not result.ok and result.errno == errno.EPERM
+
+
+def links_at(cgroup_path: Path, hook_name: str) -> int:
+    fd = open_cgroup(cgroup_path)
+    try:
+        return len(prog_query(fd, hook(hook_name).attach_type).prog_ids)
+    finally:
+        os.close(fd)
+
+
+def test_new_matching_cgroup_is_enforced_and_removed_one_cleaned_up(
+    daemon, scratch_cgroup, tcp_server
+):
+    write_policy(daemon, scratch_cgroup, denied="127.0.0.1")
+    daemon.start()
+    work = scratch_cgroup.child("work-1")
+    other = scratch_cgroup.child("other")
+    assert wait_until(lambda: connect_denied(work, "127.0.0.1", tcp_server.port)), daemon.log()
+    assert other.probe("connect", "tcp", "127.0.0.1", tcp_server.port).ok
+    pins = lambda: list(daemon.bpf_dir.glob("svc/connect4/link-*"))  # noqa: E731
+    assert len(pins()) == 1
+    work.path.rmdir()
+    assert wait_until(lambda: not pins()), daemon.log()
+
+
+def test_external_detach_and_deleted_pin_are_restored(daemon, scratch_cgroup, tcp_server):
+    write_policy(daemon, scratch_cgroup, denied="127.0.0.1")
+    work = scratch_cgroup.child("work-1")
+    daemon.start()
+    assert wait_until(lambda: connect_denied(work, "127.0.0.1", tcp_server.port)), daemon.log()
+    (pin,) = daemon.bpf_dir.glob("svc/connect4/link-*")
+    with CgroupLink.from_pin(pin) as link:
+        subprocess.run(["bpftool", "link", "detach", "id", str(link.info().id)], check=True)
+    assert wait_until(lambda: links_at(work.path, "connect4") == 1, timeout=5), daemon.log()
+    assert connect_denied(work, "127.0.0.1", tcp_server.port)
+    (daemon.bpf_dir / "svc" / "connect6").joinpath(pin.name).unlink()
+    assert wait_until(lambda: (daemon.bpf_dir / "svc/connect6" / pin.name).exists(), timeout=5)
+    assert links_at(work.path, "connect6") == 1
+    repaired = daemon.metric('cgpolicy_drift_repaired_total{problem="missing"}')
+    assert repaired is not None and repaired >= 2
+
+
+def test_sigkill_then_restart_gives_exactly_one_attachment_per_hook(daemon, scratch_cgroup):
+    write_policy(daemon, scratch_cgroup)
+    work = scratch_cgroup.child("work-1")
+    daemon.start()
+    assert wait_until(lambda: links_at(work.path, "connect4") == 1), daemon.log()
+    daemon.signal(signal.SIGKILL)
+    assert links_at(work.path, "connect4") == 1  # enforcement outlives the daemon
+    daemon.start()
+    time.sleep(2.5)  # two resyncs
+    for name in ("connect4", "connect6", "sendmsg4", "sendmsg6"):
+        assert links_at(work.path, name) == 1, name
+
+
+def test_bad_file_keeps_previous_version_enforced_and_shows_in_metrics(
+    daemon, scratch_cgroup, tcp_server
+):
+    path = write_policy(daemon, scratch_cgroup, denied="127.0.0.1")
+    work = scratch_cgroup.child("work-1")
+    daemon.start()
+    assert wait_until(lambda: connect_denied(work, "127.0.0.1", tcp_server.port)), daemon.log()
+    # The same policy turned into an allow-all by a typo'd, duplicated key: rejected.
+    path.write_text(path.read_text() + "  sockets: {}\n")
+    assert wait_until(lambda: daemon.metric("cgpolicy_invalid_policy_files") == 1), daemon.log()
+    time.sleep(1.5)
+    assert connect_denied(work, "127.0.0.1", tcp_server.port)
+    assert "last good version stays enforced" in daemon.log()
+    assert "duplicate" in daemon.log()
+
+
+def test_configmap_symlink_swap_is_picked_up(daemon, scratch_cgroup, tcp_server):
+    # kubelet's layout: policy.yaml -> ..data/policy.yaml, ..data -> ..2026_1 (swapped atomically)
+    first, second = daemon.policy_dir / "..2026_1", daemon.policy_dir / "..2026_2"
+    first.mkdir()
+    second.mkdir()
+    glob = f"{scratch_cgroup.relative}/work-*"
+    (first / "svc.yaml").write_text(POLICY.format(name="svc", glob=glob, denied="127.0.0.2"))
+    (second / "svc.yaml").write_text(POLICY.format(name="svc", glob=glob, denied="127.0.0.1"))
+    os.symlink("..2026_1", daemon.policy_dir / "..data")
+    os.symlink("..data/svc.yaml", daemon.policy_dir / "svc.yaml")
+    work = scratch_cgroup.child("work-1")
+    daemon.start()
+    assert wait_until(lambda: links_at(work.path, "connect4") == 1), daemon.log()
+    assert work.probe("connect", "tcp", "127.0.0.1", tcp_server.port).ok
+    os.symlink("..2026_2", daemon.policy_dir / "..data_tmp")
+    os.rename(daemon.policy_dir / "..data_tmp", daemon.policy_dir / "..data")
+    assert wait_until(lambda: connect_denied(work, "127.0.0.1", tcp_server.port)), daemon.log()
+
+
+def test_deleted_file_removes_its_policy(daemon, scratch_cgroup):
+    path = write_policy(daemon, scratch_cgroup)
+    work = scratch_cgroup.child("work-1")
+    daemon.start()
+    assert wait_until(lambda: links_at(work.path, "connect4") == 1), daemon.log()
+    path.unlink()
+    assert wait_until(lambda: not (daemon.bpf_dir / "svc").exists()), daemon.log()
+    assert links_at(work.path, "connect4") == 0
+
+
+def test_sigterm_exits_cleanly_and_leaves_enforcement(daemon, scratch_cgroup, tcp_server):
+    write_policy(daemon, scratch_cgroup, denied="127.0.0.1")
+    work = scratch_cgroup.child("work-1")
+    daemon.start()
+    assert wait_until(lambda: connect_denied(work, "127.0.0.1", tcp_server.port)), daemon.log()
+    assert daemon.signal(signal.SIGTERM) == 0
+    assert connect_denied(work, "127.0.0.1", tcp_server.port)
+
+
+def test_metrics_endpoint_speaks_prometheus_text_and_health(daemon, scratch_cgroup):
+    write_policy(daemon, scratch_cgroup)
+    daemon.start()
+    assert wait_until(lambda: (daemon.metric("cgpolicy_reconcile_passes_total") or 0) >= 1)
+    text = daemon.metrics() or ""
+    assert "# TYPE cgpolicy_reconcile_duration_seconds histogram" in text
+    assert 'cgpolicy_policies{state="valid"} 1.0' in text
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/healthz", timeout=2) as response:
+        assert response.status == 200
