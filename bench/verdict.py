@@ -1,0 +1,250 @@
+"""Figure 1: what the egress program costs per packet, one CIDR against many.
+
+Method 1 (the headline): BPF_PROG_TEST_RUN with a large repeat; the kernel runs the program
+``repeat`` times on one packet and reports the mean duration per run, which includes the
+test_run loop's own per-iteration overhead. That overhead is measured with a trivial
+``return 1`` cgroup_skb program and reported next to it, not subtracted.
+
+Method 2 (context, and a cross-check): the same programs attached to scratch cgroups and
+real datagrams sent from a process inside them, with run-time statistics on
+(BPF_ENABLE_STATS): run_time_ns / run_cnt is the program alone, as the hook runs it.
+The datagrams are UDP to port 443, which the TCP-only allow rules never match, so every
+one is dropped at egress (nothing leaves the host) after the full lookup path has run:
+CIDR trie, port trie, interface map, decision, counter and the rate-limited deny event.
+"match"/"miss" still say whether the CIDR trie lookup finds the address.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import packets, policies
+from bench.figures import Figure, Report
+from bench.scratch import Scratch
+from cgpolicy.enforcer import pins
+from cgpolicy.kernel.bpf import Program, enable_run_time_stats, hook
+
+NS_TARGET = 100.0
+RATIO_TARGET = 2.0
+STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+# BPF_ALU64 | BPF_MOV | BPF_K r0 = 1; BPF_JMP | BPF_EXIT
+_RETURN_1 = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+
+_SENDER = """
+import socket, sys
+address, count = sys.argv[1], int(sys.argv[2])
+sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+denied = 0
+for _ in range(count):
+    try:
+        sock.sendto(b"x", (address, 443))
+    except PermissionError:
+        denied += 1
+print(denied)
+"""
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str  # ipv4 | ipv6
+    outcome: str  # match | miss
+    address: str
+    packet: bytes
+    verdict: int  # what the program must return
+
+
+CASES = (
+    Case("ipv4", "match", policies.MATCH4, packets.ipv4_tcp("192.0.2.2", policies.MATCH4, 443), 1),
+    Case("ipv4", "miss", policies.MISS4, packets.ipv4_tcp("192.0.2.2", policies.MISS4, 443), 0),
+    Case("ipv6", "match", policies.MATCH6, packets.ipv6_tcp("fd00::2", policies.MATCH6, 443), 1),
+    Case("ipv6", "miss", policies.MISS6, packets.ipv6_tcp("fd00::2", policies.MISS6, 443), 0),
+)
+SIZES = ("one_cidr", "many_cidrs")
+
+
+def _stats_enabled() -> str:
+    try:
+        return STATS_SYSCTL.read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _test_run(program: Program, packet: bytes, repeat: int, expect: int | None) -> int:
+    result = program.test_run(packet, repeat=repeat)
+    if expect is not None and result.retval != expect:
+        raise RuntimeError(f"program returned {result.retval}, expected {expect}")
+    return result.duration_ns
+
+
+def _send_from(cgroup: Path, address: str, count: int) -> int:
+    def enter() -> None:
+        (cgroup / "cgroup.procs").write_text("0")
+
+    done = subprocess.run(
+        [sys.executable, "-c", _SENDER, address, str(count)],
+        preexec_fn=enter,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return int(done.stdout.strip())
+
+
+def run(report: Report, quick: bool) -> None:
+    many = 1_000 if quick else 100_000
+    repeat = 100_000 if quick else 1_000_000
+    rounds = 3 if quick else 5
+    datagrams = 2_000 if quick else 50_000
+    report.params["verdict"] = {
+        "many_cidrs_per_family": many,
+        "test_run_repeat": repeat,
+        "rounds": rounds,
+        "statistic": "median over rounds of the kernel's mean ns per run",
+        "real_traffic_datagrams": datagrams,
+    }
+    with Scratch("verdict") as scratch, tempfile.TemporaryDirectory() as folder:
+        one_cg, many_cg = scratch.make_cgroups(["one", "many"])
+        documents = {
+            "verdict-one": policies.network_yaml(
+                "verdict-one",
+                [("path", one_cg)],
+                [f"{policies.MATCH4}/32"],
+                [f"{policies.MATCH6}/128"],
+            ),
+            "verdict-many": policies.network_yaml(
+                "verdict-many",
+                [("path", many_cg)],
+                policies.cidrs_v4(many),
+                policies.cidrs_v6(many),
+            ),
+        }
+        start = time.perf_counter()
+        loaded = policies.load(Path(folder), documents)
+        validate_s = time.perf_counter() - start
+        start = time.perf_counter()
+        scratch.plan_apply(loaded)
+        apply_s = time.perf_counter() - start
+        report.details["verdict_policy_setup"] = {
+            "validate_both_s": round(validate_s, 3),
+            "plan_apply_both_s": round(apply_s, 3),
+        }
+
+        programs = {
+            "one_cidr": Program.from_pin(
+                pins.hook_dir(scratch.bpf_dir, "verdict-one", "egress") / pins.PROG_PIN
+            ),
+            "many_cidrs": Program.from_pin(
+                pins.hook_dir(scratch.bpf_dir, "verdict-many", "egress") / pins.PROG_PIN
+            ),
+        }
+        egress = hook("egress")
+        nop = Program.load(egress.prog_type, _RETURN_1, "cgp_bench_nop", egress.attach_type)
+        try:
+            stats_before = _stats_enabled()
+            samples: dict[str, list[int]] = {}
+            for case in CASES:  # warm-up, and the verdicts are checked once
+                for size in SIZES:
+                    _test_run(programs[size], case.packet, max(1, repeat // 10), case.verdict)
+            for _ in range(rounds):  # interleaved, so drift hits every case alike
+                samples.setdefault("nop", []).append(_test_run(nop, CASES[0].packet, repeat, 1))
+                for case in CASES:
+                    for size in SIZES:
+                        key = f"{case.family}.{case.outcome}.{size}"
+                        ns = _test_run(programs[size], case.packet, repeat, case.verdict)
+                        samples.setdefault(key, []).append(ns)
+            stats_after = _stats_enabled()
+            report.details["verdict_test_run_samples_ns"] = samples
+            if stats_before != "0" or stats_after != "0":
+                report.notes.append(
+                    f"kernel.bpf_stats_enabled was {stats_before}/{stats_after} during test_run:"
+                    " every run then also pays for run-time accounting; figures are inflated"
+                )
+            median = {key: statistics.median(values) for key, values in samples.items()}
+
+            report.add(
+                Figure(
+                    "testrun_overhead_ns.return_1",
+                    median["nop"],
+                    "ns",
+                    "BPF_PROG_TEST_RUN per-run cost of a trivial `return 1` cgroup_skb program "
+                    "(context: included in every verdict figure, not subtracted)",
+                )
+            )
+            for case in CASES:
+                base_key = f"{case.family}.{case.outcome}"
+                one = median[f"{base_key}.one_cidr"]
+                big = median[f"{base_key}.many_cidrs"]
+                report.add(
+                    Figure(
+                        f"verdict_ns.{base_key}.one_cidr",
+                        one,
+                        "ns",
+                        f"egress verdict, {case.family} TCP {case.outcome}, policy with 1 CIDR "
+                        "per family (test_run, raw)",
+                    )
+                )
+                report.add(
+                    Figure(
+                        f"verdict_ns.{base_key}.many_cidrs",
+                        big,
+                        "ns",
+                        f"egress verdict, {case.family} TCP {case.outcome} deep in the trie, "
+                        f"policy with {many:,} CIDRs per family (test_run, raw)",
+                        ("<", NS_TARGET),
+                        f"{big - median['nop']:.0f} ns above the return-1 program"
+                        + ("; a drop: includes the deny-event path" if case.verdict == 0 else ""),
+                    )
+                )
+                report.add(
+                    Figure(
+                        f"verdict_ratio.{base_key}",
+                        big / one if one else None,
+                        "x",
+                        f"many-CIDR cost / 1-CIDR cost, {case.family} {case.outcome}",
+                        ("<=", RATIO_TARGET),
+                    )
+                )
+        finally:
+            nop.close()
+
+        _real_traffic(report, scratch, programs, datagrams)
+        for program in programs.values():
+            program.close()
+
+
+def _real_traffic(
+    report: Report, scratch: Scratch, programs: dict[str, Program], datagrams: int
+) -> None:
+    cgroups = {"one_cidr": scratch.cgroup_dir / "one", "many_cidrs": scratch.cgroup_dir / "many"}
+    stats_fd = enable_run_time_stats()
+    try:
+        for case in CASES:
+            for size in SIZES:
+                before = programs[size].info()
+                denied = _send_from(cgroups[size], case.address, datagrams)
+                after = programs[size].info()
+                runs = after.run_cnt - before.run_cnt
+                ns = (after.run_time_ns - before.run_time_ns) / runs if runs else None
+                note = f"{runs} runs, {denied} of {datagrams} sends denied (EPERM)"
+                report.add(
+                    Figure(
+                        f"real_traffic_ns.{case.family}.{case.outcome}.{size}",
+                        ns,
+                        "ns",
+                        f"run_time_ns/run_cnt with real UDP datagrams, {case.family} "
+                        f"{case.outcome}, {size.replace('_', ' ')} (program alone)",
+                        note=note,
+                    )
+                )
+    finally:
+        os.close(stats_fd)

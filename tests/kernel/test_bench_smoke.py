@@ -1,0 +1,66 @@
+"""`python -m bench --quick` runs end to end on the real kernel and writes every figure.
+
+No timing is asserted here: the figures are for people (bench/README.md), not for CI.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cgpolicy.mounts import find_bpffs
+
+REPO = Path(__file__).resolve().parents[2]
+
+FIGURES = {
+    "bcc_first_compile_s",
+    "testrun_overhead_ns.return_1",
+    *(
+        f"{kind}.{family}.{outcome}{suffix}"
+        for family in ("ipv4", "ipv6")
+        for outcome in ("match", "miss")
+        for kind, suffix in (
+            ("verdict_ns", ".one_cidr"),
+            ("verdict_ns", ".many_cidrs"),
+            ("verdict_ratio", ""),
+            ("real_traffic_ns", ".one_cidr"),
+            ("real_traffic_ns", ".many_cidrs"),
+        )
+    ),
+    *(
+        f"{key}{part}"
+        for key in ("apply_fanout", "rule_change", "apply_policies")
+        for part in ("_s", ".plan_s", ".compile_s", ".load_s", ".attach_s")
+    ),
+    "validate_fanout_s",
+    "reapply_unchanged_s",
+    "remove_fanout_s",
+    "validate_policies_s",
+    "peak_rss_mib",
+}
+
+
+def test_quick_bench_writes_every_figure(cgroup_root, tmp_path):
+    output = tmp_path / "results.json"
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stdout, stderr = bench.communicate(timeout=600)
+    assert bench.returncode == 0, stderr or stdout
+    results = json.loads(output.read_text())
+    assert set(results["figures"]) == FIGURES
+    for key, figure in results["figures"].items():
+        assert figure["value"] is not None, key
+        assert set(figure) == {"value", "unit", "what", "target", "pass", "note"}, key
+    assert results["params"]["quick"] is True
+    # everything it made is gone again
+    assert not (cgroup_root / f"cgpolicy-bench-{bench.pid}").exists()
+    bpffs = find_bpffs()
+    assert bpffs is not None
+    assert not (bpffs / f"cgpolicy-bench-{bench.pid}").exists()
