@@ -1,7 +1,7 @@
 # The two entry points the README opens with; both set the machine up first.
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit kernel lint bench clean
+.PHONY: setup demo test unit kernel lint bench compare compare-deps clean
 
 setup:
 	./scripts/setup.sh
@@ -24,6 +24,25 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench --output bench/results.json
+
+# cgpolicy vs iptables vs nftables (bench/compare.py): needs iperf3, nftables, iptables and
+# matplotlib (the `bench` extra), which setup does not install. Idempotent.
+COMPARE_APT := iperf3 nftables iptables
+
+compare-deps: setup
+	@missing=""; for pkg in $(COMPARE_APT); do \
+		dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "install ok installed" \
+			|| missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "compare: installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+
+compare: compare-deps
+	$(PY) -m bench.compare
 
 clean:
 	rm -rf .venv .pytest_cache build *.egg-info

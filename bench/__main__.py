@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import compile_time, enforce, verdict
+from bench import compile_time, enforce, reconcile, verdict
 from bench.figures import Figure, Report
 from bench.scratch import remove_top_folders
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_time.run(report)  # first: the one-time bcc compile must not hide elsewhere
         verdict.run(report, args.quick)
         enforce.run(report, args.quick)
+        reconcile.run(report, args.quick)
     finally:
         remove_top_folders()
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

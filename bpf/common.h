@@ -80,9 +80,9 @@ static __always_inline struct cgp_decision cgp_decide(const struct cgp_verdict *
 	return d;
 }
 
-/* Count a decision and return the program's return value (1 allow, 0 deny). Deny events
- * (ring buffer, rate-limited) will be emitted next to this call, for enforced and audit-mode
- * denials alike, with d->slot naming the rule. */
+/* Count a decision and return the program's return value (1 allow, 0 deny). Each program
+ * file's cgp_verdict() emits a deny event (below) next to this call, for enforced and
+ * audit-mode denials alike, with d->slot naming the rule. */
 static __always_inline int cgp_count(const struct cgp_verdict *v, const struct cgp_decision *d,
 				     struct cgp_counter *counter)
 {
@@ -97,6 +97,105 @@ static __always_inline int cgp_count(const struct cgp_verdict *v, const struct c
 	if (d->allowed || v->audit)
 		return 1;
 	return 0;
+}
+
+/*
+ * Deny events. Every program of a policy writes to one ring buffer map ("events", created
+ * once per policy and pinned at <policy>/events), only on a denial, so the allow path pays
+ * nothing. A flood cannot swamp the host or the reader: each program has a per-CPU window
+ * ("ratelimit", one entry) that lets at most `limit` events per second per CPU through;
+ * the rest, and any event the ring buffer has no room for, are counted in `dropped`.
+ * The record layout is decoded by cgpolicy/events/decode.py: keep the two in step.
+ */
+
+/* enum of the hook that denied (cgpolicy/events/decode.py HOOK_CODES). */
+#define CGP_HOOK_INGRESS 1
+#define CGP_HOOK_EGRESS 2
+#define CGP_HOOK_SOCK_CREATE 3
+#define CGP_HOOK_BIND4 4
+#define CGP_HOOK_BIND6 5
+#define CGP_HOOK_CONNECT4 6
+#define CGP_HOOK_CONNECT6 7
+#define CGP_HOOK_SENDMSG4 8
+#define CGP_HOOK_SENDMSG6 9
+#define CGP_HOOK_DEVICE 10
+#define CGP_HOOK_SYSCTL 11
+
+/* cgp_event.flags */
+#define CGP_EV_AUDIT 1     /* audit mode: would have been denied, was allowed */
+#define CGP_EV_TASK 2      /* pid, tid and comm are set (the hook runs in task context) */
+#define CGP_EV_WRITE 4     /* sysctl: a write (else a read) */
+#define CGP_EV_TRUNCATED 8 /* sysctl: the name did not fit `name` */
+
+#define CGP_EVENT_NAME_MAX 128
+#define CGP_NSEC_PER_SEC 1000000000ULL
+
+struct cgp_event {
+	__u64 time_ns;   /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 cgroup_id; /* the acting process's cgroup (skb: the socket's cgroup) */
+	__u32 pid;       /* tgid */
+	__u32 tid;
+	__u32 hook;      /* CGP_HOOK_* */
+	__u32 rule;      /* counter slot: rule index, CGP_DEFAULT_SLOT for the default */
+	__u32 flags;     /* CGP_EV_* */
+	__u32 family;    /* AF_INET / AF_INET6 (network and socket hooks) */
+	__u32 type;      /* socket type (sock_create, sock_addr); device type (device) */
+	__u32 protocol;  /* IP protocol (network, sock_addr); socket protocol (sock_create) */
+	__u32 major;     /* device */
+	__u32 minor;     /* device */
+	__u32 access;    /* device: BPF_DEVCG_ACC_* bits */
+	__u16 sport;     /* host byte order; skb: source port */
+	__u16 dport;     /* host byte order; skb: destination port; sock_addr: the syscall's port */
+	__u8 saddr[16];  /* network order, IPv4 in the first 4 bytes; skb: source */
+	__u8 daddr[16];  /* skb: destination; sock_addr: the syscall's address */
+	char comm[16];
+	char name[CGP_EVENT_NAME_MAX]; /* sysctl name, slash form */
+};
+
+/* Value of the per-CPU array "ratelimit" (one entry). */
+struct cgp_ratelimit {
+	__u64 window_start; /* ns, start of the current one-second window on this CPU */
+	__u64 dropped;      /* events not emitted: over the limit, or the ring buffer full */
+	__u32 sent;         /* events emitted in the current window */
+	__u32 limit;        /* events per second per CPU (set by the compiler) */
+};
+
+/* May one more event go out on this CPU now? Counts the refusal in `dropped`. */
+static __always_inline int cgp_ratelimit_take(struct cgp_ratelimit *rl, __u64 now)
+{
+	if (now - rl->window_start >= CGP_NSEC_PER_SEC) {
+		rl->window_start = now;
+		rl->sent = 0;
+	}
+	if (rl->sent >= rl->limit) {
+		rl->dropped++;
+		return 0;
+	}
+	rl->sent++;
+	return 1;
+}
+
+static __always_inline void cgp_event_init(struct cgp_event *e, const struct cgp_verdict *v,
+					   __u32 slot, __u32 hook, __u64 now)
+{
+	__builtin_memset(e, 0, sizeof(*e));
+	e->time_ns = now;
+	e->hook = hook;
+	e->rule = slot;
+	e->flags = v->audit ? CGP_EV_AUDIT : 0;
+}
+
+/* pid, tid, comm and cgroup of the current task: for hooks that run in task context
+ * (sock, sock_addr, device, sysctl; not cgroup_skb). */
+static __always_inline void cgp_event_task(struct cgp_event *e)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	e->pid = pid_tgid >> 32;
+	e->tid = (__u32)pid_tgid;
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	e->flags |= CGP_EV_TASK;
 }
 
 #endif /* CGP_COMMON_H */

@@ -30,11 +30,43 @@ struct cgp_dev_config {
 BPF_ARRAY(config, struct cgp_dev_config, 1);
 BPF_PERCPU_ARRAY(counters, struct cgp_counter, CGP_COUNTER_SLOTS);
 
-static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched)
-{
-	struct cgp_decision d = cgp_decide(v, matched);
+BPF_RINGBUF_OUTPUT(events, 1);
+BPF_PERCPU_ARRAY(ratelimit, struct cgp_ratelimit, 1);
 
-	return cgp_count(v, &d, counters.lookup(&d.slot));
+/* Decide and count; *d says what was decided, for the deny event. */
+static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched,
+				       struct cgp_decision *d)
+{
+	*d = cgp_decide(v, matched);
+	return cgp_count(v, d, counters.lookup(&d->slot));
+}
+
+/* After a denial: an event to fill and pass to events.ringbuf_submit(), or NULL when the
+ * rate limit or a full ring buffer stops it (counted in ratelimit.dropped). */
+static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verdict *v,
+							   const struct cgp_decision *d, __u32 hook)
+{
+	__u32 zero = 0;
+	struct cgp_ratelimit *rl;
+	struct cgp_event *e;
+	__u64 now;
+
+	if (d->allowed)
+		return NULL;
+	rl = ratelimit.lookup(&zero);
+	if (!rl)
+		return NULL;
+	now = bpf_ktime_get_ns();
+	if (!cgp_ratelimit_take(rl, now))
+		return NULL;
+	e = events.ringbuf_reserve(sizeof(struct cgp_event));
+	if (!e) {
+		rl->sent--;
+		rl->dropped++;
+		return NULL;
+	}
+	cgp_event_init(e, v, d->slot, hook, now);
+	return e;
 }
 
 int cgp_device(struct bpf_cgroup_dev_ctx *ctx)
@@ -42,7 +74,9 @@ int cgp_device(struct bpf_cgroup_dev_ctx *ctx)
 	const struct cgp_dev_config *cfg;
 	__u32 zero = 0, type, want, nrules;
 	__u64 any_right = 0, all_rights = 0;
-	int i;
+	struct cgp_decision d;
+	struct cgp_event *e;
+	int i, ret;
 
 	cfg = config.lookup(&zero);
 	if (!cfg)
@@ -69,6 +103,16 @@ int cgp_device(struct bpf_cgroup_dev_ctx *ctx)
 		if (!(want & ~rule->access))
 			all_rights |= rule->bit;
 	}
-	return cgp_verdict(&cfg->v, (any_right & cfg->v.deny_mask) |
-					(all_rights & cfg->v.allow_mask));
+	ret = cgp_verdict(&cfg->v, (any_right & cfg->v.deny_mask) | (all_rights & cfg->v.allow_mask),
+			  &d);
+	e = cgp_event_reserve(&cfg->v, &d, CGP_HOOK_DEVICE);
+	if (e) {
+		cgp_event_task(e);
+		e->type = type;
+		e->access = want;
+		e->major = ctx->major;
+		e->minor = ctx->minor;
+		events.ringbuf_submit(e, 0);
+	}
+	return ret;
 }

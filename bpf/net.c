@@ -97,11 +97,43 @@ BPF_ARRAY(icmp_types, __u64, 256);
 BPF_HASH(ifaces, __u32, __u64, CGP_IFACES_MAX);
 BPF_PERCPU_ARRAY(counters, struct cgp_counter, CGP_COUNTER_SLOTS);
 
-static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched)
-{
-	struct cgp_decision d = cgp_decide(v, matched);
+BPF_RINGBUF_OUTPUT(events, 1);
+BPF_PERCPU_ARRAY(ratelimit, struct cgp_ratelimit, 1);
 
-	return cgp_count(v, &d, counters.lookup(&d.slot));
+/* Decide and count; *d says what was decided, for the deny event. */
+static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched,
+				       struct cgp_decision *d)
+{
+	*d = cgp_decide(v, matched);
+	return cgp_count(v, d, counters.lookup(&d->slot));
+}
+
+/* After a denial: an event to fill and pass to events.ringbuf_submit(), or NULL when the
+ * rate limit or a full ring buffer stops it (counted in ratelimit.dropped). */
+static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verdict *v,
+							   const struct cgp_decision *d, __u32 hook)
+{
+	__u32 zero = 0;
+	struct cgp_ratelimit *rl;
+	struct cgp_event *e;
+	__u64 now;
+
+	if (d->allowed)
+		return NULL;
+	rl = ratelimit.lookup(&zero);
+	if (!rl)
+		return NULL;
+	now = bpf_ktime_get_ns();
+	if (!cgp_ratelimit_take(rl, now))
+		return NULL;
+	e = events.ringbuf_reserve(sizeof(struct cgp_event));
+	if (!e) {
+		rl->sent--;
+		rl->dropped++;
+		return NULL;
+	}
+	cgp_event_init(e, v, d->slot, hook, now);
+	return e;
 }
 
 /* Rules whose cidrs contain the IPv4 address `addr` (network byte order). */
@@ -263,13 +295,42 @@ static __always_inline __u32 cgp_proto_slot(__u32 proto)
 	}
 }
 
+/* What a denied packet was: addresses, protocol and ports, read again from the packet (the
+ * deny path only). No task context in cgroup_skb: the cgroup is the socket's. */
+static __always_inline void cgp_skb_event(struct __sk_buff *skb, const struct cgp_l4 *l4,
+					  struct cgp_event *e)
+{
+	__u16 ports[2];
+
+	e->cgroup_id = bpf_skb_cgroup_id(skb);
+	if (skb->protocol == bpf_htons(CGP_ETH_P_IP)) {
+		e->family = 2; /* AF_INET */
+		bpf_skb_load_bytes(skb, 12, e->saddr, 4);
+		bpf_skb_load_bytes(skb, 16, e->daddr, 4);
+	} else if (skb->protocol == bpf_htons(CGP_ETH_P_IPV6)) {
+		e->family = 10; /* AF_INET6 */
+		bpf_skb_load_bytes(skb, 8, e->saddr, 32); /* saddr and daddr are adjacent */
+	}
+	if (!l4->proto_known)
+		return;
+	e->protocol = l4->proto;
+	if (l4->header && (l4->proto == CGP_IPPROTO_TCP || l4->proto == CGP_IPPROTO_UDP) &&
+	    !bpf_skb_load_bytes(skb, l4->offset, ports, sizeof(ports))) {
+		e->sport = bpf_ntohs(ports[0]);
+		e->dport = bpf_ntohs(ports[1]);
+	}
+}
+
 static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 {
 	const struct cgp_net_config *cfg;
 	struct cgp_l4 l4 = {};
 	__u64 unknown, cidr_mask, proto_mask, port_mask, icmp_mask, iface_mask;
 	__u32 zero = 0, ifindex, slot;
+	struct cgp_decision d;
+	struct cgp_event *e;
 	__u64 *hit;
+	int ret;
 
 	cfg = config.lookup(&zero);
 	if (!cfg)
@@ -341,7 +402,13 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			iface_mask |= *hit;
 	}
 
-	return cgp_verdict(&cfg->v, cidr_mask & proto_mask & port_mask & icmp_mask & iface_mask);
+	ret = cgp_verdict(&cfg->v, cidr_mask & proto_mask & port_mask & icmp_mask & iface_mask, &d);
+	e = cgp_event_reserve(&cfg->v, &d, egress ? CGP_HOOK_EGRESS : CGP_HOOK_INGRESS);
+	if (e) {
+		cgp_skb_event(skb, &l4, e);
+		events.ringbuf_submit(e, 0);
+	}
+	return ret;
 }
 
 int cgp_ingress(struct __sk_buff *skb)
@@ -367,12 +434,15 @@ int cgp_egress(struct __sk_buff *skb)
  * are unknown, so deny rules (say, a cidr deny for the metadata address) still stop them
  * and only allow rules without protocol and ports let them through.
  */
-static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6)
+static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u32 hook)
 {
 	const struct cgp_net_config *cfg;
 	__u64 unknown, cidr_mask, proto_mask, port_mask;
 	__u32 zero = 0;
 	__u16 port;
+	struct cgp_decision d;
+	struct cgp_event *e;
+	int ret;
 
 	cfg = config.lookup(&zero);
 	if (!cfg)
@@ -404,35 +474,56 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6)
 		port_mask = cfg->any_port | unknown;
 	}
 
-	return cgp_verdict(&cfg->v, cidr_mask & proto_mask & port_mask);
+	ret = cgp_verdict(&cfg->v, cidr_mask & proto_mask & port_mask, &d);
+	e = cgp_event_reserve(&cfg->v, &d, hook);
+	if (e) {
+		cgp_event_task(e);
+		e->type = ctx->type;
+		e->protocol = ctx->protocol;
+		e->dport = port;
+		if (v6) {
+			__u32 addr[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
+					 ctx->user_ip6[3]};
+
+			e->family = 10; /* AF_INET6 */
+			__builtin_memcpy(e->daddr, addr, 16);
+		} else {
+			__u32 addr4 = ctx->user_ip4;
+
+			e->family = 2; /* AF_INET */
+			__builtin_memcpy(e->daddr, &addr4, 4);
+		}
+		events.ringbuf_submit(e, 0);
+	}
+	return ret;
 }
 
 int cgp_bind4(struct bpf_sock_addr *ctx)
 {
-	return cgp_sock_addr(ctx, 0);
+	return cgp_sock_addr(ctx, 0, CGP_HOOK_BIND4);
 }
 
 int cgp_bind6(struct bpf_sock_addr *ctx)
 {
-	return cgp_sock_addr(ctx, 1);
+	return cgp_sock_addr(ctx, 1, CGP_HOOK_BIND6);
 }
 
 int cgp_connect4(struct bpf_sock_addr *ctx)
 {
-	return cgp_sock_addr(ctx, 0);
+	return cgp_sock_addr(ctx, 0, CGP_HOOK_CONNECT4);
 }
 
 int cgp_connect6(struct bpf_sock_addr *ctx)
 {
-	return cgp_sock_addr(ctx, 1);
+	return cgp_sock_addr(ctx, 1, CGP_HOOK_CONNECT6);
 }
 
 int cgp_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return cgp_sock_addr(ctx, 0);
+	return cgp_sock_addr(ctx, 0, CGP_HOOK_SENDMSG4);
 }
 
 int cgp_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return cgp_sock_addr(ctx, 1);
+	return cgp_sock_addr(ctx, 1, CGP_HOOK_SENDMSG6);
 }

@@ -31,18 +31,53 @@ struct cgp_create_config {
 BPF_ARRAY(config, struct cgp_create_config, 1);
 BPF_PERCPU_ARRAY(counters, struct cgp_counter, CGP_COUNTER_SLOTS);
 
-static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched)
-{
-	struct cgp_decision d = cgp_decide(v, matched);
+BPF_RINGBUF_OUTPUT(events, 1);
+BPF_PERCPU_ARRAY(ratelimit, struct cgp_ratelimit, 1);
 
-	return cgp_count(v, &d, counters.lookup(&d.slot));
+/* Decide and count; *d says what was decided, for the deny event. */
+static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched,
+				       struct cgp_decision *d)
+{
+	*d = cgp_decide(v, matched);
+	return cgp_count(v, d, counters.lookup(&d->slot));
+}
+
+/* After a denial: an event to fill and pass to events.ringbuf_submit(), or NULL when the
+ * rate limit or a full ring buffer stops it (counted in ratelimit.dropped). */
+static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verdict *v,
+							   const struct cgp_decision *d, __u32 hook)
+{
+	__u32 zero = 0;
+	struct cgp_ratelimit *rl;
+	struct cgp_event *e;
+	__u64 now;
+
+	if (d->allowed)
+		return NULL;
+	rl = ratelimit.lookup(&zero);
+	if (!rl)
+		return NULL;
+	now = bpf_ktime_get_ns();
+	if (!cgp_ratelimit_take(rl, now))
+		return NULL;
+	e = events.ringbuf_reserve(sizeof(struct cgp_event));
+	if (!e) {
+		rl->sent--;
+		rl->dropped++;
+		return NULL;
+	}
+	cgp_event_init(e, v, d->slot, hook, now);
+	return e;
 }
 
 int cgp_sock_create(struct bpf_sock *ctx)
 {
 	const struct cgp_create_config *cfg;
 	__u32 zero = 0, family, type, protocol;
+	struct cgp_decision d;
+	struct cgp_event *e;
 	__u64 matched;
+	int ret;
 
 	cfg = config.lookup(&zero);
 	if (!cfg)
@@ -59,5 +94,14 @@ int cgp_sock_create(struct bpf_sock *ctx)
 	matched &= protocol < CGP_PROTOCOL_SLOTS
 			   ? cfg->protocol[protocol & (CGP_PROTOCOL_SLOTS - 1)]
 			   : cfg->any_protocol;
-	return cgp_verdict(&cfg->v, matched);
+	ret = cgp_verdict(&cfg->v, matched, &d);
+	e = cgp_event_reserve(&cfg->v, &d, CGP_HOOK_SOCK_CREATE);
+	if (e) {
+		cgp_event_task(e);
+		e->family = family;
+		e->type = type;
+		e->protocol = protocol;
+		events.ringbuf_submit(e, 0);
+	}
+	return ret;
 }

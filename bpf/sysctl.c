@@ -47,11 +47,43 @@ BPF_ARRAY(sysctl_next, __u32, CGP_SYSCTL_NEXT_MAX);
 BPF_ARRAY(sysctl_accept, __u64, CGP_SYSCTL_STATES_MAX);
 BPF_PERCPU_ARRAY(counters, struct cgp_counter, CGP_COUNTER_SLOTS);
 
-static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched)
-{
-	struct cgp_decision d = cgp_decide(v, matched);
+BPF_RINGBUF_OUTPUT(events, 1);
+BPF_PERCPU_ARRAY(ratelimit, struct cgp_ratelimit, 1);
 
-	return cgp_count(v, &d, counters.lookup(&d.slot));
+/* Decide and count; *d says what was decided, for the deny event. */
+static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched,
+				       struct cgp_decision *d)
+{
+	*d = cgp_decide(v, matched);
+	return cgp_count(v, d, counters.lookup(&d->slot));
+}
+
+/* After a denial: an event to fill and pass to events.ringbuf_submit(), or NULL when the
+ * rate limit or a full ring buffer stops it (counted in ratelimit.dropped). */
+static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verdict *v,
+							   const struct cgp_decision *d, __u32 hook)
+{
+	__u32 zero = 0;
+	struct cgp_ratelimit *rl;
+	struct cgp_event *e;
+	__u64 now;
+
+	if (d->allowed)
+		return NULL;
+	rl = ratelimit.lookup(&zero);
+	if (!rl)
+		return NULL;
+	now = bpf_ktime_get_ns();
+	if (!cgp_ratelimit_take(rl, now))
+		return NULL;
+	e = events.ringbuf_reserve(sizeof(struct cgp_event));
+	if (!e) {
+		rl->sent--;
+		rl->dropped++;
+		return NULL;
+	}
+	cgp_event_init(e, v, d->slot, hook, now);
+	return e;
 }
 
 int cgp_sysctl(struct bpf_sysctl *ctx)
@@ -61,6 +93,9 @@ int cgp_sysctl(struct bpf_sysctl *ctx)
 	__u32 zero = 0, state = CGP_SYSCTL_START, i;
 	__u64 access, matched = 0, *accept;
 	long len;
+	struct cgp_decision d;
+	struct cgp_event *e;
+	int ret;
 
 	cfg = config.lookup(&zero);
 	if (!cfg)
@@ -68,8 +103,10 @@ int cgp_sysctl(struct bpf_sysctl *ctx)
 	access = ctx->write ? cfg->write_mask : cfg->read_mask;
 
 	len = bpf_sysctl_get_name(ctx, name, sizeof(name), 0);
-	if (len < 0) /* -E2BIG: truncated, name unknown */
-		return cgp_verdict(&cfg->v, access & cfg->v.deny_mask);
+	if (len < 0) { /* -E2BIG: truncated, name unknown */
+		matched = access & cfg->v.deny_mask;
+		goto decide;
+	}
 
 	for (i = 0; i < CGP_SYSCTL_NAME_MAX; i++) {
 		__u32 key, *next;
@@ -82,6 +119,17 @@ int cgp_sysctl(struct bpf_sysctl *ctx)
 	}
 	accept = sysctl_accept.lookup(&state);
 	if (accept)
-		matched = *accept;
-	return cgp_verdict(&cfg->v, matched & access);
+		matched = *accept & access;
+decide:
+	ret = cgp_verdict(&cfg->v, matched, &d);
+	e = cgp_event_reserve(&cfg->v, &d, CGP_HOOK_SYSCTL);
+	if (e) {
+		cgp_event_task(e);
+		if (ctx->write)
+			e->flags |= CGP_EV_WRITE;
+		if (bpf_sysctl_get_name(ctx, e->name, sizeof(e->name), 0) < 0)
+			e->flags |= CGP_EV_TRUNCATED;
+		events.ringbuf_submit(e, 0);
+	}
+	return ret;
 }

@@ -327,18 +327,177 @@ def reconcile(
 
     if not policy_dir.is_dir():
         _fail(f"policy folder {policy_dir} does not exist", EXIT_INVALID)
-    metrics = Metrics()
+    enforcer = _enforcer(ctx)
+    metrics = Metrics(enforcer.bpf_dir)
     metrics.healthy_within = max(60.0, 3 * interval)
     if metrics_addr:
         host, _, port = metrics_addr.rpartition(":")
         if not port.isdigit():
             _fail(f"--metrics-addr wants HOST:PORT, not {metrics_addr!r}", EXIT_INVALID)
         metrics.serve(host.strip("[]") or "0.0.0.0", int(port))
-    reconciler = Reconciler(_enforcer(ctx), policy_dir, metrics)
+    reconciler = Reconciler(enforcer, policy_dir, metrics)
     if once:
         report = reconciler.reconcile()
         raise typer.Exit(EXIT_FAILURE if report.failed else EXIT_OK)
     Service(reconciler, interval).run()
+
+
+EXIT_DRIFT = 3
+
+
+@app.command()
+def audit(
+    ctx: typer.Context,
+    cgroup: Annotated[
+        str | None,
+        typer.Option("--cgroup", help="Only this cgroup and its subtree (relative path)."),
+    ] = None,
+    as_json: JsonOption = False,
+    show_all: Annotated[
+        bool,
+        typer.Option("--all", help="Also list cgroups that only inherit programs."),
+    ] = False,
+) -> None:
+    """Every program at every cgroup hook, ours and foreign, with owner, mode, policy and
+    revision, what each cgroup inherits, counters, and drift from what cgpolicy applied.
+
+    Exit 0 when in sync, 3 when drift was found, 1 on failure.
+    """
+    from cgpolicy.audit.collect import audit as run_audit
+    from cgpolicy.audit.render import render
+    from cgpolicy.kernel.bpf import BpfError
+    from cgpolicy.kernel.cgroup import CgroupError, resolve
+
+    settings: Settings = ctx.obj
+    root = settings.resolved_cgroup_root()
+    try:
+        top = resolve(cgroup, root) if cgroup else root
+        if not top.is_dir():
+            _fail(f"no cgroup {cgroup} under {root}", EXIT_INVALID)
+        result = run_audit(root, settings.resolved_bpf_dir(), top, show_all)
+    except (BpfError, CgroupError) as error:
+        _fail(str(error))
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        typer.echo(render(result.cgroups))
+    raise typer.Exit(EXIT_DRIFT if result.drifted else EXIT_OK)
+
+
+@app.command()
+def events(
+    ctx: typer.Context,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep waiting for new events.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Deny events (and audit-mode would-deny events) of every applied policy.
+
+    Reading consumes them. Events the kernel's rate limit dropped are reported as counts.
+    """
+    from cgpolicy.events.reader import EventReader
+    from cgpolicy.kernel.bpf import BpfError
+
+    settings: Settings = ctx.obj
+
+    def emit(event) -> None:  # Event
+        typer.echo(json.dumps(event.to_json()) if as_json else event.line())
+
+    def on_dropped(policy: str, hook: str, count: int) -> None:
+        if as_json:
+            typer.echo(
+                json.dumps({"type": "dropped", "policy": policy, "hook": hook, "count": count})
+            )
+        else:
+            typer.echo(f"{count} {policy} {hook} events dropped by the rate limit", err=True)
+
+    try:
+        reader = EventReader(settings.resolved_bpf_dir(), settings.resolved_cgroup_root())
+    except (BpfError, OSError) as error:
+        _fail(str(error))
+    try:
+        if follow:
+            try:
+                reader.follow(emit, on_dropped)
+            except KeyboardInterrupt:
+                pass
+        else:
+            for event in reader.drain():
+                emit(event)
+            for policy, hooks in reader.dropped().items():
+                for hook, count in sorted(hooks.items()):
+                    if count:
+                        on_dropped(policy, hook, count)
+    finally:
+        reader.close()
+    raise typer.Exit(EXIT_OK)
+
+
+@app.command(
+    epilog="ACTION: egress|ingress PROTO ADDR\\[:PORT] \\[--icmp-type N] \\[--interface NAME]"
+    " | connect|sendmsg|bind PROTO ADDR:PORT | socket FAMILY TYPE \\[PROTO]"
+    " | device c|b MAJOR:MINOR ACCESS | device /dev/PATH ACCESS | sysctl read|write NAME."
+    " IPv6 with a port: \\[fd00::1]:443. See docs/explain.md.",
+)
+def explain(
+    ctx: typer.Context,
+    words: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="[POLICY] ACTION...",
+            help="A policy file or folder (not with --cgroup), then the action.",
+        ),
+    ],
+    cgroup: Annotated[
+        str | None,
+        typer.Option(
+            "--cgroup",
+            help="Explain against what cgpolicy applied to this cgroup and its ancestors.",
+        ),
+    ] = None,
+    icmp_type: Annotated[
+        int | None, typer.Option("--icmp-type", help="ICMP/ICMPv6 type of the packet.")
+    ] = None,
+    interface: Annotated[
+        str | None, typer.Option("--interface", help="Interface name (or index) of the packet.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Say whether policies allow or deny one action, and which rule decides.
+
+    Example: cgpolicy explain web.yaml egress tcp 10.1.2.3:443
+
+    Exit 0 when explained, whatever the verdict; 2 for invalid input.
+    """
+    from cgpolicy.explain import (
+        ACTION_WORDS,
+        Explanation,
+        ExplainError,
+        explain_cgroup,
+        explain_policies,
+        parse_action,
+        render,
+        to_json,
+    )
+
+    settings: Settings = ctx.obj
+    has_policy = bool(words) and words[0].lower() not in ACTION_WORDS
+    if has_policy == (cgroup is not None):
+        _fail("give a POLICY file or --cgroup PATH (one of them) before the action", EXIT_INVALID)
+    try:
+        parsed = parse_action(words[1:] if has_policy else words, icmp_type, interface)
+        if cgroup is not None:
+            root, bpf_dir = settings.resolved_cgroup_root(), settings.resolved_bpf_dir()
+            explanation = explain_cgroup(root, bpf_dir, cgroup, parsed)
+        else:
+            policies = _load_valid([Path(words[0])])
+            pairs = [(p, p.source.file if p.source else words[0]) for p in policies]
+            explanation = Explanation(parsed, explain_policies(pairs, parsed))
+    except ExplainError as error:
+        _fail(str(error), EXIT_INVALID)
+    typer.echo(json.dumps(to_json(explanation), indent=2) if as_json else render(explanation))
+    raise typer.Exit(EXIT_OK)
 
 
 def main() -> None:

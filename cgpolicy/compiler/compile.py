@@ -10,6 +10,7 @@ whatever order its file lists the rules in; :func:`ordered_rules` gives that ord
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import ipaddress
 import json
@@ -17,7 +18,8 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from cgpolicy.compiler.spec import CompiledPolicy, MapSpec, ProgramSpec
+from cgpolicy.compiler.spec import CompiledPolicy, MapSpec, ProgramSpec, RuleLabel
+from cgpolicy.policy import describe
 from cgpolicy.policy.model import (
     DeviceRule,
     DeviceSection,
@@ -38,6 +40,11 @@ MAX_RULES = 64
 COUNTER_SLOTS = MAX_RULES + 1  # slot 64: the section default decided
 BPF_F_NO_PREALLOC = 1  # required for LPM tries
 SYSCTL_MAX_STATES = 16384  # DFA states over all sysctl patterns of a section
+# Deny events (bpf/common.h): one ring buffer per policy, shared by its programs (the
+# enforcer creates it once per load; a program loaded alone gets its own from the spec).
+EVENTS_RING_BYTES = 256 * 1024  # about 1000 events of 240 B
+EVENTS_PER_SECOND = 100  # per program and CPU; more are counted as dropped
+_RATELIMIT = struct.Struct("<QQII")  # struct cgp_ratelimit
 
 # struct cgp_net_config.proto slots (bpf/net.c)
 _PROTO_SLOTS = ("tcp", "udp", "icmp", "icmpv6")  # then "other": the rules with protocol any
@@ -117,7 +124,49 @@ def compile_policy(
         mode=policy.mode,
         targets=policy.targets,
         programs=tuple(programs),
+        rules=rule_labels(policy, [spec.hook for spec in programs]),
     )
+
+
+def rule_labels(
+    policy: Policy, hooks: Sequence[str]
+) -> tuple[tuple[str, tuple[RuleLabel, ...]], ...]:
+    """Per hook, a label for each rule in canonical order (what counter slot i counts)."""
+    sections: dict[str, tuple[Any, Callable[[Any], str]]] = {}
+    if policy.network is not None:
+        for direction, where in (("ingress", "from"), ("egress", "to")):
+            section = getattr(policy.network, direction)
+            if section is not None:
+                render = functools.partial(describe._network_rule, where=where)
+                sections[direction] = (section, render)
+    if policy.sockets is not None:
+        if policy.sockets.create is not None:
+            sections["sock_create"] = (policy.sockets.create, describe._create_rule)
+        for name, render, hook_names in (
+            ("bind", describe._bind_rule, ("bind4", "bind6")),
+            ("connect", describe._connect_rule, ("connect4", "connect6", "sendmsg4", "sendmsg6")),
+        ):
+            section = getattr(policy.sockets, name)
+            if section is not None:
+                for hook in hook_names:
+                    sections[hook] = (section, render)
+    if policy.devices is not None:
+        sections["device"] = (policy.devices, describe._device_rule)
+    if policy.sysctl is not None:
+        sections["sysctl"] = (policy.sysctl, describe._sysctl_rule)
+    labels = []
+    for hook in hooks:
+        section, render = sections[hook]
+        labels.append(
+            (
+                hook,
+                tuple(
+                    RuleLabel(render(rule), rule.source.line if rule.source else None)
+                    for rule in ordered_rules(section.rules)
+                ),
+            )
+        )
+    return tuple(labels)
 
 
 # --- canonical form -------------------------------------------------------------------------
@@ -195,7 +244,18 @@ def revision(policy: Policy, resolved_interfaces: dict[str, list[list[int]]] | N
 
 
 def _program(hook: str, source: str, function: str, maps: dict[str, MapSpec]) -> ProgramSpec:
+    maps = {**maps, "events": events_map(), "ratelimit": _ratelimit(EVENTS_PER_SECOND)}
     return ProgramSpec(hook, source, function, function, tuple(maps[name] for name in sorted(maps)))
+
+
+def events_map() -> MapSpec:
+    """The ring buffer deny events go to (bpf/common.h struct cgp_event)."""
+    return MapSpec("events", "ringbuf", 0, 0, EVENTS_RING_BYTES, 0, ())
+
+
+def _ratelimit(per_second: int) -> MapSpec:
+    value = _RATELIMIT.pack(0, 0, 0, per_second)
+    return MapSpec("ratelimit", "percpu_array", 4, _RATELIMIT.size, 1, 0, ((_U32.pack(0), value),))
 
 
 def _verdict(default: str, rules: Sequence[Any], audit: bool) -> bytes:

@@ -33,9 +33,19 @@ class ProgramSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class RuleLabel:
+    """What a counter slot counts, for people: a rule in short form and where it was written."""
+
+    text: str  # "deny any to 169.254.169.254/32"
+    line: int | None  # 1-based line in the policy file
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     name: str
     revision: str  # first 16 hex chars of a sha256 over the canonical policy content
     mode: str  # "enforce" | "audit"
     targets: tuple[Target, ...]
     programs: tuple[ProgramSpec, ...]
+    # per hook: the rules in canonical order (label i = rule i = counter slot i)
+    rules: tuple[tuple[str, tuple[RuleLabel, ...]], ...] = ()

@@ -18,10 +18,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cgpolicy.compiler.compile import EVENTS_RING_BYTES
 from cgpolicy.compiler.spec import CompiledPolicy
 from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
-from cgpolicy.kernel.bpf import BpfError, CgroupLink, Program
+from cgpolicy.kernel.bpf import BpfError, CgroupLink, Map, MapType, Program
 from cgpolicy.kernel.bpf import hook as hook_named
 from cgpolicy.kernel.cgroup import CgroupError, open_cgroup
 from cgpolicy.kernel.loader import LoadedProgram, LoaderError, load_program
@@ -43,12 +44,15 @@ class _Swap:
 
 @dataclass
 class _Work:
+    events: Map | None = None  # the new programs' shared ring buffer of deny events
     new_programs: dict[str, LoadedProgram] = field(default_factory=dict)
     current_programs: dict[str, Program] = field(default_factory=dict)
     swapped: list[_Swap] = field(default_factory=list)
     created: list[tuple[Step, CgroupLink]] = field(default_factory=list)
 
     def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
         for loaded in self.new_programs.values():
             loaded.close()
         for program in self.current_programs.values():
@@ -90,7 +94,13 @@ def apply_policy(
             raise ApplyError(f"attaching failed, previous state restored: {error}") from error
         _detach_unwanted(plan, bpf_dir, {spec.hook for spec in compiled.programs})
         cgroups = {s.cgroup_id: s.cgroup for s in plan.steps if s.action is not Action.DETACH}
-        meta = pins.PolicyMeta(compiled.name, compiled.revision, compiled.mode, source, cgroups)
+        rules = {
+            hook: [{"text": label.text, "line": label.line} for label in labels]
+            for hook, labels in compiled.rules
+        }
+        meta = pins.PolicyMeta(
+            compiled.name, compiled.revision, compiled.mode, source, cgroups, rules
+        )
         pins.write_meta(bpf_dir, meta)
     finally:
         work.close()
@@ -102,10 +112,17 @@ def _prepare_programs(
     bpf_dir: Path,
     work: _Work,
 ) -> None:
+    if plan.reload and compiled.programs:
+        # One ring buffer per policy load, shared by all of its programs (pinned with them).
+        try:
+            work.events = Map.create(MapType.RINGBUF, 0, 0, EVENTS_RING_BYTES, name="cgp_events")
+        except BpfError as error:
+            raise ApplyError(f"creating the deny event ring buffer failed: {error}") from error
     for spec in compiled.programs:
         if plan.reload:
+            shared = {"events": work.events} if work.events is not None else None
             try:
-                work.new_programs[spec.hook] = load_program(spec)
+                work.new_programs[spec.hook] = load_program(spec, shared_maps=shared)
             except (LoaderError, BpfError) as error:
                 raise ApplyError(f"loading the {spec.hook} program failed: {error}") from error
         else:
@@ -158,6 +175,8 @@ def _roll_back(work: _Work) -> None:
 
 
 def _pin_new_programs(plan: PolicyPlan, bpf_dir: Path, work: _Work) -> None:
+    if work.events is not None:
+        pins.pin_replacing(work.events, pins.policy_dir(bpf_dir, plan.name) / pins.EVENTS_PIN)
     for hook, loaded in work.new_programs.items():
         pins.pin_replacing(loaded.program, pins.hook_dir(bpf_dir, plan.name, hook) / pins.PROG_PIN)
     for step, link in work.created:

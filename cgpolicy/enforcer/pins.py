@@ -4,6 +4,7 @@ The kernel is the source of truth: everything cgpolicy has applied is found unde
 folder, so no state file can go stale.
 
     <bpf_dir>/<policy>/meta                     array map, one entry: the policy's metadata as JSON
+    <bpf_dir>/<policy>/events                   ring buffer of deny events, shared by its programs
     <bpf_dir>/<policy>/<hook>/prog              the policy's program for that hook
     <bpf_dir>/<policy>/<hook>/link-<cgroup id>  a BPF link holding that program on one cgroup
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from cgpolicy.kernel.bpf import BpfError, Map, MapType
 
 META_PIN = "meta"
+EVENTS_PIN = "events"
 PROG_PIN = "prog"
 LINK_PREFIX = "link-"
 _META_KEY = (0).to_bytes(4, "little")
@@ -36,6 +38,8 @@ class PolicyMeta:
     source: str | None = None
     # cgroup id -> path relative to the cgroup2 mount, for the links below this policy
     cgroups: dict[int, str] = field(default_factory=dict)
+    # hook -> its rules in counter-slot order: {"text": "deny tcp to ...", "line": 12}
+    rules: dict[str, list[dict[str, object]]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         data = {
@@ -44,6 +48,7 @@ class PolicyMeta:
             "mode": self.mode,
             "source": self.source,
             "cgroups": {str(k): v for k, v in sorted(self.cgroups.items())},
+            "rules": self.rules,
         }
         return json.dumps(data, sort_keys=True).encode()
 
@@ -51,7 +56,10 @@ class PolicyMeta:
     def decode(cls, raw: bytes) -> PolicyMeta:
         data = json.loads(raw.rstrip(b"\0"))
         cgroups = {int(k): v for k, v in data.get("cgroups", {}).items()}
-        return cls(data["policy"], data["revision"], data["mode"], data.get("source"), cgroups)
+        rules = data.get("rules") or {}
+        return cls(
+            data["policy"], data["revision"], data["mode"], data.get("source"), cgroups, rules
+        )
 
 
 def policy_dir(bpf_dir: Path, name: str) -> Path:

@@ -17,7 +17,7 @@ import os
 import struct
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -116,21 +116,34 @@ def compile_function(source: Path, function: str, cflags: Sequence[str] = ()) ->
 
 
 def load_program(
-    spec: ProgramSpec, source_dir: Path = SOURCE_DIR, cflags: Sequence[str] = ()
+    spec: ProgramSpec,
+    source_dir: Path = SOURCE_DIR,
+    cflags: Sequence[str] = (),
+    shared_maps: Mapping[str, Map] | None = None,
 ) -> LoadedProgram:
     """Load one instance of ``spec``: fresh maps filled from its MapSpecs, then PROG_LOAD with
-    the hook's program type and expected attach type. On failure nothing stays open."""
+    the hook's program type and expected attach type. On failure nothing stays open.
+
+    ``shared_maps`` (by map name) are maps the caller created and keeps, used instead of
+    creating those from the spec: several programs of one policy share one ring buffer
+    this way. They must match their MapSpec's type and sizes; they are not filled from the
+    spec, not part of ``LoadedProgram.maps`` and not closed with the program."""
     compiled = compile_function(source_dir / spec.source, spec.function, cflags)
     _check_maps(spec, compiled)
     target = hook(spec.hook)
+    shared = dict(shared_maps or {})
     maps: dict[str, Map] = {}
     try:
         for map_spec in spec.maps:
+            if map_spec.name in shared:
+                _check_shared(spec, map_spec, shared[map_spec.name])
+                continue
             maps[map_spec.name] = created = _create_map(map_spec)
             created.update_batch(map_spec.entries)
+        by_name = {**maps, **{n: m for n, m in shared.items() if n in compiled.templates}}
         insns = bytearray(compiled.insns)
         for offset, name in compiled.relocations:
-            struct.pack_into("<i", insns, offset + 4, maps[name].fd)
+            struct.pack_into("<i", insns, offset + 4, by_name[name].fd)
         program = Program.load(target.prog_type, bytes(insns), spec.prog_name, target.attach_type)
     except BaseException:
         close_all(maps.values())
@@ -149,6 +162,19 @@ def _create_map(spec: MapSpec) -> Map:
     return Map.create(
         map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, spec.name[:15]
     )
+
+
+def _check_shared(spec: ProgramSpec, map_spec: MapSpec, given: Map) -> None:
+    info = given.info
+    expected = (MAP_TYPES.get(map_spec.map_type), map_spec.key_size, map_spec.value_size)
+    actual = (info.type, info.key_size, info.value_size)
+    if actual != expected or info.max_entries != map_spec.max_entries:
+        raise LoaderError(
+            f"program {spec.prog_name}: shared map {map_spec.name} is (type {info.type}, key "
+            f"{info.key_size} B, value {info.value_size} B, max {info.max_entries}) but the "
+            f"spec says ({map_spec.map_type}, key {map_spec.key_size} B, value "
+            f"{map_spec.value_size} B, max {map_spec.max_entries})"
+        )
 
 
 def _check_maps(spec: ProgramSpec, compiled: CompiledFunction) -> None:

@@ -295,6 +295,8 @@ def _enum(error: ValidationError) -> tuple[str, str | None]:
     choices = [str(choice) for choice in error.validator_value]
     close = difflib.get_close_matches(str(error.instance), choices, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}?" if close else None
+    if hint is None:  # the schema says why the choices are what they are (socket families)
+        hint = error.schema.get("description")
     if isinstance(error.instance, bool):
         hint = "YAML reads yes/no/on/off/true/false as booleans; quote the value"
     return f"{_describe(error.instance)} is not one of: {', '.join(choices)}", hint

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -14,12 +16,44 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class KernelCounters(Collector):
+    """Allowed and denied counts from the programs' own per-CPU counters, read from the kernel
+    at scrape time (not on every pass: that would cost syscalls nobody asked for)."""
+
+    def __init__(self, bpf_dir: Path) -> None:
+        self.bpf_dir = bpf_dir
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from cgpolicy.audit.collect import counter_totals
+
+        labels = ["policy", "hook"]
+        denied = GaugeMetricFamily(
+            "cgpolicy_denied_actions",
+            "Actions denied (in audit mode: that would be) since the program was loaded",
+            labels=labels,
+        )
+        allowed = GaugeMetricFamily(
+            "cgpolicy_allowed_actions",
+            "Actions allowed since the program was loaded",
+            labels=labels,
+        )
+        for (policy, hook), (allowed_count, denied_count) in counter_totals(self.bpf_dir).items():
+            allowed.add_metric([policy, hook], allowed_count)
+            denied.add_metric([policy, hook], denied_count)
+        yield denied
+        yield allowed
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, bpf_dir: Path | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        if bpf_dir is not None:
+            r.register(KernelCounters(bpf_dir))
         self.passes = Counter("cgpolicy_reconcile_passes", "Reconcile passes run", registry=r)
         self.duration = Histogram(
             "cgpolicy_reconcile_duration_seconds",
@@ -41,18 +75,6 @@ class Metrics:
         )
         self.apply_errors = Counter(
             "cgpolicy_apply_errors", "Failed applies, by policy", ["policy"], registry=r
-        )
-        self.denied = Gauge(
-            "cgpolicy_denied_actions",
-            "Actions denied (or, in audit mode, that would be) since the program was loaded",
-            ["policy", "hook"],
-            registry=r,
-        )
-        self.allowed = Gauge(
-            "cgpolicy_allowed_actions",
-            "Actions allowed since the program was loaded",
-            ["policy", "hook"],
-            registry=r,
         )
         self.last_success = Gauge(
             "cgpolicy_last_successful_pass_timestamp_seconds",

@@ -237,3 +237,53 @@ def udp6_server() -> Iterator[_Server]:
     server = _Server("::1", "udp")
     yield server
     server.close()
+
+
+# --- for the enforcement tests (test_enforce_*.py) ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def veth_net(kernel_ready: None) -> Iterator[object]:
+    """Two network namespaces joined by a veth pair, plus a pair from the root namespace
+    into the second, with echo servers there (see netns.py); removed at the end."""
+    from netns import VethNet
+
+    net = VethNet.create()
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+@dataclass(frozen=True)
+class LoopbackPorts:
+    """Five consecutive ports with TCP and UDP echo listeners on every loopback address
+    (dual-stack '::'): 127.0.0.0/8, ::1 and IPv4-mapped addresses all reach them."""
+
+    ports: tuple[int, ...]
+
+
+@pytest.fixture(scope="session")
+def loopback_ports(kernel_ready: None) -> Iterator[LoopbackPorts]:
+    import random
+
+    extra = Path(__file__).with_name("probe_extra.py")
+    for _ in range(20):
+        base = random.randrange(20000, 30000)
+        ports = tuple(range(base, base + 5))
+        server = subprocess.Popen(
+            [sys.executable, str(extra), "echo-servers", "::", *map(str, ports)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout is not None
+        if json.loads(server.stdout.readline() or "{}").get("ready"):
+            break
+        server.wait()
+    else:
+        raise RuntimeError("no 5 free consecutive loopback ports found")
+    try:
+        yield LoopbackPorts(ports)
+    finally:
+        server.kill()
+        server.wait()

@@ -38,6 +38,17 @@ FIGURES = {
     "reapply_unchanged_s",
     "remove_fanout_s",
     "validate_policies_s",
+    "reconcile_new_cgroup_ms",
+    "reconcile_new_cgroup_p99_ms",
+    "reconcile_policy_change_ms",
+    "reconcile_policy_change_p99_ms",
+    "reconcile_detach_restore_ms",
+    "reconcile_noop_pass_ms",
+    "reconcile_noop_pass_max_ms",
+    "reconcile_initial_pass_s",
+    "reconcile_daemon_rss_mib",
+    "reconcile_daemon_hwm_mib",
+    "reconcile_daemon_pass_ms",
     "peak_rss_mib",
 }
 

@@ -235,12 +235,15 @@ def test_sigterm_exits_cleanly_and_leaves_enforcement(daemon, scratch_cgroup, tc
     assert connect_denied(work, "127.0.0.1", tcp_server.port)
 
 
-def test_metrics_endpoint_speaks_prometheus_text_and_health(daemon, scratch_cgroup):
-    write_policy(daemon, scratch_cgroup)
+def test_metrics_endpoint_speaks_prometheus_text_and_health(daemon, scratch_cgroup, tcp_server):
+    write_policy(daemon, scratch_cgroup, denied="127.0.0.1")
+    work = scratch_cgroup.child("work-1")
     daemon.start()
-    assert wait_until(lambda: (daemon.metric("cgpolicy_reconcile_passes_total") or 0) >= 1)
+    assert wait_until(lambda: connect_denied(work, "127.0.0.1", tcp_server.port)), daemon.log()
+    assert connect_denied(work, "127.0.0.1", tcp_server.port)
     text = daemon.metrics() or ""
     assert "# TYPE cgpolicy_reconcile_duration_seconds histogram" in text
     assert 'cgpolicy_policies{state="valid"} 1.0' in text
+    assert daemon.metric('cgpolicy_denied_actions{hook="connect4",policy="svc"}') == 2
     with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/healthz", timeout=2) as response:
         assert response.status == 200

@@ -240,8 +240,16 @@ def test_sockets_programs_and_maps() -> None:
         "sendmsg4",
         "sendmsg6",
     }
-    assert {m.name for m in hooks["connect4"].maps} == {"config", "cidr4", "ports", "counters"}
+    events = {"events", "ratelimit"}  # deny events, in every program
+    assert {m.name for m in hooks["connect4"].maps} == {
+        "config",
+        "cidr4",
+        "ports",
+        "counters",
+        *events,
+    }
     assert {m.name for m in hooks["connect6"].maps} == {
+        *events,
         "config",
         "cidr4",
         "cidr6",
@@ -315,7 +323,14 @@ def test_sysctl_maps() -> None:
     )
     (program,) = compile_policy(policy).programs
     maps = {m.name: m for m in program.maps}
-    assert set(maps) == {"config", "sysctl_next", "sysctl_accept", "counters"}
+    assert set(maps) == {
+        "config",
+        "sysctl_next",
+        "sysctl_accept",
+        "counters",
+        "events",
+        "ratelimit",
+    }
     config = maps["config"].entries[0][1]
     assert len(config) == 304
     rules = ordered_rules(policy.sysctl.rules)  # type: ignore[union-attr]

@@ -1,0 +1,6 @@
+"""`cgpolicy audit`: what is attached at every cgroup hook, whose it is, whether it matches
+what cgpolicy applied, and the per-rule counters of cgpolicy's programs.
+
+model: the report and the pure decisions (owner, attach mode, inheritance, drift).
+collect: reads the kernel and the pins into a report. render: the table for people.
+"""

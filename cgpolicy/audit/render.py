@@ -1,0 +1,73 @@
+"""The audit report as text for people."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cgpolicy.audit.model import Attachment, CgroupReport
+
+_COLUMNS = ("HOOK", "PROG", "NAME", "TAG", "MODE", "OWNER", "POLICY@REVISION", "INHERITED FROM")
+
+
+def _row(a: Attachment) -> tuple[str, ...]:
+    policy = "-"
+    if a.policy:
+        policy = f"{a.policy}@{(a.revision or '?')[:8]}"
+    return (
+        a.hook,
+        str(a.prog_id),
+        a.prog_name or "(unnamed)",
+        a.tag,
+        a.mode,
+        a.owner,
+        policy,
+        a.inherited_from or "-",
+    )
+
+
+def _counter_lines(a: Attachment) -> list[str]:
+    c: dict[str, Any] | None = a.counters
+    if not c:
+        return []
+    verb = "would deny" if c.get("mode") == "audit" else "denied"
+    lines = []
+    for rule in c["rules"]:
+        text = rule["text"] or "?"
+        where = f" (line {rule['line']})" if rule.get("line") else ""
+        lines.append(
+            f"rule {rule['rule']} {text}{where}: {rule['allowed']} allowed, {rule['denied']} {verb}"
+        )
+    d = c["default"]
+    lines.append(f"default: {d['allowed']} allowed, {d['denied']} {verb}")
+    if c.get("events_dropped"):
+        lines.append(f"deny events dropped by the rate limit: {c['events_dropped']}")
+    return [f"    {a.policy} {a.hook} {line}" for line in lines]
+
+
+def render_cgroup(report: CgroupReport) -> list[str]:
+    title = f"{report.path} (id {report.id})"
+    if not report.exists:
+        title += " [gone]"
+    lines = [title]
+    rows = [_COLUMNS, *(_row(a) for a in report.attachments)]
+    if report.attachments:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+        for index, row in enumerate(rows):
+            lines.append(
+                "  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+            )
+            if index and row[-1] == "-":  # counters once, where the program is attached
+                lines += _counter_lines(report.attachments[index - 1])
+    for drift in report.drift:
+        detail = f": {drift.detail}" if drift.detail else ""
+        lines.append(f"  DRIFT {drift.problem} {drift.policy} {drift.hook}{detail}")
+    return lines
+
+
+def render(cgroups: list[CgroupReport]) -> str:
+    if not cgroups:
+        return "no programs attached"
+    blocks = ["\n".join(render_cgroup(report)) for report in cgroups]
+    drifted = sum(1 for r in cgroups if r.drift)
+    summary = f"{drifted} cgroups drifted" if drifted else "in sync"
+    return "\n\n".join(blocks) + f"\n\n{summary}"

@@ -1,0 +1,232 @@
+"""Deny events on the real kernel: one event per denied connect, device open and sysctl
+write with the right fields; would-deny events in audit mode while the actions succeed; the
+per-CPU rate limit under a flood, with the dropped count reported. Plus the cost of the deny
+path with event emission (BPF_PROG_TEST_RUN), printed with -s."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from test_audit import cgpolicy, write_policy  # tests/kernel is on sys.path (rootdir conftest)
+from test_programs_testrun import ipv4, tcp
+
+from cgpolicy.compiler.compile import EVENTS_PER_SECOND, compile_policy
+from cgpolicy.events.decode import decode
+from cgpolicy.events.ringbuf import RingBuffer
+from cgpolicy.kernel.loader import load_program
+from cgpolicy.policy.model import Network, NetworkRule, NetworkSection, Policy, Target
+
+SYSCTL = "net/ipv4/ip_forward"
+
+
+def events(bpf_dir: Path) -> list[dict[str, Any]]:
+    done = cgpolicy(bpf_dir, "events", "--json")
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def body(port: int) -> str:
+    return f"""\
+  sockets:
+    connect:
+      default: allow
+      rules:
+        - {{action: deny, protocol: tcp, cidrs: ["127.0.0.1/32"], ports: [{port}]}}
+  devices:
+    default: allow
+    rules:
+      - {{action: deny, type: char, major: 1, minor: 7, access: w}}
+  sysctl:
+    default: allow
+    rules:
+      - {{action: deny, name: "net.ipv4.ip_forward", access: write}}
+"""
+
+
+def sysctl_write(cgroup) -> tuple[bool, int]:
+    """One write() of the sysctl's current value (so audit mode changes nothing)."""
+    value = Path(f"/proc/sys/{SYSCTL}").read_text().strip()
+    script = (
+        "import os, sys\n"
+        f"fd = os.open('/proc/sys/{SYSCTL}', os.O_WRONLY)\n"
+        "try:\n"
+        f"    os.write(fd, b'{value}')\n"
+        "except PermissionError:\n"
+        "    sys.exit(1)\n"
+    )
+    done = cgroup.run([sys.executable, "-c", script])
+    return done.returncode == 0, os.getpid()
+
+
+def _run(mode: str, scratch_cgroup, bpf_dir, tmp_path, tcp_server) -> list[dict[str, Any]]:
+    policy = write_policy(
+        tmp_path, f"ev-{mode}", scratch_cgroup.relative, body(tcp_server.port), mode
+    )
+    done = cgpolicy(bpf_dir, "apply", str(policy))
+    assert done.returncode == 0, done.stderr
+    expect_ok = mode == "audit"
+    assert scratch_cgroup.probe("connect", "tcp", "127.0.0.1", tcp_server.port).ok == expect_ok
+    assert scratch_cgroup.probe("open", "/dev/full", "w").ok == expect_ok
+    assert sysctl_write(scratch_cgroup)[0] == expect_ok
+    # Allowed actions make no events.
+    assert scratch_cgroup.probe("open", "/dev/null", "rw").ok
+    return events(bpf_dir)
+
+
+def _check(found: list[dict[str, Any]], scratch_cgroup, action: str, policy: str) -> None:
+    assert [e["hook"] for e in found] == ["connect4", "device", "sysctl"], found
+    cgroup_id = os.stat(scratch_cgroup.path).st_ino
+    for e in found:
+        assert e["type"] == "event" and e["action"] == action and e["policy"] == policy
+        assert e["cgroup_id"] == cgroup_id and e["cgroup"] == scratch_cgroup.relative
+        assert e["rule"] == 0 and e["rule_text"]
+        assert e["pid"] > 0 and e["comm"].startswith("python")
+        assert abs(e["time_ns"] / 1e9 - time.time()) < 60
+    connect, device, sysctl = found
+    assert (connect["family"], connect["protocol"], connect["address"]) == (
+        "inet",
+        "tcp",
+        "127.0.0.1",
+    )
+    assert connect["socket_type"] == "stream" and connect["port"] > 0
+    assert (device["device_type"], device["major"], device["minor"], device["access"]) == (
+        "char",
+        1,
+        7,
+        "w",
+    )
+    assert (sysctl["name"], sysctl["access"], sysctl["truncated"]) == (SYSCTL, "write", False)
+
+
+def test_denials_make_one_event_each(scratch_cgroup, bpf_dir, tmp_path, tcp_server) -> None:
+    found = _run("enforce", scratch_cgroup, bpf_dir, tmp_path, tcp_server)
+    _check(found, scratch_cgroup, "deny", "ev-enforce")
+    assert events(bpf_dir) == []  # reading consumed them
+    line = cgpolicy(bpf_dir, "events")
+    assert line.returncode == 0 and line.stdout == ""
+
+
+def test_audit_mode_makes_would_deny_events(scratch_cgroup, bpf_dir, tmp_path, tcp_server) -> None:
+    found = _run("audit", scratch_cgroup, bpf_dir, tmp_path, tcp_server)
+    _check(found, scratch_cgroup, "would-deny", "ev-audit")
+
+
+def test_readable_line(scratch_cgroup, bpf_dir, tmp_path, tcp_server) -> None:
+    policy = write_policy(tmp_path, "lines", scratch_cgroup.relative, body(tcp_server.port))
+    assert cgpolicy(bpf_dir, "apply", str(policy)).returncode == 0
+    assert not scratch_cgroup.probe("connect", "tcp", "127.0.0.1", tcp_server.port).ok
+    done = cgpolicy(bpf_dir, "events")
+    (line,) = done.stdout.splitlines()
+    assert f" DENY lines {scratch_cgroup.relative} connect tcp 127.0.0.1:{tcp_server.port} " in line
+    assert "[rule 0 (deny tcp to 127.0.0.1/32 port" in line and "pid " in line
+
+
+FLOOD = 3000
+FLOOD_SCRIPT = f"""
+import os, socket
+os.sched_setaffinity(0, {{0}})  # one CPU: one rate-limit window
+for _ in range({FLOOD}):
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+    except PermissionError:
+        pass
+"""
+
+
+def test_flood_is_rate_limited_and_drops_counted(scratch_cgroup, bpf_dir, tmp_path) -> None:
+    denied = (
+        "  sockets:\n"
+        "    create: {default: allow, rules: [{action: deny, family: inet, type: dgram}]}\n"
+    )
+    policy = write_policy(tmp_path, "flood", scratch_cgroup.relative, denied)
+    assert cgpolicy(bpf_dir, "apply", str(policy)).returncode == 0
+    started = time.monotonic()
+    done = scratch_cgroup.run([sys.executable, "-c", FLOOD_SCRIPT])
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    lines = events(bpf_dir)
+    emitted = [e for e in lines if e["type"] == "event"]
+    dropped = [e for e in lines if e["type"] == "dropped"]
+    assert dropped == [
+        {"type": "dropped", "policy": "flood", "hook": "sock_create", "count": FLOOD - len(emitted)}
+    ]
+    # One CPU, one or (if the flood straddled a window edge) a few one-second windows.
+    windows = int(elapsed) + 2
+    assert EVENTS_PER_SECOND <= len(emitted) <= EVENTS_PER_SECOND * windows
+    assert {(e["hook"], e["family"], e["socket_type"]) for e in emitted} == {
+        ("sock_create", "inet", "dgram")
+    }
+    audit = json.loads(
+        cgpolicy(bpf_dir, "audit", "--json", "--cgroup", scratch_cgroup.relative).stdout
+    )
+    (create,) = [
+        a for c in audit["cgroups"] for a in c["attachments"] if a["hook"] == "sock_create"
+    ]
+    assert create["counters"]["rules"][0]["denied"] == FLOOD
+    assert create["counters"]["events_dropped"] == FLOOD - len(emitted)
+
+
+# --- cost ------------------------------------------------------------------------------------
+
+_RATELIMIT = struct.Struct("<QQII")
+
+
+def test_cost_of_the_deny_path(kernel_ready) -> None:
+    """Per-packet cost of the egress program: allow path, deny path emitting an event, and
+    deny path over the rate limit; and how fast the reader decodes events."""
+    policy = Policy(
+        name="cost",
+        mode="enforce",
+        targets=(Target("x", False),),
+        network=Network(
+            egress=NetworkSection(
+                default="allow", rules=(NetworkRule("deny", cidrs=(_net("10.0.0.0/8"),)),)
+            )
+        ),
+    )
+    (spec,) = compile_policy(policy).programs
+    allow_pkt = ipv4("192.0.2.1", "192.0.2.2", 6, tcp(443))
+    deny_pkt = ipv4("192.0.2.1", "10.1.2.3", 6, tcp(443))
+    with load_program(spec) as loaded:
+        ring = RingBuffer(loaded.maps.pop("events"))
+        try:
+            allow = loaded.program.test_run(allow_pkt, repeat=200_000)
+            assert allow.retval == 1
+            # Over the limit: the events are dropped and counted.
+            loaded.maps["ratelimit"].update(bytes(4), _RATELIMIT.pack(0, 0, 0, 0))
+            limited = loaded.program.test_run(deny_pkt, repeat=200_000)
+            assert limited.retval == 0
+            # Every deny emits an event: as many runs as the ring buffer holds, drained each time.
+            loaded.maps["ratelimit"].update(bytes(4), _RATELIMIT.pack(0, 0, 0, 1 << 31))
+            durations, decoded, decode_time = [], 0, 0.0
+            for _ in range(20):
+                run = loaded.program.test_run(deny_pkt, repeat=1000)
+                durations.append(run.duration_ns)
+                t0 = time.perf_counter()
+                for raw in ring.drain():
+                    decode(raw)
+                    decoded += 1
+                decode_time += time.perf_counter() - t0
+            emitting = sorted(durations)[len(durations) // 2]
+        finally:
+            ring.close()
+    assert decoded == 20 * 1000
+    rate = decoded / decode_time
+    print(
+        f"\negress program per packet: allow {allow.duration_ns} ns, "
+        f"deny+event {emitting} ns, deny over rate limit {limited.duration_ns} ns; "
+        f"reader decodes {rate:,.0f} events/s"
+    )
+    assert emitting < 5_000 and limited.duration_ns < 5_000
+
+
+def _net(text: str):
+    import ipaddress
+
+    return ipaddress.ip_network(text)
