@@ -472,8 +472,8 @@ def explain(
     """
     from cgpolicy.explain import (
         ACTION_WORDS,
-        Explanation,
         ExplainError,
+        Explanation,
         explain_cgroup,
         explain_policies,
         parse_action,

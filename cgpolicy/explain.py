@@ -64,6 +64,13 @@ class ParsedAction:
     action: reference.Action
     text: str  # canonical rendering, e.g. "egress tcp 10.1.2.3:443"
     notes: list[str] = field(default_factory=list)
+    # What each hook the action runs sees (reference.socket_address_views); all must allow.
+    views: list[reference.Action] = field(default_factory=list)
+
+    def evaluate(self, policy: Policy) -> Verdict:
+        """The policy's verdict: the first view it denies, else the first view's."""
+        verdicts = [reference.evaluate(policy, view) for view in self.views or [self.action]]
+        return next((v for v in verdicts if not v.allowed), verdicts[0])
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -114,9 +121,12 @@ def parse_endpoint(text: str, port_required: bool) -> tuple[reference.IPAddress,
 
 
 def _endpoint_text(address: reference.IPAddress, port: int | None) -> str:
+    text = str(address)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        text = f"::ffff:{address.ipv4_mapped}"
     if port is None:
-        return str(address)
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+        return text
+    return f"[{text}]:{port}" if address.version == 6 else f"{text}:{port}"
 
 
 def _interface(text: str) -> str:
@@ -208,9 +218,18 @@ def _socket_address(operation: str, args: list[str]) -> ParsedAction:
             "unknown for it (deny rules match, allow rules need neither)"
         )
     action = SocketAddress(operation, address, port, protocol)  # type: ignore[arg-type]
-    return ParsedAction(
-        action, f"{operation} {_protocol_text(protocol)} {_endpoint_text(address, port)}", notes
+    views: list[reference.Action] = list(
+        reference.socket_address_views(operation, address, port, protocol)  # type: ignore[arg-type]
     )
+    if views != [action]:
+        ipv4 = views[-1].address  # type: ignore[union-attr]
+        notes.append(
+            f"UDP to an IPv4-mapped address from an AF_INET6 socket: the kernel checks "
+            f"{'each send' if operation == 'connect' else 'it'} as sendmsg to {ipv4} (IPv4), "
+            "so rules in the ::ffff: form do not meet it"
+        )
+    text = f"{operation} {_protocol_text(protocol)} {_endpoint_text(address, port)}"
+    return ParsedAction(action, text, notes, views)
 
 
 def _socket_create(args: list[str]) -> ParsedAction:
@@ -323,6 +342,22 @@ class Explanation:
     foreign: list[dict[str, Any]] = field(default_factory=list)  # --cgroup: other owners' programs
     cgroup: str | None = None
 
+    def all_notes(self) -> list[str]:
+        notes = self.action.notes + self.notes
+        packet = self.action.action
+        if isinstance(packet, Packet) and packet.interface is None:
+            sections = [
+                getattr(p.policy.network, packet.direction)
+                for p in self.policies
+                if p.policy is not None and p.policy.network is not None
+            ]
+            if any(rule.interfaces for s in sections if s for rule in s.rules):
+                notes.append(
+                    "no --interface given: rules naming interfaces were evaluated as for a "
+                    "packet with no device (deny rules match, allow rules do not)"
+                )
+        return notes
+
     @property
     def verdict(self) -> str:
         """deny if any policy lets the action not through; unknown if some could not be
@@ -339,7 +374,7 @@ def explain_policies(
     policies: Sequence[tuple[Policy, str | None]], action: ParsedAction
 ) -> list[PolicyExplanation]:
     return [
-        PolicyExplanation(policy.name, file, policy, reference.evaluate(policy, action.action))
+        PolicyExplanation(policy.name, file, policy, action.evaluate(policy))
         for policy, file in policies
     ]
 
@@ -423,7 +458,7 @@ def to_json(explanation: Explanation) -> dict[str, Any]:
         "action": parsed.text,
         "verdict": explanation.verdict,
         "policies": policies,
-        "notes": parsed.notes + explanation.notes,
+        "notes": explanation.all_notes(),
     }
     if explanation.cgroup is not None:
         report["cgroup"] = explanation.cgroup
@@ -473,7 +508,7 @@ def render(explanation: Explanation) -> str:
             f"{program['hook']} is not cgpolicy's: it must allow too, and explain cannot "
             "tell what it decides"
         )
-    for note in explanation.action.notes + explanation.notes:
+    for note in explanation.all_notes():
         out.append(f"note: {note}")
     out.append(f"verdict: {explanation.verdict}")
     return "\n".join(out)
@@ -498,13 +533,11 @@ def hooks_for(action: reference.Action) -> list[str]:
 def cgroup_chain(cgroup_root: Path, given: str) -> tuple[str, list[Path]]:
     """The cgroup relative to the mount, and its path with every ancestor (itself first)."""
     path = Path(given)
-    if path.is_absolute():
-        try:
-            relative = path.resolve().relative_to(cgroup_root.resolve())
-        except ValueError:
-            raise ExplainError(f"{given} is not under the cgroup2 mount {cgroup_root}") from None
+    if path.is_absolute() and path.resolve().is_relative_to(cgroup_root.resolve()):
+        relative = path.resolve().relative_to(cgroup_root.resolve())
     else:
-        relative = Path(os.path.normpath(given))
+        # Relative to the mount, or absolute as /proc/PID/cgroup writes it (0::/a/b).
+        relative = Path(os.path.normpath(given.lstrip("/") or "."))
         if relative.parts[:1] == ("..",):
             raise ExplainError(f"{given} leaves the cgroup2 hierarchy")
     full = cgroup_root / relative
@@ -558,7 +591,7 @@ def explain_cgroup(
             )
             continue
         item.policy = found[0]
-        item.verdict = reference.evaluate(found[0], action.action)
+        item.verdict = action.evaluate(found[0])
         changed = _changed_since_applied(found[0], meta.revision)
         if changed:
             explanation.notes.append(

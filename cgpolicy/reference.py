@@ -157,6 +157,31 @@ class SysctlAccess:
 Action = Packet | SocketCreate | SocketAddress | DeviceAccess | SysctlAccess
 
 
+def socket_address_views(
+    operation: Literal["bind", "connect", "sendmsg"],
+    address: IPAddress,
+    port: int,
+    protocol: int,
+) -> list[SocketAddress]:
+    """What the sock_addr hooks see of one system call on a socket of the address's family
+    (an IPv4-mapped address means a dual-stack AF_INET6 socket). All must allow.
+
+    The kernel hands UDP traffic of an AF_INET6 socket to an IPv4-mapped peer to the IPv4
+    UDP code with the plain IPv4 address: an unconnected ``sendto(::ffff:a.b.c.d)`` runs
+    only the sendmsg4 program, with a.b.c.d; a UDP ``connect(::ffff:a.b.c.d)`` runs the
+    connect6 program with the mapped address, and then *every* send on that socket runs the
+    sendmsg4 program with a.b.c.d. Rules written in the mapped form (``::ffff:a.b.c.d/128``)
+    therefore do not meet UDP sends; the IPv4 form does. TCP and bind see the address as
+    given."""
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    if mapped is None or protocol != UDP or operation == "bind":
+        return [SocketAddress(operation, address, port, protocol)]
+    sends = SocketAddress("sendmsg", mapped, port, protocol)
+    if operation == "sendmsg":
+        return [sends]
+    return [SocketAddress(operation, address, port, protocol), sends]
+
+
 # --- verdicts ---------------------------------------------------------------------------------
 
 Decider = Literal["rule", "default", "no-section", "not-checked"]
