@@ -358,10 +358,13 @@ def audit(
         typer.Option("--all", help="Also list cgroups that only inherit programs."),
     ] = False,
 ) -> None:
-    """Every program at every cgroup hook, ours and foreign, with owner, mode, policy and
-    revision, what each cgroup inherits, counters, and drift from what cgpolicy applied.
+    """Show every program at every cgroup hook, ours and foreign, and drift.
 
-    Exit 0 when in sync, 3 when drift was found, 1 on failure.
+    Per cgroup: hook, program id, name, tag, attach mode, owner, policy and revision,
+    what the cgroup inherits from its ancestors, per-rule counters, and drift from what
+    cgpolicy applied (missing, stale, unexpected, orphaned).
+
+    Exit when in sync, 3 when drift was found, 1 on failure.
     """
     from cgpolicy.audit.collect import audit as run_audit
     from cgpolicy.audit.render import render
@@ -501,4 +504,23 @@ def explain(
 
 
 def main() -> None:
-    app()
+    """Run the CLI; a failure the kernel or the filesystem reports is one line, not a
+    traceback (`--log-level debug` shows the traceback too)."""
+    try:
+        app()
+    except Exception as error:
+        if not isinstance(error, _runtime_errors()):
+            raise
+        logging.getLogger("cgpolicy").debug("failed", exc_info=True)
+        typer.echo(f"cgpolicy: {error}", err=True)
+        raise SystemExit(EXIT_FAILURE) from None
+
+
+def _runtime_errors() -> tuple[type[Exception], ...]:
+    """What the kernel layer reports; imported only once something failed."""
+    from cgpolicy.compiler.compile import CompileError
+    from cgpolicy.enforcer.apply import ApplyError
+    from cgpolicy.kernel.bpf import BpfError
+    from cgpolicy.kernel.loader import LoaderError
+
+    return (OSError, BpfError, LoaderError, ApplyError, CompileError)

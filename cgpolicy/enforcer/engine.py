@@ -20,6 +20,7 @@ from cgpolicy.enforcer.plan import PolicyPlan, plan_policy, plan_removal
 from cgpolicy.enforcer.targets import resolve_targets
 from cgpolicy.kernel.cgroup import ensure_bpffs
 from cgpolicy.kernel.interfaces import resolve_interfaces
+from cgpolicy.mounts import read_mounts
 from cgpolicy.policy.model import Policy
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ class Enforcer:
     def apply(self, planned: list[Planned]) -> list[Outcome]:
         """Execute plans one policy at a time; a failure leaves that policy's old state."""
         ensure_bpffs(self.bpf_dir.parent)
+        bpf_mounts = [m.mount_point for m in read_mounts() if m.fs_type == "bpf"]
+        if not any(mp == self.bpf_dir or mp in self.bpf_dir.parents for mp in bpf_mounts):
+            raise ApplyError(f"{self.bpf_dir} is not on a bpf filesystem; pins cannot live there")
         self.bpf_dir.mkdir(parents=True, exist_ok=True)
         outcomes = []
         for item in planned:

@@ -9,6 +9,7 @@ and go.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,7 @@ def ensure_bpffs(path: Path = DEFAULT_BPFFS) -> Path:
     if _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
         err = ctypes.get_errno()
         raise CgroupError(err, f"mount -t bpf bpf {path}: {os.strerror(err)}")
+    logging.getLogger(__name__).warning("bpffs was not mounted: mounted it at %s", path)
     return path
 
 

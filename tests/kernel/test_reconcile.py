@@ -247,3 +247,28 @@ def test_metrics_endpoint_speaks_prometheus_text_and_health(daemon, scratch_cgro
     assert daemon.metric('cgpolicy_denied_actions{hook="connect4",policy="svc"}') == 2
     with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/healthz", timeout=2) as response:
         assert response.status == 200
+
+
+def test_missing_bpffs_is_mounted_and_said_so(tmp_path, scratch_cgroup):
+    """In a private mount namespace without bpffs, a pass mounts it, says so, and enforces.
+    (The namespace, and with it everything pinned there, ends with the command.)"""
+    policy_dir = tmp_path / "policies.d"
+    policy_dir.mkdir()
+    glob = f"{scratch_cgroup.relative}/work-*"
+    (policy_dir / "svc.yaml").write_text(POLICY.format(name="svc", glob=glob, denied="127.0.0.2"))
+    work = scratch_cgroup.child("work-1")
+    script = (
+        "umount /sys/fs/bpf && ! grep -q ' /sys/fs/bpf bpf ' /proc/mounts"
+        f" && {CGPOLICY} --log-level info reconcile --policy-dir {policy_dir} --once"
+        f" && grep -q ' /sys/fs/bpf bpf ' /proc/mounts"
+        f" && bpftool cgroup show {work.path}"
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "bpffs was not mounted: mounted it at /sys/fs/bpf" in done.stderr
+    assert "cgp_connect4" in done.stdout
