@@ -272,3 +272,55 @@ def test_missing_bpffs_is_mounted_and_said_so(tmp_path, scratch_cgroup):
     assert done.returncode == 0, done.stderr
     assert "bpffs was not mounted: mounted it at /sys/fs/bpf" in done.stderr
     assert "cgp_connect4" in done.stdout
+
+
+IFACE_POLICY = """\
+apiVersion: cgpolicy.dev/v1
+kind: CgroupPolicy
+metadata: {{name: ifaces}}
+spec:
+  targets: [{{glob: "{glob}"}}]
+  network:
+    egress:
+      default: allow
+      rules: [{{action: deny, interfaces: ["{pattern}"]}}]
+"""
+
+
+def egress_ifaces(bpf_dir: Path) -> set[int]:
+    from test_enforce_network import ifaces_in_map
+
+    pin = bpf_dir / "ifaces" / "egress" / "prog"
+    return ifaces_in_map(pin) if pin.exists() else set()
+
+
+def test_interfaces_created_renamed_and_recreated_are_followed(daemon, scratch_cgroup):
+    """A rule naming an interface glob follows the interfaces netlink reports: veth pairs
+    (no addresses, no traffic; the kernel here has no dummy driver) made and removed by this
+    test only. Each pair's peer is named outside the glob."""
+    from pyroute2 import IPRoute
+
+    tag = f"cgpd{os.getpid() % 100000}"
+    path = daemon.policy_dir / "ifaces.yaml"
+    glob = f"{scratch_cgroup.relative}/work-*"
+    path.write_text(IFACE_POLICY.format(glob=glob, pattern=f"{tag}*"))
+    scratch_cgroup.child("work-1")
+    names = [f"{tag}a", f"{tag}b", f"x{tag}", f"pa{tag}", f"pb{tag}"]
+    with IPRoute() as ipr:
+        try:
+            daemon.start()
+            assert wait_until(lambda: (daemon.bpf_dir / "ifaces/egress/prog").exists())
+            assert egress_ifaces(daemon.bpf_dir) == set()
+            ipr.link("add", ifname=names[0], kind="veth", peer=names[3])
+            first = ipr.link_lookup(ifname=names[0])[0]
+            assert wait_until(lambda: egress_ifaces(daemon.bpf_dir) == {first}), daemon.log()
+            ipr.link("set", index=first, ifname=names[2])  # renamed out of the glob
+            assert wait_until(lambda: egress_ifaces(daemon.bpf_dir) == set()), daemon.log()
+            ipr.link("del", index=first)
+            ipr.link("add", ifname=names[1], kind="veth", peer=names[4])
+            second = ipr.link_lookup(ifname=names[1])[0]
+            assert wait_until(lambda: egress_ifaces(daemon.bpf_dir) == {second}), daemon.log()
+        finally:
+            for name in names:
+                for index in ipr.link_lookup(ifname=name):
+                    ipr.link("del", index=index)
