@@ -12,6 +12,12 @@ The datagrams are UDP to port 443, which the TCP-only allow rules never match, s
 one is dropped at egress (nothing leaves the host) after the full lookup path has run:
 CIDR trie, port trie, interface map, decision, counter and the rate-limited deny event.
 "match"/"miss" still say whether the CIDR trie lookup finds the address.
+
+The deny path (issue 4: the targets hold with counters and events on): the IPv4 miss
+packet, which the policy drops, once with every run emitting a deny event (the rate limit
+raised, the ring buffer drained between batches) and once over the rate limit (limit 0:
+every run is counted and refused an event, what a flood costs). The allow path is the
+"match" figure.
 """
 
 from __future__ import annotations
@@ -29,12 +35,16 @@ from pathlib import Path
 from bench import packets, policies
 from bench.figures import Figure, Report
 from bench.scratch import Scratch
+from cgpolicy.compiler.compile import EVENTS_PER_SECOND
 from cgpolicy.enforcer import pins
-from cgpolicy.kernel.bpf import Program, enable_run_time_stats, hook
+from cgpolicy.events.ringbuf import RingBuffer
+from cgpolicy.kernel.bpf import Map, Program, enable_run_time_stats, hook
 
 NS_TARGET = 100.0
 RATIO_TARGET = 2.0
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+_RATELIMIT = struct.Struct("<QQII")  # struct cgp_ratelimit (bpf/common.h)
+EVENT_BATCH = 500  # runs per test_run while every run emits an event: well within the ring
 
 # BPF_ALU64 | BPF_MOV | BPF_K r0 = 1; BPF_JMP | BPF_EXIT
 _RETURN_1 = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0, 0, 0)
@@ -214,12 +224,72 @@ def run(report: Report, quick: bool) -> None:
                         ("<=", RATIO_TARGET),
                     )
                 )
+            _deny_path(report, scratch, programs, repeat, rounds)
         finally:
             nop.close()
 
         _real_traffic(report, scratch, programs, datagrams)
         for program in programs.values():
             program.close()
+
+
+def _program_map(program: Program, name: str) -> Map:
+    for map_id in program.info().map_ids:
+        candidate = Map.from_id(map_id)
+        if candidate.name == name:
+            return candidate
+        candidate.close()
+    raise RuntimeError(f"the program has no map {name!r}")
+
+
+def _deny_path(
+    report: Report, scratch: Scratch, programs: dict[str, Program], repeat: int, rounds: int
+) -> None:
+    """verdict_ns.ipv4.deny_event.* and .deny_over_limit.*: the IPv4 miss (dropped) packet
+    with every run emitting an event, and with the rate limit exhausted."""
+    case = next(c for c in CASES if c.family == "ipv4" and c.verdict == 0)
+    policy = {"one_cidr": "verdict-one", "many_cidrs": "verdict-many"}
+    samples: dict[str, list[int]] = {}
+    zero = bytes(4)
+    for size, program in programs.items():
+        ratelimit = _program_map(program, "ratelimit")
+        events = Map.from_pin(pins.policy_dir(scratch.bpf_dir, policy[size]) / pins.EVENTS_PIN)
+        ring = RingBuffer(events)
+        try:
+            list(ring.drain())
+            ratelimit.update(zero, _RATELIMIT.pack(0, 0, 0, 0))
+            limited = samples.setdefault(f"ipv4.deny_over_limit.{size}", [])
+            for _ in range(rounds):
+                limited.append(_test_run(program, case.packet, repeat, 0))
+            ratelimit.update(zero, _RATELIMIT.pack(0, 0, 0, 1 << 31))
+            emitting = samples.setdefault(f"ipv4.deny_event.{size}", [])
+            for _ in range(max(10, rounds * 8)):
+                emitting.append(_test_run(program, case.packet, EVENT_BATCH, 0))
+                emitted = sum(1 for _ in ring.drain())
+                if emitted != EVENT_BATCH:
+                    raise RuntimeError(f"{emitted} events for {EVENT_BATCH} denied runs")
+        finally:
+            ratelimit.update(zero, _RATELIMIT.pack(0, 0, 0, EVENTS_PER_SECOND))
+            ratelimit.close()
+            ring.close()
+            events.close()
+    report.details["verdict_deny_path_samples_ns"] = samples
+    for key, values in samples.items():
+        _, path, size = key.split(".")
+        many = size == "many_cidrs"
+        if path == "deny_event":
+            what = (
+                f"egress verdict, ipv4 TCP dropped, {size.replace('_', ' ')}: every run "
+                f"emits a deny event (ring drained every {EVENT_BATCH} runs; test_run, raw)"
+            )
+            target = None
+        else:
+            what = (
+                f"egress verdict, ipv4 TCP dropped, {size.replace('_', ' ')}: over the "
+                "rate limit, counted and refused an event, as in a flood (test_run, raw)"
+            )
+            target = ("<", NS_TARGET) if many else None
+        report.add(Figure(f"verdict_ns.{key}", statistics.median(values), "ns", what, target))
 
 
 def _real_traffic(

@@ -160,7 +160,9 @@ struct cgp_ratelimit {
 	__u32 limit;        /* events per second per CPU (set by the compiler) */
 };
 
-/* May one more event go out on this CPU now? Counts the refusal in `dropped`. */
+/* May one more event go out on this CPU now? Counts the refusal in `dropped`. On a flood
+ * every denial passes here, so callers pass the cheap bpf_ktime_get_coarse_ns() (a tick's
+ * resolution is plenty for a one-second window) where the hook offers it. */
 static __always_inline int cgp_ratelimit_take(struct cgp_ratelimit *rl, __u64 now)
 {
 	if (now - rl->window_start >= CGP_NSEC_PER_SEC) {
@@ -175,11 +177,12 @@ static __always_inline int cgp_ratelimit_take(struct cgp_ratelimit *rl, __u64 no
 	return 1;
 }
 
+/* The event's time is the precise clock, read only for an event that goes out. */
 static __always_inline void cgp_event_init(struct cgp_event *e, const struct cgp_verdict *v,
-					   __u32 slot, __u32 hook, __u64 now)
+					   __u32 slot, __u32 hook)
 {
 	__builtin_memset(e, 0, sizeof(*e));
-	e->time_ns = now;
+	e->time_ns = bpf_ktime_get_ns();
 	e->hook = hook;
 	e->rule = slot;
 	e->flags = v->audit ? CGP_EV_AUDIT : 0;

@@ -116,15 +116,13 @@ static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verd
 	__u32 zero = 0;
 	struct cgp_ratelimit *rl;
 	struct cgp_event *e;
-	__u64 now;
 
 	if (d->allowed)
 		return NULL;
 	rl = ratelimit.lookup(&zero);
 	if (!rl)
 		return NULL;
-	now = bpf_ktime_get_ns();
-	if (!cgp_ratelimit_take(rl, now))
+	if (!cgp_ratelimit_take(rl, bpf_ktime_get_coarse_ns()))
 		return NULL;
 	e = events.ringbuf_reserve(sizeof(struct cgp_event));
 	if (!e) {
@@ -132,7 +130,7 @@ static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verd
 		rl->dropped++;
 		return NULL;
 	}
-	cgp_event_init(e, v, d->slot, hook, now);
+	cgp_event_init(e, v, d->slot, hook);
 	return e;
 }
 
@@ -233,6 +231,37 @@ struct cgp_l4 {
 	__u32 offset;
 };
 
+/* Copy `len` bytes at `offset` of the packet (from the network header) to `to`; 0 on
+ * success. Directly from the linear area when they lie in it (no helper call, the common
+ * case), else with bpf_skb_load_bytes, which also reads the paged part. */
+static __always_inline int cgp_load(struct __sk_buff *skb, __u32 offset, void *to, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+
+	/* The bound keeps the verifier's packet offset in range; callers pass constants far
+	 * below it. */
+	if (offset < 0x4000 && data + offset + len <= data_end) {
+		__builtin_memcpy(to, data + offset, len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, offset, to, len);
+}
+
+/* cgp_load() at `add` bytes into the L4 header at `offset`. The header usually follows a
+ * bare IPv4 (20 bytes) or IPv6 (40 bytes) header: those constant offsets read directly.
+ * Any other offset takes the helper: a direct read at a variable offset costs the verifier
+ * four times the work for this program (it stops pruning the paths after it). */
+static __always_inline int cgp_load_l4(struct __sk_buff *skb, __u32 offset, __u32 add, void *to,
+				       __u32 len)
+{
+	if (offset == sizeof(struct cgp_ipv4))
+		return cgp_load(skb, sizeof(struct cgp_ipv4) + add, to, len);
+	if (offset == sizeof(struct cgp_ipv6))
+		return cgp_load(skb, sizeof(struct cgp_ipv6) + add, to, len);
+	return bpf_skb_load_bytes(skb, offset + add, to, len);
+}
+
 static __always_inline int cgp_is_ipv6_ext(__u32 nexthdr)
 {
 	return nexthdr == CGP_IPPROTO_HOPOPTS || nexthdr == CGP_IPPROTO_ROUTING ||
@@ -251,7 +280,8 @@ static __always_inline void cgp_ipv6_l4(struct __sk_buff *skb, __u8 nexthdr, str
 	for (i = 0; i < CGP_IPV6_EXT_MAX; i++) {
 		if (!cgp_is_ipv6_ext(nh))
 			break;
-		/* Every extension header is at least 8 bytes long. */
+		/* Every extension header is at least 8 bytes long. The helper, not cgp_load():
+		 * a direct read at this variable offset costs the verifier far more paths. */
 		if (bpf_skb_load_bytes(skb, offset, ext, sizeof(ext)))
 			return; /* truncated: protocol unknown */
 		if (nh == CGP_IPPROTO_FRAGMENT) {
@@ -341,7 +371,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 	if (skb->protocol == bpf_htons(CGP_ETH_P_IP)) {
 		struct cgp_ipv4 ip;
 
-		if (!bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip))) {
+		if (!cgp_load(skb, 0, &ip, sizeof(ip))) {
 			__u32 ihl = ip.ver_ihl & 0xf;
 
 			cidr_mask = cgp_cidr4_mask(cfg, egress ? ip.daddr : ip.saddr);
@@ -354,7 +384,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 	} else if (skb->protocol == bpf_htons(CGP_ETH_P_IPV6)) {
 		struct cgp_ipv6 ip6;
 
-		if (!bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6))) {
+		if (!cgp_load(skb, 0, &ip6, sizeof(ip6))) {
 			cidr_mask = cgp_cidr6_mask(cfg, egress ? ip6.daddr : ip6.saddr);
 			cgp_ipv6_l4(skb, ip6.nexthdr, &l4);
 		}
@@ -373,14 +403,14 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			__u16 dport;
 
 			/* TCP and UDP both keep the destination port at offset 2. */
-			if (l4.header && !bpf_skb_load_bytes(skb, l4.offset + 2, &dport, 2))
+			if (l4.header && !cgp_load_l4(skb, l4.offset, 2, &dport, 2))
 				port_mask = cgp_port_mask(cfg, bpf_ntohs(dport));
 			else
 				port_mask |= unknown;
 		} else if (slot == CGP_PROTO_ICMP || slot == CGP_PROTO_ICMPV6) {
 			__u8 type;
 
-			if (l4.header && !bpf_skb_load_bytes(skb, l4.offset, &type, 1)) {
+			if (l4.header && !cgp_load_l4(skb, l4.offset, 0, &type, 1)) {
 				__u32 key = type;
 
 				hit = icmp_types.lookup(&key);
@@ -392,14 +422,17 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 		}
 	}
 
-	ifindex = skb->ifindex;
+	/* When no rule names an interface, any_iface holds every rule: skip the lookup. */
 	iface_mask = cfg->any_iface;
-	if (!ifindex) {
-		iface_mask |= unknown;
-	} else {
-		hit = ifaces.lookup(&ifindex);
-		if (hit)
-			iface_mask |= *hit;
+	if ((cfg->v.allow_mask | cfg->v.deny_mask) & ~iface_mask) {
+		ifindex = skb->ifindex;
+		if (!ifindex) {
+			iface_mask |= unknown;
+		} else {
+			hit = ifaces.lookup(&ifindex);
+			if (hit)
+				iface_mask |= *hit;
+		}
 	}
 
 	ret = cgp_verdict(&cfg->v, cidr_mask & proto_mask & port_mask & icmp_mask & iface_mask, &d);

@@ -66,15 +66,13 @@ static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verd
 	__u32 zero = 0;
 	struct cgp_ratelimit *rl;
 	struct cgp_event *e;
-	__u64 now;
 
 	if (d->allowed)
 		return NULL;
 	rl = ratelimit.lookup(&zero);
 	if (!rl)
 		return NULL;
-	now = bpf_ktime_get_ns();
-	if (!cgp_ratelimit_take(rl, now))
+	if (!cgp_ratelimit_take(rl, bpf_ktime_get_coarse_ns()))
 		return NULL;
 	e = events.ringbuf_reserve(sizeof(struct cgp_event));
 	if (!e) {
@@ -82,7 +80,7 @@ static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verd
 		rl->dropped++;
 		return NULL;
 	}
-	cgp_event_init(e, v, d->slot, hook, now);
+	cgp_event_init(e, v, d->slot, hook);
 	return e;
 }
 

@@ -117,6 +117,10 @@ PathsArgument = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+
+
 @app.command()
 def validate(paths: PathsArgument, as_json: JsonOption = False) -> None:
     """Check policy files; print every problem as FILE:LINE:COL: field: message.
@@ -140,10 +144,15 @@ def validate(paths: PathsArgument, as_json: JsonOption = False) -> None:
         if result.ok:
             names = ", ".join(policy.name for policy in result.policies)
             typer.echo(
-                f"{len(result.policies)} policies valid in {len(result.files)} files: {names}"
+                f"{_count(len(result.policies), 'policy', 'policies')} valid in "
+                f"{_count(len(result.files), 'file')}: {names}"
             )
         else:
-            typer.echo(f"{len(result.problems)} problems in {len(result.files)} files", err=True)
+            problems, files = (
+                _count(len(result.problems), "problem"),
+                _count(len(result.files), "file"),
+            )
+            typer.echo(f"{problems} in {files}", err=True)
     raise typer.Exit(EXIT_OK if result.ok else EXIT_INVALID)
 
 

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import ipaddress
 import json
+import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -75,6 +76,7 @@ def compile_policy(
     audit = policy.mode == "audit"
     programs: list[ProgramSpec] = []
     resolved: dict[str, list[list[int]]] = {}
+    keys = RuleKeys()  # each rule is put in canonical text once, not once per use
 
     if policy.network is not None:
         for hook, net_section in (
@@ -83,7 +85,7 @@ def compile_policy(
         ):
             if net_section is None:
                 continue
-            rules = ordered_rules(net_section.rules)
+            rules = ordered_rules(net_section.rules, keys)
             ifindexes = _resolve(rules, resolve_interfaces)
             resolved[hook] = [sorted(found) for found in ifindexes]
             maps = _network_maps(net_section.default, rules, audit, ifindexes)
@@ -92,7 +94,7 @@ def compile_policy(
     sockets = policy.sockets
     if sockets is not None:
         if sockets.create is not None:
-            maps = _create_maps(sockets.create, audit)
+            maps = _create_maps(sockets.create, audit, keys)
             programs.append(_program("sock_create", "sock.c", "cgp_sock_create", maps))
         for section, hooks in (
             (sockets.bind, ("bind4", "bind6")),
@@ -100,7 +102,7 @@ def compile_policy(
         ):
             if section is None:
                 continue
-            maps = _socket_address_maps(section, audit)
+            maps = _socket_address_maps(section, audit, keys)
             for hook in hooks:
                 # IPv4 programs do not use cidr6; IPv6 ones use both (IPv4-mapped addresses).
                 used = (
@@ -110,26 +112,26 @@ def compile_policy(
 
     if policy.devices is not None:
         programs.append(
-            _program("device", "device.c", "cgp_device", _device_maps(policy.devices, audit))
+            _program("device", "device.c", "cgp_device", _device_maps(policy.devices, audit, keys))
         )
 
     if policy.sysctl is not None:
         programs.append(
-            _program("sysctl", "sysctl.c", "cgp_sysctl", _sysctl_maps(policy.sysctl, audit))
+            _program("sysctl", "sysctl.c", "cgp_sysctl", _sysctl_maps(policy.sysctl, audit, keys))
         )
 
     return CompiledPolicy(
         name=policy.name,
-        revision=revision(policy, resolved),
+        revision=revision(policy, resolved, keys),
         mode=policy.mode,
         targets=policy.targets,
         programs=tuple(programs),
-        rules=rule_labels(policy, [spec.hook for spec in programs]),
+        rules=rule_labels(policy, [spec.hook for spec in programs], keys),
     )
 
 
 def rule_labels(
-    policy: Policy, hooks: Sequence[str]
+    policy: Policy, hooks: Sequence[str], keys: RuleKeys | None = None
 ) -> tuple[tuple[str, tuple[RuleLabel, ...]], ...]:
     """Per hook, a label for each rule in canonical order (what counter slot i counts)."""
     sections: dict[str, tuple[Any, Callable[[Any], str]]] = {}
@@ -162,7 +164,7 @@ def rule_labels(
                 hook,
                 tuple(
                     RuleLabel(render(rule), rule.source.line if rule.source else None)
-                    for rule in ordered_rules(section.rules)
+                    for rule in ordered_rules(section.rules, keys)
                 ),
             )
         )
@@ -172,9 +174,28 @@ def rule_labels(
 # --- canonical form -------------------------------------------------------------------------
 
 
+def _network_text(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    """``str(network)``, made with the C inet_ntop: the same text several times faster (a
+    rule may list 100,000 CIDRs). Addresses whose first 80 bits are zero are left to
+    ``str``, because glibc writes ::ffff:a.b.c.d and ::a.b.c.d dotted and Python does not."""
+    value = int(network.network_address)
+    if network.version == 4:
+        return f"{socket.inet_ntoa(value.to_bytes(4, 'big'))}/{network.prefixlen}"
+    if value >> 48 == 0:
+        return str(network)
+    text = socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
+    return f"{text}/{network.prefixlen}"
+
+
+def _item_text(item: Any) -> str:
+    if isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return _network_text(item)
+    return str(item)
+
+
 def _canonical_value(value: Any) -> Any:
     if isinstance(value, tuple):
-        return sorted(str(item) for item in value)
+        return sorted(map(_item_text, value))
     return value
 
 
@@ -191,47 +212,71 @@ def _rule_key(rule: Any) -> str:
     return json.dumps(canonical_rule(rule), sort_keys=True, separators=(",", ":"))
 
 
-def ordered_rules(rules: Iterable[Rule]) -> tuple[Rule, ...]:
+class RuleKeys:
+    """Canonical texts of rules, remembered by identity for the length of one compile: the
+    rule order, the revision and the labels all need them, and a rule of 100,000 CIDRs
+    takes tens of milliseconds to serialise. Holds the rules, so ids are not reused."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[Any, str]] = {}
+
+    def __call__(self, rule: Any) -> str:
+        found = self._known.get(id(rule))
+        if found is None:
+            found = self._known[id(rule)] = (rule, _rule_key(rule))
+        return found[1]
+
+
+def ordered_rules(
+    rules: Iterable[Rule], keys: Callable[[Any], str] | None = None
+) -> tuple[Rule, ...]:
     """A section's rules in canonical order, duplicates merged: rule i is bit i of the
-    programs' masks and counter slot i."""
-    unique = {_rule_key(rule): rule for rule in rules}
+    programs' masks and counter slot i. ``keys`` (a :class:`RuleKeys`) saves re-serialising
+    rules already seen."""
+    key_of = keys or _rule_key
+    unique = {key_of(rule): rule for rule in rules}
     ordered = tuple(unique[key] for key in sorted(unique))
     if len(ordered) > MAX_RULES:
         raise CompileError(f"a section has {len(ordered)} rules; at most {MAX_RULES} are supported")
     return ordered
 
 
-def _canonical_section(section: Any) -> dict[str, Any] | None:
+def _canonical_section(section: Any, keys: Callable[[Any], str]) -> dict[str, Any] | None:
     if section is None:
         return None
-    return {"default": section.default, "rules": sorted({_rule_key(r) for r in section.rules})}
+    return {"default": section.default, "rules": sorted({keys(r) for r in section.rules})}
 
 
-def revision(policy: Policy, resolved_interfaces: dict[str, list[list[int]]] | None = None) -> str:
+def revision(
+    policy: Policy,
+    resolved_interfaces: dict[str, list[list[int]]] | None = None,
+    keys: RuleKeys | None = None,
+) -> str:
     """First 16 hex chars of the sha256 of the policy's canonical content: name, mode and
     sections with their rules as sets. Source positions, rule order and targets do not
     count (targets say where programs go, not what they are). Interfaces resolved to
     ifindexes do count, per network hook in rule order, so that a new matching interface
     gives a new revision and reconciliation reloads."""
     network, sockets = policy.network, policy.sockets
+    key_of = keys or _rule_key
     content = {
         "name": policy.name,
         "mode": policy.mode,
         "network": None
         if network is None
         else {
-            "ingress": _canonical_section(network.ingress),
-            "egress": _canonical_section(network.egress),
+            "ingress": _canonical_section(network.ingress, key_of),
+            "egress": _canonical_section(network.egress, key_of),
         },
         "sockets": None
         if sockets is None
         else {
-            "create": _canonical_section(sockets.create),
-            "bind": _canonical_section(sockets.bind),
-            "connect": _canonical_section(sockets.connect),
+            "create": _canonical_section(sockets.create, key_of),
+            "bind": _canonical_section(sockets.bind, key_of),
+            "connect": _canonical_section(sockets.connect, key_of),
         },
-        "devices": _canonical_section(policy.devices),
-        "sysctl": _canonical_section(policy.sysctl),
+        "devices": _canonical_section(policy.devices, key_of),
+        "sysctl": _canonical_section(policy.sysctl, key_of),
         "interfaces": {
             hook: found for hook, found in sorted((resolved_interfaces or {}).items()) if any(found)
         },
@@ -428,8 +473,10 @@ def _network_maps(
 # --- sockets (cgroup_sock_addr, cgroup_sock) --------------------------------------------------
 
 
-def _socket_address_maps(section: SocketAddressSection, audit: bool) -> dict[str, MapSpec]:
-    rules = ordered_rules(section.rules)
+def _socket_address_maps(
+    section: SocketAddressSection, audit: bool, keys: RuleKeys
+) -> dict[str, MapSpec]:
+    rules = ordered_rules(section.rules, keys)
     all_rules = _mask(range(len(rules)))
     v4, v6 = _cidr_tables(rules)
     return {
@@ -457,8 +504,8 @@ def _value_table(
     return any_mask, table
 
 
-def _create_maps(section: SocketCreateSection, audit: bool) -> dict[str, MapSpec]:
-    rules = ordered_rules(section.rules)
+def _create_maps(section: SocketCreateSection, audit: bool, keys: RuleKeys) -> dict[str, MapSpec]:
+    rules = ordered_rules(section.rules, keys)
     any_family, families = _value_table(rules, "family", _FAMILY_SLOTS)
     any_type, types = _value_table(rules, "type", _TYPE_SLOTS)
     any_protocol, protocols = _value_table(rules, "protocol", _PROTOCOL_SLOTS)
@@ -477,8 +524,8 @@ def _create_maps(section: SocketCreateSection, audit: bool) -> dict[str, MapSpec
 # --- devices (cgroup_device) ------------------------------------------------------------------
 
 
-def _device_maps(section: DeviceSection, audit: bool) -> dict[str, MapSpec]:
-    rules = ordered_rules(section.rules)
+def _device_maps(section: DeviceSection, audit: bool, keys: RuleKeys) -> dict[str, MapSpec]:
+    rules = ordered_rules(section.rules, keys)
     packed = b"".join(
         struct.pack(
             "<QIIII",
@@ -579,8 +626,8 @@ def sysctl_dfa(patterns: Sequence[str]) -> SysctlDfa:
     )
 
 
-def _sysctl_maps(section: SysctlSection, audit: bool) -> dict[str, MapSpec]:
-    rules = ordered_rules(section.rules)
+def _sysctl_maps(section: SysctlSection, audit: bool, keys: RuleKeys) -> dict[str, MapSpec]:
+    rules = ordered_rules(section.rules, keys)
     dfa = sysctl_dfa([rule.name for rule in rules])
     read = _mask(i for i, rule in enumerate(rules) if _SYSCTL_ACCESS[rule.access][0])
     write = _mask(i for i, rule in enumerate(rules) if _SYSCTL_ACCESS[rule.access][1])

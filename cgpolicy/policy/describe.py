@@ -168,7 +168,11 @@ def _sysctl_rule(rule: SysctlRule) -> str:
 
 
 def _cidrs(cidrs: Sequence[IPNetwork]) -> str:
-    return _truncated([_cidr(c) for c in cidrs], "CIDRs") if cidrs else "any address"
+    if not cidrs:
+        return "any address"
+    # Render only what is shown: a rule may list 100,000 CIDRs.
+    shown = cidrs if len(cidrs) <= MAX_LISTED else cidrs[: MAX_LISTED - 1]
+    return _truncated([_cidr(c) for c in shown], "CIDRs", len(cidrs))
 
 
 def _cidr(network: IPNetwork) -> str:
@@ -189,11 +193,14 @@ def _listing(singular: str, plural: str, items: list[str]) -> str:
     return (singular if len(items) == 1 else plural) + " " + _truncated(items, "items")
 
 
-def _truncated(items: list[str], noun: str) -> str:
-    if len(items) <= MAX_LISTED:
+def _truncated(items: list[str], noun: str, total: int | None = None) -> str:
+    """``items`` joined, or the first few and a count; ``total`` when ``items`` holds only
+    the first few of that many."""
+    count = len(items) if total is None else total
+    if count <= MAX_LISTED:
         return ",".join(items)
     shown = ",".join(items[: MAX_LISTED - 1])
-    return f"{shown} (+{len(items) - MAX_LISTED + 1} more, {len(items)} {noun})"
+    return f"{shown} (+{count - MAX_LISTED + 1} more, {count} {noun})"
 
 
 def _named(value: int | None, names: dict[int, str]) -> str:

@@ -34,6 +34,15 @@ FIGURES = {
         for key in ("apply_fanout", "rule_change", "apply_policies")
         for part in ("_s", ".plan_s", ".compile_s", ".load_s", ".attach_s")
     ),
+    *(
+        f"verdict_ns.ipv4.{path}.{size}"
+        for path in ("deny_event", "deny_over_limit")
+        for size in ("one_cidr", "many_cidrs")
+    ),
+    "validate_cidrs_s",
+    "validate_cidrs_rss_mib",
+    "validate_hostile_max_s",
+    "validate_hostile_max_rss_mib",
     "validate_fanout_s",
     "reapply_unchanged_s",
     "remove_fanout_s",
