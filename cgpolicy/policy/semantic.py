@@ -6,6 +6,7 @@ of the expected type and leave the rest to the schema's messages.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -47,6 +48,9 @@ class InvalidValue(ValueError):
 # -- parsers shared with build ------------------------------------------------------------
 
 
+# The semantic check and the model builder both parse every CIDR; the cache lets the second
+# pass reuse the first. load_paths clears it when done, so it never outlives one load.
+@functools.lru_cache(maxsize=1 << 18)
 def parse_cidr(text: str) -> IPNetwork:
     """A strict network: a bare address is /32 or /128; host bits set are an error."""
     network = _plain_ipv4_network(text) if ":" not in text else _plain_ipv6_network(text)

@@ -26,7 +26,7 @@ from cgpolicy.policy.build import build_policy
 from cgpolicy.policy.loader import MAX_PROBLEMS, Document, SourceMap, load_file
 from cgpolicy.policy.model import Policy, SourceLocation
 from cgpolicy.policy.problems import Path, PolicyError, Problem, field_name
-from cgpolicy.policy.semantic import InvalidValue, check_policy, duplicate_name
+from cgpolicy.policy.semantic import InvalidValue, check_policy, duplicate_name, parse_cidr
 
 __all__ = ["LoadResult", "PolicyError", "Problem", "load_paths", "load_policy_file"]
 
@@ -61,6 +61,13 @@ def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadResult:
     """Load files and folders. A folder means every ``*.yaml``/``*.yml`` file directly in
     it (not in subfolders), in name order. Never raises for bad input: a missing path,
     an unreadable file and an invalid document are all problems in the result."""
+    try:
+        return _load_paths(paths)
+    finally:
+        parse_cidr.cache_clear()
+
+
+def _load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadResult:
     result = LoadResult()
     first_use: dict[str, SourceLocation] = {}
     for file in _expand(paths, result.problems):
