@@ -292,10 +292,11 @@ def run(
     """Run one command in a fresh cgroup under a policy: `cgpolicy run POLICY -- CMD...`.
 
     The policy's targets are replaced by the transient cgroup; everything is removed when
-    the command ends, and its exit status is returned.
+    the command ends, and its exit status is returned (127 if it cannot be found, 126 if it
+    cannot be run, 128+N if killed by signal N).
     """
     from cgpolicy.enforcer.apply import ApplyError
-    from cgpolicy.enforcer.transient import run_under_policy
+    from cgpolicy.enforcer.transient import CommandNotRun, run_under_policy
 
     policies = _load_valid([policy_file])
     if len(policies) != 1:
@@ -304,6 +305,8 @@ def run(
         )
     try:
         status = run_under_policy(_enforcer(ctx), policies[0], command)
+    except CommandNotRun as error:
+        _fail(str(error), error.status)
     except (ApplyError, OSError) as error:
         _fail(str(error))
     raise typer.Exit(status if status >= 0 else 128 - status)

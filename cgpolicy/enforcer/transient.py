@@ -16,6 +16,14 @@ from cgpolicy.policy.model import Policy, Target
 RUN_PARENT = "cgpolicy.run"
 
 
+class CommandNotRun(Exception):
+    """The command could not be started; ``status`` is what a shell would exit with."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _kill_and_remove(cgroup: Path) -> None:
     kill = cgroup / "cgroup.kill"
     if kill.exists():
@@ -52,7 +60,8 @@ def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> 
                 command, preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0")
             )
         except OSError as error:
-            raise ApplyError(f"cannot run {command[0]}: {error.strerror}") from error
+            status = 127 if isinstance(error, FileNotFoundError) else 126
+            raise CommandNotRun(f"cannot run {command[0]}: {error.strerror}", status) from error
         while True:
             try:
                 return child.wait()
