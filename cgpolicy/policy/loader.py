@@ -142,7 +142,11 @@ def _read(path: str, loaded: LoadedFile) -> bytes | None:
     """The file's bytes, refusing more than MAX_FILE_BYTES (checked before reading when
     the size is known, and by reading at most one byte more when it is not, e.g. /dev/zero)."""
     try:
-        with open(path, "rb") as handle:
+        # O_NONBLOCK so that a named pipe with no writer cannot hang the open; reads then
+        # block again, so a pipe with a writer (/dev/stdin) is read to its end.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        with open(fd, "rb") as handle:
             info = os.fstat(handle.fileno())
             size = info.st_size if stat.S_ISREG(info.st_mode) else 0
             content = handle.read(MAX_FILE_BYTES + 1) if size <= MAX_FILE_BYTES else b""

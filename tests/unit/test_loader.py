@@ -249,3 +249,10 @@ def test_arbitrary_input_never_raises(write: WriteFile, content: bytes | str) ->
 
 def test_folder_without_policy_files_is_a_problem(tmp_path: Path) -> None:
     assert only_problem(tmp_path).endswith("folder holds no *.yaml or *.yml file")
+
+
+def test_named_pipe_without_writer_does_not_hang(tmp_path):
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+    loaded = load_file(str(fifo))  # would block forever in a plain open()
+    assert [p.message for p in loaded.problems] == ["file is empty: it holds no YAML document"]
