@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -50,7 +50,7 @@ class Settings:
         return self.bpf_dir or default_bpf_dir()
 
 
-def _fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
+def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     typer.echo(f"cgpolicy: {message}", err=True)
     raise typer.Exit(code)
 

@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from cgpolicy.kernel.bpf import BpfError, Map, MapType
 
@@ -74,13 +75,17 @@ def link_pin(bpf_dir: Path, name: str, hook: str, cgroup_id: int) -> Path:
     return hook_dir(bpf_dir, name, hook) / f"{LINK_PREFIX}{cgroup_id}"
 
 
-def pin_replacing(obj: Map | object, path: Path) -> None:
+class Pinnable(Protocol):
+    def pin(self, path: str | os.PathLike[str]) -> None: ...
+
+
+def pin_replacing(obj: Pinnable, path: Path) -> None:
     """Pin ``obj`` at ``path``, atomically replacing whatever was pinned there."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}_new")  # bpffs refuses names with a '.'
     if temporary.exists():
         temporary.unlink()
-    obj.pin(temporary)  # type: ignore[attr-defined]
+    obj.pin(temporary)
     os.replace(temporary, path)
 
 

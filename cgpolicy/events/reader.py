@@ -200,11 +200,11 @@ class EventReader:
                 emit(event)
             self.refresh()
             now = self.dropped()
-            for policy, hooks in now.items():
+            for name, hooks in now.items():
                 for hook, count in hooks.items():
-                    before = last_dropped.get(policy, {}).get(hook, 0)
+                    before = last_dropped.get(name, {}).get(hook, 0)
                     if count > before:
-                        on_dropped(policy, hook, count - before)
+                        on_dropped(name, hook, count - before)
             last_dropped = now
 
     def close(self) -> None:
