@@ -79,8 +79,17 @@ class Reconciler:
         return managed
 
     def reconcile(self) -> PassReport:
-        """One pass. Never raises for a bad policy or a failed apply: those are reported."""
+        """One pass. Never raises for a bad policy or a failed apply: those are reported.
+
+        A policy folder that is gone (unmounted, moved) is not an empty folder: the pass
+        changes nothing, so a vanished mount never removes what is enforced."""
         started = time.monotonic()
+        if not self.policy_dir.is_dir():
+            if "folder" not in self._warned:
+                self._warned.add("folder")
+                log.error("policy folder %s is missing; enforcement left as it is", self.policy_dir)
+            return PassReport(failed={str(self.policy_dir): "policy folder missing"})
+        self._warned.discard("folder")
         snapshot = self.source.read()
         self.policies = snapshot.policies
         self._report_invalid(snapshot.invalid_files)
@@ -204,10 +213,15 @@ class Service:
                     log.info("SIGHUP: re-reading %s", reconciler.policy_dir)
                 reconciler.links_generation = watcher.links_generation
                 started = time.monotonic()
-                report = reconciler.reconcile()
+                try:
+                    report = reconciler.reconcile()
+                except Exception:  # a bug or a kernel surprise must not end the service
+                    log.exception("reconcile pass failed; retrying at the next wake-up")
+                    report = PassReport()
                 if report.applied or report.removed:
                     _release_free_heap()  # the first load leaves clang's heap behind
                 root = reconciler.enforcer.cgroup_root
+                watcher.watch_policy_dir()
                 watcher.watch_cgroups(watch_folders(root, reconciler.targets()))
                 # Resyncs start every interval, not every interval after the previous one
                 # ended, so drift with no event is repaired within interval + one pass (a

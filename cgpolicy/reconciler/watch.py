@@ -70,9 +70,18 @@ class Watcher:
         self.inotify = INotify()
         self.policy_dir = policy_dir
         self._cgroup_watches: dict[Path, int] = {}
-        self._policy_watch = self.inotify.add_watch(policy_dir, FOLDER_EVENTS)
+        self._policy_watch: int | None = None
+        self.watch_policy_dir()
         self._netlink = _link_monitor() if follow_links else None
         self.links_generation = 0
+
+    def watch_policy_dir(self) -> None:
+        """(Re)watch the policy folder; it may vanish (an unmounted volume) and come back."""
+        if self._policy_watch is None:
+            try:
+                self._policy_watch = self.inotify.add_watch(self.policy_dir, FOLDER_EVENTS)
+            except OSError:
+                pass  # not there now: the resync looks again
 
     def fds(self) -> list[int]:
         fds = [self.inotify.fileno()]
@@ -87,10 +96,9 @@ class Watcher:
         if self.inotify.fileno() in ready:
             events = self.inotify.read(timeout=0)
             woke = woke or bool(events)
-            if any(
-                e.wd == self._policy_watch and e.mask & inotify_flags.DELETE_SELF for e in events
-            ):
+            if any(e.wd == self._policy_watch and e.mask & inotify_flags.IGNORED for e in events):
                 log.warning("policy folder %s was removed", self.policy_dir)
+                self._policy_watch = None
         if self._netlink is not None and self._netlink.fileno() in ready:
             self._netlink.get()
             self.links_generation += 1

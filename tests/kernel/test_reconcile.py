@@ -324,3 +324,20 @@ def test_interfaces_created_renamed_and_recreated_are_followed(daemon, scratch_c
             for name in names:
                 for index in ipr.link_lookup(ifname=name):
                     ipr.link("del", index=index)
+
+
+def test_vanished_policy_folder_removes_nothing_and_is_followed_when_back(
+    daemon, scratch_cgroup, tcp_server
+):
+    path = write_policy(daemon, scratch_cgroup, denied="127.0.0.2")
+    work = scratch_cgroup.child("work-1")
+    daemon.start()
+    assert wait_until(lambda: links_at(work.path, "connect4") == 1), daemon.log()
+    away = daemon.policy_dir.with_name("away")
+    daemon.policy_dir.rename(away)  # an unmounted volume looks like this
+    time.sleep(2.5)  # two resyncs
+    assert links_at(work.path, "connect4") == 1
+    assert "is missing; enforcement left as it is" in daemon.log()
+    away.rename(daemon.policy_dir)
+    path.write_text(path.read_text().replace("127.0.0.2", "127.0.0.1"))
+    assert wait_until(lambda: connect_denied(work, "127.0.0.1", tcp_server.port)), daemon.log()
