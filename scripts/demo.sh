@@ -14,3 +14,6 @@ $CGPOLICY describe policies/
 echo
 echo "== cgpolicy run policies/build-sandbox.yaml -- (connect to loopback, then to 192.0.2.1)"
 .venv/bin/python scripts/demo_sandbox.py
+echo
+echo "== cgpolicy explain: which rule decides"
+$CGPOLICY explain policies/web-egress.yaml connect tcp 169.254.169.254:80
