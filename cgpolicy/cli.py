@@ -261,6 +261,8 @@ def _report_outcomes(outcomes: list, as_json: bool) -> None:
 
     errors = {o.plan.name: o.error for o in outcomes if o.error}
     _print_plans([Planned(o.plan, None) for o in outcomes], as_json, errors)
+    if not outcomes and not as_json:
+        typer.echo("nothing to do: no policy is applied")
     raise typer.Exit(EXIT_FAILURE if errors else EXIT_OK)
 
 
