@@ -12,14 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cgpolicy.compiler.compile import compile_policy
+from cgpolicy.compiler.compile import CompileError, compile_policy
 from cgpolicy.compiler.spec import CompiledPolicy
 from cgpolicy.enforcer.apply import ApplyError, apply_policy, remove_policy
 from cgpolicy.enforcer.observe import AppliedPolicy, observe
 from cgpolicy.enforcer.plan import PolicyPlan, plan_policy, plan_removal
 from cgpolicy.enforcer.targets import resolve_targets
+from cgpolicy.kernel.bpf import BpfError
 from cgpolicy.kernel.cgroup import ensure_bpffs
 from cgpolicy.kernel.interfaces import resolve_interfaces
+from cgpolicy.kernel.loader import LoaderError
 from cgpolicy.mounts import read_mounts
 from cgpolicy.policy.model import Policy
 
@@ -43,6 +45,10 @@ class Outcome:
         return self.error is None
 
 
+def _compile(policy: Policy) -> CompiledPolicy:
+    return compile_policy(policy, resolve_interfaces)
+
+
 class Enforcer:
     def __init__(self, cgroup_root: Path, bpf_dir: Path) -> None:
         self.cgroup_root = cgroup_root
@@ -63,7 +69,13 @@ class Enforcer:
         applied = self.observe() if applied is None else applied
         planned = []
         for policy in policies:
-            compiled = compile(policy) if compile else compile_policy(policy, resolve_interfaces)
+            try:
+                compiled = (compile or _compile)(policy)
+            except CompileError as error:  # this policy cannot be applied; the others can
+                failed = PolicyPlan(policy.name, None, None, reload=False)
+                failed.problems.append(f"cannot compile: {error}")
+                planned.append(Planned(failed, None))
+                continue
             resolution = resolve_targets(self.cgroup_root, policy.targets)
             plan = plan_policy(
                 compiled, resolution, applied.get(policy.name), missing_target_blocks
@@ -107,7 +119,7 @@ class Enforcer:
                     apply_policy(
                         item.plan, item.compiled, self.cgroup_root, self.bpf_dir, item.source
                     )
-            except (ApplyError, OSError) as error:
+            except (ApplyError, BpfError, LoaderError, OSError) as error:
                 log.info("%s: %s", item.plan.name, error)
                 outcomes.append(Outcome(item.plan, str(error)))
                 continue

@@ -342,13 +342,27 @@ def _check_devices(spec: dict[str, Any]) -> Iterator[Finding]:
 
 def _check_sysctl(spec: dict[str, Any]) -> Iterator[Finding]:
     section = _mapping(spec, "sysctl")
+    names = []
     for path, rule in _rules(section, ("spec", "sysctl")):
         name = rule.get("name")
         if isinstance(name, str):
             try:
-                normalise_sysctl_name(name)
+                names.append(normalise_sysctl_name(name))
             except InvalidValue as error:
                 yield Finding(path + ("name",), error.message, error.hint)
+    if names:
+        yield from _check_sysctl_matcher(names)
+
+
+def _check_sysctl_matcher(names: list[str]) -> Iterator[Finding]:
+    """The program matches all sysctl patterns with one automaton of bounded size; a set
+    of globs that needs a bigger one is refused here, not when the policy is applied."""
+    from cgpolicy.compiler.compile import CompileError, sysctl_dfa  # pure, no kernel
+
+    try:
+        sysctl_dfa(names)
+    except CompileError as error:
+        yield Finding(("spec", "sysctl", "rules"), str(error), "split the rules over policies")
 
 
 def _count_cidrs(spec: dict[str, Any]) -> int:

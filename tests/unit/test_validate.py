@@ -584,3 +584,18 @@ def test_importing_validate_loads_no_kernel_libraries() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert output.stdout.strip() == "[]"
+
+
+def test_sysctl_globs_too_complex_for_the_program_are_refused_at_validation(
+    write: WriteFile,
+) -> None:
+    rules = "\n".join(
+        f'      - {{action: deny, name: "*a*b*b*b*{i}*c*d*e*f*g"}}' for i in range(64)
+    )
+    path = write(
+        "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\nmetadata: {name: dfa}\n"
+        "spec:\n  targets: [{path: x}]\n  sysctl:\n    default: allow\n    rules:\n" + rules + "\n",
+    )
+    problem = one_problem(path)
+    assert problem.field == "spec.sysctl.rules"
+    assert "matcher states" in problem.message
