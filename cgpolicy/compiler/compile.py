@@ -40,6 +40,13 @@ Rule = TypeVar("Rule", NetworkRule, SocketAddressRule, SocketCreateRule, DeviceR
 MAX_RULES = 64
 COUNTER_SLOTS = MAX_RULES + 1  # slot 64: the section default decided
 BPF_F_NO_PREALLOC = 1  # required for LPM tries
+# IPv4 CIDR layout (bpf/net.c cgp_cidr4_mask): a section with at least this many distinct
+# IPv4 prefixes gets the /16 index (cidr4_idx, 1 MiB, + cidr4_long hash) instead of the
+# cidr4 LPM trie, whose lookup cost grows with its size. compile_policy takes an override
+# (tests run both layouts).
+CIDR4_INDEX_MIN = 257
+CIDR4_INDEX_SLOTS = 1 << 16  # cidr4_idx: one entry per /16
+CIDR4_PROBES = 8  # bpf/net.c CGP_CIDR4_PROBES: hash lookups at most per IPv4 address
 SYSCTL_MAX_STATES = 16384  # DFA states over all sysctl patterns of a section
 # Deny events (bpf/common.h): one ring buffer per policy, shared by its programs (the
 # enforcer creates it once per load; a program loaded alone gets its own from the spec).
@@ -60,6 +67,8 @@ _SYSCTL_ACCESS = {"read": (True, False), "write": (False, True), "rw": (True, Tr
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_IDX4 = struct.Struct("<QII")  # struct cgp_idx4
+_PFX4 = struct.Struct("<II")  # struct cgp_pfx4
 _VERDICT = struct.Struct("<QQII")  # struct cgp_verdict
 _COUNTER_VALUE_SIZE = 16  # struct cgp_counter
 
@@ -69,10 +78,14 @@ class CompileError(Exception):
 
 
 def compile_policy(
-    policy: Policy, resolve_interfaces: InterfaceResolver | None = None
+    policy: Policy,
+    resolve_interfaces: InterfaceResolver | None = None,
+    cidr4_index_min: int | None = None,
 ) -> CompiledPolicy:
     """Compile ``policy``. ``resolve_interfaces`` turns a rule's interface names and globs
-    into ifindexes; it is needed only when a network rule names interfaces."""
+    into ifindexes; it is needed only when a network rule names interfaces.
+    ``cidr4_index_min`` overrides :data:`CIDR4_INDEX_MIN` (0: always the /16 index)."""
+    index_min = CIDR4_INDEX_MIN if cidr4_index_min is None else cidr4_index_min
     audit = policy.mode == "audit"
     programs: list[ProgramSpec] = []
     resolved: dict[str, list[list[int]]] = {}
@@ -88,7 +101,7 @@ def compile_policy(
             rules = ordered_rules(net_section.rules, keys)
             ifindexes = _resolve(rules, resolve_interfaces)
             resolved[hook] = [sorted(found) for found in ifindexes]
-            maps = _network_maps(net_section.default, rules, audit, ifindexes)
+            maps = _network_maps(net_section.default, rules, audit, ifindexes, index_min)
             programs.append(_program(hook, "net.c", f"cgp_{hook}", maps))
 
     sockets = policy.sockets
@@ -102,7 +115,7 @@ def compile_policy(
         ):
             if section is None:
                 continue
-            maps = _socket_address_maps(section, audit, keys)
+            maps = _socket_address_maps(section, audit, keys, index_min)
             for hook in hooks:
                 # IPv4 programs do not use cidr6; IPv6 ones use both (IPv4-mapped addresses).
                 used = (
@@ -374,6 +387,73 @@ def _lpm_map(name: str, width: int, prefixes: dict[tuple[int, int], int]) -> Map
     return MapSpec(name, "lpm_trie", 4 + data, 8, max(1, len(entries)), BPF_F_NO_PREALLOC, entries)
 
 
+def _cidr4_maps(v4: dict[tuple[int, int], int], index_min: int) -> dict[str, MapSpec]:
+    """The IPv4 maps of bpf/net.c: cidr4, cidr4_idx and cidr4_long. Fewer than ``index_min``
+    prefixes keep the LPM trie with 1-entry placeholders for the index; more get the /16
+    index (:func:`cidr4_index`) and an empty trie."""
+    if len(v4) < index_min:
+        return {
+            "cidr4": _lpm_map("cidr4", 32, v4),
+            "cidr4_idx": MapSpec("cidr4_idx", "array", 4, _IDX4.size, 1, 0, ()),
+            "cidr4_long": MapSpec("cidr4_long", "hash", _PFX4.size, 8, 1, 0, ()),
+        }
+    slots, long = cidr4_index(v4)
+    index = tuple(
+        (_U32.pack(top), _IDX4.pack(mask, lengths, 0)) for top, (mask, lengths) in slots.items()
+    )
+    hashed = tuple(
+        (_PFX4.pack(1 << (32 - length), value), _U64.pack(mask))
+        for (length, value), mask in long.items()
+    )
+    return {
+        "cidr4": _lpm_map("cidr4", 32, {}),
+        "cidr4_idx": MapSpec("cidr4_idx", "array", 4, _IDX4.size, CIDR4_INDEX_SLOTS, 0, index),
+        "cidr4_long": MapSpec("cidr4_long", "hash", _PFX4.size, 8, max(1, len(hashed)), 0, hashed),
+    }
+
+
+def cidr4_index(
+    v4: dict[tuple[int, int], int],
+) -> tuple[dict[int, tuple[int, int]], dict[tuple[int, int], int]]:
+    """The /16 index layout of IPv4 prefixes (bpf/net.c cgp_cidr4_mask): per /16 with
+    anything in it, (mask of the prefixes <= 16 containing it, bitmap of the lengths > 16
+    inside it, bit 32 - len); and the prefixes longer than 16, each mapped to the
+    OR-propagated mask over all stored prefixes containing it. A /16 with more than
+    CIDR4_PROBES distinct lengths has its odd lengths rounded up (a /25 becomes two /26 with
+    its mask, unless a stored /26 is already there: that one holds the mask and more), so
+    that the program probes at most CIDR4_PROBES lengths."""
+    masks: dict[int, int] = {}
+    lengths: dict[int, int] = {}
+    long: dict[tuple[int, int], int] = {}
+    for key, mask in propagate_prefixes(v4, 32).items():
+        length, value = key
+        top = value >> 16
+        if length <= 16:
+            for slot in range(top, top + (1 << (16 - length))):
+                masks[slot] = masks.get(slot, 0) | mask
+        else:
+            long[key] = mask
+            lengths[top] = lengths.get(top, 0) | 1 << (32 - length)
+    crowded = {top for top, bits in lengths.items() if bits.bit_count() > CIDR4_PROBES}
+    if crowded:
+        odd = [(key, mask) for key, mask in long.items() if key[0] % 2 and key[1] >> 16 in crowded]
+        for (length, value), _ in odd:
+            del long[(length, value)]
+        for (length, value), mask in odd:
+            for child in (value, value | 1 << (31 - length)):
+                long.setdefault((length + 1, child), mask)
+        for top in crowded:
+            bits = lengths[top]
+            lengths[top] = (bits & 0x5555) | (
+                bits & 0xAAAA
+            ) >> 1  # odd len: bit 32 - len -> 31 - len
+    table = {
+        top: (masks.get(top, 0), lengths.get(top, 0))
+        for top in sorted(masks.keys() | lengths.keys())
+    }
+    return table, long
+
+
 def _add(table: dict[tuple[int, int], int], key: tuple[int, int], bit: int) -> None:
     table[key] = table.get(key, 0) | bit
 
@@ -439,7 +519,11 @@ def _resolve(rules: Sequence[NetworkRule], resolver: InterfaceResolver | None) -
 
 
 def _network_maps(
-    default: str, rules: Sequence[NetworkRule], audit: bool, ifindexes: Sequence[set[int]]
+    default: str,
+    rules: Sequence[NetworkRule],
+    audit: bool,
+    ifindexes: Sequence[set[int]],
+    index_min: int,
 ) -> dict[str, MapSpec]:
     any_icmp = _mask(i for i, rule in enumerate(rules) if not rule.icmp_types)
     any_iface = _mask(i for i, rule in enumerate(rules) if not rule.interfaces)
@@ -453,7 +537,7 @@ def _network_maps(
     v4, v6 = _cidr_tables(rules)
     return {
         "config": _config(_net_config(default, rules, audit, any_icmp, any_iface)),
-        "cidr4": _lpm_map("cidr4", 32, v4),
+        **_cidr4_maps(v4, index_min),
         "cidr6": _lpm_map("cidr6", 128, v6),
         "ports": _lpm_map("ports", 16, _port_table(rules)),
         "icmp_types": _array("icmp_types", 8, 256, {t: _U64.pack(m) for t, m in icmp.items()}),
@@ -474,7 +558,7 @@ def _network_maps(
 
 
 def _socket_address_maps(
-    section: SocketAddressSection, audit: bool, keys: RuleKeys
+    section: SocketAddressSection, audit: bool, keys: RuleKeys, index_min: int
 ) -> dict[str, MapSpec]:
     rules = ordered_rules(section.rules, keys)
     all_rules = _mask(range(len(rules)))
@@ -482,7 +566,7 @@ def _socket_address_maps(
     return {
         # No icmpTypes or interfaces in socket rules: every rule passes those conditions.
         "config": _config(_net_config(section.default, rules, audit, all_rules, all_rules)),
-        "cidr4": _lpm_map("cidr4", 32, v4),
+        **_cidr4_maps(v4, index_min),
         "cidr6": _lpm_map("cidr6", 128, v6),
         "ports": _lpm_map("ports", 16, _port_table(rules)),
         "counters": _counters(),

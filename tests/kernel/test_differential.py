@@ -9,7 +9,9 @@ and ingress programs with BPF_PROG_TEST_RUN and through :mod:`cgpolicy.reference
 verdict and the counter slot of the deciding rule must agree. Packets include what the
 programs must treat as unknown: IPv4 and IPv6 non-first fragments, IPv6 extension header
 chains (longer than the program walks, too), IPv4 options and a malformed IHL, truncated
-headers, and frames that are not IP at all.
+headers, and frames that are not IP at all. Both IPv4 CIDR layouts are exercised: each policy
+is compiled either with the default threshold (its short lists take the LPM trie) or with the
+/16 index forced (``cidr4_index_min=0``, bpf/net.c cgp_cidr4_mask), hypothesis choosing.
 
 The hooks BPF_PROG_TEST_RUN cannot run (sock_addr, device, sysctl) are compared on real
 actions from a process in a scratch cgroup, fewer of them: a denial is EPERM, anything
@@ -35,6 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cgpolicy import reference
+from cgpolicy.compiler import compile as compile_module
 from cgpolicy.compiler.compile import compile_policy, ordered_rules
 from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.kernel.loader import LoadedProgram, load_program
@@ -368,8 +371,9 @@ def observe_packet(frame: bytes, direction: str) -> reference.Packet:
 
 
 class SkbProgram:
-    def __init__(self, policy: Policy, hook: str) -> None:
-        compiled = compile_policy(policy, resolve_interfaces=resolve)
+    def __init__(self, policy: Policy, hook: str, cidr4_index: bool = False) -> None:
+        index_min = 0 if cidr4_index else None  # 0: the /16 index layout whatever the size
+        compiled = compile_policy(policy, resolve_interfaces=resolve, cidr4_index_min=index_min)
         (spec,) = [p for p in compiled.programs if p.hook == hook]
         self.program: LoadedProgram = load_program(spec)
         self.totals: dict[int, int] = {}
@@ -392,11 +396,11 @@ def expected_slot(order: tuple[NetworkRule, ...], verdict: reference.Verdict) ->
     return next(i for i, rule in enumerate(order) if rule is verdict.rule)
 
 
-def check_skb(policy: Policy, packets: list[SkbPacket]) -> None:
+def check_skb(policy: Policy, packets: list[SkbPacket], cidr4_index: bool = False) -> None:
     assert policy.network is not None
     for hook in ("egress", "ingress"):
         order = ordered_rules(getattr(policy.network, hook).rules)
-        program = SkbProgram(policy, hook)
+        program = SkbProgram(policy, hook, cidr4_index)
         try:
             for packet in packets:
                 frame = packet.frame(hook)
@@ -408,7 +412,8 @@ def check_skb(policy: Policy, packets: list[SkbPacket]) -> None:
                 after = program.slot_count(slot)
                 checked["skb"] += 1
                 assert kernel == int(verdict.allowed), (
-                    f"{hook}: kernel {'allows' if kernel else 'drops'} {packet.description} "
+                    f"{hook} ({'/16 index' if cidr4_index else 'trie'}): kernel "
+                    f"{'allows' if kernel else 'drops'} {packet.description} "
                     f"(seen as {seen}); the reference says {verdict.verdict} by "
                     f"{verdict.rule or 'the default'}"
                 )
@@ -441,9 +446,9 @@ def test_skb_programs_agree_with_the_reference(kernel_ready: None) -> None:
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(skb_case())
-    def run(case: tuple[Policy, list[SkbPacket]]) -> None:
-        check_skb(*case)
+    @given(skb_case(), st.booleans())
+    def run(case: tuple[Policy, list[SkbPacket]], cidr4_index: bool) -> None:
+        check_skb(*case, cidr4_index=cidr4_index)
 
     run()
     cases = checked["skb"] - before
@@ -608,10 +613,19 @@ def test_socket_address_hooks_agree_with_the_reference(
         st.lists(
             socket_address_action(ports), min_size=ACTIONS_PER_POLICY, max_size=ACTIONS_PER_POLICY
         ),
+        st.booleans(),
     )
-    def run(bind: SocketAddressSection, connect: SocketAddressSection, batch: list) -> None:
+    def run(
+        bind: SocketAddressSection, connect: SocketAddressSection, batch: list, cidr4_index: bool
+    ) -> None:
         policy = make_policy(sockets=Sockets(bind=bind, connect=connect))
-        compare_real("sock_addr", scratch_cgroup, cgroup_root, bpf_dir, policy, batch)
+        default = compile_module.CIDR4_INDEX_MIN
+        # The Enforcer compiles with the module's threshold: 0 forces the /16 index layout.
+        compile_module.CIDR4_INDEX_MIN = 0 if cidr4_index else default
+        try:
+            compare_real("sock_addr", scratch_cgroup, cgroup_root, bpf_dir, policy, batch)
+        finally:
+            compile_module.CIDR4_INDEX_MIN = default
 
     run()
     print(

@@ -7,10 +7,15 @@ import ipaddress
 import random
 import struct
 import time
+from collections.abc import Callable
+from struct import unpack
 
 import pytest
 
 from cgpolicy.compiler.compile import (
+    CIDR4_INDEX_MIN,
+    CIDR4_INDEX_SLOTS,
+    CIDR4_PROBES,
     CompileError,
     compile_policy,
     ordered_rules,
@@ -64,6 +69,26 @@ def lpm_entries(spec: MapSpec) -> dict[tuple[int, int], int]:
         )[0]
         for key, value in spec.entries
     }
+
+
+def index_lookup(maps: dict[str, MapSpec]) -> Callable[[int], int]:
+    """What bpf/net.c cgp_cidr4_mask computes in the /16 index layout (any_cidr aside), as a
+    function of the address; it also checks that at most CIDR4_PROBES lengths are probed."""
+    slots = {unpack("<I", k)[0]: unpack("<QII", v) for k, v in maps["cidr4_idx"].entries}
+    long = {unpack("<II", k): unpack("<Q", v)[0] for k, v in maps["cidr4_long"].entries}
+
+    def find(address: int) -> int:
+        found, bits, _ = slots.get(address >> 16, (0, 0, 0))
+        assert bin(bits).count("1") <= CIDR4_PROBES
+        while bits:
+            low = bits & -bits
+            hit = long.get((low, address & -low & 0xFFFFFFFF))
+            if hit is not None:
+                return found | hit
+            bits &= bits - 1
+        return found
+
+    return find
 
 
 def lookup(entries: dict[tuple[int, int], int], value: int, width: int) -> int:
@@ -157,13 +182,70 @@ def test_100k_cidrs_compile_fast() -> None:
         {ipaddress.IPv4Network((rng.randrange(1 << 24) << 8, 24)) for _ in range(100_000)}
     )
     wide = net("10.0.0.0/8", "192.168.0.0/16")
-    policy = egress_policy(NetworkRule("deny", cidrs), NetworkRule("allow", wide))
+    rules = (NetworkRule("deny", cidrs), NetworkRule("allow", wide))
+    policy = egress_policy(*rules)
     start = time.perf_counter()
     compiled = compile_policy(policy)
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0, elapsed
-    spec = maps_of(compiled, "egress")["cidr4"]
-    assert spec.max_entries == len(spec.entries) == len(set(cidrs) | set(wide))
+    maps = maps_of(compiled, "egress")
+    # A long list takes the /16 index instead of the trie (bpf/net.c cgp_cidr4_mask).
+    assert maps["cidr4"].entries == () and maps["cidr4"].max_entries == 1
+    assert maps["cidr4_idx"].max_entries == CIDR4_INDEX_SLOTS
+    long = maps["cidr4_long"]
+    assert long.max_entries == len(long.entries) == len(set(cidrs))  # /24s: none rounded
+    find = index_lookup(maps)
+    stored = set(cidrs)
+    deny_bit, allow_bit = (1 << ordered_rules(policy.network.egress.rules).index(r) for r in rules)  # type: ignore[union-attr]
+    for address in ("10.1.2.3", "192.168.7.7", "11.0.0.1", *(str(c[5]) for c in cidrs[:50])):
+        value = int(ipaddress.IPv4Address(address))
+        in_deny = ipaddress.IPv4Network((value >> 8 << 8, 24)) in stored
+        in_allow = any(ipaddress.IPv4Address(address) in c for c in wide)
+        assert find(value) == deny_bit * in_deny | allow_bit * in_allow
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cidr4_index_matches_the_trie(seed: int) -> None:
+    """The /16 index layout gives every address the trie's answer, including /16s with more
+    distinct lengths than the program probes (their odd lengths are rounded up)."""
+    rng = random.Random(seed)
+    crowded = [rng.randrange(1 << 16) for _ in range(3)]  # /16s holding every length
+    rules = []
+    for action in ("allow", "deny", "allow", "deny", "allow"):
+        cidrs = set()
+        for _ in range(60):
+            if rng.random() < 0.5:
+                top = rng.choice(crowded)
+                length = rng.randint(0, 32)
+                value = top << 16 | rng.randrange(1 << 16)
+            else:
+                length = rng.choice([0, 4, 8, 12, 16, 17, 20, 24, 25, 28, 31, 32])
+                value = rng.randrange(1 << 32)
+            cidrs.add(ipaddress.IPv4Network((value, length), strict=False))
+        rules.append(NetworkRule(action, tuple(cidrs)))  # type: ignore[arg-type]
+    policy = egress_policy(*rules)
+    ordered = ordered_rules(rules)
+    trie = lpm_entries(maps_of(compile_policy(policy), "egress")["cidr4"])
+    index = maps_of(compile_policy(policy, cidr4_index_min=0), "egress")
+    assert len(trie) < CIDR4_INDEX_MIN and index["cidr4"].entries == ()
+    lengths = [struct.unpack_from("<QI", v)[1] for _, v in index["cidr4_idx"].entries]
+    assert any(bits & 0xAAAA for bits in lengths)  # some odd lengths stayed (bit 32 - len)
+    longer = {c for rule in rules for c in rule.cidrs if c.prefixlen > 16}
+    assert len(index["cidr4_long"].entries) > len(longer)  # crowded /16s: odd lengths doubled
+    points = [c.network_address for rule in rules for c in rule.cidrs]
+    points += [c.broadcast_address for rule in rules for c in rule.cidrs]
+    points += [
+        ipaddress.IPv4Address(rng.choice(crowded) << 16 | rng.randrange(1 << 16))
+        for _ in range(2000)
+    ]
+    points += [ipaddress.IPv4Address(rng.randrange(1 << 32)) for _ in range(1000)]
+    find = index_lookup(index)
+    for address in points:
+        expected = sum(
+            1 << i for i, rule in enumerate(ordered) if any(address in c for c in rule.cidrs)
+        )
+        assert lookup(trie, int(address), 32) == expected
+        assert find(int(address)) == expected, address
 
 
 def test_revision_is_stable_and_semantic() -> None:
@@ -244,6 +326,8 @@ def test_sockets_programs_and_maps() -> None:
     assert {m.name for m in hooks["connect4"].maps} == {
         "config",
         "cidr4",
+        "cidr4_idx",
+        "cidr4_long",
         "ports",
         "counters",
         *events,
@@ -252,6 +336,8 @@ def test_sockets_programs_and_maps() -> None:
         *events,
         "config",
         "cidr4",
+        "cidr4_idx",
+        "cidr4_long",
         "cidr6",
         "ports",
         "counters",
