@@ -54,6 +54,12 @@ def kernel_ready() -> None:
         pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True)
+def _needs_kernel(kernel_ready: None) -> None:
+    """Every test here runs on the real kernel: gate them all, not only those that ask for
+    a scratch cgroup (a test loading a program with bcc needs root and bcc just as much)."""
+
+
 @pytest.fixture(scope="session")
 def cgroup_root(kernel_ready: None) -> Path:
     root = find_cgroup2_root()
