@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 
 from cgpolicy.enforcer.engine import Enforcer, Planned
-from cgpolicy.kernel.cgroup import ensure_bpffs
+from cgpolicy.kernel.cgroup import ensure_bpffs, remove_cgroup_tree
 from cgpolicy.mounts import find_cgroup2_root
 from cgpolicy.policy.model import Policy
 
@@ -33,26 +32,6 @@ def top_folders() -> tuple[Path, Path, Path]:
     bpffs = ensure_bpffs()
     name = f"{PREFIX}-{os.getpid()}"
     return root, root / name, bpffs / name
-
-
-def remove_cgroup_tree(path: Path) -> None:
-    """Kill what still runs in a scratch cgroup tree, then remove it bottom-up."""
-    if not path.is_dir():
-        return
-    for child in [p for p in path.iterdir() if p.is_dir()]:
-        remove_cgroup_tree(child)
-    kill = path / "cgroup.kill"
-    if kill.exists():
-        kill.write_text("1")
-    for _ in range(250):
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:  # EBUSY while killed processes exit
-            time.sleep(0.02)
-    path.rmdir()
 
 
 class Scratch:

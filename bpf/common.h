@@ -8,8 +8,9 @@
  * a matching deny rule wins, else a matching allow rule, else the section default.
  *
  * bcc rewrites map accesses (map.lookup()) only in the main source file, never in an
- * included header, so this header holds no map access: each program file declares its
- * maps and a three-line cgp_verdict() that counts the decision in its `counters` map.
+ * included header, and it refuses them inside a macro too ("cannot use map function
+ * inside a macro"), so this header holds no map access: each program file declares its
+ * maps and repeats the short cgp_verdict() and cgp_event_reserve() that use them.
  *
  * Template maps are declared with max_entries 1 (or their fixed size): the kernel layer
  * creates the real maps from the compiler's MapSpecs and rewrites the map fds in the

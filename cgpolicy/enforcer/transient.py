@@ -6,11 +6,10 @@ import dataclasses
 import os
 import signal
 import subprocess
-import time
-from pathlib import Path
 
 from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer
+from cgpolicy.kernel.cgroup import remove_cgroup_tree
 from cgpolicy.policy.model import Policy, Target
 
 RUN_PARENT = "cgpolicy.run"
@@ -22,20 +21,6 @@ class CommandNotRun(Exception):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
-
-
-def _kill_and_remove(cgroup: Path) -> None:
-    kill = cgroup / "cgroup.kill"
-    if kill.exists():
-        kill.write_text("1")
-    for _ in range(200):
-        try:
-            cgroup.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:  # busy until the killed processes are reaped
-            time.sleep(0.01)
 
 
 def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> int:
@@ -68,7 +53,7 @@ def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> 
             except KeyboardInterrupt:
                 child.send_signal(signal.SIGINT)
     finally:
-        _kill_and_remove(cgroup)
+        remove_cgroup_tree(cgroup)
         try:
             cgroup.parent.rmdir()  # the shared parent, once no other run uses it
         except OSError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,3 +94,27 @@ def walk_cgroups(top: str | os.PathLike[str]) -> Iterator[Path]:
             continue
         yield current
         stack.extend(sorted(children, reverse=True))
+
+
+def remove_cgroup_tree(path: Path, timeout: float = 5.0) -> None:
+    """Kill every process in the cgroup ``path`` and its descendants (cgroup.kill), then
+    remove them bottom-up. A cgroup that is already gone is fine; one still busy after
+    ``timeout`` raises the OSError of the last rmdir."""
+    if not path.is_dir():
+        return
+    for child in [p for p in path.iterdir() if p.is_dir()]:
+        remove_cgroup_tree(child, timeout)
+    kill = path / "cgroup.kill"
+    if kill.exists():
+        kill.write_text("1")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:  # EBUSY until the killed processes are reaped
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)

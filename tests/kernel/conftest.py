@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from cgpolicy.kernel.cgroup import remove_cgroup_tree
 from cgpolicy.mounts import find_bpffs, find_cgroup2_root
 
 PROBE = Path(__file__).with_name("probe.py")
@@ -72,26 +73,6 @@ class ProbeResult:
     ok: bool
     errno: int
     error: str
-
-
-def remove_cgroup_tree(path: Path) -> None:
-    """Kill what still runs in a scratch cgroup tree, then remove it bottom-up."""
-    if not path.is_dir():
-        return
-    for child in [p for p in path.iterdir() if p.is_dir()]:
-        remove_cgroup_tree(child)
-    kill = path / "cgroup.kill"
-    if kill.exists():
-        kill.write_text("1")
-    for _ in range(100):
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:  # EBUSY while killed processes exit
-            threading.Event().wait(0.02)
-    path.rmdir()
 
 
 @dataclass
