@@ -80,6 +80,14 @@ def main_options(
             help="bpffs folder cgpolicy pins into [default: <bpffs mount>/cgpolicy]",
         ),
     ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            envvar="CGPOLICY_CACHE_DIR",
+            help="root-only folder of compiled programs [default: /var/cache/cgpolicy]",
+        ),
+    ] = None,
     log_level: Annotated[
         str,
         typer.Option("--log-level", help="debug, info, warning or error"),
@@ -108,6 +116,10 @@ def main_options(
     else:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
+    if cache_dir is not None:
+        from cgpolicy.kernel.store import configure_store_dir
+
+        configure_store_dir(cache_dir)
     ctx.obj = Settings(cgroup_root=cgroup_root, bpf_dir=bpf_dir)
 
 
@@ -191,6 +203,61 @@ def doctor(ctx: typer.Context, as_json: JsonOption = False) -> None:
                 typer.echo(f"       fix: {check.fix}")
         typer.echo("ready" if ready else "not ready")
     raise typer.Exit(EXIT_OK if ready else EXIT_FAILURE)
+
+
+cache_app = typer.Typer(
+    help="The compiled-program store: bcc's output for every program in bpf/, kept so that "
+    "no command needs bcc, LLVM or kernel headers. `scripts/setup.sh` fills it.",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("fill")
+def cache_fill() -> None:
+    """Compile every shipped program not yet in the store (stale or damaged ones again).
+
+    A second run compiles nothing.
+    """
+    from cgpolicy.kernel.loader import fill_store
+    from cgpolicy.kernel.store import store_dir
+
+    outcome = fill_store()
+    compiled = sorted(name for name, what in outcome.items() if what == "compiled")
+    if compiled:
+        typer.echo(f"{store_dir()}: compiled {', '.join(compiled)}")
+    else:
+        typer.echo(f"{store_dir()}: every program is already compiled")
+
+
+@cache_app.command("check")
+def cache_check(as_json: JsonOption = False) -> None:
+    """Say, per shipped program, whether the store holds a current, intact entry.
+
+    Exit 0 when all of them do, 1 otherwise.
+    """
+    from cgpolicy.kernel.loader import check_store
+    from cgpolicy.kernel.store import store_dir
+
+    status = check_store()
+    if as_json:
+        typer.echo(json.dumps({"store": str(store_dir()), "entries": status}, indent=2))
+    else:
+        for name, ok in status.items():
+            typer.echo(f"{name}: {'ok' if ok else 'missing, stale or damaged'}")
+    raise typer.Exit(EXIT_OK if all(status.values()) else EXIT_FAILURE)
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every entry (after an LLVM update, say); the next command recompiles."""
+    from cgpolicy.kernel.store import CompiledStore, StoreError, store_dir
+
+    try:
+        removed = CompiledStore(store_dir()).clear()
+    except StoreError as error:
+        _fail(str(error))
+    typer.echo(f"{store_dir()}: removed {_count(removed, 'entry', 'entries')}")
 
 
 def _load_valid(paths: list[Path]) -> list:

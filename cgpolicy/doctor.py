@@ -81,29 +81,68 @@ def check_bpffs(bpf_dir: Path | None) -> Check:
     return Check("bpffs", True, f"mounted at {bpffs}")
 
 
-def check_kernel_headers() -> Check:
+def check_store() -> Check:
+    """Whether the compiled-program store holds a current, intact entry for every shipped
+    C file: then no process needs bcc, LLVM or kernel headers."""
+    from cgpolicy.kernel.loader import LoaderError
+    from cgpolicy.kernel.loader import check_store as store_status
+    from cgpolicy.kernel.store import store_dir
+
+    try:
+        status = store_status()
+    except LoaderError as error:
+        return Check("compiled-program store", False, str(error), "see the message")
+    missing = sorted(name for name, ok in status.items() if not ok)
+    if missing:
+        return Check(
+            "compiled-program store",
+            False,
+            f"{store_dir()} lacks a current entry for {', '.join(missing)}"
+            " (each process would compile them with bcc)",
+            "cgpolicy cache fill (scripts/setup.sh runs it)",
+            required=False,
+        )
+    return Check("compiled-program store", True, f"{store_dir()}: every program is compiled")
+
+
+def check_kernel_headers(needed: bool) -> Check:
     build = Path("/lib/modules") / platform.release() / "build"
+    pinned = os.environ.get("BCC_KERNEL_SOURCE")
+    if pinned:
+        ok = (Path(pinned) / "include").is_dir()
+        return Check(
+            "kernel headers",
+            ok,
+            f"BCC_KERNEL_SOURCE={pinned}",
+            "check BCC_KERNEL_SOURCE",
+            required=needed,
+        )
     if (build / "include").is_dir():
         return Check("kernel headers", True, f"{build} -> {build.resolve()}")
     return Check(
         "kernel headers",
         False,
-        f"{build} is missing; bcc cannot compile programs",
+        f"{build} is missing; bcc cannot compile programs"
+        + ("" if needed else " (not needed while the compiled-program store is filled)"),
         "run scripts/setup.sh (installs linux-headers and links them for this kernel)",
+        required=needed,
     )
 
 
-def check_bcc() -> Check:
-    try:
-        import bcc  # noqa: F401
-    except ImportError as error:
+def check_bcc(needed: bool) -> Check:
+    """Found without importing it: importing bcc loads LLVM, which doctor does not need."""
+    from importlib.util import find_spec
+
+    if find_spec("bcc") is None:
         return Check(
             "bcc",
             False,
-            f"cannot import bcc ({error})",
+            "bcc's python bindings are not installed"
+            + ("" if needed else " (not needed while the compiled-program store is filled)"),
             "apt-get install python3-bpfcc, and use a venv made with --system-site-packages",
+            required=needed,
         )
-    return Check("bcc", True, "python bindings import")
+    return Check("bcc", True, "python bindings installed")
 
 
 def check_jit() -> Check:
@@ -166,10 +205,12 @@ def probe_program_types() -> list[Check]:
 
 
 def run_checks(cgroup_root: Path | None, bpf_dir: Path | None) -> list[Check]:
+    store = check_store()
     simple: list[Callable[[], Check]] = [
         check_privileges,
-        check_kernel_headers,
-        check_bcc,
+        lambda: store,
+        lambda: check_kernel_headers(needed=not store.ok),
+        lambda: check_bcc(needed=not store.ok),
         check_jit,
         check_btf,
         check_bpftool,

@@ -72,3 +72,8 @@ if [ ! -e "$stamp" ]; then
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
+
+# The compiled-program store (/var/cache/cgpolicy, root only): bcc compiles bpf/ once per
+# machine here, so no later command imports bcc or LLVM. Compiles only what is missing,
+# stale or damaged.
+.venv/bin/cgpolicy cache fill

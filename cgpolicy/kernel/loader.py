@@ -1,18 +1,21 @@
-"""Compile once, load many: bcc compiles each C file once per process; every program
-instance gets fresh maps made here and a PROG_LOAD of the already compiled instructions.
+"""Compile once per machine, load many: bcc compiles each C file in ``bpf/`` once, the
+result is kept in the compiled-program store (``store``), and every program instance gets
+fresh maps made here and a PROG_LOAD of the already compiled instructions.
 
 bcc's own loading ties a program to the maps bcc created for that compile, so 100 policies
-would mean 100 clang runs (~0.3 s each). Instead, the instructions of a function are taken
-once with ``BPF.dump_func``; in them every map reference is an ``ld_imm64`` whose ``imm`` is
-the fd of bcc's *template* map. A load creates the maps its MapSpecs describe, writes their
-fds over the template fds and loads the result: a few milliseconds plus the map fill.
+would mean 100 clang runs (~0.3 s each). Instead, the instructions of every function are
+taken once with ``BPF.dump_func``; in them every map reference is an ``ld_imm64`` whose
+``imm`` is the fd of bcc's *template* map, recorded as a relocation. A load creates the maps
+its MapSpecs describe, writes their fds at the relocations and loads the result: a few
+milliseconds plus the map fill.
 
-Only this module imports bcc, and only when something is first compiled.
+Only this module imports bcc, and only when the store lacks what a load needs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import struct
 import tempfile
@@ -26,13 +29,23 @@ from cgpolicy.compiler.spec import MapSpec, ProgramSpec
 from cgpolicy.kernel.bpf import (
     MAP_TYPES,
     Map,
-    MapInfo,
     Program,
     ProgramInfo,
     close_all,
     hook,
     map_info,
 )
+from cgpolicy.kernel.store import (
+    CompiledFile,
+    CompiledFunction,
+    CompiledStore,
+    MapTemplate,
+    StoreError,
+    entry_key,
+    store_dir,
+)
+
+log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "bpf"
 
@@ -43,17 +56,6 @@ _PSEUDO_MAP_VALUE = 2  # src_reg: imm is a map fd, the next imm an offset into i
 
 class LoaderError(Exception):
     """A C source does not compile, or a ProgramSpec does not fit the compiled code."""
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledFunction:
-    """One C function's instructions and where they name which template map."""
-
-    source: Path
-    function: str
-    insns: bytes
-    relocations: tuple[tuple[int, str], ...]  # (byte offset of the ld_imm64, map name)
-    templates: dict[str, MapInfo]  # the maps the function references, as bcc declared them
 
 
 @dataclass
@@ -84,35 +86,98 @@ class LoadedProgram:
         self.close()
 
 
-class _Compiled:
-    """A bcc module kept alive for the process: its template maps' fds are in the code."""
-
-    def __init__(self, module: Any) -> None:
-        self.module = module
-        self.functions: dict[str, CompiledFunction] = {}
-        self.template_names = _template_names(module)
-
-
 _lock = threading.Lock()
-_cache: dict[tuple[str, str, tuple[str, ...]], _Compiled] = {}
+_compiled: dict[tuple[str, bytes, tuple[str, ...]], CompiledFile] = {}
 
 
 def compile_function(source: Path, function: str, cflags: Sequence[str] = ()) -> CompiledFunction:
-    """The compiled instructions of ``function`` in ``source``; compiled at most once per
-    process for the same path, text and cflags (an edited file compiles again)."""
+    """The compiled instructions of ``function`` in ``source``."""
+    found = compile_file(source, cflags).get(function)
+    if found is None:
+        raise LoaderError(f"{source} has no BPF function {function!r}")
+    return found
+
+
+def compile_file(source: Path, cflags: Sequence[str] = ()) -> CompiledFile:
+    """Every function of ``source``: from this process's memory, else (for the shipped
+    programs in ``bpf/``) from the compiled-program store, else compiled by bcc, and then
+    stored. An edited file is a new key, so it compiles again."""
     try:
-        text = source.read_text()
+        text = source.read_bytes()
     except OSError as error:
         raise LoaderError(f"cannot read BPF source {source}: {error.strerror}") from None
-    key = (str(source), text, tuple(cflags))
+    memo_key = (str(source), text, tuple(cflags))
     with _lock:
-        compiled = _cache.get(key)
+        compiled = _compiled.get(memo_key)
         if compiled is None:
-            compiled = _cache[key] = _Compiled(_bcc_compile(source, text, cflags))
-        found = compiled.functions.get(function)
-        if found is None:
-            found = compiled.functions[function] = _extract(compiled, source, function)
-    return found
+            compiled = _compiled[memo_key] = _from_store_or_bcc(source, cflags)
+    return compiled
+
+
+def fill_store(cflags: Sequence[str] = ()) -> dict[str, str]:
+    """Make sure the store holds every shipped C file: name -> "kept" or "compiled"."""
+    store = CompiledStore(store_dir())
+    outcome = {}
+    for source in sorted(SOURCE_DIR.glob("*.c")):
+        key = _key(source, cflags)
+        if _load_entry(store, source, key) is not None:
+            outcome[source.name] = "kept"
+            continue
+        _save_entry(store, source, key, _bcc_compile_file(source, cflags))
+        outcome[source.name] = "compiled"
+    return outcome
+
+
+def check_store(cflags: Sequence[str] = ()) -> dict[str, bool]:
+    """Whether the store holds a valid, current entry for each shipped C file."""
+    store = CompiledStore(store_dir())
+    return {
+        source.name: _load_entry(store, source, _key(source, cflags)) is not None
+        for source in sorted(SOURCE_DIR.glob("*.c"))
+    }
+
+
+def _key(source: Path, cflags: Sequence[str]) -> dict[str, Any]:
+    try:
+        return entry_key(source, cflags)
+    except OSError as error:
+        raise LoaderError(str(error.strerror)) from None
+
+
+def _load_entry(store: CompiledStore, source: Path, key: dict[str, Any]) -> CompiledFile | None:
+    try:
+        return store.load(source, key)
+    except StoreError as error:
+        raise LoaderError(str(error)) from None
+
+
+def _save_entry(
+    store: CompiledStore, source: Path, key: dict[str, Any], compiled: CompiledFile
+) -> None:
+    try:
+        store.save(source, key, compiled)
+    except StoreError as error:
+        raise LoaderError(str(error)) from None
+    except OSError as error:  # a read-only store (an image's): still usable, only slower
+        log.warning(
+            "compiled-program store %s: cannot save %s (%s)",
+            store.path,
+            source.name,
+            error.strerror,
+        )
+
+
+def _from_store_or_bcc(source: Path, cflags: Sequence[str]) -> CompiledFile:
+    if source.parent.resolve() != SOURCE_DIR:
+        return _bcc_compile_file(source, cflags)  # not a shipped program: never stored
+    store = CompiledStore(store_dir())
+    key = _key(source, cflags)
+    compiled = _load_entry(store, source, key)
+    if compiled is None:
+        log.info("compiling %s with bcc (not in the store %s)", source.name, store.path)
+        compiled = _bcc_compile_file(source, cflags)
+        _save_entry(store, source, key, compiled)
+    return compiled
 
 
 def load_program(
@@ -201,15 +266,43 @@ def _check_maps(spec: ProgramSpec, compiled: CompiledFunction) -> None:
             )
 
 
-def _bcc_compile(source: Path, text: str, cflags: Sequence[str]) -> Any:
-    """Compile with bcc, capturing clang's diagnostics (printed on fd 2) for the error."""
+def _bcc_compile_file(source: Path, cflags: Sequence[str]) -> CompiledFile:
+    """Compile with bcc and take every function's instructions and relocations. Only here
+    is bcc (and with it LLVM) imported."""
     import bcc  # heavy, and needs kernel headers: imported only to compile
+    from bcc.libbcc import lib
 
+    module = _bcc_module(bcc, source, cflags)
+    lib.bpf_num_tables.restype = ctypes.c_ulonglong
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    lib.bpf_table_fd_id.restype = ctypes.c_int
+    lib.bpf_table_fd_id.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    handle = module.module
+    template_names = {
+        lib.bpf_table_fd_id(handle, i): lib.bpf_table_name(handle, i).decode()
+        for i in range(lib.bpf_num_tables(handle))
+    }
+    functions = [
+        lib.bpf_function_name(handle, i).decode() for i in range(lib.bpf_num_functions(handle))
+    ]
+    compiled = {
+        name: _extract(source, name, module.dump_func(name.encode()), template_names)
+        for name in functions
+    }
+    module.cleanup()
+    return compiled
+
+
+def _bcc_module(bcc: Any, source: Path, cflags: Sequence[str]) -> Any:
+    """Compile with bcc, capturing clang's diagnostics (printed on fd 2) for the error."""
     with tempfile.TemporaryFile() as captured:
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
         try:
-            return bcc.BPF(text=text.encode(), cflags=[f"-I{source.parent}", *cflags])
+            text = source.read_bytes()
+            return bcc.BPF(text=text, cflags=[f"-I{source.parent}", *cflags])
         except Exception as error:
             os.dup2(saved, 2)
             captured.seek(0)
@@ -221,35 +314,17 @@ def _bcc_compile(source: Path, text: str, cflags: Sequence[str]) -> Any:
             os.close(saved)
 
 
-def _template_names(module: Any) -> dict[int, str]:
-    """fd -> name of every map bcc created for a module."""
-    from bcc.libbcc import lib
-
-    lib.bpf_num_tables.restype = ctypes.c_ulonglong
-    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
-    lib.bpf_table_name.restype = ctypes.c_char_p
-    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
-    lib.bpf_table_fd_id.restype = ctypes.c_int
-    lib.bpf_table_fd_id.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
-    handle = module.module
-    return {
-        lib.bpf_table_fd_id(handle, i): lib.bpf_table_name(handle, i).decode()
-        for i in range(lib.bpf_num_tables(handle))
-    }
-
-
-def _extract(compiled: _Compiled, source: Path, function: str) -> CompiledFunction:
-    try:
-        insns = compiled.module.dump_func(function.encode())
-    except Exception:
-        raise LoaderError(f"{source} has no BPF function {function!r}") from None
+def _extract(
+    source: Path, function: str, insns: bytes, template_names: Mapping[int, str]
+) -> CompiledFunction:
+    """Find every map load in ``insns`` and the map it names (by bcc's template fd)."""
     relocations = []
     offset = 0
     while offset < len(insns):
         opcode, regs, _, imm = struct.unpack_from("<BBhi", insns, offset)
         if opcode == _LD_IMM64:
             if (regs >> 4) in (_PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE):
-                name = compiled.template_names.get(imm)
+                name = template_names.get(imm)
                 if name is None:
                     raise LoaderError(
                         f"{source}:{function}: instruction {offset // 8} names map fd {imm}, "
@@ -258,7 +333,11 @@ def _extract(compiled: _Compiled, source: Path, function: str) -> CompiledFuncti
                 relocations.append((offset, name))
             offset += 8  # the second half of the 16-byte instruction
         offset += 8
-    names = {name for _, name in relocations}
-    fds = {name: fd for fd, name in compiled.template_names.items()}
-    templates = {name: map_info(fds[name]) for name in sorted(names)}
+    fds = {name: fd for fd, name in template_names.items()}
+    templates = {}
+    for name in sorted({name for _, name in relocations}):
+        info = map_info(fds[name])
+        templates[name] = MapTemplate(
+            info.type, info.key_size, info.value_size, info.max_entries, info.flags
+        )
     return CompiledFunction(source, function, bytes(insns), tuple(relocations), templates)

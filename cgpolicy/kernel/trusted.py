@@ -1,0 +1,109 @@
+"""Folders cgpolicy trusts: made by root, closed to everyone else, reached without symlinks.
+
+Whoever can write a folder cgpolicy reads from decides what the kernel enforces, so every
+such folder is checked at every use, not only when it is created:
+
+- the folder itself is a real directory (not a symlink), owned by root, and neither group
+  nor others may write it;
+- every folder above it is owned by root and not writable by group or others, unless it
+  is sticky (``/tmp``, bpffs mounted 1777): in a sticky folder nobody else can rename or
+  delete what root made there, and a name someone else made first fails the owner check.
+
+Files inside are opened relative to the checked folder's descriptor with ``O_NOFOLLOW``,
+so a path swapped after the check cannot redirect a read or a write.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+class UntrustedFolder(Exception):
+    """A folder cgpolicy would read from or write to could be changed by someone other
+    than root. The message says what is wrong and how to fix it."""
+
+
+def _fix(path: Path) -> str:
+    return (
+        f"fix: chown root:root {path} && chmod go-w {path}, "
+        "or remove it and let cgpolicy recreate it"
+    )
+
+
+def _check_mode(path: Path, info: os.stat_result, *, is_leaf: bool) -> None:
+    if info.st_uid != 0:
+        raise UntrustedFolder(f"{path} is owned by uid {info.st_uid}, not root; {_fix(path)}")
+    writable_by_others = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if writable_by_others and (is_leaf or not info.st_mode & stat.S_ISVTX):
+        mode = stat.S_IMODE(info.st_mode)
+        raise UntrustedFolder(
+            f"{path} is writable by group or others (mode {mode:04o}); {_fix(path)}"
+        )
+
+
+def _check_ancestors(path: Path) -> None:
+    """Every folder above ``path`` (symlinks among them resolved) is root's."""
+    parent = path.parent
+    real = Path(os.path.realpath(parent))
+    for folder in (real, *real.parents):
+        try:
+            info = os.lstat(folder)
+        except OSError as error:
+            raise UntrustedFolder(f"cannot inspect {folder}: {error.strerror}") from None
+        _check_mode(folder, info, is_leaf=False)
+    if real != parent:
+        # A symlink on the way must itself sit in a folder only root controls.
+        for folder in (parent, *parent.parents):
+            if folder.is_symlink():
+                _check_mode(folder, os.lstat(folder.parent), is_leaf=False)
+
+
+def open_trusted_dir(path: Path, *, create: bool = True, mode: int = 0o700) -> int:
+    """A descriptor of ``path`` after checking that only root can change it; missing
+    folders are made (``mode`` for the last, 0755 above it) when ``create`` is set.
+
+    Raises UntrustedFolder naming the problem and its fix, FileNotFoundError when the
+    folder is missing and ``create`` is not set."""
+    path = Path(os.path.abspath(path))
+    missing: list[Path] = []
+    probe = path
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        probe = probe.parent
+    if missing and not create:
+        raise FileNotFoundError(f"{path} does not exist")
+    for folder in reversed(missing):
+        _check_ancestors(folder)
+        try:
+            os.mkdir(folder, mode if folder == path else 0o755)
+        except FileExistsError:
+            pass  # made by someone meanwhile: the checks below judge it
+        except OSError as error:
+            raise UntrustedFolder(f"cannot create {folder}: {error.strerror}") from None
+    _check_ancestors(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        if os.path.islink(path):
+            raise UntrustedFolder(
+                f"{path} is a symlink; cgpolicy does not follow links to the folders it "
+                f"trusts; fix: remove it and let cgpolicy recreate it"
+            ) from None
+        raise UntrustedFolder(f"cannot open {path}: {error.strerror}") from None
+    try:
+        _check_mode(path, os.fstat(fd), is_leaf=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def is_trusted_file(info: os.stat_result) -> bool:
+    """A regular file that only root can have written."""
+    return (
+        stat.S_ISREG(info.st_mode)
+        and info.st_uid == 0
+        and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
