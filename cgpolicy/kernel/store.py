@@ -108,11 +108,13 @@ def _sources(source: Path) -> dict[str, str]:
 
 
 def _file_identity(path: Path) -> list[Any] | None:
+    """Path, size and mtime: what a package update changes. Not the inode, which differs
+    between an image's build and its run (overlayfs layers)."""
     try:
         info = os.stat(path)
     except OSError:
         return None
-    return [str(path), info.st_size, info.st_mtime_ns, info.st_ino]
+    return [str(path), info.st_size, info.st_mtime_ns]
 
 
 def _bcc_identity() -> dict[str, Any]:
