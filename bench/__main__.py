@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import compile_time, enforce, reconcile, validate, verdict
+from bench import enforce, reconcile, startup, validate, verdict
 from bench.figures import Figure, Report
 from bench.scratch import remove_top_folders
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.perf_counter()
     try:
-        compile_time.run(report)  # first: the one-time bcc compile must not hide elsewhere
+        startup.run(report, args.quick)  # first: whole commands, before this process grows
         validate.run(report, args.quick)
         verdict.run(report, args.quick)
         enforce.run(report, args.quick)

@@ -15,7 +15,10 @@ from cgpolicy.mounts import find_bpffs
 REPO = Path(__file__).resolve().parents[2]
 
 FIGURES = {
-    "bcc_first_compile_s",
+    "store_fill_s",
+    *(f"{key}_s" for key in ("cli_help", "cli_validate_policies", "cli_apply_new", "cli_run_true")),
+    "cli_apply_new_rss_mib",
+    "cli_run_true_rss_mib",
     "testrun_overhead_ns.return_1",
     *(
         f"{kind}.{family}.{outcome}{suffix}"
