@@ -1,7 +1,7 @@
 # The two entry points the README opens with; both set the machine up first.
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit kernel lint bench compare compare-deps clean
+.PHONY: setup demo test unit kernel lint typecheck bench compare compare-deps clean
 
 setup:
 	./scripts/setup.sh
@@ -21,6 +21,9 @@ kernel: setup
 lint: setup
 	$(PY) -m ruff check cgpolicy tests bench
 	$(PY) -m ruff format --check cgpolicy tests bench
+
+typecheck: setup
+	$(PY) -m mypy cgpolicy
 
 bench: setup
 	$(PY) -m bench --output bench/results.json
