@@ -632,7 +632,7 @@ def _foreign_programs(cgroup: Path, bpf_dir: Path, hooks: list[str]) -> list[dic
                 ours.update(link.prog_id for link in hook.links.values() if link.prog_id)
     except (bpf.BpfError, OSError):
         pass
-    found = []
+    found: list[dict[str, Any]] = []
     try:
         fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:

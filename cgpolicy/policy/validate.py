@@ -12,7 +12,7 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from functools import cache
 from itertools import islice
@@ -243,6 +243,7 @@ def _explain(error: ValidationError) -> list[Explained]:
     if error.validator == "additionalProperties":
         return _unknown_fields(error, path)
     if error.validator == "required":
+        assert isinstance(error.validator_value, Iterable), error.validator_value
         return [
             (path, f"missing required field {name!r}", None, False)
             for name in error.validator_value
@@ -260,8 +261,9 @@ def _best(errors: list[ValidationError]) -> ValidationError:
 
 
 def _unknown_fields(error: ValidationError, path: Path) -> list[Explained]:
-    known = sorted(error.schema.get("properties", {}))
-    found = []
+    known = sorted(_schema(error).get("properties", {}))
+    assert isinstance(error.instance, Iterable), error.instance  # the mapping with the fields
+    found: list[Explained] = []
     for name in error.instance:
         if name in known:
             continue
@@ -269,6 +271,14 @@ def _unknown_fields(error: ValidationError, path: Path) -> list[Explained]:
         hint = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}"
         found.append((path + (name,), f"unknown field {name!r}", hint, True))
     return found
+
+
+def _schema(error: ValidationError) -> Mapping[str, Any]:
+    """The schema object holding the keyword that failed. The stubs also allow a boolean
+    schema and jsonschema's marker for a field not given: an error that validation yields
+    for a keyword always comes from a schema object."""
+    assert isinstance(error.schema, Mapping), error.schema
+    return error.schema
 
 
 def _describe(value: Any) -> str:
@@ -284,11 +294,8 @@ def _describe(value: Any) -> str:
 
 
 def _type(error: ValidationError) -> tuple[str, str | None]:
-    wanted = (
-        error.validator_value
-        if isinstance(error.validator_value, list)
-        else [error.validator_value]
-    )
+    declared = error.validator_value  # "string", or a list such as ["string", "null"]
+    wanted: list[str] = declared if isinstance(declared, list) else [str(declared)]
     expected = " or ".join(_TYPE_NAMES.get(name, name) for name in wanted)
     hint = None
     if isinstance(error.instance, bool) and "string" in wanted:
@@ -299,11 +306,12 @@ def _type(error: ValidationError) -> tuple[str, str | None]:
 
 
 def _enum(error: ValidationError) -> tuple[str, str | None]:
+    assert isinstance(error.validator_value, Iterable), error.validator_value
     choices = [str(choice) for choice in error.validator_value]
     close = difflib.get_close_matches(str(error.instance), choices, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}?" if close else None
     if hint is None:  # the schema says why the choices are what they are (socket families)
-        hint = error.schema.get("description")
+        hint = _schema(error).get("description")
     if isinstance(error.instance, bool):
         hint = "YAML reads yes/no/on/off/true/false as booleans; quote the value"
     return f"{_describe(error.instance)} is not one of: {', '.join(choices)}", hint
@@ -314,11 +322,12 @@ def _const(error: ValidationError) -> tuple[str, str | None]:
 
 
 def _pattern(error: ValidationError) -> tuple[str, str | None]:
-    expected = error.schema.get("description") or f"a match for {error.validator_value}"
+    expected = _schema(error).get("description") or f"a match for {error.validator_value}"
     return f"{error.instance!r} is not valid: expected {expected}", None
 
 
 def _size(error: ValidationError) -> tuple[str, str | None]:
+    assert isinstance(error.instance, Sized), error.instance
     limit, count = error.validator_value, len(error.instance)
     unit = "characters" if isinstance(error.instance, str) else "items"
     if str(error.validator).startswith("min"):
@@ -329,15 +338,16 @@ def _size(error: ValidationError) -> tuple[str, str | None]:
 
 
 def _range(error: ValidationError) -> tuple[str, str | None]:
-    low, high = error.schema.get("minimum"), error.schema.get("maximum")
+    low, high = _schema(error).get("minimum"), _schema(error).get("maximum")
     if low is not None and high is not None:
         return f"{error.instance} is out of range {low}-{high}", None
     return error.message, None
 
 
 def _properties(error: ValidationError) -> tuple[str, str | None]:
-    names = ", ".join(error.schema.get("properties", {}))
-    if error.schema.get("minProperties") == error.schema.get("maxProperties") == 1:
+    schema = _schema(error)
+    names = ", ".join(schema.get("properties", {}))
+    if schema.get("minProperties") == schema.get("maxProperties") == 1:
         return f"needs exactly one of: {names}", None
     if error.validator == "minProperties":
         return f"needs at least one of: {names}", None
