@@ -393,7 +393,11 @@ def reconcile(
     once: Annotated[bool, typer.Option("--once", help="Run a single pass and exit.")] = False,
     metrics_addr: Annotated[
         str | None,
-        typer.Option("--metrics-addr", help="HOST:PORT for /metrics (Prometheus) and /healthz."),
+        typer.Option(
+            "--metrics-addr",
+            help="HOST:PORT for /metrics (Prometheus), /healthz (liveness: the loop is alive)"
+            " and /readyz (readiness: every policy in the folder is applied).",
+        ),
     ] = None,
 ) -> None:
     """Keep the policies in a folder applied: new cgroups, changed files, drift, restarts.

@@ -13,19 +13,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cgpolicy.compiler.compile import compile_policy
+from cgpolicy.compiler.compile import CompileError, compile_policy
 from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer, Planned
 from cgpolicy.enforcer.observe import AppliedPolicy
 from cgpolicy.enforcer.plan import Action
+from cgpolicy.kernel.bpf import BpfError
 from cgpolicy.kernel.interfaces import resolve_interfaces
+from cgpolicy.kernel.loader import LoaderError
 from cgpolicy.policy.model import Policy, Target
 from cgpolicy.policy.validate import Problem
+from cgpolicy.reconciler.health import PassOutcome
 from cgpolicy.reconciler.metrics import Metrics
 from cgpolicy.reconciler.source import PolicySource
 from cgpolicy.reconciler.watch import Watcher, watch_folders
 
 log = logging.getLogger("cgpolicy.reconcile")
+
+# What the kernel or the file system reports: a pass that raises one of these is logged in one
+# line (and /readyz says it); anything else is a bug and gets its traceback.
+RUNTIME_ERRORS = (OSError, BpfError, LoaderError, ApplyError, CompileError)
 
 # Plan steps on an unchanged revision are repairs of drift, named as `audit` names them.
 DRIFT_OF_ACTION = {Action.ATTACH: "missing", Action.REATTACH: "missing", Action.UPDATE: "stale"}
@@ -37,6 +45,7 @@ class PassReport:
     removed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     repaired: int = 0
+    folder_missing: bool = False
 
 
 def _uses_interfaces(policy: Policy) -> bool:
@@ -58,6 +67,7 @@ class Reconciler:
         self._compiled: dict[int, tuple[Policy, int, CompiledPolicy]] = {}
         self._warned: set[str] = set()
         self._waiting: set[tuple[str, str]] = set()
+        self._not_ready: frozenset[tuple[str, str]] | None = None  # last readiness logged
 
     def _compile(self, policy: Policy) -> CompiledPolicy:
         generation = self.links_generation if _uses_interfaces(policy) else -1
@@ -88,7 +98,11 @@ class Reconciler:
             if "folder" not in self._warned:
                 self._warned.add("folder")
                 log.error("policy folder %s is missing; enforcement left as it is", self.policy_dir)
-            return PassReport(failed={str(self.policy_dir): "policy folder missing"})
+            self._record(PassOutcome(folder_missing=str(self.policy_dir)))
+            # In `failed` too, so that `--once` exits 1.
+            return PassReport(
+                failed={str(self.policy_dir): "policy folder missing"}, folder_missing=True
+            )
         self._warned.discard("folder")
         snapshot = self.source.read()
         self.policies = snapshot.policies
@@ -116,7 +130,27 @@ class Reconciler:
         self.metrics.invalid_files.set(len(snapshot.invalid_files))
         if not report.failed:
             self.metrics.last_success.set_to_current_time()
+        invalid = {
+            Path(file).name: problems[0].format()
+            + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+            for file, problems in snapshot.invalid_files.items()
+            if problems
+        }
+        self._record(PassOutcome(frozenset(wanted), dict(report.failed), invalid))
         return report
+
+    def _record(self, outcome: PassOutcome) -> None:
+        """Hand a completed pass to metrics and /readyz; log when readiness changes (each
+        failure is also logged where it happens)."""
+        self.metrics.record_pass(outcome)
+        keys = outcome.keys()
+        if keys == self._not_ready:
+            return
+        if keys:
+            log.warning("not ready: %s", "; ".join(outcome.reasons()))
+        else:
+            log.info("ready: every policy in %s is applied", self.policy_dir)
+        self._not_ready = keys
 
     def _execute(self, planned: list[Planned]) -> PassReport:
         report = PassReport()
@@ -198,6 +232,7 @@ class Service:
 
     def run(self) -> None:
         reconciler = self.reconciler
+        health = reconciler.metrics.health  # beaten at every pass and every wake-up
         watcher = Watcher(reconciler.policy_dir)
         wake_read, wake_write = os.pipe()
         os.set_blocking(wake_write, False)
@@ -213,10 +248,16 @@ class Service:
                     log.info("SIGHUP: re-reading %s", reconciler.policy_dir)
                 reconciler.links_generation = watcher.links_generation
                 started = time.monotonic()
+                health.beat()
                 try:
                     report = reconciler.reconcile()
-                except Exception:  # a bug or a kernel surprise must not end the service
+                except RUNTIME_ERRORS as error:  # e.g. bpffs cannot be mounted
+                    log.error("reconcile pass failed: %s; retrying at the next wake-up", error)
+                    health.pass_raised(str(error))
+                    report = PassReport()
+                except Exception as error:  # a bug must not end the service either
                     log.exception("reconcile pass failed; retrying at the next wake-up")
+                    health.pass_raised(f"{type(error).__name__}: {error}")
                     report = PassReport()
                 if report.applied or report.removed:
                     _release_free_heap()  # the first load leaves clang's heap behind
@@ -233,10 +274,12 @@ class Service:
                     ready, _, _ = select.select([*watcher.fds(), wake_read], [], [], timeout)
                 except InterruptedError:
                     ready = []
+                health.beat()
                 if wake_read in ready:
                     os.read(wake_read, 512)
                 watcher.drain(ready)
         finally:
+            health.stopped()
             signal.set_wakeup_fd(-1)
             watcher.close()
             os.close(wake_read)

@@ -1,10 +1,13 @@
-"""Prometheus metrics and a health endpoint for the reconcile service."""
+"""Prometheus metrics and the health endpoints (liveness, readiness) of the reconcile
+service."""
 
 from __future__ import annotations
 
+import errno
+import logging
+import socket
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -18,6 +21,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from cgpolicy.reconciler.health import Health, PassOutcome, Verdict
+
+log = logging.getLogger("cgpolicy.reconcile")
 
 
 class KernelCounters(Collector):
@@ -81,37 +88,108 @@ class Metrics:
             "Unix time of the last pass that ended without errors",
             registry=r,
         )
+        self.policy_failing = Gauge(
+            "cgpolicy_policy_failing",
+            "1 when the last pass could not apply (or remove) the policy, which keeps its "
+            "previous state; 0 when it is applied as its file says",
+            ["policy"],
+            registry=r,
+        )
+        self.invalid_file = Gauge(
+            "cgpolicy_invalid_policy_file",
+            "1 for each policy file that fails validation (its last good version stays enforced)",
+            ["file"],
+            registry=r,
+        )
+        self._failing_series: set[str] = set()
+        self._invalid_series: set[str] = set()
+        self.health = Health()
         self.healthy_within = 60.0
 
-    def healthy(self) -> bool:
-        last = self.last_success._value.get()  # noqa: SLF001 - the gauge is ours
-        return last > 0 and time.time() - last <= self.healthy_within
+    @property
+    def healthy_within(self) -> float:
+        """Seconds without a heartbeat from the loop after which /healthz says it is stuck."""
+        return self.health.stale_after
+
+    @healthy_within.setter
+    def healthy_within(self, seconds: float) -> None:
+        self.health.stale_after = seconds
+
+    def record_pass(self, outcome: PassOutcome) -> None:
+        """Per-policy and per-file state of a completed pass, for /metrics and /readyz. A pass
+        that found the folder missing changed nothing, so the series stay as they were."""
+        if outcome.folder_missing is None:
+            failing = {name: 1 for name in outcome.failing}
+            _set_series(self.policy_failing, self._failing_series, outcome.policies, failing)
+            invalid = dict.fromkeys(outcome.invalid_files, 1)
+            _set_series(self.invalid_file, self._invalid_series, invalid, invalid)
+        self.health.pass_completed(outcome)
 
     def serve(self, host: str, port: int) -> ThreadingHTTPServer:
-        """Serve /metrics (Prometheus text format) and /healthz in a daemon thread."""
+        """Serve /metrics (Prometheus text format), /healthz (liveness) and /readyz
+        (readiness) in a daemon thread."""
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if self.path.split("?")[0] == "/metrics":
-                    body, status = generate_latest(metrics.registry), 200
-                    content_type = CONTENT_TYPE_LATEST
-                elif self.path.split("?")[0] == "/healthz":
-                    ok = metrics.healthy()
-                    body, status = (b"ok\n", 200) if ok else (b"no recent successful pass\n", 503)
-                    content_type = "text/plain; charset=utf-8"
+            def _respond(self, send_body: bool) -> None:
+                path = self.path.split("?")[0]
+                content_type = "text/plain; charset=utf-8"
+                if path == "/metrics":
+                    try:
+                        body, status = generate_latest(metrics.registry), 200
+                        content_type = CONTENT_TYPE_LATEST
+                    except Exception as error:  # a collector's failure is not the server's
+                        log.warning("metrics scrape failed: %s", error)
+                        body, status = f"metrics unavailable: {error}\n".encode(), 500
+                elif path in ("/healthz", "/readyz"):
+                    health = metrics.health
+                    verdict: Verdict = (
+                        health.liveness() if path == "/healthz" else health.readiness()
+                    )
+                    body, status = verdict.body(), 200 if verdict.ok else 503
                 else:
-                    body, status, content_type = b"not found\n", 404, "text/plain"
+                    body, status = b"not found\n", 404
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
                 self.end_headers()
-                self.wfile.write(body)
+                if send_body:
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                self._respond(send_body=True)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._respond(send_body=False)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # scrapes every few seconds would drown the service log
 
-        server = ThreadingHTTPServer((host, port), Handler)
-        server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                # A client that hangs up mid-answer is no reason for a traceback in the log.
+                log.debug("metrics request from %s failed", client_address, exc_info=True)
+
+        if not 0 <= port <= 65535:
+            raise OSError(errno.EINVAL, f"metrics port {port} is not in 0-65535")
+        server = Server((host, port), Handler)
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server
+
+
+def _set_series(
+    gauge: Gauge, present: set[str], labels: Iterable[str], values: dict[str, int]
+) -> None:
+    """Set one series per label (0 unless ``values`` says otherwise) and drop the series of
+    labels gone since the last call, so a deleted policy or fixed file leaves no stale 1."""
+    wanted = set(labels) | set(values)
+    for label in sorted(wanted):
+        gauge.labels(label).set(values.get(label, 0))
+    for label in present - wanted:
+        gauge.remove(label)
+    present.clear()
+    present.update(wanted)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -341,3 +342,78 @@ def test_vanished_policy_folder_removes_nothing_and_is_followed_when_back(
     away.rename(daemon.policy_dir)
     path.write_text(path.read_text().replace("127.0.0.2", "127.0.0.1"))
     assert wait_until(lambda: connect_denied(work, "127.0.0.1", tcp_server.port)), daemon.log()
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of a GET; a 503 is an answer, not an error."""
+    try:
+        url = f"http://127.0.0.1:{port}{path}"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except OSError as error:
+        return 0, str(error)
+
+
+def test_liveness_stays_up_while_readiness_names_failing_policies_until_fixed(
+    daemon, scratch_cgroup
+):
+    """One good policy, one file that fails validation, one valid policy the kernel refuses
+    (its target is a file in cgroupfs, not a cgroup): the loop is alive, the service is not
+    ready and says which; fixed, it becomes ready."""
+    write_policy(daemon, scratch_cgroup, name="svc")
+    work = scratch_cgroup.child("work-1")
+    bad = daemon.policy_dir / "bad.yaml"
+    bad.write_text("apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\nmetadata: {name: bad}\n")
+    broken = daemon.policy_dir / "broken.yaml"
+    not_a_cgroup = f"{work.relative}/cgroup.procs"
+    broken.write_text(
+        POLICY.format(name="broken", glob=not_a_cgroup, denied="127.0.0.3").replace(
+            "{glob: ", "{path: "
+        )
+    )
+    daemon.start()
+    port = daemon.port
+    assert wait_until(lambda: "policy broken" in http_get(port, "/readyz")[1]), daemon.log()
+    status, body = http_get(port, "/readyz")
+    assert status == 503, body
+    assert "file bad.yaml: invalid: " in body and "spec" in body
+    assert "policy broken: not applied: " in body
+    assert "svc" not in body
+    assert http_get(port, "/healthz")[0] == 200
+    assert daemon.metric('cgpolicy_policy_failing{policy="broken"}') == 1
+    assert daemon.metric('cgpolicy_policy_failing{policy="svc"}') == 0
+    assert daemon.metric('cgpolicy_invalid_policy_file{file="bad.yaml"}') == 1
+    assert links_at(work.path, "connect4") == 1  # the good policy is enforced meanwhile
+    assert "broken: not applied" in daemon.log()
+    assert "not ready: " in daemon.log()
+
+    bad.write_text(POLICY.format(name="bad", glob=f"{work.relative}", denied="127.0.0.4"))
+    broken.write_text(POLICY.format(name="broken", glob=work.relative, denied="127.0.0.3"))
+    assert wait_until(lambda: http_get(port, "/readyz")[0] == 200, timeout=60), daemon.log()
+    assert http_get(port, "/readyz")[1] == "ready: 3 policies applied\n"
+    assert http_get(port, "/healthz")[0] == 200
+    assert daemon.metric('cgpolicy_policy_failing{policy="broken"}') == 0
+    assert daemon.metric('cgpolicy_invalid_policy_file{file="bad.yaml"}') is None
+    assert links_at(work.path, "connect4") == 3
+    assert "ready: every policy in" in daemon.log()
+
+
+def test_missing_policy_folder_is_alive_but_not_ready(daemon, scratch_cgroup):
+    write_policy(daemon, scratch_cgroup)
+    work = scratch_cgroup.child("work-1")
+    daemon.start()
+    port = daemon.port
+    assert wait_until(lambda: http_get(port, "/readyz")[0] == 200), daemon.log()
+    away = daemon.policy_dir.with_name("away")
+    daemon.policy_dir.rename(away)  # an unmounted volume looks like this
+    try:
+        assert wait_until(lambda: http_get(port, "/readyz")[0] == 503), daemon.log()
+        status, body = http_get(port, "/readyz")
+        assert f"policy folder {daemon.policy_dir} is missing" in body, body
+        assert http_get(port, "/healthz")[0] == 200
+        assert links_at(work.path, "connect4") == 1
+    finally:
+        away.rename(daemon.policy_dir)
+    assert wait_until(lambda: http_get(port, "/readyz")[0] == 200, timeout=30), daemon.log()
