@@ -17,7 +17,8 @@ The deny path (issue 4: the targets hold with counters and events on): the IPv4 
 packet, which the policy drops, once with every run emitting a deny event (the rate limit
 raised, the ring buffer drained between batches) and once over the rate limit (limit 0:
 every run is counted and refused an event, what a flood costs). The allow path is the
-"match" figure.
+"match" figure. The events of those runs are drained and decoded (cgpolicy.events.decode),
+which gives the reader's decode rate.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from bench.figures import Figure, Report
 from bench.scratch import Scratch
 from cgpolicy.compiler.compile import EVENTS_PER_SECOND
 from cgpolicy.enforcer import pins
+from cgpolicy.events.decode import decode
 from cgpolicy.events.ringbuf import RingBuffer
 from cgpolicy.kernel.bpf import Map, Program, enable_run_time_stats, hook
 
@@ -251,6 +253,7 @@ def _deny_path(
     policy = {"one_cidr": "verdict-one", "many_cidrs": "verdict-many"}
     samples: dict[str, list[int]] = {}
     zero = bytes(4)
+    decoded, decode_s = 0, 0.0
     for size, program in programs.items():
         ratelimit = _program_map(program, "ratelimit")
         events = Map.from_pin(pins.policy_dir(scratch.bpf_dir, policy[size]) / pins.EVENTS_PIN)
@@ -265,7 +268,13 @@ def _deny_path(
             emitting = samples.setdefault(f"ipv4.deny_event.{size}", [])
             for _ in range(max(10, rounds * 8)):
                 emitting.append(_test_run(program, case.packet, EVENT_BATCH, 0))
-                emitted = sum(1 for _ in ring.drain())
+                start = time.perf_counter()
+                emitted = 0
+                for raw in ring.drain():
+                    decode(raw)
+                    emitted += 1
+                decode_s += time.perf_counter() - start
+                decoded += emitted
                 if emitted != EVENT_BATCH:
                     raise RuntimeError(f"{emitted} events for {EVENT_BATCH} denied runs")
         finally:
@@ -290,6 +299,15 @@ def _deny_path(
             )
             target = ("<", NS_TARGET) if many else None
         report.add(Figure(f"verdict_ns.{key}", statistics.median(values), "ns", what, target))
+    report.add(
+        Figure(
+            "event_decode_per_s",
+            decoded / decode_s if decode_s else None,
+            "events/s",
+            "deny events drained from the ring buffer and decoded, per second of one reader "
+            f"(the {decoded:,} events of the deny_event runs, {EVENT_BATCH} at a time)",
+        )
+    )
 
 
 def _real_traffic(

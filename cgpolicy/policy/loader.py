@@ -11,7 +11,8 @@ JSON-like data itself. Decisions:
 * anchors, aliases and merge keys (``<<``) are refused outright, which makes expansion
   bombs impossible instead of merely bounded;
 * nesting deeper than :data:`MAX_DEPTH` is refused as soon as it is seen, so a
-  100,000-deep ``[[[...`` costs 65 events;
+  100,000-deep ``[[[...`` costs 65 events, with the same answer whichever libyaml is
+  installed (see :meth:`_Composer.run` for libyaml's own limit);
 * at most :data:`MAX_NODES` nodes and :data:`MAX_COLLECTIONS` mappings/lists per file;
 * duplicate keys are errors naming both lines;
 * mapping keys are kept as their source text (``yes:`` is the key "yes", not True), and
@@ -42,6 +43,10 @@ MAX_COLLECTIONS = 100_000
 MAX_PROBLEMS = 1000  # per file, so that a hostile file cannot flood memory with messages
 
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# libyaml 0.2.6 (bundled in PyYAML's wheels since 6.0.2; Debian's 0.2.5 has no such limit)
+# refuses more than 1000 nested levels, and its scanner can get there while looking ahead
+# for a ':' before the events of level 65 are out.
+_LIBYAML_DEPTH_LIMIT = "exceeded maximum nesting depth"
 _YAML_TAG = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {_YAML_TAG + name for name in ("str", "int", "float", "bool", "null")}
 _COLLECTION_TAGS = {None, "!", _YAML_TAG + "seq", _YAML_TAG + "map"}
@@ -221,15 +226,46 @@ class _Composer:
     def __init__(self, loaded: LoadedFile, text: str) -> None:
         self.loaded = loaded
         self.text = text
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget everything read so far, to read the file again from its start."""
+        self.loaded.documents.clear()
+        self.loaded.problems.clear()  # parsing starts only when reading and decoding had none
         self.stack: list[_Frame] = []
         self.nodes = 0
         self.collections = 0
         self.problem_count = 0
         self.document: Document | None = None
         self.resolver: Any = None
+        self.stopped = False  # by one of our limits (a _Stop), not by a YAML error
 
     def run(self, content: bytes) -> None:
-        parser = _Loader(content)
+        """Read every document of `content`, recording data and problems in `loaded`.
+
+        When libyaml's own depth limit (see _LIBYAML_DEPTH_LIMIT) ends the read, the answer
+        must not depend on which libyaml is installed, so the file is read again as a
+        scanner without that limit reads it. First by libyaml again, cut just before the
+        level that exceeded its limit: no level there is too deep for it, and every event up
+        to one of our stops is the same as in the whole file (a ':' that would make a key of
+        something before our stop cannot come after the cut: libyaml looks ahead at most
+        1024 characters for it, and from there it would first have to close the more than
+        800 levels opened in between). Whatever else ends that read (e.g. a syntax error at
+        the cut) may be an effect of the cut, so then the whole file is read by PyYAML's
+        pure-Python parser, which is slower (seconds for 16 MiB) but has no limit.
+        """
+        cut = self._read_events(_Loader(content))
+        if cut is None:
+            return
+        self._reset()
+        if self._read_events(_Loader(self.text[:cut].encode())) is None and self.stopped:
+            return
+        self._reset()
+        self._read_events(yaml.SafeLoader(content))
+
+    def _read_events(self, parser: Any) -> int | None:
+        """Compose documents from `parser`'s events; None, or the character offset at which
+        libyaml's own depth limit stopped it (then nothing is recorded about that)."""
         self.resolver = parser
         handlers: dict[type, Callable[[Any], None]] = {
             yaml.ScalarEvent: self._scalar,
@@ -248,13 +284,17 @@ class _Composer:
                 if handler is not None:
                     handler(event)
         except _Stop as stop:
+            self.stopped = True
             self.loaded.problems.append(stop.problem)
         except yaml.MarkedYAMLError as error:
+            if error.problem == _LIBYAML_DEPTH_LIMIT and error.problem_mark is not None:
+                return int(error.problem_mark.index)
             self.loaded.problems.append(self._syntax_problem(error))
         except yaml.YAMLError as error:
             self.loaded.problems.append(self._reader_problem(error))
         finally:
             parser.dispose()
+        return None
 
     # -- nodes (the hot path: one call per scalar, so kept lean) --------------------------
 

@@ -42,8 +42,10 @@ FIGURES = {
         for path in ("deny_event", "deny_over_limit")
         for size in ("one_cidr", "many_cidrs")
     ),
+    "event_decode_per_s",
     "validate_cidrs_s",
     "validate_cidrs_rss_mib",
+    "compile_cidrs_s",
     "validate_hostile_max_s",
     "validate_hostile_max_rss_mib",
     "validate_fanout_s",

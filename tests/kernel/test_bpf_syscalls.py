@@ -11,7 +11,7 @@ import os
 import platform
 import re
 import struct
-import time
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -263,15 +263,30 @@ def test_a_source_that_does_not_compile_reports_clang(tmp_path: Path) -> None:
         loader.load_program(ProgramSpec("egress", "broken.c", "f", "cgp_t", ()), tmp_path)
 
 
-def test_hundred_loads_with_fresh_maps_reuse_one_compile(source_dir: Path) -> None:
-    """The contract's budget: 100 policies loaded with fresh maps in under 10 s."""
+def test_hundred_loads_with_fresh_maps_reuse_one_compile(
+    source_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the one compile, 100 loads need no compiler (bcc cannot even be imported during
+    them) and each is a program of its own with fresh, filled maps. How long loading takes
+    is a `make bench` figure (apply_policies_s and its .load_s), not asserted here."""
     program_spec = spec(allowed=tuple(f"10.{i}.0.0/16" for i in range(100)))
     loader.load_program(program_spec, source_dir).close()  # the one compile
-    started = time.perf_counter()
-    loaded = [loader.load_program(program_spec, source_dir) for _ in range(100)]
-    elapsed = time.perf_counter() - started
-    bpf.close_all(p for lp in loaded for p in (lp.program, *lp.maps.values()))
-    assert elapsed < 10, f"100 loads took {elapsed:.1f} s"
+    monkeypatch.setitem(sys.modules, "bcc", None)  # `import bcc` now raises ImportError
+    loaded: list[loader.LoadedProgram] = []
+    try:
+        for _ in range(100):
+            loaded.append(loader.load_program(program_spec, source_dir))
+        infos = [program.info() for program in loaded]
+        assert len({info.id for info in infos}) == 100
+        assert len({info.tag for info in infos}) == 1  # the same instructions each time
+        map_ids = [map_id for info in infos for map_id in info.map_ids]
+        assert len(map_ids) == len(set(map_ids)) == 200  # allowed4 and config, never shared
+        for program in loaded:
+            assert program.maps["allowed4"].lookup(key4("10.99.1.2/32")) == u32(1)
+            assert program.program.test_run(ipv4_packet("10.42.0.1")).retval == 1
+            assert program.program.test_run(ipv4_packet("10.100.0.1")).retval == 0
+    finally:
+        bpf.close_all(p for lp in loaded for p in (lp.program, *lp.maps.values()))
 
 
 # --- links and attachments --------------------------------------------------------------

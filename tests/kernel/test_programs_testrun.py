@@ -13,7 +13,6 @@ import ipaddress
 import os
 import random
 import struct
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -411,9 +410,7 @@ def test_100k_cidrs(loaded: list[Skb]) -> None:
     section = NetworkSection(
         "allow", (NetworkRule("deny", cidrs), NetworkRule("deny", net("0.0.0.0/1"), "udp"))
     )
-    start = time.perf_counter()
-    compiled = compile_policy(policy(egress=section))
-    assert time.perf_counter() - start < 5
+    compiled = compile_policy(policy(egress=section))  # its time: compile_cidrs_s (bench)
     prog = Skb(compiled, "egress")
     loaded.append(prog)
     inside = [str(ipaddress.IPv4Address(block + 77)) for block in rng.sample(sorted(blocks), 50)]

@@ -170,16 +170,38 @@ def test_external_detach_and_deleted_pin_are_restored(daemon, scratch_cgroup, tc
 
 
 def test_sigkill_then_restart_gives_exactly_one_attachment_per_hook(daemon, scratch_cgroup):
+    hooks = ("connect4", "connect6", "sendmsg4", "sendmsg6")
     write_policy(daemon, scratch_cgroup)
     work = scratch_cgroup.child("work-1")
     daemon.start()
-    assert wait_until(lambda: links_at(work.path, "connect4") == 1), daemon.log()
+    assert wait_until(lambda: all(links_at(work.path, h) == 1 for h in hooks)), daemon.log()
     daemon.signal(signal.SIGKILL)
-    assert links_at(work.path, "connect4") == 1  # enforcement outlives the daemon
+    assert all(links_at(work.path, h) == 1 for h in hooks)  # enforcement outlives the daemon
+    # While no service runs: a link detached from outside and a new matching cgroup, which
+    # only the restarted service can repair and enforce.
+    (pin,) = daemon.bpf_dir.glob("svc/connect6/link-*")
+    with CgroupLink.from_pin(pin) as link:
+        subprocess.run(["bpftool", "link", "detach", "id", str(link.info().id)], check=True)
+    assert links_at(work.path, "connect6") == 0
+    late = scratch_cgroup.child("work-2")
+    assert all(links_at(late.path, h) == 0 for h in hooks)
     daemon.start()
-    time.sleep(2.5)  # two resyncs
-    for name in ("connect4", "connect6", "sendmsg4", "sendmsg6"):
-        assert links_at(work.path, name) == 1, name
+
+    def repaired() -> bool:
+        return links_at(work.path, "connect6") == 1 and links_at(late.path, "connect4") == 1
+
+    def passes() -> float:
+        return daemon.metric("cgpolicy_reconcile_passes_total") or 0
+
+    assert wait_until(repaired, timeout=30), daemon.log()
+    # Its metrics start at zero, so 3 passes are its first and two resyncs: had it not known
+    # the killed service's links for its own, any of them would have attached a second time.
+    assert wait_until(lambda: passes() >= 3, timeout=30), daemon.log()
+    for cgroup in (work, late):
+        for name in hooks:
+            assert links_at(cgroup.path, name) == 1, (cgroup.relative, name)
+    # What it repaired: the detached link and the 4 hooks of the new cgroup, nothing more.
+    assert daemon.metric('cgpolicy_drift_repaired_total{problem="missing"}') == 5
 
 
 def test_bad_file_keeps_previous_version_enforced_and_shows_in_metrics(

@@ -6,7 +6,6 @@ import fnmatch
 import ipaddress
 import random
 import struct
-import time
 from collections.abc import Callable
 from struct import unpack
 
@@ -176,7 +175,9 @@ def test_random_cidrs_match_python_semantics() -> None:
         assert lookup(cidr4, int(address), 32) == expected
 
 
-def test_100k_cidrs_compile_fast() -> None:
+def test_100k_cidrs_compile_into_the_index_layout() -> None:
+    """100,000 CIDRs compile into the /16 index and every sampled address gets its rules.
+    How long that takes is a `make bench` figure (compile_cidrs_s), not asserted here."""
     rng = random.Random(5)
     cidrs = tuple(
         {ipaddress.IPv4Network((rng.randrange(1 << 24) << 8, 24)) for _ in range(100_000)}
@@ -184,10 +185,7 @@ def test_100k_cidrs_compile_fast() -> None:
     wide = net("10.0.0.0/8", "192.168.0.0/16")
     rules = (NetworkRule("deny", cidrs), NetworkRule("allow", wide))
     policy = egress_policy(*rules)
-    start = time.perf_counter()
     compiled = compile_policy(policy)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, elapsed
     maps = maps_of(compiled, "egress")
     # A long list takes the /16 index instead of the trie (bpf/net.c cgp_cidr4_mask).
     assert maps["cidr4"].entries == () and maps["cidr4"].max_entries == 1

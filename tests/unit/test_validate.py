@@ -8,7 +8,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,20 +83,19 @@ def test_defaults_apply_when_optional_fields_are_omitted(
     assert policy.sysctl.rules == () and policy.network is None
 
 
-def test_policy_with_100000_cidrs_validates_quickly(
-    write: WriteFile, make_policy: MakePolicy
-) -> None:
+def test_policy_with_100000_cidrs_validates(write: WriteFile, make_policy: MakePolicy) -> None:
+    """Accepted with every CIDR (how long it takes: validate_cidrs_s in `make bench`)."""
     cidrs = "".join(f'      - "10.{i // 256 % 256}.{i % 256}.0/24"\n' for i in range(65_536))
     cidrs += "".join(f'      - "fd00:{i:x}::/32"\n' for i in range(100_000 - 65_536))
     spec = EGRESS_LIST_HEAD
     path = write(make_policy(spec=spec) + cidrs.replace("      - ", "          - "))
     assert path.stat().st_size > 2_000_000
-    started = time.perf_counter()
     result = load_paths([path])
-    elapsed = time.perf_counter() - started
     assert result.ok, [p.format() for p in result.problems[:5]]
-    assert len(result.policies[0].network.egress.rules[0].cidrs) == 100_000
-    assert elapsed < 2
+    parsed = result.policies[0].network.egress.rules[0].cidrs
+    assert len(parsed) == len(set(parsed)) == 100_000
+    assert str(parsed[0]) == "10.0.0.0/24" and str(parsed[65_535]) == "10.255.255.0/24"
+    assert str(parsed[65_536]) == "fd00::/32" and str(parsed[-1]) == "fd00:869f::/32"
 
 
 def test_folder_means_every_yaml_and_yml_file_in_it_in_name_order(
