@@ -35,6 +35,7 @@ class Settings:
 
     cgroup_root: Path | None
     bpf_dir: Path | None
+    dev_root: Path = Path("/dev")  # where this node's /dev is seen (device path rules)
 
     def resolved_cgroup_root(self) -> Path:
         from cgpolicy.mounts import find_cgroup2_root
@@ -80,6 +81,15 @@ def main_options(
             help="bpffs folder cgpolicy pins into [default: <bpffs mount>/cgpolicy]",
         ),
     ] = None,
+    dev_root: Annotated[
+        Path,
+        typer.Option(
+            "--dev-root",
+            envvar="CGPOLICY_DEV_ROOT",
+            help="where this node's /dev is mounted; device paths in policies are looked up "
+            "there when applied",
+        ),
+    ] = Path("/dev"),
     cache_dir: Annotated[
         Path | None,
         typer.Option(
@@ -120,7 +130,7 @@ def main_options(
         from cgpolicy.kernel.store import configure_store_dir
 
         configure_store_dir(cache_dir)
-    ctx.obj = Settings(cgroup_root=cgroup_root, bpf_dir=bpf_dir)
+    ctx.obj = Settings(cgroup_root=cgroup_root, bpf_dir=bpf_dir, dev_root=dev_root)
 
 
 PathsArgument = Annotated[
@@ -276,7 +286,7 @@ def _enforcer(ctx: typer.Context):  # -> Enforcer, imported lazily
     from cgpolicy.enforcer.engine import Enforcer
 
     settings: Settings = ctx.obj
-    return Enforcer(settings.resolved_cgroup_root(), settings.resolved_bpf_dir())
+    return Enforcer(settings.resolved_cgroup_root(), settings.resolved_bpf_dir(), settings.dev_root)
 
 
 def _print_plans(planned: list, as_json: bool, errors: dict[str, str] | None = None) -> None:
@@ -293,6 +303,8 @@ def _print_plans(planned: list, as_json: bool, errors: dict[str, str] | None = N
         return
     for item in planned:
         typer.echo(item.plan.summary())
+        for warning in item.plan.device_warnings():
+            typer.echo(f"  warning: {warning}")
         for step in item.plan.steps:
             if step.action is not Action.KEEP:
                 typer.echo(f"  {step.describe()}")
@@ -561,9 +573,8 @@ def explain(
     from cgpolicy.explain import (
         ACTION_WORDS,
         ExplainError,
-        Explanation,
         explain_cgroup,
-        explain_policies,
+        explain_files,
         parse_action,
         render,
         to_json,
@@ -577,11 +588,11 @@ def explain(
         parsed = parse_action(words[1:] if has_policy else words, icmp_type, interface)
         if cgroup is not None:
             root, bpf_dir = settings.resolved_cgroup_root(), settings.resolved_bpf_dir()
-            explanation = explain_cgroup(root, bpf_dir, cgroup, parsed)
+            explanation = explain_cgroup(root, bpf_dir, cgroup, parsed, settings.dev_root)
         else:
             policies = _load_valid([Path(words[0])])
             pairs = [(p, p.source.file if p.source else words[0]) for p in policies]
-            explanation = Explanation(parsed, explain_policies(pairs, parsed))
+            explanation = explain_files(pairs, parsed, settings.dev_root)
     except ExplainError as error:
         _fail(str(error), EXIT_INVALID)
     typer.echo(json.dumps(to_json(explanation), indent=2) if as_json else render(explanation))

@@ -22,7 +22,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cgpolicy import reference
 from cgpolicy.policy import describe
@@ -35,6 +35,10 @@ from cgpolicy.reference import (
     SysctlAccess,
     Verdict,
 )
+
+if TYPE_CHECKING:
+    from cgpolicy.compiler.spec import DeviceNode
+    from cgpolicy.kernel.devices import DeviceBinding
 
 ACTION_WORDS = ("egress", "ingress", "connect", "sendmsg", "bind", "socket", "device", "sysctl")
 
@@ -267,7 +271,10 @@ def _device(args: list[str]) -> ParsedAction:
         try:
             info = os.stat(args[0])
         except OSError as error:
-            raise ExplainError(f"{args[0]}: {error.strerror}") from None
+            raise ExplainError(
+                f"{args[0]}: {error.strerror} here; name the device by number instead: "
+                "device c|b MAJOR:MINOR ACCESS"
+            ) from None
         if stat.S_ISCHR(info.st_mode):
             kind = "char"
         elif stat.S_ISBLK(info.st_mode):
@@ -377,6 +384,37 @@ def explain_policies(
         PolicyExplanation(policy.name, file, policy, action.evaluate(policy))
         for policy, file in policies
     ]
+
+
+def bind_devices_here(
+    policy: Policy, dev_root: Path, remembered: dict[str, DeviceNode] | None = None
+) -> tuple[Policy, DeviceBinding, list[str]]:
+    """``policy`` with its device paths resolved as a node applying it here would resolve
+    them (under ``dev_root``), the binding, and a note for each path that names no device
+    (such a rule matches nothing, as in the kernel)."""
+    from cgpolicy.compiler.compile import bind_device_paths
+    from cgpolicy.kernel.devices import bind_devices
+
+    binding = bind_devices(policy, dev_root, remembered)
+    bound, paths = bind_device_paths(policy, binding)
+    notes = [f"{policy.name}: {warning}" for d in paths if (warning := d.warning())]
+    return bound, binding, notes
+
+
+def explain_files(
+    policies: Sequence[tuple[Policy, str | None]], action: ParsedAction, dev_root: Path
+) -> Explanation:
+    """Explain policies read from files. Their ``path:`` device rules are resolved on this
+    machine, as `apply` here would; one whose path names no device here is explained as
+    matching nothing, and said so."""
+    bound: list[tuple[Policy, str | None]] = []
+    notes: list[str] = []
+    for policy, file in policies:
+        if isinstance(action.action, DeviceAccess):
+            policy, _, found = bind_devices_here(policy, dev_root)
+            notes += found
+        bound.append((policy, file))
+    return Explanation(action, explain_policies(bound, action), notes)
 
 
 _RULE_RENDER = {
@@ -549,11 +587,14 @@ def cgroup_chain(cgroup_root: Path, given: str) -> tuple[str, list[Path]]:
 
 
 def explain_cgroup(
-    cgroup_root: Path, bpf_dir: Path, given: str, action: ParsedAction
+    cgroup_root: Path, bpf_dir: Path, given: str, action: ParsedAction, dev_root: Path | None = None
 ) -> Explanation:
     """Explain against every policy cgpolicy applied to the cgroup or one of its ancestors,
-    each read again from the source file recorded in its pinned metadata."""
+    each read again from the source file recorded in its pinned metadata (device paths
+    resolved under ``dev_root`` as the next apply would, deny rules keeping the device they
+    named when applied)."""
     from cgpolicy.enforcer import pins
+    from cgpolicy.kernel.devices import DEV_ROOT, remembered_denies
     from cgpolicy.policy.validate import load_paths
 
     relative, chain = cgroup_chain(cgroup_root, given)
@@ -590,9 +631,13 @@ def explain_cgroup(
                 f" ({problems})" if problems else ""
             )
             continue
-        item.policy = found[0]
-        item.verdict = action.evaluate(found[0])
-        changed = _changed_since_applied(found[0], meta.revision)
+        remembered = remembered_denies(meta.devices)
+        bound, binding, notes = bind_devices_here(found[0], dev_root or DEV_ROOT, remembered)
+        if isinstance(action.action, DeviceAccess):
+            explanation.notes += notes
+        item.policy = bound
+        item.verdict = action.evaluate(bound)
+        changed = _changed_since_applied(found[0], meta.revision, binding)
         if changed:
             explanation.notes.append(
                 f"{meta.name}: {meta.source} changed since it was applied (revision "
@@ -602,7 +647,9 @@ def explain_cgroup(
     return explanation
 
 
-def _changed_since_applied(policy: Policy, applied: str) -> str | None:
+def _changed_since_applied(
+    policy: Policy, applied: str, devices: DeviceBinding | None = None
+) -> str | None:
     from cgpolicy.compiler.compile import compile_policy
 
     try:
@@ -611,7 +658,7 @@ def _changed_since_applied(policy: Policy, applied: str) -> str | None:
             from cgpolicy.kernel.interfaces import resolve_interfaces
 
             resolver = resolve_interfaces
-        current = compile_policy(policy, resolver).revision
+        current = compile_policy(policy, resolver, resolve_device=devices).revision
     except Exception:  # noqa: BLE001 - best effort: the explanation stands without it
         return None
     return None if current == applied else current

@@ -399,6 +399,8 @@ def _create_conditions(rule: SocketCreateRule, action: SocketCreate) -> list[Tru
 def _device_conditions(rule: DeviceRule, action: DeviceAccess) -> list[Truth]:
     # cgroup v1 device controller semantics: an allow rule must grant every right asked
     # for; a deny rule matches if it names any of them.
+    if rule.type is None:  # a path rule not resolved to a device node: matches nothing
+        return [False]
     asked, named = set(action.access), set(rule.access)
     rights_ok = asked <= named if rule.action == "allow" else bool(asked & named)
     return [

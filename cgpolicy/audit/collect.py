@@ -248,6 +248,7 @@ def _read_counters(
                 "rule": slot,
                 "text": label.get("text"),
                 "line": label.get("line"),
+                "note": label.get("note"),  # e.g. a device path that names nothing here
                 "allowed": allowed,
                 "denied": denied,
             }

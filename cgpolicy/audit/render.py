@@ -34,8 +34,10 @@ def _counter_lines(a: Attachment) -> list[str]:
     for rule in c["rules"]:
         text = rule["text"] or "?"
         where = f" (line {rule['line']})" if rule.get("line") else ""
+        note = f" [{rule['note']}]" if rule.get("note") else ""
         lines.append(
-            f"rule {rule['rule']} {text}{where}: {rule['allowed']} allowed, {rule['denied']} {verb}"
+            f"rule {rule['rule']} {text}{where}: {rule['allowed']} allowed, "
+            f"{rule['denied']} {verb}{note}"
         )
     d = c["default"]
     lines.append(f"default: {d['allowed']} allowed, {d['denied']} {verb}")

@@ -19,7 +19,14 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from cgpolicy.compiler.spec import CompiledPolicy, MapSpec, ProgramSpec, RuleLabel
+from cgpolicy.compiler.spec import (
+    CompiledPolicy,
+    DeviceNode,
+    DevicePath,
+    MapSpec,
+    ProgramSpec,
+    RuleLabel,
+)
 from cgpolicy.policy import describe
 from cgpolicy.policy.model import (
     DeviceRule,
@@ -35,6 +42,8 @@ from cgpolicy.policy.model import (
 )
 
 InterfaceResolver = Callable[[tuple[str, ...]], set[int]]
+# What a `path:` device rule's path names on this node (cgpolicy.kernel.devices does the I/O).
+DeviceResolver = Callable[[DeviceRule], DeviceNode]
 Rule = TypeVar("Rule", NetworkRule, SocketAddressRule, SocketCreateRule, DeviceRule, SysctlRule)
 
 MAX_RULES = 64
@@ -62,6 +71,9 @@ _FAMILY_SLOTS, _TYPE_SLOTS, _PROTOCOL_SLOTS = 64, 16, 256
 _DEV_ANY = 0xFFFFFFFF
 _DEV_TYPES = {"any": 0, "block": 1, "char": 2}  # BPF_DEVCG_DEV_*
 _DEV_ACCESS = {"m": 1, "r": 2, "w": 4}  # BPF_DEVCG_ACC_*
+# A path rule whose path names no device here: a type no access has and no rights, so that
+# it matches nothing, allow or deny, while keeping its bit and counter slot.
+_DEV_NEVER_TYPE = 3
 # bpf/sysctl.c
 _SYSCTL_ACCESS = {"read": (True, False), "write": (False, True), "rw": (True, True)}
 
@@ -81,11 +93,15 @@ def compile_policy(
     policy: Policy,
     resolve_interfaces: InterfaceResolver | None = None,
     cidr4_index_min: int | None = None,
+    resolve_device: DeviceResolver | None = None,
 ) -> CompiledPolicy:
     """Compile ``policy``. ``resolve_interfaces`` turns a rule's interface names and globs
     into ifindexes; it is needed only when a network rule names interfaces.
-    ``cidr4_index_min`` overrides :data:`CIDR4_INDEX_MIN` (0: always the /16 index)."""
+    ``cidr4_index_min`` overrides :data:`CIDR4_INDEX_MIN` (0: always the /16 index).
+    ``resolve_device`` says what a ``path:`` device rule's path names on this node; it is
+    needed only when a device rule names a path."""
     index_min = CIDR4_INDEX_MIN if cidr4_index_min is None else cidr4_index_min
+    policy, device_paths = bind_device_paths(policy, resolve_device)
     audit = policy.mode == "audit"
     programs: list[ProgramSpec] = []
     resolved: dict[str, list[list[int]]] = {}
@@ -135,18 +151,51 @@ def compile_policy(
 
     return CompiledPolicy(
         name=policy.name,
-        revision=revision(policy, resolved, keys),
+        revision=revision(policy, resolved, keys, device_paths),
         mode=policy.mode,
         targets=policy.targets,
         programs=tuple(programs),
-        rules=rule_labels(policy, [spec.hook for spec in programs], keys),
+        rules=rule_labels(policy, [spec.hook for spec in programs], keys, device_paths),
+        device_paths=device_paths,
     )
 
 
+def bind_device_paths(
+    policy: Policy, resolve: DeviceResolver | None
+) -> tuple[Policy, tuple[DevicePath, ...]]:
+    """``policy`` with each unresolved ``path:`` device rule given the type and numbers that
+    ``resolve`` finds for its path, and what every such path resolved to. A rule whose path
+    names no device on this node stays unresolved (type None) and matches nothing: for an
+    allow rule that only narrows access; for a deny rule the caller reports it (and may keep
+    the numbers it had, see :mod:`cgpolicy.kernel.devices`). Pure: ``resolve`` looks."""
+    section = policy.devices
+    if section is None or all(rule.type is not None for rule in section.rules):
+        return policy, ()
+    if resolve is None:
+        raise CompileError("device rules that name a path need a device resolver")
+    rules: list[DeviceRule] = []
+    found: list[DevicePath] = []
+    for rule in section.rules:
+        if rule.type is None and rule.path is not None:
+            node = resolve(rule)
+            line = rule.source.line if rule.source else None
+            found.append(DevicePath(rule.path, rule.action, line, node))
+            if node.type is not None:
+                rule = dataclasses.replace(rule, type=node.type, major=node.major, minor=node.minor)
+        rules.append(rule)
+    bound = dataclasses.replace(section, rules=tuple(rules))
+    return dataclasses.replace(policy, devices=bound), tuple(found)
+
+
 def rule_labels(
-    policy: Policy, hooks: Sequence[str], keys: RuleKeys | None = None
+    policy: Policy,
+    hooks: Sequence[str],
+    keys: RuleKeys | None = None,
+    device_paths: Sequence[DevicePath] = (),
 ) -> tuple[tuple[str, tuple[RuleLabel, ...]], ...]:
-    """Per hook, a label for each rule in canonical order (what counter slot i counts)."""
+    """Per hook, a label for each rule in canonical order (what counter slot i counts);
+    a device path rule that names no device here carries a note saying so."""
+    notes = {(d.path, d.action): d.note() for d in device_paths}
     sections: dict[str, tuple[Any, Callable[[Any], str]]] = {}
     if policy.network is not None:
         for direction, where in (("ingress", "from"), ("egress", "to")):
@@ -176,7 +225,11 @@ def rule_labels(
             (
                 hook,
                 tuple(
-                    RuleLabel(render(rule), rule.source.line if rule.source else None)
+                    RuleLabel(
+                        render(rule),
+                        rule.source.line if rule.source else None,
+                        notes.get((rule.path, rule.action)) if hook == "device" else None,
+                    )
                     for rule in ordered_rules(section.rules, keys)
                 ),
             )
@@ -264,15 +317,18 @@ def revision(
     policy: Policy,
     resolved_interfaces: dict[str, list[list[int]]] | None = None,
     keys: RuleKeys | None = None,
+    device_paths: Sequence[DevicePath] = (),
 ) -> str:
     """First 16 hex chars of the sha256 of the policy's canonical content: name, mode and
     sections with their rules as sets. Source positions, rule order and targets do not
     count (targets say where programs go, not what they are). Interfaces resolved to
     ifindexes do count, per network hook in rule order, so that a new matching interface
-    gives a new revision and reconciliation reloads."""
+    gives a new revision and reconciliation reloads. So do device paths: their numbers
+    are in the (bound) rules, and what each path resolved to is added, so that a device
+    node that appears, vanishes or changes gives a new revision."""
     network, sockets = policy.network, policy.sockets
     key_of = keys or _rule_key
-    content = {
+    content: dict[str, Any] = {
         "name": policy.name,
         "mode": policy.mode,
         "network": None
@@ -294,6 +350,10 @@ def revision(
             hook: found for hook, found in sorted((resolved_interfaces or {}).items()) if any(found)
         },
     }
+    if device_paths:  # absent otherwise, so that revisions without path rules stay as they were
+        content["device_paths"] = sorted(
+            [d.path, d.action, d.node.state, d.node.numbers()] for d in device_paths
+        )
     text = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -614,10 +674,10 @@ def _device_maps(section: DeviceSection, audit: bool, keys: RuleKeys) -> dict[st
         struct.pack(
             "<QIIII",
             1 << index,
-            _DEV_TYPES[rule.type],
+            _DEV_NEVER_TYPE if rule.type is None else _DEV_TYPES[rule.type],
             _DEV_ANY if rule.major is None else rule.major,
             _DEV_ANY if rule.minor is None else rule.minor,
-            sum(_DEV_ACCESS[right] for right in rule.access),
+            0 if rule.type is None else sum(_DEV_ACCESS[right] for right in rule.access),
         )
         for index, rule in enumerate(rules)
     )

@@ -4,8 +4,14 @@ functions and map contents, as plain frozen values without file descriptors."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from cgpolicy.policy.model import Target
+
+# What a device rule's path names on the node that applies the policy (docs/policy.md,
+# "spec.devices"): a device node (resolved), nothing it may use (missing, not-a-device,
+# unsafe), or, for a deny rule, nothing now but a device when last applied (kept).
+DeviceState = Literal["resolved", "missing", "not-a-device", "unsafe", "kept"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +44,71 @@ class RuleLabel:
 
     text: str  # "deny any to 169.254.169.254/32"
     line: int | None  # 1-based line in the policy file
+    note: str | None = None  # e.g. why a device path rule matches nothing on this node
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceNode:
+    """What a device rule's path names on this node: a node's type and numbers (``type``
+    set), or nothing, and why (``detail``, e.g. "does not exist")."""
+
+    type: Literal["char", "block"] | None
+    major: int = 0
+    minor: int = 0
+    state: DeviceState = "resolved"
+    detail: str = ""
+
+    def numbers(self) -> str | None:
+        """``c 195:0``, as `ls -l` and the device rules' labels write a device."""
+        if self.type is None:
+            return None
+        return f"{self.type[0]} {self.major}:{self.minor}"
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePath:
+    """One ``path:`` device rule of a compiled policy and what its path resolved to."""
+
+    path: str
+    action: str
+    line: int | None
+    node: DeviceNode
+
+    @property
+    def resolved(self) -> bool:
+        return self.node.state == "resolved"
+
+    def note(self) -> str | None:
+        """A short remark for the rule's label (audit, events); None when resolved."""
+        if self.node.state == "resolved":
+            return None
+        if self.node.state == "kept":
+            return f"path {self.node.detail} now: still denies {self.node.numbers()}, as before"
+        return f"path {self.node.detail}: matches nothing on this node"
+
+    def warning(self) -> str | None:
+        """What `plan`, `apply` and the service report about this rule; None when resolved."""
+        if self.node.state == "resolved":
+            return None
+        rule = f"{self.action} rule" + (f", line {self.line}" if self.line else "")
+        head = f"device path {self.path} ({rule}) {self.node.detail}"
+        if self.node.state == "kept":
+            return (
+                f"{head} now: the rule keeps denying {self.node.numbers()}, the device it "
+                "named when last applied"
+            )
+        verb = "denies" if self.action == "deny" else "allows"
+        return f"{head}: on this node the rule {verb} nothing until the path names a device"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "action": self.action,
+            "line": self.line,
+            "state": self.node.state,
+            "device": self.node.numbers(),
+            "detail": self.node.detail or None,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,3 +120,5 @@ class CompiledPolicy:
     programs: tuple[ProgramSpec, ...]
     # per hook: the rules in canonical order (label i = rule i = counter slot i)
     rules: tuple[tuple[str, tuple[RuleLabel, ...]], ...] = ()
+    # every `path:` device rule and what its path named on the node it was compiled for
+    device_paths: tuple[DevicePath, ...] = ()

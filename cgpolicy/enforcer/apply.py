@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cgpolicy.compiler.compile import EVENTS_RING_BYTES
-from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.compiler.spec import CompiledPolicy, RuleLabel
 from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
 from cgpolicy.kernel.bpf import BpfError, CgroupLink, Map, MapType, Program
@@ -94,16 +94,22 @@ def apply_policy(
             raise ApplyError(f"attaching failed, previous state restored: {error}") from error
         _detach_unwanted(plan, bpf_dir, {spec.hook for spec in compiled.programs})
         cgroups = {s.cgroup_id: s.cgroup for s in plan.steps if s.action is not Action.DETACH}
-        rules = {
-            hook: [{"text": label.text, "line": label.line} for label in labels]
-            for hook, labels in compiled.rules
-        }
+        rules = {hook: [_label(label) for label in labels] for hook, labels in compiled.rules}
+        devices = [device.to_json() for device in compiled.device_paths]
         meta = pins.PolicyMeta(
-            compiled.name, compiled.revision, compiled.mode, source, cgroups, rules
+            compiled.name, compiled.revision, compiled.mode, source, cgroups, rules, devices
         )
         pins.write_meta(bpf_dir, meta)
     finally:
         work.close()
+
+
+def _label(label: RuleLabel) -> dict[str, object]:
+    """A rule label as the metadata records it (and audit and events read it)."""
+    recorded: dict[str, object] = {"text": label.text, "line": label.line}
+    if label.note:
+        recorded["note"] = label.note
+    return recorded
 
 
 def _prepare_programs(

@@ -20,6 +20,7 @@ from cgpolicy.enforcer.plan import PolicyPlan, plan_policy, plan_removal
 from cgpolicy.enforcer.targets import resolve_targets
 from cgpolicy.kernel.bpf import BpfError
 from cgpolicy.kernel.cgroup import ensure_bpffs
+from cgpolicy.kernel.devices import DEV_ROOT, DeviceBinding, bind_devices, remembered_denies
 from cgpolicy.kernel.interfaces import resolve_interfaces
 from cgpolicy.kernel.loader import LoaderError
 from cgpolicy.mounts import read_mounts
@@ -45,22 +46,33 @@ class Outcome:
         return self.error is None
 
 
-def _compile(policy: Policy) -> CompiledPolicy:
-    return compile_policy(policy, resolve_interfaces)
+# Compiles one policy with its device paths as resolved on this node.
+Compile = Callable[[Policy, DeviceBinding], CompiledPolicy]
+
+
+def _compile(policy: Policy, devices: DeviceBinding) -> CompiledPolicy:
+    return compile_policy(policy, resolve_interfaces, resolve_device=devices)
 
 
 class Enforcer:
-    def __init__(self, cgroup_root: Path, bpf_dir: Path) -> None:
+    def __init__(self, cgroup_root: Path, bpf_dir: Path, dev_root: Path = DEV_ROOT) -> None:
         self.cgroup_root = cgroup_root
         self.bpf_dir = bpf_dir
+        self.dev_root = dev_root  # where this node's /dev is seen (device path rules)
 
     def observe(self) -> dict[str, AppliedPolicy]:
         return observe(self.bpf_dir)
 
+    def devices(self, policy: Policy, applied: AppliedPolicy | None) -> DeviceBinding:
+        """What the policy's device paths name on this node; a deny rule's path that names
+        nothing now keeps the device it named when ``applied``."""
+        entries = applied.meta.devices if applied is not None and applied.meta else []
+        return bind_devices(policy, self.dev_root, remembered_denies(entries))
+
     def plan(
         self,
         policies: list[Policy],
-        compile: Callable[[Policy], CompiledPolicy] | None = None,
+        compile: Compile | None = None,
         applied: dict[str, AppliedPolicy] | None = None,
         missing_target_blocks: bool = True,
     ) -> list[Planned]:
@@ -70,7 +82,8 @@ class Enforcer:
         planned = []
         for policy in policies:
             try:
-                compiled = (compile or _compile)(policy)
+                devices = self.devices(policy, applied.get(policy.name))
+                compiled = (compile or _compile)(policy, devices)
             except CompileError as error:  # this policy cannot be applied; the others can
                 failed = PolicyPlan(policy.name, None, None, reload=False)
                 failed.problems.append(f"cannot compile: {error}")

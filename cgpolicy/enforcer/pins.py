@@ -41,9 +41,12 @@ class PolicyMeta:
     cgroups: dict[int, str] = field(default_factory=dict)
     # hook -> its rules in counter-slot order: {"text": "deny tcp to ...", "line": 12}
     rules: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    # `path:` device rules and what their paths named when applied (DevicePath.to_json);
+    # a deny rule's device is kept from here if its path names nothing later
+    devices: list[dict[str, object]] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        data = {
+        data: dict[str, object] = {
             "policy": self.name,
             "revision": self.revision,
             "mode": self.mode,
@@ -51,6 +54,8 @@ class PolicyMeta:
             "cgroups": {str(k): v for k, v in sorted(self.cgroups.items())},
             "rules": self.rules,
         }
+        if self.devices:
+            data["devices"] = self.devices
         return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
@@ -58,8 +63,16 @@ class PolicyMeta:
         data = json.loads(raw.rstrip(b"\0"))
         cgroups = {int(k): v for k, v in data.get("cgroups", {}).items()}
         rules = data.get("rules") or {}
+        listed = data.get("devices")
+        devices = [d for d in listed if isinstance(d, dict)] if isinstance(listed, list) else []
         return cls(
-            data["policy"], data["revision"], data["mode"], data.get("source"), cgroups, rules
+            data["policy"],
+            data["revision"],
+            data["mode"],
+            data.get("source"),
+            cgroups,
+            rules,
+            devices,
         )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.compiler.spec import CompiledPolicy, DevicePath
 from cgpolicy.enforcer.observe import AppliedPolicy
 from cgpolicy.enforcer.targets import CgroupRef, Resolution
 
@@ -41,6 +41,7 @@ class PolicyPlan:
     steps: list[Step] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # the policy is not applied while any
     warnings: list[str] = field(default_factory=list)  # reported; the rest is applied
+    devices: list[DevicePath] = field(default_factory=list)  # `path:` device rules, resolved
 
     @property
     def changed(self) -> bool:
@@ -50,12 +51,19 @@ class PolicyPlan:
     def blocked(self) -> bool:
         return bool(self.problems)
 
+    def device_warnings(self) -> list[str]:
+        """One line per ``path:`` device rule whose path names no device node here (these
+        are in ``warnings`` too; the summary leaves them to their own lines)."""
+        return [w for d in self.devices if (w := d.warning()) is not None]
+
     def summary(self) -> str:
         if self.blocked:
             return f"{self.name}: not applied: {'; '.join(self.problems)}"
         if self.new_revision is None:
             return f"{self.name}: remove (revision {self.old_revision})"
-        waiting = f" (waiting for: {'; '.join(self.warnings)})" if self.warnings else ""
+        devices = set(self.device_warnings())
+        others = [w for w in self.warnings if w not in devices]
+        waiting = f" (waiting for: {'; '.join(others)})" if others else ""
         if not self.changed:
             return f"{self.name}: unchanged (revision {self.new_revision}){waiting}"
         if self.old_revision is None:
@@ -73,6 +81,7 @@ class PolicyPlan:
             "changed": self.changed,
             "problems": self.problems,
             "warnings": self.warnings,
+            "devices": [device.to_json() for device in self.devices],
             "steps": [
                 {
                     "action": s.action.value,
@@ -104,13 +113,17 @@ def plan_policy(
     plan = PolicyPlan(desired.name, old_revision, desired.revision, reload)
     missing = [f"target cgroup {path} does not exist" for path in resolution.missing]
     (plan.problems if missing_target_blocks else plan.warnings).extend(missing)
+    # A device path that names no device here never blocks: the rest of the policy applies,
+    # the rule matches nothing (or, for a deny, keeps the device it named before).
+    plan.devices = list(desired.device_paths)
+    plan.warnings.extend(w for d in desired.device_paths if (w := d.warning()) is not None)
 
     wanted: dict[int, CgroupRef] = {ref.cgroup_id: ref for ref in resolution.cgroups}
     for hook in hooks:
         current = applied.hooks.get(hook) if applied else None
         for cgroup_id, ref in wanted.items():
             link = current.links.get(cgroup_id) if current else None
-            if link is None:
+            if current is None or link is None:
                 action = Action.ATTACH
             elif not link.attached:
                 action = Action.REATTACH

@@ -33,12 +33,7 @@ from cgpolicy.policy.model import (
     Target,
 )
 from cgpolicy.policy.problems import Path
-from cgpolicy.policy.semantic import (
-    normalise_sysctl_name,
-    parse_cidr,
-    parse_port_range,
-    resolve_device,
-)
+from cgpolicy.policy.semantic import normalise_sysctl_name, parse_cidr, parse_port_range
 
 
 class _Builder:
@@ -129,10 +124,8 @@ class _Builder:
     def device_rule(self, rule: dict[str, Any], path: Path) -> DeviceRule:
         access = "".join(flag for flag in "rwm" if flag in rule.get("access", "rwm"))
         if "path" in rule:
-            kind, major, minor = resolve_device(rule["path"])
-            return DeviceRule(
-                rule["action"], kind, major, minor, access, rule["path"], self.at(path)
-            )
+            # Resolved by the node that applies the policy, not here (DeviceRule).
+            return DeviceRule(rule["action"], None, None, None, access, rule["path"], self.at(path))
         return DeviceRule(
             rule["action"],
             rule["type"],

@@ -87,6 +87,11 @@ def describe(policy: Policy) -> str:
         left_alone.append("devices")
     else:
         lines += _section("devices", devices.default, devices.rules, _device_rule)
+        if any(rule.type is None for rule in devices.rules):
+            lines.append(
+                "    (paths are resolved on the node that applies the policy; one that names "
+                "no device there matches nothing)"
+            )
 
     sysctl: SysctlSection | None = policy.sysctl
     if sysctl is None:
@@ -157,6 +162,10 @@ def _connect_rule(rule: SocketAddressRule) -> str:
 
 
 def _device_rule(rule: DeviceRule) -> str:
+    """``allow c 1:3 rw``; a path rule as resolved, ``allow c 1:3 rw (/dev/null)``, or, before
+    a node resolved it (or where it names no device), ``allow /dev/null rw``."""
+    if rule.type is None:
+        return f"{rule.action} {rule.path} {rule.access}"
     major = "*" if rule.major is None else str(rule.major)
     minor = "*" if rule.minor is None else str(rule.minor)
     text = f"{rule.action} {_DEVICE_TYPE_LETTER[rule.type]} {major}:{minor} {rule.access}"

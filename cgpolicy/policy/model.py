@@ -131,11 +131,16 @@ class Sockets:
 
 @dataclass(frozen=True, slots=True)
 class DeviceRule:
-    """A cgroup_device rule. `path:` rules are resolved to type/major/minor when the policy
-    is loaded; `path` is kept only for messages. None for major/minor means any ('*')."""
+    """A cgroup_device rule, by numbers or by ``path``. None for major/minor means any ('*').
+
+    A ``path:`` rule comes out of validation unresolved: ``type`` is None (and major/minor
+    too), because what a path names depends on the node, and validation must give the same
+    answer everywhere. The node that applies the policy resolves it
+    (:func:`cgpolicy.compiler.compile.bind_device_paths`); an unresolved rule matches nothing.
+    """
 
     action: Action
-    type: DeviceType
+    type: DeviceType | None  # None: a path rule not resolved (yet, or not on this node)
     major: int | None
     minor: int | None
     access: str  # a non-empty subset of "rwm", in that order

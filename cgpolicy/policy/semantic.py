@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import os
 import re
 import socket
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cgpolicy.policy.model import DeviceType, IPNetwork, PortRange, SourceLocation
+from cgpolicy.policy.model import IPNetwork, PortRange, SourceLocation
 from cgpolicy.policy.problems import Path, Problem
 
 MAX_CIDRS_PER_POLICY = 200_000
+MAX_DEVICE_PATH_BYTES = 4095  # PATH_MAX less the terminating NUL
+MAX_NAME_BYTES = 255  # NAME_MAX: one path component
 
 _PORT = re.compile(r"([0-9]+)(?:-([0-9]+))?\Z")
 _DOTTED_COMPONENT = re.compile(r"[A-Za-z0-9_*-]+\Z")
@@ -147,24 +147,44 @@ def normalise_sysctl_name(name: str) -> str:
     return "/".join(parts)
 
 
-def resolve_device(path: str) -> tuple[DeviceType, int, int]:
-    """(type, major, minor) of a device node, following symlinks as open() would."""
+def device_path_problem(path: str) -> InvalidValue | None:
+    """Why ``path`` is not a well-formed device path, if it is not. Syntax only: what the
+    path names is looked up by the node that applies the policy (``cgpolicy.kernel.devices``),
+    so validation gives the same answer on every machine, with or without the device."""
     if not path.startswith("/"):
-        raise InvalidValue(f"device path {path!r} is not absolute", f"write '/dev/{path}'?")
-    try:
-        info = os.stat(path)
-    except OSError as error:
-        reason = "does not exist" if isinstance(error, FileNotFoundError) else error.strerror
-        raise InvalidValue(f"device path {path!r}: {reason}") from None
-    if stat.S_ISCHR(info.st_mode):
-        return "char", os.major(info.st_rdev), os.minor(info.st_rdev)
-    if stat.S_ISBLK(info.st_mode):
-        return "block", os.major(info.st_rdev), os.minor(info.st_rdev)
-    kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a device node"
-    raise InvalidValue(
-        f"device path {path!r} is {kind}",
-        "name a character or block device such as /dev/null, or use type/major/minor",
-    )
+        return InvalidValue(f"device path {path!r} is not absolute", f"write '/dev/{path}'?")
+    if any(ord(char) < 32 or char == "\x7f" for char in path):
+        return InvalidValue(f"device path {path!r} contains a control character")
+    if len(path.encode()) > MAX_DEVICE_PATH_BYTES:
+        return InvalidValue(
+            f"device path is {len(path.encode())} bytes long; at most "
+            f"{MAX_DEVICE_PATH_BYTES} are allowed"
+        )
+    parts = path.split("/")[1:]
+    if parts[0] != "dev":
+        return InvalidValue(
+            f"device path {path!r} is not under /dev",
+            "device rules name nodes in /dev; for others, use type, major and minor",
+        )
+    if parts[1:] in ([], [""]):
+        return InvalidValue(
+            f"device path {path!r} names the /dev folder, not a device node",
+            "name a node such as /dev/null, or use type: any",
+        )
+    for part in parts[1:]:
+        if part == "":
+            normal = "/" + "/".join(p for p in parts if p)
+            return InvalidValue(f"device path {path!r} has an empty component", f"write {normal!r}")
+        if part in (".", ".."):
+            return InvalidValue(
+                f"device path {path!r} has a {part!r} component; device paths are "
+                "written without '.' or '..'"
+            )
+        if len(part.encode()) > MAX_NAME_BYTES:
+            return InvalidValue(
+                f"device path {path!r} has a component longer than {MAX_NAME_BYTES} bytes"
+            )
+    return None
 
 
 def target_problem(text: str) -> InvalidValue | None:
@@ -325,7 +345,7 @@ def _check_devices(spec: dict[str, Any]) -> Iterator[Finding]:
             yield Finding(
                 path + ("path",),
                 f"a device rule takes either path or {'/'.join(numbered)}, not both",
-                "path is resolved to type, major and minor when the policy is loaded",
+                "path is resolved to type, major and minor on the node that applies the policy",
             )
         elif device is None and "type" not in rule:
             yield Finding(
@@ -333,11 +353,9 @@ def _check_devices(spec: dict[str, Any]) -> Iterator[Finding]:
                 "a device rule needs either type (char, block or any) or path",
                 "e.g. {action: allow, path: /dev/null, access: rw}",
             )
-        if isinstance(device, str):
-            try:
-                resolve_device(device)
-            except InvalidValue as error:
-                yield Finding(path + ("path",), error.message, error.hint)
+        problem = device_path_problem(device) if isinstance(device, str) else None
+        if problem is not None:
+            yield Finding(path + ("path",), problem.message, problem.hint)
 
 
 def _check_sysctl(spec: dict[str, Any]) -> Iterator[Finding]:

@@ -20,6 +20,8 @@ from cgpolicy.enforcer.engine import Enforcer, Planned
 from cgpolicy.enforcer.observe import AppliedPolicy
 from cgpolicy.enforcer.plan import Action
 from cgpolicy.kernel.bpf import BpfError
+from cgpolicy.kernel.devices import DeviceBinding, device_paths
+from cgpolicy.kernel.devices import watch_folders as device_folders
 from cgpolicy.kernel.interfaces import resolve_interfaces
 from cgpolicy.kernel.loader import LoaderError
 from cgpolicy.policy.model import Policy, Target
@@ -62,19 +64,20 @@ class Reconciler:
         self.policies: list[Policy] = []
         self.metrics = metrics
         self.links_generation = 0
-        # id(policy) -> (policy, links generation or -1, compiled); the policy is kept so
-        # that its id cannot be reused while cached.
-        self._compiled: dict[int, tuple[Policy, int, CompiledPolicy]] = {}
+        # id(policy) -> (policy, (links generation or -1, device paths), compiled); the
+        # policy is kept so that its id cannot be reused while cached.
+        self._compiled: dict[int, tuple[Policy, tuple[int, DeviceBinding], CompiledPolicy]] = {}
         self._warned: set[str] = set()
         self._waiting: set[tuple[str, str]] = set()
         self._not_ready: frozenset[tuple[str, str]] | None = None  # last readiness logged
 
-    def _compile(self, policy: Policy) -> CompiledPolicy:
-        generation = self.links_generation if _uses_interfaces(policy) else -1
+    def _compile(self, policy: Policy, devices: DeviceBinding) -> CompiledPolicy:
+        """Recompile when the policy, its interfaces or what its device paths name changed."""
+        generation = (self.links_generation if _uses_interfaces(policy) else -1, devices)
         cached = self._compiled.get(id(policy))
         if cached and cached[0] is policy and cached[1] == generation:
             return cached[2]
-        compiled = compile_policy(policy, resolve_interfaces)
+        compiled = compile_policy(policy, resolve_interfaces, resolve_device=devices)
         self._compiled[id(policy)] = (policy, generation, compiled)
         return compiled
 
@@ -113,6 +116,9 @@ class Reconciler:
         applied = self.enforcer.observe()
         planned = self.enforcer.plan(
             snapshot.policies, self._compile, applied, missing_target_blocks=False
+        )
+        self.metrics.record_device_paths(
+            (item.plan.name, device) for item in planned for device in item.plan.devices
         )
         wanted = {p.name for p in snapshot.policies}
         # A file that exists but is invalid keeps what came from it enforced.
@@ -200,6 +206,10 @@ class Reconciler:
                     "invalid policy file, last good version stays enforced: %s", problem.format()
                 )
 
+    def device_paths(self) -> list[str]:
+        """Every device path a device rule of the last pass's policies names."""
+        return sorted({path for policy in self.policies for _, path in device_paths(policy)})
+
     def targets(self) -> list[Target]:
         """Every target of the policies of the last pass."""
         return [target for policy in self.policies for target in policy.targets]
@@ -264,6 +274,8 @@ class Service:
                 root = reconciler.enforcer.cgroup_root
                 watcher.watch_policy_dir()
                 watcher.watch_cgroups(watch_folders(root, reconciler.targets()))
+                dev_root = reconciler.enforcer.dev_root
+                watcher.watch_devices(device_folders(reconciler.device_paths(), dev_root))
                 # Resyncs start every interval, not every interval after the previous one
                 # ended, so drift with no event is repaired within interval + one pass (a
                 # pass longer than that still leaves half an interval idle).

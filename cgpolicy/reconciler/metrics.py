@@ -22,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from cgpolicy.compiler.spec import DevicePath
 from cgpolicy.reconciler.health import Health, PassOutcome, Verdict
 
 log = logging.getLogger("cgpolicy.reconcile")
@@ -101,8 +102,17 @@ class Metrics:
             ["file"],
             registry=r,
         )
+        self.device_path_unresolved = Gauge(
+            "cgpolicy_device_path_unresolved",
+            "1 for each path: device rule whose path names no device node on this node; "
+            "state missing, not-a-device or unsafe: the rule matches nothing; kept: a deny "
+            "rule still denying the device its path named when last applied",
+            ["policy", "path", "action", "state"],
+            registry=r,
+        )
         self._failing_series: set[str] = set()
         self._invalid_series: set[str] = set()
+        self._device_series: set[tuple[str, str, str, str]] = set()
         self.health = Health()
         self.healthy_within = 60.0
 
@@ -124,6 +134,18 @@ class Metrics:
             invalid = dict.fromkeys(outcome.invalid_files, 1)
             _set_series(self.invalid_file, self._invalid_series, invalid, invalid)
         self.health.pass_completed(outcome)
+
+    def record_device_paths(self, found: Iterable[tuple[str, DevicePath]]) -> None:
+        """(policy, device path rule) of the last pass: a series for each one that is not
+        resolved; series of rules resolved or gone since are dropped."""
+        wanted: set[tuple[str, str, str, str]] = {
+            (name, d.path, d.action, d.node.state) for name, d in found if not d.resolved
+        }
+        for labels in sorted(wanted):
+            self.device_path_unresolved.labels(*labels).set(1)
+        for labels in self._device_series - wanted:
+            self.device_path_unresolved.remove(*labels)
+        self._device_series = wanted
 
     def serve(self, host: str, port: int) -> ThreadingHTTPServer:
         """Serve /metrics (Prometheus text format), /healthz (liveness) and /readyz

@@ -27,6 +27,15 @@ FOLDER_EVENTS = (
     | inotify_flags.DELETE_SELF
 )
 CGROUP_EVENTS = inotify_flags.CREATE | inotify_flags.DELETE | inotify_flags.DELETE_SELF
+# A device node (or a symlink to one) created, removed or renamed in a folder a policy's
+# device path goes through.
+DEVICE_EVENTS = (
+    inotify_flags.CREATE
+    | inotify_flags.DELETE
+    | inotify_flags.MOVED_TO
+    | inotify_flags.MOVED_FROM
+    | inotify_flags.DELETE_SELF
+)
 MAX_CGROUP_WATCHES = 20000
 
 
@@ -70,6 +79,7 @@ class Watcher:
         self.inotify = INotify()
         self.policy_dir = policy_dir
         self._cgroup_watches: dict[Path, int] = {}
+        self._device_watches: dict[Path, int] = {}
         self._policy_watch: int | None = None
         self.watch_policy_dir()
         self._netlink = _link_monitor() if follow_links else None
@@ -107,21 +117,31 @@ class Watcher:
 
     def watch_cgroups(self, folders: set[Path]) -> None:
         """Watch exactly ``folders`` (new ones added, vanished or unneeded ones dropped)."""
-        for folder in list(self._cgroup_watches):
+        self._watch(self._cgroup_watches, folders, CGROUP_EVENTS, "cgroup")
+
+    def watch_devices(self, folders: set[Path]) -> None:
+        """Watch exactly these device folders, so that a device node a policy names is
+        seen when it appears, vanishes or is replaced (the resync catches anything else)."""
+        self._watch(self._device_watches, folders, DEVICE_EVENTS, "device")
+
+    def _watch(self, watches: dict[Path, int], folders: set[Path], mask: int, kind: str) -> None:
+        for folder in list(watches):
             if folder not in folders:
-                wd = self._cgroup_watches.pop(folder)
+                wd = watches.pop(folder)
                 try:
                     self.inotify.rm_watch(wd)
                 except OSError:
                     pass  # the folder is gone, and its watch with it
-        for folder in sorted(folders - set(self._cgroup_watches)):
-            if len(self._cgroup_watches) >= MAX_CGROUP_WATCHES:
+        for folder in sorted(folders - set(watches)):
+            if len(watches) >= MAX_CGROUP_WATCHES:
                 log.warning(
-                    "watching %d cgroup folders; relying on resync for the rest", MAX_CGROUP_WATCHES
+                    "watching %d %s folders; relying on resync for the rest",
+                    MAX_CGROUP_WATCHES,
+                    kind,
                 )
                 break
             try:
-                self._cgroup_watches[folder] = self.inotify.add_watch(folder, CGROUP_EVENTS)
+                watches[folder] = self.inotify.add_watch(folder, mask)
             except OSError:
                 continue  # vanished meanwhile
 

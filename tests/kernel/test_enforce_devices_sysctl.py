@@ -39,7 +39,8 @@ def test_device_open_and_mknod(scratch_cgroup, bpf_dir, cgroup_root, tmp_path):
                 "default": "deny",
                 "rules": [
                     {"action": "allow", "type": "char", "major": 1, "minor": 3},  # rwm
-                    {"action": "allow", "path": zero, "access": "r"},  # by node, resolved by stat
+                    # by node: /dev/zero is 1:5, as `zero` is; resolved when applied
+                    {"action": "allow", "path": "/dev/zero", "access": "r"},
                     {"action": "allow", "type": "char", "major": 1, "minor": 9, "access": "rw"},
                     {"action": "deny", "type": "char", "major": 1, "minor": 9, "access": "w"},
                     {"action": "allow", "type": "char", "access": "m"},  # mknod of any char
