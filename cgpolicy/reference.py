@@ -257,19 +257,21 @@ def evaluate(policy: Policy, action: Action) -> Verdict:
         if rule_matches(rule, conditions(rule, action)):
             (denying if rule.action == "deny" else allowing).append(rule)
 
+    decider: Decider
+    deciding: Rule | None
     if denying:
-        allowed, decider, rule = False, "rule", denying[0]
+        allowed, decider, deciding = False, "rule", denying[0]
     elif allowing:
-        allowed, decider, rule = True, "rule", allowing[0]
+        allowed, decider, deciding = True, "rule", allowing[0]
     else:
-        allowed, decider, rule = section.default == "allow", "default", None
+        allowed, decider, deciding = section.default == "allow", "default", None
     return Verdict(
         name,
         allowed,
         allowed or audit,
         audit,
         decider,
-        rule,
+        deciding,
         tuple(denying + allowing) if not allowed else tuple(allowing + denying),
     )
 

@@ -44,7 +44,10 @@ from cgpolicy.policy.model import (
 InterfaceResolver = Callable[[tuple[str, ...]], set[int]]
 # What a `path:` device rule's path names on this node (cgpolicy.kernel.devices does the I/O).
 DeviceResolver = Callable[[DeviceRule], DeviceNode]
-Rule = TypeVar("Rule", NetworkRule, SocketAddressRule, SocketCreateRule, DeviceRule, SysctlRule)
+# Bound, not constrained: reference.py orders a section whose rule type it does not know.
+Rule = TypeVar(
+    "Rule", bound=NetworkRule | SocketAddressRule | SocketCreateRule | DeviceRule | SysctlRule
+)
 
 MAX_RULES = 64
 COUNTER_SLOTS = MAX_RULES + 1  # slot 64: the section default decided
@@ -201,7 +204,9 @@ def rule_labels(
         for direction, where in (("ingress", "from"), ("egress", "to")):
             section = getattr(policy.network, direction)
             if section is not None:
-                render = functools.partial(describe._network_rule, where=where)
+                render: Callable[[Any], str] = functools.partial(
+                    describe._network_rule, where=where
+                )
                 sections[direction] = (section, render)
     if policy.sockets is not None:
         if policy.sockets.create is not None:

@@ -66,6 +66,14 @@ def _mark(mark: Any) -> int:
     return _pack(mark.line + 1, mark.column + 1)
 
 
+def _start(event: yaml.Event) -> tuple[int, int]:
+    """Line and column (1-based) where an event starts. The stubs allow an event without
+    a mark; the parser (pure or libyaml) marks every event it produces."""
+    mark = event.start_mark
+    assert mark is not None, event
+    return mark.line + 1, mark.column + 1
+
+
 class SourceMap:
     """Where each node of one document was written, stored compactly.
 
@@ -156,36 +164,40 @@ def _read(path: str, loaded: LoadedFile) -> bytes | None:
             size = info.st_size if stat.S_ISREG(info.st_mode) else 0
             content = handle.read(MAX_FILE_BYTES + 1) if size <= MAX_FILE_BYTES else b""
     except OSError as error:
-        return _file_problem(loaded, f"cannot read the file: {error.strerror or error}")
+        _file_problem(loaded, f"cannot read the file: {error.strerror or error}")
+        return None
     if size > MAX_FILE_BYTES or len(content) > MAX_FILE_BYTES:
         shown = f"{size / 2**20:.1f} MiB ({size} bytes)" if size else "larger than 16 MiB"
-        return _file_problem(
+        _file_problem(
             loaded,
             f"file is {shown}, over the {MAX_FILE_BYTES // 2**20} MiB limit for a policy file",
             "split it into several files; a policy with 100,000 CIDRs takes about 2 MiB",
         )
+        return None
     return content
 
 
 def _file_problem(loaded: LoadedFile, message: str, hint: str | None = None) -> None:
     loaded.problems.append(Problem(loaded.path, 0, 0, "", message, hint))
-    return None
 
 
 def _decode(content: bytes, loaded: LoadedFile) -> str | None:
     """UTF-8 text, or None with a problem that locates the first offending byte."""
     if content.startswith(_UTF16_BOMS):
-        return _file_problem(loaded, "file is UTF-16 encoded", "save it as UTF-8")
+        _file_problem(loaded, "file is UTF-16 encoded", "save it as UTF-8")
+        return None
     offset = content.find(b"\0")
     if offset >= 0:
         message = f"file contains a NUL byte at byte offset {offset}: it is binary, not YAML"
-        return _byte_problem(loaded, content, offset, message)
+        _byte_problem(loaded, content, offset, message)
+        return None
     try:
         return content.decode("utf-8")
     except UnicodeDecodeError as error:
         byte = content[error.start]
         message = f"file is not valid UTF-8: byte 0x{byte:02x} at byte offset {error.start}"
-        return _byte_problem(loaded, content, error.start, message, "save it as UTF-8")
+        _byte_problem(loaded, content, error.start, message, "save it as UTF-8")
+        return None
 
 
 def _byte_problem(
@@ -194,7 +206,6 @@ def _byte_problem(
     line = content.count(b"\n", 0, offset) + 1
     column = offset - content.rfind(b"\n", 0, offset)
     loaded.problems.append(Problem(loaded.path, line, column, "", message, hint))
-    return None
 
 
 class _Stop(Exception):
@@ -452,14 +463,8 @@ class _Composer:
             self._stop(event, f"more than {MAX_PROBLEMS} problems; stopped reading the file")
         if path is None:
             path = self._current_path()
-        problem = Problem(
-            self.loaded.path,
-            event.start_mark.line + 1,
-            event.start_mark.column + 1,
-            field_name(path),
-            message,
-            hint,
-        )
+        line, column = _start(event)
+        problem = Problem(self.loaded.path, line, column, field_name(path), message, hint)
         if self.document is not None:
             self.document.problems.append(problem)
 
@@ -472,7 +477,7 @@ class _Composer:
         return frame.path if frame.key is None else frame.path + (frame.key,)
 
     def _stop(self, event: yaml.Event, message: str) -> None:
-        line, column = event.start_mark.line + 1, event.start_mark.column + 1
+        line, column = _start(event)
         raise _Stop(Problem(self.loaded.path, line, column, "", message))
 
     def _syntax_problem(self, error: yaml.MarkedYAMLError) -> Problem:
