@@ -618,5 +618,6 @@ def _runtime_errors() -> tuple[type[Exception], ...]:
     from cgpolicy.enforcer.apply import ApplyError
     from cgpolicy.kernel.bpf import BpfError
     from cgpolicy.kernel.loader import LoaderError
+    from cgpolicy.kernel.trusted import UntrustedFolder
 
-    return (OSError, BpfError, LoaderError, ApplyError, CompileError)
+    return (OSError, BpfError, LoaderError, ApplyError, CompileError, UntrustedFolder)

@@ -195,13 +195,11 @@ def _detach_unwanted(plan: PolicyPlan, bpf_dir: Path, wanted_hooks: set[str]) ->
             continue
         link_path = pins.link_pin(bpf_dir, plan.name, step.hook, step.cgroup_id)
         detach_pinned_link(link_path)
-    for hook_folder in pins.policy_dir(bpf_dir, plan.name).iterdir():
-        if hook_folder.is_dir() and hook_folder.name not in wanted_hooks:
-            for leftover in hook_folder.iterdir():  # the program pin, links of gone cgroups
-                if leftover.name.startswith(pins.LINK_PREFIX):
-                    detach_pinned_link(leftover)
-                else:
-                    leftover.unlink()
+    for hook_folder in pins.real_subfolders(pins.policy_dir(bpf_dir, plan.name)):
+        if hook_folder.name not in wanted_hooks:
+            for link_path in pins.link_pins(hook_folder).values():  # links of gone cgroups
+                detach_pinned_link(link_path)
+            pins.remove_tree_entries(hook_folder)  # the program pin, anything else
             hook_folder.rmdir()
 
 
@@ -220,6 +218,5 @@ def remove_policy(plan: PolicyPlan, bpf_dir: Path) -> None:
     """Detach every link of an applied policy, then drop all of its pins."""
     folder = pins.policy_dir(bpf_dir, plan.name)
     _detach_unwanted(plan, bpf_dir, wanted_hooks=set())
-    for leftover in folder.iterdir():
-        leftover.unlink()
+    pins.remove_tree_entries(folder)
     folder.rmdir()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cgpolicy.compiler.compile import CompileError, compile_policy
 from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.apply import ApplyError, apply_policy, remove_policy
 from cgpolicy.enforcer.observe import AppliedPolicy, observe
 from cgpolicy.enforcer.plan import PolicyPlan, plan_policy, plan_removal
@@ -120,7 +121,7 @@ class Enforcer:
         bpf_mounts = [m.mount_point for m in read_mounts() if m.fs_type == "bpf"]
         if not any(mp == self.bpf_dir or mp in self.bpf_dir.parents for mp in bpf_mounts):
             raise ApplyError(f"{self.bpf_dir} is not on a bpf filesystem; pins cannot live there")
-        self.bpf_dir.mkdir(parents=True, exist_ok=True)
+        pins.ensure_trusted(self.bpf_dir)
         outcomes = []
         for item in planned:
             try:

@@ -57,7 +57,7 @@ def _read_prog_id(pin: Path) -> int | None:
 
 def observe_policy(folder: Path) -> AppliedPolicy:
     applied = AppliedPolicy(folder.name, folder, pins.read_meta(folder))
-    for hook_folder in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for hook_folder in pins.real_subfolders(folder):
         if hook_folder.name not in HOOKS:
             continue
         hook = AppliedHook(hook_folder.name, _read_prog_id(hook_folder / pins.PROG_PIN))

@@ -10,6 +10,12 @@ folder, so no state file can go stale.
 
 Pins are replaced by pinning under a temporary name and renaming over the old one, so a
 reader (or a crash) never sees a policy folder without its metadata or program.
+
+bpffs is mounted world-writable (1777) by default, so whoever could write these folders
+could unpin links (lifting enforcement) or plant links that make a removal wander out of
+the tree. Every folder here is made mode 0700 and checked at every use (``trusted``): owned
+by root, not writable by others, never a symlink; enumeration and removal never follow a
+link.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cgpolicy.kernel.bpf import BpfError, Map, MapType
+from cgpolicy.kernel.trusted import check_real_folder, open_trusted_dir
 
 META_PIN = "meta"
 EVENTS_PIN = "events"
@@ -92,9 +99,40 @@ class Pinnable(Protocol):
     def pin(self, path: str | os.PathLike[str]) -> None: ...
 
 
+def ensure_trusted(folder: Path) -> None:
+    """Make ``folder`` (and what is missing above it) mode 0700, or check the existing one:
+    root's, closed to others, not a symlink. Raises UntrustedFolder with the fix."""
+    os.close(open_trusted_dir(folder, create=True, mode=0o700))
+
+
+def bpf_dir_exists(bpf_dir: Path) -> bool:
+    """Whether cgpolicy's folder exists; raises UntrustedFolder when it exists but someone
+    other than root could change it (then nothing read from it can be believed)."""
+    try:
+        os.close(open_trusted_dir(bpf_dir, create=False))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def real_subfolders(folder: Path) -> list[Path]:
+    """The folders directly in ``folder``, symlinks left out (and never followed); each one
+    checked to be root's and closed to others."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+            check_real_folder(Path(entry.path))
+            found.append(Path(entry.path))
+    return sorted(found)
+
+
 def pin_replacing(obj: Pinnable, path: Path) -> None:
     """Pin ``obj`` at ``path``, atomically replacing whatever was pinned there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_trusted(path.parent)
     temporary = path.with_name(f"{path.name}_new")  # bpffs refuses names with a '.'
     if temporary.exists():
         temporary.unlink()
@@ -128,18 +166,35 @@ def read_meta(folder: Path) -> PolicyMeta | None:
 
 
 def policy_folders(bpf_dir: Path) -> list[Path]:
-    if not bpf_dir.is_dir():
+    """One folder per applied policy; raises UntrustedFolder if the tree is not root's."""
+    if not bpf_dir_exists(bpf_dir):
         return []
-    return sorted(p for p in bpf_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return real_subfolders(bpf_dir)
+
+
+def remove_tree_entries(folder: Path, keep_links: bool = False) -> None:
+    """Unlink every pin in ``folder`` without following links: a symlink is removed
+    itself, never what it points at. Link pins are left when ``keep_links``."""
+    check_real_folder(folder)
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            continue
+        if keep_links and entry.name.startswith(LINK_PREFIX):
+            continue
+        os.unlink(entry.path)
 
 
 def link_pins(folder: Path) -> dict[int, Path]:
     """cgroup id -> link pin, for one hook folder."""
     found = {}
-    for entry in folder.glob(f"{LINK_PREFIX}*"):
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return {}
+    for entry in entries:
         suffix = entry.name[len(LINK_PREFIX) :]
-        if suffix.isdigit():
-            found[int(suffix)] = entry
+        if entry.name.startswith(LINK_PREFIX) and suffix.isdigit() and not entry.is_symlink():
+            found[int(suffix)] = Path(entry.path)
     return found
 
 

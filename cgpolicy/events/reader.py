@@ -97,7 +97,7 @@ def _open_policy(folder: Path) -> PolicyEvents | None:
     events = PolicyEvents(
         folder.name, RingBuffer(ring_map), ring_map.id, meta.rules if meta else {}
     )
-    for hook_folder in folder.iterdir():
+    for hook_folder in pins.real_subfolders(folder):
         if hook_folder.name not in HOOKS:
             continue
         try:

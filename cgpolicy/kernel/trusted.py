@@ -100,6 +100,18 @@ def open_trusted_dir(path: Path, *, create: bool = True, mode: int = 0o700) -> i
     return fd
 
 
+def check_real_folder(path: Path) -> None:
+    """``path`` is a real folder (not a symlink), owned by root and closed to others; its
+    parent was checked by whoever listed it."""
+    try:
+        info = os.lstat(path)
+    except OSError as error:
+        raise UntrustedFolder(f"cannot inspect {path}: {error.strerror}") from None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise UntrustedFolder(f"{path} is not a folder (a symlink or file); {_fix(path)}")
+    _check_mode(path, info, is_leaf=True)
+
+
 def is_trusted_file(info: os.stat_result) -> bool:
     """A regular file that only root can have written."""
     return (

@@ -24,6 +24,7 @@ from cgpolicy.kernel.devices import DeviceBinding, device_paths
 from cgpolicy.kernel.devices import watch_folders as device_folders
 from cgpolicy.kernel.interfaces import resolve_interfaces
 from cgpolicy.kernel.loader import LoaderError
+from cgpolicy.kernel.trusted import UntrustedFolder
 from cgpolicy.policy.model import Policy, Target
 from cgpolicy.policy.validate import Problem
 from cgpolicy.reconciler.health import PassOutcome
@@ -35,7 +36,7 @@ log = logging.getLogger("cgpolicy.reconcile")
 
 # What the kernel or the file system reports: a pass that raises one of these is logged in one
 # line (and /readyz says it); anything else is a bug and gets its traceback.
-RUNTIME_ERRORS = (OSError, BpfError, LoaderError, ApplyError, CompileError)
+RUNTIME_ERRORS = (OSError, BpfError, LoaderError, ApplyError, CompileError, UntrustedFolder)
 
 # Plan steps on an unchanged revision are repairs of drift, named as `audit` names them.
 DRIFT_OF_ACTION = {Action.ATTACH: "missing", Action.REATTACH: "missing", Action.UPDATE: "stale"}
