@@ -50,6 +50,19 @@ class Settings:
 
         return self.bpf_dir or default_bpf_dir()
 
+    def bpf_dir_to_read(self) -> Path:
+        """The pin folder for commands that only read it (audit, events): one not on bpffs
+        is an error; a missing one means nothing is applied, and is said so on stderr."""
+        from cgpolicy.mounts import read_mounts
+
+        bpf_dir = self.resolved_bpf_dir()
+        mounts = [m.mount_point for m in read_mounts() if m.fs_type == "bpf"]
+        if not any(mount == bpf_dir or mount in bpf_dir.parents for mount in mounts):
+            _fail(f"{bpf_dir} is not on a bpf filesystem; nothing cgpolicy applies lives there")
+        if not bpf_dir.exists():
+            typer.echo(f"cgpolicy: note: {bpf_dir} does not exist: nothing is applied", err=True)
+        return bpf_dir
+
 
 def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     typer.echo(f"cgpolicy: {message}", err=True)
@@ -474,7 +487,7 @@ def audit(
         top = resolve(cgroup, root) if cgroup else root
         if not top.is_dir():
             _fail(f"no cgroup {cgroup} under {root}", EXIT_INVALID)
-        result = run_audit(root, settings.resolved_bpf_dir(), top, show_all)
+        result = run_audit(root, settings.bpf_dir_to_read(), top, show_all)
     except (BpfError, CgroupError) as error:
         _fail(str(error))
     if as_json:
@@ -513,7 +526,7 @@ def events(
             typer.echo(f"{count} {policy} {hook} events dropped by the rate limit", err=True)
 
     try:
-        reader = EventReader(settings.resolved_bpf_dir(), settings.resolved_cgroup_root())
+        reader = EventReader(settings.bpf_dir_to_read(), settings.resolved_cgroup_root())
     except (BpfError, OSError) as error:
         _fail(str(error))
     try:

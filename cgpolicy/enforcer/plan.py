@@ -113,6 +113,10 @@ def plan_policy(
     plan = PolicyPlan(desired.name, old_revision, desired.revision, reload)
     missing = [f"target cgroup {path} does not exist" for path in resolution.missing]
     (plan.problems if missing_target_blocks else plan.warnings).extend(missing)
+    plan.problems.extend(
+        f"target {path} is not a cgroup (a file or symlink in the cgroup tree)"
+        for path in resolution.not_cgroups
+    )
     # A device path that names no device here never blocks: the rest of the policy applies,
     # the rule matches nothing (or, for a deny, keeps the device it named before).
     plan.devices = list(desired.device_paths)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +26,21 @@ class CgroupRef:
 class Resolution:
     cgroups: tuple[CgroupRef, ...]
     missing: tuple[str, ...]  # literal target paths that do not exist
+    not_cgroups: tuple[str, ...] = ()  # literal target paths that name a file, not a cgroup
+
+
+class NotACgroup(Exception):
+    """A target path exists but is a file (``cgroup.procs``, say) or a symlink."""
 
 
 def _ref(root: Path, relative: str) -> CgroupRef | None:
     try:
-        return CgroupRef(relative, os.stat(root / relative).st_ino)
+        info = os.lstat(root / relative)
     except (FileNotFoundError, NotADirectoryError):
         return None  # vanished between listing and stat
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotACgroup(relative)
+    return CgroupRef(relative, info.st_ino)
 
 
 def _glob(root: Path, pattern: str) -> list[str]:
@@ -62,12 +71,17 @@ def _glob(root: Path, pattern: str) -> list[str]:
 def resolve_targets(root: Path, targets: tuple[Target, ...]) -> Resolution:
     found: dict[str, CgroupRef] = {}
     missing = []
+    not_cgroups = []
     for target in targets:
         relatives = _glob(root, target.pattern) if target.is_glob else [target.pattern]
         for relative in relatives:
-            ref = _ref(root, relative)
+            try:
+                ref = _ref(root, relative)
+            except NotACgroup:
+                not_cgroups.append(relative)
+                continue
             if ref is not None:
                 found[relative] = ref
             elif not target.is_glob:
                 missing.append(target.pattern)
-    return Resolution(tuple(sorted(found.values())), tuple(missing))
+    return Resolution(tuple(sorted(found.values())), tuple(missing), tuple(not_cgroups))
