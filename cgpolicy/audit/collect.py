@@ -165,6 +165,7 @@ def _views(applied: dict[str, AppliedPolicy]) -> list[AppliedView]:
                 {hook.hook: hook.prog_id for hook in policy.hooks.values()},
                 dict(policy.meta.cgroups) if policy.meta else {},
                 links,
+                policy.interrupted,
             )
         )
     return views

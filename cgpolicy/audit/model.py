@@ -15,6 +15,7 @@ OWNER_SYSTEMD = "systemd"
 OWNER_UNKNOWN = "unknown"
 
 MISSING, STALE, UNEXPECTED, ORPHANED = "missing", "stale", "unexpected", "orphaned"
+INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Attachment:
 class Drift:
     policy: str
     hook: str
-    problem: str  # missing | stale | unexpected | orphaned
+    problem: str  # missing | stale | unexpected | orphaned | interrupted
     detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -151,6 +152,7 @@ class AppliedView:
     cgroups: dict[int, str]  # cgroup id -> recorded path (meta)
     # (hook, cgroup id) -> program id of the pinned link (0: defunct)
     links: dict[tuple[str, int], int]
+    interrupted: bool = False  # an apply stopped half-way (see AppliedPolicy.interrupted)
 
 
 def compute_drift(
@@ -169,7 +171,8 @@ def compute_drift(
     - stale: something else of ours is there instead (an older program of the policy, the
       pinned link holding a different program, or a cgpolicy program from elsewhere);
     - unexpected: a program of a policy attached at a cgroup or hook the policy does not want;
-    - orphaned: a policy's pins name a cgroup that no longer exists.
+    - orphaned: a policy's pins name a cgroup that no longer exists;
+    - interrupted: an apply of the policy stopped half-way; its pins do not belong together.
     """
     scope = own if in_scope is None else in_scope
     found: dict[int, list[Drift]] = {}
@@ -190,6 +193,16 @@ def compute_drift(
                     continue
                 if cgroup_id not in scope:
                     continue
+                if policy.interrupted:
+                    add(
+                        cgroup_id,
+                        Drift(
+                            policy.name,
+                            hook,
+                            INTERRUPTED,
+                            "an apply stopped half-way; apply the policy again or remove it",
+                        ),
+                    )
                 here = own.get(cgroup_id, {}).get(hook, ())
                 ids = {a.prog_id for a in here}
                 if expected is not None and expected in ids:

@@ -8,7 +8,12 @@ Order for one policy:
    rules) and create links on newly covered cgroups. If any of this fails, every link
    already swapped is swapped back and every new link is detached: the old state stays.
 3. Pin the new programs and links, then detach links that are no longer wanted, then
-   record the new metadata last; a crash anywhere leaves a state the next apply repairs.
+   record the new metadata last, naming the program ids it was written for.
+
+A process killed anywhere leaves each cgroup hook with either the old program or the new
+one, never none where one was. Links not yet pinned die with the process. What is pinned
+but not yet described by matching metadata is an *interrupted* apply (observe.py): the next
+apply of the policy reloads it whole, `audit` reports it, `remove` undoes it.
 """
 
 from __future__ import annotations
@@ -96,8 +101,17 @@ def apply_policy(
         cgroups = {s.cgroup_id: s.cgroup for s in plan.steps if s.action is not Action.DETACH}
         rules = {hook: [_label(label) for label in labels] for hook, labels in compiled.rules}
         devices = [device.to_json() for device in compiled.device_paths]
+        programs = {hook: loaded.program.id for hook, loaded in work.new_programs.items()}
+        programs.update({hook: program.id for hook, program in work.current_programs.items()})
         meta = pins.PolicyMeta(
-            compiled.name, compiled.revision, compiled.mode, source, cgroups, rules, devices
+            compiled.name,
+            compiled.revision,
+            compiled.mode,
+            source,
+            cgroups,
+            rules,
+            devices,
+            programs,
         )
         pins.write_meta(bpf_dir, meta)
     finally:

@@ -36,6 +36,14 @@ class AppliedPolicy:
     def revision(self) -> str | None:
         return self.meta.revision if self.meta else None
 
+    @property
+    def interrupted(self) -> bool:
+        """An apply stopped half-way (a crash, SIGKILL): links or programs are pinned but
+        the metadata is missing or was written for other programs. The next apply of the
+        policy reloads it whole; `audit` reports it; `remove` undoes it."""
+        pinned = {hook.hook: hook.prog_id for hook in self.hooks.values()}
+        return self.meta is None or self.meta.programs != pinned
+
 
 def _read_link(cgroup_id: int, pin: Path) -> AppliedLink:
     try:

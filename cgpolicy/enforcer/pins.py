@@ -51,6 +51,9 @@ class PolicyMeta:
     # `path:` device rules and what their paths named when applied (DevicePath.to_json);
     # a deny rule's device is kept from here if its path names nothing later
     devices: list[dict[str, object]] = field(default_factory=list)
+    # hook -> the id of the program this metadata was written for: a pinned program that
+    # differs means an apply was interrupted after its links and programs moved on
+    programs: dict[str, int] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         data: dict[str, object] = {
@@ -60,6 +63,7 @@ class PolicyMeta:
             "source": self.source,
             "cgroups": {str(k): v for k, v in sorted(self.cgroups.items())},
             "rules": self.rules,
+            "programs": self.programs,
         }
         if self.devices:
             data["devices"] = self.devices
@@ -72,6 +76,12 @@ class PolicyMeta:
         rules = data.get("rules") or {}
         listed = data.get("devices")
         devices = [d for d in listed if isinstance(d, dict)] if isinstance(listed, list) else []
+        recorded = data.get("programs")
+        programs = (
+            {str(k): v for k, v in recorded.items() if isinstance(v, int)}
+            if isinstance(recorded, dict)
+            else {}
+        )
         return cls(
             data["policy"],
             data["revision"],
@@ -80,6 +90,7 @@ class PolicyMeta:
             cgroups,
             rules,
             devices,
+            programs,
         )
 
 

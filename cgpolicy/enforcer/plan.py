@@ -109,7 +109,12 @@ def plan_policy(
     program_missing = applied is not None and any(
         hook not in applied.hooks or applied.hooks[hook].prog_id is None for hook in hooks
     )
-    reload = applied is None or old_revision != desired.revision or program_missing
+    reload = (
+        applied is None
+        or old_revision != desired.revision
+        or program_missing
+        or applied.interrupted
+    )
     plan = PolicyPlan(desired.name, old_revision, desired.revision, reload)
     missing = [f"target cgroup {path} does not exist" for path in resolution.missing]
     (plan.problems if missing_target_blocks else plan.warnings).extend(missing)

@@ -17,7 +17,8 @@ def compiled(revision: str, hooks: tuple[str, ...] = ("egress",)) -> CompiledPol
 
 def applied(revision: str, links: dict[str, dict[int, bool]], prog_id: int = 7) -> AppliedPolicy:
     folder = Path("/sys/fs/bpf/cgpolicy/web")
-    meta = PolicyMeta("web", revision, "enforce", None, {1: "a", 2: "b"})
+    programs = {hook: prog_id for hook in links}
+    meta = PolicyMeta("web", revision, "enforce", None, {1: "a", 2: "b"}, programs=programs)
     policy = AppliedPolicy("web", folder, meta)
     for hook, cgroups in links.items():
         policy.hooks[hook] = AppliedHook(hook, prog_id)
@@ -82,3 +83,16 @@ def test_removal_detaches_every_link():
     plan = plan_removal(applied("r1", {"egress": {1: True}, "device": {2: False}}))
     assert plan.new_revision is None
     assert actions(plan) == [(Action.DETACH, "device", "b"), (Action.DETACH, "egress", "a")]
+
+
+def test_metadata_written_for_other_programs_reloads_an_interrupted_apply():
+    """A kill between moving links to new programs and recording their metadata leaves
+    metadata of the old revision: the same revision again must reload, not keep."""
+    interrupted = applied("r1", {"egress": {1: True}})
+    assert interrupted.meta is not None
+    interrupted.meta.programs["egress"] = 6  # what the metadata was written for
+    plan = plan_policy(compiled("r1"), A, interrupted)
+    assert plan.reload and actions(plan) == [(Action.UPDATE, "egress", "a")]
+    no_meta = applied("r1", {"egress": {1: True}})
+    no_meta.meta = None
+    assert plan_policy(compiled("r1"), A, no_meta).reload
