@@ -413,7 +413,13 @@ def reconcile(
         Path, typer.Option("--policy-dir", help="Folder of policy files (a ConfigMap mount works).")
     ],
     interval: Annotated[
-        float, typer.Option("--interval", min=0.1, help="Seconds between full resyncs.")
+        float,
+        typer.Option(
+            "--interval",
+            min=0.1,
+            max=86400.0,  # a day; also keeps inf and nan out of the loop's timers
+            help="Seconds between full resyncs (0.1 to 86400).",
+        ),
     ] = 30.0,
     once: Annotated[bool, typer.Option("--once", help="Run a single pass and exit.")] = False,
     metrics_addr: Annotated[
@@ -442,9 +448,16 @@ def reconcile(
     metrics.healthy_within = max(60.0, 3 * interval)
     if metrics_addr:
         host, _, port = metrics_addr.rpartition(":")
-        if not port.isdigit():
-            _fail(f"--metrics-addr wants HOST:PORT, not {metrics_addr!r}", EXIT_INVALID)
-        metrics.serve(host.strip("[]") or "0.0.0.0", int(port))
+        host = host.strip("[]") or "0.0.0.0"
+        shown = repr(metrics_addr if len(metrics_addr) <= 80 else metrics_addr[:77] + "...")
+        if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):
+            _fail(f"--metrics-addr wants HOST:PORT, PORT 0-65535, not {shown}", EXIT_INVALID)
+        if "\0" in host or len(host) > 253:
+            _fail(f"--metrics-addr: {shown} names no host", EXIT_INVALID)
+        try:
+            metrics.serve(host, int(port))
+        except (ValueError, TypeError) as error:  # a name the resolver cannot take
+            _fail(f"--metrics-addr: {shown}: {error}", EXIT_INVALID)
     reconciler = Reconciler(enforcer, policy_dir, metrics)
     if once:
         report = reconciler.reconcile()

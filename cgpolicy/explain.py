@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from cgpolicy import reference
 from cgpolicy.policy import describe
 from cgpolicy.policy.model import IP_PROTOCOLS, SOCKET_FAMILIES, SOCKET_TYPES, Policy
+from cgpolicy.policy.problems import shown
 from cgpolicy.reference import (
     DeviceAccess,
     Packet,
@@ -80,13 +81,25 @@ class ParsedAction:
 # --- parsing ----------------------------------------------------------------------------------
 
 
+# Longer than any number explain takes may be written (0x, 0o, 0b or decimal, with '_'):
+# refused before int() reads it (4,300 decimal digits raise; hexadecimal has no limit).
+_MAX_NUMBER_TEXT = 32
+
+
+def _plain(text: str) -> str:
+    """``text`` as is in a message when it is short and printable, else quoted and cut."""
+    return text if len(text) <= 200 and text.isprintable() else shown(text)
+
+
 def _number(text: str, what: str, high: int) -> int:
+    if len(text.strip()) > _MAX_NUMBER_TEXT:
+        raise ExplainError(f"{what} {shown(text)} is outside 0..{high}")
     try:
         value = int(text, 0)
     except ValueError:
-        raise ExplainError(f"{what} {text!r} is not a number") from None
+        raise ExplainError(f"{what} {shown(text)} is not a number") from None
     if not 0 <= value <= high:
-        raise ExplainError(f"{what} {value} is outside 0..{high}")
+        raise ExplainError(f"{what} {shown(value)} is outside 0..{high}")
     return value
 
 
@@ -95,7 +108,7 @@ def _named_number(text: str, names: dict[str, int], what: str, high: int) -> int
         return names[text.lower()]
     if not text.lstrip("-").isdigit():
         known = ", ".join(names)
-        raise ExplainError(f"unknown {what} {text!r} (one of {known}, or a number)")
+        raise ExplainError(f"unknown {what} {shown(text)} (one of {known}, or a number)")
     return _number(text, what, high)
 
 
@@ -109,17 +122,17 @@ def parse_endpoint(text: str, port_required: bool) -> tuple[reference.IPAddress,
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
-            raise ExplainError(f"{text!r}: write an IPv6 address with a port as [ADDR]:PORT")
+            raise ExplainError(f"{shown(text)}: write an IPv6 address with a port as [ADDR]:PORT")
         port_text = rest[1:] if rest else None
     elif text.count(":") == 1:
         host, port_text = text.split(":")
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        raise ExplainError(f"{host!r} is not an IPv4 or IPv6 address") from None
+        raise ExplainError(f"{shown(host)} is not an IPv4 or IPv6 address") from None
     if port_text is None:
         if port_required:
-            raise ExplainError(f"{text!r} needs a port: ADDR:PORT, or [ADDR]:PORT for IPv6")
+            raise ExplainError(f"{shown(text)} needs a port: ADDR:PORT, or [ADDR]:PORT for IPv6")
         return address, None
     return address, _number(port_text, "port", 65535)
 
@@ -134,13 +147,16 @@ def _endpoint_text(address: reference.IPAddress, port: int | None) -> str:
 
 
 def _interface(text: str) -> str:
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
+        digits = text.lstrip("0") or "0"
+        if len(digits) > 10 or int(digits) > 2**31 - 1:  # an ifindex is a positive C int
+            raise ExplainError(f"interface index {shown(text)} is outside 1..{2**31 - 1}")
         try:
-            return socket.if_indextoname(int(text))
+            return socket.if_indextoname(int(digits))
         except OSError:
-            raise ExplainError(f"no network interface has index {text}") from None
+            raise ExplainError(f"no network interface has index {digits}") from None
     if not 1 <= len(text) <= 15:
-        raise ExplainError(f"interface name {text!r} must have 1 to 15 characters")
+        raise ExplainError(f"interface name {shown(text)} must have 1 to 15 characters")
     return text
 
 
@@ -156,7 +172,7 @@ def parse_action(
         raise ExplainError("no action given")
     verb, args = words[0].lower(), list(words[1:])
     if verb not in ACTION_WORDS:
-        raise ExplainError(f"unknown action {words[0]!r} (one of {', '.join(ACTION_WORDS)})")
+        raise ExplainError(f"unknown action {shown(words[0])} (one of {', '.join(ACTION_WORDS)})")
     if (icmp_type is not None or interface is not None) and verb not in ("egress", "ingress"):
         raise ExplainError("--icmp-type and --interface apply to egress and ingress only")
     if verb in ("egress", "ingress"):
@@ -261,7 +277,7 @@ def _socket_create(args: list[str]) -> ParsedAction:
 
 def _access(text: str) -> str:
     if not text or set(text) - set("rwm") or len(set(text)) != len(text):
-        raise ExplainError(f"access {text!r}: write one or more of r, w, m without repeats")
+        raise ExplainError(f"access {shown(text)}: write one or more of r, w, m without repeats")
     return "".join(letter for letter in "rwm" if letter in text)
 
 
@@ -270,9 +286,10 @@ def _device(args: list[str]) -> ParsedAction:
         _expect(args, 2, 2, "device /dev/PATH ACCESS")
         try:
             info = os.stat(args[0])
-        except OSError as error:
+        except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+            reason = error.strerror if isinstance(error, OSError) else "not a valid path"
             raise ExplainError(
-                f"{args[0]}: {error.strerror} here; name the device by number instead: "
+                f"{_plain(args[0])}: {reason} here; name the device by number instead: "
                 "device c|b MAJOR:MINOR ACCESS"
             ) from None
         if stat.S_ISCHR(info.st_mode):
@@ -280,7 +297,7 @@ def _device(args: list[str]) -> ParsedAction:
         elif stat.S_ISBLK(info.st_mode):
             kind = "block"
         else:
-            raise ExplainError(f"{args[0]} is not a character or block device")
+            raise ExplainError(f"{_plain(args[0])} is not a character or block device")
         major, minor = os.major(info.st_rdev), os.minor(info.st_rdev)
         access = _access(args[1])
         where = f" ({args[0]})"
@@ -288,11 +305,11 @@ def _device(args: list[str]) -> ParsedAction:
         _expect(args, 3, 3, "device c|b MAJOR:MINOR ACCESS, or device /dev/PATH ACCESS")
         kinds = {"c": "char", "char": "char", "b": "block", "block": "block"}
         if args[0].lower() not in kinds:
-            raise ExplainError(f"device type {args[0]!r}: write c (char) or b (block)")
+            raise ExplainError(f"device type {shown(args[0])}: write c (char) or b (block)")
         kind = kinds[args[0].lower()]
         major_text, sep, minor_text = args[1].partition(":")
         if not sep:
-            raise ExplainError(f"{args[1]!r}: write MAJOR:MINOR, e.g. 1:3")
+            raise ExplainError(f"{shown(args[1])}: write MAJOR:MINOR, e.g. 1:3")
         major = _number(major_text, "major", 4095)
         minor = _number(minor_text, "minor", 1048575)
         access = _access(args[2])
@@ -306,14 +323,14 @@ def sysctl_slash_name(name: str) -> str:
     name = name.removeprefix("/proc/sys/")
     slash = name if "/" in name else name.replace(".", "/")
     if not slash or any(not part for part in slash.split("/")):
-        raise ExplainError(f"sysctl name {name!r} has an empty component")
+        raise ExplainError(f"sysctl name {shown(name)} has an empty component")
     return slash
 
 
 def _sysctl(args: list[str]) -> ParsedAction:
     _expect(args, 2, 2, "sysctl read|write NAME")
     if args[0].lower() not in ("read", "write"):
-        raise ExplainError(f"sysctl access {args[0]!r}: write read or write")
+        raise ExplainError(f"sysctl access {shown(args[0])}: write read or write")
     write = args[0].lower() == "write"
     name = sysctl_slash_name(args[1])
     notes = []
@@ -571,16 +588,21 @@ def hooks_for(action: reference.Action) -> list[str]:
 def cgroup_chain(cgroup_root: Path, given: str) -> tuple[str, list[Path]]:
     """The cgroup relative to the mount, and its path with every ancestor (itself first)."""
     path = Path(given)
-    if path.is_absolute() and path.resolve().is_relative_to(cgroup_root.resolve()):
-        relative = path.resolve().relative_to(cgroup_root.resolve())
+    try:
+        root = cgroup_root.resolve()
+        resolved = path.resolve() if path.is_absolute() else None
+    except (OSError, ValueError, RuntimeError) as error:  # a NUL; RuntimeError: a link loop
+        raise ExplainError(f"cgroup {shown(given)}: {error}") from None
+    if resolved is not None and resolved.is_relative_to(root):
+        relative = resolved.relative_to(root)
     else:
         # Relative to the mount, or absolute as /proc/PID/cgroup writes it (0::/a/b).
         relative = Path(os.path.normpath(given.lstrip("/") or "."))
         if relative.parts[:1] == ("..",):
-            raise ExplainError(f"{given} leaves the cgroup2 hierarchy")
+            raise ExplainError(f"{_plain(given)} leaves the cgroup2 hierarchy")
     full = cgroup_root / relative
     if not full.is_dir():
-        raise ExplainError(f"no cgroup {relative} under {cgroup_root}")
+        raise ExplainError(f"no cgroup {_plain(str(relative))} under {cgroup_root}")
     chain = [full, *[cgroup_root / p for p in relative.parents]]
     text = "" if str(relative) == "." else str(relative)
     return text, chain

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from cgpolicy.policy.problems import Path, Problem, field_name
+from cgpolicy.policy.problems import Path, Problem, field_name, shown
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_DEPTH = 64
@@ -51,6 +51,11 @@ _YAML_TAG = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {_YAML_TAG + name for name in ("str", "int", "float", "bool", "null")}
 _COLLECTION_TAGS = {None, "!", _YAML_TAG + "seq", _YAML_TAG + "map"}
 _DECIMAL = re.compile(r"(?:0|[1-9][0-9]{0,17})\Z")  # YAML 1.1 reads 010 as octal: not here
+# No field takes a number beyond 2**20 (a device minor), so one much larger is refused where
+# it is written: before int() is asked to read thousands of digits (it raises beyond 4,300),
+# and before anything prints a huge hexadecimal one (str() raises for it too).
+MAX_NUMBER_CHARACTERS = 32
+MAX_NUMBER_BITS = 64
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _NO_ALIASES_HINT = (
     "write the value out in full; anchors and aliases are refused so that a small file "
@@ -409,14 +414,24 @@ class _Composer:
             return event.value
         if tag == _YAML_TAG + "str":
             return event.value
+        if tag == _YAML_TAG + "int" and len(event.value) > MAX_NUMBER_CHARACTERS:
+            return self._too_large(event)
         try:
-            return self.resolver.yaml_constructors[tag](
+            value = self.resolver.yaml_constructors[tag](
                 self.resolver, yaml.ScalarNode(tag, event.value)
             )
-        except (yaml.YAMLError, ValueError, KeyError):
+        except (yaml.YAMLError, ValueError, KeyError, OverflowError):
             kind = tag.removeprefix(_YAML_TAG)
-            self._problem(event, f"{event.value!r} cannot be read as {kind}")
+            self._problem(event, f"{shown(event.value)} cannot be read as {kind}")
             return event.value
+        if isinstance(value, int) and value.bit_length() > MAX_NUMBER_BITS:
+            return self._too_large(event)
+        return value
+
+    def _too_large(self, event: yaml.ScalarEvent) -> str:
+        """A problem for a number no field could take; the text stays, as a string."""
+        self._problem(event, f"the number {shown(event.value)} is too large for any field")
+        return event.value
 
     # -- documents and limits -----------------------------------------------------------
 

@@ -20,6 +20,32 @@ def field_name(path: Path) -> str:
     return text
 
 
+SHOWN_CHARACTERS = 60  # of a value quoted in a message; a hostile one may have millions
+
+
+def shown(value: object, limit: int = SHOWN_CHARACTERS) -> str:
+    """``value`` as a message quotes it: repr() of a string or number, shortened to about
+    ``limit`` characters with its full length said, so that a 16 MiB value cannot make a
+    16 MiB message. Never raises, even for an int too large for str()."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        if value.bit_length() <= 3 * limit:  # about limit digits: str() is safe and short
+            text = str(value)
+            if len(text) <= limit:
+                return text
+        digits = int(value.bit_length() * 0.30103) + 1
+        return f"a number of about {digits:,} digits"
+    if isinstance(value, list | dict):
+        kind, unit = ("a list", "item") if isinstance(value, list) else ("a mapping", "key")
+        return f"{kind} of {len(value):,} {unit}{'' if len(value) == 1 else 's'}"
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > limit:
+        head, tail = text[: limit - 12], text[-6:]
+        return f"{head!r}...{tail!r} ({len(text):,} characters)"
+    return repr(text) if isinstance(value, str) else text
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with one input, placed at FILE:LINE:COL (1-based; 0 = no position)."""

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from cgpolicy.policy.model import IPNetwork, PortRange, SourceLocation
-from cgpolicy.policy.problems import Path, Problem
+from cgpolicy.policy.problems import SHOWN_CHARACTERS, Path, Problem, shown
 
 MAX_CIDRS_PER_POLICY = 200_000
 MAX_DEVICE_PATH_BYTES = 4095  # PATH_MAX less the terminating NUL
 MAX_NAME_BYTES = 255  # NAME_MAX: one path component
 
 _PORT = re.compile(r"([0-9]+)(?:-([0-9]+))?\Z")
+_PREFIX_LENGTH = re.compile(r"[0-9]{1,3}\Z")  # longer ones (even 0032) take the slow path
 _DOTTED_COMPONENT = re.compile(r"[A-Za-z0-9_*-]+\Z")
 _SLASH_COMPONENT = re.compile(r"[A-Za-z0-9_*.-]+\Z")
 _CGROUP_MOUNTS = ("/sys/fs/cgroup/unified/", "/sys/fs/cgroup/")
@@ -64,7 +65,7 @@ def parse_cidr(text: str) -> IPNetwork:
         network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise InvalidValue(
-            f"{text!r} is not an IPv4 or IPv6 address or CIDR prefix",
+            f"{shown(text)} is not an IPv4 or IPv6 address or CIDR prefix",
             "write e.g. 10.0.0.0/8, 192.0.2.1 or fd00::/8",
         ) from None
     raise InvalidValue(f"{text} has host bits set", f"did you mean {network}?")
@@ -76,9 +77,9 @@ def _plain_ipv4_network(text: str) -> ipaddress.IPv4Network | None:
     address, slash, length = text.partition("/")
     try:
         packed = socket.inet_pton(socket.AF_INET, address)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL (YAML's "\0") or a lone surrogate
         return None
-    if slash and not (length.isascii() and length.isdigit() and int(length) <= 32):
+    if slash and not (_PREFIX_LENGTH.match(length) and int(length) <= 32):
         return None
     prefix = int(length) if slash else 32
     value = int.from_bytes(packed, "big")
@@ -93,9 +94,9 @@ def _plain_ipv6_network(text: str) -> ipaddress.IPv6Network | None:
     address, slash, length = text.partition("/")
     try:
         packed = socket.inet_pton(socket.AF_INET6, address)
-    except OSError:
+    except (OSError, ValueError):
         return None
-    if slash and not (length.isascii() and length.isdigit() and int(length) <= 128):
+    if slash and not (_PREFIX_LENGTH.match(length) and int(length) <= 128):
         return None
     prefix = int(length) if slash else 128
     value = int.from_bytes(packed, "big")
@@ -107,19 +108,33 @@ def _plain_ipv6_network(text: str) -> ipaddress.IPv6Network | None:
 def parse_port_range(value: int | float | str) -> PortRange:
     """443 or "443" or "8000-8100" (1 <= low <= high <= 65535); YAML's 443.0 is 443."""
     if not isinstance(value, str):
-        low = high = int(value)
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole:
+            raise InvalidValue(f"{shown(value)} is not a port number")
+        low = high = _port(int(value))
     else:
         match = _PORT.match(value)
         if match is None:
-            raise InvalidValue(f'{value!r} is not a port or a range such as "8000-8100"')
-        low = int(match.group(1))
-        high = int(match.group(2) or low)
-    for port in (low, high):
-        if not 1 <= port <= 65535:
-            raise InvalidValue(f"port {port} is out of range 1-65535")
+            raise InvalidValue(f'{shown(value)} is not a port or a range such as "8000-8100"')
+        low = _port(match.group(1))
+        high = _port(match.group(2) or match.group(1))
     if low > high:
-        raise InvalidValue(f"port range {value!r} is reversed", f'write "{high}-{low}"')
+        raise InvalidValue(f"port range {shown(value)} is reversed", f'write "{high}-{low}"')
     return PortRange(low, high)
+
+
+def _port(number: int | str) -> int:
+    """A port from an int or a string of ASCII digits, any number of them: those that
+    cannot be a port are refused before int() reads them (it refuses 4,300 digits)."""
+    if isinstance(number, str):
+        digits = number.lstrip("0") or "0"
+        if len(digits) > 5:
+            text = digits if len(digits) <= SHOWN_CHARACTERS else shown(digits)
+            raise InvalidValue(f"port {text} is out of range 1-65535")
+        number = int(digits)
+    if not 1 <= number <= 65535:
+        raise InvalidValue(f"port {shown(number)} is out of range 1-65535")
+    return number
 
 
 def normalise_sysctl_name(name: str) -> str:
@@ -286,13 +301,13 @@ def _check_network(spec: dict[str, Any], check_cidrs: bool) -> Iterator[Finding]
             if "ports" in rule and protocol not in ("tcp", "udp"):
                 yield Finding(
                     path + ("ports",),
-                    f"ports need protocol tcp or udp, not {protocol!r}",
+                    f"ports need protocol tcp or udp, not {shown(protocol)}",
                     "add 'protocol: tcp' or 'protocol: udp' (one rule each for both)",
                 )
             if "icmpTypes" in rule and protocol not in ("icmp", "icmpv6"):
                 yield Finding(
                     path + ("icmpTypes",),
-                    f"icmpTypes need protocol icmp or icmpv6, not {protocol!r}",
+                    f"icmpTypes need protocol icmp or icmpv6, not {shown(protocol)}",
                     "add 'protocol: icmp' or 'protocol: icmpv6'",
                 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
@@ -25,10 +26,12 @@ from jsonschema.exceptions import ValidationError, best_match
 from cgpolicy.policy.build import build_policy
 from cgpolicy.policy.loader import MAX_PROBLEMS, Document, SourceMap, load_file
 from cgpolicy.policy.model import Policy, SourceLocation
-from cgpolicy.policy.problems import Path, PolicyError, Problem, field_name
+from cgpolicy.policy.problems import Path, PolicyError, Problem, field_name, shown
 from cgpolicy.policy.semantic import InvalidValue, check_policy, duplicate_name, parse_cidr
 
 __all__ = ["LoadResult", "PolicyError", "Problem", "load_paths", "load_policy_file"]
+
+log = logging.getLogger(__name__)
 
 SCHEMA_PATH = FsPath(__file__).resolve().parents[2] / "schemas" / "policy.schema.json"
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -72,21 +75,50 @@ def _load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadResult:
     first_use: dict[str, SourceLocation] = {}
     for file in _expand(paths, result.problems):
         result.files.append(file)
-        loaded = load_file(file)
-        for document in loaded.documents:
-            document_problems = _check_document(file, document)
-            name = _name(document.data)
-            if name is not None:
-                where = SourceLocation(file, *document.source_map.locate(("metadata", "name")))
-                if name in first_use:
-                    document_problems.append(duplicate_name(name, where, first_use[name]))
-                else:
-                    first_use[name] = where
-            if not document_problems:
-                document_problems = _build(file, document, result.policies)
-            result.problems += document_problems
-        result.problems += loaded.problems  # reading stopped there: after every document
+        policies: list[Policy] = []
+        try:
+            problems = _load_file(file, first_use, policies)
+        except Exception as error:  # noqa: BLE001 - a bug costs this file, not the others
+            log.debug("checking %s failed", file, exc_info=True)  # the traceback, on request
+            problems, policies = [_unchecked(file, error)], []
+        result.policies += policies
+        result.problems += problems
     return result
+
+
+def _load_file(
+    file: str, first_use: dict[str, SourceLocation], policies: list[Policy]
+) -> list[Problem]:
+    """One file's problems; its policies, if it has none, are appended to ``policies``."""
+    problems: list[Problem] = []
+    loaded = load_file(file)
+    for document in loaded.documents:
+        document_problems = _check_document(file, document)
+        name = _name(document.data)
+        if name is not None:
+            where = SourceLocation(file, *document.source_map.locate(("metadata", "name")))
+            if name in first_use:
+                document_problems.append(duplicate_name(name, where, first_use[name]))
+            else:
+                first_use[name] = where
+        if not document_problems:
+            document_problems = _build(file, document, policies)
+        problems += document_problems
+    return problems + loaded.problems  # reading stopped there: after every document
+
+
+def _unchecked(file: str, error: Exception) -> Problem:
+    """The problem for a file whose checking raised: a bug in cgpolicy, which must cost
+    only this file (the reconcile service keeps its last good version, as for any problem)."""
+    reason = shown(str(error), 200)
+    return Problem(
+        file,
+        0,
+        0,
+        "",
+        f"the file could not be checked: {type(error).__name__}: {reason}",
+        "this is a bug in cgpolicy; please report it with the file",
+    )
 
 
 def load_policy_file(path: str | os.PathLike[str]) -> Policy:
@@ -157,13 +189,17 @@ def _check_document(file: str, document: Document) -> list[Problem]:
     if not isinstance(document.data, dict):
         return problems
     place = _placer(file, document.source_map)
+    # A value the loader refused (a number too large to read, an alias) is reported once,
+    # by the loader: what the schema and the checks would add about it is only an echo.
+    refused = {problem.field for problem in problems if problem.field}
     errors = _validator().iter_errors(document.data)
     schema = [
-        place(path, message, hint, key)
+        problem
         for error in islice(errors, MAX_PROBLEMS)
         for path, message, hint, key in _explain(error)
+        if (problem := place(path, message, hint, key)).field not in refused
     ]
-    seen = {problem.field for problem in schema}
+    seen = refused | {problem.field for problem in schema}
     findings = check_policy(document.data)
     semantic = [
         place(finding.path, finding.message, finding.hint, False)
@@ -269,7 +305,7 @@ def _unknown_fields(error: ValidationError, path: Path) -> list[Explained]:
             continue
         close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}"
-        found.append((path + (name,), f"unknown field {name!r}", hint, True))
+        found.append((path + (name,), f"unknown field {shown(name)}", hint, True))
     return found
 
 
@@ -289,7 +325,7 @@ def _describe(value: Any) -> str:
     kind = {dict: "a mapping", list: "a list", str: "the string", int: "the number"}
     for python_type, name in kind.items():
         if isinstance(value, python_type):
-            return name if python_type in (dict, list) else f"{name} {value!r}"
+            return name if python_type in (dict, list) else f"{name} {shown(value)}"
     return repr(value)
 
 
@@ -323,7 +359,7 @@ def _const(error: ValidationError) -> tuple[str, str | None]:
 
 def _pattern(error: ValidationError) -> tuple[str, str | None]:
     expected = _schema(error).get("description") or f"a match for {error.validator_value}"
-    return f"{error.instance!r} is not valid: expected {expected}", None
+    return f"{shown(error.instance)} is not valid: expected {expected}", None
 
 
 def _size(error: ValidationError) -> tuple[str, str | None]:
@@ -340,7 +376,7 @@ def _size(error: ValidationError) -> tuple[str, str | None]:
 def _range(error: ValidationError) -> tuple[str, str | None]:
     low, high = _schema(error).get("minimum"), _schema(error).get("maximum")
     if low is not None and high is not None:
-        return f"{error.instance} is out of range {low}-{high}", None
+        return f"{shown(error.instance)} is out of range {low}-{high}", None
     return error.message, None
 
 
