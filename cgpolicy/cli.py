@@ -427,7 +427,18 @@ def reconcile(
         typer.Option(
             "--metrics-addr",
             help="HOST:PORT for /metrics (Prometheus), /healthz (liveness: the loop is alive)"
-            " and /readyz (readiness: every policy in the folder is applied).",
+            " and /readyz (readiness: every policy in the folder is applied). ':PORT' is"
+            " 127.0.0.1:PORT; every address only when asked for, as 0.0.0.0:PORT or [::]:PORT.",
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            envvar="CGPOLICY_STATE_DIR",
+            help="Root-only folder that keeps the last good version of each policy file, so"
+            " that a file that is invalid or unreadable at a restart keeps it enforced"
+            " [default: /var/lib/cgpolicy]",
         ),
     ] = None,
 ) -> None:
@@ -438,8 +449,9 @@ def reconcile(
     version of its policies stays enforced. SIGTERM exits and leaves enforcement in place;
     SIGHUP re-reads the folder. With --once, exit 1 when any policy failed to apply.
     """
+    from cgpolicy.reconciler.lastgood import DEFAULT_STATE_DIR, LastGoodStore
     from cgpolicy.reconciler.loop import Reconciler, Service
-    from cgpolicy.reconciler.metrics import Metrics
+    from cgpolicy.reconciler.metrics import Metrics, parse_metrics_addr
 
     if not policy_dir.is_dir():
         _fail(f"policy folder {policy_dir} does not exist", EXIT_INVALID)
@@ -447,18 +459,18 @@ def reconcile(
     metrics = Metrics(enforcer.bpf_dir)
     metrics.healthy_within = max(60.0, 3 * interval)
     if metrics_addr:
-        host, _, port = metrics_addr.rpartition(":")
-        host = host.strip("[]") or "0.0.0.0"
-        shown = repr(metrics_addr if len(metrics_addr) <= 80 else metrics_addr[:77] + "...")
-        if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):
-            _fail(f"--metrics-addr wants HOST:PORT, PORT 0-65535, not {shown}", EXIT_INVALID)
-        if "\0" in host or len(host) > 253:
-            _fail(f"--metrics-addr: {shown} names no host", EXIT_INVALID)
         try:
-            metrics.serve(host, int(port))
+            host, port = parse_metrics_addr(metrics_addr)
+        except ValueError as error:
+            _fail(str(error), EXIT_INVALID)
+        try:
+            metrics.serve(host, port)
+        except OSError as error:  # in use, not an address of this host, not resolved
+            _fail(f"--metrics-addr {host}:{port}: cannot listen: {error.strerror or error}")
         except (ValueError, TypeError) as error:  # a name the resolver cannot take
-            _fail(f"--metrics-addr: {shown}: {error}", EXIT_INVALID)
-    reconciler = Reconciler(enforcer, policy_dir, metrics)
+            _fail(f"--metrics-addr {host}:{port}: {error}", EXIT_INVALID)
+    store = LastGoodStore(state_dir or DEFAULT_STATE_DIR, policy_dir)
+    reconciler = Reconciler(enforcer, policy_dir, metrics, store)
     if once:
         report = reconciler.reconcile()
         raise typer.Exit(EXIT_FAILURE if report.failed else EXIT_OK)

@@ -141,10 +141,13 @@ class LoadedFile:
     problems: list[Problem] = field(default_factory=list)
 
 
-def load_file(path: str) -> LoadedFile:
-    """Read and parse one file. Never raises for bad content or unreadable files."""
+def load_file(path: str, content: bytes | None = None) -> LoadedFile:
+    """Read and parse one file. Never raises for bad content or unreadable files.
+
+    With ``content`` (bytes the caller read from the file itself), ``path`` only names
+    them: it is not opened."""
     loaded = LoadedFile(path)
-    content = _read(path, loaded)
+    content = _read(path, loaded) if content is None else _bounded(content, loaded)
     if content is None:
         return loaded
     text = _decode(content, loaded)
@@ -180,6 +183,18 @@ def _read(path: str, loaded: LoadedFile) -> bytes | None:
         )
         return None
     return content
+
+
+def _bounded(content: bytes, loaded: LoadedFile) -> bytes | None:
+    """Bytes read by the caller, held to the same size limit as a file read here."""
+    if len(content) <= MAX_FILE_BYTES:
+        return content
+    _file_problem(
+        loaded,
+        f"file is larger than {MAX_FILE_BYTES // 2**20} MiB, the limit for a policy file",
+        "split it into several files; a policy with 100,000 CIDRs takes about 2 MiB",
+    )
+    return None
 
 
 def _file_problem(loaded: LoadedFile, message: str, hint: str | None = None) -> None:

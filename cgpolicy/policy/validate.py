@@ -29,7 +29,14 @@ from cgpolicy.policy.model import Policy, SourceLocation
 from cgpolicy.policy.problems import Path, PolicyError, Problem, field_name, shown
 from cgpolicy.policy.semantic import InvalidValue, check_policy, duplicate_name, parse_cidr
 
-__all__ = ["LoadResult", "PolicyError", "Problem", "load_paths", "load_policy_file"]
+__all__ = [
+    "LoadResult",
+    "PolicyError",
+    "Problem",
+    "load_contents",
+    "load_paths",
+    "load_policy_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,28 +77,45 @@ def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadResult:
         parse_cidr.cache_clear()
 
 
+def load_contents(files: Sequence[tuple[str, bytes]]) -> LoadResult:
+    """Like :func:`load_paths`, for files whose bytes the caller has read itself (the
+    reconcile service does, to refuse what is not a regular file): each ``(name, bytes)``
+    is validated under its name, which is not opened, and names must be unique across all
+    of them."""
+    try:
+        result = LoadResult()
+        _load_into(result, files)
+        return result
+    finally:
+        parse_cidr.cache_clear()
+
+
 def _load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadResult:
     result = LoadResult()
+    _load_into(result, ((file, None) for file in _expand(paths, result.problems)))
+    return result
+
+
+def _load_into(result: LoadResult, files: Iterable[tuple[str, bytes | None]]) -> None:
     first_use: dict[str, SourceLocation] = {}
-    for file in _expand(paths, result.problems):
+    for file, content in files:
         result.files.append(file)
         policies: list[Policy] = []
         try:
-            problems = _load_file(file, first_use, policies)
+            problems = _load_file(file, content, first_use, policies)
         except Exception as error:  # noqa: BLE001 - a bug costs this file, not the others
             log.debug("checking %s failed", file, exc_info=True)  # the traceback, on request
             problems, policies = [_unchecked(file, error)], []
         result.policies += policies
         result.problems += problems
-    return result
 
 
 def _load_file(
-    file: str, first_use: dict[str, SourceLocation], policies: list[Policy]
+    file: str, content: bytes | None, first_use: dict[str, SourceLocation], policies: list[Policy]
 ) -> list[Problem]:
     """One file's problems; its policies, if it has none, are appended to ``policies``."""
     problems: list[Problem] = []
-    loaded = load_file(file)
+    loaded = load_file(file, content)
     for document in loaded.documents:
         document_problems = _check_document(file, document)
         name = _name(document.data)

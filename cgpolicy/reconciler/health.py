@@ -32,6 +32,7 @@ class PassOutcome:
     failing: Mapping[str, str] = field(default_factory=dict)  # policy -> why not applied
     invalid_files: Mapping[str, str] = field(default_factory=dict)  # file -> first problem
     folder_missing: str | None = None  # the folder, when it was missing
+    store_error: str | None = None  # why the last-good store cannot be used, when it cannot
 
     def reasons(self) -> list[str]:
         """Why the folder is not fully applied, one line each; empty when it is."""
@@ -44,6 +45,8 @@ class PassOutcome:
         reasons += [
             f"file {name}: invalid: {why}" for name, why in sorted(self.invalid_files.items())
         ]
+        if self.store_error is not None:
+            reasons.append(f"last-good store: {self.store_error}")
         return reasons
 
     def keys(self) -> frozenset[tuple[str, str]]:
@@ -51,6 +54,7 @@ class PassOutcome:
         keys = {("folder", self.folder_missing)} if self.folder_missing is not None else set()
         keys |= {("policy", name) for name in self.failing}
         keys |= {("file", name) for name in self.invalid_files}
+        keys |= {("store", "")} if self.store_error is not None else set()
         return frozenset(keys)
 
 

@@ -18,7 +18,7 @@ from cgpolicy.compiler.spec import CompiledPolicy
 from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer, Planned
 from cgpolicy.enforcer.observe import AppliedPolicy
-from cgpolicy.enforcer.plan import Action
+from cgpolicy.enforcer.plan import Action, PolicyPlan
 from cgpolicy.kernel.bpf import BpfError
 from cgpolicy.kernel.devices import DeviceBinding, device_paths
 from cgpolicy.kernel.devices import watch_folders as device_folders
@@ -26,10 +26,10 @@ from cgpolicy.kernel.interfaces import resolve_interfaces
 from cgpolicy.kernel.loader import LoaderError
 from cgpolicy.kernel.trusted import UntrustedFolder
 from cgpolicy.policy.model import Policy, Target
-from cgpolicy.policy.validate import Problem
 from cgpolicy.reconciler.health import PassOutcome
+from cgpolicy.reconciler.lastgood import LastGoodStore
 from cgpolicy.reconciler.metrics import Metrics
-from cgpolicy.reconciler.source import PolicySource
+from cgpolicy.reconciler.source import PolicySource, Snapshot
 from cgpolicy.reconciler.watch import Watcher, watch_folders
 
 log = logging.getLogger("cgpolicy.reconcile")
@@ -38,8 +38,38 @@ log = logging.getLogger("cgpolicy.reconcile")
 # line (and /readyz says it); anything else is a bug and gets its traceback.
 RUNTIME_ERRORS = (OSError, BpfError, LoaderError, ApplyError, CompileError, UntrustedFolder)
 
-# Plan steps on an unchanged revision are repairs of drift, named as `audit` names them.
-DRIFT_OF_ACTION = {Action.ATTACH: "missing", Action.REATTACH: "missing", Action.UPDATE: "stale"}
+
+def drift_of(plan: PolicyPlan, applied: AppliedPolicy | None) -> list[str]:
+    """The drift a plan repairs, one entry per repair, named as `audit` names it: only on
+    a policy whose revision is unchanged, and only what someone undid from outside. A link
+    detached from outside, or whose pin was deleted, and a program pin deleted are
+    `missing`; a link whose program was swapped is `stale`. A cgroup that started to match
+    since the last apply (a new cgroup under a glob) is not drift: it is not in the
+    cgroups the metadata records, and attaching to it is the policy doing its job."""
+    if (
+        applied is None
+        or applied.meta is None
+        or plan.new_revision is None
+        or plan.old_revision != plan.new_revision
+    ):
+        return []
+    known = applied.meta.cgroups
+    found = []
+    if plan.reload:  # same revision loaded again: a program of the policy is gone
+        hooks = {step.hook for step in plan.steps if step.action is not Action.DETACH}
+        found += [
+            "missing"
+            for hook in sorted(hooks)
+            if hook not in applied.hooks or applied.hooks[hook].prog_id is None
+        ]
+    for step in plan.steps:
+        if step.action is Action.REATTACH:
+            found.append("missing")
+        elif step.action is Action.ATTACH and step.cgroup_id in known:
+            found.append("missing")
+        elif step.action is Action.UPDATE and not plan.reload:
+            found.append("stale")
+    return found
 
 
 @dataclass
@@ -58,10 +88,18 @@ def _uses_interfaces(policy: Policy) -> bool:
 
 
 class Reconciler:
-    def __init__(self, enforcer: Enforcer, policy_dir: Path, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        enforcer: Enforcer,
+        policy_dir: Path,
+        metrics: Metrics,
+        store: LastGoodStore | None = None,
+    ) -> None:
+        """``store`` keeps the last good text of each file across restarts; without it, a
+        file that is bad when the process starts has no last good version."""
         self.enforcer = enforcer
         self.policy_dir = policy_dir.absolute()  # sources recorded in pins are absolute
-        self.source = PolicySource(self.policy_dir)
+        self.source = PolicySource(self.policy_dir, store)
         self.policies: list[Policy] = []
         self.metrics = metrics
         self.links_generation = 0
@@ -110,7 +148,7 @@ class Reconciler:
         self._warned.discard("folder")
         snapshot = self.source.read()
         self.policies = snapshot.policies
-        self._report_invalid(snapshot.invalid_files)
+        self._report_invalid(snapshot)
         live = {id(p) for p in snapshot.policies}
         self._compiled = {k: v for k, v in self._compiled.items() if k in live}
 
@@ -129,12 +167,13 @@ class Reconciler:
             if name not in wanted and source not in snapshot.invalid_files
         ]
         planned += self.enforcer.plan_removal(doomed, applied) if doomed else []
-        report = self._execute(planned)
+        report = self._execute(planned, applied)
         elapsed = time.monotonic() - started
         self.metrics.passes.inc()
         self.metrics.duration.observe(elapsed)
         self.metrics.policies.labels("valid").set(len(snapshot.policies))
         self.metrics.invalid_files.set(len(snapshot.invalid_files))
+        self.metrics.last_good_store_failing.set(snapshot.store_error is not None)
         if not report.failed:
             self.metrics.last_success.set_to_current_time()
         invalid = {
@@ -143,7 +182,9 @@ class Reconciler:
             for file, problems in snapshot.invalid_files.items()
             if problems
         }
-        self._record(PassOutcome(frozenset(wanted), dict(report.failed), invalid))
+        self._record(
+            PassOutcome(frozenset(wanted), dict(report.failed), invalid, None, snapshot.store_error)
+        )
         return report
 
     def _record(self, outcome: PassOutcome) -> None:
@@ -159,19 +200,17 @@ class Reconciler:
             log.info("ready: every policy in %s is applied", self.policy_dir)
         self._not_ready = keys
 
-    def _execute(self, planned: list[Planned]) -> PassReport:
+    def _execute(self, planned: list[Planned], applied: dict[str, AppliedPolicy]) -> PassReport:
         report = PassReport()
         waiting = {(item.plan.name, w) for item in planned for w in item.plan.warnings}
         for name, warning in sorted(waiting - self._waiting):  # once, until it clears
             log.warning("%s: %s; applied where it can, retried when it appears", name, warning)
         self._waiting = waiting
         work = [item for item in planned if item.plan.changed or item.plan.blocked]
-        for item in work:
-            plan = item.plan
-            if not plan.reload and plan.new_revision is not None:
-                for step in plan.steps:
-                    if step.action in DRIFT_OF_ACTION:
-                        self.metrics.drift_found.labels(DRIFT_OF_ACTION[step.action]).inc()
+        drift = {item.plan.name: drift_of(item.plan, applied.get(item.plan.name)) for item in work}
+        for problems in drift.values():
+            for problem in problems:
+                self.metrics.drift_found.labels(problem).inc()
         for outcome in self.enforcer.apply(work) if work else []:
             plan = outcome.plan
             if not outcome.ok:
@@ -184,11 +223,9 @@ class Reconciler:
                 log.info("%s: removed", plan.name)
                 continue
             report.applied.append(plan.name)
-            if not plan.reload:
-                for step in plan.steps:
-                    if step.action in DRIFT_OF_ACTION:
-                        report.repaired += 1
-                        self.metrics.drift_repaired.labels(DRIFT_OF_ACTION[step.action]).inc()
+            for problem in drift.get(plan.name, []):
+                report.repaired += 1
+                self.metrics.drift_repaired.labels(problem).inc()
             log.info(
                 "%s",
                 plan.summary(),
@@ -196,15 +233,28 @@ class Reconciler:
             )
         return report
 
-    def _report_invalid(self, invalid: dict[str, list[Problem]]) -> None:
-        for file, problems in invalid.items():
-            key = f"{file}:{len(problems)}:{problems[0].format() if problems else ''}"
+    def _report_invalid(self, snapshot: Snapshot) -> None:
+        """Each bad file's problems, once per distinct set, saying what stays enforced."""
+        for file, problems in snapshot.invalid_files.items():
+            known = file not in snapshot.without_last_good
+            key = f"{file}:{known}:{len(problems)}:{problems[0].format() if problems else ''}"
             if key in self._warned:
                 continue
             self._warned.add(key)
             for problem in problems:
+                if known:
+                    log.error(
+                        "invalid policy file, last good version stays enforced: %s",
+                        problem.format(),
+                    )
+                else:
+                    log.error("invalid policy file: %s", problem.format())
+            if not known:
                 log.error(
-                    "invalid policy file, last good version stays enforced: %s", problem.format()
+                    "%s: no last good version of it is known (not seen valid by this process, "
+                    "none in the last-good store): what the kernel enforces from it stays as "
+                    "it is, but cgroups that appear later are not covered by it",
+                    file,
                 )
 
     def device_paths(self) -> list[str]:
@@ -255,7 +305,7 @@ class Service:
             while not self._stop:
                 if self._reread:
                     self._reread = False
-                    reconciler.source = PolicySource(reconciler.policy_dir)
+                    reconciler.source.reread()  # every file again; last good versions kept
                     log.info("SIGHUP: re-reading %s", reconciler.policy_dir)
                 reconciler.links_generation = watcher.links_generation
                 started = time.monotonic()

@@ -4,7 +4,9 @@ service."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
+import re
 import socket
 import threading
 from collections.abc import Iterable, Iterator
@@ -26,6 +28,43 @@ from cgpolicy.compiler.spec import DevicePath
 from cgpolicy.reconciler.health import Health, PassOutcome, Verdict
 
 log = logging.getLogger("cgpolicy.reconcile")
+
+
+LOOPBACK = "127.0.0.1"
+_PORT = re.compile(r"[0-9]{1,5}")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def parse_metrics_addr(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port). An empty HOST (``:9464``) is the IPv4 loopback: the
+    endpoints name policies and count their denials, so serving them beyond this node is
+    an explicit choice (``0.0.0.0:PORT``, ``[::]:PORT`` or a given address). An IPv6
+    address may be given in brackets or not. Raises ValueError with what is expected."""
+    shown = repr(text if len(text) <= 80 else text[:77] + "...")
+    host, colon, port = text.strip().rpartition(":")
+    if not colon or not _PORT.fullmatch(port) or int(port) > 65535:
+        raise ValueError(f"--metrics-addr wants HOST:PORT with PORT in 0-65535, not {shown}")
+    if host.startswith("[") != host.endswith("]"):
+        raise ValueError(f"--metrics-addr: unbalanced brackets in {shown}")
+    host = host.strip("[]")
+    if not host:
+        return LOOPBACK, int(port)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.split(".")):
+            raise ValueError(
+                f"--metrics-addr: {shown} names neither an IP address nor a host name"
+            ) from None
+    return host, int(port)
+
+
+def describe_bind(host: str, port: int) -> str:
+    """Where the endpoints listen, as a log line says it."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if host in ("0.0.0.0", "::", ""):
+        return f"{shown} (every address of this host: whoever can reach it reads /metrics)"
+    return shown
 
 
 class KernelCounters(Collector):
@@ -79,7 +118,15 @@ class Metrics:
             "cgpolicy_policies", "Policies in the folder, by state", ["state"], registry=r
         )
         self.invalid_files = Gauge(
-            "cgpolicy_invalid_policy_files", "Policy files failing validation", registry=r
+            "cgpolicy_invalid_policy_files",
+            "Policy files failing validation or that cannot be read",
+            registry=r,
+        )
+        self.last_good_store_failing = Gauge(
+            "cgpolicy_last_good_store_failing",
+            "1 when the last-good store could not be read or written; a file that turns bad "
+            "then keeps its last good version only while this process runs",
+            registry=r,
         )
         self.apply_errors = Counter(
             "cgpolicy_apply_errors", "Failed applies, by policy", ["policy"], registry=r
@@ -98,7 +145,8 @@ class Metrics:
         )
         self.invalid_file = Gauge(
             "cgpolicy_invalid_policy_file",
-            "1 for each policy file that fails validation (its last good version stays enforced)",
+            "1 for each policy file that fails validation or cannot be read (its last good "
+            "version stays enforced)",
             ["file"],
             registry=r,
         )
@@ -200,6 +248,10 @@ class Metrics:
             raise OSError(errno.EINVAL, f"metrics port {port} is not in 0-65535")
         server = Server((host, port), Handler)
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        log.info(
+            "serving /metrics, /healthz and /readyz on %s",
+            describe_bind(host, server.server_address[1]),
+        )
         return server
 
 

@@ -1,38 +1,137 @@
 """The policy folder as the reconciler sees it: valid files, and the last good version of
 files that have turned bad.
 
-A file that fails validation must never weaken what is enforced: its policies keep their
-last good version (from this process's memory, or simply left as the kernel has them
-after a restart), and nothing that came from it is removed while it exists.
+A file in the folder is one of three things at each reading:
+
+- **valid**: a regular file (or a symlink to one, as a ConfigMap volume has) whose content
+  passes validation; its policies are enforced and its text becomes its last good version
+  (kept in memory and, when a store is given, on disk: :mod:`lastgood`);
+- **bad**: it exists as a name in the folder but is invalid, or cannot be read (a dangling
+  symlink, a symlink loop, a FIFO, a folder, a device, a read error). Its last good
+  version stays enforced: from this process's memory, else from the store (validated
+  again). With neither, what the kernel has from it is left as it is;
+- **gone**: no such name in the folder. Only then are its policies removed (and its
+  stored last good version deleted).
+
+Files are read by this module, not by the validator: a name that is not a regular file is
+never opened (opening a device or a FIFO can block or have effects), and the bytes that are
+validated are the bytes that were read.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import logging
 import os
+import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cgpolicy.policy.loader import MAX_FILE_BYTES
 from cgpolicy.policy.model import Policy
-from cgpolicy.policy.validate import POLICY_SUFFIXES, Problem, load_paths
+from cgpolicy.policy.validate import Problem, load_contents
+from cgpolicy.reconciler.lastgood import LastGoodStore, StoreError, is_entry_name
 
-# What identifies a file's content without reading it: device, inode, size, mtime, ctime.
-# A ConfigMap's symlink swap changes the inode behind the name.
-Signature = tuple[int, int, int, int, int]
+log = logging.getLogger("cgpolicy.reconcile")
+
+STORE_RETRY_SECONDS = 30.0  # a store that failed is tried again after this, changes or not
+
+# What identifies a file's content without reading it, as (the file a name leads to, the
+# name itself): device, inode, mode, size, mtime, ctime of each, None where there is none.
+# A ConfigMap's symlink swap changes the first; a symlink re-pointed, the second.
+StatKey = tuple[int, int, int, int, int, int]
+Signature = tuple[StatKey | None, StatKey | None]
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
-def _signature(path: Path) -> Signature | None:
+def _key(info: os.stat_result) -> StatKey:
+    return (
+        info.st_dev,
+        info.st_ino,
+        info.st_mode,
+        info.st_size,
+        info.st_mtime_ns,
+        info.st_ctime_ns,
+    )
+
+
+def _signature(path: str) -> Signature:
+    keys: list[StatKey | None] = []
+    for look in (os.stat, os.lstat):
+        try:
+            keys.append(_key(look(path)))
+        except (OSError, ValueError):
+            keys.append(None)
+    return keys[0], keys[1]
+
+
+def read_policy_file(path: str) -> bytes | str | None:
+    """The bytes of a policy file; a sentence saying why it cannot be read; or None when
+    the name is not in the folder at all (really gone). Symlinks are followed (a ConfigMap
+    volume is made of them), but only a regular file is opened."""
     try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        info = os.stat(path)
+    except FileNotFoundError:
+        if not os.path.lexists(path):
+            return None
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return "it is a symlink whose target does not exist"
+        return f"it is a symlink to {target}, which does not exist"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "it is a symlink loop (too many levels of symbolic links)"
+        return f"cannot look at it: {error.strerror or error}"
+    if not stat.S_ISREG(info.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a file")
+        return f"it is {kind}, not a regular file"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None if not os.path.lexists(path) else "it vanished while being read"
+    except OSError as error:
+        return f"cannot open it: {error.strerror or error}"
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):  # swapped since it was looked at
+            kind = _KINDS.get(stat.S_IFMT(opened.st_mode), "not a file")
+            return f"it is {kind}, not a regular file"
+        chunks = []
+        size = 0
+        while size <= MAX_FILE_BYTES:
+            chunk = os.read(fd, min(1 << 20, MAX_FILE_BYTES + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)  # over the limit by a byte at most: the loader refuses it
+    except OSError as error:
+        return f"cannot read it: {error.strerror or error}"
+    finally:
+        os.close(fd)
+
+
+def _digest(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
 
 
 @dataclass
 class FileState:
-    signature: Signature | None
-    policies: list[Policy]  # the policies in force for this file (last good if invalid)
-    problems: list[Problem]
+    signature: Signature
+    policies: list[Policy]  # in force for this file: its own if valid, else its last good
+    problems: list[Problem]  # why its current content is not used; empty when valid
+    last_good: list[Policy] | None  # None: no last good version is known
+    kept_from: str | None = None  # for a bad file: "memory" or "the store", None if none
 
 
 @dataclass
@@ -40,57 +139,217 @@ class Snapshot:
     """One reading of the folder."""
 
     policies: list[Policy]  # everything to enforce
-    invalid_files: dict[str, list[Problem]]  # file -> its current problems
+    invalid_files: dict[str, list[Problem]]  # file -> its current problems (invalid or unreadable)
     files: set[str]  # every policy file present now
     changed: bool  # anything differs from the previous reading
-    signatures: dict[str, Signature | None] = field(default_factory=dict)
+    signatures: dict[str, Signature] = field(default_factory=dict)
+    # bad files whose last good version is not known (so nothing from them is enforced on
+    # cgroups that appear later)
+    without_last_good: set[str] = field(default_factory=set)
+    store_error: str | None = None  # why the last-good store could not be used, if it could not
 
 
 class PolicySource:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, store: LastGoodStore | None = None) -> None:
         self.folder = folder
+        self.store = store
         self._files: dict[str, FileState] = {}
+        self._force = True
+        # file name -> sha256 of its entry in the store; None until the store was read
+        self._stored: dict[str, str] | None = None
+        self.store_error: str | None = None
+        self._store_retry_at = 0.0
 
-    def _list(self) -> list[Path]:
-        try:
-            entries = sorted(self.folder.iterdir())
-        except OSError:
-            return []
-        return [
-            p
-            for p in entries
-            if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".") and p.is_file()
-        ]
+    def reread(self) -> None:
+        """Read every file (and the store) again at the next reading, as after a restart,
+        but keep the last good versions known so far (SIGHUP)."""
+        self._force = True
+        self._stored = None
+
+    def _list(self) -> list[str]:
+        """Every name in the folder that a policy file may have, whatever it is now. A
+        folder that cannot be listed raises: it must not read as an empty one."""
+        with os.scandir(self.folder) as entries:
+            names = [e.name for e in entries if is_entry_name(e.name)]
+        return [str(self.folder / name) for name in sorted(names)]
 
     def read(self) -> Snapshot:
         """Re-read the files that changed; keep each bad file's last good policies."""
-        present = {str(p): _signature(p) for p in self._list()}
-        changed = set(present) != set(self._files) or any(
-            self._files[f].signature != sig for f, sig in present.items() if f in self._files
+        present = {file: _signature(file) for file in self._list()}
+        if self.store_error is not None and time.monotonic() >= self._store_retry_at:
+            self.reread()  # the whole reading again: what to save is what is read now
+        changed = (
+            self._force
+            or set(present) != set(self._files)
+            or any(
+                self._files[f].signature != sig for f, sig in present.items() if f in self._files
+            )
         )
         if changed:
+            self._force = False
             self._reload(present)
         policies = [p for state in self._files.values() for p in state.policies]
         invalid = {f: s.problems for f, s in self._files.items() if s.problems}
-        return Snapshot(policies, invalid, set(present), changed, present)
+        unknown = {f for f, s in self._files.items() if s.problems and s.last_good is None}
+        return Snapshot(
+            policies,
+            invalid,
+            set(self._files),
+            changed,
+            {f: s.signature for f, s in self._files.items()},
+            unknown,
+            self.store_error,
+        )
 
-    def _reload(self, present: dict[str, Signature | None]) -> None:
-        # Every file is validated together, so that names must be unique across files.
-        result = load_paths(sorted(present))
-        by_file: dict[str, list[Policy]] = {f: [] for f in present}
-        problems: dict[str, list[Problem]] = {f: [] for f in present}
+    def _reload(self, present: dict[str, Signature]) -> None:
+        contents: dict[str, bytes] = {}
+        unreadable: dict[str, str] = {}
+        for file in present:
+            got = read_policy_file(file)
+            if got is None:
+                continue  # gone since it was listed
+            if isinstance(got, str):
+                unreadable[file] = got
+            else:
+                contents[file] = got
+        signatures = {f: present[f] for f in present if f in contents or f in unreadable}
+
+        # Every readable file is validated together, so that names must be unique across files.
+        result = load_contents(sorted(contents.items()))
+        by_file: dict[str, list[Policy]] = {f: [] for f in contents}
+        problems: dict[str, list[Problem]] = {f: [] for f in signatures}
         for policy in result.policies:
             if policy.source and policy.source.file in by_file:
                 by_file[policy.source.file].append(policy)
         for problem in result.problems:
             problems.setdefault(problem.file, []).append(problem)
+        for file, why in unreadable.items():
+            problems[file] = [Problem(file, 0, 0, "", f"cannot read the file: {why}")]
+        good = {f: by_file[f] for f in sorted(contents) if not problems.get(f)}
+        bad = sorted(f for f in signatures if f not in good)
+
+        stored = self._read_store()
+        kept: dict[str, tuple[list[Policy], str]] = {}
+        from_store: list[tuple[str, bytes]] = []
+        for file in bad:
+            previous = self._files.get(file)
+            if previous is not None and previous.last_good is not None:
+                kept[file] = (previous.last_good, previous.kept_from or "memory")
+            elif Path(file).name in stored:
+                from_store.append((file, stored[Path(file).name]))
+        kept.update(self._validate_stored(from_store))
+        self._drop_conflicts(good, kept)
+
         files = {}
-        for file, signature in present.items():
-            file_problems = problems.get(file, [])
-            if file_problems:
-                previous = self._files.get(file)
-                kept = previous.policies if previous else []
-                files[file] = FileState(signature, kept, file_problems)
+        for file, signature in signatures.items():
+            if file in good:
+                files[file] = FileState(signature, good[file], [], good[file])
+            elif file in kept:
+                policies, origin = kept[file]
+                files[file] = FileState(signature, policies, problems[file], policies, origin)
             else:
-                files[file] = FileState(signature, by_file[file], [])
+                files[file] = FileState(signature, [], problems[file], None)
         self._files = files
+        self._update_store({f: contents[f] for f in good}, {Path(f).name for f in signatures})
+
+    def _read_store(self) -> dict[str, bytes]:
+        """The store's entries when it is first read (at start and after SIGHUP); later
+        readings need only what this process already knows."""
+        if self.store is None or self._stored is not None:
+            return {}
+        try:
+            entries, refused = self.store.load()
+        except StoreError as error:
+            self._store_failed(str(error))
+            return {}
+        for line in refused:
+            log.error("last good version refused: %s", line)
+        self._stored = {name: _digest(content) for name, content in entries.items()}
+        self.store_error = None
+        return entries
+
+    def _validate_stored(
+        self, stored: list[tuple[str, bytes]]
+    ) -> dict[str, tuple[list[Policy], str]]:
+        """Stored last good versions, validated again like any file (under the file's own
+        name, together); one that fails is not used."""
+        if not stored:
+            return {}
+        result = load_contents(stored)
+        failed: dict[str, list[Problem]] = {}
+        for problem in result.problems:
+            failed.setdefault(problem.file, []).append(problem)
+        kept: dict[str, tuple[list[Policy], str]] = {}
+        for file, _ in stored:
+            if file in failed:
+                for problem in failed[file]:
+                    log.error(
+                        "the stored last good version of %s is not valid now, not used: %s",
+                        file,
+                        problem.format(),
+                    )
+                continue
+            policies = [p for p in result.policies if p.source and p.source.file == file]
+            kept[file] = (policies, "the store")
+            names = ", ".join(p.name for p in policies)
+            log.warning(
+                "%s is invalid or unreadable; enforcing its last good version from %s (%s)",
+                file,
+                self.store.path if self.store else "the store",
+                names,
+            )
+        return kept
+
+    @staticmethod
+    def _drop_conflicts(
+        good: dict[str, list[Policy]], kept: dict[str, tuple[list[Policy], str]]
+    ) -> None:
+        """A name that a valid file defines now is that file's: the last good version of a
+        bad file does not also enforce it (nor does a second bad file)."""
+        owner = {p.name: file for file, policies in good.items() for p in policies}
+        for file in sorted(kept):
+            policies, origin = kept[file]
+            remaining = []
+            for policy in policies:
+                if owner.get(policy.name, file) != file:
+                    log.warning(
+                        "%s: the last good version of %s also defines it; %s's is enforced",
+                        policy.name,
+                        file,
+                        owner[policy.name],
+                    )
+                    continue
+                owner[policy.name] = file
+                remaining.append(policy)
+            kept[file] = (remaining, origin)
+
+    def _update_store(self, good: dict[str, bytes], names: set[str]) -> None:
+        """Record each valid file's text; delete the entries of files that are gone."""
+        if self.store is None or self._stored is None:
+            return
+        try:
+            for file, content in sorted(good.items()):
+                name, digest = Path(file).name, _digest(content)
+                if self._stored.get(name) != digest:
+                    self._stored.pop(name, None)  # save() deletes the old entry if it fails
+                    self.store.save(name, content)
+                    self._stored[name] = digest
+            gone = set(self._stored) - names
+            self.store.forget(gone)
+            for name in gone:
+                del self._stored[name]
+        except StoreError as error:
+            self._store_failed(str(error))
+            self._stored = None  # read it again at the next change
+            return
+        self.store_error = None
+
+    def _store_failed(self, error: str) -> None:
+        self._store_retry_at = time.monotonic() + STORE_RETRY_SECONDS
+        if error != self.store_error:
+            log.error(
+                "last-good store: %s; a file that turns invalid keeps its last good version "
+                "only while this process runs",
+                error,
+            )
+        self.store_error = error

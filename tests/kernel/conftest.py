@@ -55,6 +55,15 @@ def kernel_ready() -> None:
         pytest.skip(reason)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every reconcile service a test starts keeps its last-good store
+    (CGPOLICY_STATE_DIR) in this session's folder, never in the host's /var/lib/cgpolicy."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CGPOLICY_STATE_DIR", str(tmp_path_factory.mktemp("cgpolicy-state")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _needs_kernel(kernel_ready: None) -> None:
     """Every test here runs on the real kernel: gate them all, not only those that ask for
