@@ -65,7 +65,7 @@ class Scratch:
 
     def close(self) -> None:
         try:
-            removal = self.enforcer.plan_removal(None)
+            removal = self.enforcer.plan_removal(None, force=True)  # a daemon's too
             for outcome in self.enforcer.apply(removal):
                 if not outcome.ok:
                     log.warning("removing %s: %s", outcome.plan.name, outcome.error)

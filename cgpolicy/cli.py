@@ -36,6 +36,7 @@ class Settings:
     cgroup_root: Path | None
     bpf_dir: Path | None
     dev_root: Path = Path("/dev")  # where this node's /dev is seen (device path rules)
+    lock_timeout: float = 30.0  # seconds to wait for another change of the pins to end
 
     def resolved_cgroup_root(self) -> Path:
         from cgpolicy.mounts import find_cgroup2_root
@@ -111,6 +112,15 @@ def main_options(
             help="root-only folder of compiled programs [default: /var/cache/cgpolicy]",
         ),
     ] = None,
+    lock_timeout: Annotated[
+        float,
+        typer.Option(
+            "--lock-timeout",
+            envvar="CGPOLICY_LOCK_TIMEOUT",
+            min=0,
+            help="seconds to wait while another cgpolicy changes the same pins",
+        ),
+    ] = 30.0,
     log_level: Annotated[
         str,
         typer.Option("--log-level", help="debug, info, warning or error"),
@@ -143,13 +153,23 @@ def main_options(
         from cgpolicy.kernel.store import configure_store_dir
 
         configure_store_dir(cache_dir)
-    ctx.obj = Settings(cgroup_root=cgroup_root, bpf_dir=bpf_dir, dev_root=dev_root)
+    ctx.obj = Settings(
+        cgroup_root=cgroup_root, bpf_dir=bpf_dir, dev_root=dev_root, lock_timeout=lock_timeout
+    )
 
 
 PathsArgument = Annotated[
     list[Path], typer.Argument(help="Policy files or folders (every *.yaml / *.yml in a folder).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Also change policies another owner holds (the reconcile service, a running "
+        "`cgpolicy run`), and take them over.",
+    ),
+]
 
 
 def _count(number: int, singular: str, plural: str | None = None) -> str:
@@ -299,7 +319,12 @@ def _enforcer(ctx: typer.Context):  # -> Enforcer, imported lazily
     from cgpolicy.enforcer.engine import Enforcer
 
     settings: Settings = ctx.obj
-    return Enforcer(settings.resolved_cgroup_root(), settings.resolved_bpf_dir(), settings.dev_root)
+    return Enforcer(
+        settings.resolved_cgroup_root(),
+        settings.resolved_bpf_dir(),
+        settings.dev_root,
+        lock_timeout=settings.lock_timeout,
+    )
 
 
 def _print_plans(planned: list, as_json: bool, errors: dict[str, str] | None = None) -> None:
@@ -326,25 +351,37 @@ def _print_plans(planned: list, as_json: bool, errors: dict[str, str] | None = N
 
 
 @app.command()
-def plan(ctx: typer.Context, paths: PathsArgument, as_json: JsonOption = False) -> None:
+def plan(
+    ctx: typer.Context,
+    paths: PathsArgument,
+    as_json: JsonOption = False,
+    force: ForceOption = False,
+) -> None:
     """Show what `apply` would change in the kernel for these policies; change nothing."""
     policies = _load_valid(paths)
-    planned = _enforcer(ctx).plan(policies)
+    planned = _enforcer(ctx).plan(policies, force=force)
     _print_plans(planned, as_json)
     blocked = any(item.plan.blocked for item in planned)
     raise typer.Exit(EXIT_FAILURE if blocked else EXIT_OK)
 
 
 @app.command()
-def apply(ctx: typer.Context, paths: PathsArgument, as_json: JsonOption = False) -> None:
+def apply(
+    ctx: typer.Context,
+    paths: PathsArgument,
+    as_json: JsonOption = False,
+    force: ForceOption = False,
+) -> None:
     """Enforce policies on their target cgroups; print what changed.
 
     Idempotent: a second run changes nothing. A policy that fails to apply keeps what it
-    enforced before; the exit status is then 1.
+    enforced before; the exit status is then 1. A policy the reconcile service or a running
+    `cgpolicy run` holds is refused unless --force (docs/ownership.md).
     """
     policies = _load_valid(paths)
     enforcer = _enforcer(ctx)
-    outcomes = enforcer.apply(enforcer.plan(policies))
+    with enforcer.locked():
+        outcomes = enforcer.apply(enforcer.plan(policies, force=force))
     _report_outcomes(outcomes, as_json)
 
 
@@ -366,12 +403,18 @@ def remove(
         bool, typer.Option("--all", help="Remove every cgpolicy policy.")
     ] = False,
     as_json: JsonOption = False,
+    force: ForceOption = False,
 ) -> None:
-    """Detach and unpin what cgpolicy applied for these policies; nothing else is touched."""
+    """Detach and unpin what cgpolicy applied for these policies; nothing else is touched.
+
+    A policy the reconcile service or a running `cgpolicy run` holds is refused unless
+    --force (docs/ownership.md).
+    """
     if bool(names) == remove_all:
         _fail("give policy names or --all (not both)", EXIT_INVALID)
     enforcer = _enforcer(ctx)
-    outcomes = enforcer.apply(enforcer.plan_removal(None if remove_all else names))
+    with enforcer.locked():
+        outcomes = enforcer.apply(enforcer.plan_removal(None if remove_all else names, force=force))
     _report_outcomes(outcomes, as_json)
 
 

@@ -112,6 +112,7 @@ def apply_policy(
             rules,
             devices,
             programs,
+            owner=plan.owner,
         )
         pins.write_meta(bpf_dir, meta)
     finally:

@@ -1,8 +1,12 @@
 """The facade the CLI and the reconciler use: observe, plan, apply, remove.
 
 enforcer = Enforcer(cgroup_root, bpf_dir)
-plans = enforcer.plan(policies)      # pure diff against what the kernel has
-report = enforcer.apply(plans)       # per policy: applied, or failed with old state kept
+with enforcer.locked():              # one change at a time per pin folder (kernel/lock.py)
+    plans = enforcer.plan(policies)  # pure diff against what the kernel has
+    report = enforcer.apply(plans)   # per policy: applied, or failed with old state kept
+
+The Enforcer applies as one owner (ownership.py): a plan for a policy another owner holds is
+blocked with a problem that says so, unless forced.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from cgpolicy.compiler.spec import CompiledPolicy
 from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.apply import ApplyError, apply_policy, remove_policy
 from cgpolicy.enforcer.observe import AppliedPolicy, observe
+from cgpolicy.enforcer.ownership import Owner, check_change, check_removal
 from cgpolicy.enforcer.plan import PolicyPlan, plan_policy, plan_removal
 from cgpolicy.enforcer.targets import resolve_targets
 from cgpolicy.kernel.bpf import BpfError
@@ -24,6 +29,7 @@ from cgpolicy.kernel.cgroup import ensure_bpffs
 from cgpolicy.kernel.devices import DEV_ROOT, DeviceBinding, bind_devices, remembered_denies
 from cgpolicy.kernel.interfaces import resolve_interfaces
 from cgpolicy.kernel.loader import LoaderError
+from cgpolicy.kernel.lock import DEFAULT_TIMEOUT, PinFolderLock
 from cgpolicy.mounts import read_mounts
 from cgpolicy.policy.model import Policy
 
@@ -56,10 +62,23 @@ def _compile(policy: Policy, devices: DeviceBinding) -> CompiledPolicy:
 
 
 class Enforcer:
-    def __init__(self, cgroup_root: Path, bpf_dir: Path, dev_root: Path = DEV_ROOT) -> None:
+    def __init__(
+        self,
+        cgroup_root: Path,
+        bpf_dir: Path,
+        dev_root: Path = DEV_ROOT,
+        owner: Owner | None = None,
+        lock_timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         self.cgroup_root = cgroup_root
         self.bpf_dir = bpf_dir
         self.dev_root = dev_root  # where this node's /dev is seen (device path rules)
+        self.owner = owner or Owner.cli()  # recorded in what it applies
+        self.lock_timeout = lock_timeout  # seconds to wait for another change to end
+
+    def locked(self) -> PinFolderLock:
+        """Hold the pin folder's lock (reentrant) around observe, plan and apply."""
+        return PinFolderLock(self.bpf_dir, self.lock_timeout)
 
     def observe(self) -> dict[str, AppliedPolicy]:
         return observe(self.bpf_dir)
@@ -76,9 +95,11 @@ class Enforcer:
         compile: Compile | None = None,
         applied: dict[str, AppliedPolicy] | None = None,
         missing_target_blocks: bool = True,
+        force: bool = False,
     ) -> list[Planned]:
         """Plans for ``policies`` against ``applied`` (observed now if not given); ``compile``
-        lets a long-running caller reuse compilations."""
+        lets a long-running caller reuse compilations; ``force`` takes over policies another
+        owner holds."""
         applied = self.observe() if applied is None else applied
         planned = []
         for policy in policies:
@@ -94,12 +115,16 @@ class Enforcer:
             plan = plan_policy(
                 compiled, resolution, applied.get(policy.name), missing_target_blocks
             )
+            check_change(plan, applied.get(policy.name), self.owner, force)
             source = policy.source.file if policy.source else None
             planned.append(Planned(plan, compiled, source))
         return planned
 
     def plan_removal(
-        self, names: list[str] | None, applied: dict[str, AppliedPolicy] | None = None
+        self,
+        names: list[str] | None,
+        applied: dict[str, AppliedPolicy] | None = None,
+        force: bool = False,
     ) -> list[Planned]:
         """Removal plans for the named policies (all of cgpolicy's when ``names`` is None);
         a name cgpolicy has not applied is reported, not guessed at."""
@@ -108,7 +133,9 @@ class Enforcer:
         planned = []
         for name in selected:
             if name in applied:
-                planned.append(Planned(plan_removal(applied[name]), None))
+                removal = plan_removal(applied[name])
+                check_removal(removal, applied[name], self.owner, force)
+                planned.append(Planned(removal, None))
             else:
                 missing = PolicyPlan(name, None, None, reload=False)
                 missing.problems.append("no policy of this name is applied")

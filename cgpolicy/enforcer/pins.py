@@ -54,6 +54,8 @@ class PolicyMeta:
     # hook -> the id of the program this metadata was written for: a pinned program that
     # differs means an apply was interrupted after its links and programs moved on
     programs: dict[str, int] = field(default_factory=dict)
+    # who applied it (ownership.Owner.to_json); None in metadata from before owners
+    owner: dict[str, object] | None = None
 
     def encode(self) -> bytes:
         data: dict[str, object] = {
@@ -67,6 +69,8 @@ class PolicyMeta:
         }
         if self.devices:
             data["devices"] = self.devices
+        if self.owner is not None:
+            data["owner"] = self.owner
         return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
@@ -91,6 +95,7 @@ class PolicyMeta:
             rules,
             devices,
             programs,
+            owner if isinstance(owner := data.get("owner"), dict) else None,
         )
 
 

@@ -42,9 +42,15 @@ class PolicyPlan:
     problems: list[str] = field(default_factory=list)  # the policy is not applied while any
     warnings: list[str] = field(default_factory=list)  # reported; the rest is applied
     devices: list[DevicePath] = field(default_factory=list)  # `path:` device rules, resolved
+    owner: dict[str, object] | None = None  # who applies it, recorded in its metadata
+    owner_change: str | None = None  # the recorded owner changes too: how (ownership.py)
 
     @property
     def changed(self) -> bool:
+        return self.changes_kernel or self.owner_change is not None
+
+    @property
+    def changes_kernel(self) -> bool:
         return self.reload or any(step.action is not Action.KEEP for step in self.steps)
 
     @property
@@ -59,8 +65,9 @@ class PolicyPlan:
     def summary(self) -> str:
         if self.blocked:
             return f"{self.name}: not applied: {'; '.join(self.problems)}"
+        owner = f", {self.owner_change}" if self.owner_change else ""
         if self.new_revision is None:
-            return f"{self.name}: remove (revision {self.old_revision})"
+            return f"{self.name}: remove (revision {self.old_revision}){owner}"
         devices = set(self.device_warnings())
         others = [w for w in self.warnings if w not in devices]
         waiting = f" (waiting for: {'; '.join(others)})" if others else ""
@@ -69,8 +76,12 @@ class PolicyPlan:
         if self.old_revision is None:
             return f"{self.name}: new, revision {self.new_revision}{waiting}"
         if self.old_revision != self.new_revision:
-            return f"{self.name}: revision {self.old_revision} -> {self.new_revision}{waiting}"
-        return f"{self.name}: repair (revision {self.new_revision}){waiting}"
+            return (
+                f"{self.name}: revision {self.old_revision} -> {self.new_revision}{owner}{waiting}"
+            )
+        if not self.changes_kernel:
+            return f"{self.name}: {self.owner_change} (revision {self.new_revision}){waiting}"
+        return f"{self.name}: repair (revision {self.new_revision}){owner}{waiting}"
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -82,6 +93,8 @@ class PolicyPlan:
             "problems": self.problems,
             "warnings": self.warnings,
             "devices": [device.to_json() for device in self.devices],
+            "owner": self.owner,
+            "owner_change": self.owner_change,
             "steps": [
                 {
                     "action": s.action.value,

@@ -1,18 +1,42 @@
-"""`cgpolicy run`: one command in a fresh cgroup under a policy, everything removed after."""
+"""`cgpolicy run`: one command in a fresh cgroup under a policy, everything removed after.
+
+`run` touches nothing it did not create:
+
+- Its cgroup, ``cgpolicy.run/<policy>-<pid>``, is made with ``mkdir``; one that exists
+  already is refused, never reused or removed.
+- Its transient policy gets a name that no applied policy has, chosen while it holds the
+  pin folder's lock: ``<policy[:50]>-run<pid>``, or ``...-run<pid>-2``, ``-3``... when
+  that is taken. It is recorded as owned by this `run` process (ownership.py), so `apply`
+  and `remove` refuse it to others (without --force) while the command runs.
+- Under the same hold of the lock it records every object it pinned (the id of each link,
+  program and map). At the end it removes those objects only, and only while the policy is
+  still its own: a policy that was forced away and replaced under the same name, or a pin
+  that now holds another object, stays as it is. Never by name alone.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
+from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer
+from cgpolicy.enforcer.ownership import Owner
+from cgpolicy.kernel.bpf import BpfError, CgroupLink, Map, Program
 from cgpolicy.kernel.cgroup import remove_cgroup_tree
+from cgpolicy.kernel.lock import LockError
 from cgpolicy.policy.model import Policy, Target
 
+log = logging.getLogger(__name__)
+
 RUN_PARENT = "cgpolicy.run"
+NAME_ATTEMPTS = 100
 
 
 class CommandNotRun(Exception):
@@ -23,21 +47,184 @@ class CommandNotRun(Exception):
         self.status = status
 
 
+@dataclass(frozen=True)
+class _Pinned:
+    """One object the run pinned: where, what kind, and which object (its id)."""
+
+    path: Path
+    kind: str  # "link", "program" or "map"
+    object_id: int
+
+
+@dataclass(frozen=True)
+class Created:
+    """What one run applied: its transient policy's name, owner and pinned objects."""
+
+    name: str
+    owner: Owner
+    pinned: tuple[_Pinned, ...]
+
+
+def transient_name(bpf_dir: Path, base: str, pid: int) -> str:
+    """A policy name for a run of ``base`` that nothing under ``bpf_dir`` has (call it with
+    the pin folder's lock held, so that nobody takes the name before it is applied)."""
+    for attempt in range(1, NAME_ATTEMPTS + 1):
+        suffix = "" if attempt == 1 else f"-{attempt}"
+        candidate = f"{base[: 50 - len(suffix)]}-run{pid}{suffix}"  # 63 characters at most
+        if not os.path.lexists(pins.policy_dir(bpf_dir, candidate)):
+            return candidate
+    raise ApplyError(
+        f"no free name for the transient policy of {base}: {base[:50]}-run{pid} and "
+        f"{NAME_ATTEMPTS - 1} variants are all taken under {bpf_dir}"
+    )
+
+
+def _kind_of(name: str) -> str | None:
+    name = name.removesuffix("_new")  # a temporary pin of pins.pin_replacing
+    if name.startswith(pins.LINK_PREFIX):
+        return "link"
+    if name == pins.PROG_PIN:
+        return "program"
+    if name in (pins.META_PIN, pins.EVENTS_PIN):
+        return "map"
+    return None
+
+
+def _object_id(path: Path, kind: str) -> int | None:
+    """The id of the object pinned at ``path`` (None when nothing of that kind is there)."""
+    try:
+        if kind == "link":
+            with CgroupLink.from_pin(path) as link:
+                return link.info().id
+        if kind == "program":
+            with Program.from_pin(path) as program:
+                return program.id
+        with Map.from_pin(path) as pinned_map:
+            return pinned_map.id
+    except (BpfError, OSError):
+        return None
+
+
+def _pin_paths(folder: Path) -> list[Path]:
+    """Every pin in a policy folder and its hook folders; symlinks are never followed."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            try:
+                inner = list(os.scandir(entry.path))
+            except OSError:
+                continue
+            found += [Path(e.path) for e in inner if not e.is_symlink() and not e.is_dir()]
+        else:
+            found.append(Path(entry.path))
+    return sorted(found)
+
+
+def record_created(bpf_dir: Path, name: str, owner: Owner) -> Created:
+    """Everything pinned under the policy folder ``name``, which this run made (call it
+    with the lock still held since the name was found free)."""
+    pinned = []
+    for path in _pin_paths(pins.policy_dir(bpf_dir, name)):
+        kind = _kind_of(path.name)
+        object_id = _object_id(path, kind) if kind else None
+        if kind is not None and object_id is not None:
+            pinned.append(_Pinned(path, kind, object_id))
+    return Created(name, owner, tuple(pinned))
+
+
+def remove_created(bpf_dir: Path, created: Created) -> None:
+    """Unpin (and detach) exactly the objects ``created`` recorded, while the policy is
+    still the run's; leave anything else, and say so. Call it with the lock held."""
+    folder = pins.policy_dir(bpf_dir, created.name)
+    meta = pins.read_meta(folder)
+    holder = Owner.from_json(meta.owner) if meta else None
+    if meta is not None and holder != created.owner:
+        who = holder.describe() if holder else "an owner that recorded none"
+        log.warning("%s now belongs to %s: left as it is", created.name, who)
+        return
+    failed = []
+    # Links first: enforcement ends with the attachments, then the programs and maps go.
+    for item in sorted(created.pinned, key=lambda p: p.kind != "link"):
+        if _object_id(item.path, item.kind) != item.object_id:
+            continue  # gone already, or another object is pinned there now: not ours
+        try:
+            if item.kind == "link":
+                with CgroupLink.from_pin(item.path) as link:
+                    if link.info().cgroup_id:
+                        link.detach()
+            item.path.unlink()
+        except (BpfError, OSError) as error:
+            failed.append(f"{item.path}: {error}")
+    for hook_folder in {item.path.parent for item in created.pinned} - {folder}:
+        pins.remove_empty(hook_folder)
+    pins.remove_empty(folder)
+    if failed:
+        raise ApplyError(
+            f"could not remove all of the transient policy {created.name} "
+            f"({'; '.join(failed)}); `cgpolicy remove {created.name}` removes the rest"
+        )
+    left = _pin_paths(folder)
+    if left:
+        log.warning(
+            "%s: left %d pins this run did not make: %s",
+            created.name,
+            len(left),
+            ", ".join(str(p.relative_to(folder)) for p in left),
+        )
+
+
+def _make_cgroup(cgroup: Path, relative: str) -> None:
+    """Make the run's own cgroup (and the shared parent, which another run that ends may
+    remove meanwhile); one that exists already is not this run's."""
+    for _ in range(10):
+        cgroup.parent.mkdir(exist_ok=True)
+        try:
+            cgroup.mkdir()
+            return
+        except FileExistsError:
+            raise ApplyError(
+                f"cgroup {relative} exists already; `run` makes a cgroup of its own and does "
+                "not use (or remove) one it did not make"
+            ) from None
+        except FileNotFoundError:
+            continue  # the parent was removed between the two mkdirs
+    cgroup.mkdir()
+
+
 def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> int:
     """Run ``command`` in a new cgroup with ``policy`` applied to it (and only to it); return
-    its exit status. The policy is applied under a name of its own, so an applied policy of
-    the same name elsewhere is untouched."""
+    its exit status. The policy is applied under a name of its own, as this run's, so any
+    applied policy (of the same name or of the transient name) is untouched."""
     pid = os.getpid()
+    owner = Owner.run(pid)
+    runner = Enforcer(
+        enforcer.cgroup_root,
+        enforcer.bpf_dir,
+        enforcer.dev_root,
+        owner=owner,
+        lock_timeout=enforcer.lock_timeout,
+    )
     relative = f"{RUN_PARENT}/{policy.name}-{pid}"
     cgroup = enforcer.cgroup_root / relative
-    cgroup.mkdir(parents=True)
-    transient = dataclasses.replace(
-        policy,
-        name=f"{policy.name[:50]}-run{pid}",
-        targets=(Target(relative, is_glob=False),),
-    )
+    _make_cgroup(cgroup, relative)
+    created: Created | None = None
     try:
-        outcome = enforcer.apply(enforcer.plan([transient]))[0]
+        with runner.locked():
+            transient = dataclasses.replace(
+                policy,
+                name=transient_name(runner.bpf_dir, policy.name, pid),
+                targets=(Target(relative, is_glob=False),),
+            )
+            try:
+                outcome = runner.apply(runner.plan([transient]))[0]
+            finally:  # also what a failed apply left behind
+                created = record_created(runner.bpf_dir, transient.name, owner)
         if not outcome.ok:
             raise ApplyError(outcome.error or "apply failed")
         try:
@@ -58,6 +245,12 @@ def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> 
             cgroup.parent.rmdir()  # the shared parent, once no other run uses it
         except OSError:
             pass
-        enforcer.apply(enforcer.plan_removal([transient.name]))
-        if transient.name in enforcer.observe():
-            raise ApplyError(f"could not remove the transient policy {transient.name}")
+        if created is not None:
+            try:
+                with runner.locked():
+                    remove_created(runner.bpf_dir, created)
+            except LockError as error:
+                raise ApplyError(
+                    f"could not remove the transient policy {created.name}: {error}; once this "
+                    f"run has ended, `cgpolicy remove {created.name}` removes it"
+                ) from error

@@ -18,6 +18,7 @@ from cgpolicy.compiler.spec import CompiledPolicy
 from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer, Planned
 from cgpolicy.enforcer.observe import AppliedPolicy
+from cgpolicy.enforcer.ownership import SERVICE, Owner, recorded_owner
 from cgpolicy.enforcer.plan import Action, PolicyPlan
 from cgpolicy.kernel.bpf import BpfError
 from cgpolicy.kernel.devices import DeviceBinding, device_paths
@@ -98,6 +99,7 @@ class Reconciler:
         """``store`` keeps the last good text of each file across restarts; without it, a
         file that is bad when the process starts has no last good version."""
         self.enforcer = enforcer
+        enforcer.owner = Owner.service()  # what it applies is the service's (ownership.py)
         self.policy_dir = policy_dir.absolute()  # sources recorded in pins are absolute
         self.source = PolicySource(self.policy_dir, store)
         self.policies: list[Policy] = []
@@ -121,16 +123,24 @@ class Reconciler:
         return compiled
 
     def _managed(self, applied: dict[str, AppliedPolicy]) -> dict[str, str]:
-        """Applied policies that came from this folder: name -> source file."""
+        """Applied policies that came from this folder and are the service's (or recorded
+        no owner): name -> source file. One an operator took over stays theirs."""
         folder = str(self.policy_dir) + os.sep
         managed = {}
         for name, policy in applied.items():
             source = policy.meta.source if policy.meta else None
-            if source and source.startswith(folder):
+            owner = recorded_owner(policy)
+            if source and source.startswith(folder) and (owner is None or owner.kind == SERVICE):
                 managed[name] = source
         return managed
 
     def reconcile(self) -> PassReport:
+        """One pass, holding the pin folder's lock from observing to applying, so that no
+        `cgpolicy apply` or `run` changes the pins in between (kernel/lock.py)."""
+        with self.enforcer.locked():
+            return self._reconcile()
+
+    def _reconcile(self) -> PassReport:
         """One pass. Never raises for a bad policy or a failed apply: those are reported.
 
         A policy folder that is gone (unmounted, moved) is not an empty folder: the pass

@@ -87,9 +87,10 @@ def apply_ok(enforcer: Enforcer, *paths: Path) -> list[Outcome]:
 
 
 def remove(enforcer: Enforcer, *names: str) -> None:
+    """Remove what a test applied, whoever applied it (a service it ran, say)."""
     present = [name for name in names if name in enforcer.observe()]
     if present:
-        outcomes = enforcer.apply(enforcer.plan_removal(present))
+        outcomes = enforcer.apply(enforcer.plan_removal(present, force=True))
         assert all(o.ok for o in outcomes), [o.error for o in outcomes]
 
 

@@ -112,8 +112,9 @@ def daemon(tmp_path: Path, bpf_dir: Path) -> Iterator[Daemon]:
         yield service
     finally:
         service.stop()
-        subprocess.run(
-            [str(CGPOLICY), "--bpf-dir", str(bpf_dir), "remove", "--all"], capture_output=True
+        subprocess.run(  # --force: the service's policies are refused to the CLI otherwise
+            [str(CGPOLICY), "--bpf-dir", str(bpf_dir), "remove", "--all", "--force"],
+            capture_output=True,
         )
 
 
