@@ -13,11 +13,19 @@ Path = tuple[str | int, ...]
 
 
 def field_name(path: Path) -> str:
-    """``("spec", "targets", 0, "path")`` -> ``"spec.targets[0].path"``."""
+    """``("spec", "targets", 0, "path")`` -> ``"spec.targets[0].path"``; a key longer than
+    a field name can be (an unknown, hostile one) is shortened as :func:`shown` does."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            text += f"[{part}]"
+            continue
+        name = part if len(part) <= FIELD_CHARACTERS else shown(part, FIELD_CHARACTERS)
+        text += f".{name}" if text else name
     return text
+
+
+FIELD_CHARACTERS = 40  # longer than any field of the language
 
 
 SHOWN_CHARACTERS = 60  # of a value quoted in a message; a hostile one may have millions
