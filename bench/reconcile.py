@@ -158,6 +158,8 @@ class Daemon:
             f"{interval:g}",
             "--metrics-addr",
             f"127.0.0.1:{self.port}",
+            "--state-dir",  # the bench's own last-good store, gone with its temp folder
+            str(log.parent / "state"),
         ]
         with open(log, "ab") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=out)
