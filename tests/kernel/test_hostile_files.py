@@ -41,8 +41,9 @@ def service(tmp_path: Path, bpf_dir: Path) -> Iterator[Daemon]:
     finally:
         daemon.stop()
         subprocess.run(
-            [str(CGPOLICY), "--bpf-dir", str(bpf_dir), "remove", "--all"],
+            [str(CGPOLICY), "--bpf-dir", str(bpf_dir), "remove", "--all", "--force"],
             capture_output=True,
+            check=True,
         )
 
 
