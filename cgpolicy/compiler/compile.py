@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import ipaddress
+import itertools
 import json
 import socket
 import struct
@@ -462,10 +463,8 @@ def _cidr4_maps(v4: dict[tuple[int, int], int], index_min: int) -> dict[str, Map
             "cidr4_idx": MapSpec("cidr4_idx", "array", 4, _IDX4.size, 1, 0, ()),
             "cidr4_long": MapSpec("cidr4_long", "hash", _PFX4.size, 8, 1, 0, ()),
         }
-    slots, long = cidr4_index(v4)
-    index = tuple(
-        (_U32.pack(top), _IDX4.pack(mask, lengths, 0)) for top, (mask, lengths) in slots.items()
-    )
+    masks, lengths, long = cidr4_index(v4)
+    index = _index_entries(masks, lengths)
     hashed = tuple(
         (_PFX4.pack(1 << (32 - length), value), _U64.pack(mask))
         for (length, value), mask in long.items()
@@ -477,28 +476,52 @@ def _cidr4_maps(v4: dict[tuple[int, int], int], index_min: int) -> dict[str, Map
     }
 
 
+def _index_entries(masks: list[int], lengths: dict[int, int]) -> tuple[tuple[bytes, bytes], ...]:
+    """The cidr4_idx entries (struct cgp_idx4 per /16 with anything in it, in slot order).
+    A short prefix such as /0 puts something in up to 65,536 slots, most of them alike, so
+    the values are packed once per distinct mask and the iteration stays in C."""
+    packed = {mask: _IDX4.pack(mask, 0, 0) for mask in set(masks)}
+    values = list(map(packed.__getitem__, masks))
+    used = list(map(bool, masks))
+    for top, bits in lengths.items():
+        values[top] = _IDX4.pack(masks[top], bits, 0)
+        used[top] = True
+    keys = map(_U32.pack, range(CIDR4_INDEX_SLOTS))
+    return tuple(itertools.compress(zip(keys, values, strict=True), used))
+
+
 def cidr4_index(
     v4: dict[tuple[int, int], int],
-) -> tuple[dict[int, tuple[int, int]], dict[tuple[int, int], int]]:
-    """The /16 index layout of IPv4 prefixes (bpf/net.c cgp_cidr4_mask): per /16 with
-    anything in it, (mask of the prefixes <= 16 containing it, bitmap of the lengths > 16
-    inside it, bit 32 - len); and the prefixes longer than 16, each mapped to the
-    OR-propagated mask over all stored prefixes containing it. A /16 with more than
+) -> tuple[list[int], dict[int, int], dict[tuple[int, int], int]]:
+    """The /16 index layout of IPv4 prefixes (bpf/net.c cgp_cidr4_mask): per /16 (slot =
+    the address's top 16 bits), the mask of the prefixes <= 16 containing it (a list of
+    CIDR4_INDEX_SLOTS masks, 0 where none does); per /16 with prefixes longer than 16 inside
+    it, the bitmap of their lengths (bit 32 - len); and those longer prefixes, each mapped to
+    the OR-propagated mask over all stored prefixes containing it. A /16 with more than
     CIDR4_PROBES distinct lengths has its odd lengths rounded up (a /25 becomes two /26 with
     its mask, unless a stored /26 is already there: that one holds the mask and more), so
     that the program probes at most CIDR4_PROBES lengths."""
-    masks: dict[int, int] = {}
+    masks = [0] * CIDR4_INDEX_SLOTS
     lengths: dict[int, int] = {}
     long: dict[tuple[int, int], int] = {}
+    short: list[tuple[int, int, int]] = []
     for key, mask in propagate_prefixes(v4, 32).items():
         length, value = key
-        top = value >> 16
         if length <= 16:
-            for slot in range(top, top + (1 << (16 - length))):
-                masks[slot] = masks.get(slot, 0) | mask
+            short.append((length, value >> 16, mask))
         else:
             long[key] = mask
+            top = value >> 16
             lengths[top] = lengths.get(top, 0) | 1 << (32 - length)
+    # A slot's mask is the OR over the short prefixes containing it. Those are nested, and
+    # each one's propagated mask already holds the masks of all stored prefixes containing
+    # it, so the longest one's mask is that OR: filling the slots shortest first, each
+    # range overwriting the slots it covers, gives exactly it.
+    short.sort()
+    for length, top, mask in short:
+        size = 1 << (16 - length)
+        start = top & -size
+        masks[start : start + size] = [mask] * size
     crowded = {top for top, bits in lengths.items() if bits.bit_count() > CIDR4_PROBES}
     if crowded:
         odd = [(key, mask) for key, mask in long.items() if key[0] % 2 and key[1] >> 16 in crowded]
@@ -512,11 +535,7 @@ def cidr4_index(
             lengths[top] = (bits & 0x5555) | (
                 bits & 0xAAAA
             ) >> 1  # odd len: bit 32 - len -> 31 - len
-    table = {
-        top: (masks.get(top, 0), lengths.get(top, 0))
-        for top in sorted(masks.keys() | lengths.keys())
-    }
-    return table, long
+    return masks, lengths, long
 
 
 def _add(table: dict[tuple[int, int], int], key: tuple[int, int], bit: int) -> None:
