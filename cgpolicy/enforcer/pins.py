@@ -133,14 +133,15 @@ def bpf_dir_exists(bpf_dir: Path) -> bool:
 
 def real_subfolders(folder: Path) -> list[Path]:
     """The folders directly in ``folder``, symlinks left out (and never followed); each one
-    checked to be root's and closed to others."""
+    checked to be root's and closed to others. Names starting with ``.`` or ``_`` (the
+    lock) are not policies: policy names are DNS labels."""
     found = []
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
         return []
     for entry in entries:
-        if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+        if entry.is_dir(follow_symlinks=False) and not entry.name.startswith((".", "_")):
             check_real_folder(Path(entry.path))
             found.append(Path(entry.path))
     return sorted(found)

@@ -1,15 +1,18 @@
-"""One change at a time per pin folder: an exclusive ``flock`` on the folder itself.
+"""One change at a time per pin folder: an exclusive ``flock`` on its ``_lock`` folder.
 
 Whatever changes what is pinned under a pin folder (`apply`, `remove`, `run`, a reconcile
 pass) holds this lock from observing the kernel to the last pin written, so that no change
 is planned against a state another process is busy changing.
 
-- **On the folder itself**, on bpffs (which holds no regular files): every process that
-  sees the same bpffs sees the same lock, whatever its mount namespace or ``/run`` (the
-  service in a container and an operator's CLI on the host).
-- **Only root can take it**: the folder is opened through the trusted-folder checks (root's,
-  not writable by others, not a symlink) and closed to others (mode 0700), so an
-  unprivileged user cannot open it, hence cannot hold the lock to block changes.
+- **On bpffs** (which holds no regular files, hence a folder): every process that sees the
+  same bpffs sees the same lock, whatever its mount namespace or ``/run`` (the service in a
+  container and an operator's CLI on the host).
+- **Only root can take it**: the lock is a folder ``_lock`` inside the pin folder (``_`` is
+  never in a policy name), made mode 0700 and refused if it is anything else. A flock
+  needs an open descriptor, and a folder that was never readable by others has never been
+  opened by anyone but root: locking the pin folder itself would not do, since a user who
+  opened it while it was still readable (an older cgpolicy made it 0755) keeps that
+  descriptor after any chmod, and with it the power to hold the lock forever.
 - **Bounded**: a waiter gives up after ``timeout`` seconds with a message naming the holder
   (its pid and command line, from ``/proc/locks``); the kernel releases the lock when its
   holder exits, however it exits, so a crashed holder never leaves it taken.
@@ -34,6 +37,7 @@ from cgpolicy.mounts import read_mounts
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
+LOCK_FOLDER = "_lock"  # inside the pin folder; "_" is never in a policy name
 
 
 class LockError(OSError):
@@ -113,12 +117,16 @@ class PinFolderLock:
             held.depth += 1
             return self
         _require_bpffs(self.folder)
-        fd = open_trusted_dir(self.folder, create=True, mode=0o700)
+        os.close(open_trusted_dir(self.folder, create=True, mode=0o700))
+        lock_folder = self.folder / LOCK_FOLDER
+        fd = open_trusted_dir(lock_folder, create=True, mode=0o700)
         try:
-            info = os.fstat(fd)
-            if stat.S_IMODE(info.st_mode) & 0o077:
-                # Root's (just checked), but others could open it and hold the lock.
-                os.fchmod(fd, stat.S_IMODE(info.st_mode) & 0o700)
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o077:
+                raise LockError(
+                    f"{lock_folder} is mode {mode:04o}: someone else may hold it open, and "
+                    f"with it the lock; fix: rmdir {lock_folder} (cgpolicy makes it again)"
+                )
             self._wait(fd)
         except BaseException:
             os.close(fd)

@@ -54,10 +54,17 @@ def _check_ancestors(path: Path) -> None:
             raise UntrustedFolder(f"cannot inspect {folder}: {error.strerror}") from None
         _check_mode(folder, info, is_leaf=False)
     if real != parent:
-        # A symlink on the way must itself sit in a folder only root controls.
+        # A symlink on the way must be root's and sit in a folder only root controls: in a
+        # sticky folder anyone may make a link, and repoint it later.
         for folder in (parent, *parent.parents):
             if folder.is_symlink():
-                _check_mode(folder, os.lstat(folder.parent), is_leaf=False)
+                link = os.lstat(folder)
+                if link.st_uid != 0:
+                    raise UntrustedFolder(
+                        f"{folder} is a symlink owned by uid {link.st_uid}, not root; "
+                        f"fix: remove it, or give cgpolicy a path without it"
+                    )
+                _check_mode(folder.parent, os.lstat(folder.parent), is_leaf=False)
 
 
 def open_trusted_dir(path: Path, *, create: bool = True, mode: int = 0o700) -> int:

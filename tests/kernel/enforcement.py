@@ -27,6 +27,7 @@ from netns import PROBE_EXTRA
 from cgpolicy.enforcer.engine import Enforcer, Outcome
 from cgpolicy.kernel import bpf
 from cgpolicy.kernel.cgroup import open_cgroup
+from cgpolicy.kernel.lock import LOCK_FOLDER
 from cgpolicy.policy.model import Policy
 from cgpolicy.policy.validate import load_paths
 
@@ -134,8 +135,8 @@ def attachments(
 
 
 def pins(bpf_dir: Path) -> set[str]:
-    """Everything pinned below ``bpf_dir``, as relative paths."""
-    return {str(p.relative_to(bpf_dir)) for p in bpf_dir.rglob("*")}
+    """Everything pinned below ``bpf_dir``, as relative paths (not the lock's folder)."""
+    return {str(p.relative_to(bpf_dir)) for p in bpf_dir.rglob("*") if p.name != LOCK_FOLDER}
 
 
 def program_names(ids: Sequence[int]) -> list[str]:

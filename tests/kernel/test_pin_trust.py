@@ -173,3 +173,66 @@ def test_a_pin_folder_others_could_change_is_refused(
     done = run_cli("--bpf-dir", tree, "apply", policy)
     assert done.returncode == 1 and expected in done.stderr, done
     assert attachments(scratch_cgroup.path) == {}
+
+
+def test_a_user_holding_the_pin_folder_open_cannot_block_changes(
+    bpf_dir: Path, tmp_path: Path, scratch_cgroup, cgroup_root: Path
+) -> None:
+    """Before: the lock was a flock on the pin folder itself; a user who opened it while it
+    was 0755 (as `mkdir` or an older cgpolicy made it) held the lock forever."""
+    tree = bpf_dir / "cgp-open"
+    tree.mkdir(mode=0o755)
+    holder = subprocess.Popen(
+        [
+            *NOBODY,
+            "/usr/bin/python3",
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(tree)!r}, os.O_RDONLY)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('holding', flush=True)\n"
+            "time.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        policy = adversary_policy(tmp_path, scratch_cgroup.relative)
+        done = run_cli("--bpf-dir", tree, "--lock-timeout", "5", "apply", policy)
+        assert done.returncode == 0, done
+        assert len(attachments(scratch_cgroup.path)) == len(HOOKS)
+        lock = tree / "_lock"
+        assert (os.stat(lock).st_mode & 0o777) == 0o700
+        assert as_nobody("ls", lock).returncode != 0
+    finally:
+        holder.kill()
+        holder.wait()
+        remove(Enforcer(cgroup_root, tree), "adv-a")
+
+
+def test_a_lock_folder_others_could_have_opened_is_refused(
+    bpf_dir: Path, tmp_path: Path, scratch_cgroup
+) -> None:
+    tree = bpf_dir / "cgp-lock"
+    (tree / "_lock").mkdir(parents=True, mode=0o755)
+    (tree / "_lock").chmod(0o755)
+    done = run_cli("--bpf-dir", tree, "apply", adversary_policy(tmp_path, scratch_cgroup.relative))
+    assert done.returncode == 1 and "rmdir" in done.stderr and "_lock" in done.stderr, done
+    assert attachments(scratch_cgroup.path) == {}
+
+
+def test_a_symlink_a_user_planted_on_the_way_is_refused(
+    sticky_top: Path, bpf_dir: Path, tmp_path: Path, scratch_cgroup
+) -> None:
+    """Before: a user's symlink in a sticky folder on the way to --bpf-dir was followed,
+    and could be repointed later so that `remove` missed the policy and `apply` made a
+    second copy."""
+    link = sticky_top / "L"
+    assert as_nobody("ln", "-s", bpf_dir, link).returncode == 0
+    done = run_cli(
+        "--bpf-dir", link / "pins", "apply", adversary_policy(tmp_path, scratch_cgroup.relative)
+    )
+    assert done.returncode == 1 and "symlink owned by uid 65534" in done.stderr, done
+    assert attachments(scratch_cgroup.path) == {}
+    assert not (bpf_dir / "pins").exists()
