@@ -235,7 +235,10 @@ def _read_counters(
     if counters is None:
         return None
     meta = applied.meta if applied else None
-    labels = (meta.rules.get(hook) if meta else None) or []
+    # An interrupted apply's metadata may describe other programs: no rule text then, only
+    # the slots that counted something (the drift says why)
+    trusted = meta if applied is not None and not applied.interrupted else None
+    labels = (trusted.rules.get(hook) if trusted else None) or []
     rules = []
     for slot in range(COUNTER_SLOTS - 1):
         if slot >= len(labels) and labels:

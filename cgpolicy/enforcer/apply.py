@@ -3,12 +3,14 @@
 Order for one policy:
 1. Load every new program instance (fresh maps). A verifier rejection or a full map stops
    here, before anything enforced has changed.
-2. Swap existing links to the new programs (BPF_LINK_UPDATE with BPF_F_REPLACE: atomic per
+2. Pin the new programs and event ring over the old pins (the old objects are kept open).
+3. Swap existing links to the new programs (BPF_LINK_UPDATE with BPF_F_REPLACE: atomic per
    link, so a cgroup hook is never without a program and never runs half old, half new
-   rules) and create links on newly covered cgroups. If any of this fails, every link
-   already swapped is swapped back and every new link is detached: the old state stays.
-3. Pin the new programs and links, then detach links that are no longer wanted, then
-   record the new metadata last, naming the program ids it was written for.
+   rules), create links on newly covered cgroups, and pin them. If any of 2-3 fails, every
+   link already swapped is swapped back, every new link is detached and the old pins are
+   put back: the old state stays.
+4. Detach links that are no longer wanted, then record the new metadata last, naming the
+   program ids it was written for.
 
 A process killed anywhere leaves each cgroup hook with either the old program or the new
 one, never none where one was. Links not yet pinned die with the process. What is pinned
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +57,8 @@ class _Work:
     current_programs: dict[str, Program] = field(default_factory=dict)
     swapped: list[_Swap] = field(default_factory=list)
     created: list[tuple[Step, CgroupLink]] = field(default_factory=list)
+    # pins replaced by the new programs, with what was pinned there before (None: nothing)
+    replaced: list[tuple[Path, Map | Program | None]] = field(default_factory=list)
 
     def close(self) -> None:
         if self.events is not None:
@@ -67,6 +72,9 @@ class _Work:
             swap.old_program.close()
         for _, link in self.created:
             link.close()
+        for _, previous in self.replaced:
+            if previous is not None:
+                previous.close()
 
 
 def _open_checked_cgroup(root: Path, step: Step) -> int:
@@ -92,8 +100,9 @@ def apply_policy(
     try:
         _prepare_programs(plan, compiled, bpf_dir, work)
         try:
-            _switch_links(plan, compiled, cgroup_root, bpf_dir, work)
             _pin_new_programs(plan, bpf_dir, work)
+            _switch_links(plan, compiled, cgroup_root, bpf_dir, work)
+            _pin_new_links(plan, bpf_dir, work)
         except (BpfError, OSError) as error:
             _roll_back(work)
             raise ApplyError(f"attaching failed, previous state restored: {error}") from error
@@ -193,13 +202,43 @@ def _roll_back(work: _Work) -> None:
             link.detach()
         except BpfError as error:
             log.error("could not detach a new link: %s", error)
+    for path, previous in reversed(work.replaced):
+        try:
+            if previous is None:
+                path.unlink(missing_ok=True)
+            else:
+                pins.pin_replacing(previous, path)
+        except (BpfError, OSError) as error:
+            log.error("could not restore the pin %s: %s", path, error)
 
 
 def _pin_new_programs(plan: PolicyPlan, bpf_dir: Path, work: _Work) -> None:
+    """Pin the new event ring and programs *before* any link moves to them: from here until
+    the metadata is written, pins and metadata disagree, which is what makes an apply
+    killed in between an *interrupted* one (observe.py), whichever links had moved."""
     if work.events is not None:
-        pins.pin_replacing(work.events, pins.policy_dir(bpf_dir, plan.name) / pins.EVENTS_PIN)
+        path = pins.policy_dir(bpf_dir, plan.name) / pins.EVENTS_PIN
+        _replace_pin(work, work.events, path, Map.from_pin)
     for hook, loaded in work.new_programs.items():
-        pins.pin_replacing(loaded.program, pins.hook_dir(bpf_dir, plan.name, hook) / pins.PROG_PIN)
+        path = pins.hook_dir(bpf_dir, plan.name, hook) / pins.PROG_PIN
+        _replace_pin(work, loaded.program, path, Program.from_pin)
+
+
+def _replace_pin(
+    work: _Work,
+    new: Map | Program,
+    path: Path,
+    reopen: Callable[[Path], Map | Program],
+) -> None:
+    try:
+        previous: Map | Program | None = reopen(path)
+    except (BpfError, OSError):
+        previous = None  # nothing pinned there yet
+    work.replaced.append((path, previous))
+    pins.pin_replacing(new, path)
+
+
+def _pin_new_links(plan: PolicyPlan, bpf_dir: Path, work: _Work) -> None:
     for step, link in work.created:
         pins.pin_replacing(link, pins.link_pin(bpf_dir, plan.name, step.hook, step.cgroup_id))
 

@@ -141,3 +141,56 @@ def test_remove_undoes_a_policy_killed_before_any_metadata(
     assert "half: remove" in removed.stdout
     assert attachments(scratch_cgroup.path, HOOKS) == {}
     assert not (bpf_dir / "half").exists()
+
+
+def test_an_update_killed_between_link_swaps_is_interrupted_not_drift(
+    scratch_cgroup, bpf_dir: Path, cgroup_root: Path, tmp_path: Path, monkeypatch, loopback_ports
+) -> None:
+    """Found by killing `apply` at every bpf() call: after 2 of 5 links had moved to the
+    new programs, audit called it `stale` (as if changed from outside) and labelled the
+    new programs' counters with the old rules. New programs are now pinned before any link
+    moves, so such a state is `interrupted`, and counters are not given old rule texts."""
+    port = loopback_ports.ports[0]
+    v1 = deny_connect_to(tmp_path, scratch_cgroup.relative, "127.0.0.5")
+    v2 = deny_connect_to(tmp_path, scratch_cgroup.relative, "127.0.0.6")
+    enforcer = Enforcer(cgroup_root, bpf_dir)
+    real_update = apply_module.CgroupLink.update
+    swaps = []
+
+    def update_some(link, *args):  # type: ignore[no-untyped-def]
+        if len(swaps) == 2:
+            raise Killed
+        swaps.append(link)
+        return real_update(link, *args)
+
+    try:
+        apply_ok(enforcer, v1)
+        with monkeypatch.context() as patched:
+            patched.setattr(apply_module.CgroupLink, "update", update_some)
+            with pytest.raises(Killed):
+                apply(enforcer, v2)
+        done = run_cli("--bpf-dir", bpf_dir, "audit", "--cgroup", scratch_cgroup.relative, "--json")
+        assert done.returncode == 3, done
+        (report,) = [
+            c for c in json.loads(done.stdout)["cgroups"] if c["path"] == scratch_cgroup.relative
+        ]
+        assert {d["problem"] for d in report["drift"]} >= {"interrupted"}, report["drift"]
+        texts = [
+            rule["text"]
+            for attachment in report["attachments"]
+            for rule in (attachment.get("counters") or {}).get("rules", [])
+        ]
+        assert not any(text and "127.0.0.5" in text for text in texts), texts
+
+        (outcome,) = apply_ok(enforcer, v1)
+        assert outcome.plan.reload
+        expect(
+            scratch_cgroup,
+            [
+                (("connect", "tcp", "127.0.0.5", port), EPERM),
+                (("connect", "tcp", "127.0.0.6", port), ALLOWED),
+            ],
+        )
+        assert audit_drift(bpf_dir, scratch_cgroup) == []
+    finally:
+        remove(enforcer, "half")
