@@ -80,6 +80,7 @@ def open_trusted_dir(path: Path, *, create: bool = True, mode: int = 0o700) -> i
         missing.append(probe)
         probe = probe.parent
     if missing and not create:
+        _check_ancestors(missing[-1])  # an untrusted way there says so, not just "missing"
         raise FileNotFoundError(f"{path} does not exist")
     for folder in reversed(missing):
         _check_ancestors(folder)

@@ -336,3 +336,13 @@ def test_an_unprivileged_user_cannot_write_or_read_the_store(store_dir: Path) ->
     for argv in (["touch", str(store_dir / "net.c-evil.json")], ["cat", str(entry)]):
         done = subprocess.run([*NOBODY, *argv], capture_output=True, text=True)
         assert done.returncode != 0 and "Permission denied" in done.stderr
+
+
+def test_check_says_why_a_missing_store_under_a_users_folder_is_refused(
+    sticky_folder: Path,
+) -> None:
+    """Before: `cache check` called such a store "missing"; only `fill` said why."""
+    theirs = sticky_folder / "theirs"
+    assert subprocess.run([*NOBODY, "mkdir", "-m", "1777", str(theirs)]).returncode == 0
+    done = _cli("cache", "check", store_path=theirs / "store")
+    assert done.returncode == 1 and "owned by uid 65534" in done.stderr, done
