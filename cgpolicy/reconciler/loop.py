@@ -151,6 +151,7 @@ class Reconciler:
                 self._warned.add("folder")
                 log.error("policy folder %s is missing; enforcement left as it is", self.policy_dir)
             self._record(PassOutcome(folder_missing=str(self.policy_dir)))
+            self.metrics.passes.inc()  # a pass that ran, and found nothing to read
             # In `failed` too, so that `--once` exits 1.
             return PassReport(
                 failed={str(self.policy_dir): "policy folder missing"}, folder_missing=True

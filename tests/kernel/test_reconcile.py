@@ -67,7 +67,7 @@ class Daemon:
             "--policy-dir",
             str(self.policy_dir),
             "--interval",
-            "1",
+            "0.25",  # quick passes; tests wait for passes or conditions, never for time
             "--metrics-addr",
             f"127.0.0.1:{self.port}",
         ]
@@ -216,7 +216,7 @@ def test_bad_file_keeps_previous_version_enforced_and_shows_in_metrics(
     # The same policy turned into an allow-all by a typo'd, duplicated key: rejected.
     path.write_text(path.read_text() + "  sockets: {}\n")
     assert wait_until(lambda: daemon.metric("cgpolicy_invalid_policy_files") == 1), daemon.log()
-    time.sleep(1.5)
+    wait_for_passes(daemon, 2)  # passes that saw the bad file, and did not apply it
     assert connect_denied(work, "127.0.0.1", tcp_server.port)
     assert "last good version stays enforced" in daemon.log()
     assert "duplicate" in daemon.log()
@@ -360,12 +360,19 @@ def test_vanished_policy_folder_removes_nothing_and_is_followed_when_back(
     assert wait_until(lambda: links_at(work.path, "connect4") == 1), daemon.log()
     away = daemon.policy_dir.with_name("away")
     daemon.policy_dir.rename(away)  # an unmounted volume looks like this
-    time.sleep(2.5)  # two resyncs
+    wait_for_passes(daemon, 2)  # two passes that found no folder
     assert links_at(work.path, "connect4") == 1
     assert "is missing; enforcement left as it is" in daemon.log()
     away.rename(daemon.policy_dir)
     path.write_text(path.read_text().replace("127.0.0.2", "127.0.0.1"))
     assert wait_until(lambda: connect_denied(work, "127.0.0.1", tcp_server.port)), daemon.log()
+
+
+def wait_for_passes(daemon, count: int) -> None:  # type: ignore[no-untyped-def]
+    """Until the service has finished ``count`` more passes (of any outcome)."""
+    name = "cgpolicy_reconcile_passes_total"
+    target = (daemon.metric(name) or 0) + count
+    assert wait_until(lambda: (daemon.metric(name) or 0) >= target, timeout=30), daemon.log()
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:
