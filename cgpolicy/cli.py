@@ -84,7 +84,7 @@ def main_options(
         typer.Option(
             "--cgroup-root",
             envvar="CGPOLICY_CGROUP_ROOT",
-            help="cgroup v2 mount point [default: discovered from /proc/self/mountinfo]",
+            help="cgroup v2 mount point \\[default: discovered from /proc/self/mountinfo]",
         ),
     ] = None,
     bpf_dir: Annotated[
@@ -92,7 +92,7 @@ def main_options(
         typer.Option(
             "--bpf-dir",
             envvar="CGPOLICY_BPF_DIR",
-            help="bpffs folder cgpolicy pins into [default: <bpffs mount>/cgpolicy]",
+            help="bpffs folder cgpolicy pins into \\[default: <bpffs mount>/cgpolicy]",
         ),
     ] = None,
     dev_root: Annotated[
@@ -109,7 +109,7 @@ def main_options(
         typer.Option(
             "--cache-dir",
             envvar="CGPOLICY_CACHE_DIR",
-            help="root-only folder of compiled programs [default: /var/cache/cgpolicy]",
+            help="root-only folder of compiled programs \\[default: /var/cache/cgpolicy]",
         ),
     ] = None,
     lock_timeout: Annotated[
@@ -481,7 +481,7 @@ def reconcile(
             envvar="CGPOLICY_STATE_DIR",
             help="Root-only folder that keeps the last good version of each policy file, so"
             " that a file that is invalid or unreadable at a restart keeps it enforced"
-            " [default: /var/lib/cgpolicy]",
+            " \\[default: /var/lib/cgpolicy]",
         ),
     ] = None,
 ) -> None:
