@@ -12,6 +12,7 @@ blocked with a problem that says so, unless forced.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +116,9 @@ class Enforcer:
             plan = plan_policy(
                 compiled, resolution, applied.get(policy.name), missing_target_blocks
             )
-            check_change(plan, applied.get(policy.name), self.owner, force)
-            source = policy.source.file if policy.source else None
+            # Recorded absolute, so that the service can tell its folder's file (ownership.py).
+            source = os.path.abspath(policy.source.file) if policy.source else None
+            check_change(plan, applied.get(policy.name), self.owner, force, source)
             planned.append(Planned(plan, compiled, source))
         return planned
 

@@ -13,13 +13,17 @@ The rules (docs/ownership.md says the same for operators):
 - The CLI does not change or remove the service's policies, nor a running `run`'s, unless
   given ``--force``; forced, it becomes the owner. Applying what is already enforced is no
   change, and is not refused (the owner stays).
-- The service never forces: a policy of its folder that an operator took over by hand is
+- The service never forces: a policy of its folder's name that was applied by hand is
   left as the operator made it, and reported (log, ``cgpolicy_policy_failing``, /readyz)
-  on every pass until it is handed back, which happens when what is enforced agrees with
-  the folder (apply the folder's file by hand) or when the operator removes it.
+  on every pass until it is handed back, which happens when the operator applies the
+  folder's own file by hand (the recorded source is that file, and what is enforced agrees
+  with it) or removes it. A policy applied from anywhere else is never taken over, whatever
+  its content: whoever writes the folder must not be able to adopt (and then delete) what
+  root applied by hand, nor learn from the service whether a guess matches it.
 - A `run` whose process has ended owns nothing any more: what it left is anybody's.
 - Metadata from before owners were recorded has no owner: anybody may change it, and whoever
-  does is recorded (the service records itself on its folder's policies at its first pass).
+  does is recorded (the service records itself on its folder's policies at its first pass;
+  only on those whose recorded source is its folder's file).
 """
 
 from __future__ import annotations
@@ -127,18 +131,45 @@ def _free(applied: AppliedPolicy | None, requester: Owner) -> tuple[bool, Owner 
     return False, holder
 
 
-def _refusal(holder: Owner, requester: Owner, applied: AppliedPolicy, removal: bool) -> str:
-    source = applied.meta.source if applied.meta else None
-    where = f" (from {source})" if source else ""
+def same_source(recorded: str | None, source: str | None) -> bool:
+    """Whether the source recorded in a policy's metadata is the file ``source``: the same
+    absolute path, or the same name in the same folder (its path resolved). The file itself
+    is not resolved: whoever writes the folder could point it anywhere. A relative path
+    (recorded by an older cgpolicy, relative to a directory nobody knows) is no match."""
+    if not recorded or not source or not os.path.isabs(recorded) or not os.path.isabs(source):
+        return False
+    recorded, source = os.path.normpath(recorded), os.path.normpath(source)
+    if recorded == source:
+        return True
+    if os.path.basename(recorded) != os.path.basename(source):
+        return False
+    return os.path.realpath(os.path.dirname(recorded)) == os.path.realpath(os.path.dirname(source))
+
+
+def _refusal(
+    holder: Owner | None,
+    requester: Owner,
+    applied: AppliedPolicy,
+    removal: bool,
+    source: str | None = None,
+) -> str:
+    recorded = applied.meta.source if applied.meta else None
+    where = f" (from {recorded})" if recorded else ""
     if requester.kind == SERVICE:
-        if holder.kind == CLI:
+        # The same words whatever is applied and whatever the folder's file says (no
+        # revision): what the service reports must not tell whoever writes the folder
+        # whether their file matches what an operator applied.
+        own_file = f"`cgpolicy apply {source}`" if source else "its file in this folder"
+        by = "by hand (`cgpolicy apply`)" if holder is not None else "without an owner recorded"
+        if holder is None or holder.kind == CLI:
             return (
-                f"applied by hand (`cgpolicy apply`, revision {applied.revision}) in place of "
-                "this folder's version; the service does not revert it. To hand it back, "
-                "apply this folder's file by hand (the service then takes over what matches "
+                f"applied {by}; the service does not revert it and does not take it over. "
+                f"To hand it back, apply this folder's own file by hand ({own_file}: the "
+                "service takes over what was applied from that file once it agrees with "
                 "it), or `cgpolicy remove` it"
             )
         return f"owned by {holder.describe()}; the service leaves it alone"
+    assert holder is not None
     if holder.kind == SERVICE:
         if removal:
             return (
@@ -160,14 +191,33 @@ def _refusal(holder: Owner, requester: Owner, applied: AppliedPolicy, removal: b
 
 
 def check_change(
-    plan: PolicyPlan, applied: AppliedPolicy | None, requester: Owner, force: bool
+    plan: PolicyPlan,
+    applied: AppliedPolicy | None,
+    requester: Owner,
+    force: bool,
+    source: str | None = None,
 ) -> None:
     """Make ``plan`` record ``requester`` as the owner; block it (a problem) when another
-    owner holds the policy and may not be overridden."""
+    owner holds the policy and may not be overridden. ``source`` is the file the plan's
+    policy comes from (absolute): the service takes over only what was applied from it."""
     agrees = not plan.changed and plan.old_revision == plan.new_revision
     plan.owner = requester.to_json()
     free, holder = _free(applied, requester)
     if applied is None or applied.meta is None or holder == requester:
+        return
+    own_file = same_source(applied.meta.source, source)
+    if requester.kind == SERVICE and not force:
+        # The service adopts only what was applied from its folder's very file, and only
+        # as it is (it never reverts): a copy of a hand-applied policy put in the folder
+        # must not let whoever writes the folder take it over, change it or remove it.
+        if holder is None and own_file:
+            plan.owner_change = f"owner recorded: {requester.kind}"
+        elif holder is not None and holder.kind == CLI and own_file and agrees:
+            plan.owner_change = "taken over from `cgpolicy apply`, which applied this folder's file"
+        elif holder is None or holder.kind == CLI or not free:
+            plan.problems.append(_refusal(holder, requester, applied, False, source))
+        else:
+            plan.owner_change = f"taken over from {holder.describe()}"
         return
     if holder is None:
         plan.owner_change = f"owner recorded: {requester.kind}"
@@ -176,10 +226,6 @@ def check_change(
         plan.owner_change = f"taken over from {holder.describe()}"
         return
     if agrees:  # nothing would change: no change to refuse
-        if requester.kind == SERVICE and holder.kind == CLI:
-            plan.owner_change = (
-                "taken over from `cgpolicy apply`, which applied this folder's version"
-            )
         return
     plan.problems.append(_refusal(holder, requester, applied, removal=False))
 

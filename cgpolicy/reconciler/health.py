@@ -30,7 +30,8 @@ class PassOutcome:
 
     policies: frozenset[str] = frozenset()  # the policies the folder asks for
     failing: Mapping[str, str] = field(default_factory=dict)  # policy -> why not applied
-    invalid_files: Mapping[str, str] = field(default_factory=dict)  # file -> first problem
+    # file -> how bad it is (readable or not, how many problems), never a problem's text
+    invalid_files: Mapping[str, str] = field(default_factory=dict)
     folder_missing: str | None = None  # the folder, when it was missing
     store_error: str | None = None  # why the last-good store cannot be used, when it cannot
 

@@ -27,10 +27,12 @@ from cgpolicy.kernel.interfaces import resolve_interfaces
 from cgpolicy.kernel.loader import LoaderError
 from cgpolicy.kernel.trusted import UntrustedFolder
 from cgpolicy.policy.model import Policy, Target
+from cgpolicy.policy.validate import Problem
 from cgpolicy.reconciler.health import PassOutcome
 from cgpolicy.reconciler.lastgood import LastGoodStore
+from cgpolicy.reconciler.logsafe import escape_service_logs
 from cgpolicy.reconciler.metrics import Metrics
-from cgpolicy.reconciler.source import PolicySource, Snapshot
+from cgpolicy.reconciler.source import UNREADABLE, PolicySource, Snapshot
 from cgpolicy.reconciler.watch import Watcher, watch_folders
 
 log = logging.getLogger("cgpolicy.reconcile")
@@ -73,6 +75,16 @@ def drift_of(plan: PolicyPlan, applied: AppliedPolicy | None) -> list[str]:
     return found
 
 
+def readiness_summary(problems: list[Problem]) -> str:
+    """What /readyz says of a bad file: whether it could be read and how many problems it
+    has, never their text. Any local user can read /readyz, and a problem's text can quote
+    the file's content (``unknown field '...'``); the log, root's, has them in full."""
+    if len(problems) == 1 and problems[0].message.startswith(UNREADABLE):
+        return f"{UNREADABLE} (see the service log)"
+    count = len(problems)
+    return f"{count} problem{'s' if count != 1 else ''} (see the service log)"
+
+
 @dataclass
 class PassReport:
     applied: list[str] = field(default_factory=list)
@@ -98,6 +110,7 @@ class Reconciler:
     ) -> None:
         """``store`` keeps the last good text of each file across restarts; without it, a
         file that is bad when the process starts has no last good version."""
+        escape_service_logs()  # names others chose must not print lines of their own
         self.enforcer = enforcer
         enforcer.owner = Owner.service()  # what it applies is the service's (ownership.py)
         self.policy_dir = policy_dir.absolute()  # sources recorded in pins are absolute
@@ -188,8 +201,7 @@ class Reconciler:
         if not report.failed:
             self.metrics.last_success.set_to_current_time()
         invalid = {
-            Path(file).name: problems[0].format()
-            + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+            Path(file).name: readiness_summary(problems)
             for file, problems in snapshot.invalid_files.items()
             if problems
         }

@@ -59,10 +59,25 @@ def parse_metrics_addr(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def every_address(host: str) -> bool:
+    """Whether a socket bound to ``host`` (an address as the kernel reports it) listens on
+    every address of this host: the unspecified address, IPv4 or IPv6, or IPv4's mapped
+    into IPv6 (``::ffff:0.0.0.0``)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host == ""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_unspecified
+    return address.is_unspecified
+
+
 def describe_bind(host: str, port: int) -> str:
-    """Where the endpoints listen, as a log line says it."""
+    """Where the endpoints listen, as a log line says it. ``host`` is the address the socket
+    is bound to (``getsockname``), not how it was spelled: ``0``, ``0x0`` and ``0.0`` are
+    ``0.0.0.0`` too."""
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if host in ("0.0.0.0", "::", ""):
+    if every_address(host):
         return f"{shown} (every address of this host: whoever can reach it reads /metrics)"
     return shown
 
@@ -248,10 +263,8 @@ class Metrics:
             raise OSError(errno.EINVAL, f"metrics port {port} is not in 0-65535")
         server = Server((host, port), Handler)
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-        log.info(
-            "serving /metrics, /healthz and /readyz on %s",
-            describe_bind(host, server.server_address[1]),
-        )
+        bound = server.socket.getsockname()  # what was bound, however it was spelled
+        log.info("serving /metrics, /healthz and /readyz on %s", describe_bind(bound[0], bound[1]))
         return server
 
 

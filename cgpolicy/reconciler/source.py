@@ -3,11 +3,12 @@ files that have turned bad.
 
 A file in the folder is one of three things at each reading:
 
-- **valid**: a regular file (or a symlink to one, as a ConfigMap volume has) whose content
-  passes validation; its policies are enforced and its text becomes its last good version
-  (kept in memory and, when a store is given, on disk: :mod:`lastgood`);
+- **valid**: a regular file (or a symlink to one in the folder, as a ConfigMap volume has)
+  whose content passes validation; its policies are enforced and its text becomes its last
+  good version (kept in memory and, when a store is given, on disk: :mod:`lastgood`);
 - **bad**: it exists as a name in the folder but is invalid, or cannot be read (a dangling
-  symlink, a symlink loop, a FIFO, a folder, a device, a read error). Its last good
+  symlink, a symlink loop, a symlink that leads out of the folder, a FIFO, a folder, a
+  device, a file those who can write the folder could not read, a read error). Its last good
   version stays enforced: from this process's memory, else from the store (validated
   again). With neither, what the kernel has from it is left as it is;
 - **gone**: no such name in the folder. Only then are its policies removed (and its
@@ -15,7 +16,9 @@ A file in the folder is one of three things at each reading:
 
 Files are read by this module, not by the validator: a name that is not a regular file is
 never opened (opening a device or a FIFO can block or have effects), and the bytes that are
-validated are the bytes that were read.
+validated are the bytes that were read. The service reads as root for whoever writes the
+folder, so it reads nothing they could not read themselves: no symlink out of the folder,
+no root-only file (a hard link) in a folder others than root can write.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from cgpolicy.reconciler.lastgood import LastGoodStore, StoreError, is_entry_nam
 
 log = logging.getLogger("cgpolicy.reconcile")
 
+UNREADABLE = "cannot read the file"  # how the problem of a file that is not read begins
 STORE_RETRY_SECONDS = 30.0  # a store that failed is tried again after this, changes or not
 
 # What identifies a file's content without reading it, as (the file a name leads to, the
@@ -74,12 +78,43 @@ def _signature(path: str) -> Signature:
     return keys[0], keys[1]
 
 
-def read_policy_file(path: str) -> bytes | str | None:
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` (resolved) is in ``folder`` (resolved), at any depth."""
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def _folder_owner_could_read(info: os.stat_result, folders: list[os.stat_result]) -> bool:
+    """Whether those who can write the folders (the policy folder and the one the file is
+    in) could read the file themselves. A folder that only root can write: anything in it
+    is root's doing. Otherwise the file must be readable by others, or be owned by the
+    folder's owner (not root): a hard link to a root-only file made by the folder's writer
+    is not read for them."""
+    for folder in folders:
+        if folder.st_uid == 0 and not folder.st_mode & 0o022:
+            continue
+        if info.st_mode & stat.S_IROTH:
+            continue
+        if folder.st_uid != 0 and info.st_uid == folder.st_uid:
+            continue
+        return False
+    return True
+
+
+def read_policy_file(path: str, folder: str | None = None) -> bytes | str | None:
     """The bytes of a policy file; a sentence saying why it cannot be read; or None when
-    the name is not in the folder at all (really gone). Symlinks are followed (a ConfigMap
-    volume is made of them), but only a regular file is opened."""
+    the name is not in the folder at all (really gone).
+
+    Symlinks are followed (a ConfigMap volume is made of them) only while they stay in the
+    policy folder (``folder``, by default the one ``path`` is in): the name is resolved,
+    the result must be in the folder, and it is opened with O_NOFOLLOW; what was opened is
+    checked again (a regular file, still in the folder) before it is read. A file that
+    those who can write the folder could not read themselves is not read either (see
+    :func:`_folder_owner_could_read`). Whoever writes the folder must not be able to make
+    the service read for them what they cannot."""
+    folder = os.path.realpath(folder if folder is not None else os.path.dirname(path))
     try:
-        info = os.stat(path)
+        real = os.path.realpath(path, strict=True)
+        info = os.stat(real, follow_symlinks=False)
     except FileNotFoundError:
         if not os.path.lexists(path):
             return None
@@ -92,20 +127,41 @@ def read_policy_file(path: str) -> bytes | str | None:
         if error.errno == errno.ELOOP:
             return "it is a symlink loop (too many levels of symbolic links)"
         return f"cannot look at it: {error.strerror or error}"
+    if not _inside(real, folder):
+        return f"it is a symlink to {real}, which leaves the policy folder: not read"
     if not stat.S_ISREG(info.st_mode):
         kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a file")
         return f"it is {kind}, not a regular file"
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(real, flags)
     except FileNotFoundError:
         return None if not os.path.lexists(path) else "it vanished while being read"
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "it changed into a symlink while being read"
         return f"cannot open it: {error.strerror or error}"
     try:
         opened = os.fstat(fd)
         if not stat.S_ISREG(opened.st_mode):  # swapped since it was looked at
             kind = _KINDS.get(stat.S_IFMT(opened.st_mode), "not a file")
             return f"it is {kind}, not a regular file"
+        try:  # a folder on the way swapped for a symlink since it was resolved
+            where = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            where = real
+        if not _inside(where, folder):
+            return f"it led to {where} while being read, which leaves the policy folder: not read"
+        try:
+            folders = [os.stat(folder), os.stat(os.path.dirname(where))]
+        except OSError as error:
+            return f"cannot look at its folder: {error.strerror or error}"
+        if not _folder_owner_could_read(opened, folders):
+            return (
+                f"it is owned by uid {opened.st_uid} with mode "
+                f"{stat.S_IMODE(opened.st_mode):04o}, so those who can write the policy "
+                "folder could not read it themselves (a hard link to another's file?): not read"
+            )
         chunks = []
         size = 0
         while size <= MAX_FILE_BYTES:
@@ -205,7 +261,7 @@ class PolicySource:
         contents: dict[str, bytes] = {}
         unreadable: dict[str, str] = {}
         for file in present:
-            got = read_policy_file(file)
+            got = read_policy_file(file, str(self.folder))
             if got is None:
                 continue  # gone since it was listed
             if isinstance(got, str):
@@ -224,7 +280,7 @@ class PolicySource:
         for problem in result.problems:
             problems.setdefault(problem.file, []).append(problem)
         for file, why in unreadable.items():
-            problems[file] = [Problem(file, 0, 0, "", f"cannot read the file: {why}")]
+            problems[file] = [Problem(file, 0, 0, "", f"{UNREADABLE}: {why}")]
         good = {f: by_file[f] for f in sorted(contents) if not problems.get(f)}
         bad = sorted(f for f in signatures if f not in good)
 

@@ -12,9 +12,11 @@ two more passes, so that it would have happened by then.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -314,18 +316,113 @@ def test_configmap_key_removed_keeps_the_policy_until_its_symlink_is_gone(
     assert links_at(work.path, "connect4") == 0
 
 
-def test_a_symlink_to_a_regular_file_is_a_policy_file(service, scratch_cgroup, tcp_server):
-    elsewhere = service.policy_dir.with_name("elsewhere.yaml")
+def test_a_symlink_to_a_regular_file_in_the_folder_is_a_policy_file(
+    service, scratch_cgroup, tcp_server
+):
+    inside = service.policy_dir / "..2026_1"
+    inside.mkdir()
     glob = f"{scratch_cgroup.relative}/work-*"
-    elsewhere.write_text(POLICY.format(name="svc", glob=glob, denied="127.0.0.1"))
-    os.symlink(elsewhere, service.policy_dir / "svc.yaml")
+    (inside / "svc.yaml").write_text(POLICY.format(name="svc", glob=glob, denied="127.0.0.1"))
+    os.symlink(inside / "svc.yaml", service.policy_dir / "svc.yaml")  # absolute, still inside
     work = scratch_cgroup.child("work-1")
     service.start()
     assert wait_until(lambda: enforced(work, tcp_server.port), timeout=30), service.log()
     assert service.metric("cgpolicy_invalid_policy_files") == 0
     assert wait_until(lambda: service.stored().exists())
-    assert service.stored().read_bytes() == elsewhere.read_bytes()
+    assert service.stored().read_bytes() == (inside / "svc.yaml").read_bytes()
     assert not stat.S_ISLNK(os.lstat(service.stored()).st_mode)
+
+
+# -- the folder's writer reads nothing through the service --------------------------------
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+SECRET = "root:$6$Xq3pSALT$0123456789abcdefHASH:19700:0:99999:7:::\n"
+
+
+@pytest.fixture
+def open_service(bpf_dir: Path, tmp_path: Path) -> Iterator[Service]:
+    """A service whose policy folder is nobody's, in a folder anybody may traverse (pytest's
+    own tmp_path is root's 0700), with a root-only secret beside it."""
+    top = Path(tempfile.mkdtemp(prefix="cgpolicy-open-"))
+    top.chmod(0o755)
+    policy_dir = top / "policies.d"
+    policy_dir.mkdir()
+    os.chown(policy_dir, 65534, 65534)
+    secret = top / "shadow"
+    secret.write_text(SECRET)
+    secret.chmod(0o600)
+    running = Service(policy_dir, bpf_dir, tmp_path / "daemon.log", tmp_path / "state")
+    try:
+        yield running
+    finally:
+        running.stop()
+        subprocess.run(
+            [str(CGPOLICY), "--bpf-dir", str(bpf_dir), "remove", "--all", "--force"],
+            capture_output=True,
+        )
+        shutil.rmtree(top)
+
+
+def as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*NOBODY, *command], capture_output=True, text=True, timeout=60)
+
+
+def test_the_folders_writer_reads_no_root_only_file_through_readyz(
+    open_service, scratch_cgroup, tcp_server
+):
+    """Security review, finding 2: a symlink (or a hard link) to a root-only file put in the
+    policy folder by its unprivileged writer. The service does not read it (the link leaves
+    the folder; the file is not one its writer could read), and /readyz, which any local
+    user can fetch, names the file and never quotes a problem (which may quote content)."""
+    service = open_service
+    secret = service.policy_dir.parent / "shadow"
+    glob = f"{scratch_cgroup.relative}/work-*"
+    policy = POLICY.format(name="svc", glob=glob, denied="127.0.0.1")
+    made = as_nobody("sh", "-c", f"printf '%s' \"$1\" > {service.policy_dir}/svc.yaml", "-", policy)
+    assert made.returncode == 0, made.stderr
+    work = scratch_cgroup.child("work-1")
+    service.start()
+    assert wait_until(lambda: enforced(work, tcp_server.port), timeout=30), service.log()
+
+    linked = as_nobody("ln", "-s", str(secret), str(service.policy_dir / "leak.yaml"))
+    assert linked.returncode == 0, linked.stderr
+    wait_invalid(service)
+    service.run_passes()
+    got = as_nobody("curl", "-s", f"http://127.0.0.1:{service.port}/readyz")
+    assert got.returncode == 0 and "file leak.yaml: invalid: cannot read the file" in got.stdout
+    assert "root:" not in got.stdout and "$6$" not in got.stdout, got.stdout
+    assert "leaves the policy folder" in service.log()
+    assert "$6$" not in service.log(), service.log()  # not even read
+
+    # A file the writer has turned into a link out of the folder keeps its last good version.
+    swapped = as_nobody("ln", "-sf", str(secret), str(service.policy_dir / "svc.yaml"))
+    assert swapped.returncode == 0, swapped.stderr
+    assert wait_until(lambda: service.metric("cgpolicy_invalid_policy_files") == 2)
+    service.run_passes()
+    late = scratch_cgroup.child("work-2")
+    assert wait_until(lambda: enforced(late, tcp_server.port), timeout=30), service.log()
+    assert "svc: removed" not in service.log()
+
+    # A hard link to a root-only file (as protected_hardlinks=0 would let nobody make).
+    (service.policy_dir / "leak.yaml").unlink()
+    os.link(secret, service.policy_dir / "hard.yaml")
+    assert wait_until(lambda: "could not read it themselves" in service.log()), service.log()
+    service.run_passes()
+    got = as_nobody("curl", "-s", f"http://127.0.0.1:{service.port}/readyz")
+    assert "file hard.yaml: invalid: cannot read the file" in got.stdout, got.stdout
+    assert "root:" not in got.stdout and "$6$" not in service.log(), got.stdout
+
+
+def test_readyz_counts_a_files_problems_and_quotes_none(service):
+    """A root-only file's content in a policy file's problems reaches the log (root's), never
+    /readyz."""
+    (service.policy_dir / "bad.yaml").write_text("'" + SECRET.strip() + "': 1\nother: 2\n")
+    service.start()
+    wait_invalid(service)
+    status, body = http_get(service.port, "/readyz")
+    assert status == 503 and "file bad.yaml: invalid: " in body and "problem" in body, body
+    assert "root:" not in body and "other" not in body, body
+    assert "$6$" in service.log()
 
 
 # -- item 7: drift is what someone undid, and the endpoints stay on this host ----------------
@@ -396,12 +493,46 @@ def listening(port: int) -> set[str]:
     [
         (":{port}", {"0100007F"}, "on 127.0.0.1:{port}"),
         ("0.0.0.0:{port}", {"00000000"}, "on 0.0.0.0:{port} (every address"),
+        # Security review, finding 7: other spellings of every address say so too.
+        ("0:{port}", {"00000000"}, "on 0.0.0.0:{port} (every address"),
+        ("0.0:{port}", {"00000000"}, "on 0.0.0.0:{port} (every address"),
+        ("0x0:{port}", {"00000000"}, "on 0.0.0.0:{port} (every address"),
+        (
+            "[::ffff:0.0.0.0]:{port}",
+            {"0000000000000000FFFF000000000000"},
+            "on [::ffff:0.0.0.0]:{port} (every address",
+        ),
+        ("[]:{port}", {"0100007F"}, "on 127.0.0.1:{port}"),
+        ("localhost:{port}", {"0100007F"}, "on 127.0.0.1:{port}"),
     ],
-    ids=["no host: loopback", "all-zero host: every address, when asked"],
+    ids=[
+        "no host: loopback",
+        "all-zero host: every address, when asked",
+        "zero",
+        "zero dot zero",
+        "hex zero",
+        "v4-mapped any",
+        "empty brackets: loopback",
+        "localhost: loopback",
+    ],
 )
 def test_metrics_addr_without_a_host_listens_on_loopback_only(service, given, expected, said):
     service.metrics_addr = given.format(port=service.port)
     service.start()
     assert listening(service.port) == expected
     assert said.format(port=service.port) in service.log()
+    assert ("every address" in service.log()) is ("every address" in said), service.log()
     assert http_get(service.port, "/healthz")[0] == 200
+
+
+def test_a_file_name_cannot_forge_log_lines(service, scratch_cgroup, tcp_server):
+    """Security review, finding 6: a file named ``a\\nINFO cgpolicy.reconcile: x: removed\\n``
+    ``.yaml`` in the text log format prints its name on one line, escaped."""
+    forged = "a\nINFO cgpolicy.reconcile: x: removed\n.yaml"
+    (service.policy_dir / forged).write_text("not: [a policy")
+    service.start()
+    wait_invalid(service)
+    service.run_passes()
+    lines = service.log().splitlines()
+    assert not [line for line in lines if line.startswith("INFO cgpolicy.reconcile: x:")], lines
+    assert any("a\\nINFO cgpolicy.reconcile: x: removed\\n.yaml" in line for line in lines)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from enforcement import EPERM, policy_file, probe, run_cli
 from gate import finish, gated, open_gates
-from test_reconcile import POLICY, Daemon, wait_until
+from test_reconcile import POLICY, Daemon, http_get, wait_until
 
 from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.engine import Enforcer
@@ -264,3 +264,37 @@ def test_metadata_without_an_owner_is_taken_by_the_next_writer(
     assert meta(bpf_dir, "legacy").revision == old.revision
     plan = json.loads(run_cli("--bpf-dir", bpf_dir, "plan", "--json", path).stdout)
     assert plan["policies"][0]["changed"] is False
+
+
+def test_the_folders_writer_cannot_adopt_and_remove_a_policy_applied_by_hand(
+    daemon, scratch_cgroup, tmp_path
+):
+    """Security review, finding 3: root applies a policy by hand from outside the service's
+    folder; whoever writes the folder puts a copy of it there (a comment added: the same
+    revision). The service must not take it over (deleting the copy would then remove it),
+    and /readyz must not say whether the copy matches what was applied (no revision)."""
+    glob = f"{scratch_cgroup.relative}/work-*"
+    text = POLICY.format(name="manual", glob=glob, denied="127.0.0.2")
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "manual.yaml").write_text(text)
+    work = scratch_cgroup.child("work-1")
+    done = run_cli("--bpf-dir", daemon.bpf_dir, "apply", manual / "manual.yaml")
+    assert done.returncode == 0, done
+    revision = meta(daemon.bpf_dir, "manual").revision
+    assert connect_errno(work, "127.0.0.2") == EPERM
+    copy = daemon.policy_dir / "manual.yaml"
+    copy.write_text("# a copy\n" + text)
+    daemon.start()
+    wait_passes(daemon, 3)
+    assert owner_kind(daemon.bpf_dir, "manual") == "cli", daemon.log()
+    assert "taken over" not in daemon.log(), daemon.log()
+    assert "manual: not applied: applied by hand" in daemon.log(), daemon.log()
+    status, body = http_get(daemon.port, "/readyz")
+    assert status == 503 and "policy manual: not applied" in body, body
+    assert revision not in body and revision not in daemon.log(), body
+    copy.unlink()
+    wait_passes(daemon, 3)
+    assert "manual: removed" not in daemon.log(), daemon.log()
+    assert (daemon.bpf_dir / "manual").exists() and owner_kind(daemon.bpf_dir, "manual") == "cli"
+    assert connect_errno(work, "127.0.0.2") == EPERM

@@ -13,8 +13,8 @@ from cgpolicy.enforcer.observe import AppliedHook, AppliedPolicy
 from cgpolicy.enforcer.pins import PolicyMeta
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
 from cgpolicy.reconciler.lastgood import LastGoodStore
-from cgpolicy.reconciler.loop import drift_of
-from cgpolicy.reconciler.metrics import parse_metrics_addr
+from cgpolicy.reconciler.loop import drift_of, readiness_summary
+from cgpolicy.reconciler.metrics import describe_bind, every_address, parse_metrics_addr
 from cgpolicy.reconciler.source import PolicySource, read_policy_file
 
 POLICY = """\
@@ -98,10 +98,62 @@ def test_only_a_name_really_gone_removes(folder: Path) -> None:
     assert read_policy_file(str(path)) is None
 
 
-def test_a_symlink_to_a_regular_file_is_read(folder: Path, tmp_path: Path) -> None:
-    target = make(tmp_path, "svc")
-    os.symlink(target, folder / "svc.yaml")
+def test_a_symlink_to_a_regular_file_in_the_folder_is_read(folder: Path) -> None:
+    """A ConfigMap's layout: svc.yaml -> ..data/svc.yaml, ..data -> ..2026_1."""
+    (folder / "..2026_1").mkdir()
+    make(folder / "..2026_1", "svc")
+    os.symlink("..2026_1", folder / "..data")
+    os.symlink("..data/svc.yaml", folder / "svc.yaml")
     assert port_of(PolicySource(folder), "svc") == 443
+    os.symlink(folder / "..data" / "svc.yaml", folder / "absolute.yaml")  # still inside
+    assert isinstance(read_policy_file(str(folder / "absolute.yaml")), bytes)
+
+
+def test_a_symlink_out_of_the_folder_is_not_read(folder: Path, tmp_path: Path) -> None:
+    """Whoever writes the folder must not make the service (root) read other files: a
+    symlink whose target leaves the folder is unreadable, its last good version kept."""
+    target = make(tmp_path, "svc")
+    secret = tmp_path / "secret"
+    secret.write_text("root:$6$salt$hash:19700:0:99999:7:::\n")
+    os.symlink(secret, folder / "leak.yaml")
+    path = make(folder)
+    source = PolicySource(folder)
+    assert port_of(source, "svc") == 443
+    (problem,) = source.read().invalid_files[str(folder / "leak.yaml")]
+    assert "leaves the policy folder" in problem.message and "root:" not in problem.message
+    path.unlink()
+    os.symlink(target, path)  # the same policy, now from outside: its last good version stays
+    snapshot = source.read()
+    assert [p.name for p in snapshot.policies] == ["svc"]
+    assert "leaves the policy folder" in snapshot.invalid_files[str(path)][0].message
+    os.symlink("..", folder / "up")  # through a folder symlink that leads out
+    os.symlink("up/svc.yaml", folder / "other.yaml")
+    assert "leaves the policy folder" in str(read_policy_file(str(folder / "other.yaml")))
+
+
+@needs_root
+def test_a_root_only_file_is_not_read_for_a_folder_others_write(folder: Path) -> None:
+    """A hard link to a root-only file, made by the folder's (unprivileged) owner where
+    protected_hardlinks is off, is not read; their own files are, and root's own folder
+    reads anything."""
+    secret = folder / "leak.yaml"
+    secret.write_text("root:$6$salt$hash:19700:0:99999:7:::\n")
+    secret.chmod(0o600)
+    mine = make(folder)
+    os.chown(folder, 65534, 65534)
+    os.chown(mine, 65534, 65534)
+    mine.chmod(0o600)
+    why = read_policy_file(str(secret))
+    assert isinstance(why, str) and "could not read it themselves" in why, why
+    assert isinstance(read_policy_file(str(mine)), bytes)
+    secret.chmod(0o644)  # readable by anybody anyway
+    assert isinstance(read_policy_file(str(secret)), bytes)
+    secret.chmod(0o600)
+    os.chown(folder, 0, 0)
+    folder.chmod(0o777)  # root's, but others write it
+    assert isinstance(read_policy_file(str(secret)), str)
+    folder.chmod(0o755)
+    assert isinstance(read_policy_file(str(secret)), bytes)
 
 
 def test_sighup_rereads_every_file_and_keeps_the_last_good_version(folder: Path) -> None:
@@ -252,3 +304,42 @@ def test_metrics_addr_defaults_to_loopback(given: str, expected: tuple[str, int]
 def test_metrics_addr_refuses_what_is_not_host_port(given: str) -> None:
     with pytest.raises(ValueError, match="--metrics-addr"):
         parse_metrics_addr(given)
+
+
+@pytest.mark.parametrize(
+    ("bound", "every"),
+    [
+        ("0.0.0.0", True),
+        ("::", True),
+        ("::ffff:0.0.0.0", True),  # what [::ffff:0.0.0.0]:PORT binds
+        ("127.0.0.1", False),
+        ("::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("fe80::1%eth0", False),
+    ],
+)
+def test_every_address_is_judged_by_what_was_bound(bound: str, every: bool) -> None:
+    assert every_address(bound) is every
+    assert ("every address" in describe_bind(bound, 9464)) is every
+
+
+def test_readiness_names_a_bad_file_and_counts_its_problems_without_their_text(
+    folder: Path, tmp_path: Path
+) -> None:
+    """Any local user reads /readyz; a problem's text can quote what the file holds."""
+    (folder / "bad.yaml").write_text(
+        POLICY.format(name="bad", port=1) + "  'root:$6$salt$hash': 1\n  other: 2\n"
+    )
+    secret = tmp_path / "secret"
+    secret.write_text("root:$6$salt$hash:19700:0:99999:7:::\n")
+    os.symlink(secret, folder / "leak.yaml")
+    snapshot = PolicySource(folder).read()
+    problems = snapshot.invalid_files[str(folder / "bad.yaml")]
+    assert any("root:$6$" in p.format() for p in problems)  # the log has them in full
+    shown = {
+        Path(file).name: readiness_summary(found) for file, found in snapshot.invalid_files.items()
+    }
+    assert shown == {
+        "bad.yaml": f"{len(problems)} problems (see the service log)",
+        "leak.yaml": "cannot read the file (see the service log)",
+    }
