@@ -90,7 +90,7 @@ def check_store() -> Check:
 
     try:
         status = store_status()
-    except LoaderError as error:
+    except (LoaderError, OSError) as error:
         return Check("compiled-program store", False, str(error), "see the message")
     missing = sorted(name for name, ok in status.items() if not ok)
     if missing:

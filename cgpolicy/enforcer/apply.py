@@ -59,6 +59,7 @@ class _Work:
     created: list[tuple[Step, CgroupLink]] = field(default_factory=list)
     # pins replaced by the new programs, with what was pinned there before (None: nothing)
     replaced: list[tuple[Path, Map | Program | None]] = field(default_factory=list)
+    pinned_links: list[Path] = field(default_factory=list)  # pins of the links in `created`
 
     def close(self) -> None:
         if self.events is not None:
@@ -202,6 +203,8 @@ def _roll_back(work: _Work) -> None:
             link.detach()
         except BpfError as error:
             log.error("could not detach a new link: %s", error)
+    for path in work.pinned_links:
+        path.unlink(missing_ok=True)
     for path, previous in reversed(work.replaced):
         try:
             if previous is None:
@@ -240,7 +243,9 @@ def _replace_pin(
 
 def _pin_new_links(plan: PolicyPlan, bpf_dir: Path, work: _Work) -> None:
     for step, link in work.created:
-        pins.pin_replacing(link, pins.link_pin(bpf_dir, plan.name, step.hook, step.cgroup_id))
+        path = pins.link_pin(bpf_dir, plan.name, step.hook, step.cgroup_id)
+        pins.pin_replacing(link, path)
+        work.pinned_links.append(path)
 
 
 def _detach_unwanted(plan: PolicyPlan, bpf_dir: Path, wanted_hooks: set[str]) -> None:

@@ -123,7 +123,7 @@ def fill_store(cflags: Sequence[str] = ()) -> dict[str, str]:
         if _load_entry(store, source, key) is not None:
             outcome[source.name] = "kept"
             continue
-        _save_entry(store, source, key, _bcc_compile_file(source, cflags))
+        _save_if_unchanged(store, source, cflags, key, _bcc_compile_file(source, cflags))
         outcome[source.name] = "compiled"
     return outcome
 
@@ -176,8 +176,23 @@ def _from_store_or_bcc(source: Path, cflags: Sequence[str]) -> CompiledFile:
     if compiled is None:
         log.info("compiling %s with bcc (not in the store %s)", source.name, store.path)
         compiled = _bcc_compile_file(source, cflags)
-        _save_entry(store, source, key, compiled)
+        _save_if_unchanged(store, source, cflags, key, compiled)
     return compiled
+
+
+def _save_if_unchanged(
+    store: CompiledStore,
+    source: Path,
+    cflags: Sequence[str],
+    key: dict[str, Any],
+    compiled: CompiledFile,
+) -> None:
+    """Store what bcc made only if nothing it read changed while it compiled (a checkout,
+    an update, an editor's save): else new code would be kept under the old text's key."""
+    if _key(source, cflags) != key:
+        log.warning("%s changed while it compiled; not stored, compiled again next time", source)
+        return
+    _save_entry(store, source, key, compiled)
 
 
 def load_program(
@@ -273,6 +288,13 @@ def _bcc_compile_file(source: Path, cflags: Sequence[str]) -> CompiledFile:
     from bcc.libbcc import lib
 
     module = _bcc_module(bcc, source, cflags)
+    try:
+        return _take_functions(lib, module, source)
+    finally:
+        module.cleanup()
+
+
+def _take_functions(lib: Any, module: Any, source: Path) -> CompiledFile:
     lib.bpf_num_tables.restype = ctypes.c_ulonglong
     lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
     lib.bpf_table_name.restype = ctypes.c_char_p
@@ -287,12 +309,10 @@ def _bcc_compile_file(source: Path, cflags: Sequence[str]) -> CompiledFile:
     functions = [
         lib.bpf_function_name(handle, i).decode() for i in range(lib.bpf_num_functions(handle))
     ]
-    compiled = {
+    return {
         name: _extract(source, name, module.dump_func(name.encode()), template_names)
         for name in functions
     }
-    module.cleanup()
-    return compiled
 
 
 def _bcc_module(bcc: Any, source: Path, cflags: Sequence[str]) -> Any:

@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -317,7 +317,11 @@ class CompiledStore:
                     out.write(data)
                     out.flush()
                     os.fsync(out.fileno())
-                os.rename(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
+                try:
+                    os.rename(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
+                except IsADirectoryError:  # a folder in the entry's place: not an entry
+                    _unlink_quietly(folder, name)
+                    os.rename(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
             except BaseException:
                 _unlink_quietly(folder, temp)
                 raise
@@ -328,16 +332,6 @@ class CompiledStore:
                     and other.endswith(".json")
                 ):
                     _unlink_quietly(folder, other)
-        finally:
-            os.close(folder)
-
-    def entries(self) -> Iterator[str]:
-        try:
-            folder = self._open(create=False)
-        except FileNotFoundError:
-            return
-        try:
-            yield from sorted(n for n in os.listdir(folder) if n.endswith(".json"))
         finally:
             os.close(folder)
 
@@ -369,22 +363,33 @@ def _read_trusted(folder: int, name: str) -> bytes | None:
             "compiled-program store: cannot open %s (%s); rebuilding it", name, error.strerror
         )
         return None
+    info = os.fstat(fd)  # before fdopen, which refuses a folder with an exception
+    if not is_trusted_file(info) or info.st_size > _MAX_ENTRY_BYTES:
+        os.close(fd)
+        log.warning(
+            "compiled-program store: %s is not a root-only regular file of at most %d bytes;"
+            " rebuilding it",
+            name,
+            _MAX_ENTRY_BYTES,
+        )
+        return None
     with os.fdopen(fd, "rb") as entry:
-        info = os.fstat(entry.fileno())
-        if not is_trusted_file(info) or info.st_size > _MAX_ENTRY_BYTES:
-            log.warning(
-                "compiled-program store: %s is not a root-only regular file of at most "
-                "%d bytes; rebuilding it",
-                name,
-                _MAX_ENTRY_BYTES,
-            )
-            return None
         return entry.read(_MAX_ENTRY_BYTES + 1)
 
 
 def _unlink_quietly(folder: int, name: str) -> int:
+    """Remove one entry (an empty folder in its place too); 0 if there was none or it
+    cannot be removed, which is logged."""
     try:
         os.unlink(name, dir_fd=folder)
     except FileNotFoundError:
         return 0
+    except IsADirectoryError:
+        try:
+            os.rmdir(name, dir_fd=folder)
+        except OSError as error:
+            log.warning(
+                "compiled-program store: cannot remove the folder %s: %s", name, error.strerror
+            )
+            return 0
     return 1

@@ -20,7 +20,7 @@ import stat
 from pathlib import Path
 
 
-class UntrustedFolder(Exception):
+class UntrustedFolder(PermissionError):
     """A folder cgpolicy would read from or write to could be changed by someone other
     than root. The message says what is wrong and how to fix it."""
 
@@ -64,7 +64,8 @@ def _check_ancestors(path: Path) -> None:
                         f"{folder} is a symlink owned by uid {link.st_uid}, not root; "
                         f"fix: remove it, or give cgpolicy a path without it"
                     )
-                _check_mode(folder.parent, os.lstat(folder.parent), is_leaf=False)
+                where = folder.parent
+                _check_mode(where, os.stat(os.path.realpath(where)), is_leaf=False)
 
 
 def open_trusted_dir(path: Path, *, create: bool = True, mode: int = 0o700) -> int:
@@ -88,8 +89,8 @@ def open_trusted_dir(path: Path, *, create: bool = True, mode: int = 0o700) -> i
             os.mkdir(folder, mode if folder == path else 0o755)
         except FileExistsError:
             pass  # made by someone meanwhile: the checks below judge it
-        except OSError as error:
-            raise UntrustedFolder(f"cannot create {folder}: {error.strerror}") from None
+        except OSError as error:  # not a trust problem: a read-only or odd file system
+            raise OSError(error.errno, f"cannot create {folder}: {error.strerror}") from None
     _check_ancestors(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -99,7 +100,7 @@ def open_trusted_dir(path: Path, *, create: bool = True, mode: int = 0o700) -> i
                 f"{path} is a symlink; cgpolicy does not follow links to the folders it "
                 f"trusts; fix: remove it and let cgpolicy recreate it"
             ) from None
-        raise UntrustedFolder(f"cannot open {path}: {error.strerror}") from None
+        raise OSError(error.errno, f"cannot open {path}: {error.strerror}") from None
     try:
         _check_mode(path, os.fstat(fd), is_leaf=True)
     except BaseException:

@@ -346,3 +346,40 @@ def test_check_says_why_a_missing_store_under_a_users_folder_is_refused(
     assert subprocess.run([*NOBODY, "mkdir", "-m", "1777", str(theirs)]).returncode == 0
     done = _cli("cache", "check", store_path=theirs / "store")
     assert done.returncode == 1 and "owned by uid 65534" in done.stderr, done
+
+
+def test_a_folder_in_an_entrys_place_is_rebuilt_and_cleared(store_dir: Path) -> None:
+    """Before: it raised IsADirectoryError on every load (leaking a descriptor), failed
+    every policy needing that file, and `cache clear` could not remove it."""
+    source = loader.SOURCE_DIR / "sysctl.c"
+    entry = entry_of(store_dir, "sysctl.c")
+    entry.unlink()
+    entry.mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        assert CompiledStore(store_dir).load(source, entry_key(source, ())) is None
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert fill_outcome()["sysctl.c"] == "compiled"
+    assert entry.is_file()
+    entry.unlink()
+    entry.mkdir()
+    assert CompiledStore(store_dir).clear() == 4
+    assert not any(store_dir.iterdir())
+
+
+def test_code_compiled_while_its_source_changed_is_not_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key is taken again after the compile: new text must not be kept under the old
+    text's key (a checkout or an update during a compile)."""
+    source = tmp_path / "device.c"
+    for name in ("device.c", "common.h"):
+        shutil.copy(loader.SOURCE_DIR / name, tmp_path / name)
+    target = CompiledStore(tmp_path / "store")
+    key = entry_key(source, ())
+    compiled = {"f": store.CompiledFunction(source, "f", bytes(16), (), {})}
+    (tmp_path / "common.h").write_text((tmp_path / "common.h").read_text() + "// edited\n")
+    loader._save_if_unchanged(target, source, (), key, compiled)
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+    loader._save_if_unchanged(target, source, (), entry_key(source, ()), compiled)
+    assert len(list((tmp_path / "store").iterdir())) == 1
