@@ -43,29 +43,47 @@ def _check_mode(path: Path, info: os.stat_result, *, is_leaf: bool) -> None:
         )
 
 
+_MAX_SYMLINKS = 40  # as the kernel's own limit on a path lookup
+
+
 def _check_ancestors(path: Path) -> None:
-    """Every folder above ``path`` (symlinks among them resolved) is root's."""
-    parent = path.parent
-    real = Path(os.path.realpath(parent))
-    for folder in (real, *real.parents):
+    """Every folder above ``path`` is root's, and so is every symlink the way there
+    passes through, those inside a link's target included: the path is walked one
+    component at a time, as the kernel would resolve it."""
+    pending = list(Path(os.path.abspath(path.parent)).parts[1:])
+    current = Path("/")
+    _check_mode(current, os.lstat(current), is_leaf=False)
+    hops = 0
+    while pending:
+        name = pending.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent
+            continue
+        candidate = current / name
         try:
-            info = os.lstat(folder)
+            info = os.lstat(candidate)
         except OSError as error:
-            raise UntrustedFolder(f"cannot inspect {folder}: {error.strerror}") from None
-        _check_mode(folder, info, is_leaf=False)
-    if real != parent:
-        # A symlink on the way must be root's and sit in a folder only root controls: in a
-        # sticky folder anyone may make a link, and repoint it later.
-        for folder in (parent, *parent.parents):
-            if folder.is_symlink():
-                link = os.lstat(folder)
-                if link.st_uid != 0:
-                    raise UntrustedFolder(
-                        f"{folder} is a symlink owned by uid {link.st_uid}, not root; "
-                        f"fix: remove it, or give cgpolicy a path without it"
-                    )
-                where = folder.parent
-                _check_mode(where, os.stat(os.path.realpath(where)), is_leaf=False)
+            raise UntrustedFolder(f"cannot inspect {candidate}: {error.strerror}") from None
+        if stat.S_ISLNK(info.st_mode):
+            # A link must be root's, in a folder only root controls (``current``, checked):
+            # in a sticky folder anyone may make a link, and repoint it later.
+            if info.st_uid != 0:
+                raise UntrustedFolder(
+                    f"{candidate} is a symlink owned by uid {info.st_uid}, not root; "
+                    f"fix: remove it, or give cgpolicy a path without it"
+                )
+            hops += 1
+            if hops > _MAX_SYMLINKS:
+                raise UntrustedFolder(f"too many symlinks on the way to {path}")
+            target = Path(os.readlink(candidate))
+            if target.is_absolute():
+                current = Path("/")
+            pending[:0] = [part for part in target.parts if part != "/"]
+            continue
+        _check_mode(candidate, info, is_leaf=False)
+        current = candidate
 
 
 def open_trusted_dir(path: Path, *, create: bool = True, mode: int = 0o700) -> int:

@@ -21,6 +21,7 @@ import pytest
 
 from cgpolicy.kernel import loader, store
 from cgpolicy.kernel.store import CompiledStore, decode_entry, entry_key
+from cgpolicy.kernel.trusted import UntrustedFolder, open_trusted_dir
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 CLI = [sys.executable, "-m", "cgpolicy"]
@@ -383,3 +384,26 @@ def test_code_compiled_while_its_source_changed_is_not_stored(
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
     loader._save_if_unchanged(target, source, (), entry_key(source, ()), compiled)
     assert len(list((tmp_path / "store").iterdir())) == 1
+
+
+def test_symlinks_inside_a_links_target_are_judged_too(sticky_folder: Path, tmp_path: Path) -> None:
+    """A root link pointing into a user's link in a sticky folder was accepted: the user
+    could repoint it after the check. A chain of root links is fine."""
+    real = tmp_path / "real"
+    real.mkdir()
+    assert (
+        subprocess.run([*NOBODY, "ln", "-s", str(real), str(sticky_folder / "ulink")]).returncode
+        == 0
+    )
+    rootlink = tmp_path / "rootlink"
+    rootlink.symlink_to(sticky_folder / "ulink")
+    with pytest.raises(UntrustedFolder, match="symlink owned by uid 65534"):
+        open_trusted_dir(rootlink / "store")
+
+    second = real / "l2"
+    second.symlink_to(tmp_path / "real2")
+    (tmp_path / "real2").mkdir()
+    first = tmp_path / "l1"
+    first.symlink_to(real)
+    os.close(open_trusted_dir(first / "l2" / "store"))
+    assert (tmp_path / "real2" / "store").is_dir()
