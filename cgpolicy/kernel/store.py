@@ -22,14 +22,18 @@ import json
 import logging
 import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from cgpolicy.kernel.trusted import UntrustedFolder, is_trusted_file, open_trusted_dir
+from cgpolicy.kernel.trusted import (
+    UntrustedFolder,
+    is_trusted_file,
+    open_trusted_dir,
+    write_atomically,
+)
 
 log = logging.getLogger(__name__)
 
@@ -305,26 +309,11 @@ class CompiledStore:
         data = encode_entry(key, compiled)
         folder = self._open(create=True)
         try:
-            temp = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
-            fd = os.open(
-                temp,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=folder,
-            )
             try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                    out.flush()
-                    os.fsync(out.fileno())
-                try:
-                    os.rename(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
-                except IsADirectoryError:  # a folder in the entry's place: not an entry
-                    _unlink_quietly(folder, name)
-                    os.rename(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
-            except BaseException:
-                _unlink_quietly(folder, temp)
-                raise
+                write_atomically(folder, name, data)
+            except IsADirectoryError:  # a folder in the entry's place: not an entry
+                _unlink_quietly(folder, name)
+                write_atomically(folder, name, data)
             for other in os.listdir(folder):
                 if (
                     other != name

@@ -16,6 +16,7 @@ so a path swapped after the check cannot redirect a read or a write.
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -146,3 +147,26 @@ def is_trusted_file(info: os.stat_result) -> bool:
         and info.st_uid == 0
         and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     )
+
+
+def write_atomically(folder: int, name: str, data: bytes) -> None:
+    """Replace ``name`` in the folder behind ``folder`` (a descriptor from
+    :func:`open_trusted_dir`) with ``data``: a new root-only temp file (``.tmp-…``,
+    ``O_EXCL | O_NOFOLLOW``), fsync, rename over ``name``, fsync of the folder. A reader
+    sees the old content or the new, never a part; a failure leaves no temp file."""
+    temp = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temp, flags, 0o600, dir_fd=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
+        os.fsync(folder)
+    except BaseException:
+        try:
+            os.unlink(temp, dir_fd=folder)
+        except OSError:
+            pass
+        raise

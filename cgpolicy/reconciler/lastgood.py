@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 from pathlib import Path
 
-from cgpolicy.kernel.trusted import UntrustedFolder, is_trusted_file, open_trusted_dir
+from cgpolicy.kernel.trusted import (
+    UntrustedFolder,
+    is_trusted_file,
+    open_trusted_dir,
+    write_atomically,
+)
 from cgpolicy.policy.loader import MAX_FILE_BYTES
 from cgpolicy.policy.validate import POLICY_SUFFIXES
 
 DEFAULT_STATE_DIR = Path("/var/lib/cgpolicy")
 STATE_DIR_ENV = "CGPOLICY_STATE_DIR"
-_TEMP_PREFIX = ".tmp-"
 
 
 class StoreError(Exception):
@@ -87,24 +90,8 @@ class LastGoodStore:
             raise StoreError(f"{name!r} is not a policy file name")
         folder = self._open()
         try:
-            temp = f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
             try:
-                fd = os.open(
-                    temp,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                    dir_fd=folder,
-                )
-                try:
-                    with os.fdopen(fd, "wb") as out:
-                        out.write(content)
-                        out.flush()
-                        os.fsync(out.fileno())
-                    os.rename(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
-                    os.fsync(folder)
-                except BaseException:
-                    _try_unlink(folder, temp)
-                    raise
+                write_atomically(folder, name, content)
             except OSError as error:
                 _try_unlink(folder, name)  # never leave an older version behind
                 raise StoreError(
