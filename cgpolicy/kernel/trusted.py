@@ -7,7 +7,8 @@ such folder is checked at every use, not only when it is created:
   nor others may write it;
 - every folder above it is owned by root and not writable by group or others, unless it
   is sticky (``/tmp``, bpffs mounted 1777): in a sticky folder nobody else can rename or
-  delete what root made there, and a name someone else made first fails the owner check.
+  delete what root made there, and a name someone else made first fails the owner check;
+- every symlink on the way there, those inside a link's target included, is root's.
 
 Files inside are opened relative to the checked folder's descriptor with ``O_NOFOLLOW``,
 so a path swapped after the check cannot redirect a read or a write.
@@ -28,8 +29,8 @@ class UntrustedFolder(PermissionError):
 
 def _fix(path: Path) -> str:
     return (
-        f"fix: chown root:root {path} && chmod go-w {path}, "
-        "or remove it and let cgpolicy recreate it"
+        f"fix: remove it and let cgpolicy make it again, or, if root made it and what is "
+        f"inside can be trusted, chown root:root {path} && chmod go-w {path}"
     )
 
 
