@@ -29,7 +29,10 @@ spec:
       rules: [{{action: deny, ports: [{port}]}}]
 """
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the store must be root's")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 and not os.environ.get("CI"),  # under CI it must run, so it fails
+    reason="the store must be root's",
+)
 
 
 def port_of(source: PolicySource, name: str) -> int:
