@@ -17,9 +17,7 @@ import signal
 import socket
 import stat
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 from enforcement import (
@@ -33,6 +31,7 @@ from enforcement import (
     policy_file,
     remove,
 )
+from service import wait_until
 
 from cgpolicy.enforcer.engine import Enforcer
 
@@ -214,15 +213,6 @@ def test_a_deny_keeps_its_device_while_the_node_is_gone_and_follows_it_back(
         )
     finally:
         remove(enforcer, "gpu")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_the_service_reports_a_missing_node_and_enforces_it_when_it_appears(

@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_reconcile import (
-    CGPOLICY,
+from service import (
     POLICY,
     Daemon,
     connect_denied,
     http_get,
     links_at,
+    running,
     wait_until,
     write_policy,
 )
@@ -33,18 +33,8 @@ HOSTILE = {
 
 @pytest.fixture
 def service(tmp_path: Path, bpf_dir: Path) -> Iterator[Daemon]:
-    policy_dir = tmp_path / "policies.d"
-    policy_dir.mkdir()
-    daemon = Daemon(policy_dir, bpf_dir, tmp_path / "daemon.log")
-    try:
+    with running(Daemon(tmp_path / "policies.d", bpf_dir, tmp_path / "daemon.log")) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
-        subprocess.run(
-            [str(CGPOLICY), "--bpf-dir", str(bpf_dir), "remove", "--all", "--force"],
-            capture_output=True,
-            check=True,
-        )
 
 
 def write_hostile(daemon: Daemon, scratch, name: str, as_policy: str) -> Path:

@@ -21,13 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_reconcile import (
+from service import (
     CGPOLICY,
     POLICY,
     Daemon,
     connect_denied,
     http_get,
     links_at,
+    running,
     wait_until,
 )
 
@@ -82,17 +83,9 @@ class Service(Daemon):
 
 @pytest.fixture
 def service(tmp_path: Path, bpf_dir: Path) -> Iterator[Service]:
-    policy_dir = tmp_path / "policies.d"
-    policy_dir.mkdir()
-    running = Service(policy_dir, bpf_dir, tmp_path / "daemon.log", tmp_path / "state")
-    try:
-        yield running
-    finally:
-        running.stop()
-        subprocess.run(  # --force: the service's policies are refused to the CLI otherwise
-            [str(CGPOLICY), "--bpf-dir", str(bpf_dir), "remove", "--all", "--force"],
-            capture_output=True,
-        )
+    daemon = Service(tmp_path / "policies.d", bpf_dir, tmp_path / "daemon.log", tmp_path / "state")
+    with running(daemon):
+        yield daemon
 
 
 def write_glob_policy(service: Service, scratch, denied: str = "127.0.0.1") -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from enforcement import EPERM, policy_file, probe, run_cli
 from gate import finish, gated, open_gates
-from test_reconcile import POLICY, Daemon, http_get, wait_until
+from service import POLICY, Daemon, http_get, wait_until
 
 from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.engine import Enforcer

@@ -3,139 +3,34 @@ real cgroups appearing and vanishing, real faults injected from outside."""
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from service import (
+    CGPOLICY,
+    POLICY,
+    Daemon,
+    connect_denied,
+    http_get,
+    links_at,
+    running,
+    wait_until,
+    write_policy,
+)
 
-from cgpolicy.kernel.bpf import CgroupLink, hook, prog_query
-from cgpolicy.kernel.cgroup import open_cgroup
-
-CGPOLICY = Path(sys.executable).with_name("cgpolicy")
-
-POLICY = """\
-apiVersion: cgpolicy.dev/v1
-kind: CgroupPolicy
-metadata: {{name: {name}}}
-spec:
-  targets: [{{glob: "{glob}"}}]
-  sockets:
-    connect:
-      default: allow
-      rules: [{{action: deny, cidrs: ["{denied}/32"]}}]
-"""
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Daemon:
-    def __init__(self, policy_dir: Path, bpf_dir: Path, log: Path) -> None:
-        self.policy_dir, self.bpf_dir, self.log_path = policy_dir, bpf_dir, log
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = [
-            str(CGPOLICY),
-            "--bpf-dir",
-            str(self.bpf_dir),
-            "--log-level",
-            "info",
-            "reconcile",
-            "--policy-dir",
-            str(self.policy_dir),
-            "--interval",
-            "0.25",  # quick passes; tests wait for passes or conditions, never for time
-            "--metrics-addr",
-            f"127.0.0.1:{self.port}",
-        ]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log)
-        assert wait_until(lambda: self.metrics() is not None), self.log()
-
-    def metrics(self) -> str | None:
-        try:
-            url = f"http://127.0.0.1:{self.port}/metrics"
-            with urllib.request.urlopen(url, timeout=1) as response:
-                return response.read().decode()
-        except OSError:
-            return None
-
-    def metric(self, name: str) -> float | None:
-        for line in (self.metrics() or "").splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return None
-
-    def signal(self, signum: int) -> int:
-        assert self.process is not None
-        self.process.send_signal(signum)
-        return self.process.wait(timeout=15)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+from cgpolicy.kernel.bpf import CgroupLink
 
 
 @pytest.fixture
 def daemon(tmp_path: Path, bpf_dir: Path) -> Iterator[Daemon]:
-    policy_dir = tmp_path / "policies.d"
-    policy_dir.mkdir()
-    service = Daemon(policy_dir, bpf_dir, tmp_path / "daemon.log")
-    try:
+    with running(Daemon(tmp_path / "policies.d", bpf_dir, tmp_path / "daemon.log")) as service:
         yield service
-    finally:
-        service.stop()
-        subprocess.run(  # --force: the service's policies are refused to the CLI otherwise
-            [str(CGPOLICY), "--bpf-dir", str(bpf_dir), "remove", "--all", "--force"],
-            capture_output=True,
-        )
-
-
-def write_policy(daemon: Daemon, scratch, name: str = "svc", denied: str = "127.0.0.2") -> Path:
-    path = daemon.policy_dir / f"{name}.yaml"
-    glob = f"{scratch.relative}/work-*"
-    path.write_text(POLICY.format(name=name, glob=glob, denied=denied))
-    return path
-
-
-def connect_denied(cgroup, address: str, port: int) -> bool:
-    result = cgroup.probe("connect", "tcp", address, port)
-    return not result.ok and result.errno == errno.EPERM
-
-
-def links_at(cgroup_path: Path, hook_name: str) -> int:
-    fd = open_cgroup(cgroup_path)
-    try:
-        return len(prog_query(fd, hook(hook_name).attach_type).prog_ids)
-    finally:
-        os.close(fd)
 
 
 def test_new_matching_cgroup_is_enforced_and_removed_one_cleaned_up(
@@ -373,18 +268,6 @@ def wait_for_passes(daemon, count: int) -> None:  # type: ignore[no-untyped-def]
     name = "cgpolicy_reconcile_passes_total"
     target = (daemon.metric(name) or 0) + count
     assert wait_until(lambda: (daemon.metric(name) or 0) >= target, timeout=30), daemon.log()
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    """Status and body of a GET; a 503 is an answer, not an error."""
-    try:
-        url = f"http://127.0.0.1:{port}{path}"
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except OSError as error:
-        return 0, str(error)
 
 
 def test_liveness_stays_up_while_readiness_names_failing_policies_until_fixed(

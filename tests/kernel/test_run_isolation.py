@@ -15,7 +15,7 @@ import pytest
 from enforcement import EPERM, kill_and_remove_cgroup, policy_file, probe, run_cli
 from gate import finish, gated, open_gates
 from netns import PROBE_EXTRA
-from test_reconcile import wait_until
+from service import wait_until
 
 from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.engine import Enforcer
