@@ -21,6 +21,7 @@ kernel: setup
 lint: setup
 	$(PY) -m ruff check cgpolicy tests bench
 	$(PY) -m ruff format --check cgpolicy tests bench
+	.venv/bin/lint-imports  # the layering in pyproject.toml [tool.importlinter]
 
 typecheck: setup
 	$(PY) -m mypy cgpolicy

@@ -587,25 +587,14 @@ def hooks_for(action: reference.Action) -> list[str]:
 
 def cgroup_chain(cgroup_root: Path, given: str) -> tuple[str, list[Path]]:
     """The cgroup relative to the mount, and its path with every ancestor (itself first)."""
-    path = Path(given)
+    from cgpolicy.kernel.cgroup import CgroupError
+    from cgpolicy.kernel.cgroup import cgroup_chain as chain_of
+
     try:
-        root = cgroup_root.resolve()
-        resolved = path.resolve() if path.is_absolute() else None
-    except (OSError, ValueError, RuntimeError) as error:  # a NUL; RuntimeError: a link loop
-        raise ExplainError(f"cgroup {shown(given)}: {error}") from None
-    if resolved is not None and resolved.is_relative_to(root):
-        relative = resolved.relative_to(root)
-    else:
-        # Relative to the mount, or absolute as /proc/PID/cgroup writes it (0::/a/b).
-        relative = Path(os.path.normpath(given.lstrip("/") or "."))
-        if relative.parts[:1] == ("..",):
-            raise ExplainError(f"{_plain(given)} leaves the cgroup2 hierarchy")
-    full = cgroup_root / relative
-    if not full.is_dir():
-        raise ExplainError(f"no cgroup {_plain(str(relative))} under {cgroup_root}")
-    chain = [full, *[cgroup_root / p for p in relative.parents]]
-    text = "" if str(relative) == "." else str(relative)
-    return text, chain
+        relative, chain = chain_of(cgroup_root, given)
+    except CgroupError as error:
+        raise ExplainError(f"cgroup {_plain(given)}: {error}") from None
+    return ("" if str(relative) == "." else str(relative)), chain
 
 
 def explain_cgroup(
@@ -615,24 +604,22 @@ def explain_cgroup(
     each read again from the source file recorded in its pinned metadata (device paths
     resolved under ``dev_root`` as the next apply would, deny rules keeping the device they
     named when applied)."""
-    from cgpolicy.enforcer import pins
+    from cgpolicy.kernel.applied import read_applied
+    from cgpolicy.kernel.cgroup import cgroup_id_at
     from cgpolicy.kernel.devices import DEV_ROOT, remembered_denies
     from cgpolicy.policy.validate import load_paths
 
     relative, chain = cgroup_chain(cgroup_root, given)
-    ids = {}
-    for path in chain:
-        try:
-            ids[os.stat(path).st_ino] = path
-        except OSError:
-            continue
+    ids = {cid for path in chain if (cid := cgroup_id_at(path)) is not None}
     relatives = {"" if p == cgroup_root else str(p.relative_to(cgroup_root)) for p in chain}
     explanation = Explanation(action, [], cgroup=relative)
-    for folder in pins.policy_folders(bpf_dir):
-        meta = pins.read_meta(folder)
+    applied = read_applied(bpf_dir)
+    for applied_policy in applied.values():
+        meta = applied_policy.meta
         if meta is None:
             explanation.notes.append(
-                f"{folder} holds no readable metadata (a broken apply?): not explained"
+                f"{applied_policy.folder} holds no readable metadata (a broken apply?): "
+                "not explained"
             )
             continue
         where = sorted(
@@ -665,7 +652,8 @@ def explain_cgroup(
                 f"{meta.name}: {meta.source} changed since it was applied (revision "
                 f"{meta.revision} applied, the file is {changed}): explained from the file"
             )
-    explanation.foreign = _foreign_programs(chain[0], bpf_dir, hooks_for(action.action))
+    ours = set().union(*(policy.program_ids() for policy in applied.values()))
+    explanation.foreign = _foreign_programs(chain[0], ours, hooks_for(action.action))
     return explanation
 
 
@@ -686,41 +674,13 @@ def _changed_since_applied(
     return None if current == applied else current
 
 
-def _foreign_programs(cgroup: Path, bpf_dir: Path, hooks: list[str]) -> list[dict[str, Any]]:
+def _foreign_programs(cgroup: Path, ours: set[int], hooks: list[str]) -> list[dict[str, Any]]:
     """Programs that run at these hooks for the cgroup (its own and inherited) and that
     cgpolicy did not load."""
-    from cgpolicy.enforcer.observe import observe
-    from cgpolicy.kernel import bpf
+    from cgpolicy.kernel.attachments import effective_programs, program_name
 
-    ours: set[int] = set()
-    try:
-        for applied in observe(bpf_dir).values():
-            for hook in applied.hooks.values():
-                if hook.prog_id:
-                    ours.add(hook.prog_id)
-                ours.update(link.prog_id for link in hook.links.values() if link.prog_id)
-    except (bpf.BpfError, OSError):
-        pass
-    found: list[dict[str, Any]] = []
-    try:
-        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return found
-    try:
-        for name in hooks:
-            try:
-                result = bpf.prog_query(fd, bpf.hook(name).attach_type, effective=True)
-            except bpf.BpfError:
-                continue
-            for prog_id in result.prog_ids:
-                if prog_id in ours:
-                    continue
-                try:
-                    with bpf.Program.from_id(prog_id) as program:
-                        prog_name = program.info().name
-                except (bpf.BpfError, OSError):
-                    prog_name = ""
-                found.append({"hook": name, "id": prog_id, "name": prog_name})
-    finally:
-        os.close(fd)
-    return found
+    return [
+        {"hook": hook, "id": prog_id, "name": program_name(prog_id)}
+        for hook, prog_id in effective_programs(cgroup, hooks)
+        if prog_id not in ours
+    ]

@@ -1,19 +1,16 @@
-"""Read the kernel and cgpolicy's pins into an audit report.
+"""The audit report: what runs at every cgroup hook (``kernel.attachments``), matched
+against what cgpolicy applied (``kernel.applied``).
 
 Per cgroup and hook, one non-effective PROG_QUERY gives the cgroup's own programs and the
 hook's attach flags; what a cgroup inherits is computed from its ancestors' answers the way
 the kernel does (model.effective_programs), so no extra query per cgroup. One pass over all
-BPF links tells link attachments from legacy ones. Cgroups vanish while we walk (containers
-exit): whatever disappears mid-way is skipped, never an error.
+BPF links tells link attachments from legacy ones.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,22 +26,18 @@ from cgpolicy.audit.model import (
     compute_drift,
     effective_programs,
 )
-from cgpolicy.enforcer.observe import AppliedPolicy, observe
-from cgpolicy.kernel import bpf
-from cgpolicy.kernel.bpf import HOOKS, BpfError, Map, Program
+from cgpolicy.kernel.applied import AppliedPolicy, read_applied, read_counters
+from cgpolicy.kernel.attachments import links_by_hook, own_attachments
+from cgpolicy.kernel.bpf import HOOKS, BpfError, Program
+from cgpolicy.kernel.cgroup import cgroup_id_at, walk_cgroups
 
 log = logging.getLogger(__name__)
-
-COUNTER_SLOTS = 65  # bpf/common.h: rules 0..63, 64 = section default
-_COUNTER = struct.Struct("<QQ")
-_RATELIMIT = struct.Struct("<QQII")
 
 
 @dataclass
 class _ProgInfo:
     name: str
     tag: str
-    map_ids: tuple[int, ...]
 
 
 @dataclass
@@ -55,68 +48,6 @@ class Snapshot:
     hooks: dict[int, dict[str, HookState]] = field(default_factory=dict)
 
 
-def _links_by_hook() -> dict[tuple[int, int], set[int]]:
-    """(cgroup id, attach type) -> ids of programs attached there through a link."""
-    found: dict[tuple[int, int], set[int]] = {}
-    try:
-        link_ids = list(bpf.link_ids())
-    except BpfError as error:
-        log.warning("cannot list BPF links (%s); every attachment is shown as legacy", error)
-        return found
-    for link_id in link_ids:
-        try:
-            fd = bpf.link_get_fd_by_id(link_id)
-        except BpfError:
-            continue  # gone meanwhile
-        try:
-            info = bpf.link_info(fd)
-        except BpfError:
-            continue
-        finally:
-            os.close(fd)
-        if info.type == bpf.LinkType.CGROUP and info.cgroup_id:
-            found.setdefault((info.cgroup_id, info.attach_type), set()).add(info.prog_id)
-    return found
-
-
-def _query_cgroup(path: Path) -> tuple[int, dict[str, HookState]] | None:
-    """(id, hook -> own state) of one cgroup, or None if it vanished."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    states: dict[str, HookState] = {}
-    try:
-        cgroup_id = os.fstat(fd).st_ino
-        for name, hook in HOOKS.items():
-            try:
-                result = bpf.prog_query(fd, hook.attach_type)
-            except BpfError as error:
-                if error.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):
-                    continue  # hook unknown to this kernel, or the cgroup went away
-                raise
-            if result.prog_ids:
-                states[name] = HookState(result.attach_flags, result.prog_ids)
-    finally:
-        os.close(fd)
-    return cgroup_id, states
-
-
-def _walk(top: Path) -> Iterator[Path]:
-    """``top`` and every cgroup below it, parents first; vanishing or unreadable directories
-    are skipped."""
-    stack = [top]
-    while stack:
-        current = stack.pop()
-        try:
-            with os.scandir(current) as entries:
-                children = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
-        except OSError:
-            continue
-        yield current
-        stack.extend(sorted(children, reverse=True))
-
-
 def _relative(path: Path, root: Path) -> str:
     return os.path.relpath(path, root)
 
@@ -125,14 +56,17 @@ def snapshot(root: Path, top: Path) -> Snapshot:
     """Query ``top``'s ancestors (for inheritance) and the whole subtree under ``top``."""
     snap = Snapshot()
     ancestors = [p for p in reversed(top.parents) if p == root or root in p.parents]
-    for path in [*ancestors, *_walk(top)]:
-        queried = _query_cgroup(path)
+    for path in [*ancestors, *walk_cgroups(top)]:
+        queried = own_attachments(path)
         if queried is None:
             continue
         cgroup_id, states = queried
         snap.ids[_relative(path, root)] = cgroup_id
         if states:
-            snap.hooks[cgroup_id] = states
+            snap.hooks[cgroup_id] = {
+                hook: HookState(state.attach_flags, state.prog_ids)
+                for hook, state in states.items()
+            }
     return snap
 
 
@@ -184,90 +118,19 @@ class _Programs:
             try:
                 with Program.from_id(prog_id) as program:
                     info = program.info()
-                self._info[prog_id] = _ProgInfo(info.name, info.tag, info.map_ids)
+                self._info[prog_id] = _ProgInfo(info.name, info.tag)
             except BpfError:
                 self._info[prog_id] = None  # unloaded meanwhile
         return self._info[prog_id]
 
-    def _maps(self, prog_id: int) -> dict[str, Map]:
-        info = self.info(prog_id)
-        found: dict[str, Map] = {}
-        for map_id in info.map_ids if info else ():
-            try:
-                candidate = Map.from_id(map_id)
-            except BpfError:
-                continue
-            if candidate.name in ("counters", "ratelimit") and candidate.name not in found:
-                found[candidate.name] = candidate
-            else:
-                candidate.close()
-        return found
-
     def counters(self, prog_id: int, policy: str, hook: str) -> dict[str, Any] | None:
-        if prog_id in self._counters:
-            return self._counters[prog_id]
-        maps = self._maps(prog_id)
-        try:
-            result = _read_counters(maps, self.applied.get(policy), hook)
-        except BpfError as error:
-            log.warning("counters of program %d: %s", prog_id, error)
-            result = None
-        finally:
-            for m in maps.values():
-                m.close()
-        self._counters[prog_id] = result
-        return result
-
-
-def _sum(values: list[bytes] | None) -> tuple[int, int]:
-    allowed = denied = 0
-    for value in values or ():
-        a, d = _COUNTER.unpack_from(value)
-        allowed += a
-        denied += d
-    return allowed, denied
-
-
-def _read_counters(
-    maps: dict[str, Map], applied: AppliedPolicy | None, hook: str
-) -> dict[str, Any] | None:
-    counters = maps.get("counters")
-    if counters is None:
-        return None
-    meta = applied.meta if applied else None
-    # An interrupted apply's metadata may describe other programs: no rule text then, only
-    # the slots that counted something (the drift says why)
-    trusted = meta if applied is not None and not applied.interrupted else None
-    labels = (trusted.rules.get(hook) if trusted else None) or []
-    rules = []
-    for slot in range(COUNTER_SLOTS - 1):
-        if slot >= len(labels) and labels:
-            break
-        allowed, denied = _sum(counters.lookup_per_cpu(slot.to_bytes(4, "little")))
-        if slot >= len(labels) and not (allowed or denied):
-            continue  # no labels recorded: show the slots that counted something
-        label = labels[slot] if slot < len(labels) else {}
-        rules.append(
-            {
-                "rule": slot,
-                "text": label.get("text"),
-                "line": label.get("line"),
-                "note": label.get("note"),  # e.g. a device path that names nothing here
-                "allowed": allowed,
-                "denied": denied,
-            }
-        )
-    allowed, denied = _sum(counters.lookup_per_cpu((COUNTER_SLOTS - 1).to_bytes(4, "little")))
-    dropped = None
-    if "ratelimit" in maps:
-        values = maps["ratelimit"].lookup_per_cpu(bytes(4)) or []
-        dropped = sum(_RATELIMIT.unpack_from(v)[1] for v in values)
-    return {
-        "mode": meta.mode if meta else None,
-        "rules": rules,
-        "default": {"allowed": allowed, "denied": denied},
-        "events_dropped": dropped,
-    }
+        if prog_id not in self._counters:
+            try:
+                self._counters[prog_id] = read_counters(prog_id, self.applied.get(policy), hook)
+            except BpfError as error:
+                log.warning("counters of program %d: %s", prog_id, error)
+                self._counters[prog_id] = None
+        return self._counters[prog_id]
 
 
 @dataclass
@@ -288,9 +151,9 @@ def audit(
     """The audit of the tree under ``top`` (default: the whole hierarchy). Lists cgroups
     with programs of their own or drift; ``show_all`` adds those that only inherit."""
     top = top or cgroup_root
-    applied = observe(bpf_dir)
+    applied = read_applied(bpf_dir)
     ours = _our_programs(applied)
-    links = _links_by_hook()
+    links = links_by_hook()
     snap = snapshot(cgroup_root, top)
     programs = _Programs(applied)
     paths = {cid: path for path, cid in snap.ids.items()}
@@ -374,26 +237,4 @@ def audit(
 
 
 def _still_there(root: Path, recorded: str, cgroup_id: int) -> bool:
-    try:
-        return os.stat(root / recorded).st_ino == cgroup_id
-    except OSError:
-        return False
-
-
-def counter_totals(bpf_dir: Path) -> dict[tuple[str, str], tuple[int, int]]:
-    """(policy, hook) -> (allowed, denied) summed over rules, default and CPUs, for every
-    program cgpolicy has pinned; what the reconciler exports to Prometheus."""
-    applied = observe(bpf_dir)
-    programs = _Programs(applied)
-    totals = {}
-    for name, policy in applied.items():
-        for hook, state in policy.hooks.items():
-            counters = programs.counters(state.prog_id, name, hook) if state.prog_id else None
-            if counters is None:
-                continue
-            slots = [*counters["rules"], counters["default"]]
-            totals[name, hook] = (
-                sum(slot["allowed"] for slot in slots),
-                sum(slot["denied"] for slot in slots),
-            )
-    return totals
+    return cgroup_id_at(root / recorded) == cgroup_id

@@ -144,7 +144,7 @@ class CgroupReport:
 
 @dataclass
 class AppliedView:
-    """What one policy's pins say it applied (from cgpolicy.enforcer.observe)."""
+    """What one policy's pins say it applied (from cgpolicy.kernel.applied)."""
 
     name: str
     revision: str | None

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from cgpolicy.compiler.compile import EVENTS_RING_BYTES
 from cgpolicy.compiler.spec import CompiledPolicy, RuleLabel
-from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
+from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import BpfError, CgroupLink, Map, MapType, Program
 from cgpolicy.kernel.bpf import hook as hook_named
 from cgpolicy.kernel.cgroup import CgroupError, open_cgroup

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from cgpolicy.compiler.compile import CompileError, compile_policy
 from cgpolicy.compiler.spec import CompiledPolicy
-from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.apply import ApplyError, apply_policy, remove_policy
-from cgpolicy.enforcer.observe import AppliedPolicy, observe
 from cgpolicy.enforcer.ownership import Owner, check_change, check_removal
 from cgpolicy.enforcer.plan import PolicyPlan, plan_policy, plan_removal
 from cgpolicy.enforcer.targets import resolve_targets
+from cgpolicy.kernel import pins
+from cgpolicy.kernel.applied import AppliedPolicy, read_applied
 from cgpolicy.kernel.bpf import BpfError
 from cgpolicy.kernel.cgroup import ensure_bpffs
 from cgpolicy.kernel.devices import DEV_ROOT, DeviceBinding, bind_devices, remembered_denies
@@ -82,7 +82,7 @@ class Enforcer:
         return PinFolderLock(self.bpf_dir, self.lock_timeout)
 
     def observe(self) -> dict[str, AppliedPolicy]:
-        return observe(self.bpf_dir)
+        return read_applied(self.bpf_dir)
 
     def devices(self, policy: Policy, applied: AppliedPolicy | None) -> DeviceBinding:
         """What the policy's device paths name on this node; a deny rule's path that names

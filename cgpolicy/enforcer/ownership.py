@@ -31,8 +31,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from cgpolicy.enforcer.observe import AppliedPolicy
 from cgpolicy.enforcer.plan import PolicyPlan
+from cgpolicy.kernel.applied import AppliedPolicy
 
 SERVICE = "service"
 CLI = "cli"

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from cgpolicy.compiler.spec import CompiledPolicy, DevicePath
-from cgpolicy.enforcer.observe import AppliedPolicy
 from cgpolicy.enforcer.targets import CgroupRef, Resolution
+from cgpolicy.kernel.applied import AppliedPolicy
 
 
 class Action(StrEnum):

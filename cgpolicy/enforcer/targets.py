@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import fnmatch
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from cgpolicy.kernel.cgroup import NotACgroup, is_cgroup, lookup, matching_children
 from cgpolicy.policy.model import Target
 
 
@@ -29,18 +27,9 @@ class Resolution:
     not_cgroups: tuple[str, ...] = ()  # literal target paths that name a file, not a cgroup
 
 
-class NotACgroup(Exception):
-    """A target path exists but is a file (``cgroup.procs``, say) or a symlink."""
-
-
 def _ref(root: Path, relative: str) -> CgroupRef | None:
-    try:
-        info = os.lstat(root / relative)
-    except (FileNotFoundError, NotADirectoryError):
-        return None  # vanished between listing and stat
-    if not stat.S_ISDIR(info.st_mode):
-        raise NotACgroup(relative)
-    return CgroupRef(relative, info.st_ino)
+    cgroup_id = lookup(root / relative)
+    return None if cgroup_id is None else CgroupRef(relative, cgroup_id)
 
 
 def _glob(root: Path, pattern: str) -> list[str]:
@@ -49,21 +38,13 @@ def _glob(root: Path, pattern: str) -> list[str]:
     for component in pattern.split("/"):
         next_matches = []
         for base in matches:
-            folder = root / base if base else root
             if not any(ch in component for ch in "*?["):
                 candidate = f"{base}/{component}" if base else component
-                if (root / candidate).is_dir():
+                if is_cgroup(root / candidate):
                     next_matches.append(candidate)
                 continue
-            try:
-                entries = list(os.scandir(folder))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False) and fnmatch.fnmatchcase(
-                    entry.name, component
-                ):
-                    next_matches.append(f"{base}/{entry.name}" if base else entry.name)
+            for child in matching_children(root / base if base else root, component):
+                next_matches.append(f"{base}/{child.name}" if base else child.name)
         matches = next_matches
     return matches
 

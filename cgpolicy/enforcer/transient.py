@@ -24,12 +24,12 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.enforcer.ownership import Owner
-from cgpolicy.kernel.bpf import BpfError, CgroupLink, Map, Program
-from cgpolicy.kernel.cgroup import remove_cgroup_tree
+from cgpolicy.kernel import pins
+from cgpolicy.kernel.bpf import BpfError
+from cgpolicy.kernel.cgroup import join_cgroup, make_cgroup, remove_cgroup_tree, remove_if_empty
 from cgpolicy.kernel.lock import LockError
 from cgpolicy.policy.model import Policy, Target
 
@@ -48,21 +48,12 @@ class CommandNotRun(Exception):
 
 
 @dataclass(frozen=True)
-class _Pinned:
-    """One object the run pinned: where, what kind, and which object (its id)."""
-
-    path: Path
-    kind: str  # "link", "program" or "map"
-    object_id: int
-
-
-@dataclass(frozen=True)
 class Created:
     """What one run applied: its transient policy's name, owner and pinned objects."""
 
     name: str
     owner: Owner
-    pinned: tuple[_Pinned, ...]
+    pinned: tuple[pins.PinnedObject, ...]
 
 
 def transient_name(bpf_dir: Path, base: str, pid: int) -> str:
@@ -71,7 +62,7 @@ def transient_name(bpf_dir: Path, base: str, pid: int) -> str:
     for attempt in range(1, NAME_ATTEMPTS + 1):
         suffix = "" if attempt == 1 else f"-{attempt}"
         candidate = f"{base[: 50 - len(suffix)]}-run{pid}{suffix}"  # 63 characters at most
-        if not os.path.lexists(pins.policy_dir(bpf_dir, candidate)):
+        if not pins.policy_exists(bpf_dir, candidate):
             return candidate
     raise ApplyError(
         f"no free name for the transient policy of {base}: {base[:50]}-run{pid} and "
@@ -79,63 +70,10 @@ def transient_name(bpf_dir: Path, base: str, pid: int) -> str:
     )
 
 
-def _kind_of(name: str) -> str | None:
-    name = name.removesuffix("_new")  # a temporary pin of pins.pin_replacing
-    if name.startswith(pins.LINK_PREFIX):
-        return "link"
-    if name == pins.PROG_PIN:
-        return "program"
-    if name in (pins.META_PIN, pins.EVENTS_PIN):
-        return "map"
-    return None
-
-
-def _object_id(path: Path, kind: str) -> int | None:
-    """The id of the object pinned at ``path`` (None when nothing of that kind is there)."""
-    try:
-        if kind == "link":
-            with CgroupLink.from_pin(path) as link:
-                return link.info().id
-        if kind == "program":
-            with Program.from_pin(path) as program:
-                return program.id
-        with Map.from_pin(path) as pinned_map:
-            return pinned_map.id
-    except (BpfError, OSError):
-        return None
-
-
-def _pin_paths(folder: Path) -> list[Path]:
-    """Every pin in a policy folder and its hook folders; symlinks are never followed."""
-    found = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return []
-    for entry in entries:
-        if entry.is_symlink():
-            continue
-        if entry.is_dir():
-            try:
-                inner = list(os.scandir(entry.path))
-            except OSError:
-                continue
-            found += [Path(e.path) for e in inner if not e.is_symlink() and not e.is_dir()]
-        else:
-            found.append(Path(entry.path))
-    return sorted(found)
-
-
 def record_created(bpf_dir: Path, name: str, owner: Owner) -> Created:
     """Everything pinned under the policy folder ``name``, which this run made (call it
     with the lock still held since the name was found free)."""
-    pinned = []
-    for path in _pin_paths(pins.policy_dir(bpf_dir, name)):
-        kind = _kind_of(path.name)
-        object_id = _object_id(path, kind) if kind else None
-        if kind is not None and object_id is not None:
-            pinned.append(_Pinned(path, kind, object_id))
-    return Created(name, owner, tuple(pinned))
+    return Created(name, owner, tuple(pins.pinned_objects(pins.policy_dir(bpf_dir, name))))
 
 
 def remove_created(bpf_dir: Path, created: Created) -> None:
@@ -151,14 +89,8 @@ def remove_created(bpf_dir: Path, created: Created) -> None:
     failed = []
     # Links first: enforcement ends with the attachments, then the programs and maps go.
     for item in sorted(created.pinned, key=lambda p: p.kind != "link"):
-        if _object_id(item.path, item.kind) != item.object_id:
-            continue  # gone already, or another object is pinned there now: not ours
         try:
-            if item.kind == "link":
-                with CgroupLink.from_pin(item.path) as link:
-                    if link.info().cgroup_id:
-                        link.detach()
-            item.path.unlink()
+            pins.unpin_if_same(item)
         except (BpfError, OSError) as error:
             failed.append(f"{item.path}: {error}")
     for hook_folder in {item.path.parent for item in created.pinned} - {folder}:
@@ -169,7 +101,7 @@ def remove_created(bpf_dir: Path, created: Created) -> None:
             f"could not remove all of the transient policy {created.name} "
             f"({'; '.join(failed)}); `cgpolicy remove {created.name}` removes the rest"
         )
-    left = _pin_paths(folder)
+    left = pins.pin_paths(folder)
     if left:
         log.warning(
             "%s: left %d pins this run did not make: %s",
@@ -182,19 +114,13 @@ def remove_created(bpf_dir: Path, created: Created) -> None:
 def _make_cgroup(cgroup: Path, relative: str) -> None:
     """Make the run's own cgroup (and the shared parent, which another run that ends may
     remove meanwhile); one that exists already is not this run's."""
-    for _ in range(10):
-        cgroup.parent.mkdir(exist_ok=True)
-        try:
-            cgroup.mkdir()
-            return
-        except FileExistsError:
-            raise ApplyError(
-                f"cgroup {relative} exists already; `run` makes a cgroup of its own and does "
-                "not use (or remove) one it did not make"
-            ) from None
-        except FileNotFoundError:
-            continue  # the parent was removed between the two mkdirs
-    cgroup.mkdir()
+    try:
+        make_cgroup(cgroup)
+    except FileExistsError:
+        raise ApplyError(
+            f"cgroup {relative} exists already; `run` makes a cgroup of its own and does "
+            "not use (or remove) one it did not make"
+        ) from None
 
 
 def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> int:
@@ -228,9 +154,7 @@ def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> 
         if not outcome.ok:
             raise ApplyError(outcome.error or "apply failed")
         try:
-            child = subprocess.Popen(
-                command, preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0")
-            )
+            child = subprocess.Popen(command, preexec_fn=lambda: join_cgroup(cgroup))
         except OSError as error:
             status = 127 if isinstance(error, FileNotFoundError) else 126
             raise CommandNotRun(f"cannot run {command[0]}: {error.strerror}", status) from error
@@ -241,10 +165,7 @@ def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> 
                 child.send_signal(signal.SIGINT)
     finally:
         remove_cgroup_tree(cgroup)
-        try:
-            cgroup.parent.rmdir()  # the shared parent, once no other run uses it
-        except OSError:
-            pass
+        remove_if_empty(cgroup.parent)  # the shared parent, once no other run uses it
         if created is not None:
             try:
                 with runner.locked():

@@ -4,22 +4,19 @@ name the cgroup and the rule, and report what the rate limit dropped."""
 from __future__ import annotations
 
 import logging
-import os
 import select
-import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cgpolicy.enforcer import pins
 from cgpolicy.events.decode import DEFAULT_SLOT, Event, decode, monotonic_to_wall_ns
-from cgpolicy.events.ringbuf import RingBuffer
-from cgpolicy.kernel.bpf import HOOKS, BpfError, Map, Program
+from cgpolicy.kernel.applied import AppliedPolicy, events_dropped, program_maps, read_applied
+from cgpolicy.kernel.bpf import BpfError, Map
+from cgpolicy.kernel.cgroup import cgroup_names
+from cgpolicy.kernel.ringbuf import RingBuffer
 
 log = logging.getLogger(__name__)
-_RATELIMIT = struct.Struct("<QQII")  # struct cgp_ratelimit
-_ZERO = bytes(4)
 
 
 class CgroupNames:
@@ -32,32 +29,10 @@ class CgroupNames:
         self._names: dict[int, str] = {}
         self._walked = float("-inf")
 
-    def _walk(self) -> None:
-        names: dict[int, str] = {}
-        stack = [self.root]
-        while stack:
-            current = stack.pop()
-            try:
-                with os.scandir(current) as entries:
-                    for entry in entries:
-                        if entry.is_dir(follow_symlinks=False):
-                            try:
-                                names[entry.inode()] = os.path.relpath(entry.path, self.root)
-                            except OSError:
-                                continue
-                            stack.append(Path(entry.path))
-            except OSError:  # vanished meanwhile
-                continue
-        try:
-            names[os.stat(self.root).st_ino] = "."
-        except OSError:
-            pass
-        self._names = names
-        self._walked = time.monotonic()
-
     def get(self, cgroup_id: int) -> str | None:
         if cgroup_id not in self._names and time.monotonic() - self._walked >= self.min_interval:
-            self._walk()
+            self._names = cgroup_names(self.root)
+            self._walked = time.monotonic()
         return self._names.get(cgroup_id)
 
 
@@ -76,10 +51,9 @@ class PolicyEvents:
         found = {}
         for hook, ratelimit in self.ratelimits.items():
             try:
-                values = ratelimit.lookup_per_cpu(_ZERO) or []
+                found[hook] = events_dropped(ratelimit)
             except BpfError:
                 continue
-            found[hook] = sum(_RATELIMIT.unpack_from(v)[1] for v in values)
         return found
 
     def close(self) -> None:
@@ -88,29 +62,17 @@ class PolicyEvents:
             ratelimit.close()
 
 
-def _open_policy(folder: Path) -> PolicyEvents | None:
-    try:
-        ring_map = Map.from_pin(folder / pins.EVENTS_PIN)
-    except (BpfError, OSError):
-        return None  # applied before deny events existed, or being replaced
-    meta = pins.read_meta(folder)
+def _open_policy(applied: AppliedPolicy, ring_map: Map) -> PolicyEvents:
     events = PolicyEvents(
-        folder.name, RingBuffer(ring_map), ring_map.id, meta.rules if meta else {}
+        applied.name,
+        RingBuffer(ring_map),
+        ring_map.id,
+        applied.meta.rules if applied.meta else {},
     )
-    for hook_folder in pins.real_subfolders(folder):
-        if hook_folder.name not in HOOKS:
-            continue
-        try:
-            with Program.from_pin(hook_folder / pins.PROG_PIN) as program:
-                map_ids = program.info().map_ids
-            for map_id in map_ids:
-                candidate = Map.from_id(map_id)
-                if candidate.name == "ratelimit":
-                    events.ratelimits[hook_folder.name] = candidate
-                    break
-                candidate.close()
-        except (BpfError, OSError):
-            continue
+    for hook in applied.hooks.values():
+        maps = program_maps(hook.prog_id, {"ratelimit"}) if hook.prog_id else {}
+        if "ratelimit" in maps:
+            events.ratelimits[hook.hook] = maps["ratelimit"]
     return events
 
 
@@ -126,24 +88,19 @@ class EventReader:
         self.refresh()
 
     def refresh(self) -> None:
-        seen = set()
-        for folder in pins.policy_folders(self.bpf_dir):
-            seen.add(folder.name)
-            current = self.policies.get(folder.name)
-            try:
-                pinned_id = Map.from_pin(folder / pins.EVENTS_PIN)
-            except (BpfError, OSError):
+        applied = read_applied(self.bpf_dir, links=False)
+        for name, policy in applied.items():
+            current = self.policies.get(name)
+            ring_map = policy.open_events()
+            if ring_map is None:
                 continue
-            with pinned_id:
-                if current is not None and pinned_id.id == current.ring_id:
-                    continue
-            opened = _open_policy(folder)
-            if opened is None:
+            if current is not None and ring_map.id == current.ring_id:
+                ring_map.close()
                 continue
             if current is not None:
                 self._retired.append(current)
-            self.policies[folder.name] = opened
-        for name in set(self.policies) - seen:
+            self.policies[name] = _open_policy(policy, ring_map)
+        for name in set(self.policies) - set(applied):
             self._retired.append(self.policies.pop(name))
 
     def _annotate(self, policy: PolicyEvents, event: Event) -> Event:

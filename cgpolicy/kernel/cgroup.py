@@ -1,16 +1,18 @@
 """cgroup v2 and bpffs on the running host: where they are, cgroup fds and ids, walks.
 
 Mount discovery itself lives in :mod:`cgpolicy.mounts` (a plain read of mountinfo that the
-doctor and the CLI use too); this module adds what touches the filesystems: mounting bpffs,
-opening a cgroup as an attach target, its id, and walking a subtree while containers come
-and go.
+doctor and the CLI use too); this module is every other touch of cgroupfs: mounting bpffs,
+opening a cgroup as an attach target, its id, finding, making and removing cgroups, and
+walking a subtree while containers come and go.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,8 +83,9 @@ def cgroup_id(path: str | os.PathLike[str] | int) -> int:
 def walk_cgroups(top: str | os.PathLike[str]) -> Iterator[Path]:
     """``top`` and every cgroup below it, parents before children.
 
-    cgroups vanish at any moment (a container exits): a directory that is gone by the time
-    it is read is skipped, not an error. Symlinks are not followed (cgroupfs has none).
+    cgroups vanish at any moment (a container exits): a directory that is gone (or cannot
+    be read) by the time it is read is skipped, not an error. Symlinks are not followed
+    (cgroupfs has none).
     """
     stack = [Path(top)]
     while stack:
@@ -90,10 +93,127 @@ def walk_cgroups(top: str | os.PathLike[str]) -> Iterator[Path]:
         try:
             with os.scandir(current) as entries:
                 children = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:
             continue
         yield current
         stack.extend(sorted(children, reverse=True))
+
+
+def cgroup_names(root: Path) -> dict[int, str]:
+    """cgroup id -> path relative to ``root`` ("." for root itself), for every cgroup in
+    the tree now; the ids come from the directory listing, one stat for the root."""
+    names: dict[int, str] = {}
+    stack = [root]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        try:
+                            names[entry.inode()] = os.path.relpath(entry.path, root)
+                        except OSError:
+                            continue
+                        stack.append(Path(entry.path))
+        except OSError:  # vanished meanwhile
+            continue
+    try:
+        names[os.stat(root).st_ino] = "."
+    except OSError:
+        pass
+    return names
+
+
+def cgroup_id_at(path: Path) -> int | None:
+    """The id of the cgroup at ``path``, or None when there is none (any more)."""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+class NotACgroup(Exception):
+    """A path under the cgroup2 mount exists but is a file (``cgroup.procs``, say) or a
+    symlink, not a cgroup."""
+
+
+def lookup(path: Path) -> int | None:
+    """The id of the cgroup at ``path``, not following a symlink; None when nothing is
+    there (it may vanish at any moment); NotACgroup when something else is."""
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotACgroup(str(path))
+    return info.st_ino
+
+
+def is_cgroup(path: Path) -> bool:
+    return path.is_dir()
+
+
+def matching_children(folder: Path, pattern: str) -> list[Path]:
+    """The cgroups directly in ``folder`` whose names match the shell pattern ``pattern``
+    (one path component: '*' never crosses a '/'); none when ``folder`` is gone."""
+    try:
+        with os.scandir(folder) as entries:
+            return [
+                Path(e.path)
+                for e in entries
+                if e.is_dir(follow_symlinks=False) and fnmatch.fnmatchcase(e.name, pattern)
+            ]
+    except OSError:
+        return []
+
+
+def make_cgroup(path: Path, attempts: int = 10) -> None:
+    """Make the cgroup ``path`` and its parent if missing (another process may remove an
+    empty parent meanwhile: retried). FileExistsError when ``path`` exists already."""
+    for _ in range(attempts):
+        path.parent.mkdir(exist_ok=True)
+        try:
+            path.mkdir()
+            return
+        except FileNotFoundError:
+            continue  # the parent was removed between the two mkdirs
+    path.mkdir()
+
+
+def join_cgroup(path: Path) -> None:
+    """Move the calling process into the cgroup ``path`` (a child's ``preexec_fn``)."""
+    (path / "cgroup.procs").write_text("0")
+
+
+def remove_if_empty(path: Path) -> None:
+    """Remove the cgroup ``path`` if nothing is in it (no child, no process); else leave it."""
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def cgroup_chain(root: Path, given: str) -> tuple[Path, list[Path]]:
+    """A cgroup given as an absolute path under ``root``, relative to it, or as
+    /proc/PID/cgroup writes it (0::/a/b): its path relative to ``root``, and its full path
+    followed by every ancestor's up to ``root``. CgroupError when it is not a cgroup under
+    ``root``; its message does not repeat ``given`` (the caller shows that safely)."""
+    path = Path(given)
+    try:
+        resolved_root = root.resolve()
+        resolved = path.resolve() if path.is_absolute() else None
+    except (OSError, ValueError, RuntimeError) as error:  # a NUL; RuntimeError: a link loop
+        raise CgroupError(str(error)) from None
+    if resolved is not None and resolved.is_relative_to(resolved_root):
+        relative = resolved.relative_to(resolved_root)
+    else:
+        relative = Path(os.path.normpath(given.lstrip("/") or "."))
+        if relative.parts[:1] == ("..",):
+            raise CgroupError("it leaves the cgroup2 hierarchy")
+    full = root / relative
+    if not full.is_dir():
+        raise CgroupError(f"there is no such cgroup under {root}")
+    return relative, [full, *[root / p for p in relative.parents]]
 
 
 def remove_cgroup_tree(path: Path, timeout: float = 5.0) -> None:

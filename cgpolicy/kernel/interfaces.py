@@ -1,8 +1,11 @@
-"""Network interface names and globs to ifindexes, over netlink (pyroute2)."""
+"""Network interfaces over netlink (pyroute2): names and globs to ifindexes, and a
+subscription to link events."""
 
 from __future__ import annotations
 
 import fnmatch
+import logging
+from typing import Any
 
 
 def resolve_interfaces(patterns: tuple[str, ...]) -> set[int]:
@@ -20,3 +23,21 @@ def resolve_interfaces(patterns: tuple[str, ...]) -> set[int]:
         for index, name in links
         if name and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
     }
+
+
+def link_monitor() -> Any | None:
+    """A pyroute2 socket subscribed to link events (interfaces added, removed, renamed),
+    or None with a warning when netlink is unavailable: callers use it as a hint source,
+    not as the truth."""
+    try:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+        ipr = IPRoute()
+        ipr.bind(groups=RTMGRP_LINK)
+        return ipr
+    except Exception as error:  # noqa: BLE001 - netlink is a hint source, not required
+        logging.getLogger(__name__).warning(
+            "cannot follow interface changes over netlink (%s); resync only", error
+        )
+        return None

@@ -17,9 +17,9 @@ from cgpolicy.compiler.compile import CompileError, compile_policy
 from cgpolicy.compiler.spec import CompiledPolicy
 from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer, Planned
-from cgpolicy.enforcer.observe import AppliedPolicy
 from cgpolicy.enforcer.ownership import SERVICE, Owner, recorded_owner
 from cgpolicy.enforcer.plan import Action, PolicyPlan
+from cgpolicy.kernel.applied import AppliedPolicy
 from cgpolicy.kernel.bpf import BpfError
 from cgpolicy.kernel.devices import DeviceBinding, device_paths
 from cgpolicy.kernel.devices import watch_folders as device_folders

@@ -90,7 +90,7 @@ class KernelCounters(Collector):
         self.bpf_dir = bpf_dir
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from cgpolicy.audit.collect import counter_totals
+        from cgpolicy.kernel.applied import counter_totals, read_applied
 
         labels = ["policy", "hook"]
         denied = GaugeMetricFamily(
@@ -103,7 +103,8 @@ class KernelCounters(Collector):
             "Actions allowed since the program was loaded",
             labels=labels,
         )
-        for (policy, hook), (allowed_count, denied_count) in counter_totals(self.bpf_dir).items():
+        totals = counter_totals(read_applied(self.bpf_dir, links=False))
+        for (policy, hook), (allowed_count, denied_count) in totals.items():
             allowed.add_metric([policy, hook], allowed_count)
             denied.add_metric([policy, hook], denied_count)
         yield denied

@@ -4,15 +4,15 @@ periodic resync is the truth, so a missed or coalesced event costs latency, not 
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
 
+from cgpolicy.kernel.cgroup import is_cgroup, matching_children
+from cgpolicy.kernel.interfaces import link_monitor
 from cgpolicy.policy.model import Target
 
 log = logging.getLogger(__name__)
@@ -52,19 +52,10 @@ def watch_folders(root: Path, targets: Iterable[Target]) -> set[Path]:
             for folder in level:
                 if not target.is_glob or not any(ch in component for ch in "*?["):
                     candidate = folder / component
-                    if candidate.is_dir():
+                    if is_cgroup(candidate):
                         following.append(candidate)
                     continue
-                try:
-                    with os.scandir(folder) as entries:
-                        following.extend(
-                            Path(e.path)
-                            for e in entries
-                            if e.is_dir(follow_symlinks=False)
-                            and fnmatch.fnmatchcase(e.name, component)
-                        )
-                except OSError:
-                    continue
+                following.extend(matching_children(folder, component))
             level = following
             if not level:
                 break
@@ -82,7 +73,7 @@ class Watcher:
         self._device_watches: dict[Path, int] = {}
         self._policy_watch: int | None = None
         self.watch_policy_dir()
-        self._netlink = _link_monitor() if follow_links else None
+        self._netlink = link_monitor() if follow_links else None
         self.links_generation = 0
 
     def watch_policy_dir(self) -> None:
@@ -149,16 +140,3 @@ class Watcher:
         self.inotify.close()
         if self._netlink is not None:
             self._netlink.close()
-
-
-def _link_monitor():  # -> pyroute2.IPRoute bound to link events, or None
-    try:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.rtnl import RTMGRP_LINK
-
-        ipr = IPRoute()
-        ipr.bind(groups=RTMGRP_LINK)
-        return ipr
-    except Exception as error:  # noqa: BLE001 - netlink is a hint source, not required
-        log.warning("cannot follow interface changes over netlink (%s); resync only", error)
-        return None

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cgpolicy.kernel.bpf import BpfError, Map, MapType
+from cgpolicy.kernel.bpf import BpfError, CgroupLink, Map, MapType, Program
 from cgpolicy.kernel.trusted import check_real_folder, open_trusted_dir
 
 META_PIN = "meta"
@@ -216,7 +216,93 @@ def link_pins(folder: Path) -> dict[int, Path]:
 
 
 def remove_empty(folder: Path) -> None:
+    """Remove a pin folder if nothing is left in it; else leave it."""
     try:
         folder.rmdir()
     except OSError:
         pass
+
+
+def policy_exists(bpf_dir: Path, name: str) -> bool:
+    """Whether anything (even a symlink) is at the policy folder ``name``."""
+    return os.path.lexists(policy_dir(bpf_dir, name))
+
+
+@dataclass(frozen=True)
+class PinnedObject:
+    """One pinned object: where, what kind, and which object (its id)."""
+
+    path: Path
+    kind: str  # "link", "program" or "map"
+    object_id: int
+
+
+def _kind_of(name: str) -> str | None:
+    name = name.removesuffix("_new")  # a temporary pin of pin_replacing
+    if name.startswith(LINK_PREFIX):
+        return "link"
+    if name == PROG_PIN:
+        return "program"
+    if name in (META_PIN, EVENTS_PIN):
+        return "map"
+    return None
+
+
+def _object_id(path: Path, kind: str) -> int | None:
+    """The id of the object pinned at ``path`` (None when nothing of that kind is there)."""
+    try:
+        if kind == "link":
+            with CgroupLink.from_pin(path) as link:
+                return link.info().id
+        if kind == "program":
+            with Program.from_pin(path) as program:
+                return program.id
+        with Map.from_pin(path) as pinned_map:
+            return pinned_map.id
+    except (BpfError, OSError):
+        return None
+
+
+def pin_paths(folder: Path) -> list[Path]:
+    """Every pin in a policy folder and its hook folders; symlinks are never followed."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            try:
+                inner = list(os.scandir(entry.path))
+            except OSError:
+                continue
+            found += [Path(e.path) for e in inner if not e.is_symlink() and not e.is_dir()]
+        else:
+            found.append(Path(entry.path))
+    return sorted(found)
+
+
+def pinned_objects(folder: Path) -> list[PinnedObject]:
+    """Every link, program and map pinned in a policy folder, with the object's id now."""
+    found = []
+    for path in pin_paths(folder):
+        kind = _kind_of(path.name)
+        object_id = _object_id(path, kind) if kind else None
+        if kind is not None and object_id is not None:
+            found.append(PinnedObject(path, kind, object_id))
+    return found
+
+
+def unpin_if_same(pinned: PinnedObject) -> None:
+    """Unpin ``pinned`` (detaching it first if it is an attached link), but only while the
+    same object is pinned there: one gone already, or another object pinned there now, is
+    left alone."""
+    if _object_id(pinned.path, pinned.kind) != pinned.object_id:
+        return
+    if pinned.kind == "link":
+        with CgroupLink.from_pin(pinned.path) as link:
+            if link.info().cgroup_id:
+                link.detach()
+    pinned.path.unlink()
