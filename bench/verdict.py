@@ -37,10 +37,10 @@ from bench import packets, policies
 from bench.figures import Figure, Report
 from bench.scratch import Scratch
 from cgpolicy.compiler.compile import EVENTS_PER_SECOND
-from cgpolicy.enforcer import pins
 from cgpolicy.events.decode import decode
-from cgpolicy.events.ringbuf import RingBuffer
+from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import Map, Program, enable_run_time_stats, hook
+from cgpolicy.kernel.ringbuf import RingBuffer
 
 NS_TARGET = 100.0
 RATIO_TARGET = 2.0

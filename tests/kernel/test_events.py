@@ -19,8 +19,8 @@ from test_programs_testrun import ipv4, tcp
 
 from cgpolicy.compiler.compile import EVENTS_PER_SECOND, compile_policy
 from cgpolicy.events.decode import decode
-from cgpolicy.events.ringbuf import RingBuffer
 from cgpolicy.kernel.loader import load_program
+from cgpolicy.kernel.ringbuf import RingBuffer
 from cgpolicy.policy.model import Network, NetworkRule, NetworkSection, Policy, Target
 
 SYSCTL = "net/ipv4/ip_forward"

@@ -22,8 +22,8 @@ from enforcement import (
 )
 
 from cgpolicy.enforcer import apply as apply_module
-from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.engine import Enforcer
+from cgpolicy.kernel import pins
 
 HOOKS = ("egress", "connect4", "connect6", "sendmsg4", "sendmsg6")
 

@@ -17,8 +17,8 @@ from enforcement import EPERM, policy_file, probe, run_cli
 from gate import finish, gated, open_gates
 from service import POLICY, Daemon, http_get, wait_until
 
-from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.engine import Enforcer
+from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import CgroupLink, Program, prog_query
 from cgpolicy.kernel.bpf import hook as hook_named
 from cgpolicy.kernel.cgroup import open_cgroup

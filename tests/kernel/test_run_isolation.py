@@ -17,8 +17,8 @@ from gate import finish, gated, open_gates
 from netns import PROBE_EXTRA
 from service import wait_until
 
-from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.engine import Enforcer
+from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import CgroupLink
 
 RUN_PARENT = "cgpolicy.run"

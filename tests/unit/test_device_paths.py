@@ -18,7 +18,6 @@ from cgpolicy.audit.model import Attachment, CgroupReport
 from cgpolicy.audit.render import render_cgroup
 from cgpolicy.compiler.compile import CompileError, bind_device_paths, compile_policy
 from cgpolicy.compiler.spec import DeviceNode, DevicePath
-from cgpolicy.enforcer.pins import PolicyMeta
 from cgpolicy.enforcer.plan import plan_policy
 from cgpolicy.enforcer.targets import Resolution
 from cgpolicy.kernel.devices import (
@@ -28,6 +27,7 @@ from cgpolicy.kernel.devices import (
     resolve_device_path,
     watch_folders,
 )
+from cgpolicy.kernel.pins import PolicyMeta
 from cgpolicy.policy.describe import describe
 from cgpolicy.policy.model import DeviceRule, DeviceSection, Policy, Target
 from cgpolicy.policy.validate import load_paths, load_policy_file

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cgpolicy.enforcer.observe import AppliedHook, AppliedPolicy
-from cgpolicy.enforcer.pins import PolicyMeta
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
+from cgpolicy.kernel.applied import AppliedHook, AppliedPolicy
+from cgpolicy.kernel.pins import PolicyMeta
 from cgpolicy.reconciler.lastgood import LastGoodStore
 from cgpolicy.reconciler.loop import drift_of, readiness_summary
 from cgpolicy.reconciler.metrics import describe_bind, every_address, parse_metrics_addr

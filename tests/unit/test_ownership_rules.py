@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cgpolicy.enforcer.observe import AppliedPolicy
 from cgpolicy.enforcer.ownership import Owner, check_change, check_removal, same_source
-from cgpolicy.enforcer.pins import PolicyMeta
 from cgpolicy.enforcer.plan import PolicyPlan
+from cgpolicy.kernel.applied import AppliedPolicy
+from cgpolicy.kernel.pins import PolicyMeta
 
 SERVICE, CLI = Owner.service(), Owner.cli()
 

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 from cgpolicy.compiler.spec import CompiledPolicy, ProgramSpec
-from cgpolicy.enforcer.observe import AppliedHook, AppliedLink, AppliedPolicy
-from cgpolicy.enforcer.pins import PolicyMeta
 from cgpolicy.enforcer.plan import Action, plan_policy, plan_removal
 from cgpolicy.enforcer.targets import CgroupRef, Resolution
+from cgpolicy.kernel.applied import AppliedHook, AppliedLink, AppliedPolicy
+from cgpolicy.kernel.pins import PolicyMeta
 from cgpolicy.policy.model import Target
 
 
