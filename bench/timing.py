@@ -49,7 +49,7 @@ class Split:
 
     def __enter__(self) -> Split:
         self._patch(engine, "compile_policy", "compile")
-        self._patch(engine, "observe", "observe")
+        self._patch(engine, "read_applied", "observe")
         self._patch(apply_module, "load_program", "load")
         self._patch(Program, "load", "verifier")  # PROG_LOAD (the verifier), inside load
         return self

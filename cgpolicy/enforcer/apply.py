@@ -14,7 +14,7 @@ Order for one policy:
 
 A process killed anywhere leaves each cgroup hook with either the old program or the new
 one, never none where one was. Links not yet pinned die with the process. What is pinned
-but not yet described by matching metadata is an *interrupted* apply (observe.py): the next
+but not yet described by matching metadata is an *interrupted* apply (kernel/applied.py): the next
 apply of the policy reloads it whole, `audit` reports it, `remove` undoes it.
 """
 
@@ -32,7 +32,7 @@ from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import BpfError, CgroupLink, Map, MapType, Program
 from cgpolicy.kernel.bpf import hook as hook_named
-from cgpolicy.kernel.cgroup import CgroupError, open_cgroup
+from cgpolicy.kernel.cgroup import CgroupError, cgroup_id, open_cgroup
 from cgpolicy.kernel.loader import LoadedProgram, LoaderError, load_program
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class _Work:
 def _open_checked_cgroup(root: Path, step: Step) -> int:
     """An fd for the step's cgroup, refusing a different cgroup re-created at the same path."""
     fd = open_cgroup(root / step.cgroup)
-    if os.fstat(fd).st_ino != step.cgroup_id:
+    if cgroup_id(fd) != step.cgroup_id:
         os.close(fd)
         raise CgroupError(f"cgroup {step.cgroup} was re-created while applying")
     return fd
@@ -204,11 +204,11 @@ def _roll_back(work: _Work) -> None:
         except BpfError as error:
             log.error("could not detach a new link: %s", error)
     for path in work.pinned_links:
-        path.unlink(missing_ok=True)
+        pins.unpin(path)
     for path, previous in reversed(work.replaced):
         try:
             if previous is None:
-                path.unlink(missing_ok=True)
+                pins.unpin(path)
             else:
                 pins.pin_replacing(previous, path)
         except (BpfError, OSError) as error:
@@ -218,7 +218,7 @@ def _roll_back(work: _Work) -> None:
 def _pin_new_programs(plan: PolicyPlan, bpf_dir: Path, work: _Work) -> None:
     """Pin the new event ring and programs *before* any link moves to them: from here until
     the metadata is written, pins and metadata disagree, which is what makes an apply
-    killed in between an *interrupted* one (observe.py), whichever links had moved."""
+    killed in between an *interrupted* one (kernel/applied.py), whichever links had moved."""
     if work.events is not None:
         path = pins.policy_dir(bpf_dir, plan.name) / pins.EVENTS_PIN
         _replace_pin(work, work.events, path, Map.from_pin)
@@ -258,8 +258,7 @@ def _detach_unwanted(plan: PolicyPlan, bpf_dir: Path, wanted_hooks: set[str]) ->
         if hook_folder.name not in wanted_hooks:
             for link_path in pins.link_pins(hook_folder).values():  # links of gone cgroups
                 detach_pinned_link(link_path)
-            pins.remove_tree_entries(hook_folder)  # the program pin, anything else
-            hook_folder.rmdir()
+            pins.remove_folder(hook_folder)  # the program pin, anything else
 
 
 def detach_pinned_link(link_path: Path) -> None:
@@ -270,12 +269,11 @@ def detach_pinned_link(link_path: Path) -> None:
                 link.detach()
     except BpfError as error:
         log.warning("link %s: %s", link_path, error)
-    link_path.unlink(missing_ok=True)
+    pins.unpin(link_path)
 
 
 def remove_policy(plan: PolicyPlan, bpf_dir: Path) -> None:
     """Detach every link of an applied policy, then drop all of its pins."""
     folder = pins.policy_dir(bpf_dir, plan.name)
     _detach_unwanted(plan, bpf_dir, wanted_hooks=set())
-    pins.remove_tree_entries(folder)
-    folder.rmdir()
+    pins.remove_folder(folder)

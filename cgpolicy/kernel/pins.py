@@ -189,16 +189,19 @@ def policy_folders(bpf_dir: Path) -> list[Path]:
     return real_subfolders(bpf_dir)
 
 
-def remove_tree_entries(folder: Path, keep_links: bool = False) -> None:
-    """Unlink every pin in ``folder`` without following links: a symlink is removed
-    itself, never what it points at. Link pins are left when ``keep_links``."""
+def remove_folder(folder: Path) -> None:
+    """Unpin everything in ``folder`` (which holds no folders any more), then remove it.
+    Nothing is followed: a symlink is removed itself, never what it points at."""
     check_real_folder(folder)
     for entry in os.scandir(folder):
-        if entry.is_dir(follow_symlinks=False):
-            continue
-        if keep_links and entry.name.startswith(LINK_PREFIX):
-            continue
-        os.unlink(entry.path)
+        if not entry.is_dir(follow_symlinks=False):
+            os.unlink(entry.path)
+    folder.rmdir()
+
+
+def unpin(path: Path) -> None:
+    """Drop one pin (the object lives on while something else holds it); gone is fine."""
+    path.unlink(missing_ok=True)
 
 
 def link_pins(folder: Path) -> dict[int, Path]:
