@@ -690,7 +690,9 @@ def _foreign_programs(cgroup: Path, bpf_dir: Path, hooks: list[str]) -> list[dic
     """Programs that run at these hooks for the cgroup (its own and inherited) and that
     cgpolicy did not load."""
     from cgpolicy.enforcer.observe import observe
-    from cgpolicy.kernel import bpf
+    from cgpolicy.kernel.bpf import Program
+    from cgpolicy.kernel.hooks import hook as hook_named
+    from cgpolicy.kernel.syscall import BpfError, prog_query
 
     ours: set[int] = set()
     try:
@@ -699,7 +701,7 @@ def _foreign_programs(cgroup: Path, bpf_dir: Path, hooks: list[str]) -> list[dic
                 if hook.prog_id:
                     ours.add(hook.prog_id)
                 ours.update(link.prog_id for link in hook.links.values() if link.prog_id)
-    except (bpf.BpfError, OSError):
+    except (BpfError, OSError):
         pass
     found: list[dict[str, Any]] = []
     try:
@@ -709,16 +711,16 @@ def _foreign_programs(cgroup: Path, bpf_dir: Path, hooks: list[str]) -> list[dic
     try:
         for name in hooks:
             try:
-                result = bpf.prog_query(fd, bpf.hook(name).attach_type, effective=True)
-            except bpf.BpfError:
+                result = prog_query(fd, hook_named(name).attach_type, effective=True)
+            except BpfError:
                 continue
             for prog_id in result.prog_ids:
                 if prog_id in ours:
                     continue
                 try:
-                    with bpf.Program.from_id(prog_id) as program:
+                    with Program.from_id(prog_id) as program:
                         prog_name = program.info().name
-                except (bpf.BpfError, OSError):
+                except (BpfError, OSError):
                     prog_name = ""
                 found.append({"hook": name, "id": prog_id, "name": prog_name})
     finally:

@@ -30,8 +30,10 @@ from cgpolicy.audit.model import (
     effective_programs,
 )
 from cgpolicy.enforcer.observe import AppliedPolicy, observe
-from cgpolicy.kernel import bpf
-from cgpolicy.kernel.bpf import HOOKS, BpfError, Map, Program
+from cgpolicy.kernel import syscall
+from cgpolicy.kernel.bpf import Map, Program
+from cgpolicy.kernel.hooks import HOOKS
+from cgpolicy.kernel.syscall import BpfError
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +61,22 @@ def _links_by_hook() -> dict[tuple[int, int], set[int]]:
     """(cgroup id, attach type) -> ids of programs attached there through a link."""
     found: dict[tuple[int, int], set[int]] = {}
     try:
-        link_ids = list(bpf.link_ids())
+        link_ids = list(syscall.link_ids())
     except BpfError as error:
         log.warning("cannot list BPF links (%s); every attachment is shown as legacy", error)
         return found
     for link_id in link_ids:
         try:
-            fd = bpf.link_get_fd_by_id(link_id)
+            fd = syscall.link_get_fd_by_id(link_id)
         except BpfError:
             continue  # gone meanwhile
         try:
-            info = bpf.link_info(fd)
+            info = syscall.link_info(fd)
         except BpfError:
             continue
         finally:
             os.close(fd)
-        if info.type == bpf.LinkType.CGROUP and info.cgroup_id:
+        if info.type == syscall.LinkType.CGROUP and info.cgroup_id:
             found.setdefault((info.cgroup_id, info.attach_type), set()).add(info.prog_id)
     return found
 
@@ -90,7 +92,7 @@ def _query_cgroup(path: Path) -> tuple[int, dict[str, HookState]] | None:
         cgroup_id = os.fstat(fd).st_ino
         for name, hook in HOOKS.items():
             try:
-                result = bpf.prog_query(fd, hook.attach_type)
+                result = syscall.prog_query(fd, hook.attach_type)
             except BpfError as error:
                 if error.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):
                     continue  # hook unknown to this kernel, or the cgroup went away

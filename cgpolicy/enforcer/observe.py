@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cgpolicy.enforcer import pins
-from cgpolicy.kernel.bpf import HOOKS, BpfError, CgroupLink, Program
+from cgpolicy.kernel.bpf import CgroupLink, Program
+from cgpolicy.kernel.hooks import HOOKS
+from cgpolicy.kernel.syscall import BpfError
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,10 @@ from cgpolicy.enforcer import pins
 from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.enforcer.ownership import Owner
-from cgpolicy.kernel.bpf import BpfError, CgroupLink, Map, Program
+from cgpolicy.kernel.bpf import CgroupLink, Map, Program
 from cgpolicy.kernel.cgroup import remove_cgroup_tree
 from cgpolicy.kernel.lock import LockError
+from cgpolicy.kernel.syscall import BpfError
 from cgpolicy.policy.model import Policy, Target
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,9 @@ from pathlib import Path
 from cgpolicy.enforcer import pins
 from cgpolicy.events.decode import DEFAULT_SLOT, Event, decode, monotonic_to_wall_ns
 from cgpolicy.events.ringbuf import RingBuffer
-from cgpolicy.kernel.bpf import HOOKS, BpfError, Map, Program
+from cgpolicy.kernel.bpf import Map, Program
+from cgpolicy.kernel.hooks import HOOKS
+from cgpolicy.kernel.syscall import BpfError
 
 log = logging.getLogger(__name__)
 _RATELIMIT = struct.Struct("<QQII")  # struct cgp_ratelimit
