@@ -31,8 +31,10 @@ from typing import Any
 
 from bench.figures import Figure, Report
 from bench.scratch import Scratch
-from cgpolicy.kernel.bpf import CgroupLink, hook, prog_query
+from cgpolicy.kernel.bpf import CgroupLink
 from cgpolicy.kernel.cgroup import open_cgroup
+from cgpolicy.kernel.hooks import hook
+from cgpolicy.kernel.syscall import prog_query
 from cgpolicy.reconciler.loop import Reconciler
 from cgpolicy.reconciler.metrics import Metrics
 

@@ -39,8 +39,10 @@ from bench.scratch import Scratch
 from cgpolicy.compiler.compile import EVENTS_PER_SECOND
 from cgpolicy.events.decode import decode
 from cgpolicy.kernel import pins
-from cgpolicy.kernel.bpf import Map, Program, enable_run_time_stats, hook
+from cgpolicy.kernel.bpf import Map, Program
+from cgpolicy.kernel.hooks import hook
 from cgpolicy.kernel.ringbuf import RingBuffer
+from cgpolicy.kernel.syscall import enable_run_time_stats
 
 NS_TARGET = 100.0
 RATIO_TARGET = 2.0

@@ -546,8 +546,8 @@ def audit(
     """
     from cgpolicy.audit.collect import audit as run_audit
     from cgpolicy.audit.render import render
-    from cgpolicy.kernel.bpf import BpfError
     from cgpolicy.kernel.cgroup import CgroupError, resolve
+    from cgpolicy.kernel.syscall import BpfError
 
     settings: Settings = ctx.obj
     root = settings.resolved_cgroup_root()
@@ -578,7 +578,7 @@ def events(
     Reading consumes them. Events the kernel's rate limit dropped are reported as counts.
     """
     from cgpolicy.events.reader import EventReader
-    from cgpolicy.kernel.bpf import BpfError
+    from cgpolicy.kernel.syscall import BpfError
 
     settings: Settings = ctx.obj
 
@@ -697,8 +697,8 @@ def _runtime_errors() -> tuple[type[Exception], ...]:
     """What the kernel layer reports; imported only once something failed."""
     from cgpolicy.compiler.compile import CompileError
     from cgpolicy.enforcer.apply import ApplyError
-    from cgpolicy.kernel.bpf import BpfError
     from cgpolicy.kernel.loader import LoaderError
+    from cgpolicy.kernel.syscall import BpfError
     from cgpolicy.kernel.trusted import UntrustedFolder
 
     return (OSError, BpfError, LoaderError, ApplyError, CompileError, UntrustedFolder)

@@ -183,7 +183,9 @@ _RETURN_ONE = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1; exit
 def probe_program_types() -> list[Check]:
     """Load a two-instruction program of each type cgpolicy uses: the kernel says yes or no,
     which is more honest than reading its version or config."""
-    from cgpolicy.kernel.bpf import BpfError, Program, hook
+    from cgpolicy.kernel.bpf import Program
+    from cgpolicy.kernel.hooks import hook
+    from cgpolicy.kernel.syscall import BpfError
 
     checks = []
     for name in PROBED_HOOKS:

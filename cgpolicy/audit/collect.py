@@ -28,8 +28,10 @@ from cgpolicy.audit.model import (
 )
 from cgpolicy.kernel.applied import AppliedPolicy, read_applied, read_counters
 from cgpolicy.kernel.attachments import links_by_hook, own_attachments
-from cgpolicy.kernel.bpf import HOOKS, BpfError, Program
+from cgpolicy.kernel.bpf import Program
 from cgpolicy.kernel.cgroup import cgroup_id_at, walk_cgroups
+from cgpolicy.kernel.hooks import HOOKS
+from cgpolicy.kernel.syscall import BpfError
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,11 @@ from cgpolicy.compiler.compile import EVENTS_RING_BYTES
 from cgpolicy.compiler.spec import CompiledPolicy, RuleLabel
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
 from cgpolicy.kernel import pins
-from cgpolicy.kernel.bpf import BpfError, CgroupLink, Map, MapType, Program
-from cgpolicy.kernel.bpf import hook as hook_named
+from cgpolicy.kernel.bpf import CgroupLink, Map, Program
 from cgpolicy.kernel.cgroup import CgroupError, cgroup_id, open_cgroup
+from cgpolicy.kernel.hooks import hook as hook_named
 from cgpolicy.kernel.loader import LoadedProgram, LoaderError, load_program
+from cgpolicy.kernel.syscall import BpfError, MapType
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ from cgpolicy.enforcer.plan import PolicyPlan, plan_policy, plan_removal
 from cgpolicy.enforcer.targets import resolve_targets
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.applied import AppliedPolicy, read_applied
-from cgpolicy.kernel.bpf import BpfError
 from cgpolicy.kernel.cgroup import ensure_bpffs
 from cgpolicy.kernel.devices import DEV_ROOT, DeviceBinding, bind_devices, remembered_denies
 from cgpolicy.kernel.interfaces import resolve_interfaces
 from cgpolicy.kernel.loader import LoaderError
 from cgpolicy.kernel.lock import DEFAULT_TIMEOUT, PinFolderLock
+from cgpolicy.kernel.syscall import BpfError
 from cgpolicy.mounts import read_mounts
 from cgpolicy.policy.model import Policy
 

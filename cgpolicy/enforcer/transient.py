@@ -28,9 +28,9 @@ from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.enforcer.ownership import Owner
 from cgpolicy.kernel import pins
-from cgpolicy.kernel.bpf import BpfError
 from cgpolicy.kernel.cgroup import join_cgroup, make_cgroup, remove_cgroup_tree, remove_if_empty
 from cgpolicy.kernel.lock import LockError
+from cgpolicy.kernel.syscall import BpfError
 from cgpolicy.policy.model import Policy, Target
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from cgpolicy.events.decode import DEFAULT_SLOT, Event, decode, monotonic_to_wall_ns
 from cgpolicy.kernel.applied import AppliedPolicy, events_dropped, program_maps, read_applied
-from cgpolicy.kernel.bpf import BpfError, Map
+from cgpolicy.kernel.bpf import Map
 from cgpolicy.kernel.cgroup import cgroup_names
 from cgpolicy.kernel.ringbuf import RingBuffer
+from cgpolicy.kernel.syscall import BpfError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cgpolicy.kernel import pins
-from cgpolicy.kernel.bpf import HOOKS, BpfError, CgroupLink, Map, Program
+from cgpolicy.kernel.bpf import CgroupLink, Map, Program
+from cgpolicy.kernel.hooks import HOOKS
+from cgpolicy.kernel.syscall import BpfError
 
 log = logging.getLogger(__name__)
 

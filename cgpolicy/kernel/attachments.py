@@ -9,8 +9,11 @@ import logging
 import os
 from pathlib import Path
 
-from cgpolicy.kernel import bpf
-from cgpolicy.kernel.bpf import HOOKS, BpfError, QueryResult
+from cgpolicy.kernel import syscall
+from cgpolicy.kernel.bpf import Program
+from cgpolicy.kernel.hooks import HOOKS
+from cgpolicy.kernel.hooks import hook as hook_named
+from cgpolicy.kernel.syscall import BpfError, QueryResult
 
 log = logging.getLogger(__name__)
 
@@ -20,22 +23,22 @@ def links_by_hook() -> dict[tuple[int, int], set[int]]:
     (with a warning) when the kernel cannot list links."""
     found: dict[tuple[int, int], set[int]] = {}
     try:
-        link_ids = list(bpf.link_ids())
+        link_ids = list(syscall.link_ids())
     except BpfError as error:
         log.warning("cannot list BPF links (%s); every attachment is shown as legacy", error)
         return found
     for link_id in link_ids:
         try:
-            fd = bpf.link_get_fd_by_id(link_id)
+            fd = syscall.link_get_fd_by_id(link_id)
         except BpfError:
             continue  # gone meanwhile
         try:
-            info = bpf.link_info(fd)
+            info = syscall.link_info(fd)
         except BpfError:
             continue
         finally:
             os.close(fd)
-        if info.type == bpf.LinkType.CGROUP and info.cgroup_id:
+        if info.type == syscall.LinkType.CGROUP and info.cgroup_id:
             found.setdefault((info.cgroup_id, info.attach_type), set()).add(info.prog_id)
     return found
 
@@ -52,7 +55,7 @@ def own_attachments(path: Path) -> tuple[int, dict[str, QueryResult]] | None:
         cgroup_id = os.fstat(fd).st_ino
         for name, hook in HOOKS.items():
             try:
-                result = bpf.prog_query(fd, hook.attach_type)
+                result = syscall.prog_query(fd, hook.attach_type)
             except BpfError as error:
                 if error.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):
                     continue  # hook unknown to this kernel, or the cgroup went away
@@ -75,7 +78,7 @@ def effective_programs(path: Path, hooks: list[str]) -> list[tuple[str, int]]:
     try:
         for name in hooks:
             try:
-                result = bpf.prog_query(fd, bpf.hook(name).attach_type, effective=True)
+                result = syscall.prog_query(fd, hook_named(name).attach_type, effective=True)
             except BpfError:
                 continue
             found.extend((name, prog_id) for prog_id in result.prog_ids)
@@ -87,7 +90,7 @@ def effective_programs(path: Path, hooks: list[str]) -> list[tuple[str, int]]:
 def program_name(prog_id: int) -> str:
     """The name a program was loaded with; "" when it is gone."""
     try:
-        with bpf.Program.from_id(prog_id) as program:
+        with Program.from_id(prog_id) as program:
             return program.info().name
     except (BpfError, OSError):
         return ""

@@ -26,15 +26,8 @@ from pathlib import Path
 from typing import Any, Self
 
 from cgpolicy.compiler.spec import MapSpec, ProgramSpec
-from cgpolicy.kernel.bpf import (
-    MAP_TYPES,
-    Map,
-    Program,
-    ProgramInfo,
-    close_all,
-    hook,
-    map_info,
-)
+from cgpolicy.kernel.bpf import Map, Program, close_all
+from cgpolicy.kernel.hooks import hook
 from cgpolicy.kernel.store import (
     CompiledFile,
     CompiledFunction,
@@ -44,6 +37,7 @@ from cgpolicy.kernel.store import (
     entry_key,
     store_dir,
 )
+from cgpolicy.kernel.syscall import MAP_TYPES, ProgramInfo, map_info
 
 log = logging.getLogger(__name__)
 

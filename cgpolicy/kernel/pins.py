@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cgpolicy.kernel.bpf import BpfError, CgroupLink, Map, MapType, Program
+from cgpolicy.kernel.bpf import CgroupLink, Map, Program
+from cgpolicy.kernel.syscall import BpfError, MapType
 from cgpolicy.kernel.trusted import check_real_folder, open_trusted_dir
 
 META_PIN = "meta"

@@ -13,7 +13,8 @@ import mmap
 import struct
 from collections.abc import Iterator
 
-from cgpolicy.kernel.bpf import Map, MapType
+from cgpolicy.kernel.bpf import Map
+from cgpolicy.kernel.syscall import MapType
 
 _BUSY = 1 << 31
 _DISCARD = 1 << 30

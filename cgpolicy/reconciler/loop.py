@@ -20,11 +20,11 @@ from cgpolicy.enforcer.engine import Enforcer, Planned
 from cgpolicy.enforcer.ownership import SERVICE, Owner, recorded_owner
 from cgpolicy.enforcer.plan import Action, PolicyPlan
 from cgpolicy.kernel.applied import AppliedPolicy
-from cgpolicy.kernel.bpf import BpfError
 from cgpolicy.kernel.devices import DeviceBinding, device_paths
 from cgpolicy.kernel.devices import watch_folders as device_folders
 from cgpolicy.kernel.interfaces import resolve_interfaces
 from cgpolicy.kernel.loader import LoaderError
+from cgpolicy.kernel.syscall import BpfError
 from cgpolicy.kernel.trusted import UntrustedFolder
 from cgpolicy.policy.model import Policy, Target
 from cgpolicy.policy.validate import Problem

@@ -25,8 +25,10 @@ from typing import Any, Protocol
 from netns import PROBE_EXTRA
 
 from cgpolicy.enforcer.engine import Enforcer, Outcome
-from cgpolicy.kernel import bpf
+from cgpolicy.kernel import bpf, syscall
 from cgpolicy.kernel.cgroup import open_cgroup
+from cgpolicy.kernel.hooks import HOOKS
+from cgpolicy.kernel.hooks import hook as hook_named
 from cgpolicy.kernel.lock import LOCK_FOLDER
 from cgpolicy.policy.model import Policy
 from cgpolicy.policy.validate import load_paths
@@ -114,23 +116,44 @@ def attached(cgroup: Path, hook: str) -> tuple[int, ...]:
     """Program ids attached directly to one hook of a cgroup (PROG_QUERY)."""
     fd = open_cgroup(cgroup)
     try:
-        return bpf.prog_query(fd, bpf.hook(hook).attach_type).prog_ids
+        return syscall.prog_query(fd, hook_named(hook).attach_type).prog_ids
     finally:
         os.close(fd)
 
 
-def attachments(
-    cgroup: Path, hooks: Sequence[str] = tuple(bpf.HOOKS)
-) -> dict[str, tuple[int, ...]]:
+def attachments(cgroup: Path, hooks: Sequence[str] = tuple(HOOKS)) -> dict[str, tuple[int, ...]]:
     """Every hook of ``cgroup`` with something attached, and the program ids there."""
     found = {}
     for hook in hooks:
         try:
             ids = attached(cgroup, hook)
-        except bpf.BpfError:  # a hook this kernel does not know
+        except syscall.BpfError:  # a hook this kernel does not know
             continue
         if ids:
             found[hook] = ids
+    return found
+
+
+def cgroup_links(cgroup_id: int) -> list[syscall.LinkInfo]:
+    """The cgroup links attached to one cgroup, from every owner.
+
+    PROG_QUERY on a cgroup reports program ids but (up to at least 6.18) no link ids, so
+    this is how a program attached through a link is told from a legacy attachment.
+    """
+    found = []
+    for link_id in syscall.link_ids():
+        try:
+            fd = syscall.link_get_fd_by_id(link_id)
+        except syscall.BpfError as error:
+            if error.errno == errno.ENOENT:  # gone meanwhile
+                continue
+            raise
+        try:
+            info = syscall.link_info(fd)
+        finally:
+            os.close(fd)
+        if info.type == syscall.LinkType.CGROUP and info.cgroup_id == cgroup_id:
+            found.append(info)
     return found
 
 

@@ -17,8 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from cgpolicy.kernel.bpf import hook, prog_query
 from cgpolicy.kernel.cgroup import open_cgroup
+from cgpolicy.kernel.hooks import hook
+from cgpolicy.kernel.syscall import prog_query
 
 CGPOLICY = Path(sys.executable).with_name("cgpolicy")
 

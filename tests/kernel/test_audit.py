@@ -11,14 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cgpolicy.kernel.bpf import (
-    BPF_F_ALLOW_MULTI,
-    AttachType,
-    CgroupLink,
-    Program,
-    ProgType,
-    prog_attach,
-)
+from cgpolicy.kernel.bpf import CgroupLink, Program
+from cgpolicy.kernel.syscall import BPF_F_ALLOW_MULTI, AttachType, ProgType, prog_attach
 
 # mov r0, 1; exit: allow everything.
 ALLOW_ALL = bytes.fromhex("b700000001000000") + bytes.fromhex("9500000000000000")

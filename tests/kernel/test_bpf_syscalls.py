@@ -16,10 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from enforcement import cgroup_links
 
 from cgpolicy.compiler.spec import MapSpec, ProgramSpec
-from cgpolicy.kernel import bpf, cgroup, loader
-from cgpolicy.kernel.bpf import AttachType, BpfError, CgroupLink, Map, MapType, Program, ProgType
+from cgpolicy.kernel import cgroup, loader, syscall
+from cgpolicy.kernel.bpf import CgroupLink, Map, Program, close_all
+from cgpolicy.kernel.hooks import HOOKS
+from cgpolicy.kernel.syscall import BPF_F_NO_PREALLOC, AttachType, BpfError, MapType, ProgType
 
 EGRESS = AttachType.CGROUP_INET_EGRESS
 RETURN_1 = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1; exit
@@ -81,9 +84,7 @@ def spec(
     if function == "by_address":
         entries = tuple((key4(cidr), u32(1)) for cidr in allowed)
         maps = (
-            MapSpec(
-                "allowed4", "lpm_trie", 8, 4, max(len(entries), 1), bpf.BPF_F_NO_PREALLOC, entries
-            ),
+            MapSpec("allowed4", "lpm_trie", 8, 4, max(len(entries), 1), BPF_F_NO_PREALLOC, entries),
             MapSpec("config", "array", 4, 8, 1, 0, ((u32(0), u64(int(allow_all))),)),
         )
     return ProgramSpec("egress", "test.c", function, name, maps)
@@ -106,11 +107,11 @@ def test_enum_numbers_match_the_uapi_header() -> None:
     text = re.sub(r"/\*.*?\*/", "", header.read_text(), flags=re.S)
     checked = 0
     for enum_name, cls, prefix in [
-        ("bpf_cmd", bpf.Cmd, "BPF_"),
+        ("bpf_cmd", syscall.Cmd, "BPF_"),
         ("bpf_map_type", MapType, "BPF_MAP_TYPE_"),
         ("bpf_prog_type", ProgType, "BPF_PROG_TYPE_"),
         ("bpf_attach_type", AttachType, "BPF_"),
-        ("bpf_link_type", bpf.LinkType, "BPF_LINK_TYPE_"),
+        ("bpf_link_type", syscall.LinkType, "BPF_LINK_TYPE_"),
     ]:
         body = re.search(rf"enum {enum_name} {{(.*?)}};", text, re.S)
         assert body, enum_name
@@ -131,7 +132,7 @@ def test_enum_numbers_match_the_uapi_header() -> None:
 
 def test_every_hook_loads_with_its_program_and_attach_type() -> None:
     version = tuple(int(x) for x in re.findall(r"\d+", platform.release())[:2])
-    for hook in bpf.HOOKS.values():
+    for hook in HOOKS.values():
         if hook.name.endswith("_unix") and version < (6, 7):
             continue
         with Program.load(hook.prog_type, RETURN_1, "cgp_hook", hook.attach_type) as program:
@@ -151,7 +152,7 @@ def test_map_update_lookup_delete_and_iterate() -> None:
         assert m.delete(u32(1)) and not m.delete(u32(1))
         assert list(m.keys()) == [u32(2)]
         with pytest.raises(BpfError) as refused:
-            m.update(u32(2), u64(0), bpf.BPF_NOEXIST)
+            m.update(u32(2), u64(0), syscall.BPF_NOEXIST)
         assert refused.value.errno == errno.EEXIST
         assert "BPF_MAP_UPDATE_ELEM on map cgp_t_hash" in str(refused.value)
         assert m.info.name == "cgp_t_hash" and m.id > 0
@@ -168,7 +169,7 @@ def test_full_map_error_names_the_map() -> None:
 def test_lpm_batch_fill_finds_the_longest_prefix() -> None:
     entries = [(key4(f"10.{i >> 8}.{i & 255}.0/24"), u32(i)) for i in range(20_000)]
     entries += [(key4("10.0.0.0/8"), u32(99_999)), (key4("10.0.5.7/32"), u32(7))]
-    with Map.create(MapType.LPM_TRIE, 8, 4, 30_000, bpf.BPF_F_NO_PREALLOC, "cgp_t_lpm") as m:
+    with Map.create(MapType.LPM_TRIE, 8, 4, 30_000, BPF_F_NO_PREALLOC, "cgp_t_lpm") as m:
         m.update_batch(entries)
         assert m.lookup(key4("10.0.5.7/32")) == u32(7)
         assert m.lookup(key4("10.0.5.8/32")) == u32(5)  # 10.0.5.0/24
@@ -201,7 +202,7 @@ def test_map_pinned_reopens_from_pin_and_from_id(bpf_dir: Path) -> None:
 
 
 def test_verifier_rejection_carries_the_log() -> None:
-    with pytest.raises(bpf.VerifierError) as rejected:
+    with pytest.raises(syscall.VerifierError) as rejected:
         Program.load(ProgType.CGROUP_SKB, bytes.fromhex("9500000000000000"), "cgp_t_bad")
     assert "R0 !read_ok" in rejected.value.log
     assert str(rejected.value).startswith("BPF_PROG_LOAD of cgp_t_bad (cgroup_skb, 1 insns)")
@@ -286,7 +287,7 @@ def test_hundred_loads_with_fresh_maps_reuse_one_compile(
             assert program.program.test_run(ipv4_packet("10.42.0.1")).retval == 1
             assert program.program.test_run(ipv4_packet("10.100.0.1")).retval == 0
     finally:
-        bpf.close_all(p for lp in loaded for p in (lp.program, *lp.maps.values()))
+        close_all(p for lp in loaded for p in (lp.program, *lp.maps.values()))
 
 
 # --- links and attachments --------------------------------------------------------------
@@ -304,18 +305,18 @@ def test_link_is_queried_pinned_reopened_updated_and_detached(
             link.pin(bpf_dir / "link")
         assert (info.prog_id, info.attach_type) == (allow_id, EGRESS)
         assert info.cgroup_id == cgroup.cgroup_id(scratch_cgroup.path)
-        query = bpf.prog_query(cgroup_fd, EGRESS)
-        assert query.prog_ids == (allow_id,) and query.attach_flags == bpf.BPF_F_ALLOW_MULTI
+        query = syscall.prog_query(cgroup_fd, EGRESS)
+        assert query.prog_ids == (allow_id,) and query.attach_flags == syscall.BPF_F_ALLOW_MULTI
         with CgroupLink.from_pin(bpf_dir / "link") as pinned:  # the pin kept it attached
             assert pinned.info().id == info.id
             with pytest.raises(BpfError) as raced:  # not the linked program: refused
                 pinned.update(deny.fd, old_prog_fd=deny.fd)
             assert raced.value.errno == errno.EPERM
             pinned.update(deny.fd, old_prog_fd=allow.fd)
-            assert bpf.prog_query(cgroup_fd, EGRESS).prog_ids == (deny_id,)
+            assert syscall.prog_query(cgroup_fd, EGRESS).prog_ids == (deny_id,)
             assert pinned.info().prog_id == deny_id
             pinned.detach()
-            assert bpf.prog_query(cgroup_fd, EGRESS).prog_ids == ()
+            assert syscall.prog_query(cgroup_fd, EGRESS).prog_ids == ()
 
 
 def test_link_attachment_is_effective_in_children_and_ends_with_its_last_fd(
@@ -326,10 +327,10 @@ def test_link_attachment_is_effective_in_children_and_ends_with_its_last_fd(
     try:
         with loader.load_program(spec("allow_all", "cgp_t_allow"), source_dir) as allow:
             with CgroupLink.create(allow.fd, cgroup_fd, EGRESS):
-                assert bpf.prog_query(child_fd, EGRESS).prog_ids == ()
-                effective = bpf.prog_query(child_fd, EGRESS, effective=True)
+                assert syscall.prog_query(child_fd, EGRESS).prog_ids == ()
+                effective = syscall.prog_query(child_fd, EGRESS, effective=True)
                 assert effective.prog_ids == (allow.info().id,)
-            assert bpf.prog_query(cgroup_fd, EGRESS).prog_ids == ()
+            assert syscall.prog_query(cgroup_fd, EGRESS).prog_ids == ()
     finally:
         os.close(child_fd)
 
@@ -337,14 +338,14 @@ def test_link_attachment_is_effective_in_children_and_ends_with_its_last_fd(
 def test_legacy_attachment_is_listed_and_detached_by_id(source_dir: Path, cgroup_fd: int) -> None:
     """How cgpolicy sees and removes a program it attached without a link."""
     with loader.load_program(spec("deny_all", "cgp_t_legacy"), source_dir) as foreign:
-        bpf.prog_attach(cgroup_fd, foreign.fd, EGRESS, bpf.BPF_F_ALLOW_MULTI)
+        syscall.prog_attach(cgroup_fd, foreign.fd, EGRESS, syscall.BPF_F_ALLOW_MULTI)
         foreign_id = foreign.info().id
-    query = bpf.prog_query(cgroup_fd, EGRESS)  # our fds are closed; the attachment stays
-    assert query.prog_ids == (foreign_id,) and query.attach_flags == bpf.BPF_F_ALLOW_MULTI
+    query = syscall.prog_query(cgroup_fd, EGRESS)  # our fds are closed; the attachment stays
+    assert query.prog_ids == (foreign_id,) and query.attach_flags == syscall.BPF_F_ALLOW_MULTI
     with Program.from_id(foreign_id) as again:
         assert again.info().name == "cgp_t_legacy"
-        bpf.prog_detach(cgroup_fd, EGRESS, again.fd)
-    assert bpf.prog_query(cgroup_fd, EGRESS).prog_ids == ()
+        syscall.prog_detach(cgroup_fd, EGRESS, again.fd)
+    assert syscall.prog_query(cgroup_fd, EGRESS).prog_ids == ()
 
 
 def test_cgroup_links_tell_link_attachments_from_legacy_ones(
@@ -355,18 +356,18 @@ def test_cgroup_links_tell_link_attachments_from_legacy_ones(
         loader.load_program(spec("allow_all", "cgp_t_legacy"), source_dir) as legacy,
         CgroupLink.create(linked.fd, cgroup_fd, EGRESS) as link,
     ):
-        bpf.prog_attach(cgroup_fd, legacy.fd, EGRESS)
+        syscall.prog_attach(cgroup_fd, legacy.fd, EGRESS)
         try:
-            links = bpf.cgroup_links(cgroup.cgroup_id(scratch_cgroup.path))
-            attached = set(bpf.prog_query(cgroup_fd, EGRESS).prog_ids)
+            links = cgroup_links(cgroup.cgroup_id(scratch_cgroup.path))
+            attached = set(syscall.prog_query(cgroup_fd, EGRESS).prog_ids)
         finally:
-            bpf.prog_detach(cgroup_fd, EGRESS, legacy.fd)
+            syscall.prog_detach(cgroup_fd, EGRESS, legacy.fd)
         assert [(i.id, i.prog_id) for i in links] == [(link.info().id, linked.info().id)]
         assert attached == {linked.info().id, legacy.info().id}
 
 
 def test_run_time_stats_count_runs_while_enabled(source_dir: Path) -> None:
-    stats = bpf.enable_run_time_stats()
+    stats = syscall.enable_run_time_stats()
     try:
         with loader.load_program(spec("allow_all", "cgp_t_stats"), source_dir) as program:
             program.program.test_run(ipv4_packet("10.0.0.1"), repeat=10)

@@ -17,6 +17,7 @@ from enforcement import (
     apply,
     apply_ok,
     attachments,
+    cgroup_links,
     denied_count,
     enforced,
     expect,
@@ -32,7 +33,7 @@ from netns import PROBE_EXTRA
 
 from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.enforcer.plan import Action
-from cgpolicy.kernel import bpf
+from cgpolicy.kernel import bpf, syscall
 from cgpolicy.kernel.cgroup import cgroup_id
 
 EVERY_HOOK = {
@@ -69,7 +70,7 @@ def every_section(default: str, **extra_rules: list[dict]) -> dict:
 
 
 def kernel_state(cgroup, bpf_dir) -> tuple[set[str], dict[str, tuple[int, ...]], list]:
-    links = sorted((link.id, link.prog_id) for link in bpf.cgroup_links(cgroup_id(cgroup.path)))
+    links = sorted((link.id, link.prog_id) for link in cgroup_links(cgroup_id(cgroup.path)))
     return pins(bpf_dir), attachments(cgroup.path), links
 
 
@@ -194,12 +195,12 @@ def test_foreign_program_on_the_same_hook_keeps_working(
     from bcc import BPF, BPFAttachType
 
     theirs, ours, free = loopback_ports.ports[:3]
-    connect4 = bpf.AttachType.CGROUP_INET4_CONNECT
+    connect4 = syscall.AttachType.CGROUP_INET4_CONNECT
     module = BPF(text=FOREIGN.replace("PORT", str(theirs)).encode())
     foreign = module.load_func(
         b"foreign_connect4", BPF.CGROUP_SOCK_ADDR, attach_type=BPFAttachType.CGROUP_INET4_CONNECT
     )
-    foreign_id = bpf.prog_info(foreign.fd).id
+    foreign_id = syscall.prog_info(foreign.fd).id
     cgroup_fd = scratch_cgroup.fd()
     path = policy_file(
         tmp_path,
@@ -215,7 +216,7 @@ def test_foreign_program_on_the_same_hook_keeps_working(
         },
     )
     try:
-        bpf.prog_attach(cgroup_fd, foreign.fd, connect4, bpf.BPF_F_ALLOW_MULTI)
+        syscall.prog_attach(cgroup_fd, foreign.fd, connect4, syscall.BPF_F_ALLOW_MULTI)
         with enforced(cgroup_root, bpf_dir, path):
             ids = attachments(scratch_cgroup.path)["connect4"]
             assert foreign_id in ids and len(ids) == 2, ids
@@ -241,7 +242,7 @@ def test_foreign_program_on_the_same_hook_keeps_working(
         )
     finally:
         try:
-            bpf.prog_detach(cgroup_fd, connect4, foreign.fd)
+            syscall.prog_detach(cgroup_fd, connect4, foreign.fd)
         finally:
             os.close(cgroup_fd)
             module.cleanup()

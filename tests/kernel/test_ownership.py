@@ -19,9 +19,10 @@ from service import POLICY, Daemon, http_get, wait_until
 
 from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.kernel import pins
-from cgpolicy.kernel.bpf import CgroupLink, Program, prog_query
-from cgpolicy.kernel.bpf import hook as hook_named
+from cgpolicy.kernel.bpf import CgroupLink, Program
 from cgpolicy.kernel.cgroup import open_cgroup
+from cgpolicy.kernel.hooks import hook as hook_named
+from cgpolicy.kernel.syscall import prog_query
 
 CONNECT_HOOKS = ("connect4", "connect6", "sendmsg4", "sendmsg6")
 

@@ -20,7 +20,8 @@ import pytest
 
 from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.compiler.spec import CompiledPolicy
-from cgpolicy.kernel.bpf import CgroupLink, hook
+from cgpolicy.kernel.bpf import CgroupLink
+from cgpolicy.kernel.hooks import hook
 from cgpolicy.kernel.loader import LoadedProgram, load_program
 from cgpolicy.policy.model import (
     DeviceRule,
