@@ -1018,6 +1018,8 @@ class Program(_FdObject):
         insns: bytes,
         name: str,
         expected_attach_type: AttachType | int = 0,
+        # bpf/*.c are GPL-2.0 (their SPDX headers), unlike the Apache-2.0 Python (README,
+        # "License"): the kernel allows its GPL-only helpers only to a GPL-compatible string.
         license: str = "GPL",
     ) -> Program:
         """PROG_LOAD. Tried first without a verifier log (the log slows the verifier); on a
