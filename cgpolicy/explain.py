@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cgpolicy import reference
-from cgpolicy.policy import describe
+from cgpolicy.policy.describe import rule_text
 from cgpolicy.policy.model import IP_PROTOCOLS, SOCKET_FAMILIES, SOCKET_TYPES, Policy
 from cgpolicy.policy.problems import shown
 from cgpolicy.reference import (
@@ -432,21 +432,6 @@ def explain_files(
             notes += found
         bound.append((policy, file))
     return Explanation(action, explain_policies(bound, action), notes)
-
-
-_RULE_RENDER = {
-    "network.egress": lambda rule: describe._network_rule(rule, where="to"),
-    "network.ingress": lambda rule: describe._network_rule(rule, where="from"),
-    "sockets.create": describe._create_rule,
-    "sockets.bind": describe._bind_rule,
-    "sockets.connect": describe._connect_rule,
-    "devices": describe._device_rule,
-    "sysctl": describe._sysctl_rule,
-}
-
-
-def rule_text(section: str, rule: reference.Rule) -> str:
-    return _RULE_RENDER[section](rule)
 
 
 _lines_cache: dict[str, list[str]] = {}

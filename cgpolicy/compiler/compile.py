@@ -10,7 +10,6 @@ whatever order its file lists the rules in; :func:`ordered_rules` gives that ord
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import ipaddress
 import itertools
@@ -28,7 +27,7 @@ from cgpolicy.compiler.spec import (
     ProgramSpec,
     RuleLabel,
 )
-from cgpolicy.policy import describe
+from cgpolicy.policy.describe import rule_text
 from cgpolicy.policy.model import (
     DeviceRule,
     DeviceSection,
@@ -200,39 +199,36 @@ def rule_labels(
     """Per hook, a label for each rule in canonical order (what counter slot i counts);
     a device path rule that names no device here carries a note saying so."""
     notes = {(d.path, d.action): d.note() for d in device_paths}
-    sections: dict[str, tuple[Any, Callable[[Any], str]]] = {}
+    sections: dict[str, tuple[Any, str]] = {}  # hook -> (section, where it is in the policy)
     if policy.network is not None:
-        for direction, where in (("ingress", "from"), ("egress", "to")):
+        for direction in ("ingress", "egress"):
             section = getattr(policy.network, direction)
             if section is not None:
-                render: Callable[[Any], str] = functools.partial(
-                    describe._network_rule, where=where
-                )
-                sections[direction] = (section, render)
+                sections[direction] = (section, f"network.{direction}")
     if policy.sockets is not None:
         if policy.sockets.create is not None:
-            sections["sock_create"] = (policy.sockets.create, describe._create_rule)
-        for name, render, hook_names in (
-            ("bind", describe._bind_rule, ("bind4", "bind6")),
-            ("connect", describe._connect_rule, ("connect4", "connect6", "sendmsg4", "sendmsg6")),
+            sections["sock_create"] = (policy.sockets.create, "sockets.create")
+        for name, hook_names in (
+            ("bind", ("bind4", "bind6")),
+            ("connect", ("connect4", "connect6", "sendmsg4", "sendmsg6")),
         ):
             section = getattr(policy.sockets, name)
             if section is not None:
                 for hook in hook_names:
-                    sections[hook] = (section, render)
+                    sections[hook] = (section, f"sockets.{name}")
     if policy.devices is not None:
-        sections["device"] = (policy.devices, describe._device_rule)
+        sections["device"] = (policy.devices, "devices")
     if policy.sysctl is not None:
-        sections["sysctl"] = (policy.sysctl, describe._sysctl_rule)
+        sections["sysctl"] = (policy.sysctl, "sysctl")
     labels = []
     for hook in hooks:
-        section, render = sections[hook]
+        section, where = sections[hook]
         labels.append(
             (
                 hook,
                 tuple(
                     RuleLabel(
-                        render(rule),
+                        rule_text(where, rule),
                         rule.source.line if rule.source else None,
                         notes.get((rule.path, rule.action)) if hook == "device" else None,
                     )
