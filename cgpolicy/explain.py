@@ -43,16 +43,6 @@ if TYPE_CHECKING:
 
 ACTION_WORDS = ("egress", "ingress", "connect", "sendmsg", "bind", "socket", "device", "sysctl")
 
-USAGE = """\
-ACTION is one of:
-  egress|ingress PROTO ADDR[:PORT] [--icmp-type N] [--interface NAME]
-  connect|sendmsg|bind PROTO ADDR:PORT
-  socket FAMILY TYPE [PROTO]
-  device c|b MAJOR:MINOR ACCESS   or   device /dev/PATH ACCESS
-  sysctl read|write NAME
-PROTO: tcp, udp, icmp, icmpv6 or a number; IPv6 with a port: [fd00::1]:443;
-ACCESS: letters of rwm; NAME: dotted (net.ipv4.ip_forward) or slash form."""
-
 _PROTOCOL_NAMES = {number: name for name, number in IP_PROTOCOLS.items()}
 _FAMILY_NAMES = {number: name for name, number in SOCKET_FAMILIES.items()}
 _TYPE_NAMES = {number: name for name, number in SOCKET_TYPES.items()}

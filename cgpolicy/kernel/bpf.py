@@ -610,29 +610,6 @@ def link_ids() -> Iterator[int]:
         yield attr.id
 
 
-def cgroup_links(cgroup_id: int) -> list[LinkInfo]:
-    """The cgroup links attached to one cgroup, from every owner.
-
-    PROG_QUERY on a cgroup reports program ids but (up to at least 6.18) no link ids, so
-    this is how a program attached through a link is told from a legacy attachment.
-    """
-    found = []
-    for link_id in link_ids():
-        try:
-            fd = link_get_fd_by_id(link_id)
-        except BpfError as error:
-            if error.errno == errnos.ENOENT:  # gone meanwhile
-                continue
-            raise
-        try:
-            info = link_info(fd)
-        finally:
-            os.close(fd)
-        if info.type == LinkType.CGROUP and info.cgroup_id == cgroup_id:
-            found.append(info)
-    return found
-
-
 def enable_run_time_stats() -> int:
     """An fd that keeps run_time_ns/run_cnt counting while open, like
     kernel.bpf_stats_enabled=1 but ended by closing it (or by the process exiting)."""

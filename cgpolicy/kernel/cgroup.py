@@ -1,9 +1,8 @@
-"""cgroup v2 and bpffs on the running host: where they are, cgroup fds and ids, walks.
+"""cgroup v2 and bpffs on the running host: where they are, cgroup fds and ids.
 
 Mount discovery itself lives in :mod:`cgpolicy.mounts` (a plain read of mountinfo that the
 doctor and the CLI use too); this module adds what touches the filesystems: mounting bpffs,
-opening a cgroup as an attach target, its id, and walking a subtree while containers come
-and go.
+opening a cgroup as an attach target, its id, and removing a subtree.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import ctypes
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from cgpolicy.mounts import DEFAULT_BPFFS, find_bpffs, find_cgroup2_root
@@ -76,24 +74,6 @@ def cgroup_id(path: str | os.PathLike[str] | int) -> int:
     64-bit hosts; stat() gives it without name_to_handle_at(). Takes a path or an open fd.
     """
     return os.stat(path).st_ino
-
-
-def walk_cgroups(top: str | os.PathLike[str]) -> Iterator[Path]:
-    """``top`` and every cgroup below it, parents before children.
-
-    cgroups vanish at any moment (a container exits): a directory that is gone by the time
-    it is read is skipped, not an error. Symlinks are not followed (cgroupfs has none).
-    """
-    stack = [Path(top)]
-    while stack:
-        current = stack.pop()
-        try:
-            with os.scandir(current) as entries:
-                children = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        yield current
-        stack.extend(sorted(children, reverse=True))
 
 
 def remove_cgroup_tree(path: Path, timeout: float = 5.0) -> None:

@@ -134,6 +134,29 @@ def attachments(
     return found
 
 
+def cgroup_links(cgroup_id: int) -> list[bpf.LinkInfo]:
+    """The cgroup links attached to one cgroup, from every owner.
+
+    PROG_QUERY on a cgroup reports program ids but (up to at least 6.18) no link ids, so
+    this is how a program attached through a link is told from a legacy attachment.
+    """
+    found = []
+    for link_id in bpf.link_ids():
+        try:
+            fd = bpf.link_get_fd_by_id(link_id)
+        except bpf.BpfError as error:
+            if error.errno == errno.ENOENT:  # gone meanwhile
+                continue
+            raise
+        try:
+            info = bpf.link_info(fd)
+        finally:
+            os.close(fd)
+        if info.type == bpf.LinkType.CGROUP and info.cgroup_id == cgroup_id:
+            found.append(info)
+    return found
+
+
 def pins(bpf_dir: Path) -> set[str]:
     """Everything pinned below ``bpf_dir``, as relative paths (not the lock's folder)."""
     return {str(p.relative_to(bpf_dir)) for p in bpf_dir.rglob("*") if p.name != LOCK_FOLDER}

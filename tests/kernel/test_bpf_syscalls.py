@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from enforcement import cgroup_links
 
 from cgpolicy.compiler.spec import MapSpec, ProgramSpec
 from cgpolicy.kernel import bpf, cgroup, loader
@@ -357,7 +358,7 @@ def test_cgroup_links_tell_link_attachments_from_legacy_ones(
     ):
         bpf.prog_attach(cgroup_fd, legacy.fd, EGRESS)
         try:
-            links = bpf.cgroup_links(cgroup.cgroup_id(scratch_cgroup.path))
+            links = cgroup_links(cgroup.cgroup_id(scratch_cgroup.path))
             attached = set(bpf.prog_query(cgroup_fd, EGRESS).prog_ids)
         finally:
             bpf.prog_detach(cgroup_fd, EGRESS, legacy.fd)
@@ -389,14 +390,6 @@ def test_link_create_error_names_program_cgroup_and_hook(source_dir: Path, tmp_p
 
 
 # --- cgroup helpers ---------------------------------------------------------------------
-
-
-def test_walk_lists_the_subtree_parents_first(scratch_cgroup) -> None:
-    scratch_cgroup.child("a").child("deep")
-    scratch_cgroup.child("b")
-    found = [p.relative_to(scratch_cgroup.path) for p in cgroup.walk_cgroups(scratch_cgroup.path)]
-    assert found == [Path("."), Path("a"), Path("a/deep"), Path("b")]
-    assert list(cgroup.walk_cgroups(scratch_cgroup.path / "vanished")) == []
 
 
 def test_resolve_stays_inside_the_cgroup2_mount(cgroup_root: Path) -> None:

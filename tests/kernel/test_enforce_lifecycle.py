@@ -17,6 +17,7 @@ from enforcement import (
     apply,
     apply_ok,
     attachments,
+    cgroup_links,
     denied_count,
     enforced,
     expect,
@@ -69,7 +70,7 @@ def every_section(default: str, **extra_rules: list[dict]) -> dict:
 
 
 def kernel_state(cgroup, bpf_dir) -> tuple[set[str], dict[str, tuple[int, ...]], list]:
-    links = sorted((link.id, link.prog_id) for link in bpf.cgroup_links(cgroup_id(cgroup.path)))
+    links = sorted((link.id, link.prog_id) for link in cgroup_links(cgroup_id(cgroup.path)))
     return pins(bpf_dir), attachments(cgroup.path), links
 
 
