@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cgpolicy import reference
-from cgpolicy.policy import describe
+from cgpolicy.policy.describe import rule_text
 from cgpolicy.policy.model import IP_PROTOCOLS, SOCKET_FAMILIES, SOCKET_TYPES, Policy
 from cgpolicy.policy.problems import shown
 from cgpolicy.reference import (
@@ -42,16 +42,6 @@ if TYPE_CHECKING:
     from cgpolicy.kernel.devices import DeviceBinding
 
 ACTION_WORDS = ("egress", "ingress", "connect", "sendmsg", "bind", "socket", "device", "sysctl")
-
-USAGE = """\
-ACTION is one of:
-  egress|ingress PROTO ADDR[:PORT] [--icmp-type N] [--interface NAME]
-  connect|sendmsg|bind PROTO ADDR:PORT
-  socket FAMILY TYPE [PROTO]
-  device c|b MAJOR:MINOR ACCESS   or   device /dev/PATH ACCESS
-  sysctl read|write NAME
-PROTO: tcp, udp, icmp, icmpv6 or a number; IPv6 with a port: [fd00::1]:443;
-ACCESS: letters of rwm; NAME: dotted (net.ipv4.ip_forward) or slash form."""
 
 _PROTOCOL_NAMES = {number: name for name, number in IP_PROTOCOLS.items()}
 _FAMILY_NAMES = {number: name for name, number in SOCKET_FAMILIES.items()}
@@ -432,21 +422,6 @@ def explain_files(
             notes += found
         bound.append((policy, file))
     return Explanation(action, explain_policies(bound, action), notes)
-
-
-_RULE_RENDER = {
-    "network.egress": lambda rule: describe._network_rule(rule, where="to"),
-    "network.ingress": lambda rule: describe._network_rule(rule, where="from"),
-    "sockets.create": describe._create_rule,
-    "sockets.bind": describe._bind_rule,
-    "sockets.connect": describe._connect_rule,
-    "devices": describe._device_rule,
-    "sysctl": describe._sysctl_rule,
-}
-
-
-def rule_text(section: str, rule: reference.Rule) -> str:
-    return _RULE_RENDER[section](rule)
 
 
 _lines_cache: dict[str, list[str]] = {}

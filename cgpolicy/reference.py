@@ -290,13 +290,6 @@ def _canonical_order(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
     return cached[1]
 
 
-def evaluate_all(policies: Sequence[Policy], action: Action) -> tuple[bool, list[Verdict]]:
-    """Several policies on one cgroup (or on it and its ancestors) combine by AND: the action
-    goes through only if every policy lets it through."""
-    verdicts = [evaluate(policy, action) for policy in policies]
-    return all(v.effective for v in verdicts), verdicts
-
-
 def rule_matches(rule: Rule, conditions: Sequence[Truth]) -> bool:
     """A rule matches when all its conditions hold; an unknown one holds for a deny rule
     and not for an allow rule."""

@@ -10,7 +10,6 @@ whatever order its file lists the rules in; :func:`ordered_rules` gives that ord
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import ipaddress
 import itertools
@@ -28,7 +27,7 @@ from cgpolicy.compiler.spec import (
     ProgramSpec,
     RuleLabel,
 )
-from cgpolicy.policy import describe
+from cgpolicy.policy.describe import rule_text
 from cgpolicy.policy.model import (
     DeviceRule,
     DeviceSection,
@@ -41,6 +40,7 @@ from cgpolicy.policy.model import (
     SysctlRule,
     SysctlSection,
 )
+from cgpolicy.policy.sysctl_patterns import TooManyStates, sysctl_dfa
 
 InterfaceResolver = Callable[[tuple[str, ...]], set[int]]
 # What a `path:` device rule's path names on this node (cgpolicy.kernel.devices does the I/O).
@@ -60,7 +60,6 @@ BPF_F_NO_PREALLOC = 1  # required for LPM tries
 CIDR4_INDEX_MIN = 257
 CIDR4_INDEX_SLOTS = 1 << 16  # cidr4_idx: one entry per /16
 CIDR4_PROBES = 8  # bpf/net.c CGP_CIDR4_PROBES: hash lookups at most per IPv4 address
-SYSCTL_MAX_STATES = 16384  # DFA states over all sysctl patterns of a section
 # Deny events (bpf/common.h): one ring buffer per policy, shared by its programs (the
 # enforcer creates it once per load; a program loaded alone gets its own from the spec).
 EVENTS_RING_BYTES = 256 * 1024  # about 1000 events of 240 B
@@ -200,39 +199,36 @@ def rule_labels(
     """Per hook, a label for each rule in canonical order (what counter slot i counts);
     a device path rule that names no device here carries a note saying so."""
     notes = {(d.path, d.action): d.note() for d in device_paths}
-    sections: dict[str, tuple[Any, Callable[[Any], str]]] = {}
+    sections: dict[str, tuple[Any, str]] = {}  # hook -> (section, where it is in the policy)
     if policy.network is not None:
-        for direction, where in (("ingress", "from"), ("egress", "to")):
+        for direction in ("ingress", "egress"):
             section = getattr(policy.network, direction)
             if section is not None:
-                render: Callable[[Any], str] = functools.partial(
-                    describe._network_rule, where=where
-                )
-                sections[direction] = (section, render)
+                sections[direction] = (section, f"network.{direction}")
     if policy.sockets is not None:
         if policy.sockets.create is not None:
-            sections["sock_create"] = (policy.sockets.create, describe._create_rule)
-        for name, render, hook_names in (
-            ("bind", describe._bind_rule, ("bind4", "bind6")),
-            ("connect", describe._connect_rule, ("connect4", "connect6", "sendmsg4", "sendmsg6")),
+            sections["sock_create"] = (policy.sockets.create, "sockets.create")
+        for name, hook_names in (
+            ("bind", ("bind4", "bind6")),
+            ("connect", ("connect4", "connect6", "sendmsg4", "sendmsg6")),
         ):
             section = getattr(policy.sockets, name)
             if section is not None:
                 for hook in hook_names:
-                    sections[hook] = (section, render)
+                    sections[hook] = (section, f"sockets.{name}")
     if policy.devices is not None:
-        sections["device"] = (policy.devices, describe._device_rule)
+        sections["device"] = (policy.devices, "devices")
     if policy.sysctl is not None:
-        sections["sysctl"] = (policy.sysctl, describe._sysctl_rule)
+        sections["sysctl"] = (policy.sysctl, "sysctl")
     labels = []
     for hook in hooks:
-        section, render = sections[hook]
+        section, where = sections[hook]
         labels.append(
             (
                 hook,
                 tuple(
                     RuleLabel(
-                        render(rule),
+                        rule_text(where, rule),
                         rule.source.line if rule.source else None,
                         notes.get((rule.path, rule.action)) if hook == "device" else None,
                     )
@@ -714,89 +710,12 @@ def _device_maps(section: DeviceSection, audit: bool, keys: RuleKeys) -> dict[st
 # --- sysctl (cgroup_sysctl) -------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SysctlDfa:
-    """All patterns of a section as one DFA over byte classes (bpf/sysctl.c).
-    State 0 is dead, 1 the start."""
-
-    byte_class: bytes  # 256 entries: byte -> class; class 0 = bytes no pattern names
-    nclasses: int
-    next: tuple[int, ...]  # state * nclasses + class -> state
-    accept: tuple[int, ...]  # state -> mask of rules matching
-
-    def match(self, name: str) -> int:
-        """The rules whose pattern matches ``name`` (what the program computes)."""
-        state = 1
-        for byte in name.encode():
-            state = self.next[state * self.nclasses + self.byte_class[byte]]
-        return self.accept[state]
-
-
-def _collapse_stars(pattern: str) -> str:
-    while "**" in pattern:
-        pattern = pattern.replace("**", "*")
-    return pattern
-
-
-def sysctl_dfa(patterns: Sequence[str]) -> SysctlDfa:
-    """Subset construction over a bit-parallel NFA: bit j of a rule's slice means "the
-    pattern's first j characters match what was read"; '*' positions keep their bit on any
-    byte and, matching the empty string too, also set the next bit."""
-    encoded = [_collapse_stars(p).encode() for p in patterns]
-    literals = sorted({byte for pattern in encoded for byte in pattern if byte != ord("*")})
-    byte_class = bytearray(256)
-    for number, byte in enumerate(literals, start=1):
-        byte_class[byte] = number
-    nclasses = len(literals) + 1
-
-    starts = stars = 0
-    class_bits = [0] * nclasses
-    accept_bits: list[int] = []
-    offset = 0
-    for pattern in encoded:
-        starts |= 1 << offset
-        for j, byte in enumerate(pattern):
-            if byte == ord("*"):
-                stars |= 1 << (offset + j)
-            else:
-                class_bits[byte_class[byte]] |= 1 << (offset + j)
-        accept_bits.append(offset + len(pattern))
-        offset += len(pattern) + 1
-
-    def closure(state: int) -> int:
-        return state | (state & stars) << 1
-
-    def accepting(state: int) -> int:
-        return _mask(rule for rule, bit in enumerate(accept_bits) if state >> bit & 1)
-
-    sets = [0, closure(starts)]  # state id -> NFA position set; 0 dead, 1 start
-    ids = {0: 0}
-    ids.setdefault(sets[1], 1)
-    next_states: list[int] = []
-    current = 0
-    while current < len(sets):
-        nfa = sets[current]
-        for cls in range(nclasses):
-            target = closure((nfa & class_bits[cls]) << 1 | (nfa & stars))
-            found = ids.get(target)
-            if found is None:
-                if len(sets) >= SYSCTL_MAX_STATES:
-                    raise CompileError(
-                        f"the sysctl patterns need more than {SYSCTL_MAX_STATES} matcher "
-                        "states; use fewer '*' or fewer rules"
-                    )
-                found = ids[target] = len(sets)
-                sets.append(target)
-            next_states.append(found)
-        current += 1
-    return SysctlDfa(
-        bytes(byte_class), nclasses, tuple(next_states), tuple(accepting(s) for s in sets)
-    )
-
-
 def _sysctl_maps(section: SysctlSection, audit: bool, keys: RuleKeys) -> dict[str, MapSpec]:
     rules = ordered_rules(section.rules, keys)
-    dfa = sysctl_dfa([rule.name for rule in rules])
+    try:
+        dfa = sysctl_dfa([rule.name for rule in rules])
+    except TooManyStates as error:
+        raise CompileError(str(error)) from None
     read = _mask(i for i, rule in enumerate(rules) if _SYSCTL_ACCESS[rule.access][0])
     write = _mask(i for i, rule in enumerate(rules) if _SYSCTL_ACCESS[rule.access][1])
     value = _verdict(section.default, rules, audit) + struct.pack("<QQI", read, write, dfa.nclasses)

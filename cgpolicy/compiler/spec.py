@@ -1,5 +1,6 @@
-"""What the compiler hands the kernel layer (see notes/kernel-contract.md): program sources,
-functions and map contents, as plain frozen values without file descriptors."""
+"""What the compiler hands the kernel layer: program sources, functions and map contents, as
+plain frozen values without file descriptors. The layouts of the packed map entries, shared
+with the C in bpf/, are stated once in cgpolicy/contract.py."""
 
 from __future__ import annotations
 

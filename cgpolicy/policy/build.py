@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from cgpolicy.policy.loader import SourceMap
 from cgpolicy.policy.model import (
     IP_PROTOCOLS,
     SOCKET_FAMILIES,
@@ -34,6 +33,7 @@ from cgpolicy.policy.model import (
 )
 from cgpolicy.policy.problems import Path
 from cgpolicy.policy.semantic import normalise_sysctl_name, parse_cidr, parse_port_range
+from cgpolicy.policy.sourcemap import SourceMap
 
 
 class _Builder:

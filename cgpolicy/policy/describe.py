@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cgpolicy.policy.model import (
     IP_PROTOCOLS,
@@ -46,6 +46,7 @@ _PROTOCOL_NAMES = {number: name for name, number in IP_PROTOCOLS.items()}
 _DEVICE_TYPE_LETTER = {"char": "c", "block": "b", "any": "a"}
 
 Rule = TypeVar("Rule", NetworkRule, SocketCreateRule, SocketAddressRule, DeviceRule, SysctlRule)
+AnyRule = NetworkRule | SocketCreateRule | SocketAddressRule | DeviceRule | SysctlRule
 
 
 def describe(policy: Policy) -> str:
@@ -174,6 +175,25 @@ def _device_rule(rule: DeviceRule) -> str:
 
 def _sysctl_rule(rule: SysctlRule) -> str:
     return f"{rule.action} {rule.access} {rule.name}"
+
+
+_RULE_TEXT: dict[str, Callable[[Any], str]] = {
+    "network.egress": partial(_network_rule, where="to"),
+    "network.ingress": partial(_network_rule, where="from"),
+    "sockets.create": _create_rule,
+    "sockets.bind": _bind_rule,
+    "sockets.connect": _connect_rule,
+    "devices": _device_rule,
+    "sysctl": _sysctl_rule,
+}
+
+
+def rule_text(section: str, rule: AnyRule) -> str:
+    """One rule as the summary lists it (``deny tcp to 10.0.0.0/8 port 443``); what the
+    compiler's counter labels and ``explain`` show too. ``section`` is where the rule is in a
+    policy: network.egress, network.ingress, sockets.create, sockets.bind, sockets.connect,
+    devices or sysctl."""
+    return _RULE_TEXT[section](rule)
 
 
 def _cidrs(cidrs: Sequence[IPNetwork]) -> str:

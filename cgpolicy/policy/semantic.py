@@ -16,6 +16,7 @@ from typing import Any
 
 from cgpolicy.policy.model import IPNetwork, PortRange, SourceLocation
 from cgpolicy.policy.problems import SHOWN_CHARACTERS, Path, Problem, shown
+from cgpolicy.policy.sysctl_patterns import TooManyStates, sysctl_dfa
 
 MAX_CIDRS_PER_POLICY = 200_000
 MAX_DEVICE_PATH_BYTES = 4095  # PATH_MAX less the terminating NUL
@@ -390,11 +391,9 @@ def _check_sysctl(spec: dict[str, Any]) -> Iterator[Finding]:
 def _check_sysctl_matcher(names: list[str]) -> Iterator[Finding]:
     """The program matches all sysctl patterns with one automaton of bounded size; a set
     of globs that needs a bigger one is refused here, not when the policy is applied."""
-    from cgpolicy.compiler.compile import CompileError, sysctl_dfa  # pure, no kernel
-
     try:
         sysctl_dfa(names)
-    except CompileError as error:
+    except TooManyStates as error:
         yield Finding(("spec", "sysctl", "rules"), str(error), "split the rules over policies")
 
 

@@ -24,10 +24,11 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from cgpolicy.policy.build import build_policy
-from cgpolicy.policy.loader import MAX_PROBLEMS, Document, SourceMap, load_file
+from cgpolicy.policy.loader import MAX_PROBLEMS, Document, load_file
 from cgpolicy.policy.model import Policy, SourceLocation
 from cgpolicy.policy.problems import Path, PolicyError, Problem, field_name, shown
 from cgpolicy.policy.semantic import InvalidValue, check_policy, duplicate_name, parse_cidr
+from cgpolicy.policy.sourcemap import SourceMap
 
 __all__ = [
     "LoadResult",

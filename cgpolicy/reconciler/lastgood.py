@@ -34,7 +34,6 @@ from cgpolicy.policy.loader import MAX_FILE_BYTES
 from cgpolicy.policy.validate import POLICY_SUFFIXES
 
 DEFAULT_STATE_DIR = Path("/var/lib/cgpolicy")
-STATE_DIR_ENV = "CGPOLICY_STATE_DIR"
 
 
 class StoreError(Exception):

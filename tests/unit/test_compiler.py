@@ -20,7 +20,6 @@ from cgpolicy.compiler.compile import (
     ordered_rules,
     port_prefixes,
     propagate_prefixes,
-    sysctl_dfa,
 )
 from cgpolicy.compiler.spec import CompiledPolicy, MapSpec
 from cgpolicy.policy.model import (
@@ -41,6 +40,7 @@ from cgpolicy.policy.model import (
     SysctlSection,
     Target,
 )
+from cgpolicy.policy.sysctl_patterns import sysctl_dfa
 
 
 def net(*cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -422,3 +422,11 @@ def test_sysctl_maps() -> None:
     kernel_bit = 1 << [r.name for r in rules].index("kernel/*")
     assert read == kernel_bit and write == 0b11
     assert maps["sysctl_next"].max_entries % nclasses == 0
+
+
+def test_sysctl_patterns_needing_too_many_states_are_a_compile_error() -> None:
+    """Validation refuses them first; a policy built without it still fails as a policy."""
+    rules = tuple(SysctlRule("deny", f"*a*b*b*b*{i}*c*d*e*f*g") for i in range(64))
+    policy = Policy("dfa", "enforce", (Target("x", False),), sysctl=SysctlSection("allow", rules))
+    with pytest.raises(CompileError, match="matcher states"):
+        compile_policy(policy)

@@ -108,11 +108,6 @@ def test_a_missing_section_leaves_the_hook_alone() -> None:
     assert (verdict.allowed, verdict.decided_by) == (True, "no-section")
 
 
-def test_several_policies_combine_by_and() -> None:
-    allowed, verdicts = reference.evaluate_all([egress("allow"), egress("deny")], out("1.1.1.1"))
-    assert not allowed and [v.allowed for v in verdicts] == [True, False]
-
-
 def test_the_named_rule_is_the_first_in_canonical_order_and_keeps_its_source() -> None:
     here = SourceLocation("web.yaml", 12, 11)
     a = NetworkRule("deny", nets("10.0.0.0/8"), source=here)
