@@ -651,15 +651,10 @@ def explain(
 
     Exit 0 when explained, whatever the verdict; 2 for invalid input.
     """
-    from cgpolicy.explain import (
-        ACTION_WORDS,
-        ExplainError,
-        explain_cgroup,
-        explain_files,
-        parse_action,
-        render,
-        to_json,
-    )
+    from cgpolicy.explain.actions import ACTION_WORDS, ExplainError, parse_action
+    from cgpolicy.explain.applied import explain_cgroup
+    from cgpolicy.explain.explanation import explain_files
+    from cgpolicy.explain.render import render, to_json
 
     settings: Settings = ctx.obj
     has_policy = bool(words) and words[0].lower() not in ACTION_WORDS

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cgpolicy.explain import ExplainError, parse_action, parse_endpoint, sysctl_slash_name
+from cgpolicy.explain.actions import ExplainError, parse_action, parse_endpoint, sysctl_slash_name
 from cgpolicy.reference import DeviceAccess, Packet, SocketAddress, SocketCreate, SysctlAccess
 
 POLICY = """\

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cgpolicy.explain import ExplainError, parse_action
+from cgpolicy.explain.actions import ExplainError, parse_action
 from cgpolicy.policy import validate as validate_module
 from cgpolicy.policy.validate import load_paths
 from cgpolicy.reconciler.source import PolicySource

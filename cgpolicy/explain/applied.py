@@ -1,0 +1,131 @@
+"""`cgpolicy explain --cgroup`: explain against what cgpolicy applied to a cgroup and its
+ancestors (``kernel.applied``), each policy read again from the file its metadata names,
+and list the other owners' programs that also decide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cgpolicy import reference
+from cgpolicy.explain.actions import ExplainError, ParsedAction, plain
+from cgpolicy.explain.explanation import Explanation, PolicyExplanation, bind_devices_here
+from cgpolicy.policy.model import Policy
+from cgpolicy.reference import DeviceAccess, Packet, SocketAddress, SocketCreate
+
+if TYPE_CHECKING:
+    from cgpolicy.kernel.devices import DeviceBinding
+
+
+def hooks_for(action: reference.Action) -> list[str]:
+    """The kernel hooks whose programs decide ``action``."""
+    if isinstance(action, Packet):
+        return [action.direction]
+    if isinstance(action, SocketCreate):
+        return ["sock_create"]
+    if isinstance(action, SocketAddress):
+        return [f"{action.operation}{action.address.version}"]
+    if isinstance(action, DeviceAccess):
+        return ["device"]
+    return ["sysctl"]
+
+
+def cgroup_chain(cgroup_root: Path, given: str) -> tuple[str, list[Path]]:
+    """The cgroup relative to the mount, and its path with every ancestor (itself first)."""
+    from cgpolicy.kernel.cgroup import CgroupError
+    from cgpolicy.kernel.cgroup import cgroup_chain as chain_of
+
+    try:
+        relative, chain = chain_of(cgroup_root, given)
+    except CgroupError as error:
+        raise ExplainError(f"cgroup {plain(given)}: {error}") from None
+    return ("" if str(relative) == "." else str(relative)), chain
+
+
+def explain_cgroup(
+    cgroup_root: Path, bpf_dir: Path, given: str, action: ParsedAction, dev_root: Path | None = None
+) -> Explanation:
+    """Explain against every policy cgpolicy applied to the cgroup or one of its ancestors,
+    each read again from the source file recorded in its pinned metadata (device paths
+    resolved under ``dev_root`` as the next apply would, deny rules keeping the device they
+    named when applied)."""
+    from cgpolicy.kernel.applied import read_applied
+    from cgpolicy.kernel.cgroup import cgroup_id_at
+    from cgpolicy.kernel.devices import DEV_ROOT, remembered_denies
+    from cgpolicy.policy.validate import load_paths
+
+    relative, chain = cgroup_chain(cgroup_root, given)
+    ids = {cid for path in chain if (cid := cgroup_id_at(path)) is not None}
+    relatives = {"" if p == cgroup_root else str(p.relative_to(cgroup_root)) for p in chain}
+    explanation = Explanation(action, [], cgroup=relative)
+    applied = read_applied(bpf_dir)
+    for applied_policy in applied.values():
+        meta = applied_policy.meta
+        if meta is None:
+            explanation.notes.append(
+                f"{applied_policy.folder} holds no readable metadata (a broken apply?): "
+                "not explained"
+            )
+            continue
+        where = sorted(
+            path for cid, path in meta.cgroups.items() if cid in ids or path in relatives
+        )
+        if not where:
+            continue
+        item = PolicyExplanation(meta.name, meta.source, cgroups=where)
+        explanation.policies.append(item)
+        if not meta.source:
+            item.problem = "its metadata records no source file"
+            continue
+        loaded = load_paths([meta.source])
+        found = [p for p in loaded.policies if p.name == meta.name]
+        if not found:
+            problems = "; ".join(p.format() for p in loaded.problems[:3])
+            item.problem = f"{meta.source} no longer holds a valid policy {meta.name!r}" + (
+                f" ({problems})" if problems else ""
+            )
+            continue
+        remembered = remembered_denies(meta.devices)
+        bound, binding, notes = bind_devices_here(found[0], dev_root or DEV_ROOT, remembered)
+        if isinstance(action.action, DeviceAccess):
+            explanation.notes += notes
+        item.policy = bound
+        item.verdict = action.evaluate(bound)
+        changed = _changed_since_applied(found[0], meta.revision, binding)
+        if changed:
+            explanation.notes.append(
+                f"{meta.name}: {meta.source} changed since it was applied (revision "
+                f"{meta.revision} applied, the file is {changed}): explained from the file"
+            )
+    ours = set().union(*(policy.program_ids() for policy in applied.values()))
+    explanation.foreign = _foreign_programs(chain[0], ours, hooks_for(action.action))
+    return explanation
+
+
+def _changed_since_applied(
+    policy: Policy, applied: str, devices: DeviceBinding | None = None
+) -> str | None:
+    from cgpolicy.compiler.compile import compile_policy
+
+    try:
+        resolver = None
+        if policy.network is not None:
+            from cgpolicy.kernel.interfaces import resolve_interfaces
+
+            resolver = resolve_interfaces
+        current = compile_policy(policy, resolver, resolve_device=devices).revision
+    except Exception:  # noqa: BLE001 - best effort: the explanation stands without it
+        return None
+    return None if current == applied else current
+
+
+def _foreign_programs(cgroup: Path, ours: set[int], hooks: list[str]) -> list[dict[str, Any]]:
+    """Programs that run at these hooks for the cgroup (its own and inherited) and that
+    cgpolicy did not load."""
+    from cgpolicy.kernel.attachments import effective_programs, program_name
+
+    return [
+        {"hook": hook, "id": prog_id, "name": program_name(prog_id)}
+        for hook, prog_id in effective_programs(cgroup, hooks)
+        if prog_id not in ours
+    ]

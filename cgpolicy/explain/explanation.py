@@ -1,0 +1,105 @@
+"""Explanations: each policy's verdict on one parsed action and the rule that decides,
+for policies read from files (`cgpolicy explain POLICY ACTION`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cgpolicy.explain.actions import ParsedAction
+from cgpolicy.policy.model import Policy
+from cgpolicy.reference import DeviceAccess, Packet, Verdict
+
+if TYPE_CHECKING:
+    from cgpolicy.compiler.spec import DeviceNode
+    from cgpolicy.kernel.devices import DeviceBinding
+
+
+@dataclass
+class PolicyExplanation:
+    """One policy's part: its verdict, or why it could not be explained."""
+
+    name: str
+    file: str | None
+    policy: Policy | None = None
+    verdict: Verdict | None = None
+    cgroups: list[str] = field(default_factory=list)  # --cgroup: where it is attached
+    problem: str | None = None  # why it cannot be explained
+
+
+@dataclass
+class Explanation:
+    action: ParsedAction
+    policies: list[PolicyExplanation]
+    notes: list[str] = field(default_factory=list)
+    foreign: list[dict[str, Any]] = field(default_factory=list)  # --cgroup: other owners' programs
+    cgroup: str | None = None
+
+    def all_notes(self) -> list[str]:
+        notes = self.action.notes + self.notes
+        packet = self.action.action
+        if isinstance(packet, Packet) and packet.interface is None:
+            sections = [
+                getattr(p.policy.network, packet.direction)
+                for p in self.policies
+                if p.policy is not None and p.policy.network is not None
+            ]
+            if any(rule.interfaces for s in sections if s for rule in s.rules):
+                notes.append(
+                    "no --interface given: rules naming interfaces were evaluated as for a "
+                    "packet with no device (deny rules match, allow rules do not)"
+                )
+        return notes
+
+    @property
+    def verdict(self) -> str:
+        """deny if any policy lets the action not through; unknown if some could not be
+        explained and none denies; else allow."""
+        verdicts = [p.verdict for p in self.policies if p.verdict is not None]
+        if any(not v.effective for v in verdicts):
+            return "deny"
+        if any(p.verdict is None for p in self.policies):
+            return "unknown"
+        return "allow"
+
+
+def explain_policies(
+    policies: Sequence[tuple[Policy, str | None]], action: ParsedAction
+) -> list[PolicyExplanation]:
+    return [
+        PolicyExplanation(policy.name, file, policy, action.evaluate(policy))
+        for policy, file in policies
+    ]
+
+
+def bind_devices_here(
+    policy: Policy, dev_root: Path, remembered: dict[str, DeviceNode] | None = None
+) -> tuple[Policy, DeviceBinding, list[str]]:
+    """``policy`` with its device paths resolved as a node applying it here would resolve
+    them (under ``dev_root``), the binding, and a note for each path that names no device
+    (such a rule matches nothing, as in the kernel)."""
+    from cgpolicy.compiler.compile import bind_device_paths
+    from cgpolicy.kernel.devices import bind_devices
+
+    binding = bind_devices(policy, dev_root, remembered)
+    bound, paths = bind_device_paths(policy, binding)
+    notes = [f"{policy.name}: {warning}" for d in paths if (warning := d.warning())]
+    return bound, binding, notes
+
+
+def explain_files(
+    policies: Sequence[tuple[Policy, str | None]], action: ParsedAction, dev_root: Path
+) -> Explanation:
+    """Explain policies read from files. Their ``path:`` device rules are resolved on this
+    machine, as `apply` here would; one whose path names no device here is explained as
+    matching nothing, and said so."""
+    bound: list[tuple[Policy, str | None]] = []
+    notes: list[str] = []
+    for policy, file in policies:
+        if isinstance(action.action, DeviceAccess):
+            policy, _, found = bind_devices_here(policy, dev_root)
+            notes += found
+        bound.append((policy, file))
+    return Explanation(action, explain_policies(bound, action), notes)
