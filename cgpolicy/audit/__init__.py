@@ -2,5 +2,6 @@
 what cgpolicy applied, and the per-rule counters of cgpolicy's programs.
 
 model: the report and the pure decisions (owner, attach mode, inheritance, drift).
-collect: reads the kernel and the pins into a report. render: the table for people.
+collect: the report from the kernel's attachments and what cgpolicy applied (both read
+through ``cgpolicy.kernel``). render: the table for people.
 """

@@ -1,1 +1,2 @@
-"""Observe what the kernel enforces, plan the difference to the policies, apply it."""
+"""Plan the difference between policies and what the kernel has applied (``kernel.applied``),
+and apply it make-before-break; who owns what; `run`."""

@@ -1,2 +1,2 @@
-"""Deny events: decoding the kernel's records (decode), reading ring buffers (ringbuf) and
-collecting them from every applied policy (reader)."""
+"""Deny events: decoding the kernel's records (decode) and collecting them from the ring
+buffer of every applied policy (reader, through ``kernel.applied`` and ``kernel.ringbuf``)."""

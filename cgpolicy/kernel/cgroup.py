@@ -80,48 +80,40 @@ def cgroup_id(path: str | os.PathLike[str] | int) -> int:
     return os.stat(path).st_ino
 
 
-def walk_cgroups(top: str | os.PathLike[str]) -> Iterator[Path]:
-    """``top`` and every cgroup below it, parents before children.
+def walk_cgroups_with_ids(top: str | os.PathLike[str]) -> Iterator[tuple[Path, int]]:
+    """(path, id) of ``top`` and every cgroup below it, parents before children; the ids
+    come from the directory listing (no stat per cgroup).
 
     cgroups vanish at any moment (a container exits): a directory that is gone (or cannot
     be read) by the time it is read is skipped, not an error. Symlinks are not followed
     (cgroupfs has none).
     """
-    stack = [Path(top)]
+    try:
+        stack = [(Path(top), os.stat(top).st_ino)]
+    except OSError:
+        return
     while stack:
-        current = stack.pop()
+        current, current_id = stack.pop()
         try:
             with os.scandir(current) as entries:
-                children = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+                children = [
+                    (Path(e.path), e.inode()) for e in entries if e.is_dir(follow_symlinks=False)
+                ]
         except OSError:
             continue
-        yield current
+        yield current, current_id
         stack.extend(sorted(children, reverse=True))
+
+
+def walk_cgroups(top: str | os.PathLike[str]) -> Iterator[Path]:
+    """``top`` and every cgroup below it, parents before children (as above, without ids)."""
+    return (path for path, _ in walk_cgroups_with_ids(top))
 
 
 def cgroup_names(root: Path) -> dict[int, str]:
     """cgroup id -> path relative to ``root`` ("." for root itself), for every cgroup in
-    the tree now; the ids come from the directory listing, one stat for the root."""
-    names: dict[int, str] = {}
-    stack = [root]
-    while stack:
-        current = stack.pop()
-        try:
-            with os.scandir(current) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        try:
-                            names[entry.inode()] = os.path.relpath(entry.path, root)
-                        except OSError:
-                            continue
-                        stack.append(Path(entry.path))
-        except OSError:  # vanished meanwhile
-            continue
-    try:
-        names[os.stat(root).st_ino] = "."
-    except OSError:
-        pass
-    return names
+    the tree now."""
+    return {cid: os.path.relpath(path, root) for path, cid in walk_cgroups_with_ids(root)}
 
 
 def cgroup_id_at(path: Path) -> int | None:
