@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +28,12 @@ from cgpolicy.audit.model import (
     compute_drift,
     effective_programs,
 )
+from cgpolicy.contract import COUNTER, DEFAULT_SLOT, MAX_RULES, RATELIMIT, U32
 from cgpolicy.enforcer.observe import AppliedPolicy, observe
 from cgpolicy.kernel import bpf
 from cgpolicy.kernel.bpf import HOOKS, BpfError, Map, Program
 
 log = logging.getLogger(__name__)
-
-COUNTER_SLOTS = 65  # bpf/common.h: rules 0..63, 64 = section default
-_COUNTER = struct.Struct("<QQ")
-_RATELIMIT = struct.Struct("<QQII")
 
 
 @dataclass
@@ -222,9 +218,9 @@ class _Programs:
 def _sum(values: list[bytes] | None) -> tuple[int, int]:
     allowed = denied = 0
     for value in values or ():
-        a, d = _COUNTER.unpack_from(value)
-        allowed += a
-        denied += d
+        counter = COUNTER.unpack_from(value)
+        allowed += counter["allowed"]
+        denied += counter["denied"]
     return allowed, denied
 
 
@@ -240,10 +236,10 @@ def _read_counters(
     trusted = meta if applied is not None and not applied.interrupted else None
     labels = (trusted.rules.get(hook) if trusted else None) or []
     rules = []
-    for slot in range(COUNTER_SLOTS - 1):
+    for slot in range(MAX_RULES):
         if slot >= len(labels) and labels:
             break
-        allowed, denied = _sum(counters.lookup_per_cpu(slot.to_bytes(4, "little")))
+        allowed, denied = _sum(counters.lookup_per_cpu(U32.pack(slot)))
         if slot >= len(labels) and not (allowed or denied):
             continue  # no labels recorded: show the slots that counted something
         label = labels[slot] if slot < len(labels) else {}
@@ -257,11 +253,11 @@ def _read_counters(
                 "denied": denied,
             }
         )
-    allowed, denied = _sum(counters.lookup_per_cpu((COUNTER_SLOTS - 1).to_bytes(4, "little")))
+    allowed, denied = _sum(counters.lookup_per_cpu(U32.pack(DEFAULT_SLOT)))
     dropped = None
     if "ratelimit" in maps:
-        values = maps["ratelimit"].lookup_per_cpu(bytes(4)) or []
-        dropped = sum(_RATELIMIT.unpack_from(v)[1] for v in values)
+        values = maps["ratelimit"].lookup_per_cpu(U32.pack(0)) or []
+        dropped = sum(RATELIMIT.unpack_from(v)["dropped"] for v in values)
     return {
         "mode": meta.mode if meta else None,
         "rules": rules,

@@ -6,20 +6,19 @@ from __future__ import annotations
 import logging
 import os
 import select
-import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cgpolicy.contract import DEFAULT_SLOT, RATELIMIT, U32
 from cgpolicy.enforcer import pins
-from cgpolicy.events.decode import DEFAULT_SLOT, Event, decode, monotonic_to_wall_ns
+from cgpolicy.events.decode import Event, decode, monotonic_to_wall_ns
 from cgpolicy.events.ringbuf import RingBuffer
 from cgpolicy.kernel.bpf import HOOKS, BpfError, Map, Program
 
 log = logging.getLogger(__name__)
-_RATELIMIT = struct.Struct("<QQII")  # struct cgp_ratelimit
-_ZERO = bytes(4)
+_ZERO = U32.pack(0)
 
 
 class CgroupNames:
@@ -79,7 +78,7 @@ class PolicyEvents:
                 values = ratelimit.lookup_per_cpu(_ZERO) or []
             except BpfError:
                 continue
-            found[hook] = sum(_RATELIMIT.unpack_from(v)[1] for v in values)
+            found[hook] = sum(RATELIMIT.unpack_from(v)["dropped"] for v in values)
         return found
 
     def close(self) -> None:
