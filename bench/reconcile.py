@@ -31,6 +31,7 @@ from typing import Any
 
 from bench.figures import Figure, Report
 from bench.scratch import Scratch
+from cgpolicy.contract import SECTION_HOOKS
 from cgpolicy.kernel.bpf import CgroupLink
 from cgpolicy.kernel.cgroup import open_cgroup
 from cgpolicy.kernel.hooks import hook
@@ -65,7 +66,7 @@ spec:
       default: allow
       rules: [{{action: deny, cidrs: ["169.254.169.254/32", "{denied}/32"]}}]
 """
-WORKLOAD_HOOKS = ("egress", "connect4", "connect6", "sendmsg4", "sendmsg6")
+WORKLOAD_HOOKS = ("egress", *SECTION_HOOKS["sockets.connect"])
 
 # The sections of the 10 policies of the 1,000-cgroup setup, in rotation.
 SECTIONS = (

@@ -37,6 +37,7 @@ from bench import packets, policies
 from bench.figures import Figure, Report
 from bench.scratch import Scratch
 from cgpolicy.compiler.compile import EVENTS_PER_SECOND
+from cgpolicy.contract import RATELIMIT
 from cgpolicy.events.decode import decode
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import Map, Program
@@ -47,7 +48,6 @@ from cgpolicy.kernel.syscall import enable_run_time_stats
 NS_TARGET = 100.0
 RATIO_TARGET = 2.0
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
-_RATELIMIT = struct.Struct("<QQII")  # struct cgp_ratelimit (bpf/common.h)
 EVENT_BATCH = 500  # runs per test_run while every run emits an event: well within the ring
 
 # BPF_ALU64 | BPF_MOV | BPF_K r0 = 1; BPF_JMP | BPF_EXIT
@@ -90,6 +90,11 @@ def _stats_enabled() -> str:
         return STATS_SYSCTL.read_text().strip()
     except OSError:
         return "unknown"
+
+
+def _window(limit: int) -> bytes:
+    """A fresh struct cgp_ratelimit: ``limit`` events a second per CPU may go out."""
+    return RATELIMIT.pack(window_start=0, dropped=0, sent=0, limit=limit)
 
 
 def _test_run(program: Program, packet: bytes, repeat: int, expect: int | None) -> int:
@@ -262,11 +267,11 @@ def _deny_path(
         ring = RingBuffer(events)
         try:
             list(ring.drain())
-            ratelimit.update(zero, _RATELIMIT.pack(0, 0, 0, 0))
+            ratelimit.update(zero, _window(limit=0))
             limited = samples.setdefault(f"ipv4.deny_over_limit.{size}", [])
             for _ in range(rounds):
                 limited.append(_test_run(program, case.packet, repeat, 0))
-            ratelimit.update(zero, _RATELIMIT.pack(0, 0, 0, 1 << 31))
+            ratelimit.update(zero, _window(limit=1 << 31))
             emitting = samples.setdefault(f"ipv4.deny_event.{size}", [])
             for _ in range(max(10, rounds * 8)):
                 emitting.append(_test_run(program, case.packet, EVENT_BATCH, 0))
@@ -280,7 +285,7 @@ def _deny_path(
                 if emitted != EVENT_BATCH:
                     raise RuntimeError(f"{emitted} events for {EVENT_BATCH} denied runs")
         finally:
-            ratelimit.update(zero, _RATELIMIT.pack(0, 0, 0, EVENTS_PER_SECOND))
+            ratelimit.update(zero, _window(limit=EVENTS_PER_SECOND))
             ratelimit.close()
             ring.close()
             events.close()

@@ -16,6 +16,11 @@
  * creates the real maps from the compiler's MapSpecs and rewrites the map fds in the
  * compiled instructions. Tests that fill bcc's template maps directly raise the sizes with
  * -DCGP_*_MAX=N.
+ *
+ * Every struct and constant the Python shares with the programs is here, the layouts of
+ * each program's maps included (end of file): cgpolicy/contract.py states the same for the
+ * Python side, and tests/kernel/test_contract.py compiles static assertions of every field
+ * offset, size and type and every constant against this header. Change both together.
  */
 #ifndef CGP_COMMON_H
 #define CGP_COMMON_H
@@ -106,10 +111,10 @@ static __always_inline int cgp_count(const struct cgp_verdict *v, const struct c
  * nothing. A flood cannot swamp the host or the reader: each program has a per-CPU window
  * ("ratelimit", one entry) that lets at most `limit` events per second per CPU through;
  * the rest, and any event the ring buffer has no room for, are counted in `dropped`.
- * The record layout is decoded by cgpolicy/events/decode.py: keep the two in step.
+ * cgpolicy/events/decode.py decodes the record (its layout: cgpolicy/contract.py EVENT).
  */
 
-/* enum of the hook that denied (cgpolicy/events/decode.py HOOK_CODES). */
+/* enum of the hook that denied (cgpolicy/contract.py HOOK_PROGRAMS). */
 #define CGP_HOOK_INGRESS 1
 #define CGP_HOOK_EGRESS 2
 #define CGP_HOOK_SOCK_CREATE 3
@@ -201,5 +206,105 @@ static __always_inline void cgp_event_task(struct cgp_event *e)
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	e->flags |= CGP_EV_TASK;
 }
+
+/*
+ * The map layouts of each program: the config value, keys and index entries the compiler
+ * fills (cgpolicy/compiler/compile.py), and the constants it shares with the program.
+ */
+
+/* net.c: network.ingress/egress (cgroup_skb) and sockets.bind/connect (cgroup_sock_addr). */
+
+/* Index into cgp_net_config.proto. */
+#define CGP_PROTO_TCP 0
+#define CGP_PROTO_UDP 1
+#define CGP_PROTO_ICMP 2
+#define CGP_PROTO_ICMPV6 3
+#define CGP_PROTO_OTHER 4 /* any other protocol: exactly the rules with protocol "any" */
+#define CGP_PROTO_N 5
+
+struct cgp_net_config {
+	struct cgp_verdict v;
+	__u64 any_cidr;  /* rules without cidrs */
+	__u64 any_port;  /* rules without ports */
+	__u64 any_icmp;  /* rules without icmpTypes (skb only) */
+	__u64 any_iface; /* rules without interfaces (skb only) */
+	__u64 proto[CGP_PROTO_N];
+};
+
+/* LPM keys: prefix length in bits, then the data in network byte order. */
+struct cgp_lpm4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+struct cgp_lpm6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+struct cgp_lpm_port {
+	__u32 prefixlen;
+	__u8 port[2];
+} __attribute__((packed)); /* 6 bytes: an LPM key is the prefix length and the data only */
+
+/* The /16 index of long IPv4 lists (net.c, above cgp_cidr4_mask()). */
+#define CGP_CIDR4_PROBES 8 /* hash lookups at most per IPv4 address */
+
+struct cgp_idx4 {
+	__u64 mask;    /* rules whose prefixes of length <= 16 contain this /16 */
+	__u32 lengths; /* bit 32 - len: a stored prefix of length len (17..32) lies in this /16 */
+	__u32 pad;
+};
+struct cgp_pfx4 {
+	__u32 low;  /* 1 << (32 - len): the lowest bit the prefix keeps */
+	__u32 addr; /* host byte order, masked to len */
+};
+
+/* sock.c: sockets.create (cgroup_sock). */
+
+#define CGP_FAMILY_SLOTS 64
+#define CGP_TYPE_SLOTS 16
+#define CGP_PROTOCOL_SLOTS 256
+
+struct cgp_create_config {
+	struct cgp_verdict v;
+	__u64 any_family;   /* rules with family any */
+	__u64 any_type;     /* rules with type any */
+	__u64 any_protocol; /* rules with protocol any */
+	__u64 family[CGP_FAMILY_SLOTS];
+	__u64 type[CGP_TYPE_SLOTS];
+	__u64 protocol[CGP_PROTOCOL_SLOTS];
+};
+
+/* device.c: devices (cgroup_device). */
+
+#define CGP_DEV_ANY 0xffffffffU /* wildcard major/minor ('*') */
+#define CGP_DEV_TYPE_ANY 0      /* otherwise BPF_DEVCG_DEV_BLOCK (1) or _CHAR (2) */
+
+struct cgp_dev_rule {
+	__u64 bit;    /* 1 << rule index; see cgp_device() */
+	__u32 type;   /* CGP_DEV_TYPE_ANY, BPF_DEVCG_DEV_BLOCK or BPF_DEVCG_DEV_CHAR */
+	__u32 major;  /* or CGP_DEV_ANY */
+	__u32 minor;  /* or CGP_DEV_ANY */
+	__u32 access; /* BPF_DEVCG_ACC_MKNOD (1) | _READ (2) | _WRITE (4) */
+};
+
+struct cgp_dev_config {
+	struct cgp_verdict v;
+	__u32 nrules;
+	__u32 pad;
+	struct cgp_dev_rule rules[CGP_MAX_RULES];
+};
+
+/* sysctl.c: sysctl (cgroup_sysctl). */
+
+#define CGP_SYSCTL_DEAD 0  /* no pattern can match any more */
+#define CGP_SYSCTL_START 1 /* nothing read yet */
+
+struct cgp_sysctl_config {
+	struct cgp_verdict v;
+	__u64 read_mask;  /* rules whose access includes read */
+	__u64 write_mask; /* rules whose access includes write */
+	__u32 nclasses;
+	__u8 byte_class[256];
+};
 
 #endif /* CGP_COMMON_H */

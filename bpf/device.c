@@ -9,24 +9,7 @@
  */
 #include "common.h"
 
-#define CGP_DEV_ANY 0xffffffffU /* wildcard major/minor ('*') */
-#define CGP_DEV_TYPE_ANY 0      /* otherwise BPF_DEVCG_DEV_BLOCK (1) or _CHAR (2) */
-
-struct cgp_dev_rule {
-	__u64 bit;    /* 1 << rule index; see cgp_device() */
-	__u32 type;   /* CGP_DEV_TYPE_ANY, BPF_DEVCG_DEV_BLOCK or BPF_DEVCG_DEV_CHAR */
-	__u32 major;  /* or CGP_DEV_ANY */
-	__u32 minor;  /* or CGP_DEV_ANY */
-	__u32 access; /* BPF_DEVCG_ACC_MKNOD (1) | _READ (2) | _WRITE (4) */
-};
-
-struct cgp_dev_config {
-	struct cgp_verdict v;
-	__u32 nrules;
-	__u32 pad;
-	struct cgp_dev_rule rules[CGP_MAX_RULES];
-};
-
+/* struct cgp_dev_config, cgp_dev_rule and CGP_DEV_*: common.h. */
 BPF_ARRAY(config, struct cgp_dev_config, 1);
 BPF_PERCPU_ARRAY(counters, struct cgp_counter, CGP_COUNTER_SLOTS);
 

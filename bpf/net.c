@@ -62,37 +62,6 @@
  * chain is treated as unparseable (protocol unknown), never skipped. */
 #define CGP_IPV6_EXT_MAX 6
 
-/* Index into cgp_net_config.proto. */
-#define CGP_PROTO_TCP 0
-#define CGP_PROTO_UDP 1
-#define CGP_PROTO_ICMP 2
-#define CGP_PROTO_ICMPV6 3
-#define CGP_PROTO_OTHER 4 /* any other protocol: exactly the rules with protocol "any" */
-#define CGP_PROTO_N 5
-
-struct cgp_net_config {
-	struct cgp_verdict v;
-	__u64 any_cidr;  /* rules without cidrs */
-	__u64 any_port;  /* rules without ports */
-	__u64 any_icmp;  /* rules without icmpTypes (skb only) */
-	__u64 any_iface; /* rules without interfaces (skb only) */
-	__u64 proto[CGP_PROTO_N];
-};
-
-/* LPM keys: prefix length in bits, then the data in network byte order. */
-struct cgp_lpm4 {
-	__u32 prefixlen;
-	__u8 addr[4];
-};
-struct cgp_lpm6 {
-	__u32 prefixlen;
-	__u8 addr[16];
-};
-struct cgp_lpm_port {
-	__u32 prefixlen;
-	__u8 port[2];
-} __attribute__((packed)); /* 6 bytes: an LPM key is the prefix length and the data only */
-
 /*
  * IPv4 CIDRs have two layouts; the compiler picks one per program (compile.py
  * CIDR4_INDEX_MIN) and the program reads both, one of them empty:
@@ -114,18 +83,9 @@ struct cgp_lpm_port {
  *    /16 holding more distinct ones up to even lengths (each such prefix becomes two), which
  *    keeps the verifier's walk of the loop short.
  */
-#define CGP_CIDR4_PROBES 8 /* compile.py CIDR4_PROBES */
 
-struct cgp_idx4 {
-	__u64 mask;    /* rules whose prefixes of length <= 16 contain this /16 */
-	__u32 lengths; /* bit 32 - len: a stored prefix of length len (17..32) lies in this /16 */
-	__u32 pad;
-};
-struct cgp_pfx4 {
-	__u32 low;  /* 1 << (32 - len): the lowest bit the prefix keeps */
-	__u32 addr; /* host byte order, masked to len */
-};
-
+/* The layouts of these maps (struct cgp_net_config, cgp_lpm4/6/_port, cgp_idx4, cgp_pfx4)
+ * and the CGP_PROTO_* slots are in common.h, with every layout the compiler fills. */
 BPF_ARRAY(config, struct cgp_net_config, 1);
 BPF_LPM_TRIE(cidr4, struct cgp_lpm4, __u64, CGP_CIDR4_MAX);
 BPF_ARRAY(cidr4_idx, struct cgp_idx4, CGP_CIDR4_IDX_MAX);

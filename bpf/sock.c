@@ -14,20 +14,7 @@
  */
 #include "common.h"
 
-#define CGP_FAMILY_SLOTS 64
-#define CGP_TYPE_SLOTS 16
-#define CGP_PROTOCOL_SLOTS 256
-
-struct cgp_create_config {
-	struct cgp_verdict v;
-	__u64 any_family;   /* rules with family any */
-	__u64 any_type;     /* rules with type any */
-	__u64 any_protocol; /* rules with protocol any */
-	__u64 family[CGP_FAMILY_SLOTS];
-	__u64 type[CGP_TYPE_SLOTS];
-	__u64 protocol[CGP_PROTOCOL_SLOTS];
-};
-
+/* struct cgp_create_config and its table sizes: common.h. */
 BPF_ARRAY(config, struct cgp_create_config, 1);
 BPF_PERCPU_ARRAY(counters, struct cgp_counter, CGP_COUNTER_SLOTS);
 

@@ -22,8 +22,6 @@
 #include "common.h"
 
 #define CGP_SYSCTL_NAME_MAX 256
-#define CGP_SYSCTL_DEAD 0
-#define CGP_SYSCTL_START 1
 
 #ifndef CGP_SYSCTL_NEXT_MAX
 #define CGP_SYSCTL_NEXT_MAX 1
@@ -32,14 +30,7 @@
 #define CGP_SYSCTL_STATES_MAX 1
 #endif
 
-struct cgp_sysctl_config {
-	struct cgp_verdict v;
-	__u64 read_mask;  /* rules whose access includes read */
-	__u64 write_mask; /* rules whose access includes write */
-	__u32 nclasses;
-	__u8 byte_class[256];
-};
-
+/* struct cgp_sysctl_config and the states CGP_SYSCTL_DEAD and _START: common.h. */
 BPF_ARRAY(config, struct cgp_sysctl_config, 1);
 /* state * nclasses + class -> next state. */
 BPF_ARRAY(sysctl_next, __u32, CGP_SYSCTL_NEXT_MAX);

@@ -1,5 +1,5 @@
 """Policy -> CompiledPolicy: the map contents of every program, packed as the C structs in
-bpf/ lay them out. Pure: no syscalls, no bcc.
+bpf/ lay them out (their layouts: cgpolicy/contract.py). Pure: no syscalls, no bcc.
 
 Every section is a set of at most 64 rules, kept in the programs as 64-bit masks (bit i =
 rule i). Rule i is the i-th rule in canonical order (sorted by its canonical serialisation,
@@ -15,7 +15,6 @@ import ipaddress
 import itertools
 import json
 import socket
-import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -26,6 +25,36 @@ from cgpolicy.compiler.spec import (
     MapSpec,
     ProgramSpec,
     RuleLabel,
+)
+from cgpolicy.contract import (
+    CIDR4_INDEX_ENTRY,
+    CIDR4_LONG_KEY,
+    CIDR4_PROBES,
+    COUNTER,
+    COUNTER_SLOTS,
+    CREATE_CONFIG,
+    DEVICE_ACCESS,
+    DEVICE_ANY,
+    DEVICE_CONFIG,
+    DEVICE_RULE,
+    DEVICE_TYPE_NEVER,
+    DEVICE_TYPES,
+    HOOK_PROGRAMS,
+    LPM4_KEY,
+    LPM6_KEY,
+    LPM_PORT_KEY,
+    MAX_RULES,
+    NET_CONFIG,
+    PROTO_SLOTS,
+    RATELIMIT,
+    SECTION_HOOKS,
+    SOCKET_FAMILY_SLOTS,
+    SOCKET_PROTOCOL_SLOTS,
+    SOCKET_TYPE_SLOTS,
+    SYSCTL_CONFIG,
+    U32,
+    U64,
+    Layout,
 )
 from cgpolicy.policy.describe import rule_text
 from cgpolicy.policy.model import (
@@ -50,8 +79,6 @@ Rule = TypeVar(
     "Rule", bound=NetworkRule | SocketAddressRule | SocketCreateRule | DeviceRule | SysctlRule
 )
 
-MAX_RULES = 64
-COUNTER_SLOTS = MAX_RULES + 1  # slot 64: the section default decided
 BPF_F_NO_PREALLOC = 1  # required for LPM tries
 # IPv4 CIDR layout (bpf/net.c cgp_cidr4_mask): a section with at least this many distinct
 # IPv4 prefixes gets the /16 index (cidr4_idx, 1 MiB, + cidr4_long hash) instead of the
@@ -59,33 +86,12 @@ BPF_F_NO_PREALLOC = 1  # required for LPM tries
 # (tests run both layouts).
 CIDR4_INDEX_MIN = 257
 CIDR4_INDEX_SLOTS = 1 << 16  # cidr4_idx: one entry per /16
-CIDR4_PROBES = 8  # bpf/net.c CGP_CIDR4_PROBES: hash lookups at most per IPv4 address
 # Deny events (bpf/common.h): one ring buffer per policy, shared by its programs (the
 # enforcer creates it once per load; a program loaded alone gets its own from the spec).
 EVENTS_RING_BYTES = 256 * 1024  # about 1000 events of 240 B
 EVENTS_PER_SECOND = 100  # per program and CPU; more are counted as dropped
-_RATELIMIT = struct.Struct("<QQII")  # struct cgp_ratelimit
-
-# struct cgp_net_config.proto slots (bpf/net.c)
-_PROTO_SLOTS = ("tcp", "udp", "icmp", "icmpv6")  # then "other": the rules with protocol any
-# struct cgp_create_config table sizes (bpf/sock.c)
-_FAMILY_SLOTS, _TYPE_SLOTS, _PROTOCOL_SLOTS = 64, 16, 256
-# bpf/device.c
-_DEV_ANY = 0xFFFFFFFF
-_DEV_TYPES = {"any": 0, "block": 1, "char": 2}  # BPF_DEVCG_DEV_*
-_DEV_ACCESS = {"m": 1, "r": 2, "w": 4}  # BPF_DEVCG_ACC_*
-# A path rule whose path names no device here: a type no access has and no rights, so that
-# it matches nothing, allow or deny, while keeping its bit and counter slot.
-_DEV_NEVER_TYPE = 3
 # bpf/sysctl.c
 _SYSCTL_ACCESS = {"read": (True, False), "write": (False, True), "rw": (True, True)}
-
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_IDX4 = struct.Struct("<QII")  # struct cgp_idx4
-_PFX4 = struct.Struct("<II")  # struct cgp_pfx4
-_VERDICT = struct.Struct("<QQII")  # struct cgp_verdict
-_COUNTER_VALUE_SIZE = 16  # struct cgp_counter
 
 
 class CompileError(Exception):
@@ -121,16 +127,16 @@ def compile_policy(
             ifindexes = _resolve(rules, resolve_interfaces)
             resolved[hook] = [sorted(found) for found in ifindexes]
             maps = _network_maps(net_section.default, rules, audit, ifindexes, index_min)
-            programs.append(_program(hook, "net.c", f"cgp_{hook}", maps))
+            programs.append(_program(hook, maps))
 
     sockets = policy.sockets
     if sockets is not None:
         if sockets.create is not None:
             maps = _create_maps(sockets.create, audit, keys)
-            programs.append(_program("sock_create", "sock.c", "cgp_sock_create", maps))
+            programs.append(_program("sock_create", maps))
         for section, hooks in (
-            (sockets.bind, ("bind4", "bind6")),
-            (sockets.connect, ("connect4", "connect6", "sendmsg4", "sendmsg6")),
+            (sockets.bind, SECTION_HOOKS["sockets.bind"]),
+            (sockets.connect, SECTION_HOOKS["sockets.connect"]),
         ):
             if section is None:
                 continue
@@ -140,17 +146,13 @@ def compile_policy(
                 used = (
                     maps if hook.endswith("6") else {k: v for k, v in maps.items() if k != "cidr6"}
                 )
-                programs.append(_program(hook, "net.c", f"cgp_{hook}", used))
+                programs.append(_program(hook, used))
 
     if policy.devices is not None:
-        programs.append(
-            _program("device", "device.c", "cgp_device", _device_maps(policy.devices, audit, keys))
-        )
+        programs.append(_program("device", _device_maps(policy.devices, audit, keys)))
 
     if policy.sysctl is not None:
-        programs.append(
-            _program("sysctl", "sysctl.c", "cgp_sysctl", _sysctl_maps(policy.sysctl, audit, keys))
-        )
+        programs.append(_program("sysctl", _sysctl_maps(policy.sysctl, audit, keys)))
 
     return CompiledPolicy(
         name=policy.name,
@@ -208,13 +210,10 @@ def rule_labels(
     if policy.sockets is not None:
         if policy.sockets.create is not None:
             sections["sock_create"] = (policy.sockets.create, "sockets.create")
-        for name, hook_names in (
-            ("bind", ("bind4", "bind6")),
-            ("connect", ("connect4", "connect6", "sendmsg4", "sendmsg6")),
-        ):
+        for name in ("bind", "connect"):
             section = getattr(policy.sockets, name)
             if section is not None:
-                for hook in hook_names:
+                for hook in SECTION_HOOKS[f"sockets.{name}"]:
                     sections[hook] = (section, f"sockets.{name}")
     if policy.devices is not None:
         sections["device"] = (policy.devices, "devices")
@@ -363,9 +362,16 @@ def revision(
 # --- shared pieces ----------------------------------------------------------------------------
 
 
-def _program(hook: str, source: str, function: str, maps: dict[str, MapSpec]) -> ProgramSpec:
+def _program(hook: str, maps: dict[str, MapSpec]) -> ProgramSpec:
+    program = HOOK_PROGRAMS[hook]
     maps = {**maps, "events": events_map(), "ratelimit": _ratelimit(EVENTS_PER_SECOND)}
-    return ProgramSpec(hook, source, function, function, tuple(maps[name] for name in sorted(maps)))
+    return ProgramSpec(
+        hook,
+        program.source,
+        program.function,
+        program.function,
+        tuple(maps[name] for name in sorted(maps)),
+    )
 
 
 def events_map() -> MapSpec:
@@ -374,14 +380,20 @@ def events_map() -> MapSpec:
 
 
 def _ratelimit(per_second: int) -> MapSpec:
-    value = _RATELIMIT.pack(0, 0, 0, per_second)
-    return MapSpec("ratelimit", "percpu_array", 4, _RATELIMIT.size, 1, 0, ((_U32.pack(0), value),))
+    value = RATELIMIT.pack(window_start=0, dropped=0, sent=0, limit=per_second)
+    return MapSpec(
+        "ratelimit", "percpu_array", U32.size, RATELIMIT.size, 1, 0, ((U32.pack(0), value),)
+    )
 
 
-def _verdict(default: str, rules: Sequence[Any], audit: bool) -> bytes:
-    allow = _mask(i for i, rule in enumerate(rules) if rule.action == "allow")
-    deny = _mask(i for i, rule in enumerate(rules) if rule.action == "deny")
-    return _VERDICT.pack(allow, deny, int(default == "allow"), int(audit))
+def _verdict(default: str, rules: Sequence[Any], audit: bool) -> dict[str, int]:
+    """struct cgp_verdict, the head of every config value."""
+    return {
+        "allow_mask": _mask(i for i, rule in enumerate(rules) if rule.action == "allow"),
+        "deny_mask": _mask(i for i, rule in enumerate(rules) if rule.action == "deny"),
+        "default_allow": int(default == "allow"),
+        "audit": int(audit),
+    }
 
 
 def _mask(indexes: Iterable[int]) -> int:
@@ -392,16 +404,16 @@ def _mask(indexes: Iterable[int]) -> int:
 
 
 def _counters() -> MapSpec:
-    return MapSpec("counters", "percpu_array", 4, _COUNTER_VALUE_SIZE, COUNTER_SLOTS, 0, ())
+    return MapSpec("counters", "percpu_array", U32.size, COUNTER.size, COUNTER_SLOTS, 0, ())
 
 
 def _config(value: bytes) -> MapSpec:
-    return MapSpec("config", "array", 4, len(value), 1, 0, ((_U32.pack(0), value),))
+    return MapSpec("config", "array", U32.size, len(value), 1, 0, ((U32.pack(0), value),))
 
 
 def _array(name: str, value_size: int, max_entries: int, values: dict[int, bytes]) -> MapSpec:
-    entries = tuple((_U32.pack(key), values[key]) for key in sorted(values))
-    return MapSpec(name, "array", 4, value_size, max(1, max_entries), 0, entries)
+    entries = tuple((U32.pack(key), values[key]) for key in sorted(values))
+    return MapSpec(name, "array", U32.size, value_size, max(1, max_entries), 0, entries)
 
 
 # --- prefixes (CIDRs and ports) ---------------------------------------------------------------
@@ -440,13 +452,16 @@ def port_prefixes(low: int, high: int) -> list[tuple[int, int]]:
     return prefixes
 
 
-def _lpm_map(name: str, width: int, prefixes: dict[tuple[int, int], int]) -> MapSpec:
-    data = width // 8
+def _lpm_map(name: str, key: Layout, prefixes: dict[tuple[int, int], int]) -> MapSpec:
+    """An LPM trie keyed by ``key`` (struct cgp_lpm*: the prefix length, then the data)."""
+    _, data = key.fields.values()
     entries = tuple(
-        (_U32.pack(length) + value.to_bytes(data, "big"), _U64.pack(mask))
-        for (length, value), mask in sorted(propagate_prefixes(prefixes, width).items())
+        (key.struct.pack(length, value.to_bytes(data.size, "big")), U64.pack(mask))
+        for (length, value), mask in sorted(propagate_prefixes(prefixes, 8 * data.size).items())
     )
-    return MapSpec(name, "lpm_trie", 4 + data, 8, max(1, len(entries)), BPF_F_NO_PREALLOC, entries)
+    return MapSpec(
+        name, "lpm_trie", key.size, U64.size, max(1, len(entries)), BPF_F_NO_PREALLOC, entries
+    )
 
 
 def _cidr4_maps(v4: dict[tuple[int, int], int], index_min: int) -> dict[str, MapSpec]:
@@ -455,20 +470,24 @@ def _cidr4_maps(v4: dict[tuple[int, int], int], index_min: int) -> dict[str, Map
     index (:func:`cidr4_index`) and an empty trie."""
     if len(v4) < index_min:
         return {
-            "cidr4": _lpm_map("cidr4", 32, v4),
-            "cidr4_idx": MapSpec("cidr4_idx", "array", 4, _IDX4.size, 1, 0, ()),
-            "cidr4_long": MapSpec("cidr4_long", "hash", _PFX4.size, 8, 1, 0, ()),
+            "cidr4": _lpm_map("cidr4", LPM4_KEY, v4),
+            "cidr4_idx": MapSpec("cidr4_idx", "array", U32.size, CIDR4_INDEX_ENTRY.size, 1, 0, ()),
+            "cidr4_long": MapSpec("cidr4_long", "hash", CIDR4_LONG_KEY.size, U64.size, 1, 0, ()),
         }
     masks, lengths, long = cidr4_index(v4)
     index = _index_entries(masks, lengths)
     hashed = tuple(
-        (_PFX4.pack(1 << (32 - length), value), _U64.pack(mask))
+        (CIDR4_LONG_KEY.struct.pack(1 << (32 - length), value), U64.pack(mask))
         for (length, value), mask in long.items()
     )
     return {
-        "cidr4": _lpm_map("cidr4", 32, {}),
-        "cidr4_idx": MapSpec("cidr4_idx", "array", 4, _IDX4.size, CIDR4_INDEX_SLOTS, 0, index),
-        "cidr4_long": MapSpec("cidr4_long", "hash", _PFX4.size, 8, max(1, len(hashed)), 0, hashed),
+        "cidr4": _lpm_map("cidr4", LPM4_KEY, {}),
+        "cidr4_idx": MapSpec(
+            "cidr4_idx", "array", U32.size, CIDR4_INDEX_ENTRY.size, CIDR4_INDEX_SLOTS, 0, index
+        ),
+        "cidr4_long": MapSpec(
+            "cidr4_long", "hash", CIDR4_LONG_KEY.size, U64.size, max(1, len(hashed)), 0, hashed
+        ),
     }
 
 
@@ -476,13 +495,14 @@ def _index_entries(masks: list[int], lengths: dict[int, int]) -> tuple[tuple[byt
     """The cidr4_idx entries (struct cgp_idx4 per /16 with anything in it, in slot order).
     A short prefix such as /0 puts something in up to 65,536 slots, most of them alike, so
     the values are packed once per distinct mask and the iteration stays in C."""
-    packed = {mask: _IDX4.pack(mask, 0, 0) for mask in set(masks)}
+    entry = CIDR4_INDEX_ENTRY.struct  # mask, lengths, pad
+    packed = {mask: entry.pack(mask, 0, 0) for mask in set(masks)}
     values = list(map(packed.__getitem__, masks))
     used = list(map(bool, masks))
     for top, bits in lengths.items():
-        values[top] = _IDX4.pack(masks[top], bits, 0)
+        values[top] = entry.pack(masks[top], bits, 0)
         used[top] = True
-    keys = map(_U32.pack, range(CIDR4_INDEX_SLOTS))
+    keys = map(U32.pack, range(CIDR4_INDEX_SLOTS))
     return tuple(itertools.compress(zip(keys, values, strict=True), used))
 
 
@@ -567,16 +587,20 @@ def _net_config(
     any_icmp: int,
     any_iface: int,
 ) -> bytes:
-    """struct cgp_net_config (bpf/net.c)."""
-    any_cidr = _mask(i for i, rule in enumerate(rules) if not rule.cidrs)
-    any_port = _mask(i for i, rule in enumerate(rules) if not rule.ports)
+    """struct cgp_net_config."""
     protocol_any = _mask(i for i, rule in enumerate(rules) if rule.protocol == "any")
-    protocols = [
-        protocol_any | _mask(i for i, rule in enumerate(rules) if rule.protocol == name)
-        for name in _PROTO_SLOTS
-    ]
-    return _verdict(default, rules, audit) + struct.pack(
-        "<4Q5Q", any_cidr, any_port, any_icmp, any_iface, *protocols, protocol_any
+    return NET_CONFIG.pack(
+        v=_verdict(default, rules, audit),
+        any_cidr=_mask(i for i, rule in enumerate(rules) if not rule.cidrs),
+        any_port=_mask(i for i, rule in enumerate(rules) if not rule.ports),
+        any_icmp=any_icmp,
+        any_iface=any_iface,
+        proto=[
+            protocol_any
+            if name == "other"  # exactly the rules with protocol any
+            else protocol_any | _mask(i for i, rule in enumerate(rules) if rule.protocol == name)
+            for name in PROTO_SLOTS
+        ],
     )
 
 
@@ -618,17 +642,19 @@ def _network_maps(
     return {
         "config": _config(_net_config(default, rules, audit, any_icmp, any_iface)),
         **_cidr4_maps(v4, index_min),
-        "cidr6": _lpm_map("cidr6", 128, v6),
-        "ports": _lpm_map("ports", 16, _port_table(rules)),
-        "icmp_types": _array("icmp_types", 8, 256, {t: _U64.pack(m) for t, m in icmp.items()}),
+        "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
+        "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
+        "icmp_types": _array(
+            "icmp_types", U64.size, 256, {t: U64.pack(m) for t, m in icmp.items()}
+        ),
         "ifaces": MapSpec(
             "ifaces",
             "hash",
-            4,
-            8,
+            U32.size,
+            U64.size,
             max(1, len(ifaces)),
             0,
-            tuple((_U32.pack(k), _U64.pack(ifaces[k])) for k in sorted(ifaces)),
+            tuple((U32.pack(k), U64.pack(ifaces[k])) for k in sorted(ifaces)),
         ),
         "counters": _counters(),
     }
@@ -647,8 +673,8 @@ def _socket_address_maps(
         # No icmpTypes or interfaces in socket rules: every rule passes those conditions.
         "config": _config(_net_config(section.default, rules, audit, all_rules, all_rules)),
         **_cidr4_maps(v4, index_min),
-        "cidr6": _lpm_map("cidr6", 128, v6),
-        "ports": _lpm_map("ports", 16, _port_table(rules)),
+        "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
+        "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
         "counters": _counters(),
     }
 
@@ -670,17 +696,17 @@ def _value_table(
 
 def _create_maps(section: SocketCreateSection, audit: bool, keys: RuleKeys) -> dict[str, MapSpec]:
     rules = ordered_rules(section.rules, keys)
-    any_family, families = _value_table(rules, "family", _FAMILY_SLOTS)
-    any_type, types = _value_table(rules, "type", _TYPE_SLOTS)
-    any_protocol, protocols = _value_table(rules, "protocol", _PROTOCOL_SLOTS)
-    value = _verdict(section.default, rules, audit) + struct.pack(
-        f"<3Q{_FAMILY_SLOTS}Q{_TYPE_SLOTS}Q{_PROTOCOL_SLOTS}Q",
-        any_family,
-        any_type,
-        any_protocol,
-        *families,
-        *types,
-        *protocols,
+    any_family, families = _value_table(rules, "family", SOCKET_FAMILY_SLOTS)
+    any_type, types = _value_table(rules, "type", SOCKET_TYPE_SLOTS)
+    any_protocol, protocols = _value_table(rules, "protocol", SOCKET_PROTOCOL_SLOTS)
+    value = CREATE_CONFIG.pack(
+        v=_verdict(section.default, rules, audit),
+        any_family=any_family,
+        any_type=any_type,
+        any_protocol=any_protocol,
+        family=families,
+        type=types,
+        protocol=protocols,
     )
     return {"config": _config(value), "counters": _counters()}
 
@@ -690,20 +716,23 @@ def _create_maps(section: SocketCreateSection, audit: bool, keys: RuleKeys) -> d
 
 def _device_maps(section: DeviceSection, audit: bool, keys: RuleKeys) -> dict[str, MapSpec]:
     rules = ordered_rules(section.rules, keys)
-    packed = b"".join(
-        struct.pack(
-            "<QIIII",
-            1 << index,
-            _DEV_NEVER_TYPE if rule.type is None else _DEV_TYPES[rule.type],
-            _DEV_ANY if rule.major is None else rule.major,
-            _DEV_ANY if rule.minor is None else rule.minor,
-            0 if rule.type is None else sum(_DEV_ACCESS[right] for right in rule.access),
-        )
+    entries = [
+        {
+            "bit": 1 << index,
+            "type": DEVICE_TYPE_NEVER if rule.type is None else DEVICE_TYPES[rule.type],
+            "major": DEVICE_ANY if rule.major is None else rule.major,
+            "minor": DEVICE_ANY if rule.minor is None else rule.minor,
+            "access": 0 if rule.type is None else sum(DEVICE_ACCESS[r] for r in rule.access),
+        }
         for index, rule in enumerate(rules)
+    ]
+    unused = dict.fromkeys(DEVICE_RULE.fields, 0)
+    value = DEVICE_CONFIG.pack(
+        v=_verdict(section.default, rules, audit),
+        nrules=len(rules),
+        pad=0,
+        rules=entries + [unused] * (MAX_RULES - len(rules)),
     )
-    rule_size = struct.calcsize("<QIIII")
-    packed += bytes(rule_size * (MAX_RULES - len(rules)))
-    value = _verdict(section.default, rules, audit) + struct.pack("<II", len(rules), 0) + packed
     return {"config": _config(value), "counters": _counters()}
 
 
@@ -718,22 +747,27 @@ def _sysctl_maps(section: SysctlSection, audit: bool, keys: RuleKeys) -> dict[st
         raise CompileError(str(error)) from None
     read = _mask(i for i, rule in enumerate(rules) if _SYSCTL_ACCESS[rule.access][0])
     write = _mask(i for i, rule in enumerate(rules) if _SYSCTL_ACCESS[rule.access][1])
-    value = _verdict(section.default, rules, audit) + struct.pack("<QQI", read, write, dfa.nclasses)
-    value += dfa.byte_class + bytes(4)  # trailing padding to the struct's 8-byte alignment
+    value = SYSCTL_CONFIG.pack(
+        v=_verdict(section.default, rules, audit),
+        read_mask=read,
+        write_mask=write,
+        nclasses=dfa.nclasses,
+        byte_class=dfa.byte_class,
+    )
     nstates = len(dfa.accept)
     return {
         "config": _config(value),
         "sysctl_next": _array(
             "sysctl_next",
-            4,
+            U32.size,
             len(dfa.next),
-            {i: _U32.pack(s) for i, s in enumerate(dfa.next) if s},
+            {i: U32.pack(s) for i, s in enumerate(dfa.next) if s},
         ),
         "sysctl_accept": _array(
             "sysctl_accept",
-            8,
+            U64.size,
             nstates,
-            {i: _U64.pack(m) for i, m in enumerate(dfa.accept) if m},
+            {i: U64.pack(m) for i, m in enumerate(dfa.accept) if m},
         ),
         "counters": _counters(),
     }

@@ -4,38 +4,30 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-# bpf/common.h: keep in step.
-EVENT = struct.Struct("<QQIIIIIIIIIIIHH16s16s16s128s")
-HOOK_CODES = {
-    1: "ingress",
-    2: "egress",
-    3: "sock_create",
-    4: "bind4",
-    5: "bind6",
-    6: "connect4",
-    7: "connect6",
-    8: "sendmsg4",
-    9: "sendmsg6",
-    10: "device",
-    11: "sysctl",
-}
-DEFAULT_SLOT = 64
-EV_AUDIT, EV_TASK, EV_WRITE, EV_TRUNCATED = 1, 2, 4, 8
+from cgpolicy.contract import (
+    DEFAULT_SLOT,
+    DEVICE_ACCESS,
+    DEVICE_TYPES,
+    EVENT,
+    EVENT_HOOKS,
+    PACKET_HOOKS,
+    SOCKET_ADDRESS_HOOKS,
+    EventFlag,
+)
 
 _FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}
 _TYPES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
 _PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 255: "raw"}
-_DEVICE_TYPES = {1: "block", 2: "char"}
+_DEVICE_TYPES = {code: name for name, code in DEVICE_TYPES.items() if name != "any"}
 
 
 def _access(bits: int) -> str:
-    return "".join(letter for bit, letter in ((2, "r"), (4, "w"), (1, "m")) if bits & bit)
+    return "".join(letter for letter, bit in DEVICE_ACCESS.items() if bits & bit)
 
 
 def _address(family: int, raw: bytes) -> str | None:
@@ -88,7 +80,7 @@ class Event:
     def describe(self) -> str:
         """The denied action in a few words: "connect tcp 169.254.169.254:80"."""
         w = self.what
-        if self.hook in ("ingress", "egress"):
+        if self.hook in PACKET_HOOKS:
             text = f"{self.hook} {w.get('protocol') or '?'} {w.get('src') or '?'}"
             if w.get("sport"):
                 text += f":{w['sport']}"
@@ -98,7 +90,7 @@ class Event:
             return text
         if self.hook == "sock_create":
             return f"socket {w['family']} {w['socket_type']} protocol {w['protocol']}"
-        if self.hook.startswith(("bind", "connect", "sendmsg")):
+        if self.hook in SOCKET_ADDRESS_HOOKS:
             verb = self.hook.rstrip("46")
             host = w.get("address") or "?"
             host = f"[{host}]" if ":" in host else host
@@ -128,37 +120,19 @@ def decode(raw: bytes, wall_offset_ns: int = 0) -> Event:
     """One ring buffer record. ``wall_offset_ns`` from :func:`monotonic_to_wall_ns`."""
     if len(raw) < EVENT.size:
         raise ValueError(f"event record is {len(raw)} B, expected {EVENT.size}")
-    (
-        time_ns,
-        cgroup_id,
-        pid,
-        tid,
-        hook_code,
-        rule,
-        flags,
-        family,
-        kind,
-        protocol,
-        major,
-        minor,
-        access,
-        sport,
-        dport,
-        saddr,
-        daddr,
-        comm,
-        name,
-    ) = EVENT.unpack_from(raw)
-    hook = HOOK_CODES.get(hook_code, f"hook{hook_code}")
+    record = EVENT.unpack_from(raw)
+    family, kind, protocol = record["family"], record["type"], record["protocol"]
+    flags = record["flags"]
+    hook = EVENT_HOOKS.get(record["hook"], f"hook{record['hook']}")
     what: dict[str, Any] = {}
-    if hook in ("ingress", "egress"):
+    if hook in PACKET_HOOKS:
         what = {
             "family": _FAMILIES.get(family, family),
             "protocol": _PROTOCOLS.get(protocol, protocol) if protocol else None,
-            "src": _address(family, saddr),
-            "dst": _address(family, daddr),
-            "sport": sport or None,
-            "dport": dport or None,
+            "src": _address(family, record["saddr"]),
+            "dst": _address(family, record["daddr"]),
+            "sport": record["sport"] or None,
+            "dport": record["dport"] or None,
         }
     elif hook == "sock_create":
         what = {
@@ -166,36 +140,36 @@ def decode(raw: bytes, wall_offset_ns: int = 0) -> Event:
             "socket_type": _TYPES.get(kind, kind),
             "protocol": _PROTOCOLS.get(protocol, protocol),
         }
-    elif hook in HOOK_CODES.values() and hook[:4] in ("bind", "conn", "send"):
+    elif hook in SOCKET_ADDRESS_HOOKS:
         what = {
             "family": _FAMILIES.get(family, family),
             "socket_type": _TYPES.get(kind, kind),
             "protocol": _PROTOCOLS.get(protocol, protocol),
-            "address": _address(family, daddr),
-            "port": dport,
+            "address": _address(family, record["daddr"]),
+            "port": record["dport"],
         }
     elif hook == "device":
         what = {
             "device_type": _DEVICE_TYPES.get(kind, kind),
-            "major": major,
-            "minor": minor,
-            "access": _access(access),
+            "major": record["major"],
+            "minor": record["minor"],
+            "access": _access(record["access"]),
         }
     elif hook == "sysctl":
         what = {
-            "name": name.split(b"\0", 1)[0].decode(errors="replace"),
-            "access": "write" if flags & EV_WRITE else "read",
-            "truncated": bool(flags & EV_TRUNCATED),
+            "name": record["name"].split(b"\0", 1)[0].decode(errors="replace"),
+            "access": "write" if flags & EventFlag.WRITE else "read",
+            "truncated": bool(flags & EventFlag.TRUNCATED),
         }
-    task = bool(flags & EV_TASK)
+    task = bool(flags & EventFlag.TASK)
     return Event(
-        time_ns=time_ns + wall_offset_ns,
-        cgroup_id=cgroup_id,
+        time_ns=record["time_ns"] + wall_offset_ns,
+        cgroup_id=record["cgroup_id"],
         hook=hook,
-        rule=rule,
-        audit=bool(flags & EV_AUDIT),
+        rule=record["rule"],
+        audit=bool(flags & EventFlag.AUDIT),
         what=what,
-        pid=pid if task else None,
-        tid=tid if task else None,
-        comm=comm.split(b"\0", 1)[0].decode(errors="replace") if task else None,
+        pid=record["pid"] if task else None,
+        tid=record["tid"] if task else None,
+        comm=record["comm"].split(b"\0", 1)[0].decode(errors="replace") if task else None,
     )

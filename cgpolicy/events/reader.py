@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cgpolicy.events.decode import DEFAULT_SLOT, Event, decode, monotonic_to_wall_ns
+from cgpolicy.contract import DEFAULT_SLOT
+from cgpolicy.events.decode import Event, decode, monotonic_to_wall_ns
 from cgpolicy.kernel.applied import AppliedPolicy, events_dropped, program_maps, read_applied
 from cgpolicy.kernel.bpf import Map
 from cgpolicy.kernel.cgroup import cgroup_names

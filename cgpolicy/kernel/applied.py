@@ -9,11 +9,11 @@ nothing is cached between calls.
 from __future__ import annotations
 
 import logging
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cgpolicy.contract import COUNTER, DEFAULT_SLOT, MAX_RULES, RATELIMIT, U32
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import CgroupLink, Map, Program
 from cgpolicy.kernel.hooks import HOOKS
@@ -21,10 +21,7 @@ from cgpolicy.kernel.syscall import BpfError
 
 log = logging.getLogger(__name__)
 
-COUNTER_SLOTS = 65  # bpf/common.h: rules 0..63, 64 = section default
-_COUNTER = struct.Struct("<QQ")
-_RATELIMIT = struct.Struct("<QQII")
-_ZERO = bytes(4)
+_ZERO = U32.pack(0)
 
 
 @dataclass(frozen=True)
@@ -144,15 +141,15 @@ def program_maps(prog_id: int, names: set[str]) -> dict[str, Map]:
 def events_dropped(ratelimit: Map) -> int:
     """Deny events a program dropped so far (rate limit or full ring buffer), all CPUs."""
     values = ratelimit.lookup_per_cpu(_ZERO) or []
-    return sum(_RATELIMIT.unpack_from(v)[1] for v in values)
+    return sum(RATELIMIT.unpack_from(v)["dropped"] for v in values)
 
 
 def _sum(values: list[bytes] | None) -> tuple[int, int]:
     allowed = denied = 0
     for value in values or ():
-        a, d = _COUNTER.unpack_from(value)
-        allowed += a
-        denied += d
+        counter = COUNTER.unpack_from(value)
+        allowed += counter["allowed"]
+        denied += counter["denied"]
     return allowed, denied
 
 
@@ -179,10 +176,10 @@ def _label_counters(
     trusted = meta if applied is not None and not applied.interrupted else None
     labels = (trusted.rules.get(hook) if trusted else None) or []
     rules = []
-    for slot in range(COUNTER_SLOTS - 1):
+    for slot in range(MAX_RULES):
         if slot >= len(labels) and labels:
             break
-        allowed, denied = _sum(counters.lookup_per_cpu(slot.to_bytes(4, "little")))
+        allowed, denied = _sum(counters.lookup_per_cpu(U32.pack(slot)))
         if slot >= len(labels) and not (allowed or denied):
             continue  # no labels recorded: show the slots that counted something
         label = labels[slot] if slot < len(labels) else {}
@@ -196,7 +193,7 @@ def _label_counters(
                 "denied": denied,
             }
         )
-    allowed, denied = _sum(counters.lookup_per_cpu((COUNTER_SLOTS - 1).to_bytes(4, "little")))
+    allowed, denied = _sum(counters.lookup_per_cpu(U32.pack(DEFAULT_SLOT)))
     return {
         "mode": meta.mode if meta else None,
         "rules": rules,

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cgpolicy.contract import SYSCTL_DEAD_STATE, SYSCTL_START_STATE
+
 SYSCTL_MAX_STATES = 16384  # DFA states over all sysctl patterns of a section
 
 
@@ -17,8 +19,8 @@ class TooManyStates(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class SysctlDfa:
-    """All patterns of a section as one DFA over byte classes (bpf/sysctl.c).
-    State 0 is dead, 1 the start."""
+    """All patterns of a section as one DFA over byte classes (bpf/sysctl.c), whose state
+    ids the program knows: SYSCTL_DEAD_STATE and SYSCTL_START_STATE (contract.py)."""
 
     byte_class: bytes  # 256 entries: byte -> class; class 0 = bytes no pattern names
     nclasses: int
@@ -27,7 +29,7 @@ class SysctlDfa:
 
     def match(self, name: str) -> int:
         """The rules whose pattern matches ``name`` (what the program computes)."""
-        state = 1
+        state = SYSCTL_START_STATE
         for byte in name.encode():
             state = self.next[state * self.nclasses + self.byte_class[byte]]
         return self.accept[state]
@@ -74,9 +76,10 @@ def sysctl_dfa(patterns: Sequence[str]) -> SysctlDfa:
                 mask |= 1 << rule
         return mask
 
-    sets = [0, closure(starts)]  # state id -> NFA position set; 0 dead, 1 start
-    ids = {0: 0}
-    ids.setdefault(sets[1], 1)
+    sets = [0, 0]  # state id -> NFA position set
+    sets[SYSCTL_DEAD_STATE], sets[SYSCTL_START_STATE] = 0, closure(starts)
+    ids = {0: SYSCTL_DEAD_STATE}
+    ids.setdefault(sets[SYSCTL_START_STATE], SYSCTL_START_STATE)
     next_states: list[int] = []
     current = 0
     while current < len(sets):

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from netns import PROBE_EXTRA
 
+from cgpolicy.contract import COUNTER
 from cgpolicy.enforcer.engine import Enforcer, Outcome
 from cgpolicy.kernel import bpf, syscall
 from cgpolicy.kernel.cgroup import open_cgroup
@@ -181,7 +182,7 @@ def denied_count(prog_id: int) -> int:
                 continue
             for key in counters.keys():
                 for value in counters.lookup_per_cpu(key) or []:
-                    total += int.from_bytes(value[8:16], "little")
+                    total += COUNTER.unpack_from(value)["denied"]
     return total
 
 

@@ -48,6 +48,7 @@ from cgpolicy import reference
 from cgpolicy.compiler import compile as compile_module
 from cgpolicy.compiler.compile import compile_policy, ordered_rules
 from cgpolicy.compiler.spec import ProgramSpec
+from cgpolicy.contract import COUNTER, U32
 from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.kernel.loader import LoadedProgram, load_program
 from cgpolicy.policy.model import (
@@ -461,8 +462,8 @@ class SkbProgram:
         return self.program.program.test_run(frame).retval
 
     def slot_count(self, slot: int) -> int:
-        values = self.program.maps["counters"].lookup_per_cpu(struct.pack("<I", slot)) or []
-        return sum(sum(struct.unpack_from("<QQ", v)) for v in values)
+        values = self.program.maps["counters"].lookup_per_cpu(U32.pack(slot)) or []
+        return sum(sum(COUNTER.unpack_from(v).values()) for v in values)
 
     def close(self) -> None:
         self.program.close()

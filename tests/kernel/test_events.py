@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from test_audit import cgpolicy, write_policy  # tests/kernel is on sys.path (ro
 from test_programs_testrun import ipv4, tcp
 
 from cgpolicy.compiler.compile import EVENTS_PER_SECOND, compile_policy
+from cgpolicy.contract import RATELIMIT
 from cgpolicy.events.decode import decode
 from cgpolicy.kernel.loader import load_program
 from cgpolicy.kernel.ringbuf import RingBuffer
@@ -176,8 +176,12 @@ def test_flood_is_rate_limited_and_drops_counted(scratch_cgroup, bpf_dir, tmp_pa
 
 # --- the deny path by BPF_PROG_TEST_RUN -----------------------------------------------------
 
-_RATELIMIT = struct.Struct("<QQII")  # struct cgp_ratelimit: window_start, dropped, sent, limit
 BATCH = 1000  # runs per test_run while every run emits an event: well within the ring
+
+
+def window(limit: int) -> bytes:
+    """A fresh struct cgp_ratelimit: ``limit`` events a second per CPU may go out."""
+    return RATELIMIT.pack(window_start=0, dropped=0, sent=0, limit=limit)
 
 
 def test_deny_path_emits_an_event_per_denial_until_the_rate_limit(kernel_ready) -> None:
@@ -203,12 +207,12 @@ def test_deny_path_emits_an_event_per_denial_until_the_rate_limit(kernel_ready) 
         try:
             assert loaded.program.test_run(allow_pkt, repeat=BATCH).retval == 1
             assert list(ring.drain()) == []
-            ratelimit.update(bytes(4), _RATELIMIT.pack(0, 0, 0, 0))  # no event may go out
+            ratelimit.update(bytes(4), window(limit=0))  # no event may go out
             assert loaded.program.test_run(deny_pkt, repeat=BATCH).retval == 0
             assert list(ring.drain()) == []
             slots = ratelimit.lookup_per_cpu(bytes(4)) or []
-            assert sum(_RATELIMIT.unpack(slot)[1] for slot in slots) == BATCH  # dropped
-            ratelimit.update(bytes(4), _RATELIMIT.pack(0, 0, 0, 1 << 31))  # every one may
+            assert sum(RATELIMIT.unpack_from(slot)["dropped"] for slot in slots) == BATCH
+            ratelimit.update(bytes(4), window(limit=1 << 31))  # every one may
             decoded = []
             for _ in range(5):
                 assert loaded.program.test_run(deny_pkt, repeat=BATCH).retval == 0

@@ -20,6 +20,7 @@ import pytest
 
 from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.contract import COUNTER, U32
 from cgpolicy.kernel.bpf import CgroupLink
 from cgpolicy.kernel.hooks import hook
 from cgpolicy.kernel.loader import LoadedProgram, load_program
@@ -135,10 +136,10 @@ class Skb:
 
     def counters(self, slot: int) -> tuple[int, int]:
         """(allowed, denied) of a counter slot, summed over CPUs."""
-        per_cpu = self.program.maps["counters"].lookup_per_cpu(struct.pack("<I", slot))
+        per_cpu = self.program.maps["counters"].lookup_per_cpu(U32.pack(slot))
         assert per_cpu is not None
-        pairs = [struct.unpack_from("<QQ", value) for value in per_cpu]
-        return sum(a for a, _ in pairs), sum(d for _, d in pairs)
+        counters = [COUNTER.unpack_from(value) for value in per_cpu]
+        return sum(c["allowed"] for c in counters), sum(c["denied"] for c in counters)
 
     def close(self) -> None:
         self.program.close()

@@ -20,7 +20,8 @@ from cgpolicy.audit.model import (
     compute_drift,
     effective_programs,
 )
-from cgpolicy.events.decode import EVENT, decode
+from cgpolicy.contract import EVENT
+from cgpolicy.events.decode import decode
 
 OURS = {10: OurProgram("web", "egress", "rev1"), 11: OurProgram("web", "egress", None, False)}
 
@@ -149,7 +150,7 @@ def _record(**fields) -> bytes:
         name=b"",
     )
     values.update(fields)
-    return EVENT.pack(*values.values())
+    return EVENT.pack(**values)
 
 
 def test_decode_connect() -> None:

@@ -1,0 +1,407 @@
+"""The contract with bpf/*.c: every struct layout and constant the Python shares with the
+BPF programs, stated once for the Python side.
+
+The programs read the maps the compiler fills (:mod:`cgpolicy.compiler.compile`) and write
+the counters, rate-limit windows and deny events that ``audit`` and ``events`` read, so
+both sides must agree byte for byte. bpf/common.h states the contract for the C; nothing
+in cgpolicy outside this module spells the struct format of a map key or value or of an
+event record, or repeats one of these constants: it takes them from here.
+
+A struct is a :class:`Layout`: its C name and its members in order, each with its C type,
+from which follow every member's offset (C's natural alignment, none in a packed struct),
+the size and a little-endian :class:`struct.Struct` with the padding in it.
+
+How it is checked: tests/kernel/test_contract.py writes a ``_Static_assert`` for the
+offset, size and type of every member, the size and alignment of every struct and the
+value of every constant in :data:`C_CONSTANTS`, and compiles them over bpf/common.h with
+bcc, the compiler that builds the programs: a member moved or retyped on one side only
+fails the test, naming the struct and member. tests/unit/test_contract_layouts.py checks that
+each layout agrees with its own ``struct.Struct``.
+
+Pure: the standard library only, no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+U32 = struct.Struct("<I")  # a plain __u32: array map keys, sysctl_next values
+U64 = struct.Struct("<Q")  # a plain __u64: rule masks (LPM, hash and array values)
+
+# struct format of each scalar C type; an array of __u8 or char is one bytes value ("Ns")
+_SCALARS = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q", "char": "c"}
+_BYTES = ("__u8", "char")
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One member of a C struct and where the C compiler puts it."""
+
+    name: str
+    c_type: str  # of one element: "__u64", "char", "struct cgp_verdict"
+    count: int  # array length; 0: not an array
+    offset: int
+    size: int  # sizeof the member (the whole array)
+    align: int
+    format: str  # its part of the struct's format, without padding
+    layout: Layout | None  # the struct of a struct member (or of the array's elements)
+
+    @property
+    def c_declared_type(self) -> str:
+        """The member's C type as a type name: ``__u64[5]``, ``struct cgp_verdict``."""
+        return f"{self.c_type}[{self.count}]" if self.count else self.c_type
+
+    @property
+    def is_bytes(self) -> bool:
+        """An array of __u8 or char: one ``bytes`` value."""
+        return bool(self.count) and self.c_type in _BYTES
+
+
+Member = tuple[str, "str | Layout"] | tuple[str, "str | Layout", int]
+
+
+class Layout:
+    """``struct <c_name>`` of bpf/common.h: members given as (name, C type) or (name, C type,
+    array length), where the C type is a scalar (``__u32``) or another Layout.
+
+    :meth:`pack` and :meth:`unpack_from` take and give the values by member name (a struct
+    member as a mapping, an array as a sequence, a byte array as ``bytes``); ``struct`` is
+    the plain :class:`struct.Struct` for hot paths, its values in member order."""
+
+    def __init__(self, c_name: str, *members: Member, packed: bool = False) -> None:
+        self.c_name = c_name
+        self.packed = packed
+        self.fields: dict[str, Field] = {}
+        formats: list[str] = []
+        offset = 0
+        align = 1
+        for member in members:
+            name, element = member[0], member[1]
+            count = member[2] if len(member) == 3 else 0
+            field = _field(name, element, count, offset, packed)
+            if field.offset > offset:
+                formats.append(f"{field.offset - offset}x")
+            formats.append(field.format)
+            self.fields[name] = field
+            offset = field.offset + field.size
+            align = max(align, field.align)
+        self.align = align
+        self.size = offset + -offset % align
+        if self.size > offset:
+            formats.append(f"{self.size - offset}x")
+        self.format_body = "".join(formats)  # as a member of another struct: no byte order
+        self.struct = struct.Struct("<" + self.format_body)
+
+    def __repr__(self) -> str:
+        return f"Layout(struct {self.c_name}, {self.size} B)"
+
+    def pack(self, **values: Any) -> bytes:
+        """The struct's bytes from every member's value, by name (padding zeroed)."""
+        return self.struct.pack(*self._flatten(values))
+
+    def unpack_from(self, buffer: bytes, offset: int = 0) -> dict[str, Any]:
+        """Every member's value by name, from ``buffer`` at ``offset``."""
+        return self._group(iter(self.struct.unpack_from(buffer, offset)))
+
+    def _flatten(self, values: Mapping[str, Any]) -> list[Any]:
+        if values.keys() != self.fields.keys():
+            missing = sorted(self.fields.keys() - values.keys())
+            unknown = sorted(values.keys() - self.fields.keys())
+            raise ValueError(f"struct {self.c_name}: missing {missing}, unknown {unknown}")
+        flat: list[Any] = []
+        for field in self.fields.values():
+            value = values[field.name]
+            if field.count and not field.is_bytes and len(value) != field.count:
+                raise ValueError(
+                    f"struct {self.c_name}.{field.name}: {len(value)} values for "
+                    f"{field.c_declared_type}"
+                )
+            if field.layout is not None:
+                for item in value if field.count else (value,):
+                    flat.extend(field.layout._flatten(item))
+            elif field.count and not field.is_bytes:
+                flat.extend(value)
+            else:
+                flat.append(value)
+        return flat
+
+    def _group(self, flat: Iterator[Any]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for field in self.fields.values():
+            nested = field.layout
+            if nested is not None:
+                items = [nested._group(flat) for _ in range(field.count or 1)]
+                values[field.name] = tuple(items) if field.count else items[0]
+            elif field.count and not field.is_bytes:
+                values[field.name] = tuple(itertools.islice(flat, field.count))
+            else:
+                values[field.name] = next(flat)
+        return values
+
+
+def _field(name: str, element: str | Layout, count: int, end: int, packed: bool) -> Field:
+    """The member ``name`` placed after ``end`` bytes of members."""
+    if isinstance(element, Layout):
+        c_type, size, align = f"struct {element.c_name}", element.size, element.align
+        one = element.format_body
+        form = one * max(count, 1)
+    else:
+        c_type, one = element, _SCALARS[element]
+        size = align = struct.calcsize("<" + one)
+        if count and element in _BYTES:
+            form = f"{count}s"
+        else:
+            form = f"{count}{one}" if count else one
+    align = 1 if packed else align
+    offset = end + -end % align
+    nested = element if isinstance(element, Layout) else None
+    return Field(name, c_type, count, offset, size * max(count, 1), align, form, nested)
+
+
+# --- rules, counters, verdicts ------------------------------------------------------------
+
+MAX_RULES = 64  # CGP_MAX_RULES: rules per section, the bits of a rule mask
+DEFAULT_SLOT = MAX_RULES  # CGP_DEFAULT_SLOT: the counter slot (and event rule) of the default
+COUNTER_SLOTS = MAX_RULES + 1  # CGP_COUNTER_SLOTS: entries of the per-CPU array "counters"
+
+# Head of every program's config value (array map "config", one entry, key 0).
+VERDICT = Layout(
+    "cgp_verdict",
+    ("allow_mask", "__u64"),
+    ("deny_mask", "__u64"),
+    ("default_allow", "__u32"),  # the section default: 1 allow, 0 deny
+    ("audit", "__u32"),  # mode audit: count would-be denials, deny nothing
+)
+# Value of the per-CPU array "counters", slot = rule index or DEFAULT_SLOT.
+COUNTER = Layout("cgp_counter", ("allowed", "__u64"), ("denied", "__u64"))
+
+# --- deny events ----------------------------------------------------------------------------
+
+# Value of the per-CPU array "ratelimit" (one entry, key 0).
+RATELIMIT = Layout(
+    "cgp_ratelimit",
+    ("window_start", "__u64"),
+    ("dropped", "__u64"),  # events not emitted: over the limit, or the ring buffer full
+    ("sent", "__u32"),
+    ("limit", "__u32"),  # events per second per CPU
+)
+
+EVENT_NAME_MAX = 128  # CGP_EVENT_NAME_MAX: cgp_event.name, the sysctl name
+
+
+class EventFlag(enum.IntFlag):
+    """cgp_event.flags: CGP_EV_<NAME>."""
+
+    AUDIT = 1  # audit mode: would have been denied, was allowed
+    TASK = 2  # pid, tid and comm are set
+    WRITE = 4  # sysctl: a write (else a read)
+    TRUNCATED = 8  # sysctl: the name did not fit
+
+
+# A record of the ring buffer "events" (one per policy, shared by its programs).
+EVENT = Layout(
+    "cgp_event",
+    ("time_ns", "__u64"),
+    ("cgroup_id", "__u64"),
+    ("pid", "__u32"),
+    ("tid", "__u32"),
+    ("hook", "__u32"),  # HookProgram.event_code
+    ("rule", "__u32"),  # counter slot
+    ("flags", "__u32"),  # EventFlag
+    ("family", "__u32"),
+    ("type", "__u32"),  # socket type, or device type
+    ("protocol", "__u32"),
+    ("major", "__u32"),
+    ("minor", "__u32"),
+    ("access", "__u32"),  # DEVICE_ACCESS bits
+    ("sport", "__u16"),
+    ("dport", "__u16"),
+    ("saddr", "__u8", 16),
+    ("daddr", "__u8", 16),
+    ("comm", "char", 16),
+    ("name", "char", EVENT_NAME_MAX),
+)
+
+# --- the programs: hooks, sections, sources -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HookProgram:
+    """The program cgpolicy compiles a policy section onto one cgroup hook."""
+
+    hook: str  # bpftool's attach-type name; also the pin folder's
+    section: str  # the policy section it enforces
+    source: str  # its C file in bpf/
+    function: str  # its C function, also the kernel's program name
+    event_code: int  # cgp_event.hook: CGP_HOOK_<HOOK>
+
+
+HOOK_PROGRAMS: dict[str, HookProgram] = {
+    program.hook: program
+    for program in (
+        HookProgram("ingress", "network.ingress", "net.c", "cgp_ingress", 1),
+        HookProgram("egress", "network.egress", "net.c", "cgp_egress", 2),
+        HookProgram("sock_create", "sockets.create", "sock.c", "cgp_sock_create", 3),
+        HookProgram("bind4", "sockets.bind", "net.c", "cgp_bind4", 4),
+        HookProgram("bind6", "sockets.bind", "net.c", "cgp_bind6", 5),
+        HookProgram("connect4", "sockets.connect", "net.c", "cgp_connect4", 6),
+        HookProgram("connect6", "sockets.connect", "net.c", "cgp_connect6", 7),
+        # unconnected UDP: the sendmsg hooks enforce sockets.connect too
+        HookProgram("sendmsg4", "sockets.connect", "net.c", "cgp_sendmsg4", 8),
+        HookProgram("sendmsg6", "sockets.connect", "net.c", "cgp_sendmsg6", 9),
+        HookProgram("device", "devices", "device.c", "cgp_device", 10),
+        HookProgram("sysctl", "sysctl", "sysctl.c", "cgp_sysctl", 11),
+    )
+}
+# policy section -> the hooks its programs run at, in the order above
+SECTION_HOOKS: dict[str, tuple[str, ...]] = {
+    section: tuple(p.hook for p in HOOK_PROGRAMS.values() if p.section == section)
+    for section in dict.fromkeys(p.section for p in HOOK_PROGRAMS.values())
+}
+# cgp_event.hook -> the hook
+EVENT_HOOKS: dict[int, str] = {p.event_code: p.hook for p in HOOK_PROGRAMS.values()}
+# cgroup_skb hooks (events name both ends), and cgroup_sock_addr hooks (the syscall's address)
+PACKET_HOOKS = SECTION_HOOKS["network.ingress"] + SECTION_HOOKS["network.egress"]
+SOCKET_ADDRESS_HOOKS = SECTION_HOOKS["sockets.bind"] + SECTION_HOOKS["sockets.connect"]
+
+# --- net.c ----------------------------------------------------------------------------------
+
+# cgp_net_config.proto[i] holds the rules accepting protocol PROTO_SLOTS[i] (CGP_PROTO_<NAME>);
+# "other" is any other protocol, which exactly the rules with protocol any accept.
+PROTO_SLOTS = ("tcp", "udp", "icmp", "icmpv6", "other")
+
+NET_CONFIG = Layout(
+    "cgp_net_config",
+    ("v", VERDICT),
+    ("any_cidr", "__u64"),  # rules without cidrs
+    ("any_port", "__u64"),  # rules without ports
+    ("any_icmp", "__u64"),  # rules without icmpTypes (every rule on sock_addr hooks)
+    ("any_iface", "__u64"),  # rules without interfaces (every rule on sock_addr hooks)
+    ("proto", "__u64", len(PROTO_SLOTS)),
+)
+# LPM trie keys: the prefix length in bits, then the data in network byte order
+LPM4_KEY = Layout("cgp_lpm4", ("prefixlen", "__u32"), ("addr", "__u8", 4))
+LPM6_KEY = Layout("cgp_lpm6", ("prefixlen", "__u32"), ("addr", "__u8", 16))
+LPM_PORT_KEY = Layout("cgp_lpm_port", ("prefixlen", "__u32"), ("port", "__u8", 2), packed=True)
+
+CIDR4_PROBES = 8  # CGP_CIDR4_PROBES: hash lookups at most per IPv4 address (the /16 index)
+# Value of the array "cidr4_idx", indexed by an address's top 16 bits.
+CIDR4_INDEX_ENTRY = Layout(
+    "cgp_idx4",
+    ("mask", "__u64"),  # rules whose prefixes of length <= 16 contain this /16
+    ("lengths", "__u32"),  # bit 32 - len: a prefix of length len (17..32) lies in this /16
+    ("pad", "__u32"),
+)
+# Key of the hash "cidr4_long": a prefix longer than /16.
+CIDR4_LONG_KEY = Layout(
+    "cgp_pfx4",
+    ("low", "__u32"),  # 1 << (32 - len)
+    ("addr", "__u32"),  # host byte order, masked to len
+)
+
+# --- sock.c ---------------------------------------------------------------------------------
+
+SOCKET_FAMILY_SLOTS = 64  # CGP_FAMILY_SLOTS
+SOCKET_TYPE_SLOTS = 16  # CGP_TYPE_SLOTS
+SOCKET_PROTOCOL_SLOTS = 256  # CGP_PROTOCOL_SLOTS
+
+CREATE_CONFIG = Layout(
+    "cgp_create_config",
+    ("v", VERDICT),
+    ("any_family", "__u64"),
+    ("any_type", "__u64"),
+    ("any_protocol", "__u64"),
+    ("family", "__u64", SOCKET_FAMILY_SLOTS),  # value -> rules accepting it
+    ("type", "__u64", SOCKET_TYPE_SLOTS),
+    ("protocol", "__u64", SOCKET_PROTOCOL_SLOTS),
+)
+
+# --- device.c -------------------------------------------------------------------------------
+
+DEVICE_ANY = 0xFFFFFFFF  # CGP_DEV_ANY: any major or minor ('*')
+# a rule's type: CGP_DEV_TYPE_ANY, BPF_DEVCG_DEV_BLOCK, BPF_DEVCG_DEV_CHAR (also an event's)
+DEVICE_TYPES = {"any": 0, "block": 1, "char": 2}
+# The type of a path rule whose path names no device here: no access has it, so the rule
+# matches nothing, allow or deny, while keeping its bit and counter slot. Python only.
+DEVICE_TYPE_NEVER = 3
+# rights: BPF_DEVCG_ACC_READ, _WRITE, _MKNOD, in the order they are written ("rwm")
+DEVICE_ACCESS = {"r": 2, "w": 4, "m": 1}
+
+DEVICE_RULE = Layout(
+    "cgp_dev_rule",
+    ("bit", "__u64"),  # 1 << rule index
+    ("type", "__u32"),  # DEVICE_TYPES, or DEVICE_TYPE_NEVER
+    ("major", "__u32"),  # or DEVICE_ANY
+    ("minor", "__u32"),  # or DEVICE_ANY
+    ("access", "__u32"),  # DEVICE_ACCESS bits
+)
+DEVICE_CONFIG = Layout(
+    "cgp_dev_config",
+    ("v", VERDICT),
+    ("nrules", "__u32"),
+    ("pad", "__u32"),
+    ("rules", DEVICE_RULE, MAX_RULES),
+)
+
+# --- sysctl.c -------------------------------------------------------------------------------
+
+SYSCTL_DEAD_STATE = 0  # CGP_SYSCTL_DEAD: no pattern can match any more
+SYSCTL_START_STATE = 1  # CGP_SYSCTL_START: nothing read yet
+
+SYSCTL_CONFIG = Layout(
+    "cgp_sysctl_config",
+    ("v", VERDICT),
+    ("read_mask", "__u64"),  # rules whose access includes read
+    ("write_mask", "__u64"),  # rules whose access includes write
+    ("nclasses", "__u32"),
+    ("byte_class", "__u8", 256),  # byte -> character class of the DFA
+)
+
+# --- what the check compares ----------------------------------------------------------------
+
+LAYOUTS: tuple[Layout, ...] = (
+    VERDICT,
+    COUNTER,
+    RATELIMIT,
+    EVENT,
+    NET_CONFIG,
+    LPM4_KEY,
+    LPM6_KEY,
+    LPM_PORT_KEY,
+    CIDR4_INDEX_ENTRY,
+    CIDR4_LONG_KEY,
+    CREATE_CONFIG,
+    DEVICE_RULE,
+    DEVICE_CONFIG,
+    SYSCTL_CONFIG,
+)
+
+# Every constant above under its name in bpf/common.h, or in the kernel's UAPI bpf.h.
+C_CONSTANTS: dict[str, int] = {
+    "CGP_MAX_RULES": MAX_RULES,
+    "CGP_DEFAULT_SLOT": DEFAULT_SLOT,
+    "CGP_COUNTER_SLOTS": COUNTER_SLOTS,
+    "CGP_EVENT_NAME_MAX": EVENT_NAME_MAX,
+    **{f"CGP_EV_{name}": flag.value for name, flag in EventFlag.__members__.items()},
+    **{f"CGP_HOOK_{p.hook.upper()}": p.event_code for p in HOOK_PROGRAMS.values()},
+    **{f"CGP_PROTO_{name.upper()}": slot for slot, name in enumerate(PROTO_SLOTS)},
+    "CGP_PROTO_N": len(PROTO_SLOTS),
+    "CGP_CIDR4_PROBES": CIDR4_PROBES,
+    "CGP_FAMILY_SLOTS": SOCKET_FAMILY_SLOTS,
+    "CGP_TYPE_SLOTS": SOCKET_TYPE_SLOTS,
+    "CGP_PROTOCOL_SLOTS": SOCKET_PROTOCOL_SLOTS,
+    "CGP_DEV_ANY": DEVICE_ANY,
+    "CGP_DEV_TYPE_ANY": DEVICE_TYPES["any"],
+    "BPF_DEVCG_DEV_BLOCK": DEVICE_TYPES["block"],
+    "BPF_DEVCG_DEV_CHAR": DEVICE_TYPES["char"],
+    "BPF_DEVCG_ACC_MKNOD": DEVICE_ACCESS["m"],
+    "BPF_DEVCG_ACC_READ": DEVICE_ACCESS["r"],
+    "BPF_DEVCG_ACC_WRITE": DEVICE_ACCESS["w"],
+    "CGP_SYSCTL_DEAD": SYSCTL_DEAD_STATE,
+    "CGP_SYSCTL_START": SYSCTL_START_STATE,
+}
