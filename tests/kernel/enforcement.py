@@ -9,7 +9,6 @@ test's private bpffs folder. `enforced()` always removes what it applied.
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from netns import PROBE_EXTRA
 
@@ -38,7 +37,6 @@ ALLOWED = 0
 EPERM = errno.EPERM
 ETIMEDOUT = errno.ETIMEDOUT
 CGPOLICY = Path(sys.executable).with_name("cgpolicy")
-_files = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -52,25 +50,6 @@ class ScratchCgroup(Protocol):  # conftest.ScratchCgroup; conftest is not import
     path: Path
 
     def run(self, argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]: ...
-
-
-def policy_file(
-    folder: Path,
-    name: str,
-    targets: Sequence[str],
-    spec: dict[str, Any],
-    mode: str = "enforce",
-) -> Path:
-    """A policy document in a file of its own (JSON is YAML; no anchors, no surprises)."""
-    document = {
-        "apiVersion": "cgpolicy.dev/v1",
-        "kind": "CgroupPolicy",
-        "metadata": {"name": name},
-        "spec": {"mode": mode, "targets": [{"path": t} for t in targets], **spec},
-    }
-    path = folder / f"{name}-{next(_files)}.yaml"
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    return path
 
 
 def load(*paths: Path) -> list[Policy]:

@@ -126,10 +126,14 @@ def running(daemon: D) -> Iterator[D]:
         )
 
 
-def write_policy(daemon: Daemon, scratch, name: str = "svc", denied: str = "127.0.0.2") -> Path:
+def write_policy(
+    daemon: Daemon, scratch, name: str = "svc", denied: str = "127.0.0.2", template: str = POLICY
+) -> Path:
+    """``name``.yaml in the service's folder: ``template`` (POLICY or a variant of it) for the
+    policy ``name`` on the cgroups ``work-*`` below ``scratch``."""
     path = daemon.policy_dir / f"{name}.yaml"
     glob = f"{scratch.relative}/work-*"
-    path.write_text(POLICY.format(name=name, glob=glob, denied=denied))
+    path.write_text(template.format(name=name, glob=glob, denied=denied))
     return path
 
 

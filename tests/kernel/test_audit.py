@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from policy_builders import policy_file
+
 from cgpolicy.kernel.bpf import CgroupLink, Program
 from cgpolicy.kernel.syscall import BPF_F_ALLOW_MULTI, AttachType, ProgType, prog_attach
 
@@ -27,23 +29,14 @@ def cgpolicy(bpf_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def write_policy(folder: Path, name: str, target: str, body: str, mode: str = "enforce") -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(
-        "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\n"
-        f"metadata: {{name: {name}}}\nspec:\n  mode: {mode}\n"
-        f"  targets: [{{path: {target}}}]\n{body}"
-    )
-    return path
-
-
-CONNECT_DENY = """\
-  sockets:
-    connect:
-      default: allow
-      rules:
-        - {action: deny, cidrs: ["169.254.169.254/32"]}
-"""
+CONNECT_DENY = {
+    "sockets": {
+        "connect": {
+            "default": "allow",
+            "rules": [{"action": "deny", "cidrs": ["169.254.169.254/32"]}],
+        }
+    }
+}
 
 
 def apply(bpf_dir: Path, policy: Path) -> None:
@@ -68,7 +61,7 @@ def load_foreign(name: str) -> Program:
 def test_owners_modes_and_inheritance(scratch_cgroup, bpf_dir, tmp_path) -> None:
     parent = scratch_cgroup
     child = parent.child("app")
-    apply(bpf_dir, write_policy(tmp_path, "meta-block", parent.relative, CONNECT_DENY))
+    apply(bpf_dir, policy_file(tmp_path, "meta-block", [parent.relative], CONNECT_DENY))
     systemd_like = load_foreign("sd_fw_egress")
     unknown = load_foreign("other_egress")
     try:
@@ -117,7 +110,7 @@ def test_owners_modes_and_inheritance(scratch_cgroup, bpf_dir, tmp_path) -> None
 
 def test_only_inheriting_cgroups_listed_with_all(scratch_cgroup, bpf_dir, tmp_path) -> None:
     child = scratch_cgroup.child("quiet")
-    apply(bpf_dir, write_policy(tmp_path, "inh", scratch_cgroup.relative, CONNECT_DENY))
+    apply(bpf_dir, policy_file(tmp_path, "inh", [scratch_cgroup.relative], CONNECT_DENY))
     _, report = audit(bpf_dir, scratch_cgroup.relative)
     assert child.relative not in by_path(report)
     _, report = audit(bpf_dir, scratch_cgroup.relative, "--all")
@@ -126,7 +119,7 @@ def test_only_inheriting_cgroups_listed_with_all(scratch_cgroup, bpf_dir, tmp_pa
 
 
 def test_detached_link_is_missing_until_reapplied(scratch_cgroup, bpf_dir, tmp_path) -> None:
-    policy = write_policy(tmp_path, "drifty", scratch_cgroup.relative, CONNECT_DENY)
+    policy = policy_file(tmp_path, "drifty", [scratch_cgroup.relative], CONNECT_DENY)
     apply(bpf_dir, policy)
     cgroup_id = os.stat(scratch_cgroup.path).st_ino
     with CgroupLink.from_pin(bpf_dir / "drifty" / "connect4" / f"link-{cgroup_id}") as link:
@@ -153,7 +146,7 @@ def test_detached_link_is_missing_until_reapplied(scratch_cgroup, bpf_dir, tmp_p
 def test_unexpected_and_orphaned(scratch_cgroup, bpf_dir, tmp_path) -> None:
     target = scratch_cgroup.child("target")
     elsewhere = scratch_cgroup.child("elsewhere")
-    apply(bpf_dir, write_policy(tmp_path, "wander", target.relative, CONNECT_DENY))
+    apply(bpf_dir, policy_file(tmp_path, "wander", [target.relative], CONNECT_DENY))
     # Someone attaches our program where the policy does not want it.
     with Program.from_pin(bpf_dir / "wander" / "connect4" / "prog") as ours:
         fd = elsewhere.fd()
@@ -179,7 +172,7 @@ def test_unexpected_and_orphaned(scratch_cgroup, bpf_dir, tmp_path) -> None:
 
 
 def test_counters_count_exactly(scratch_cgroup, bpf_dir, tmp_path, tcp_server) -> None:
-    apply(bpf_dir, write_policy(tmp_path, "counted", scratch_cgroup.relative, CONNECT_DENY))
+    apply(bpf_dir, policy_file(tmp_path, "counted", [scratch_cgroup.relative], CONNECT_DENY))
     for _ in range(3):
         assert not scratch_cgroup.probe("connect", "tcp", "169.254.169.254", 80).ok
     for _ in range(2):

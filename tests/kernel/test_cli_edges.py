@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from enforcement import attachments, policy_file, run_cli
+from enforcement import attachments, run_cli
+from policy_builders import policy_file
 
 
 def test_a_target_that_is_a_file_is_refused_by_plan_and_apply(

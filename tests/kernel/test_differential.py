@@ -43,6 +43,7 @@ from typing import Literal
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from policy_builders import policy_model
 
 from cgpolicy import reference
 from cgpolicy.compiler import compile as compile_module
@@ -198,10 +199,6 @@ def network_section(where: Anchors) -> st.SearchStrategy[NetworkSection]:
         return NetworkSection(draw(ACTIONS), tuple(rules))
 
     return draw_section()
-
-
-def make_policy(**sections: object) -> Policy:
-    return Policy(name="diff", mode="enforce", targets=(Target("x", False),), **sections)  # type: ignore[arg-type]
 
 
 # --- packets ------------------------------------------------------------------------------------
@@ -522,7 +519,7 @@ def skb_case(draw: st.DrawFn) -> tuple[Policy, Anchors, int]:
     sections = network_section(where)
     egress = draw(sections)
     ingress = draw(sections)
-    policy = make_policy(network=Network(ingress=ingress, egress=egress))
+    policy = policy_model(name="diff", network=Network(ingress=ingress, egress=egress))
     return policy, where, draw(st.integers(0, 2**64 - 1))
 
 
@@ -775,7 +772,7 @@ def test_socket_address_hooks_agree_with_the_reference(
     def run(
         bind: SocketAddressSection, connect: SocketAddressSection, batch: list, cidr4_index: bool
     ) -> None:
-        policy = make_policy(sockets=Sockets(bind=bind, connect=connect))
+        policy = policy_model(name="diff", sockets=Sockets(bind=bind, connect=connect))
         default = compile_module.CIDR4_INDEX_MIN
         # The Enforcer compiles with the module's threshold: 0 forces the /16 index layout.
         compile_module.CIDR4_INDEX_MIN = 0 if cidr4_index else default
@@ -849,7 +846,7 @@ def test_device_hook_agrees_with_the_reference(
         st.lists(device_action(), min_size=ACTIONS_PER_POLICY, max_size=ACTIONS_PER_POLICY),
     )
     def run(section: DeviceSection, batch: list) -> None:
-        policy = make_policy(devices=section)
+        policy = policy_model(name="diff", devices=section)
         compare_real("device", batch_probe, cgroup_root, bpf_dir, policy, batch)
 
     run()
@@ -944,7 +941,7 @@ def test_sysctl_hook_agrees_with_the_reference(
         st.lists(sysctl_action(), min_size=ACTIONS_PER_POLICY, max_size=ACTIONS_PER_POLICY),
     )
     def run(section: SysctlSection, batch: list) -> None:
-        policy = make_policy(sysctl=section)
+        policy = policy_model(name="diff", sysctl=section)
         compare_real("sysctl", batch_probe, cgroup_root, bpf_dir, policy, batch)
 
     run()

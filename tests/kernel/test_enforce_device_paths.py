@@ -20,17 +20,8 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from enforcement import (
-    ALLOWED,
-    CGPOLICY,
-    EPERM,
-    apply_ok,
-    enforced,
-    expect,
-    load,
-    policy_file,
-    remove,
-)
+from enforcement import ALLOWED, CGPOLICY, EPERM, apply_ok, enforced, expect, load, remove
+from policy_builders import policy_file
 from service import wait_until
 
 from cgpolicy.enforcer.engine import Enforcer

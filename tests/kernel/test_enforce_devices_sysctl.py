@@ -12,7 +12,8 @@ import stat
 import subprocess
 from pathlib import Path
 
-from enforcement import ALLOWED, EPERM, apply_ok, enforced, expect, policy_file
+from enforcement import ALLOWED, EPERM, apply_ok, enforced, expect
+from policy_builders import policy_file
 
 
 def make_node(folder: Path, name: str, kind: str, major: int, minor: int) -> str:

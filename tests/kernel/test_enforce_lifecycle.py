@@ -24,12 +24,12 @@ from enforcement import (
     kill_and_remove_cgroup,
     load,
     pins,
-    policy_file,
     program_names,
     remove,
     run_cli,
 )
 from netns import PROBE_EXTRA
+from policy_builders import policy_file
 
 from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.enforcer.plan import Action

@@ -11,7 +11,8 @@ from __future__ import annotations
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
-from enforcement import ALLOWED, EPERM, ETIMEDOUT, enforced, expect, policy_file, serve_in_cgroup
+from enforcement import ALLOWED, EPERM, ETIMEDOUT, enforced, expect, serve_in_cgroup
+from policy_builders import policy_file
 
 from cgpolicy.kernel import bpf
 from cgpolicy.kernel.interfaces import resolve_interfaces

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import socket
 
-from enforcement import ALLOWED, EPERM, enforced, expect, policy_file
+from enforcement import ALLOWED, EPERM, enforced, expect
+from policy_builders import policy_file
 
 from cgpolicy.policy.validate import load_paths
 

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from test_audit import cgpolicy, write_policy  # tests/kernel is on sys.path (rootdir conftest)
+from policy_builders import egress_policy, net, policy_file
+from test_audit import cgpolicy  # tests/kernel is on sys.path (rootdir conftest)
 from test_programs_testrun import ipv4, tcp
 
 from cgpolicy.compiler.compile import EVENTS_PER_SECOND, compile_policy
@@ -21,7 +22,7 @@ from cgpolicy.contract import RATELIMIT
 from cgpolicy.events.decode import decode
 from cgpolicy.kernel.loader import load_program
 from cgpolicy.kernel.ringbuf import RingBuffer
-from cgpolicy.policy.model import Network, NetworkRule, NetworkSection, Policy, Target
+from cgpolicy.policy.model import NetworkRule
 
 SYSCTL = "net/ipv4/ip_forward"
 
@@ -32,22 +33,30 @@ def events(bpf_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
-def body(port: int) -> str:
-    return f"""\
-  sockets:
-    connect:
-      default: allow
-      rules:
-        - {{action: deny, protocol: tcp, cidrs: ["127.0.0.1/32"], ports: [{port}]}}
-  devices:
-    default: allow
-    rules:
-      - {{action: deny, type: char, major: 1, minor: 7, access: w}}
-  sysctl:
-    default: allow
-    rules:
-      - {{action: deny, name: "net.ipv4.ip_forward", access: write}}
-"""
+def body(port: int) -> dict[str, Any]:
+    return {
+        "sockets": {
+            "connect": {
+                "default": "allow",
+                "rules": [
+                    {
+                        "action": "deny",
+                        "protocol": "tcp",
+                        "cidrs": ["127.0.0.1/32"],
+                        "ports": [port],
+                    }
+                ],
+            }
+        },
+        "devices": {
+            "default": "allow",
+            "rules": [{"action": "deny", "type": "char", "major": 1, "minor": 7, "access": "w"}],
+        },
+        "sysctl": {
+            "default": "allow",
+            "rules": [{"action": "deny", "name": "net.ipv4.ip_forward", "access": "write"}],
+        },
+    }
 
 
 def sysctl_write(cgroup) -> tuple[bool, int]:
@@ -66,8 +75,8 @@ def sysctl_write(cgroup) -> tuple[bool, int]:
 
 
 def _run(mode: str, scratch_cgroup, bpf_dir, tmp_path, tcp_server) -> list[dict[str, Any]]:
-    policy = write_policy(
-        tmp_path, f"ev-{mode}", scratch_cgroup.relative, body(tcp_server.port), mode
+    policy = policy_file(
+        tmp_path, f"ev-{mode}", [scratch_cgroup.relative], body(tcp_server.port), mode
     )
     done = cgpolicy(bpf_dir, "apply", str(policy))
     assert done.returncode == 0, done.stderr
@@ -119,7 +128,7 @@ def test_audit_mode_makes_would_deny_events(scratch_cgroup, bpf_dir, tmp_path, t
 
 
 def test_readable_line(scratch_cgroup, bpf_dir, tmp_path, tcp_server) -> None:
-    policy = write_policy(tmp_path, "lines", scratch_cgroup.relative, body(tcp_server.port))
+    policy = policy_file(tmp_path, "lines", [scratch_cgroup.relative], body(tcp_server.port))
     assert cgpolicy(bpf_dir, "apply", str(policy)).returncode == 0
     assert not scratch_cgroup.probe("connect", "tcp", "127.0.0.1", tcp_server.port).ok
     done = cgpolicy(bpf_dir, "events")
@@ -141,11 +150,9 @@ for _ in range({FLOOD}):
 
 
 def test_flood_is_rate_limited_and_drops_counted(scratch_cgroup, bpf_dir, tmp_path) -> None:
-    denied = (
-        "  sockets:\n"
-        "    create: {default: allow, rules: [{action: deny, family: inet, type: dgram}]}\n"
-    )
-    policy = write_policy(tmp_path, "flood", scratch_cgroup.relative, denied)
+    rule = {"action": "deny", "family": "inet", "type": "dgram"}
+    denied = {"sockets": {"create": {"default": "allow", "rules": [rule]}}}
+    policy = policy_file(tmp_path, "flood", [scratch_cgroup.relative], denied)
     assert cgpolicy(bpf_dir, "apply", str(policy)).returncode == 0
     done = scratch_cgroup.run([sys.executable, "-c", FLOOD_SCRIPT])
     assert done.returncode == 0, done.stderr
@@ -188,16 +195,7 @@ def test_deny_path_emits_an_event_per_denial_until_the_rate_limit(kernel_ready) 
     """The egress program run by the kernel: allowing emits nothing; past the rate limit each
     denial is counted as dropped and emits nothing; below it each denial emits one event that
     decodes to what was denied."""
-    policy = Policy(
-        name="deny-path",
-        mode="enforce",
-        targets=(Target("x", False),),
-        network=Network(
-            egress=NetworkSection(
-                default="allow", rules=(NetworkRule("deny", cidrs=(_net("10.0.0.0/8"),)),)
-            )
-        ),
-    )
+    policy = egress_policy("allow", NetworkRule("deny", net("10.0.0.0/8")))
     (spec,) = compile_policy(policy).programs
     allow_pkt = ipv4("192.0.2.1", "192.0.2.2", 6, tcp(443))
     deny_pkt = ipv4("192.0.2.1", "10.1.2.3", 6, tcp(443))
@@ -223,9 +221,3 @@ def test_deny_path_emits_an_event_per_denial_until_the_rate_limit(kernel_ready) 
     assert {(e.hook, e.rule, e.audit, e.what["dst"], e.what["dport"]) for e in decoded} == {
         ("egress", 0, False, "10.1.2.3", 443)
     }
-
-
-def _net(text: str):
-    import ipaddress
-
-    return ipaddress.ip_network(text)

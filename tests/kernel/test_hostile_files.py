@@ -37,17 +37,11 @@ def service(tmp_path: Path, bpf_dir: Path) -> Iterator[Daemon]:
         yield daemon
 
 
-def write_hostile(daemon: Daemon, scratch, name: str, as_policy: str) -> Path:
-    path = daemon.policy_dir / name
-    glob = f"{scratch.relative}/work-*"
-    path.write_text(HOSTILE[name].format(name=as_policy, glob=glob, denied="127.0.0.3"))
-    return path
-
-
 def test_hostile_files_do_not_stop_the_other_policies(service, scratch_cgroup, tcp_server):
     write_policy(service, scratch_cgroup, name="svc", denied="127.0.0.1")
-    for name in HOSTILE:
-        write_hostile(service, scratch_cgroup, name, as_policy=name.removesuffix(".yaml"))
+    for name, template in HOSTILE.items():
+        stem = name.removesuffix(".yaml")
+        write_policy(service, scratch_cgroup, name=stem, denied="127.0.0.3", template=template)
     service.start()
     # A cgroup that appears after the service started gets the valid policy.
     work = scratch_cgroup.child("work-1")

@@ -9,17 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from enforcement import (
-    ALLOWED,
-    EPERM,
-    apply,
-    apply_ok,
-    attachments,
-    expect,
-    policy_file,
-    remove,
-    run_cli,
-)
+from enforcement import ALLOWED, EPERM, apply, apply_ok, attachments, expect, remove, run_cli
+from policy_builders import policy_file
 
 from cgpolicy.enforcer import apply as apply_module
 from cgpolicy.enforcer.engine import Enforcer

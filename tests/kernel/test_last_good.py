@@ -30,6 +30,7 @@ from service import (
     links_at,
     running,
     wait_until,
+    write_policy,
 )
 
 from cgpolicy.kernel.bpf import CgroupLink, Program
@@ -88,13 +89,6 @@ def service(tmp_path: Path, bpf_dir: Path) -> Iterator[Service]:
         yield daemon
 
 
-def write_glob_policy(service: Service, scratch, denied: str = "127.0.0.1") -> Path:
-    path = service.policy_dir / "svc.yaml"
-    glob = f"{scratch.relative}/work-*"
-    path.write_text(POLICY.format(name="svc", glob=glob, denied=denied))
-    return path
-
-
 def break_file(path: Path) -> None:
     """The policy turned into an allow-all by a duplicated key: rejected by validation."""
     path.write_text(path.read_text() + "  sockets: {}\n")
@@ -108,7 +102,7 @@ def enforced(cgroup, port: int) -> bool:
 
 def start_enforcing(service: Service, scratch, tcp_server) -> tuple[Path, object]:
     """svc.yaml applied by a running service on work-1."""
-    path = write_glob_policy(service, scratch)
+    path = write_policy(service, scratch, denied="127.0.0.1")
     work = scratch.child("work-1")
     service.start()
     assert wait_until(lambda: enforced(work, tcp_server.port), timeout=30), service.log()
@@ -428,7 +422,7 @@ def drift(service: Service, kind: str, what: str = "found") -> float:
 def test_new_matching_cgroups_are_not_drift_but_changes_from_outside_are(
     service, scratch_cgroup, tcp_server
 ):
-    write_glob_policy(service, scratch_cgroup)
+    write_policy(service, scratch_cgroup, denied="127.0.0.1")
     other = scratch_cgroup.child("other")
     (service.policy_dir / "other.yaml").write_text(
         POLICY.format(name="other", glob=other.relative, denied="127.0.0.4")

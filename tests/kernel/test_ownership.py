@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from enforcement import EPERM, policy_file, probe, run_cli
+from enforcement import EPERM, probe, run_cli
 from gate import finish, gated, open_gates
+from policy_builders import policy_file
 from service import POLICY, Daemon, http_get, wait_until
 
 from cgpolicy.enforcer.engine import Enforcer

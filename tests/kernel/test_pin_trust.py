@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from enforcement import ALLOWED, EPERM, attachments, expect, policy_file, remove, run_cli
+from enforcement import ALLOWED, EPERM, attachments, expect, remove, run_cli
+from policy_builders import policy_file
 
 from cgpolicy.enforcer.engine import Enforcer
 

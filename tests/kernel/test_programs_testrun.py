@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from policy_builders import net, policy_model, ports
 
 from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.compiler.spec import CompiledPolicy
@@ -31,7 +32,6 @@ from cgpolicy.policy.model import (
     NetworkRule,
     NetworkSection,
     Policy,
-    PortRange,
     SocketAddressRule,
     SocketAddressSection,
     SocketCreateRule,
@@ -108,20 +108,7 @@ def policy(
     ingress: NetworkSection | None = None,
     mode: str = "enforce",
 ) -> Policy:
-    return Policy(
-        name="test",
-        mode=mode,  # type: ignore[arg-type]
-        targets=(Target("x", False),),
-        network=Network(ingress=ingress, egress=egress),
-    )
-
-
-def net(*cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(c) for c in cidrs)
-
-
-def ports(*items: tuple[int, int]) -> tuple[PortRange, ...]:
-    return tuple(PortRange(low, high) for low, high in items)
+    return policy_model(mode, name="test", network=Network(ingress=ingress, egress=egress))
 
 
 class Skb:

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from enforcement import EPERM, kill_and_remove_cgroup, policy_file, probe, run_cli
+from enforcement import EPERM, kill_and_remove_cgroup, probe, run_cli
 from gate import finish, gated, open_gates
 from netns import PROBE_EXTRA
+from policy_builders import policy_file
 from service import wait_until
 
 from cgpolicy.enforcer.engine import Enforcer

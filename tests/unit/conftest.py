@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from policy_builders import policy_text
 
 VALID_POLICY = """\
 apiVersion: cgpolicy.dev/v1
@@ -64,15 +65,6 @@ def write(tmp_path: Path) -> WriteFile:
         return path
 
     return write_file
-
-
-def policy_text(name: str = "web", spec: str = "") -> str:
-    """A minimal valid policy, with extra spec lines (indented by two spaces) appended."""
-    return (
-        "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\n"
-        f"metadata:\n  name: {name}\nspec:\n  targets:\n    - path: system.slice/a.service\n"
-        + textwrap.indent(textwrap.dedent(spec), "  ")
-    )
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from struct import unpack
 
 import pytest
+from policy_builders import egress_policy, net, policy_model
 
 from cgpolicy.compiler.compile import (
     CIDR4_INDEX_MIN,
@@ -25,9 +26,7 @@ from cgpolicy.compiler.spec import CompiledPolicy, MapSpec
 from cgpolicy.policy.model import (
     DeviceRule,
     DeviceSection,
-    Network,
     NetworkRule,
-    NetworkSection,
     Policy,
     PortRange,
     SocketAddressRule,
@@ -41,19 +40,6 @@ from cgpolicy.policy.model import (
     Target,
 )
 from cgpolicy.policy.sysctl_patterns import sysctl_dfa
-
-
-def net(*cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(c) for c in cidrs)
-
-
-def egress_policy(*rules: NetworkRule, default: str = "deny", mode: str = "enforce") -> Policy:
-    return Policy(
-        name="web",
-        mode=mode,  # type: ignore[arg-type]
-        targets=(Target("system.slice/nginx.service", False),),
-        network=Network(egress=NetworkSection(default, rules)),  # type: ignore[arg-type]
-    )
 
 
 def maps_of(compiled: CompiledPolicy, hook: str) -> dict[str, MapSpec]:
@@ -124,6 +110,7 @@ def test_ancestor_propagation() -> None:
 def test_allow_inside_deny_map_contents() -> None:
     compiled = compile_policy(
         egress_policy(
+            "deny",
             NetworkRule("deny", net("10.0.0.0/8")),
             NetworkRule("allow", net("10.1.0.0/16"), "tcp", (PortRange(443, 443),)),
         )
@@ -164,7 +151,7 @@ def test_random_cidrs_match_python_semantics() -> None:
             for _ in range(40)
         }
         rules.append(NetworkRule(action, tuple(cidrs)))  # type: ignore[arg-type]
-    compiled = compile_policy(egress_policy(*rules))
+    compiled = compile_policy(egress_policy("deny", *rules))
     ordered = ordered_rules(rules)
     cidr4 = lpm_entries(maps_of(compiled, "egress")["cidr4"])
     for _ in range(2000):
@@ -184,7 +171,7 @@ def test_100k_cidrs_compile_into_the_index_layout() -> None:
     )
     wide = net("10.0.0.0/8", "192.168.0.0/16")
     rules = (NetworkRule("deny", cidrs), NetworkRule("allow", wide))
-    policy = egress_policy(*rules)
+    policy = egress_policy("deny", *rules)
     compiled = compile_policy(policy)
     maps = maps_of(compiled, "egress")
     # A long list takes the /16 index instead of the trie (bpf/net.c cgp_cidr4_mask).
@@ -221,7 +208,7 @@ def test_cidr4_index_matches_the_trie(seed: int) -> None:
                 value = rng.randrange(1 << 32)
             cidrs.add(ipaddress.IPv4Network((value, length), strict=False))
         rules.append(NetworkRule(action, tuple(cidrs)))  # type: ignore[arg-type]
-    policy = egress_policy(*rules)
+    policy = egress_policy("deny", *rules)
     ordered = ordered_rules(rules)
     trie = lpm_entries(maps_of(compile_policy(policy), "egress")["cidr4"])
     index = maps_of(compile_policy(policy, cidr4_index_min=0), "egress")
@@ -249,7 +236,7 @@ def test_cidr4_index_matches_the_trie(seed: int) -> None:
 def test_revision_is_stable_and_semantic() -> None:
     a = NetworkRule("allow", net("10.0.0.0/8", "fd00::/8"), "tcp", (PortRange(443, 443),))
     b = NetworkRule("deny", net("10.1.0.0/16"))
-    base = compile_policy(egress_policy(a, b)).revision
+    base = compile_policy(egress_policy("deny", a, b)).revision
     assert len(base) == 16
     # Rule order, list order, duplicates and source positions do not count.
     a_moved = NetworkRule(
@@ -259,17 +246,17 @@ def test_revision_is_stable_and_semantic() -> None:
         (PortRange(443, 443),),
         source=SourceLocation("web.yaml", 9, 3),
     )
-    assert compile_policy(egress_policy(b, a_moved, a)).revision == base
+    assert compile_policy(egress_policy("deny", b, a_moved, a)).revision == base
     # Any semantic change does.
-    assert compile_policy(egress_policy(a)).revision != base
-    assert compile_policy(egress_policy(a, b, default="allow")).revision != base
-    assert compile_policy(egress_policy(a, b, mode="audit")).revision != base
+    assert compile_policy(egress_policy("deny", a)).revision != base
+    assert compile_policy(egress_policy("allow", a, b)).revision != base
+    assert compile_policy(egress_policy("deny", a, b, mode="audit")).revision != base
     c = NetworkRule("allow", net("10.0.0.0/8", "fd00::/8"), "tcp", (PortRange(443, 444),))
-    assert compile_policy(egress_policy(c, b)).revision != base
+    assert compile_policy(egress_policy("deny", c, b)).revision != base
 
 
 def test_interfaces_need_a_resolver_and_count_in_the_revision() -> None:
-    policy = egress_policy(NetworkRule("allow", interfaces=("eth0", "wg*")))
+    policy = egress_policy("deny", NetworkRule("allow", interfaces=("eth0", "wg*")))
     with pytest.raises(CompileError):
         compile_policy(policy)
     one = compile_policy(policy, resolve_interfaces=lambda names: {2})
@@ -284,7 +271,7 @@ def test_interfaces_need_a_resolver_and_count_in_the_revision() -> None:
 
 def test_icmp_types_table() -> None:
     compiled = compile_policy(
-        egress_policy(NetworkRule("allow", protocol="icmp", icmp_types=(8, 0)))
+        egress_policy("deny", NetworkRule("allow", protocol="icmp", icmp_types=(8, 0)))
     )
     icmp = maps_of(compiled, "egress")["icmp_types"]
     assert icmp.max_entries == 256
@@ -427,6 +414,5 @@ def test_sysctl_maps() -> None:
 def test_sysctl_patterns_needing_too_many_states_are_a_compile_error() -> None:
     """Validation refuses them first; a policy built without it still fails as a policy."""
     rules = tuple(SysctlRule("deny", f"*a*b*b*b*{i}*c*d*e*f*g") for i in range(64))
-    policy = Policy("dfa", "enforce", (Target("x", False),), sysctl=SysctlSection("allow", rules))
     with pytest.raises(CompileError, match="matcher states"):
-        compile_policy(policy)
+        compile_policy(policy_model(sysctl=SysctlSection("allow", rules)))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from policy_builders import net
+
 from cgpolicy.policy.describe import describe
 from cgpolicy.policy.model import (
     DeviceRule,
@@ -22,10 +24,6 @@ from cgpolicy.policy.model import (
     SysctlSection,
     Target,
 )
-
-
-def net(*cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(c) for c in cidrs)
 
 
 def web_policy(mode: str = "enforce") -> Policy:

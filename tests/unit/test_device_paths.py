@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from policy_builders import policy_model, section_text
 
 from cgpolicy.audit.model import Attachment, CgroupReport
 from cgpolicy.audit.render import render_cgroup
@@ -29,7 +30,7 @@ from cgpolicy.kernel.devices import (
 )
 from cgpolicy.kernel.pins import PolicyMeta
 from cgpolicy.policy.describe import describe
-from cgpolicy.policy.model import DeviceRule, DeviceSection, Policy, Target
+from cgpolicy.policy.model import DeviceRule, DeviceSection, Policy
 from cgpolicy.policy.validate import load_paths, load_policy_file
 from cgpolicy.reconciler.metrics import Metrics
 from cgpolicy.reference import DeviceAccess, evaluate
@@ -44,18 +45,9 @@ needs_root = pytest.mark.skipif(
 )
 
 
-def devices(*rules: str, default: str = "allow") -> str:
-    listed = "".join(f"    - {rule}\n" for rule in rules)
-    return f"devices:\n  default: {default}\n  rules:\n{listed}"
-
-
 def policy(*rules: DeviceRule, default: str = "allow") -> Policy:
-    return Policy(
-        "gpu",
-        "enforce",
-        (Target("a", False),),
-        devices=DeviceSection(default, rules),  # type: ignore[arg-type]
-    )
+    section = DeviceSection(default, rules)  # type: ignore[arg-type]
+    return policy_model(name="gpu", target="a", devices=section)
 
 
 def path_rule(action: str, path: str, access: str = "rw") -> DeviceRule:
@@ -67,7 +59,8 @@ def path_rule(action: str, path: str, access: str = "rw") -> DeviceRule:
 
 def test_a_device_absent_here_is_valid(write: WriteFile, make_policy: MakePolicy) -> None:
     assert not os.path.exists("/dev/cgpolicy-no-such-device")
-    spec = devices(
+    spec = section_text(
+        "devices",
         "{action: allow, path: /dev/nvidia0, access: rw}",
         "{action: deny, path: /dev/cgpolicy-no-such-device}",
         "{action: allow, path: /dev/dri/by-path/pci-0000:00:02.0-card}",
@@ -85,7 +78,7 @@ def test_a_device_absent_here_is_valid(write: WriteFile, make_policy: MakePolicy
 def test_validation_does_not_look_at_devices(write: WriteFile, make_policy: MakePolicy) -> None:
     """Not even for a node that exists: /dev/null stays unresolved, and the module that looks
     into /dev is not loaded by validation."""
-    path = write(make_policy(spec=devices("{action: allow, path: /dev/null}")))
+    path = write(make_policy(spec=section_text("devices", "{action: allow, path: /dev/null}")))
     code = (
         "import sys\n"
         "from cgpolicy.policy.validate import load_paths\n"
@@ -120,7 +113,7 @@ def test_validation_does_not_look_at_devices(write: WriteFile, make_policy: Make
 def test_bad_device_paths_are_refused_with_file_line_column(
     write: WriteFile, make_policy: MakePolicy, path: str, message: str
 ) -> None:
-    file = write(make_policy(spec=devices(f'{{action: deny, path: "{path}"}}')))
+    file = write(make_policy(spec=section_text("devices", f'{{action: deny, path: "{path}"}}')))
     result = load_paths([file])
     assert result.policies == []
     assert len(result.problems) == 1
@@ -133,7 +126,8 @@ def test_bad_device_paths_are_refused_with_file_line_column(
 def test_path_and_numbers_together_are_still_refused(
     write: WriteFile, make_policy: MakePolicy
 ) -> None:
-    file = write(make_policy(spec=devices("{action: deny, path: /dev/nvidia0, major: 195}")))
+    spec = section_text("devices", "{action: deny, path: /dev/nvidia0, major: 195}")
+    file = write(make_policy(spec=spec))
     (problem,) = load_paths([file]).problems
     assert problem.message == "a device rule takes either path or major, not both"
 
@@ -433,7 +427,7 @@ def test_metrics_name_each_unresolved_path_and_drop_it_once_resolved() -> None:
 
 
 def test_describe_shows_paths_unresolved(write: WriteFile, make_policy: MakePolicy) -> None:
-    spec = devices("{action: deny, path: /dev/nvidia0, access: rw}")
+    spec = section_text("devices", "{action: deny, path: /dev/nvidia0, access: rw}")
     text = describe(load_policy_file(write(make_policy(spec=spec))))
     assert "    deny /dev/nvidia0 rw\n" in text
     assert "resolved on the node that applies the policy" in text
@@ -453,7 +447,8 @@ def cgpolicy(*args: str) -> subprocess.CompletedProcess[str]:
 def test_explain_and_describe_work_without_the_device(
     tmp_path: Path, write: WriteFile, make_policy: MakePolicy
 ) -> None:
-    spec = devices(
+    spec = section_text(
+        "devices",
         "{action: deny, path: /dev/nvidia0, access: rw}",
         "{action: allow, path: /dev/null, access: rw}",
         default="deny",

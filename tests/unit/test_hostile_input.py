@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from policy_builders import policy_text, section_text
 
 from cgpolicy.explain.actions import ExplainError, parse_action
 from cgpolicy.policy import validate as validate_module
@@ -18,34 +19,24 @@ from cgpolicy.reconciler.source import PolicySource
 NINES = "9" * 5000
 LONGEST_MESSAGE = 400  # a problem echoes a hostile value shortened, never 5,000 digits of it
 
-HEAD = """\
-apiVersion: cgpolicy.dev/v1
-kind: CgroupPolicy
-metadata:
-  name: hostile
-spec:
-  targets:
-    - path: system.slice/a.service
-"""
 RULE_LINE = 12  # the line of the rule in every document below
 
 
 def connect(rule: str) -> str:
-    return (
-        HEAD + f"  sockets:\n    connect:\n      default: allow\n      rules:\n        - {rule}\n"
-    )
+    return policy_text("hostile", section_text("sockets.connect", rule))
 
 
 def egress(rule: str) -> str:
-    return HEAD + f"  network:\n    egress:\n      default: allow\n      rules:\n        - {rule}\n"
+    return policy_text("hostile", section_text("network.egress", rule))
 
 
 def create(rule: str) -> str:
-    return HEAD + f"  sockets:\n    create:\n      default: allow\n      rules:\n        - {rule}\n"
+    return policy_text("hostile", section_text("sockets.create", rule))
 
 
 def devices(rule: str) -> str:
-    return HEAD + f"  devices:\n    default: allow\n    rules:\n      -\n        {rule}\n"
+    # One level less deep than the others: the rule goes on a line of its own to be on line 12.
+    return policy_text("hostile", f"devices:\n  default: allow\n  rules:\n    -\n      {rule}\n")
 
 
 HOSTILE_FILES = {

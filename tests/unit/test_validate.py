@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from policy_builders import section_text
 
 from cgpolicy.policy.model import DeviceRule, PortRange, SocketCreateRule, SysctlRule
 from cgpolicy.policy.validate import LoadResult, PolicyError, Problem, load_paths, load_policy_file
@@ -22,10 +23,6 @@ HEAD = "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\nmetadata: {name: a}\n"
 EGRESS_LIST_HEAD = (
     "network:\n  egress:\n    default: deny\n    rules:\n      - action: allow\n        cidrs:\n"
 )
-
-
-def egress(rule: str) -> str:
-    return f"network:\n  egress:\n    default: deny\n    rules:\n      - {rule}\n"
 
 
 def problems_of(result: LoadResult) -> list[tuple[int, int, str, str, str | None]]:
@@ -173,7 +170,7 @@ def test_load_policy_file_wants_exactly_one_policy(
 def test_unknown_field_is_placed_at_its_key_and_hints_the_closest_known_one(
     write: WriteFile, make_policy: MakePolicy
 ) -> None:
-    spec = egress("{action: allow, cidr: [10.0.0.0/8]}")
+    spec = section_text("network.egress", "{action: allow, cidr: [10.0.0.0/8]}", default="deny")
     problem = one_problem(write(make_policy(spec=spec)))
     assert (problem.line, problem.column) == (12, 27)
     assert problem.field == "spec.network.egress.rules[0].cidr"
@@ -228,7 +225,11 @@ def test_unknown_field_without_a_close_match_lists_the_known_ones(
             None,
         ),
         (
-            egress("{action: allow, interfaces: [averyveryverylongname]}"),
+            section_text(
+                "network.egress",
+                "{action: allow, interfaces: [averyveryverylongname]}",
+                default="deny",
+            ),
             "spec.network.egress.rules[0].interfaces[0]",
             "'averyveryverylongname' is not valid: expected an interface name or glob of "
             "1 to 15 characters of A-Z a-z 0-9 _ . : @ * ? -",
@@ -380,7 +381,8 @@ def test_schema_file_is_draft_2020_12_and_closed() -> None:
 def test_network_rule_checks(
     write: WriteFile, make_policy: MakePolicy, rule: str, field: str, message: str, hint: str | None
 ) -> None:
-    problem = one_problem(write(make_policy(spec=egress(rule))))
+    spec = section_text("network.egress", rule, default="deny")
+    problem = one_problem(write(make_policy(spec=spec)))
     assert (problem.field, problem.message, problem.hint) == (
         f"spec.network.egress.rules[0].{field}",
         message,
@@ -472,10 +474,6 @@ def test_sysctl_name_syntax(
     assert (problem.field, problem.message) == ("spec.sysctl.rules[0].name", message)
 
 
-def devices(rule: str) -> str:
-    return f"devices:\n  default: deny\n  rules:\n    - {rule}\n"
-
-
 @pytest.mark.parametrize(
     ("rule", "field", "message"),
     [
@@ -503,7 +501,7 @@ def test_device_rule_checks(
     write: WriteFile, make_policy: MakePolicy, rule: str, field: str, message: str
 ) -> None:
     regular = write("not a device", "regular.txt")
-    spec = devices(rule.replace("REGULAR", str(regular)))
+    spec = section_text("devices", rule.replace("REGULAR", str(regular)), default="deny")
     problem = one_problem(write(make_policy(spec=spec)))
     assert problem.field == "spec.devices.rules[0]" + (f".{field}" if field else "")
     assert problem.message == message.replace("REGULAR", str(regular))
@@ -532,7 +530,8 @@ def test_the_same_file_named_twice_is_read_once(write: WriteFile, make_policy: M
 def test_semantic_problem_is_not_repeated_when_the_schema_reported_the_field(
     write: WriteFile, make_policy: MakePolicy
 ) -> None:
-    problem = one_problem(write(make_policy(spec=egress("{action: allow, cidrs: [not-a-cidr]}"))))
+    spec = section_text("network.egress", "{action: allow, cidrs: [not-a-cidr]}", default="deny")
+    problem = one_problem(write(make_policy(spec=spec)))
     assert problem.message.startswith("'not-a-cidr' is not valid: expected an IPv4 or IPv6")
 
 

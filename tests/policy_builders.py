@@ -1,0 +1,103 @@
+"""Policies for tests, built the same way in every test file: typed models (what the
+compiler, the reference evaluator and describe() take), YAML text (what validation reads,
+at known lines) and policy files (what the CLI, the enforcer and the service read).
+
+pytest puts tests/ on sys.path (the folder of the top conftest.py), so tests/unit and
+tests/kernel both import this as ``policy_builders``. (Not ``policies``: that is the folder of
+shipped example policies at the top of the repository.)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import json
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cgpolicy.policy.model import (
+    IPNetwork,
+    Network,
+    NetworkRule,
+    NetworkSection,
+    Policy,
+    PortRange,
+    Target,
+)
+
+# --- typed models -----------------------------------------------------------------------------
+
+
+def net(*cidrs: str) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+def ports(*ranges: tuple[int, int]) -> tuple[PortRange, ...]:
+    return tuple(PortRange(low, high) for low, high in ranges)
+
+
+def policy_model(
+    mode: str = "enforce", *, name: str = "p", target: str = "x", **sections: Any
+) -> Policy:
+    """A policy on one cgroup path with the given sections (network=, sockets=, devices=,
+    sysctl=), as validation would build it."""
+    return Policy(name, mode, (Target(target, False),), **sections)  # type: ignore[arg-type]
+
+
+def egress_policy(default: str, *rules: NetworkRule, mode: str = "enforce") -> Policy:
+    """A policy whose only section is network.egress."""
+    section = NetworkSection(default, rules)  # type: ignore[arg-type]
+    return policy_model(mode, network=Network(egress=section))
+
+
+# --- YAML text --------------------------------------------------------------------------------
+
+
+def policy_text(name: str = "web", spec: str = "") -> str:
+    """A minimal valid policy (7 lines: one target, no section), with extra spec lines
+    (dedented, then indented by two spaces) appended."""
+    return (
+        "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\n"
+        f"metadata:\n  name: {name}\nspec:\n  targets:\n    - path: system.slice/a.service\n"
+        + textwrap.indent(textwrap.dedent(spec), "  ")
+    )
+
+
+def section_text(where: str, *rules: str, default: str = "allow") -> str:
+    """One section of a spec in block style, for policy_text's ``spec``: ``where`` is its
+    place (``network.egress``, ``devices``, ...), each rule (flow style) on a line of its
+    own::
+
+        section_text("sockets.connect", "{action: deny, ports: [22]}")
+    """
+    keys = where.split(".")
+    text = "".join(f"{'  ' * depth}{key}:\n" for depth, key in enumerate(keys))
+    indent = "  " * len(keys)
+    text += f"{indent}default: {default}\n{indent}rules:\n"
+    return text + "".join(f"{indent}  - {rule}\n" for rule in rules)
+
+
+# --- files ------------------------------------------------------------------------------------
+
+_files = itertools.count()
+
+
+def policy_file(
+    folder: Path,
+    name: str,
+    targets: Sequence[str],
+    spec: dict[str, Any],
+    mode: str = "enforce",
+) -> Path:
+    """A policy document in a file of its own (JSON is YAML; no anchors, no surprises)."""
+    document = {
+        "apiVersion": "cgpolicy.dev/v1",
+        "kind": "CgroupPolicy",
+        "metadata": {"name": name},
+        "spec": {"mode": mode, "targets": [{"path": t} for t in targets], **spec},
+    }
+    path = folder / f"{name}-{next(_files)}.yaml"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
