@@ -12,8 +12,8 @@ import pytest
 from cgpolicy.enforcer.observe import AppliedHook, AppliedPolicy
 from cgpolicy.enforcer.pins import PolicyMeta
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
+from cgpolicy.reconciler.decide import drift_of, readiness_summary
 from cgpolicy.reconciler.lastgood import LastGoodStore
-from cgpolicy.reconciler.loop import drift_of, readiness_summary
 from cgpolicy.reconciler.metrics import describe_bind, every_address, parse_metrics_addr
 from cgpolicy.reconciler.source import PolicySource, read_policy_file
 
