@@ -32,12 +32,14 @@ from typing import Any
 from bench.figures import Figure, Report
 from bench.scratch import Scratch
 from cgpolicy.contract import SECTION_HOOKS
+from cgpolicy.enforcer.engine import Enforcer
+from cgpolicy.enforcer.ownership import Owner
 from cgpolicy.kernel.bpf import CgroupLink
 from cgpolicy.kernel.cgroup import open_cgroup
 from cgpolicy.kernel.hooks import hook
 from cgpolicy.kernel.syscall import prog_query
-from cgpolicy.reconciler.loop import Reconciler
 from cgpolicy.reconciler.metrics import Metrics
+from cgpolicy.reconciler.reconcile import Reconciler
 
 CGPOLICY = Path(sys.executable).with_name("cgpolicy")
 NEW_CGROUP_TARGET_MS = 100.0
@@ -402,7 +404,8 @@ def _at_scale(
             (policy_dir / f"scale-{p:02d}.yaml").write_text(
                 _policy_yaml(f"scale-{p:02d}", glob, sections)
             )
-        reconciler = Reconciler(scratch.enforcer, policy_dir, Metrics())
+        service = Enforcer(scratch.root, scratch.bpf_dir, owner=Owner.service())
+        reconciler = Reconciler(service, policy_dir, Metrics())
         start = time.perf_counter()
         first = reconciler.reconcile()
         initial_s = time.perf_counter() - start
@@ -448,7 +451,7 @@ def _at_scale(
         report.details["reconcile_noop_pass_ms"] = [round(v, 1) for v in ms]
 
         # 5. the daemon applies the same setup itself: remove what the pass above applied
-        outcomes = scratch.enforcer.apply(scratch.enforcer.plan_removal(None))
+        outcomes = service.apply(service.plan_removal(None))
         if not all(o.ok for o in outcomes):
             raise RuntimeError("removing the in-process pass's policies failed")
         _daemon_memory(report, scratch, policy_dir, folder, setup, resyncs, interval)

@@ -10,11 +10,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from cgpolicy import __version__
+
+if TYPE_CHECKING:
+    from cgpolicy.enforcer.ownership import Owner
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -315,7 +318,8 @@ def _load_valid(paths: list[Path]) -> list:
     return result.policies
 
 
-def _enforcer(ctx: typer.Context):  # -> Enforcer, imported lazily
+def _enforcer(ctx: typer.Context, owner: Owner | None = None):  # -> Enforcer, imported lazily
+    """The Enforcer of the global options, applying as ``owner`` (by default the CLI)."""
     from cgpolicy.enforcer.engine import Enforcer
 
     settings: Settings = ctx.obj
@@ -323,6 +327,7 @@ def _enforcer(ctx: typer.Context):  # -> Enforcer, imported lazily
         settings.resolved_cgroup_root(),
         settings.resolved_bpf_dir(),
         settings.dev_root,
+        owner,
         lock_timeout=settings.lock_timeout,
     )
 
@@ -492,13 +497,15 @@ def reconcile(
     version of its policies stays enforced. SIGTERM exits and leaves enforcement in place;
     SIGHUP re-reads the folder. With --once, exit 1 when any policy failed to apply.
     """
+    from cgpolicy.enforcer.ownership import Owner
     from cgpolicy.reconciler.lastgood import DEFAULT_STATE_DIR, LastGoodStore
-    from cgpolicy.reconciler.loop import Reconciler, Service
+    from cgpolicy.reconciler.loop import Service
     from cgpolicy.reconciler.metrics import Metrics, parse_metrics_addr
+    from cgpolicy.reconciler.reconcile import Reconciler
 
     if not policy_dir.is_dir():
         _fail(f"policy folder {policy_dir} does not exist", EXIT_INVALID)
-    enforcer = _enforcer(ctx)
+    enforcer = _enforcer(ctx, Owner.service())  # what it applies is the service's
     metrics = Metrics(enforcer.bpf_dir)
     metrics.healthy_within = max(60.0, 3 * interval)
     if metrics_addr:
@@ -517,7 +524,7 @@ def reconcile(
     if once:
         report = reconciler.reconcile()
         raise typer.Exit(EXIT_FAILURE if report.failed else EXIT_OK)
-    Service(reconciler, interval).run()
+    Service(reconciler, metrics.health, interval).run()
 
 
 EXIT_DRIFT = 3

@@ -14,6 +14,9 @@ A file in the folder is one of three things at each reading:
 - **gone**: no such name in the folder. Only then are its policies removed (and its
   stored last good version deleted).
 
+This module reads the files and the store; which version of each file is enforced is
+decided in :mod:`versions`, from what was read.
+
 Files are read by this module, not by the validator: a name that is not a regular file is
 never opened (opening a device or a FIFO can block or have effects), and the bytes that are
 validated are the bytes that were read. The service reads as root for whoever writes the
@@ -36,10 +39,16 @@ from cgpolicy.policy.loader import MAX_FILE_BYTES
 from cgpolicy.policy.model import Policy
 from cgpolicy.policy.validate import Problem, load_contents
 from cgpolicy.reconciler.lastgood import LastGoodStore, StoreError, is_entry_name
+from cgpolicy.reconciler.versions import (
+    FileVersion,
+    enforced_versions,
+    folder_changed,
+    judge,
+    last_good_sources,
+)
 
 log = logging.getLogger("cgpolicy.reconcile")
 
-UNREADABLE = "cannot read the file"  # how the problem of a file that is not read begins
 STORE_RETRY_SECONDS = 30.0  # a store that failed is tried again after this, changes or not
 
 # What identifies a file's content without reading it, as (the file a name leads to, the
@@ -183,11 +192,8 @@ def _digest(content: bytes) -> str:
 
 @dataclass
 class FileState:
-    signature: Signature
-    policies: list[Policy]  # in force for this file: its own if valid, else its last good
-    problems: list[Problem]  # why its current content is not used; empty when valid
-    last_good: list[Policy] | None  # None: no last good version is known
-    kept_from: str | None = None  # for a bad file: "memory" or "the store", None if none
+    signature: Signature  # of the content ``version`` was decided from
+    version: FileVersion
 
 
 @dataclass
@@ -234,26 +240,19 @@ class PolicySource:
         present = {file: _signature(file) for file in self._list()}
         if self.store_error is not None and time.monotonic() >= self._store_retry_at:
             self.reread()  # the whole reading again: what to save is what is read now
-        changed = (
-            self._force
-            or set(present) != set(self._files)
-            or any(
-                self._files[f].signature != sig for f, sig in present.items() if f in self._files
-            )
-        )
+        known = {file: state.signature for file, state in self._files.items()}
+        changed = self._force or folder_changed(known, present)
         if changed:
             self._force = False
             self._reload(present)
-        policies = [p for state in self._files.values() for p in state.policies]
-        invalid = {f: s.problems for f, s in self._files.items() if s.problems}
-        unknown = {f for f, s in self._files.items() if s.problems and s.last_good is None}
+        versions = {file: state.version for file, state in self._files.items()}
         return Snapshot(
-            policies,
-            invalid,
+            [p for version in versions.values() for p in version.policies],
+            {f: v.problems for f, v in versions.items() if v.problems},
             set(self._files),
             changed,
             {f: s.signature for f, s in self._files.items()},
-            unknown,
+            {f for f, v in versions.items() if v.problems and v.last_good is None},
             self.store_error,
         )
 
@@ -268,45 +267,31 @@ class PolicySource:
                 unreadable[file] = got
             else:
                 contents[file] = got
-        signatures = {f: present[f] for f in present if f in contents or f in unreadable}
 
         # Every readable file is validated together, so that names must be unique across files.
-        result = load_contents(sorted(contents.items()))
-        by_file: dict[str, list[Policy]] = {f: [] for f in contents}
-        problems: dict[str, list[Problem]] = {f: [] for f in signatures}
-        for policy in result.policies:
-            if policy.source and policy.source.file in by_file:
-                by_file[policy.source.file].append(policy)
-        for problem in result.problems:
-            problems.setdefault(problem.file, []).append(problem)
-        for file, why in unreadable.items():
-            problems[file] = [Problem(file, 0, 0, "", f"{UNREADABLE}: {why}")]
-        good = {f: by_file[f] for f in sorted(contents) if not problems.get(f)}
-        bad = sorted(f for f in signatures if f not in good)
-
+        good, problems = judge(load_contents(sorted(contents.items())), contents, unreadable)
+        remembered = {
+            file: state.version.last_good
+            for file, state in self._files.items()
+            if state.version.last_good is not None
+        }
         stored = self._read_store()
-        kept: dict[str, tuple[list[Policy], str]] = {}
-        from_store: list[tuple[str, bytes]] = []
-        for file in bad:
-            previous = self._files.get(file)
-            if previous is not None and previous.last_good is not None:
-                kept[file] = (previous.last_good, previous.kept_from or "memory")
-            elif Path(file).name in stored:
-                from_store.append((file, stored[Path(file).name]))
-        kept.update(self._validate_stored(from_store))
-        self._drop_conflicts(good, kept)
-
-        files = {}
-        for file, signature in signatures.items():
-            if file in good:
-                files[file] = FileState(signature, good[file], [], good[file])
-            elif file in kept:
-                policies, origin = kept[file]
-                files[file] = FileState(signature, policies, problems[file], policies, origin)
-            else:
-                files[file] = FileState(signature, [], problems[file], None)
-        self._files = files
-        self._update_store({f: contents[f] for f in good}, {Path(f).name for f in signatures})
+        last_good, from_store = last_good_sources(problems, remembered, stored)
+        last_good.update(
+            self._validate_stored([(file, stored[Path(file).name]) for file in from_store])
+        )
+        versions, conflicts = enforced_versions(good, problems, last_good)
+        for conflict in conflicts:
+            log.warning(
+                "%s: the last good version of %s also defines it; %s's is enforced",
+                conflict.name,
+                conflict.file,
+                conflict.enforced_from,
+            )
+        self._files = {
+            file: FileState(present[file], version) for file, version in versions.items()
+        }
+        self._update_store({f: contents[f] for f in good}, {Path(f).name for f in versions})
 
     def _read_store(self) -> dict[str, bytes]:
         """The store's entries when it is first read (at start and after SIGHUP); later
@@ -324,9 +309,7 @@ class PolicySource:
         self.store_error = None
         return entries
 
-    def _validate_stored(
-        self, stored: list[tuple[str, bytes]]
-    ) -> dict[str, tuple[list[Policy], str]]:
+    def _validate_stored(self, stored: list[tuple[str, bytes]]) -> dict[str, list[Policy]]:
         """Stored last good versions, validated again like any file (under the file's own
         name, together); one that fails is not used."""
         if not stored:
@@ -335,7 +318,7 @@ class PolicySource:
         failed: dict[str, list[Problem]] = {}
         for problem in result.problems:
             failed.setdefault(problem.file, []).append(problem)
-        kept: dict[str, tuple[list[Policy], str]] = {}
+        kept: dict[str, list[Policy]] = {}
         for file, _ in stored:
             if file in failed:
                 for problem in failed[file]:
@@ -346,7 +329,7 @@ class PolicySource:
                     )
                 continue
             policies = [p for p in result.policies if p.source and p.source.file == file]
-            kept[file] = (policies, "the store")
+            kept[file] = policies
             names = ", ".join(p.name for p in policies)
             log.warning(
                 "%s is invalid or unreadable; enforcing its last good version from %s (%s)",
@@ -355,29 +338,6 @@ class PolicySource:
                 names,
             )
         return kept
-
-    @staticmethod
-    def _drop_conflicts(
-        good: dict[str, list[Policy]], kept: dict[str, tuple[list[Policy], str]]
-    ) -> None:
-        """A name that a valid file defines now is that file's: the last good version of a
-        bad file does not also enforce it (nor does a second bad file)."""
-        owner = {p.name: file for file, policies in good.items() for p in policies}
-        for file in sorted(kept):
-            policies, origin = kept[file]
-            remaining = []
-            for policy in policies:
-                if owner.get(policy.name, file) != file:
-                    log.warning(
-                        "%s: the last good version of %s also defines it; %s's is enforced",
-                        policy.name,
-                        file,
-                        owner[policy.name],
-                    )
-                    continue
-                owner[policy.name] = file
-                remaining.append(policy)
-            kept[file] = (remaining, origin)
 
     def _update_store(self, good: dict[str, bytes], names: set[str]) -> None:
         """Record each valid file's text; delete the entries of files that are gone."""

@@ -12,8 +12,8 @@ import pytest
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
 from cgpolicy.kernel.applied import AppliedHook, AppliedPolicy
 from cgpolicy.kernel.pins import PolicyMeta
+from cgpolicy.reconciler.decide import drift_of, readiness_summary
 from cgpolicy.reconciler.lastgood import LastGoodStore
-from cgpolicy.reconciler.loop import drift_of, readiness_summary
 from cgpolicy.reconciler.metrics import describe_bind, every_address, parse_metrics_addr
 from cgpolicy.reconciler.source import PolicySource, read_policy_file
 

@@ -1,0 +1,207 @@
+"""One reconcile pass: read the policy folder, observe the kernel, plan, apply the
+difference, report. Level-triggered and idempotent: every pass starts from what the kernel
+has, so a restart (even after SIGKILL mid-apply) simply converges. What to do with what
+was read and observed is decided in decide.py; this module gathers the facts, carries the
+decisions out, and logs and counts them. When passes run is loop.py's business."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from cgpolicy.compiler.compile import compile_policy
+from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.enforcer.engine import Enforcer, Planned
+from cgpolicy.enforcer.ownership import Owner
+from cgpolicy.enforcer.plan import Action
+from cgpolicy.kernel.applied import AppliedPolicy
+from cgpolicy.kernel.devices import DeviceBinding, device_paths
+from cgpolicy.kernel.devices import watch_folders as device_folders
+from cgpolicy.kernel.interfaces import resolve_interfaces
+from cgpolicy.policy.model import Policy
+from cgpolicy.reconciler.decide import (
+    Compilations,
+    PassReport,
+    drift_of,
+    folder_missing,
+    readiness,
+    removals,
+    tally,
+    to_apply,
+)
+from cgpolicy.reconciler.health import PassOutcome
+from cgpolicy.reconciler.lastgood import LastGoodStore
+from cgpolicy.reconciler.logsafe import escape_service_logs
+from cgpolicy.reconciler.metrics import Metrics
+from cgpolicy.reconciler.source import PolicySource, Snapshot
+from cgpolicy.reconciler.watch import watch_folders
+
+log = logging.getLogger("cgpolicy.reconcile")
+
+
+def _compile(policy: Policy, devices: DeviceBinding) -> CompiledPolicy:
+    return compile_policy(policy, resolve_interfaces, resolve_device=devices)
+
+
+class Reconciler:
+    """Runs passes over one policy folder. What the loop around it may ask: a pass
+    (:meth:`reconcile`), to read every file again (:meth:`reread`), to compile again what
+    names interfaces (:meth:`links_changed`), and which folders to watch."""
+
+    def __init__(
+        self,
+        enforcer: Enforcer,
+        policy_dir: Path,
+        metrics: Metrics,
+        store: LastGoodStore | None = None,
+    ) -> None:
+        """``enforcer`` applies as the service (``Owner.service()``), so that what it
+        applies is recorded as the service's (ownership.py). ``store`` keeps the last good
+        text of each file across restarts; without it, a file that is bad when the process
+        starts has no last good version."""
+        if enforcer.owner != Owner.service():
+            raise ValueError("the reconciler's enforcer must apply as the service")
+        escape_service_logs()  # names others chose must not print lines of their own
+        self._enforcer = enforcer
+        self.policy_dir = policy_dir.absolute()  # sources recorded in pins are absolute
+        self._source = PolicySource(self.policy_dir, store)
+        self._policies: list[Policy] = []  # the last pass's
+        self._metrics = metrics
+        self._compiled = Compilations(_compile)
+        self._warned: set[str] = set()
+        self._waiting: set[tuple[str, str]] = set()
+        self._not_ready: frozenset[tuple[str, str]] | None = None  # last readiness logged
+
+    def reread(self) -> None:
+        """Read every file (and the last-good store) again at the next pass, as after a
+        restart, keeping the last good versions known (SIGHUP)."""
+        self._source.reread()
+
+    def links_changed(self) -> None:
+        """Network interfaces changed: the next pass compiles again (and so swaps in) the
+        policies whose rules name interfaces."""
+        self._compiled.links_changed()
+
+    def cgroup_folders(self) -> set[Path]:
+        """The cgroup folders where a target of the last pass's policies can appear next."""
+        targets = [target for policy in self._policies for target in policy.targets]
+        return watch_folders(self._enforcer.cgroup_root, targets)
+
+    def device_folders(self) -> set[Path]:
+        """The folders where a device node that the last pass's policies name by path can
+        appear, vanish or be replaced."""
+        paths = sorted({path for policy in self._policies for _, path in device_paths(policy)})
+        return device_folders(paths, self._enforcer.dev_root)
+
+    def reconcile(self) -> PassReport:
+        """One pass, holding the pin folder's lock from observing to applying, so that no
+        `cgpolicy apply` or `run` changes the pins in between (kernel/lock.py)."""
+        with self._enforcer.locked():
+            return self._reconcile()
+
+    def _reconcile(self) -> PassReport:
+        """One pass. Never raises for a bad policy or a failed apply: those are reported.
+        A policy folder that cannot be listed raises before anything is observed."""
+        started = time.monotonic()
+        if not self.policy_dir.is_dir():
+            if "folder" not in self._warned:
+                self._warned.add("folder")
+                log.error("policy folder %s is missing; enforcement left as it is", self.policy_dir)
+            report, outcome = folder_missing(self.policy_dir)
+            self._record(outcome)
+            self._metrics.passes.inc()  # a pass that ran, and found nothing to read
+            return report
+        self._warned.discard("folder")
+        snapshot = self._source.read()
+        self._policies = snapshot.policies
+        self._report_invalid(snapshot)
+        self._compiled.keep_only(snapshot.policies)
+
+        applied = self._enforcer.observe()
+        planned = self._enforcer.plan(
+            snapshot.policies, self._compiled, applied, missing_target_blocks=False
+        )
+        self._metrics.record_device_paths(
+            (item.plan.name, device) for item in planned for device in item.plan.devices
+        )
+        doomed = removals(applied, self.policy_dir, snapshot)
+        planned += self._enforcer.plan_removal(doomed, applied) if doomed else []
+        report = self._execute(planned, applied)
+        elapsed = time.monotonic() - started
+        self._metrics.passes.inc()
+        self._metrics.duration.observe(elapsed)
+        self._metrics.policies.labels("valid").set(len(snapshot.policies))
+        self._metrics.invalid_files.set(len(snapshot.invalid_files))
+        self._metrics.last_good_store_failing.set(snapshot.store_error is not None)
+        if not report.failed:
+            self._metrics.last_success.set_to_current_time()
+        self._record(readiness(snapshot, report))
+        return report
+
+    def _record(self, outcome: PassOutcome) -> None:
+        """Hand a completed pass to metrics and /readyz; log when readiness changes (each
+        failure is also logged where it happens)."""
+        self._metrics.record_pass(outcome)
+        keys = outcome.keys()
+        if keys == self._not_ready:
+            return
+        if keys:
+            log.warning("not ready: %s", "; ".join(outcome.reasons()))
+        else:
+            log.info("ready: every policy in %s is applied", self.policy_dir)
+        self._not_ready = keys
+
+    def _execute(self, planned: list[Planned], applied: dict[str, AppliedPolicy]) -> PassReport:
+        waiting = {(item.plan.name, w) for item in planned for w in item.plan.warnings}
+        for name, warning in sorted(waiting - self._waiting):  # once, until it clears
+            log.warning("%s: %s; applied where it can, retried when it appears", name, warning)
+        self._waiting = waiting
+        work = to_apply(planned)
+        drift = {item.plan.name: drift_of(item.plan, applied.get(item.plan.name)) for item in work}
+        for problems in drift.values():
+            for problem in problems:
+                self._metrics.drift_found.labels(problem).inc()
+        outcomes = self._enforcer.apply(work) if work else []
+        for outcome in outcomes:
+            plan = outcome.plan
+            if not outcome.ok:
+                self._metrics.apply_errors.labels(plan.name).inc()
+                log.error("%s: not applied: %s", plan.name, outcome.error)
+            elif plan.new_revision is None:
+                log.info("%s: removed", plan.name)
+            else:
+                for problem in drift.get(plan.name, []):
+                    self._metrics.drift_repaired.labels(problem).inc()
+                log.info(
+                    "%s",
+                    plan.summary(),
+                    extra={
+                        "steps": [s.describe() for s in plan.steps if s.action is not Action.KEEP]
+                    },
+                )
+        return tally(outcomes, drift)
+
+    def _report_invalid(self, snapshot: Snapshot) -> None:
+        """Each bad file's problems, once per distinct set, saying what stays enforced."""
+        for file, problems in snapshot.invalid_files.items():
+            known = file not in snapshot.without_last_good
+            key = f"{file}:{known}:{len(problems)}:{problems[0].format() if problems else ''}"
+            if key in self._warned:
+                continue
+            self._warned.add(key)
+            for problem in problems:
+                if known:
+                    log.error(
+                        "invalid policy file, last good version stays enforced: %s",
+                        problem.format(),
+                    )
+                else:
+                    log.error("invalid policy file: %s", problem.format())
+            if not known:
+                log.error(
+                    "%s: no last good version of it is known (not seen valid by this process, "
+                    "none in the last-good store): what the kernel enforces from it stays as "
+                    "it is, but cgroups that appear later are not covered by it",
+                    file,
+                )
