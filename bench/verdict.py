@@ -36,7 +36,7 @@ from pathlib import Path
 from bench import packets, policies
 from bench.figures import Figure, Report
 from bench.scratch import Scratch
-from cgpolicy.compiler.compile import EVENTS_PER_SECOND
+from cgpolicy.compiler.maps import EVENTS_PER_SECOND
 from cgpolicy.contract import RATELIMIT
 from cgpolicy.events.decode import decode
 from cgpolicy.kernel import pins

@@ -697,7 +697,7 @@ def main() -> None:
 
 def _runtime_errors() -> tuple[type[Exception], ...]:
     """What the kernel layer reports; imported only once something failed."""
-    from cgpolicy.compiler.compile import CompileError
+    from cgpolicy.compiler.spec import CompileError
     from cgpolicy.enforcer.apply import ApplyError
     from cgpolicy.kernel.loader import LoaderError
     from cgpolicy.kernel.syscall import BpfError

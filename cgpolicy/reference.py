@@ -27,7 +27,7 @@ that is a three-valued condition: :data:`UNKNOWN`, which counts as true for a de
 false for an allow rule. In the action types below, ``None`` means "unknown".
 
 **Which rule is named.** When several rules of the deciding action match, the one named is
-the first in the compiler's canonical rule order (:func:`cgpolicy.compiler.compile.ordered_rules`,
+the first in the compiler's canonical rule order (:func:`cgpolicy.compiler.canonical.ordered_rules`,
 a pure function), because that is the rule the programs count the decision against and name
 in deny events; every matching rule is listed in :attr:`Verdict.matching`.
 """
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from cgpolicy.compiler.compile import ordered_rules
+from cgpolicy.compiler.canonical import ordered_rules
 from cgpolicy.policy.model import (
     IP_PROTOCOLS,
     SOCKET_FAMILIES,

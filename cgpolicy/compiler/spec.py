@@ -9,6 +9,11 @@ from typing import Any, Literal
 
 from cgpolicy.policy.model import Target
 
+
+class CompileError(Exception):
+    """The policy cannot be turned into map contents (e.g. interfaces without a resolver)."""
+
+
 # What a device rule's path names on the node that applies the policy (docs/policy.md,
 # "spec.devices"): a device node (resolved), nothing it may use (missing, not-a-device,
 # unsafe), or, for a deny rule, nothing now but a device when last applied (kept).

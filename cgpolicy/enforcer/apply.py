@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cgpolicy.compiler.compile import EVENTS_RING_BYTES
+from cgpolicy.compiler.maps import EVENTS_RING_BYTES
 from cgpolicy.compiler.spec import CompiledPolicy, RuleLabel
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
 from cgpolicy.kernel import pins

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cgpolicy.compiler.compile import CompileError, compile_policy
-from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.compiler.compile import compile_policy
+from cgpolicy.compiler.spec import CompiledPolicy, CompileError
 from cgpolicy.enforcer.apply import ApplyError, apply_policy, remove_policy
 from cgpolicy.enforcer.ownership import Owner, check_change, check_removal
 from cgpolicy.enforcer.plan import PolicyPlan, plan_policy, plan_removal

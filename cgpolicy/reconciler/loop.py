@@ -12,7 +12,7 @@ import select
 import signal
 import time
 
-from cgpolicy.compiler.compile import CompileError
+from cgpolicy.compiler.spec import CompileError
 from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.kernel.loader import LoaderError
 from cgpolicy.kernel.syscall import BpfError

@@ -47,7 +47,8 @@ from policy_builders import policy_model
 
 from cgpolicy import reference
 from cgpolicy.compiler import compile as compile_module
-from cgpolicy.compiler.compile import compile_policy, ordered_rules
+from cgpolicy.compiler.canonical import ordered_rules
+from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.compiler.spec import ProgramSpec
 from cgpolicy.contract import COUNTER, U32
 from cgpolicy.enforcer.engine import Enforcer

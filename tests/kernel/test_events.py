@@ -17,7 +17,8 @@ from policy_builders import egress_policy, net, policy_file
 from test_audit import cgpolicy  # tests/kernel is on sys.path (rootdir conftest)
 from test_programs_testrun import ipv4, tcp
 
-from cgpolicy.compiler.compile import EVENTS_PER_SECOND, compile_policy
+from cgpolicy.compiler.compile import compile_policy
+from cgpolicy.compiler.maps import EVENTS_PER_SECOND
 from cgpolicy.contract import RATELIMIT
 from cgpolicy.events.decode import decode
 from cgpolicy.kernel.loader import load_program

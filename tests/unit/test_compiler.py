@@ -12,17 +12,16 @@ from struct import unpack
 import pytest
 from policy_builders import egress_policy, net, policy_model
 
-from cgpolicy.compiler.compile import (
+from cgpolicy.compiler.canonical import ordered_rules
+from cgpolicy.compiler.compile import compile_policy
+from cgpolicy.compiler.network import (
     CIDR4_INDEX_MIN,
     CIDR4_INDEX_SLOTS,
-    CIDR4_PROBES,
-    CompileError,
-    compile_policy,
-    ordered_rules,
     port_prefixes,
     propagate_prefixes,
 )
-from cgpolicy.compiler.spec import CompiledPolicy, MapSpec
+from cgpolicy.compiler.spec import CompiledPolicy, CompileError, MapSpec
+from cgpolicy.contract import CIDR4_PROBES
 from cgpolicy.policy.model import (
     DeviceRule,
     DeviceSection,

@@ -17,8 +17,8 @@ from policy_builders import policy_model, section_text
 
 from cgpolicy.audit.model import Attachment, CgroupReport
 from cgpolicy.audit.render import render_cgroup
-from cgpolicy.compiler.compile import CompileError, bind_device_paths, compile_policy
-from cgpolicy.compiler.spec import DeviceNode, DevicePath
+from cgpolicy.compiler.compile import bind_device_paths, compile_policy
+from cgpolicy.compiler.spec import CompileError, DeviceNode, DevicePath
 from cgpolicy.enforcer.plan import plan_policy
 from cgpolicy.enforcer.targets import Resolution
 from cgpolicy.kernel.devices import (

@@ -1,0 +1,77 @@
+"""The pieces every program's maps are built from: the program spec with its deny-event
+ring buffer and rate limit, the verdict head of every config value, rule masks, counters,
+one-entry configs and arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from cgpolicy.compiler.spec import MapSpec, ProgramSpec
+from cgpolicy.contract import (
+    COUNTER,
+    COUNTER_SLOTS,
+    HOOK_PROGRAMS,
+    RATELIMIT,
+    U32,
+)
+
+BPF_F_NO_PREALLOC = 1  # required for LPM tries
+# Deny events (bpf/common.h): one ring buffer per policy, shared by its programs (the
+# enforcer creates it once per load; a program loaded alone gets its own from the spec).
+EVENTS_RING_BYTES = 256 * 1024  # about 1000 events of 240 B
+EVENTS_PER_SECOND = 100  # per program and CPU; more are counted as dropped
+
+
+def program_spec(hook: str, maps: dict[str, MapSpec]) -> ProgramSpec:
+    program = HOOK_PROGRAMS[hook]
+    maps = {**maps, "events": events_map(), "ratelimit": ratelimit_map(EVENTS_PER_SECOND)}
+    return ProgramSpec(
+        hook,
+        program.source,
+        program.function,
+        program.function,
+        tuple(maps[name] for name in sorted(maps)),
+    )
+
+
+def events_map() -> MapSpec:
+    """The ring buffer deny events go to (bpf/common.h struct cgp_event)."""
+    return MapSpec("events", "ringbuf", 0, 0, EVENTS_RING_BYTES, 0, ())
+
+
+def ratelimit_map(per_second: int) -> MapSpec:
+    value = RATELIMIT.pack(window_start=0, dropped=0, sent=0, limit=per_second)
+    return MapSpec(
+        "ratelimit", "percpu_array", U32.size, RATELIMIT.size, 1, 0, ((U32.pack(0), value),)
+    )
+
+
+def verdict(default: str, rules: Sequence[Any], audit: bool) -> dict[str, int]:
+    """struct cgp_verdict, the head of every config value."""
+    return {
+        "allow_mask": rule_mask(i for i, rule in enumerate(rules) if rule.action == "allow"),
+        "deny_mask": rule_mask(i for i, rule in enumerate(rules) if rule.action == "deny"),
+        "default_allow": int(default == "allow"),
+        "audit": int(audit),
+    }
+
+
+def rule_mask(indexes: Iterable[int]) -> int:
+    mask = 0
+    for index in indexes:
+        mask |= 1 << index
+    return mask
+
+
+def counters_map() -> MapSpec:
+    return MapSpec("counters", "percpu_array", U32.size, COUNTER.size, COUNTER_SLOTS, 0, ())
+
+
+def config_map(value: bytes) -> MapSpec:
+    return MapSpec("config", "array", U32.size, len(value), 1, 0, ((U32.pack(0), value),))
+
+
+def array_map(name: str, value_size: int, max_entries: int, values: dict[int, bytes]) -> MapSpec:
+    entries = tuple((U32.pack(key), values[key]) for key in sorted(values))
+    return MapSpec(name, "array", U32.size, value_size, max(1, max_entries), 0, entries)
