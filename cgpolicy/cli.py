@@ -57,13 +57,14 @@ class Settings:
     def bpf_dir_to_read(self) -> Path:
         """The pin folder for commands that only read it (audit, events): one not on bpffs
         is an error; a missing one means nothing is applied, and is said so on stderr."""
+        from cgpolicy.kernel.pins import bpf_dir_exists
         from cgpolicy.mounts import read_mounts
 
         bpf_dir = self.resolved_bpf_dir()
         mounts = [m.mount_point for m in read_mounts() if m.fs_type == "bpf"]
         if not any(mount == bpf_dir or mount in bpf_dir.parents for mount in mounts):
             _fail(f"{bpf_dir} is not on a bpf filesystem; nothing cgpolicy applies lives there")
-        if not bpf_dir.exists():
+        if not bpf_dir_exists(bpf_dir):
             typer.echo(f"cgpolicy: note: {bpf_dir} does not exist: nothing is applied", err=True)
         return bpf_dir
 
@@ -553,14 +554,14 @@ def audit(
     """
     from cgpolicy.audit.collect import audit as run_audit
     from cgpolicy.audit.render import render
-    from cgpolicy.kernel.cgroup import CgroupError, resolve
+    from cgpolicy.kernel.cgroup import CgroupError, is_cgroup, resolve
     from cgpolicy.kernel.syscall import BpfError
 
     settings: Settings = ctx.obj
     root = settings.resolved_cgroup_root()
     try:
         top = resolve(cgroup, root) if cgroup else root
-        if not top.is_dir():
+        if not is_cgroup(top):
             _fail(f"no cgroup {cgroup} under {root}", EXIT_INVALID)
         result = run_audit(root, settings.bpf_dir_to_read(), top, show_all)
     except (BpfError, CgroupError) as error:

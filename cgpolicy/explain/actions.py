@@ -14,9 +14,7 @@ IPv6 addresses with a port are written ``[fd00::1]:443``.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -262,21 +260,19 @@ def _access(text: str) -> str:
 def _device(args: list[str]) -> ParsedAction:
     if args and args[0].startswith("/"):
         _expect(args, 2, 2, "device /dev/PATH ACCESS")
+        from cgpolicy.kernel.devices import device_at
+
         try:
-            info = os.stat(args[0])
+            found = device_at(args[0])
         except (OSError, ValueError) as error:  # ValueError: a NUL in the path
             reason = error.strerror if isinstance(error, OSError) else "not a valid path"
             raise ExplainError(
                 f"{plain(args[0])}: {reason} here; name the device by number instead: "
                 "device c|b MAJOR:MINOR ACCESS"
             ) from None
-        if stat.S_ISCHR(info.st_mode):
-            kind = "char"
-        elif stat.S_ISBLK(info.st_mode):
-            kind = "block"
-        else:
+        if found is None:
             raise ExplainError(f"{plain(args[0])} is not a character or block device")
-        major, minor = os.major(info.st_rdev), os.minor(info.st_rdev)
+        kind, major, minor = found
         access = _access(args[1])
         where = f" ({args[0]})"
     else:

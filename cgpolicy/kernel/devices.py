@@ -60,6 +60,18 @@ def _kind(mode: int) -> str:
     return "not a device node"
 
 
+def device_at(path: str) -> tuple[str, int, int] | None:
+    """("char" or "block", major, minor) of the device node ``path`` names here, symlinks
+    followed (as `explain device /dev/PATH` means it); None when it is not a device node.
+    OSError when it cannot be looked at, ValueError for a path with a NUL."""
+    info = os.stat(path)
+    if stat.S_ISCHR(info.st_mode):
+        return "char", os.major(info.st_rdev), os.minor(info.st_rdev)
+    if stat.S_ISBLK(info.st_mode):
+        return "block", os.major(info.st_rdev), os.minor(info.st_rdev)
+    return None
+
+
 def resolve_device_path(path: str, dev_root: Path = DEV_ROOT) -> DeviceNode:
     """What ``path`` (``/dev/...``, as validation allows) names under ``dev_root``: a
     character or block device's numbers, or why it names none. Never raises for what it
