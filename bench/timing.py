@@ -1,6 +1,7 @@
 """Where the time of a plan+apply goes: wraps the Enforcer's calls to the compiler, the
-observer, the loader and PROG_LOAD for the duration of a ``with Split()`` block, summing
-their wall times. What is left of apply after loading is attaching and pinning."""
+reader of applied state ("observe"), the loader and PROG_LOAD for the duration of a
+``with Split()`` block, summing their wall times. What is left of apply after loading is
+attaching and pinning."""
 
 from __future__ import annotations
 

@@ -209,7 +209,7 @@ static __always_inline void cgp_event_task(struct cgp_event *e)
 
 /*
  * The map layouts of each program: the config value, keys and index entries the compiler
- * fills (cgpolicy/compiler/compile.py), and the constants it shares with the program.
+ * fills (cgpolicy/compiler/), and the constants it shares with the program.
  */
 
 /* net.c: network.ingress/egress (cgroup_skb) and sockets.bind/connect (cgroup_sock_addr). */

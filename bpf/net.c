@@ -63,8 +63,8 @@
 #define CGP_IPV6_EXT_MAX 6
 
 /*
- * IPv4 CIDRs have two layouts; the compiler picks one per program (compile.py
- * CIDR4_INDEX_MIN) and the program reads both, one of them empty:
+ * IPv4 CIDRs have two layouts; the compiler picks one per program
+ * (cgpolicy/compiler/compile.py CIDR4_INDEX_MIN) and the program reads both, one of them empty:
  *  - small lists: the cidr4 LPM trie, as for IPv6. cidr4_idx and cidr4_long are 1-entry
  *    placeholders (an all-zero slot 0 and an empty hash).
  *  - long lists: an LPM trie lookup walks one node per distinguishing prefix bit, ~75 ns

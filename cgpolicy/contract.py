@@ -1,7 +1,7 @@
 """The contract with bpf/*.c: every struct layout and constant the Python shares with the
 BPF programs, stated once for the Python side.
 
-The programs read the maps the compiler fills (:mod:`cgpolicy.compiler.compile`) and write
+The programs read the maps the compiler fills (:mod:`cgpolicy.compiler`) and write
 the counters, rate-limit windows and deny events that ``audit`` and ``events`` read, so
 both sides must agree byte for byte. bpf/common.h states the contract for the C; nothing
 in cgpolicy outside this module spells the struct format of a map key or value or of an
@@ -23,6 +23,7 @@ Pure: the standard library only, no I/O.
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import struct
@@ -96,6 +97,10 @@ class Layout:
             formats.append(f"{self.size - offset}x")
         self.format_body = "".join(formats)  # as a member of another struct: no byte order
         self.struct = struct.Struct("<" + self.format_body)
+        # One value per member (no nested struct, no array but bytes): a named tuple type
+        # for hot paths (deny events), nearly as fast as a bare struct.unpack
+        flat = all(f.layout is None and (not f.count or f.is_bytes) for f in self.fields.values())
+        self._record = collections.namedtuple(c_name, tuple(self.fields)) if flat else None
 
     def __repr__(self) -> str:
         return f"Layout(struct {self.c_name}, {self.size} B)"
@@ -107,6 +112,13 @@ class Layout:
     def unpack_from(self, buffer: bytes, offset: int = 0) -> dict[str, Any]:
         """Every member's value by name, from ``buffer`` at ``offset``."""
         return self._group(iter(self.struct.unpack_from(buffer, offset)))
+
+    def unpack_record(self, buffer: bytes, offset: int = 0) -> Any:
+        """Every member's value as an attribute of a named tuple (layouts with one value per
+        member only), from ``buffer`` at ``offset``."""
+        if self._record is None:
+            raise TypeError(f"struct {self.c_name} has nested or array members")
+        return self._record._make(self.struct.unpack_from(buffer, offset))  # type: ignore[attr-defined]
 
     def _flatten(self, values: Mapping[str, Any]) -> list[Any]:
         if values.keys() != self.fields.keys():

@@ -29,7 +29,7 @@ from cgpolicy.audit.model import (
 from cgpolicy.kernel.applied import AppliedPolicy, read_applied, read_counters
 from cgpolicy.kernel.attachments import links_by_hook, own_attachments
 from cgpolicy.kernel.bpf import Program
-from cgpolicy.kernel.cgroup import cgroup_id_at, walk_cgroups
+from cgpolicy.kernel.cgroup import NotACgroup, cgroup_at, walk_cgroups
 from cgpolicy.kernel.hooks import HOOKS
 from cgpolicy.kernel.syscall import BpfError
 
@@ -239,4 +239,7 @@ def audit(
 
 
 def _still_there(root: Path, recorded: str, cgroup_id: int) -> bool:
-    return cgroup_id_at(root / recorded) == cgroup_id
+    try:
+        return cgroup_at(root / recorded) == cgroup_id
+    except NotACgroup:
+        return False

@@ -13,7 +13,6 @@ from cgpolicy.compiler.canonical import RuleKeys, ordered_rules, revision
 from cgpolicy.compiler.devices import device_maps
 from cgpolicy.compiler.maps import program_spec
 from cgpolicy.compiler.network import (
-    CIDR4_INDEX_MIN,
     InterfaceResolver,
     interface_sets,
     network_maps,
@@ -38,6 +37,11 @@ from cgpolicy.policy.model import (
     Policy,
 )
 
+# IPv4 CIDR layout (bpf/net.c cgp_cidr4_mask): a section with at least this many distinct
+# IPv4 prefixes gets the /16 index (cidr4_idx, 1 MiB, + cidr4_long hash) instead of the
+# cidr4 LPM trie, whose lookup cost grows with its size. compile_policy takes an override
+# (tests run both layouts).
+CIDR4_INDEX_MIN = 257
 # What a `path:` device rule's path names on this node (cgpolicy.kernel.devices does the I/O).
 DeviceResolver = Callable[[DeviceRule], DeviceNode]
 

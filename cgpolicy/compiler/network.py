@@ -38,11 +38,6 @@ from cgpolicy.policy.model import (
 )
 
 InterfaceResolver = Callable[[tuple[str, ...]], set[int]]
-# IPv4 CIDR layout (bpf/net.c cgp_cidr4_mask): a section with at least this many distinct
-# IPv4 prefixes gets the /16 index (cidr4_idx, 1 MiB, + cidr4_long hash) instead of the
-# cidr4 LPM trie, whose lookup cost grows with its size. compile_policy takes an override
-# (tests run both layouts).
-CIDR4_INDEX_MIN = 257
 CIDR4_INDEX_SLOTS = 1 << 16  # cidr4_idx: one entry per /16
 
 

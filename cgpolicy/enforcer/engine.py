@@ -58,7 +58,9 @@ class Outcome:
 Compile = Callable[[Policy, DeviceBinding], CompiledPolicy]
 
 
-def _compile(policy: Policy, devices: DeviceBinding) -> CompiledPolicy:
+def compile_here(policy: Policy, devices: DeviceBinding) -> CompiledPolicy:
+    """Compile ``policy`` as this node enforces it: its interfaces and device paths
+    resolved here."""
     return compile_policy(policy, resolve_interfaces, resolve_device=devices)
 
 
@@ -106,7 +108,7 @@ class Enforcer:
         for policy in policies:
             try:
                 devices = self.devices(policy, applied.get(policy.name))
-                compiled = (compile or _compile)(policy, devices)
+                compiled = (compile or compile_here)(policy, devices)
             except CompileError as error:  # this policy cannot be applied; the others can
                 failed = PolicyPlan(policy.name, None, None, reload=False)
                 failed.problems.append(f"cannot compile: {error}")

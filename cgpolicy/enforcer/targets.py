@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cgpolicy.kernel.cgroup import NotACgroup, is_cgroup, lookup, matching_children
+from cgpolicy.kernel.cgroup import NotACgroup, cgroup_at, is_cgroup, matching_children
 from cgpolicy.policy.model import Target
 
 
@@ -28,7 +28,7 @@ class Resolution:
 
 
 def _ref(root: Path, relative: str) -> CgroupRef | None:
-    cgroup_id = lookup(root / relative)
+    cgroup_id = cgroup_at(root / relative)
     return None if cgroup_id is None else CgroupRef(relative, cgroup_id)
 
 

@@ -28,7 +28,14 @@ from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.enforcer.ownership import Owner
 from cgpolicy.kernel import pins
-from cgpolicy.kernel.cgroup import join_cgroup, make_cgroup, remove_cgroup_tree, remove_if_empty
+from cgpolicy.kernel.applied import read_named
+from cgpolicy.kernel.cgroup import (
+    CgroupExists,
+    join_cgroup,
+    make_cgroup,
+    remove_cgroup_tree,
+    remove_if_empty,
+)
 from cgpolicy.kernel.lock import LockError
 from cgpolicy.kernel.syscall import BpfError
 from cgpolicy.policy.model import Policy, Target
@@ -80,7 +87,10 @@ def remove_created(bpf_dir: Path, created: Created) -> None:
     """Unpin (and detach) exactly the objects ``created`` recorded, while the policy is
     still the run's; leave anything else, and say so. Call it with the lock held."""
     folder = pins.policy_dir(bpf_dir, created.name)
-    meta = pins.read_meta(folder)
+    try:
+        meta = read_named(bpf_dir, created.name, links=False).meta
+    except OSError:  # gone already (or no longer a folder cgpolicy trusts: ids decide below)
+        meta = None
     holder = Owner.from_json(meta.owner) if meta else None
     if meta is not None and holder != created.owner:
         who = holder.describe() if holder else "an owner that recorded none"
@@ -116,7 +126,7 @@ def _make_cgroup(cgroup: Path, relative: str) -> None:
     remove meanwhile); one that exists already is not this run's."""
     try:
         make_cgroup(cgroup)
-    except FileExistsError:
+    except CgroupExists:
         raise ApplyError(
             f"cgroup {relative} exists already; `run` makes a cgroup of its own and does "
             "not use (or remove) one it did not make"

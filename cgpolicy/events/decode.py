@@ -24,6 +24,10 @@ _FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}
 _TYPES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
 _PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 255: "raw"}
 _DEVICE_TYPES = {code: name for name, code in DEVICE_TYPES.items() if name != "any"}
+# The flags as plain ints: ``int & IntFlag`` builds a flag object, several per event
+_AUDIT, _TASK, _WRITE, _TRUNCATED = map(
+    int, (EventFlag.AUDIT, EventFlag.TASK, EventFlag.WRITE, EventFlag.TRUNCATED)
+)
 
 
 def _access(bits: int) -> str:
@@ -120,19 +124,19 @@ def decode(raw: bytes, wall_offset_ns: int = 0) -> Event:
     """One ring buffer record. ``wall_offset_ns`` from :func:`monotonic_to_wall_ns`."""
     if len(raw) < EVENT.size:
         raise ValueError(f"event record is {len(raw)} B, expected {EVENT.size}")
-    record = EVENT.unpack_from(raw)
-    family, kind, protocol = record["family"], record["type"], record["protocol"]
-    flags = record["flags"]
-    hook = EVENT_HOOKS.get(record["hook"], f"hook{record['hook']}")
+    record = EVENT.unpack_record(raw)
+    family, kind, protocol = record.family, record.type, record.protocol
+    flags = record.flags
+    hook = EVENT_HOOKS.get(record.hook, f"hook{record.hook}")
     what: dict[str, Any] = {}
     if hook in PACKET_HOOKS:
         what = {
             "family": _FAMILIES.get(family, family),
             "protocol": _PROTOCOLS.get(protocol, protocol) if protocol else None,
-            "src": _address(family, record["saddr"]),
-            "dst": _address(family, record["daddr"]),
-            "sport": record["sport"] or None,
-            "dport": record["dport"] or None,
+            "src": _address(family, record.saddr),
+            "dst": _address(family, record.daddr),
+            "sport": record.sport or None,
+            "dport": record.dport or None,
         }
     elif hook == "sock_create":
         what = {
@@ -145,31 +149,31 @@ def decode(raw: bytes, wall_offset_ns: int = 0) -> Event:
             "family": _FAMILIES.get(family, family),
             "socket_type": _TYPES.get(kind, kind),
             "protocol": _PROTOCOLS.get(protocol, protocol),
-            "address": _address(family, record["daddr"]),
-            "port": record["dport"],
+            "address": _address(family, record.daddr),
+            "port": record.dport,
         }
     elif hook == "device":
         what = {
             "device_type": _DEVICE_TYPES.get(kind, kind),
-            "major": record["major"],
-            "minor": record["minor"],
-            "access": _access(record["access"]),
+            "major": record.major,
+            "minor": record.minor,
+            "access": _access(record.access),
         }
     elif hook == "sysctl":
         what = {
-            "name": record["name"].split(b"\0", 1)[0].decode(errors="replace"),
-            "access": "write" if flags & EventFlag.WRITE else "read",
-            "truncated": bool(flags & EventFlag.TRUNCATED),
+            "name": record.name.split(b"\0", 1)[0].decode(errors="replace"),
+            "access": "write" if flags & _WRITE else "read",
+            "truncated": bool(flags & _TRUNCATED),
         }
-    task = bool(flags & EventFlag.TASK)
+    task = bool(flags & _TASK)
     return Event(
-        time_ns=record["time_ns"] + wall_offset_ns,
-        cgroup_id=record["cgroup_id"],
+        time_ns=record.time_ns + wall_offset_ns,
+        cgroup_id=record.cgroup_id,
         hook=hook,
-        rule=record["rule"],
-        audit=bool(flags & EventFlag.AUDIT),
+        rule=record.rule,
+        audit=bool(flags & _AUDIT),
         what=what,
-        pid=record["pid"] if task else None,
-        tid=record["tid"] if task else None,
-        comm=record["comm"].split(b"\0", 1)[0].decode(errors="replace") if task else None,
+        pid=record.pid if task else None,
+        tid=record.tid if task else None,
+        comm=record.comm.split(b"\0", 1)[0].decode(errors="replace") if task else None,
     )

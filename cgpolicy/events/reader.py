@@ -12,7 +12,13 @@ from pathlib import Path
 
 from cgpolicy.contract import DEFAULT_SLOT
 from cgpolicy.events.decode import Event, decode, monotonic_to_wall_ns
-from cgpolicy.kernel.applied import AppliedPolicy, events_dropped, program_maps, read_applied
+from cgpolicy.kernel.applied import (
+    AppliedPolicy,
+    event_rings,
+    events_dropped,
+    program_maps,
+    read_named,
+)
 from cgpolicy.kernel.bpf import Map
 from cgpolicy.kernel.cgroup import cgroup_names
 from cgpolicy.kernel.ringbuf import RingBuffer
@@ -90,19 +96,23 @@ class EventReader:
         self.refresh()
 
     def refresh(self) -> None:
-        applied = read_applied(self.bpf_dir, links=False)
-        for name, policy in applied.items():
+        rings = event_rings(self.bpf_dir)
+        for name, ring_map in rings.items():
             current = self.policies.get(name)
-            ring_map = policy.open_events()
             if ring_map is None:
                 continue
             if current is not None and ring_map.id == current.ring_id:
                 ring_map.close()
                 continue
+            try:
+                opened = _open_policy(read_named(self.bpf_dir, name, links=False), ring_map)
+            except OSError:  # removed meanwhile
+                ring_map.close()
+                continue
             if current is not None:
                 self._retired.append(current)
-            self.policies[name] = _open_policy(policy, ring_map)
-        for name in set(self.policies) - set(applied):
+            self.policies[name] = opened
+        for name in set(self.policies) - set(rings):
             self._retired.append(self.policies.pop(name))
 
     def _annotate(self, policy: PolicyEvents, event: Event) -> Event:

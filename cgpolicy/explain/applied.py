@@ -4,6 +4,7 @@ and list the other owners' programs that also decide."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from cgpolicy import reference
 from cgpolicy.explain.actions import ExplainError, ParsedAction, plain
 from cgpolicy.explain.explanation import Explanation, PolicyExplanation, bind_devices_here
 from cgpolicy.policy.model import Policy
+from cgpolicy.policy.problems import shown
 from cgpolicy.reference import DeviceAccess, Packet, SocketAddress, SocketCreate
 
 if TYPE_CHECKING:
@@ -32,13 +34,21 @@ def hooks_for(action: reference.Action) -> list[str]:
 
 def cgroup_chain(cgroup_root: Path, given: str) -> tuple[str, list[Path]]:
     """The cgroup relative to the mount, and its path with every ancestor (itself first)."""
-    from cgpolicy.kernel.cgroup import CgroupError
-    from cgpolicy.kernel.cgroup import cgroup_chain as chain_of
+    from cgpolicy.kernel.cgroup import (
+        CgroupError,
+        LeavesHierarchy,
+        cgroup_and_ancestors,
+        is_cgroup,
+    )
 
     try:
-        relative, chain = chain_of(cgroup_root, given)
+        relative, chain = cgroup_and_ancestors(cgroup_root, given)
+    except LeavesHierarchy:
+        raise ExplainError(f"{plain(given)} leaves the cgroup2 hierarchy") from None
     except CgroupError as error:
-        raise ExplainError(f"cgroup {plain(given)}: {error}") from None
+        raise ExplainError(f"cgroup {shown(given)}: {error}") from None
+    if not is_cgroup(chain[0]):
+        raise ExplainError(f"no cgroup {plain(str(relative))} under {cgroup_root}")
     return ("" if str(relative) == "." else str(relative)), chain
 
 
@@ -50,12 +60,15 @@ def explain_cgroup(
     resolved under ``dev_root`` as the next apply would, deny rules keeping the device they
     named when applied)."""
     from cgpolicy.kernel.applied import read_applied
-    from cgpolicy.kernel.cgroup import cgroup_id_at
+    from cgpolicy.kernel.cgroup import cgroup_id
     from cgpolicy.kernel.devices import DEV_ROOT, remembered_denies
     from cgpolicy.policy.validate import load_paths
 
     relative, chain = cgroup_chain(cgroup_root, given)
-    ids = {cid for path in chain if (cid := cgroup_id_at(path)) is not None}
+    ids = set()
+    for path in chain:
+        with contextlib.suppress(OSError):
+            ids.add(cgroup_id(path))
     relatives = {"" if p == cgroup_root else str(p.relative_to(cgroup_root)) for p in chain}
     explanation = Explanation(action, [], cgroup=relative)
     applied = read_applied(bpf_dir)

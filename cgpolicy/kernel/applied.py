@@ -15,9 +15,10 @@ from typing import Any
 
 from cgpolicy.contract import COUNTER, DEFAULT_SLOT, MAX_RULES, RATELIMIT, U32
 from cgpolicy.kernel import pins
-from cgpolicy.kernel.bpf import CgroupLink, Map, Program
+from cgpolicy.kernel.bpf import CgroupLink, Map, Program, close_all
 from cgpolicy.kernel.hooks import HOOKS
 from cgpolicy.kernel.syscall import BpfError
+from cgpolicy.kernel.trusted import check_real_folder
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,6 @@ class AppliedPolicy:
             found.update(link.prog_id for link in hook.links.values() if link.prog_id)
         return found
 
-    def open_events(self) -> Map | None:
-        """The policy's pinned ring buffer of deny events (the caller closes it), or None
-        when it has none (applied before deny events existed, or being replaced)."""
-        try:
-            return Map.from_pin(self.folder / pins.EVENTS_PIN)
-        except (BpfError, OSError):
-            return None
-
 
 def _read_link(cgroup_id: int, pin: Path) -> AppliedLink:
     try:
@@ -114,6 +107,26 @@ def read_applied(bpf_dir: Path, links: bool = True) -> dict[str, AppliedPolicy]:
     return {folder.name: read_policy(folder, links) for folder in pins.policy_folders(bpf_dir)}
 
 
+def read_named(bpf_dir: Path, name: str, links: bool = True) -> AppliedPolicy:
+    """The applied policy ``name`` (its folder is checked like every other)."""
+    folder = pins.policy_dir(bpf_dir, name)
+    check_real_folder(folder)
+    return read_policy(folder, links)
+
+
+def event_rings(bpf_dir: Path) -> dict[str, Map | None]:
+    """Every applied policy's ring buffer of deny events, opened (the caller closes them);
+    None for a policy without one now (applied before deny events, or being replaced).
+    Cheaper than :func:`read_applied` for a reader that polls for new rings."""
+    rings: dict[str, Map | None] = {}
+    for folder in pins.policy_folders(bpf_dir):
+        try:
+            rings[folder.name] = Map.from_pin(folder / pins.EVENTS_PIN)
+        except (BpfError, OSError):
+            rings[folder.name] = None
+    return rings
+
+
 # --- what a program's maps hold ---------------------------------------------------------
 
 
@@ -126,15 +139,19 @@ def program_maps(prog_id: int, names: set[str]) -> dict[str, Map]:
     except BpfError:
         return {}
     found: dict[str, Map] = {}
-    for map_id in map_ids:
-        try:
-            candidate = Map.from_id(map_id)
-        except BpfError:
-            continue
-        if candidate.name in names and candidate.name not in found:
-            found[candidate.name] = candidate
-        else:
-            candidate.close()
+    try:
+        for map_id in map_ids:
+            try:
+                candidate = Map.from_id(map_id)
+            except BpfError:
+                continue
+            if candidate.name in names and candidate.name not in found:
+                found[candidate.name] = candidate
+            else:
+                candidate.close()
+    except BaseException:
+        close_all(found.values())
+        raise
     return found
 
 

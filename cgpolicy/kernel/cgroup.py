@@ -116,20 +116,12 @@ def cgroup_names(root: Path) -> dict[int, str]:
     return {cid: os.path.relpath(path, root) for path, cid in walk_cgroups_with_ids(root)}
 
 
-def cgroup_id_at(path: Path) -> int | None:
-    """The id of the cgroup at ``path``, or None when there is none (any more)."""
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
-
-
 class NotACgroup(Exception):
     """A path under the cgroup2 mount exists but is a file (``cgroup.procs``, say) or a
     symlink, not a cgroup."""
 
 
-def lookup(path: Path) -> int | None:
+def cgroup_at(path: Path) -> int | None:
     """The id of the cgroup at ``path``, not following a symlink; None when nothing is
     there (it may vanish at any moment); NotACgroup when something else is."""
     try:
@@ -147,7 +139,8 @@ def is_cgroup(path: Path) -> bool:
 
 def matching_children(folder: Path, pattern: str) -> list[Path]:
     """The cgroups directly in ``folder`` whose names match the shell pattern ``pattern``
-    (one path component: '*' never crosses a '/'); none when ``folder`` is gone."""
+    (one path component: '*' never crosses a '/'); none when ``folder`` is gone. Any other
+    failure to list it raises: matching nothing would detach what a glob target covers."""
     try:
         with os.scandir(folder) as entries:
             return [
@@ -155,18 +148,24 @@ def matching_children(folder: Path, pattern: str) -> list[Path]:
                 for e in entries
                 if e.is_dir(follow_symlinks=False) and fnmatch.fnmatchcase(e.name, pattern)
             ]
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+class CgroupExists(CgroupError):
+    """A cgroup that was to be made exists already."""
 
 
 def make_cgroup(path: Path, attempts: int = 10) -> None:
     """Make the cgroup ``path`` and its parent if missing (another process may remove an
-    empty parent meanwhile: retried). FileExistsError when ``path`` exists already."""
+    empty parent meanwhile: retried). CgroupExists when ``path`` exists already."""
     for _ in range(attempts):
         path.parent.mkdir(exist_ok=True)
         try:
             path.mkdir()
             return
+        except FileExistsError:
+            raise CgroupExists(f"cgroup {path} exists already") from None
         except FileNotFoundError:
             continue  # the parent was removed between the two mkdirs
     path.mkdir()
@@ -185,11 +184,16 @@ def remove_if_empty(path: Path) -> None:
         pass
 
 
-def cgroup_chain(root: Path, given: str) -> tuple[Path, list[Path]]:
+class LeavesHierarchy(CgroupError):
+    """A path given as a cgroup leaves the cgroup2 hierarchy (``..``)."""
+
+
+def cgroup_and_ancestors(root: Path, given: str) -> tuple[Path, list[Path]]:
     """A cgroup given as an absolute path under ``root``, relative to it, or as
     /proc/PID/cgroup writes it (0::/a/b): its path relative to ``root``, and its full path
-    followed by every ancestor's up to ``root``. CgroupError when it is not a cgroup under
-    ``root``; its message does not repeat ``given`` (the caller shows that safely)."""
+    followed by every ancestor's up to ``root`` (which need not exist: see is_cgroup).
+    LeavesHierarchy for ``..`` out of it; CgroupError when the path cannot be resolved,
+    with the reason only (the caller shows ``given`` safely)."""
     path = Path(given)
     try:
         resolved_root = root.resolve()
@@ -201,11 +205,8 @@ def cgroup_chain(root: Path, given: str) -> tuple[Path, list[Path]]:
     else:
         relative = Path(os.path.normpath(given.lstrip("/") or "."))
         if relative.parts[:1] == ("..",):
-            raise CgroupError("it leaves the cgroup2 hierarchy")
-    full = root / relative
-    if not full.is_dir():
-        raise CgroupError(f"there is no such cgroup under {root}")
-    return relative, [full, *[root / p for p in relative.parents]]
+            raise LeavesHierarchy("it leaves the cgroup2 hierarchy")
+    return relative, [root / relative, *[root / p for p in relative.parents]]
 
 
 def remove_cgroup_tree(path: Path, timeout: float = 5.0) -> None:

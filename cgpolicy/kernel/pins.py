@@ -1,4 +1,5 @@
-"""What cgpolicy keeps on bpffs, and how it reads it back.
+"""What cgpolicy keeps on bpffs: the layout of its folder, the metadata, and pinning,
+replacing and unpinning there (:mod:`cgpolicy.kernel.applied` reads it all back).
 
 The kernel is the source of truth: everything cgpolicy has applied is found under its bpffs
 folder, so no state file can go stale.
@@ -26,15 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from cgpolicy.contract import U32
 from cgpolicy.kernel.bpf import CgroupLink, Map, Program
 from cgpolicy.kernel.syscall import BpfError, MapType
-from cgpolicy.kernel.trusted import check_real_folder, open_trusted_dir
+from cgpolicy.kernel.trusted import UntrustedFolder, check_real_folder, open_trusted_dir
 
 META_PIN = "meta"
 EVENTS_PIN = "events"
 PROG_PIN = "prog"
 LINK_PREFIX = "link-"
-_META_KEY = (0).to_bytes(4, "little")
+_META_KEY = U32.pack(0)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,12 @@ def real_subfolders(folder: Path) -> list[Path]:
         return []
     for entry in entries:
         if entry.is_dir(follow_symlinks=False) and not entry.name.startswith((".", "_")):
-            check_real_folder(Path(entry.path))
+            try:
+                check_real_folder(Path(entry.path))
+            except UntrustedFolder:
+                if not os.path.lexists(entry.path):
+                    continue  # removed since listed (a concurrent remove): not there
+                raise
             found.append(Path(entry.path))
     return sorted(found)
 

@@ -20,17 +20,21 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cgpolicy.compiler.spec import CompiledPolicy
-from cgpolicy.enforcer.engine import Outcome, Planned
 from cgpolicy.enforcer.ownership import SERVICE, recorded_owner
-from cgpolicy.enforcer.plan import Action, PolicyPlan
-from cgpolicy.kernel.applied import AppliedPolicy
-from cgpolicy.kernel.devices import DeviceBinding
-from cgpolicy.policy.model import Policy
-from cgpolicy.policy.validate import Problem
+from cgpolicy.enforcer.plan import Action
 from cgpolicy.reconciler.health import PassOutcome
-from cgpolicy.reconciler.source import Snapshot
+
+if TYPE_CHECKING:  # only named in annotations: the pure decisions import no engine or kernel
+    from cgpolicy.compiler.spec import CompiledPolicy
+    from cgpolicy.enforcer.engine import Outcome, Planned
+    from cgpolicy.enforcer.plan import PolicyPlan
+    from cgpolicy.kernel.applied import AppliedPolicy
+    from cgpolicy.kernel.devices import DeviceBinding
+    from cgpolicy.policy.model import Policy
+    from cgpolicy.policy.validate import Problem
+    from cgpolicy.reconciler.source import Snapshot
 from cgpolicy.reconciler.versions import UNREADABLE
 
 

@@ -10,15 +10,12 @@ import logging
 import time
 from pathlib import Path
 
-from cgpolicy.compiler.compile import compile_policy
-from cgpolicy.compiler.spec import CompiledPolicy
-from cgpolicy.enforcer.engine import Enforcer, Planned
+from cgpolicy.enforcer.engine import Enforcer, Planned, compile_here
 from cgpolicy.enforcer.ownership import Owner
 from cgpolicy.enforcer.plan import Action
 from cgpolicy.kernel.applied import AppliedPolicy
-from cgpolicy.kernel.devices import DeviceBinding, device_paths
+from cgpolicy.kernel.devices import device_paths
 from cgpolicy.kernel.devices import watch_folders as device_folders
-from cgpolicy.kernel.interfaces import resolve_interfaces
 from cgpolicy.policy.model import Policy
 from cgpolicy.reconciler.decide import (
     Compilations,
@@ -38,10 +35,6 @@ from cgpolicy.reconciler.source import PolicySource, Snapshot
 from cgpolicy.reconciler.watch import watch_folders
 
 log = logging.getLogger("cgpolicy.reconcile")
-
-
-def _compile(policy: Policy, devices: DeviceBinding) -> CompiledPolicy:
-    return compile_policy(policy, resolve_interfaces, resolve_device=devices)
 
 
 class Reconciler:
@@ -68,7 +61,7 @@ class Reconciler:
         self._source = PolicySource(self.policy_dir, store)
         self._policies: list[Policy] = []  # the last pass's
         self._metrics = metrics
-        self._compiled = Compilations(_compile)
+        self._compiled = Compilations(compile_here)
         self._warned: set[str] = set()
         self._waiting: set[tuple[str, str]] = set()
         self._not_ready: frozenset[tuple[str, str]] | None = None  # last readiness logged

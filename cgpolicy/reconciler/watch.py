@@ -55,7 +55,10 @@ def watch_folders(root: Path, targets: Iterable[Target]) -> set[Path]:
                     if is_cgroup(candidate):
                         following.append(candidate)
                     continue
-                following.extend(matching_children(folder, component))
+                try:
+                    following.extend(matching_children(folder, component))
+                except OSError:
+                    continue  # cannot list it now: the resync looks again
             level = following
             if not level:
                 break

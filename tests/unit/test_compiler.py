@@ -13,9 +13,8 @@ import pytest
 from policy_builders import egress_policy, net, policy_model
 
 from cgpolicy.compiler.canonical import ordered_rules
-from cgpolicy.compiler.compile import compile_policy
+from cgpolicy.compiler.compile import CIDR4_INDEX_MIN, compile_policy
 from cgpolicy.compiler.network import (
-    CIDR4_INDEX_MIN,
     CIDR4_INDEX_SLOTS,
     port_prefixes,
     propagate_prefixes,

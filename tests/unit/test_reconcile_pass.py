@@ -16,6 +16,7 @@ import pytest
 
 from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.enforcer import engine as engine_module
 from cgpolicy.enforcer.engine import Compile, Enforcer, Outcome, Planned
 from cgpolicy.enforcer.ownership import Owner
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
@@ -23,7 +24,6 @@ from cgpolicy.kernel.applied import AppliedPolicy
 from cgpolicy.kernel.devices import DeviceBinding
 from cgpolicy.kernel.pins import PolicyMeta
 from cgpolicy.policy.model import Policy
-from cgpolicy.reconciler import reconcile as reconcile_module
 from cgpolicy.reconciler.decide import PassReport
 from cgpolicy.reconciler.metrics import Metrics
 from cgpolicy.reconciler.reconcile import Reconciler
@@ -303,7 +303,7 @@ def compiled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append(policy.name)
         return compile_policy(policy, lambda patterns: set(), resolve_device=resolve_device)
 
-    monkeypatch.setattr(reconcile_module, "compile_policy", compile)
+    monkeypatch.setattr(engine_module, "compile_policy", compile)
     return calls
 
 

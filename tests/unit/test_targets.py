@@ -1,6 +1,10 @@
 """Target resolution against a folder tree shaped like a cgroup hierarchy."""
 
+import errno
+import os
 from pathlib import Path
+
+import pytest
 
 from cgpolicy.enforcer.targets import resolve_targets
 from cgpolicy.policy.model import Target
@@ -47,3 +51,23 @@ def test_a_cgroup_named_by_two_targets_appears_once(tmp_path):
     make_tree(tmp_path, "a/b")
     targets = (Target("a/b", False), Target("a/*", True))
     assert len(resolve_targets(tmp_path, targets).cgroups) == 1
+
+
+def test_a_glob_folder_that_cannot_be_listed_fails_instead_of_matching_nothing(
+    tmp_path, monkeypatch
+):
+    """Matching nothing would detach the policy from every cgroup the glob covers: a
+    listing that fails for any reason but the folder being gone must raise."""
+    (tmp_path / "system.slice" / "a.service").mkdir(parents=True)
+    listed = os.scandir
+
+    def out_of_descriptors(path):
+        if Path(path) == tmp_path / "system.slice":
+            raise OSError(errno.EMFILE, "Too many open files")
+        return listed(path)
+
+    monkeypatch.setattr(os, "scandir", out_of_descriptors)
+    with pytest.raises(OSError, match="Too many open files"):
+        resolve_targets(tmp_path, (Target("system.slice/*.service", is_glob=True),))
+    # A folder that is gone matches nothing, as before.
+    assert resolve_targets(tmp_path, (Target("gone.slice/*", is_glob=True),)).cgroups == ()
