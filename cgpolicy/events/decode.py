@@ -24,6 +24,7 @@ _FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}
 _TYPES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
 _PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 255: "raw"}
 _DEVICE_TYPES = {code: name for name, code in DEVICE_TYPES.items() if name != "any"}
+_read_event = EVENT.record_reader()
 # The flags as plain ints: ``int & IntFlag`` builds a flag object, several per event
 _AUDIT, _TASK, _WRITE, _TRUNCATED = map(
     int, (EventFlag.AUDIT, EventFlag.TASK, EventFlag.WRITE, EventFlag.TRUNCATED)
@@ -124,7 +125,7 @@ def decode(raw: bytes, wall_offset_ns: int = 0) -> Event:
     """One ring buffer record. ``wall_offset_ns`` from :func:`monotonic_to_wall_ns`."""
     if len(raw) < EVENT.size:
         raise ValueError(f"event record is {len(raw)} B, expected {EVENT.size}")
-    record = EVENT.unpack_record(raw)
+    record = _read_event(raw)
     family, kind, protocol = record.family, record.type, record.protocol
     flags = record.flags
     hook = EVENT_HOOKS.get(record.hook, f"hook{record.hook}")
