@@ -51,7 +51,12 @@ class PolicyPlan:
 
     @property
     def changes_kernel(self) -> bool:
-        return self.reload or any(step.action is not Action.KEEP for step in self.steps)
+        """A removal always does (its pins go, even with no link left to detach)."""
+        return (
+            self.new_revision is None
+            or self.reload
+            or any(step.action is not Action.KEEP for step in self.steps)
+        )
 
     @property
     def blocked(self) -> bool:

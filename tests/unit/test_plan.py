@@ -96,3 +96,10 @@ def test_metadata_written_for_other_programs_reloads_an_interrupted_apply():
     no_meta = applied("r1", {"egress": {1: True}})
     no_meta.meta = None
     assert plan_policy(compiled("r1"), A, no_meta).reload
+
+
+def test_removal_of_a_policy_without_links_still_changes_the_kernel():
+    """A glob that matched nothing leaves a policy with programs but no link: removing it
+    must still drop its pins, so the service must hand the plan to the enforcer."""
+    plan = plan_removal(applied("r1", {"egress": {}}))
+    assert plan.steps == [] and plan.changed and plan.changes_kernel

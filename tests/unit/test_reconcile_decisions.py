@@ -308,8 +308,16 @@ def test_only_plans_that_change_something_or_are_blocked_are_applied() -> None:
     blocked.problems.append("applied by hand (`cgpolicy apply`); ...")
     removal = plan("gone", "r1", None)
     removal.steps.append(Step(Action.DETACH, "connect4", 1, "a/1"))
-    items = [Planned(p, None) for p in (unchanged, changed, taken_over, blocked, removal)]
-    assert [item.plan.name for item in to_apply(items)] == ["new", "adopted", "refused", "gone"]
+    unlinked = plan("gone-unlinked", "r1", None)  # a glob that matched nothing: pins only
+    plans = (unchanged, changed, taken_over, blocked, removal, unlinked)
+    items = [Planned(p, None) for p in plans]
+    assert [item.plan.name for item in to_apply(items)] == [
+        "new",
+        "adopted",
+        "refused",
+        "gone",
+        "gone-unlinked",
+    ]
 
 
 def test_a_policy_that_fails_is_reported_and_the_others_are_not_held_back() -> None:
