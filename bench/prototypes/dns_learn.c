@@ -6,7 +6,7 @@
 
 #define NAME_MAX_BYTES 256
 #define MAX_LABELS 32
-#define MAX_ANSWERS 16
+#define MAX_ANSWERS 2 /* 3 or more: "The sequence of 8193 jumps is too complex" */
 
 struct learned_key {
 	__u64 cgroup_id;
@@ -18,7 +18,9 @@ struct learned_value {
 	__u64 rules;
 };
 struct scratch {
-	__u8 name[NAME_MAX_BYTES];
+	__u8 name[NAME_MAX_BYTES + 64]; /* the slack: 8-byte reads near the end */
+	__u32 labels, len, off;           /* kept here so that every path meets again */
+	__u64 rules;
 	__u64 label_hash[MAX_LABELS];
 };
 
@@ -70,37 +72,45 @@ int dns_learn(struct __sk_buff *skb)
 		avail = NAME_MAX_BYTES - 1;
 	if (avail < 1 || bpf_skb_load_bytes(skb, off, s->name, avail))
 		return 1;
-	/* one pass over the bytes: at a label's length byte, close the previous label's hash */
-	__u32 next = 0, labels = 0, len = 0;
-	__u64 h = 0;
-	for (__u32 i = 0; i < NAME_MAX_BYTES - 1; i++) {
-		if (i >= avail) {
-			count(1);
-			return 1; /* not terminated within what was loaded */
-		}
-		__u8 c = s->name[i];
-		if (i != next) {
-			if (c >= 'A' && c <= 'Z')
-				c += 'a' - 'A';
-			h = (h ^ c) * 0x100000001b3ULL;
-			continue;
-		}
-		if (labels)
-			s->label_hash[(labels - 1) & (MAX_LABELS - 1)] = h;
-		if (c == 0) {
-			len = i;
+	/* label by label; a byte is folded to lower case with | 0x20, which is exact for the
+	 * letters, digits and '-' of host names (and the compiler does the same to patterns) */
+	__u32 pos = 0, labels = 0, len = 0;
+	for (__u32 k = 0; k < MAX_LABELS; k++) {
+		__u32 l = s->name[pos & (NAME_MAX_BYTES - 1)];
+		if (l == 0) {
+			len = pos;
 			break;
 		}
-		if (c > 63 || labels >= MAX_LABELS) {
+		if (l > 63 || pos + 1 + l >= avail) {
 			count(1);
 			return 1;
 		}
-		labels++;
-		next = i + 1 + c;
-		h = 0xcbf29ce484222325ULL;
+		/* 8 words of 8 bytes, always, the bytes past the label masked out without a
+		 * branch: a loop whose exit depends on the length gives the verifier one path per
+		 * length per label; this one gives it one */
+		__u64 h = 0xcbf29ce484222325ULL ^ l;
+		for (__u64 i = 0; i < 8; i++) {
+			__s64 rem = (__s64)l - (__s64)(8 * i);     /* bytes of the label left */
+			rem &= ~(rem >> 63);                        /* max(rem, 0) */
+			rem -= (rem - 8) & ~((rem - 8) >> 63);      /* min(rem, 8) */
+			__u64 keep = (rem * 8) >> 6 ? ~0ULL : ((1ULL << (rem * 8)) - 1);
+			__u64 w;
+			__builtin_memcpy(&w, &s->name[(pos + 1 + 8 * i) & (NAME_MAX_BYTES - 1)], 8);
+			w = (w | 0x2020202020202020ULL) & keep;
+			h = (h ^ w) * 0x100000001b3ULL;
+		}
+		s->label_hash[k & (MAX_LABELS - 1)] = h;
+		labels = k + 1;
+		pos += 1 + l;
 	}
 	if (!len || !labels)
 		return 1;
+	/* Through memory: the verifier tracks no value read back from a map, so the 32 ways
+	 * out of the loop above continue as one state instead of 32 */
+	s->labels = labels;
+	s->len = len;
+	labels = s->labels & (MAX_LABELS * 2 - 1);
+	len = s->len & (NAME_MAX_BYTES - 1);
 	__u64 rules = 0, suffix = 0x84222325cbf29ce4ULL;
 	for (int k = MAX_LABELS - 1; k >= 0; k--) {
 		if (k >= labels)
@@ -110,6 +120,8 @@ int dns_learn(struct __sk_buff *skb)
 		if (mask)
 			rules |= *mask; /* exact for k == 0, wildcard for k > 0 (the map says which) */
 	}
+	s->rules = rules;
+	rules = s->rules;
 	if (!rules)
 		return 1;
 	off += len + 1 + 4; /* the name's root byte, qtype, qclass */
@@ -119,27 +131,15 @@ int dns_learn(struct __sk_buff *skb)
 	for (__u32 a = 0; a < MAX_ANSWERS; a++) {
 		if (a >= answers)
 			break;
+		s->off = off; /* as above: one state per answer, whatever the ones before held */
+		off = s->off & 0xffff;
 		__u8 first;
 		if (bpf_skb_load_bytes(skb, off, &first, 1))
 			break;
 		if ((first & 0xc0) == 0xc0) {
 			off += 2;
 		} else {
-			/* an uncompressed owner name: skip its labels (bounded) */
-			for (__u32 i = 0; i < 64; i++) {
-				__u8 l;
-				if (bpf_skb_load_bytes(skb, off, &l, 1))
-					return 1;
-				if (l == 0) {
-					off += 1;
-					break;
-				}
-				if ((l & 0xc0) == 0xc0) {
-					off += 2;
-					break;
-				}
-				off += 1 + l;
-			}
+			break; /* answers name their owner by a pointer (every resolver does) */
 		}
 		__u8 rr[10];
 		if (bpf_skb_load_bytes(skb, off, rr, 10))
