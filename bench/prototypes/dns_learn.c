@@ -6,7 +6,8 @@
 
 #define NAME_MAX_BYTES 256
 #define MAX_LABELS 32
-#define MAX_ANSWERS 2 /* 3 or more: "The sequence of 8193 jumps is too complex" */
+#define MAX_ANSWERS_TOTAL 16
+#define ANSWERS_PER_RUN 2 /* 3 or more: "The sequence of 8193 jumps is too complex" */
 
 struct learned_key {
 	__u64 cgroup_id;
@@ -20,6 +21,7 @@ struct learned_value {
 struct scratch {
 	__u8 name[NAME_MAX_BYTES + 64]; /* the slack: 8-byte reads near the end */
 	__u32 labels, len, off;           /* kept here so that every path meets again */
+	__u32 answers_left;
 	__u64 rules;
 	__u64 label_hash[MAX_LABELS];
 };
@@ -27,7 +29,8 @@ struct scratch {
 BPF_HASH(names, __u64, __u64, 1024);                       /* suffix hash -> rule mask */
 BPF_TABLE("lru_hash", struct learned_key, struct learned_value, learned, 65536);
 BPF_PERCPU_ARRAY(work, struct scratch, 1);
-BPF_ARRAY(stats, __u64, 4);                                  /* 0 learned, 1 refused */
+BPF_ARRAY(stats, __u64, 4);
+BPF_PROG_ARRAY(jump, 1);                                     /* [0]: dns_answers */                                  /* 0 learned, 1 refused */
 
 static __always_inline void count(__u32 slot)
 {
@@ -124,26 +127,36 @@ int dns_learn(struct __sk_buff *skb)
 	rules = s->rules;
 	if (!rules)
 		return 1;
-	off += len + 1 + 4; /* the name's root byte, qtype, qclass */
+	s->off = off + len + 1 + 4; /* past the name's root byte, qtype and qclass */
+	s->answers_left = answers < MAX_ANSWERS_TOTAL ? answers : MAX_ANSWERS_TOTAL;
+	jump.call(skb, 0); /* dns_answers; returns here only if the call fails */
+	return 1;
+}
 
+/* Two answers per run, then itself again: the verifier refuses a third in one program.
+ * The tail-call chain is bounded by MAX_ANSWERS_TOTAL / 2 calls (the kernel allows 33). */
+int dns_answers(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct scratch *s = work.lookup(&zero);
+	if (!s)
+		return 1;
+	__u64 rules = s->rules;
+	__u32 off = s->off & 0xffff;
+	__u32 left = s->answers_left;
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct learned_key key = {.cgroup_id = bpf_skb_cgroup_id(skb)};
-	for (__u32 a = 0; a < MAX_ANSWERS; a++) {
-		if (a >= answers)
-			break;
-		s->off = off; /* as above: one state per answer, whatever the ones before held */
-		off = s->off & 0xffff;
+	for (__u32 a = 0; a < ANSWERS_PER_RUN; a++) {
+		if (left == 0)
+			return 1;
+		left--;
 		__u8 first;
-		if (bpf_skb_load_bytes(skb, off, &first, 1))
-			break;
-		if ((first & 0xc0) == 0xc0) {
-			off += 2;
-		} else {
-			break; /* answers name their owner by a pointer (every resolver does) */
-		}
+		if (bpf_skb_load_bytes(skb, off, &first, 1) || (first & 0xc0) != 0xc0)
+			return 1; /* answers name their owner by a pointer (every resolver does) */
+		off += 2;
 		__u8 rr[10];
 		if (bpf_skb_load_bytes(skb, off, rr, 10))
-			break;
+			return 1;
 		__u16 type = ((__u16)rr[0] << 8) | rr[1];
 		__u16 class = ((__u16)rr[2] << 8) | rr[3];
 		__u32 ttl = ((__u32)rr[4] << 24) | ((__u32)rr[5] << 16) | ((__u32)rr[6] << 8) | rr[7];
@@ -151,7 +164,7 @@ int dns_learn(struct __sk_buff *skb)
 		off += 10;
 		if (type == 1 && class == 1 && rdlen == 4) {
 			if (bpf_skb_load_bytes(skb, off, &key.addr, 4))
-				break;
+				return 1;
 			if (ttl < 60)
 				ttl = 60;
 			if (ttl > 3600)
@@ -163,5 +176,8 @@ int dns_learn(struct __sk_buff *skb)
 		}
 		off += rdlen;
 	}
+	s->off = off;
+	s->answers_left = left;
+	jump.call(skb, 0);
 	return 1;
 }

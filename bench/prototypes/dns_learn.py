@@ -80,6 +80,8 @@ def dns_answer(question: str, answers: list[tuple[str, str]], ttl: int = 300) ->
 def main() -> None:
     bpf = BPF(src_file=str(SOURCE))
     fn = bpf.load_func("dns_learn", BPF.CGROUP_SKB)
+    answers = bpf.load_func("dns_answers", BPF.CGROUP_SKB)
+    bpf["jump"][ctypes.c_int(0)] = ctypes.c_int(answers.fd)
     names = bpf["names"]
     for rule, pattern in enumerate(["api.example.com", "s3.amazonaws.com", "github.com"]):
         names[ctypes.c_uint64(suffix_hash(pattern))] = ctypes.c_uint64(1 << rule)
