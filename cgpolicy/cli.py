@@ -195,11 +195,14 @@ def validate(paths: PathsArgument, as_json: JsonOption = False) -> None:
             "files": result.files,
             "policies": [policy.name for policy in result.policies],
             "problems": [problem.to_json() for problem in result.problems],
+            "warnings": [warning.to_json() for warning in result.warnings],
         }
         typer.echo(json.dumps(report, indent=2))
     else:
         for problem in result.problems:
             typer.echo(problem.format(), err=True)
+        for warning in result.warnings:
+            typer.echo(f"warning: {warning.format()}", err=True)
         if result.ok:
             names = ", ".join(policy.name for policy in result.policies)
             typer.echo(

@@ -110,6 +110,9 @@ class Packet:
     port: int | None = None
     icmp_type: int | None = None
     interface: str | None = None
+    # The names whose DNS answers, having reached the cgroup, hold ``remote`` now: what
+    # `fqdns` rules match (lowercase, no trailing dot). None known: no `fqdns` rule matches.
+    names: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,7 @@ class SocketAddress:
     address: IPAddress
     port: int
     protocol: int
+    names: frozenset[str] = frozenset()  # as Packet.names
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +319,28 @@ def address_in(address: IPAddress | None, cidrs: Sequence[IPNetwork]) -> Truth:
     return any(a in net for a in candidates for net in cidrs if a.version == net.version)
 
 
+def name_in(names: frozenset[str], fqdns: Sequence[str]) -> bool:
+    """Does a name DNS gave for the address match one of the rule's: the same name, or for
+    ``*.domain`` a name with one or more labels in front of the domain."""
+    for pattern in fqdns:
+        if pattern.startswith("*."):
+            suffix = pattern[1:]  # ".domain"
+            if any(name.endswith(suffix) and len(name) > len(suffix) for name in names):
+                return True
+        elif pattern in names:
+            return True
+    return False
+
+
+def remote_in(
+    address: IPAddress | None, rule: NetworkRule | SocketAddressRule, names: frozenset[str]
+) -> Truth:
+    """The rule's remote-host condition: by its names when it has `fqdns`, else by CIDRs."""
+    if rule.fqdns:
+        return name_in(names, rule.fqdns)
+    return address_in(address, rule.cidrs)
+
+
 def port_in(port: int | None, ports: Sequence[PortRange]) -> Truth:
     if not ports:
         return True
@@ -362,7 +388,8 @@ def _network_conditions(rule: NetworkRule, packet: Packet) -> list[Truth]:
     else:
         interface_ok = any(fnmatch.fnmatchcase(packet.interface, p) for p in rule.interfaces)
 
-    return [address_in(packet.remote, rule.cidrs), protocol_ok, port_ok, icmp_ok, interface_ok]
+    remote_ok = remote_in(packet.remote, rule, packet.names)
+    return [remote_ok, protocol_ok, port_ok, icmp_ok, interface_ok]
 
 
 def _address_conditions(rule: SocketAddressRule, action: SocketAddress) -> list[Truth]:
@@ -377,7 +404,7 @@ def _address_conditions(rule: SocketAddressRule, action: SocketAddress) -> list[
         protocol_ok = action.protocol == IP_PROTOCOLS[rule.protocol]
     port_ok = port_in(action.port if is_tcp_udp else None, rule.ports)
     # bind port 0 is port 0 (no range contains it); 0.0.0.0 / :: are those addresses.
-    return [address_in(action.address, rule.cidrs), protocol_ok, port_ok]
+    return [remote_in(action.address, rule, action.names), protocol_ok, port_ok]
 
 
 def _create_conditions(rule: SocketCreateRule, action: SocketCreate) -> list[Truth]:

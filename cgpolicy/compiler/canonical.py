@@ -62,12 +62,19 @@ def _canonical_value(value: Any) -> Any:
 
 
 def canonical_rule(rule: Any) -> dict[str, Any]:
-    """A rule's semantic content as JSON-ready data (no source position; lists sorted)."""
-    return {
-        f.name: _canonical_value(getattr(rule, f.name))
-        for f in dataclasses.fields(rule)
-        if f.name != "source"
-    }
+    """A rule's semantic content as JSON-ready data (no source position; lists sorted).
+    Fields added to the language later are left out while empty, so that a policy that
+    does not use them keeps its revision (and is not reloaded by an upgrade)."""
+    content = {}
+    for f in dataclasses.fields(rule):
+        value = getattr(rule, f.name)
+        if f.name == "source" or (f.name in _LATER_FIELDS and not value):
+            continue
+        content[f.name] = _canonical_value(value)
+    return content
+
+
+_LATER_FIELDS = frozenset({"fqdns"})
 
 
 def _rule_key(rule: Any) -> str:

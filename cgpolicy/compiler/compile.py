@@ -32,10 +32,7 @@ from cgpolicy.contract import (
     SECTION_HOOKS,
 )
 from cgpolicy.policy.describe import rule_text
-from cgpolicy.policy.model import (
-    DeviceRule,
-    Policy,
-)
+from cgpolicy.policy.model import DeviceRule, NetworkRule, Policy, SocketAddressRule
 
 # IPv4 CIDR layout (bpf/net.c cgp_cidr4_mask): a section with at least this many distinct
 # IPv4 prefixes gets the /16 index (cidr4_idx, 1 MiB, + cidr4_long hash) instead of the
@@ -58,6 +55,7 @@ def compile_policy(
     ``resolve_device`` says what a ``path:`` device rule's path names on this node; it is
     needed only when a device rule names a path."""
     index_min = CIDR4_INDEX_MIN if cidr4_index_min is None else cidr4_index_min
+    _refuse_fqdns(policy)
     policy, device_paths = bind_device_paths(policy, resolve_device)
     audit = policy.mode == "audit"
     programs: list[ProgramSpec] = []
@@ -111,6 +109,19 @@ def compile_policy(
         rules=rule_labels(policy, [spec.hook for spec in programs], keys, device_paths),
         device_paths=device_paths,
     )
+
+
+def _refuse_fqdns(policy: Policy) -> None:
+    """Work in progress (issue 12): a rule naming fqdns has no cidrs, which the programs
+    read as "any address"; until names are enforced, such a policy is refused whole."""
+    rules: list[NetworkRule | SocketAddressRule] = []
+    if policy.network is not None:
+        for section in (policy.network.ingress, policy.network.egress):
+            rules += section.rules if section else ()
+    if policy.sockets is not None and policy.sockets.connect is not None:
+        rules += policy.sockets.connect.rules
+    if any(rule.fqdns for rule in rules):
+        raise CompileError("rules naming fqdns are not enforced yet (issue 12)")
 
 
 def bind_device_paths(

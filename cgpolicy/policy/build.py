@@ -10,11 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from cgpolicy.policy.model import (
+    DEFAULT_MAX_TTL,
+    DEFAULT_MIN_TTL,
     IP_PROTOCOLS,
     SOCKET_FAMILIES,
     SOCKET_TYPES,
     DeviceRule,
     DeviceSection,
+    DnsSettings,
     IPNetwork,
     Network,
     NetworkRule,
@@ -32,7 +35,12 @@ from cgpolicy.policy.model import (
     Target,
 )
 from cgpolicy.policy.problems import Path
-from cgpolicy.policy.semantic import normalise_sysctl_name, parse_cidr, parse_port_range
+from cgpolicy.policy.semantic import (
+    normalise_fqdn,
+    normalise_sysctl_name,
+    parse_cidr,
+    parse_port_range,
+)
 from cgpolicy.policy.sourcemap import SourceMap
 
 
@@ -54,6 +62,7 @@ class _Builder:
             sockets=self.sockets(spec["sockets"]) if "sockets" in spec else None,
             devices=self.devices(spec["devices"]) if "devices" in spec else None,
             sysctl=self.sysctl(spec["sysctl"]) if "sysctl" in spec else None,
+            dns=_dns(spec.get("dns", {})),
             source=self.at(()),
         )
 
@@ -79,6 +88,7 @@ class _Builder:
             ports=_ports(rule),
             icmp_types=tuple(int(icmp_type) for icmp_type in rule.get("icmpTypes", ())),
             interfaces=tuple(rule.get("interfaces", ())),
+            fqdns=_fqdns(rule),
             source=self.at(path),
         )
 
@@ -113,6 +123,7 @@ class _Builder:
             cidrs=_cidrs(rule),
             protocol=rule.get("protocol", "any"),
             ports=_ports(rule),
+            fqdns=_fqdns(rule),
             source=self.at(path),
         )
 
@@ -159,6 +170,17 @@ def _target(target: dict[str, str]) -> Target:
     if "glob" in target:
         return Target(target["glob"], is_glob=True)
     return Target(target["path"], is_glob=False)
+
+
+def _fqdns(rule: dict[str, Any]) -> tuple[str, ...]:
+    """Lowercase, trailing dot dropped, duplicates merged, in the order written."""
+    return tuple(dict.fromkeys(normalise_fqdn(text) for text in rule.get("fqdns", ())))
+
+
+def _dns(settings: dict[str, Any]) -> DnsSettings:
+    return DnsSettings(
+        settings.get("minTTL", DEFAULT_MIN_TTL), settings.get("maxTTL", DEFAULT_MAX_TTL)
+    )
 
 
 def _cidrs(rule: dict[str, Any]) -> tuple[IPNetwork, ...]:

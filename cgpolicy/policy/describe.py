@@ -127,7 +127,7 @@ def _section(
 
 
 def _network_rule(rule: NetworkRule, where: str) -> str:
-    parts = [rule.action, rule.protocol, where, _cidrs(rule.cidrs)]
+    parts = [rule.action, rule.protocol, where, _remote(rule)]
     if rule.ports:
         # Remote port on egress, local port on ingress.
         parts.append(_ports(rule.ports) if where == "to" else "local " + _ports(rule.ports))
@@ -148,7 +148,7 @@ def _create_rule(rule: SocketCreateRule) -> str:
 
 
 def _address_rule(rule: SocketAddressRule, where: str) -> str:
-    parts = [rule.action, rule.protocol, where, _cidrs(rule.cidrs)]
+    parts = [rule.action, rule.protocol, where, _remote(rule)]
     if rule.ports:
         parts.append(_ports(rule.ports))
     return " ".join(parts)
@@ -194,6 +194,16 @@ def rule_text(section: str, rule: AnyRule) -> str:
     policy: network.egress, network.ingress, sockets.create, sockets.bind, sockets.connect,
     devices or sysctl."""
     return _RULE_TEXT[section](rule)
+
+
+def _remote(rule: NetworkRule | SocketAddressRule) -> str:
+    """The remote hosts of a rule: its names ("by DNS": the addresses their answers gave),
+    else its CIDRs."""
+    if rule.fqdns:
+        names = list(rule.fqdns)
+        shown = names if len(names) <= MAX_LISTED else names[: MAX_LISTED - 1]
+        return _truncated(shown, "names", len(names)) + " (by DNS)"
+    return _cidrs(rule.cidrs)
 
 
 def _cidrs(cidrs: Sequence[IPNetwork]) -> str:

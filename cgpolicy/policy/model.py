@@ -73,6 +73,9 @@ class NetworkRule:
     ports: tuple[PortRange, ...] = ()  # remote port on egress, local port on ingress
     icmp_types: tuple[int, ...] = ()  # only with icmp/icmpv6
     interfaces: tuple[str, ...] = ()  # names or globs, resolved to ifindexes at apply time
+    # remote address by DNS name instead of cidrs: lowercase, no trailing dot, "*." in front
+    # for a wildcard; matches an address only while a DNS answer for the name holds it
+    fqdns: tuple[str, ...] = ()
     source: SourceLocation | None = field(default=None, compare=False)
 
 
@@ -107,6 +110,7 @@ class SocketAddressRule:
     cidrs: tuple[IPNetwork, ...] = ()
     protocol: SocketProtocol = "any"
     ports: tuple[PortRange, ...] = ()
+    fqdns: tuple[str, ...] = ()  # connect only: as NetworkRule.fqdns
     source: SourceLocation | None = field(default=None, compare=False)
 
 
@@ -171,6 +175,19 @@ class SysctlSection:
     rules: tuple[SysctlRule, ...] = ()
 
 
+DEFAULT_MIN_TTL = 30  # seconds: an answer's TTL is raised to at least this
+DEFAULT_MAX_TTL = 3600  # and cut to at most this
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    """How long an address learned from a DNS answer matches `fqdns` rules: the answer's
+    TTL, raised to ``min_ttl`` and cut to ``max_ttl`` (seconds)."""
+
+    min_ttl: int = DEFAULT_MIN_TTL
+    max_ttl: int = DEFAULT_MAX_TTL
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     name: str
@@ -180,4 +197,5 @@ class Policy:
     sockets: Sockets | None = None
     devices: DeviceSection | None = None
     sysctl: SysctlSection | None = None
+    dns: DnsSettings = DnsSettings()
     source: SourceLocation | None = field(default=None, compare=False)

@@ -10,11 +10,19 @@ import functools
 import ipaddress
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cgpolicy.policy.model import IPNetwork, PortRange, SourceLocation
+from cgpolicy.policy.model import (
+    DEFAULT_MAX_TTL,
+    IPNetwork,
+    NetworkRule,
+    Policy,
+    PortRange,
+    SocketAddressRule,
+    SourceLocation,
+)
 from cgpolicy.policy.problems import SHOWN_CHARACTERS, Path, Problem, shown
 from cgpolicy.policy.sysctl_patterns import TooManyStates, sysctl_dfa
 
@@ -229,6 +237,52 @@ def target_problem(text: str) -> InvalidValue | None:
     return None
 
 
+MAX_FQDN_LENGTH = 253  # a DNS name's text, without the trailing dot
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+def normalise_fqdn(text: str) -> str:
+    """``text`` as rules and answers are compared: lowercase, without a trailing dot."""
+    return text.lower().removesuffix(".")
+
+
+def fqdn_problem(text: str) -> InvalidValue | None:
+    """Why ``text`` is not a DNS name an `fqdns` rule can hold, or None: labels of 1-63
+    letters, digits, '-' (not first or last) and '_'; at most 253 characters; a wildcard
+    is a whole first label '*' with at least one more label after it."""
+    name = normalise_fqdn(text)
+    if not name:
+        return InvalidValue(
+            f"{shown(text)} is not a DNS name", "write a name such as api.example.com"
+        )
+    if len(name) > MAX_FQDN_LENGTH:
+        return InvalidValue(
+            f"{shown(text)} is {len(name)} characters long; a DNS name has at most "
+            f"{MAX_FQDN_LENGTH}"
+        )
+    labels = name.split(".")
+    if labels[0] == "*":
+        if len(labels) < 2:
+            return InvalidValue(
+                f"{shown(text)} is a wildcard of nothing",
+                "write '*.' in front of a domain, e.g. *.s3.amazonaws.com",
+            )
+        labels = labels[1:]
+    for label in labels:
+        if "*" in label:
+            return InvalidValue(
+                f"{shown(text)} has '*' inside a name; only a whole first label may be '*'",
+                "write *.example.com for every name below example.com",
+            )
+        if not _LABEL.fullmatch(label):
+            reason = "an empty label" if not label else f"the label {shown(label)}"
+            return InvalidValue(
+                f"{shown(text)} has {reason}",
+                "labels are 1-63 letters, digits, '-' (not first or last) and '_'",
+            )
+    return None
+
+
 # -- checks ------------------------------------------------------------------------------
 
 
@@ -249,6 +303,40 @@ def check_policy(data: Any) -> Iterator[Finding]:
     yield from _check_sockets(spec, check_cidrs=total <= MAX_CIDRS_PER_POLICY)
     yield from _check_devices(spec)
     yield from _check_sysctl(spec)
+    yield from _check_dns(spec)
+
+
+def policy_warnings(policy: Policy) -> list[Problem]:
+    """What a valid policy may not do as its writer expects: a `deny` by DNS name holds only
+    for addresses the cgroup learned from an answer for that name (a process can use an
+    address it learned elsewhere, or resolve over HTTPS)."""
+    sections: list[tuple[str, Sequence[NetworkRule | SocketAddressRule]]] = []
+    if policy.network is not None:
+        for direction in ("ingress", "egress"):
+            section = getattr(policy.network, direction)
+            if section is not None:
+                sections.append((f"spec.network.{direction}", section.rules))
+    if policy.sockets is not None and policy.sockets.connect is not None:
+        sections.append(("spec.sockets.connect", policy.sockets.connect.rules))
+    warnings = []
+    for where, rules in sections:
+        for index, rule in enumerate(rules):
+            if rule.action == "deny" and rule.fqdns:
+                at = rule.source or policy.source
+                warnings.append(
+                    Problem(
+                        at.file if at else "",
+                        at.line if at else 0,
+                        at.column if at else 0,
+                        f"{where}.rules[{index}]",
+                        "a deny by DNS name is best-effort: it covers the addresses this "
+                        "cgroup learns from DNS answers for the name, not one learned "
+                        "another way (a hard-coded address, DNS over HTTPS or TLS)",
+                        "deny port 853 (DNS over TLS) too, or allow by name over a "
+                        "default-deny egress",
+                    )
+                )
+    return warnings
 
 
 def duplicate_name(name: str, where: SourceLocation, first: SourceLocation) -> Problem:
@@ -298,6 +386,7 @@ def _check_network(spec: dict[str, Any], check_cidrs: bool) -> Iterator[Finding]
             protocol = rule.get("protocol", "any")
             if check_cidrs:
                 yield from _check_cidrs(rule, path, protocol)
+            yield from _check_fqdns(rule, path)
             yield from _check_ports(rule, path)
             if "ports" in rule and protocol not in ("tcp", "udp"):
                 yield Finding(
@@ -320,7 +409,38 @@ def _check_sockets(spec: dict[str, Any], check_cidrs: bool) -> Iterator[Finding]
         for path, rule in _rules(section, ("spec", "sockets", hook)):
             if check_cidrs:
                 yield from _check_cidrs(rule, path, "any")
+            if hook == "bind" and "fqdns" in rule:
+                yield Finding(
+                    path + ("fqdns",),
+                    "fqdns name remote hosts; a bind rule matches the local address",
+                    "name the local addresses with cidrs, or move the rule to sockets.connect",
+                )
+            else:
+                yield from _check_fqdns(rule, path)
             yield from _check_ports(rule, path)
+
+
+def _check_fqdns(rule: dict[str, Any], path: Path) -> Iterator[Finding]:
+    if "fqdns" in rule and "cidrs" in rule:
+        yield Finding(
+            path + ("fqdns",),
+            "a rule names its remote hosts by cidrs or by fqdns, not both",
+            "write two rules, one with cidrs and one with fqdns",
+        )
+    for index, text in enumerate(_list(rule, "fqdns")):
+        if isinstance(text, str) and (problem := fqdn_problem(text)) is not None:
+            yield Finding(path + ("fqdns", index), problem.message, problem.hint)
+
+
+def _check_dns(spec: dict[str, Any]) -> Iterator[Finding]:
+    dns = _mapping(spec, "dns")
+    low, high = dns.get("minTTL"), dns.get("maxTTL", DEFAULT_MAX_TTL)
+    if isinstance(low, int) and isinstance(high, int) and low > high:
+        yield Finding(
+            ("spec", "dns", "minTTL"),
+            f"minTTL {low} is above maxTTL {high}",
+            "minTTL raises short TTLs, maxTTL cuts long ones: minTTL <= maxTTL",
+        )
 
 
 def _check_cidrs(rule: dict[str, Any], path: Path, protocol: Any) -> Iterator[Finding]:

@@ -27,7 +27,13 @@ from cgpolicy.policy.build import build_policy
 from cgpolicy.policy.loader import MAX_PROBLEMS, Document, load_file
 from cgpolicy.policy.model import Policy, SourceLocation
 from cgpolicy.policy.problems import Path, PolicyError, Problem, field_name, shown
-from cgpolicy.policy.semantic import InvalidValue, check_policy, duplicate_name, parse_cidr
+from cgpolicy.policy.semantic import (
+    InvalidValue,
+    check_policy,
+    duplicate_name,
+    parse_cidr,
+    policy_warnings,
+)
 from cgpolicy.policy.sourcemap import SourceMap
 
 __all__ = [
@@ -62,6 +68,8 @@ class LoadResult:
     policies: list[Policy] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    # about valid policies: what they may not do as an operator expects; not a failure
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -109,6 +117,7 @@ def _load_into(result: LoadResult, files: Iterable[tuple[str, bytes | None]]) ->
             problems, policies = [_unchecked(file, error)], []
         result.policies += policies
         result.problems += problems
+        result.warnings += [w for policy in policies for w in policy_warnings(policy)]
 
 
 def _load_file(

@@ -181,7 +181,7 @@ def test_unknown_field_without_a_close_match_lists_the_known_ones(
     write: WriteFile, make_policy: MakePolicy
 ) -> None:
     problem = one_problem(write(make_policy(spec="zzz: 1\n")))
-    assert problem.hint == "known fields: devices, mode, network, sockets, sysctl, targets"
+    assert problem.hint == "known fields: devices, dns, mode, network, sockets, sysctl, targets"
 
 
 @pytest.mark.parametrize(

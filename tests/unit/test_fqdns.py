@@ -1,0 +1,162 @@
+"""DNS names in rules (issue 12, the language so far): `fqdns` in network rules and in
+sockets.connect, validated and normalised; the reference semantics of a name match; the
+compiler refusing them until the kernel enforces them."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from policy_builders import policy_text, section_text
+
+from cgpolicy.compiler.canonical import revision
+from cgpolicy.compiler.compile import compile_policy
+from cgpolicy.compiler.spec import CompileError
+from cgpolicy.policy.describe import rule_text
+from cgpolicy.policy.model import DnsSettings
+from cgpolicy.policy.validate import load_paths
+from cgpolicy.reference import Packet, SocketAddress, evaluate
+
+WriteFile = Callable[..., Path]
+TCP = 6
+
+
+def load(write: WriteFile, spec: str):
+    return load_paths([write(policy_text("names", spec))])
+
+
+def problems(write: WriteFile, spec: str) -> list[tuple[str, str]]:
+    return [(p.field, p.message) for p in load(write, spec).problems]
+
+
+def test_names_are_lowercased_stripped_of_the_root_dot_and_merged(write: WriteFile) -> None:
+    rule = '{action: allow, fqdns: ["API.GitHub.com.", "api.github.com", "*.S3.amazonaws.com"]}'
+    result = load(write, section_text("network.egress", rule, default="deny"))
+    assert result.problems == []
+    (policy,) = result.policies
+    assert policy.network.egress.rules[0].fqdns == ("api.github.com", "*.s3.amazonaws.com")
+    assert policy.dns == DnsSettings(30, 3600)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("*", "is a wildcard of nothing"),
+        ("*.", "is a wildcard of nothing"),
+        ("a.*.com", "has '*' inside a name"),
+        ("*foo.com", "has '*' inside a name"),
+        ("-bad.com", "has the label '-bad'"),
+        ("bad-.com", "has the label 'bad-'"),
+        ("x..y", "has an empty label"),
+        (".", "is not a DNS name"),
+        ("a" * 64 + ".com", "has the label"),
+        (".".join(["a" * 63] * 4), "is 255 characters long; a DNS name has at most 253"),
+    ],
+)
+def test_malformed_names_are_refused_at_their_place(
+    write: WriteFile, name: str, message: str
+) -> None:
+    rule = f'{{action: allow, fqdns: ["ok.example", "{name}"]}}'
+    found = problems(write, section_text("network.egress", rule))
+    assert len(found) == 1, found
+    field, text = found[0]
+    assert field == "spec.network.egress.rules[0].fqdns[1]"
+    assert message in text
+
+
+def test_names_and_cidrs_do_not_mix_and_bind_rules_have_no_names(write: WriteFile) -> None:
+    spec = (
+        section_text(
+            "sockets.connect", '{action: allow, cidrs: ["10.0.0.0/8"], fqdns: ["a.example"]}'
+        )
+        + "  "
+        + section_text("bind", "{action: deny, fqdns: [a.example]}").replace("\n", "\n  ")
+    )
+    found = dict(problems(write, spec))
+    assert "not both" in found["spec.sockets.connect.rules[0].fqdns"]
+    assert "bind rule matches the local address" in found["spec.sockets.bind.rules[0].fqdns"]
+
+
+def test_ttl_bounds_are_settable_and_ordered(write: WriteFile) -> None:
+    result = load(write, "dns: {minTTL: 5, maxTTL: 600}\n")
+    assert result.policies[0].dns == DnsSettings(5, 600)
+    assert problems(write, "dns: {minTTL: 700, maxTTL: 600}\n") == [
+        ("spec.dns.minTTL", "minTTL 700 is above maxTTL 600")
+    ]
+
+
+def test_a_deny_by_name_is_valid_with_a_warning_saying_what_it_does_not_cover(
+    write: WriteFile,
+) -> None:
+    result = load(
+        write,
+        section_text(
+            "network.egress",
+            "{action: allow, fqdns: [a.example]}",
+            "{action: deny, fqdns: [b.example]}",
+        ),
+    )
+    assert result.problems == [] and len(result.policies) == 1
+    (warning,) = result.warnings
+    assert warning.field == "spec.network.egress.rules[1]"
+    assert "best-effort" in warning.message and "853" in (warning.hint or "")
+
+
+def test_describe_names_the_hosts_by_dns(write: WriteFile) -> None:
+    rule = "{action: allow, protocol: tcp, ports: [443], fqdns: [api.github.com, '*.x.io']}"
+    (policy,) = load(write, section_text("network.egress", rule)).policies
+    text = rule_text("network.egress", policy.network.egress.rules[0])
+    assert text == "allow tcp to api.github.com,*.x.io (by DNS) port 443"
+
+
+def test_a_name_rule_matches_only_the_names_dns_gave_for_the_address(write: WriteFile) -> None:
+    """Reference semantics: an exact name, or for *.domain one or more labels in front of
+    the domain; with no name known for the address, the rule matches nothing (it is not a
+    rule of "any address", as a rule without cidrs is)."""
+    spec = section_text(
+        "network.egress",
+        "{action: allow, fqdns: [api.example.com, '*.s3.example.com']}",
+        default="deny",
+    )
+    (policy,) = load(write, spec).policies
+    address = ipaddress.ip_address("192.0.2.7")
+
+    def allowed(*names: str) -> bool:
+        packet = Packet("egress", address, TCP, 443, names=frozenset(names))
+        return evaluate(policy, packet).allowed
+
+    assert not allowed()
+    assert allowed("api.example.com")
+    assert not allowed("example.com", "www.api.example.com")
+    assert allowed("bucket.s3.example.com") and allowed("a.b.s3.example.com")
+    assert not allowed("s3.example.com")  # the bare domain is not below itself
+
+
+def test_a_connect_rule_by_name_matches_as_a_network_rule_does(write: WriteFile) -> None:
+    spec = section_text("sockets.connect", "{action: allow, fqdns: [db.example]}", default="deny")
+    (policy,) = load(write, spec).policies
+    address = ipaddress.ip_address("198.51.100.4")
+    learned = SocketAddress("connect", address, 5432, TCP, frozenset({"db.example"}))
+    unknown = SocketAddress("connect", address, 5432, TCP)
+    assert evaluate(policy, learned).allowed and not evaluate(policy, unknown).allowed
+
+
+def test_policies_without_names_keep_their_revision(write: WriteFile) -> None:
+    """The `fqdns` field is left out of a rule's canonical form while empty: upgrading
+    does not reload every applied policy."""
+    (policy,) = load(
+        write, section_text("network.egress", '{action: deny, cidrs: ["10.0.0.0/8"]}')
+    ).policies
+    assert revision(policy) == "3b8136e5a011a4a0"  # as computed before fqdns existed
+
+
+def test_the_compiler_refuses_names_until_the_kernel_enforces_them(write: WriteFile) -> None:
+    """A name rule has no cidrs, which the programs read as any address: compiling it
+    before names are enforced would turn `allow a.example` into `allow everything`."""
+    (policy,) = load(
+        write, section_text("network.egress", "{action: allow, fqdns: [a.example]}")
+    ).policies
+    with pytest.raises(CompileError, match="not enforced yet"):
+        compile_policy(policy)
