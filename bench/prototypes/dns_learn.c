@@ -29,8 +29,53 @@ struct scratch {
 BPF_HASH(names, __u64, __u64, 1024);                       /* suffix hash -> rule mask */
 BPF_TABLE("lru_hash", struct learned_key, struct learned_value, learned, 65536);
 BPF_PERCPU_ARRAY(work, struct scratch, 1);
-BPF_ARRAY(stats, __u64, 4);
-BPF_PROG_ARRAY(jump, 1);                                     /* [0]: dns_answers */                                  /* 0 learned, 1 refused */
+BPF_ARRAY(stats, __u64, 4);                                  /* 0 learned, 1 refused */
+BPF_PROG_ARRAY(jump, 1);                                     /* [0]: dns_answers */
+/* The SipHash key, drawn at random when the policy is loaded: a name an attacker picks
+ * (the workload may resolve names the attacker controls) cannot be made to collide with
+ * an allowed name's hash without it. */
+struct sip_key {
+	__u64 k0, k1;
+};
+BPF_ARRAY(hash_key, struct sip_key, 1);
+
+#define ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND(v0, v1, v2, v3)                                                           \
+	do {                                                                               \
+		v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                  \
+		v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                     \
+		v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                     \
+		v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                  \
+	} while (0)
+
+/* SipHash-1-3 state: one round per word absorbed, three to finalize */
+struct sip {
+	__u64 v0, v1, v2, v3;
+};
+
+static __always_inline void sip_init(struct sip *s, const struct sip_key *k)
+{
+	s->v0 = k->k0 ^ 0x736f6d6570736575ULL;
+	s->v1 = k->k1 ^ 0x646f72616e646f6dULL;
+	s->v2 = k->k0 ^ 0x6c7967656e657261ULL;
+	s->v3 = k->k1 ^ 0x7465646279746573ULL;
+}
+
+static __always_inline void sip_absorb(struct sip *s, __u64 m)
+{
+	s->v3 ^= m;
+	SIPROUND(s->v0, s->v1, s->v2, s->v3);
+	s->v0 ^= m;
+}
+
+static __always_inline __u64 sip_final(struct sip s)
+{
+	s.v2 ^= 0xff;
+	SIPROUND(s.v0, s.v1, s.v2, s.v3);
+	SIPROUND(s.v0, s.v1, s.v2, s.v3);
+	SIPROUND(s.v0, s.v1, s.v2, s.v3);
+	return s.v0 ^ s.v1 ^ s.v2 ^ s.v3;
+}
 
 static __always_inline void count(__u32 slot)
 {
@@ -64,10 +109,11 @@ int dns_learn(struct __sk_buff *skb)
 
 	__u32 zero = 0;
 	struct scratch *s = work.lookup(&zero);
-	if (!s)
+	const struct sip_key *key = hash_key.lookup(&zero);
+	if (!s || !key)
 		return 1;
 	/* the question name: one load of up to 255 bytes, then label by label (no compression
-	 * in a question); each label hashed (FNV-1a, lowercased), then the suffix hashes folded
+	 * in a question); each label hashed (keyed SipHash-1-3, lowercased), then the suffix hashes folded
 	 * right to left from the label hashes: an exact name and a "*." pattern are both
 	 * lookups of a suffix hash */
 	__u32 avail = skb->len > off ? skb->len - off : 0;
@@ -91,7 +137,9 @@ int dns_learn(struct __sk_buff *skb)
 		/* 8 words of 8 bytes, always, the bytes past the label masked out without a
 		 * branch: a loop whose exit depends on the length gives the verifier one path per
 		 * length per label; this one gives it one */
-		__u64 h = 0xcbf29ce484222325ULL ^ l;
+		struct sip h;
+		sip_init(&h, key);
+		sip_absorb(&h, l);
 		for (__u64 i = 0; i < 8; i++) {
 			__s64 rem = (__s64)l - (__s64)(8 * i);     /* bytes of the label left */
 			rem &= ~(rem >> 63);                        /* max(rem, 0) */
@@ -99,10 +147,9 @@ int dns_learn(struct __sk_buff *skb)
 			__u64 keep = (rem * 8) >> 6 ? ~0ULL : ((1ULL << (rem * 8)) - 1);
 			__u64 w;
 			__builtin_memcpy(&w, &s->name[(pos + 1 + 8 * i) & (NAME_MAX_BYTES - 1)], 8);
-			w = (w | 0x2020202020202020ULL) & keep;
-			h = (h ^ w) * 0x100000001b3ULL;
+			sip_absorb(&h, (w | 0x2020202020202020ULL) & keep);
 		}
-		s->label_hash[k & (MAX_LABELS - 1)] = h;
+		s->label_hash[k & (MAX_LABELS - 1)] = sip_final(h);
 		labels = k + 1;
 		pos += 1 + l;
 	}
@@ -114,12 +161,17 @@ int dns_learn(struct __sk_buff *skb)
 	s->len = len;
 	labels = s->labels & (MAX_LABELS * 2 - 1);
 	len = s->len & (NAME_MAX_BYTES - 1);
-	__u64 rules = 0, suffix = 0x84222325cbf29ce4ULL;
+	/* the suffixes right to left: one running SipHash over the label hashes, finalized
+	 * after each label (a copy) to give that suffix's hash */
+	__u64 rules = 0;
+	struct sip suffix;
+	sip_init(&suffix, key);
 	for (int k = MAX_LABELS - 1; k >= 0; k--) {
 		if (k >= labels)
 			continue;
-		suffix = (suffix ^ s->label_hash[k & (MAX_LABELS - 1)]) * 0x100000001b3ULL;
-		__u64 *mask = names.lookup(&suffix);
+		sip_absorb(&suffix, s->label_hash[k & (MAX_LABELS - 1)]);
+		__u64 hashed = sip_final(suffix);
+		__u64 *mask = names.lookup(&hashed);
 		if (mask)
 			rules |= *mask; /* exact for k == 0, wildcard for k > 0 (the map says which) */
 	}
