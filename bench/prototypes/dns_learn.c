@@ -26,7 +26,11 @@ struct scratch {
 	__u64 label_hash[MAX_LABELS];
 };
 
-BPF_HASH(names, __u64, __u64, 1024);                       /* suffix hash -> rule mask */
+struct name_entry {
+	__u64 exact;    /* rules naming this name */
+	__u64 wildcard; /* rules whose "*." pattern has this for domain */
+};
+BPF_HASH(names, __u64, struct name_entry, 1024);             /* suffix hash -> rules */
 BPF_TABLE("lru_hash", struct learned_key, struct learned_value, learned, 65536);
 BPF_PERCPU_ARRAY(work, struct scratch, 1);
 BPF_ARRAY(stats, __u64, 4);                                  /* 0 learned, 1 refused */
@@ -171,9 +175,9 @@ int dns_learn(struct __sk_buff *skb)
 			continue;
 		sip_absorb(&suffix, s->label_hash[k & (MAX_LABELS - 1)]);
 		__u64 hashed = sip_final(suffix);
-		__u64 *mask = names.lookup(&hashed);
-		if (mask)
-			rules |= *mask; /* exact for k == 0, wildcard for k > 0 (the map says which) */
+		struct name_entry *entry = names.lookup(&hashed);
+		if (entry)
+			rules |= k == 0 ? entry->exact : entry->wildcard;
 	}
 	s->rules = rules;
 	rules = s->rules;

@@ -14,83 +14,17 @@ from pathlib import Path
 
 from bcc import BPF
 
+from cgpolicy.compiler.names import name_table
 from cgpolicy.kernel.syscall import prog_test_run
 
 SOURCE = Path(__file__).with_name("dns_learn.c")
-MASK = (1 << 64) - 1
 
 
 def wire(name: str) -> bytes:
     return b"".join(bytes([len(p)]) + p.encode() for p in name.lower().split(".")) + b"\0"
 
 
-def _rotl(x: int, b: int) -> int:
-    return ((x << b) | (x >> (64 - b))) & MASK
-
-
-class Sip:
-    """SipHash-1-3 as the program runs it: one round per 64-bit word, three to finalize."""
-
-    def __init__(self, k0: int, k1: int) -> None:
-        self.v = [
-            k0 ^ 0x736F6D6570736575,
-            k1 ^ 0x646F72616E646F6D,
-            k0 ^ 0x6C7967656E657261,
-            k1 ^ 0x7465646279746573,
-        ]
-
-    @staticmethod
-    def _round(v: list[int]) -> None:
-        v[0] = (v[0] + v[1]) & MASK
-        v[1] = _rotl(v[1], 13) ^ v[0]
-        v[0] = _rotl(v[0], 32)
-        v[2] = (v[2] + v[3]) & MASK
-        v[3] = _rotl(v[3], 16) ^ v[2]
-        v[0] = (v[0] + v[3]) & MASK
-        v[3] = _rotl(v[3], 21) ^ v[0]
-        v[2] = (v[2] + v[1]) & MASK
-        v[1] = _rotl(v[1], 17) ^ v[2]
-        v[2] = _rotl(v[2], 32)
-
-    def absorb(self, m: int) -> None:
-        self.v[3] ^= m
-        self._round(self.v)
-        self.v[0] ^= m
-
-    def final(self) -> int:
-        v = list(self.v)
-        v[2] ^= 0xFF
-        for _ in range(3):
-            self._round(v)
-        return v[0] ^ v[1] ^ v[2] ^ v[3]
-
-
-KEY = (0x0123456789ABCDEF, 0xFEDCBA9876543210)  # the prototype's; cgpolicy draws one per load
-
-
-def suffix_hashes(name: str) -> list[int]:
-    """What the program computes for each suffix of ``name``, longest first: every label
-    hashed (its length, then 8 masked words), then the label hashes folded right to left."""
-    labels = [label.encode() for label in name.lower().split(".")]
-    hashed = []
-    for label in labels:
-        h = Sip(*KEY)
-        h.absorb(len(label))
-        padded = label + bytes(64 - len(label))
-        for i in range(8):
-            rem = max(0, min(8, len(label) - 8 * i))
-            word = int.from_bytes(padded[8 * i : 8 * i + 8], "little") | 0x2020202020202020
-            h.absorb(word & ((1 << (8 * rem)) - 1))
-        hashed.append(h.final())
-    suffix, found = Sip(*KEY), []
-    for h in reversed(hashed):
-        suffix.absorb(h)
-        found.append(suffix.final())
-    return found[::-1]
-
-
-def suffix_hash(name: str) -> int:
-    return suffix_hashes(name)[0]
+KEY = bytes(range(16))  # the prototype's; cgpolicy draws one per load
 
 
 def dns_answer(question: str, answers: list[tuple[str, str]], ttl: int = 300) -> bytes:
@@ -127,10 +61,13 @@ def main() -> None:
     answers = bpf.load_func("dns_answers", BPF.CGROUP_SKB)
     bpf["jump"][ctypes.c_int(0)] = ctypes.c_int(answers.fd)
     key = bpf["hash_key"]
-    key[ctypes.c_int(0)] = key.Leaf(*KEY)
+    key[ctypes.c_int(0)] = key.Leaf(
+        int.from_bytes(KEY[:8], "little"), int.from_bytes(KEY[8:], "little")
+    )
     names = bpf["names"]
-    for rule, pattern in enumerate(["api.example.com", "s3.amazonaws.com", "github.com"]):
-        names[ctypes.c_uint64(suffix_hash(pattern))] = ctypes.c_uint64(1 << rule)
+    rules = [(0, ["api.example.com"]), (1, ["*.s3.amazonaws.com"]), (2, ["github.com"])]
+    for hashed, entry in name_table(KEY, rules).items():
+        names[ctypes.c_uint64(hashed)] = names.Leaf(entry.exact, entry.wildcard)
     cases = {
         "miss (name not in any rule)": dns_answer("www.other.org", [("A", "192.0.2.9")]),
         "exact, CNAME + 2 A": dns_answer(

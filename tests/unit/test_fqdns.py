@@ -160,3 +160,17 @@ def test_the_compiler_refuses_names_until_the_kernel_enforces_them(write: WriteF
     ).policies
     with pytest.raises(CompileError, match="not enforced yet"):
         compile_policy(policy)
+
+
+def test_the_name_table_splits_exact_names_from_wildcard_domains() -> None:
+    from cgpolicy.compiler.names import name_table, suffix_hashes
+
+    key = bytes(range(16))
+    table = name_table(key, [(0, ["example.org"]), (2, ["*.example.org", "*.x.test"])])
+    whole = suffix_hashes(key, "example.org")[0]
+    assert table[whole].exact == 0b1 and table[whole].wildcard == 0b100
+    assert table[suffix_hashes(key, "x.test")[0]].wildcard == 0b100
+    # a.example.org's proper suffix example.org is the wildcard's domain
+    assert suffix_hashes(key, "a.example.org")[1] == whole
+    # another key, other hashes: what an attacker cannot compute without the key
+    assert suffix_hashes(bytes(16), "example.org")[0] != whole

@@ -1,0 +1,116 @@
+"""DNS names of `fqdns` rules as the kernel looks them up: a table from a keyed hash of a
+name (or of the domain of a ``*.`` pattern) to the rules it matches.
+
+The program hashes the question name of a DNS answer label by label, then folds the label
+hashes right to left into one hash per suffix. The whole name's hash finds the rules that
+name it exactly; the hash of a proper suffix (one or more labels cut off the front) finds
+the rules whose ``*.`` pattern names that suffix. Both are SipHash-1-3 under a key drawn
+at random for each load, which only the kernel holds: a workload may resolve names an
+attacker chooses, and without the key no such name can be made to collide with an allowed
+one. Pure: the caller gives the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+_MASK = (1 << 64) - 1
+LABEL_WORDS = 8  # a label of at most 63 bytes, hashed as 8 words of 8 bytes
+_CASE_FOLD = 0x2020202020202020  # | 0x20 lowercases the letters and keeps digits and '-'
+
+
+def _rotl(x: int, bits: int) -> int:
+    return ((x << bits) | (x >> (64 - bits))) & _MASK
+
+
+@dataclass
+class SipHash13:
+    """SipHash-1-3 over 64-bit words, as the program runs it: one round per word absorbed,
+    three to finalize (a copy: absorbing may go on after a hash is taken)."""
+
+    v0: int
+    v1: int
+    v2: int
+    v3: int
+
+    @classmethod
+    def keyed(cls, key: bytes) -> SipHash13:
+        k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:16], "little")
+        return cls(
+            k0 ^ 0x736F6D6570736575,
+            k1 ^ 0x646F72616E646F6D,
+            k0 ^ 0x6C7967656E657261,
+            k1 ^ 0x7465646279746573,
+        )
+
+    def _round(self) -> None:
+        self.v0 = (self.v0 + self.v1) & _MASK
+        self.v1 = _rotl(self.v1, 13) ^ self.v0
+        self.v0 = _rotl(self.v0, 32)
+        self.v2 = (self.v2 + self.v3) & _MASK
+        self.v3 = _rotl(self.v3, 16) ^ self.v2
+        self.v0 = (self.v0 + self.v3) & _MASK
+        self.v3 = _rotl(self.v3, 21) ^ self.v0
+        self.v2 = (self.v2 + self.v1) & _MASK
+        self.v1 = _rotl(self.v1, 17) ^ self.v2
+        self.v2 = _rotl(self.v2, 32)
+
+    def absorb(self, word: int) -> None:
+        self.v3 ^= word
+        self._round()
+        self.v0 ^= word
+
+    def final(self) -> int:
+        copy = SipHash13(self.v0, self.v1, self.v2 ^ 0xFF, self.v3)
+        for _ in range(3):
+            copy._round()
+        return copy.v0 ^ copy.v1 ^ copy.v2 ^ copy.v3
+
+
+def label_hash(key: bytes, label: bytes) -> int:
+    """One label: its length, then 8 little-endian words of its bytes, each case-folded
+    and masked to the label (bytes past its end are zero)."""
+    state = SipHash13.keyed(key)
+    state.absorb(len(label))
+    padded = label + bytes(8 * LABEL_WORDS - len(label))
+    for index in range(LABEL_WORDS):
+        left = max(0, min(8, len(label) - 8 * index))
+        word = int.from_bytes(padded[8 * index : 8 * index + 8], "little") | _CASE_FOLD
+        state.absorb(word & ((1 << (8 * left)) - 1))
+    return state.final()
+
+
+def suffix_hashes(key: bytes, name: str) -> list[int]:
+    """The hash of every suffix of ``name`` that starts at a label, the whole name first."""
+    labels = [label.encode() for label in name.split(".")]
+    state, found = SipHash13.keyed(key), []
+    for label in reversed(labels):
+        state.absorb(label_hash(key, label))
+        found.append(state.final())
+    return found[::-1]
+
+
+@dataclass(frozen=True, slots=True)
+class NameEntry:
+    """What one hash matches: rules naming it exactly, and rules whose ``*.`` pattern has
+    it for domain (matched when the hash is of a proper suffix of the question name)."""
+
+    exact: int = 0
+    wildcard: int = 0
+
+
+def name_table(key: bytes, rules: Iterable[tuple[int, Iterable[str]]]) -> dict[int, NameEntry]:
+    """Hash -> NameEntry for the `fqdns` of ``rules`` ((rule index, names), names as the
+    model keeps them: lowercase, no trailing dot)."""
+    exact: dict[int, int] = {}
+    wildcard: dict[int, int] = {}
+    for index, names in rules:
+        for name in names:
+            table, text = (wildcard, name[2:]) if name.startswith("*.") else (exact, name)
+            hashed = suffix_hashes(key, text)[0]
+            table[hashed] = table.get(hashed, 0) | 1 << index
+    return {
+        hashed: NameEntry(exact.get(hashed, 0), wildcard.get(hashed, 0))
+        for hashed in sorted(exact.keys() | wildcard.keys())
+    }
