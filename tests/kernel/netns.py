@@ -1,8 +1,8 @@
 """Network namespaces joined by veth pairs, for traffic that is not loopback.
 
-    root ns:  <veth root end> 10.199.2.1/24 fd00:199:2::1/64
+    root ns:  <veth root end> 10.199.N.1/24 fd00:199:N::1/64   (N from the test process's pid)
                    |
-    ns b:     <veth b end>   10.199.2.2/24 fd00:199:2::2/64     echo servers on PORTS
+    ns b:     <veth b end>   10.199.N.2/24 fd00:199:N::2/64     echo servers on PORTS
               <veth b end>   10.199.1.2/24 fd00:199::2/64
                    |
     ns a:     <veth a end>   10.199.1.1/24 fd00:199::1/64       probes (in a scratch cgroup)
@@ -11,6 +11,8 @@ Probes run in ns a (`ip netns exec`, which keeps the caller's cgroup) to test tr
 two namespaces. The root-ns pair exists for `interfaces` rules: cgpolicy resolves interface
 names in its own network namespace (the test process's), so a rule naming an interface can
 only be checked on an interface of the root namespace; probes for it run in the root ns.
+Its subnet is the one part shared with the rest of the host: N = 2 + pid % 250, so that two
+test sessions at once (or a session and a leftover) route their own traffic.
 
 Only the namespaces and interfaces made here are touched, and all of them are removed in
 `close()` (deleting ns b deletes both veth pairs).
@@ -43,17 +45,27 @@ class VethNet:
     b4: str = "10.199.1.2"
     a6: str = "fd00:199::1"
     b6: str = "fd00:199::2"
-    root4: str = "10.199.2.1"
-    broot4: str = "10.199.2.2"  # ns b's address on the root-ns pair
-    root6: str = "fd00:199:2::1"
-    broot6: str = "fd00:199:2::2"
+    root4: str = ""  # the root-ns pair: set by create(), per test process
+    broot4: str = ""  # ns b's address on the root-ns pair
+    root6: str = ""
+    broot6: str = ""
     ports: tuple[int, ...] = PORTS
     _server: subprocess.Popen[str] | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls) -> VethNet:
         pid = os.getpid()
-        net = cls(f"cgpt-a-{pid}", f"cgpt-b-{pid}", f"cgpt{pid}a", f"cgpt{pid}r")
+        subnet = 2 + pid % 250  # never 1: ns b holds 10.199.1.0/24 too
+        net = cls(
+            f"cgpt-a-{pid}",
+            f"cgpt-b-{pid}",
+            f"cgpt{pid}a",
+            f"cgpt{pid}r",
+            root4=f"10.199.{subnet}.1",
+            broot4=f"10.199.{subnet}.2",
+            root6=f"fd00:199:{subnet:x}::1",
+            broot6=f"fd00:199:{subnet:x}::2",
+        )
         try:
             net._build()
             net._start_servers()
