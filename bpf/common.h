@@ -224,11 +224,41 @@ static __always_inline void cgp_event_task(struct cgp_event *e)
 
 struct cgp_net_config {
 	struct cgp_verdict v;
-	__u64 any_cidr;  /* rules without cidrs */
+	__u64 any_cidr;  /* rules without cidrs and without fqdns */
 	__u64 any_port;  /* rules without ports */
 	__u64 any_icmp;  /* rules without icmpTypes (skb only) */
 	__u64 any_iface; /* rules without interfaces (skb only) */
 	__u64 proto[CGP_PROTO_N];
+	__u64 fqdn_rules; /* rules naming fqdns: their address matches through `learned` only */
+	__u32 dns_learn;  /* ingress: learn from DNS answers (some section of the policy names fqdns) */
+	__u32 min_ttl;    /* seconds: an answer's TTL is raised to this */
+	__u32 max_ttl;    /* and cut to this */
+	__u32 pad;
+};
+
+/* DNS names (net.c): addresses learned from DNS answers, per cgroup. */
+#define CGP_DNS_LABELS 32          /* labels of a question name at most */
+#define CGP_DNS_NAME_BYTES 256     /* a question name's wire form at most, and the scratch */
+#define CGP_DNS_ANSWERS 16         /* answer records read per answer at most */
+#define CGP_DNS_ANSWERS_PER_RUN 2  /* per program run: more and the verifier refuses */
+#define CGP_DNS_JUMP_QUESTION 0    /* dns_jump slots */
+#define CGP_DNS_JUMP_ANSWERS 1
+
+struct cgp_learned_key {
+	__u64 cgroup_id; /* the cgroup of the socket the answer reached */
+	__u8 addr[16];   /* IPv6, or IPv4 as ::ffff:a.b.c.d */
+};
+struct cgp_learned {
+	__u64 expires_ns; /* bpf_ktime_get_coarse_ns() clock */
+	__u64 rules;      /* the fqdns rules whose names the answer matched */
+};
+/* dns_names: SipHash-1-3 of a name (or of the domain of a "*." pattern) -> rules. */
+struct cgp_name_entry {
+	__u64 exact;    /* rules naming this name */
+	__u64 wildcard; /* rules whose "*." pattern has this for domain */
+};
+struct cgp_dns_key {
+	__u64 k0, k1; /* drawn at random for each load; only the kernel keeps it */
 };
 
 /* LPM keys: prefix length in bits, then the data in network byte order. */

@@ -102,6 +102,32 @@ BPF_PERCPU_ARRAY(counters, struct cgp_counter, CGP_COUNTER_SLOTS);
 BPF_RINGBUF_OUTPUT(events, 1);
 BPF_PERCPU_ARRAY(ratelimit, struct cgp_ratelimit, 1);
 
+/* DNS names (layouts in common.h). One `learned` map and one `dns_jump` per policy load,
+ * shared by its programs; the others belong to the ingress program and its tail calls. */
+#ifndef CGP_DNS_NAMES_MAX
+#define CGP_DNS_NAMES_MAX 1
+#endif
+#ifndef CGP_LEARNED_MAX
+#define CGP_LEARNED_MAX 1
+#endif
+BPF_HASH(dns_names, __u64, struct cgp_name_entry, CGP_DNS_NAMES_MAX);
+BPF_ARRAY(dns_key, struct cgp_dns_key, 1);
+BPF_TABLE("lru_hash", struct cgp_learned_key, struct cgp_learned, learned, CGP_LEARNED_MAX);
+BPF_PROG_ARRAY(dns_jump, 2);
+
+/* What the DNS programs hand each other (per CPU; a tail call stays on its CPU). Values go
+ * through here on purpose: the verifier tracks none read back from a map, so the many
+ * ways out of a parsing loop continue as one state (see dns_question). */
+struct cgp_dns_scratch {
+	__u8 name[CGP_DNS_NAME_BYTES + 64]; /* the slack: 8-byte reads near the end */
+	__u64 label_hash[CGP_DNS_LABELS];
+	__u64 rules;
+	__u32 labels, len, off, answers_left;
+	__u32 family; /* of the answer's packet: 4 or 6 */
+	__u32 pad;
+};
+BPF_PERCPU_ARRAY(dns_scratch, struct cgp_dns_scratch, 1);
+
 /* Decide and count; *d says what was decided, for the deny event. */
 static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched,
 				       struct cgp_decision *d)
@@ -379,6 +405,76 @@ static __always_inline void cgp_skb_event(struct __sk_buff *skb, const struct cg
 	}
 }
 
+/*
+ * DNS names. An address matches an fqdns rule while `learned` holds it for the cgroup with
+ * that rule's bit, unexpired. Entries come from DNS answers the ingress program lets
+ * through: it tail-calls cgp_dns_question, which hashes the question name and looks it up
+ * in dns_names, then cgp_dns_answers, which writes each A and AAAA record of a matching
+ * answer. All of it runs before the kernel hands the answer to the socket, so a process
+ * that reads the answer and connects at once finds the entry there.
+ */
+
+#define CGP_ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+
+/* SipHash-1-3 over 64-bit words: one round per word absorbed, three to finalize. */
+struct cgp_sip {
+	__u64 v0, v1, v2, v3;
+};
+
+static __always_inline void cgp_sip_round(struct cgp_sip *s)
+{
+	s->v0 += s->v1; s->v1 = CGP_ROTL(s->v1, 13); s->v1 ^= s->v0; s->v0 = CGP_ROTL(s->v0, 32);
+	s->v2 += s->v3; s->v3 = CGP_ROTL(s->v3, 16); s->v3 ^= s->v2;
+	s->v0 += s->v3; s->v3 = CGP_ROTL(s->v3, 21); s->v3 ^= s->v0;
+	s->v2 += s->v1; s->v1 = CGP_ROTL(s->v1, 17); s->v1 ^= s->v2; s->v2 = CGP_ROTL(s->v2, 32);
+}
+
+static __always_inline void cgp_sip_init(struct cgp_sip *s, const struct cgp_dns_key *k)
+{
+	s->v0 = k->k0 ^ 0x736f6d6570736575ULL;
+	s->v1 = k->k1 ^ 0x646f72616e646f6dULL;
+	s->v2 = k->k0 ^ 0x6c7967656e657261ULL;
+	s->v3 = k->k1 ^ 0x7465646279746573ULL;
+}
+
+static __always_inline void cgp_sip_absorb(struct cgp_sip *s, __u64 m)
+{
+	s->v3 ^= m;
+	cgp_sip_round(s);
+	s->v0 ^= m;
+}
+
+static __always_inline __u64 cgp_sip_final(struct cgp_sip s)
+{
+	s.v2 ^= 0xff;
+	cgp_sip_round(&s);
+	cgp_sip_round(&s);
+	cgp_sip_round(&s);
+	return s.v0 ^ s.v1 ^ s.v2 ^ s.v3;
+}
+
+/* The fqdns rules that `learned` holds for this cgroup and remote address, unexpired. */
+static __always_inline __u64 cgp_learned_rules(const struct cgp_net_config *cfg,
+					       __u64 cgroup_id, const __u8 addr[16])
+{
+	struct cgp_learned_key key = {.cgroup_id = cgroup_id};
+	struct cgp_learned *hit;
+
+	__builtin_memcpy(key.addr, addr, 16);
+	hit = learned.lookup(&key);
+	if (!hit || hit->expires_ns <= bpf_ktime_get_coarse_ns())
+		return 0;
+	return hit->rules & cfg->fqdn_rules;
+}
+
+static __always_inline void cgp_mapped4(__u8 out[16], __u32 addr4)
+{
+	__builtin_memset(out, 0, 10);
+	out[10] = 0xff;
+	out[11] = 0xff;
+	__builtin_memcpy(out + 12, &addr4, 4);
+}
+
 static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 {
 	const struct cgp_net_config *cfg;
@@ -395,6 +491,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 		return 0; /* cannot happen (array map); fail closed */
 	unknown = cfg->v.deny_mask;
 	cidr_mask = cfg->any_cidr | unknown;
+	__u8 remote[16] = {};
 
 	if (skb->protocol == bpf_htons(CGP_ETH_P_IP)) {
 		struct cgp_ipv4 ip;
@@ -403,6 +500,10 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			__u32 ihl = ip.ver_ihl & 0xf;
 
 			cidr_mask = cgp_cidr4_mask(cfg, egress ? ip.daddr : ip.saddr);
+			if (cfg->fqdn_rules) {
+				cgp_mapped4(remote, egress ? ip.daddr : ip.saddr);
+				cidr_mask |= cgp_learned_rules(cfg, bpf_skb_cgroup_id(skb), remote);
+			}
 			l4.proto_known = 1;
 			l4.proto = ip.protocol;
 			l4.offset = ihl * 4;
@@ -414,6 +515,10 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 
 		if (!cgp_load(skb, 0, &ip6, sizeof(ip6))) {
 			cidr_mask = cgp_cidr6_mask(cfg, egress ? ip6.daddr : ip6.saddr);
+			if (cfg->fqdn_rules) {
+				__builtin_memcpy(remote, egress ? ip6.daddr : ip6.saddr, 16);
+				cidr_mask |= cgp_learned_rules(cfg, bpf_skb_cgroup_id(skb), remote);
+			}
 			cgp_ipv6_l4(skb, ip6.nexthdr, &l4);
 		}
 	}
@@ -469,6 +574,18 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 		cgp_skb_event(skb, &l4, e);
 		events.ringbuf_submit(e, 0);
 	}
+	/* A DNS answer let in: learn from it before the socket can read it. */
+	if (!egress && ret == 1 && cfg->dns_learn && l4.proto_known &&
+	    l4.proto == CGP_IPPROTO_UDP && l4.header) {
+		__u16 sport;
+		struct cgp_dns_scratch *s = dns_scratch.lookup(&zero);
+
+		if (s && !cgp_load_l4(skb, l4.offset, 0, &sport, 2) && sport == bpf_htons(53)) {
+			s->off = l4.offset + 8;
+			s->family = skb->protocol == bpf_htons(CGP_ETH_P_IP) ? 4 : 6;
+			dns_jump.call(skb, CGP_DNS_JUMP_QUESTION); /* returns only if it fails */
+		}
+	}
 	return ret;
 }
 
@@ -510,14 +627,20 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 		return 0; /* cannot happen (array map); fail closed */
 	unknown = cfg->v.deny_mask;
 
+	__u8 remote[16];
+
 	if (v6) {
 		__u32 addr[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
 				 ctx->user_ip6[3]};
 
 		cidr_mask = cgp_cidr6_mask(cfg, addr);
+		__builtin_memcpy(remote, addr, 16);
 	} else {
 		cidr_mask = cgp_cidr4_mask(cfg, ctx->user_ip4);
+		cgp_mapped4(remote, ctx->user_ip4);
 	}
+	if (cfg->fqdn_rules)
+		cidr_mask |= cgp_learned_rules(cfg, bpf_get_current_cgroup_id(), remote);
 
 	/* user_port holds the port in network byte order in its low 16 bits. */
 	port = bpf_ntohs((__u16)ctx->user_port);
@@ -587,4 +710,150 @@ int cgp_sendmsg4(struct bpf_sock_addr *ctx)
 int cgp_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	return cgp_sock_addr(ctx, 1, CGP_HOOK_SENDMSG6);
+}
+
+/* The question of a DNS answer (at scratch->off): its rules, then the answers. The
+ * ingress program already let the packet in, so every way out allows it. */
+int cgp_dns_question(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct cgp_dns_scratch *s = dns_scratch.lookup(&zero);
+	const struct cgp_dns_key *key = dns_key.lookup(&zero);
+	__u8 hdr[12];
+
+	if (!s || !key)
+		return 1;
+	__u32 off = s->off & 0xffff;
+	if (bpf_skb_load_bytes(skb, off, hdr, 12))
+		return 1;
+	/* a response to a standard query, not truncated, no error, one question */
+	if (!(hdr[2] & 0x80) || (hdr[2] & 0x7a) || (hdr[3] & 0x0f) || hdr[4] || hdr[5] != 1)
+		return 1;
+	__u32 answers = ((__u32)hdr[6] << 8) | hdr[7];
+	off += 12;
+
+	/* The name: one load of up to 255 bytes, then label by label (no compression in a
+	 * question). Each label is hashed as 8 words, always, the bytes past it masked out
+	 * without a branch: a loop whose exit depends on the length would give the verifier
+	 * one path per length per label. `| 0x20` lowercases letters, keeps digits and '-'. */
+	__u32 avail = skb->len > off ? skb->len - off : 0;
+	if (avail > CGP_DNS_NAME_BYTES - 1)
+		avail = CGP_DNS_NAME_BYTES - 1;
+	if (avail < 1 || bpf_skb_load_bytes(skb, off, s->name, avail))
+		return 1;
+	__u32 pos = 0, labels = 0, len = 0;
+	for (__u32 k = 0; k < CGP_DNS_LABELS; k++) {
+		__u32 l = s->name[pos & (CGP_DNS_NAME_BYTES - 1)];
+		if (l == 0) {
+			len = pos;
+			break;
+		}
+		if (l > 63 || pos + 1 + l >= avail)
+			return 1;
+		struct cgp_sip h;
+		cgp_sip_init(&h, key);
+		cgp_sip_absorb(&h, l);
+		for (__u64 i = 0; i < 8; i++) {
+			__s64 rem = (__s64)l - (__s64)(8 * i); /* bytes of the label left */
+			rem &= ~(rem >> 63);                    /* max(rem, 0) */
+			rem -= (rem - 8) & ~((rem - 8) >> 63);  /* min(rem, 8) */
+			__u64 keep = (rem * 8) >> 6 ? ~0ULL : ((1ULL << (rem * 8)) - 1);
+			__u64 w;
+			__builtin_memcpy(&w, &s->name[(pos + 1 + 8 * i) & (CGP_DNS_NAME_BYTES - 1)], 8);
+			cgp_sip_absorb(&h, (w | 0x2020202020202020ULL) & keep);
+		}
+		s->label_hash[k & (CGP_DNS_LABELS - 1)] = cgp_sip_final(h);
+		labels = k + 1;
+		pos += 1 + l;
+	}
+	if (!len || !labels)
+		return 1; /* the root, or more labels than CGP_DNS_LABELS: nothing learned */
+	s->labels = labels;
+	s->len = len;
+	labels = s->labels & (CGP_DNS_LABELS * 2 - 1);
+	len = s->len & (CGP_DNS_NAME_BYTES - 1);
+
+	/* Suffix hashes right to left: the whole name finds exact rules, a proper suffix the
+	 * "*." rules of that domain. */
+	__u64 rules = 0;
+	struct cgp_sip suffix;
+	cgp_sip_init(&suffix, key);
+	for (int k = CGP_DNS_LABELS - 1; k >= 0; k--) {
+		if (k >= labels)
+			continue;
+		cgp_sip_absorb(&suffix, s->label_hash[k & (CGP_DNS_LABELS - 1)]);
+		__u64 hashed = cgp_sip_final(suffix);
+		struct cgp_name_entry *entry = dns_names.lookup(&hashed);
+		if (entry)
+			rules |= k == 0 ? entry->exact : entry->wildcard;
+	}
+	s->rules = rules;
+	if (!s->rules)
+		return 1;
+	s->off = off + len + 1 + 4; /* past the name's root byte, qtype and qclass */
+	s->answers_left = answers < CGP_DNS_ANSWERS ? answers : CGP_DNS_ANSWERS;
+	dns_jump.call(skb, CGP_DNS_JUMP_ANSWERS);
+	return 1;
+}
+
+/* CGP_DNS_ANSWERS_PER_RUN answer records per run, then itself again. An A record is
+ * learned as ::ffff:a.b.c.d, an AAAA as is; CNAMEs and others are skipped (the question
+ * name decides). Owner names must be pointers, as every resolver writes them. */
+int cgp_dns_answers(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct cgp_dns_scratch *s = dns_scratch.lookup(&zero);
+	const struct cgp_net_config *cfg = config.lookup(&zero);
+
+	if (!s || !cfg)
+		return 1;
+	__u64 rules = s->rules;
+	__u32 off = s->off & 0xffff;
+	__u32 left = s->answers_left;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct cgp_learned_key key = {.cgroup_id = bpf_skb_cgroup_id(skb)};
+
+	for (__u32 a = 0; a < CGP_DNS_ANSWERS_PER_RUN; a++) {
+		if (left == 0)
+			return 1;
+		left--;
+		__u8 first;
+		if (bpf_skb_load_bytes(skb, off, &first, 1) || (first & 0xc0) != 0xc0)
+			return 1;
+		off += 2;
+		__u8 rr[10];
+		if (bpf_skb_load_bytes(skb, off, rr, 10))
+			return 1;
+		__u16 type = ((__u16)rr[0] << 8) | rr[1];
+		__u16 class = ((__u16)rr[2] << 8) | rr[3];
+		__u32 ttl = ((__u32)rr[4] << 24) | ((__u32)rr[5] << 16) | ((__u32)rr[6] << 8) | rr[7];
+		__u16 rdlen = ((__u16)rr[8] << 8) | rr[9];
+		off += 10;
+		int found = 0;
+		if (type == 1 && class == 1 && rdlen == 4) {
+			__u32 addr4;
+			if (bpf_skb_load_bytes(skb, off, &addr4, 4))
+				return 1;
+			cgp_mapped4(key.addr, addr4);
+			found = 1;
+		} else if (type == 28 && class == 1 && rdlen == 16) {
+			if (bpf_skb_load_bytes(skb, off, key.addr, 16))
+				return 1;
+			found = 1;
+		}
+		if (found) {
+			if (ttl < cfg->min_ttl)
+				ttl = cfg->min_ttl;
+			if (ttl > cfg->max_ttl)
+				ttl = cfg->max_ttl;
+			struct cgp_learned value = {.expires_ns = now + (__u64)ttl * 1000000000ULL,
+						    .rules = rules};
+			learned.update(&key, &value);
+		}
+		off += rdlen;
+	}
+	s->off = off;
+	s->answers_left = left;
+	dns_jump.call(skb, CGP_DNS_JUMP_ANSWERS);
+	return 1;
 }
