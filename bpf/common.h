@@ -230,10 +230,10 @@ struct cgp_net_config {
 	__u64 any_iface; /* rules without interfaces (skb only) */
 	__u64 proto[CGP_PROTO_N];
 	__u64 fqdn_rules; /* rules naming fqdns: their address matches through `learned` only */
+	__u32 dns_slot;   /* this section's slot in cgp_learned.rules (CGP_DNS_SLOT_*) */
 	__u32 dns_learn;  /* ingress: learn from DNS answers (some section of the policy names fqdns) */
 	__u32 min_ttl;    /* seconds: an answer's TTL is raised to this */
 	__u32 max_ttl;    /* and cut to this */
-	__u32 pad;
 };
 
 /* DNS names (net.c): addresses learned from DNS answers, per cgroup. */
@@ -243,22 +243,40 @@ struct cgp_net_config {
 #define CGP_DNS_ANSWERS_PER_RUN 2  /* per program run: more and the verifier refuses */
 #define CGP_DNS_JUMP_QUESTION 0    /* dns_jump slots */
 #define CGP_DNS_JUMP_ANSWERS 1
+/* The sections whose rules may name fqdns, each with its own rule numbering: a learned
+ * address carries the matching rules of each. */
+#define CGP_DNS_SLOT_EGRESS 0
+#define CGP_DNS_SLOT_INGRESS 1
+#define CGP_DNS_SLOT_CONNECT 2
+#define CGP_DNS_SLOTS 3
 
 struct cgp_learned_key {
 	__u64 cgroup_id; /* the cgroup of the socket the answer reached */
 	__u8 addr[16];   /* IPv6, or IPv4 as ::ffff:a.b.c.d */
 };
 struct cgp_learned {
-	__u64 expires_ns; /* bpf_ktime_get_coarse_ns() clock */
-	__u64 rules;      /* the fqdns rules whose names the answer matched */
+	__u64 expires_ns;            /* bpf_ktime_get_coarse_ns() clock */
+	__u64 rules[CGP_DNS_SLOTS];  /* per section: the fqdns rules the answer's name matched */
 };
 /* dns_names: SipHash-1-3 of a name (or of the domain of a "*." pattern) -> rules. */
 struct cgp_name_entry {
-	__u64 exact;    /* rules naming this name */
-	__u64 wildcard; /* rules whose "*." pattern has this for domain */
+	__u64 exact[CGP_DNS_SLOTS];    /* per section: rules naming this name */
+	__u64 wildcard[CGP_DNS_SLOTS]; /* rules whose "*." pattern has this for domain */
 };
 struct cgp_dns_key {
 	__u64 k0, k1; /* drawn at random for each load; only the kernel keeps it */
+};
+
+/* What the DNS programs hand each other (per CPU; a tail call stays on its CPU). Values go
+ * through here on purpose: the verifier tracks none read back from a map, so the many
+ * ways out of a parsing loop continue as one state (see cgp_dns_question). */
+struct cgp_dns_scratch {
+	__u8 name[CGP_DNS_NAME_BYTES + 64]; /* the slack: 8-byte reads near the end */
+	__u64 label_hash[CGP_DNS_LABELS];
+	__u64 rules[CGP_DNS_SLOTS];
+	__u32 labels, len, off, answers_left;
+	__u32 family; /* of the answer's packet: 4 or 6 */
+	__u32 pad;
 };
 
 /* LPM keys: prefix length in bits, then the data in network byte order. */

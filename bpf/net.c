@@ -115,17 +115,6 @@ BPF_ARRAY(dns_key, struct cgp_dns_key, 1);
 BPF_TABLE("lru_hash", struct cgp_learned_key, struct cgp_learned, learned, CGP_LEARNED_MAX);
 BPF_PROG_ARRAY(dns_jump, 2);
 
-/* What the DNS programs hand each other (per CPU; a tail call stays on its CPU). Values go
- * through here on purpose: the verifier tracks none read back from a map, so the many
- * ways out of a parsing loop continue as one state (see dns_question). */
-struct cgp_dns_scratch {
-	__u8 name[CGP_DNS_NAME_BYTES + 64]; /* the slack: 8-byte reads near the end */
-	__u64 label_hash[CGP_DNS_LABELS];
-	__u64 rules;
-	__u32 labels, len, off, answers_left;
-	__u32 family; /* of the answer's packet: 4 or 6 */
-	__u32 pad;
-};
 BPF_PERCPU_ARRAY(dns_scratch, struct cgp_dns_scratch, 1);
 
 /* Decide and count; *d says what was decided, for the deny event. */
@@ -461,10 +450,12 @@ static __always_inline __u64 cgp_learned_rules(const struct cgp_net_config *cfg,
 	struct cgp_learned *hit;
 
 	__builtin_memcpy(key.addr, addr, 16);
+	__u32 slot = cfg->dns_slot;
+
 	hit = learned.lookup(&key);
-	if (!hit || hit->expires_ns <= bpf_ktime_get_coarse_ns())
+	if (!hit || slot >= CGP_DNS_SLOTS || hit->expires_ns <= bpf_ktime_get_coarse_ns())
 		return 0;
-	return hit->rules & cfg->fqdn_rules;
+	return hit->rules[slot] & cfg->fqdn_rules;
 }
 
 static __always_inline void cgp_mapped4(__u8 out[16], __u32 addr4)
@@ -775,7 +766,7 @@ int cgp_dns_question(struct __sk_buff *skb)
 
 	/* Suffix hashes right to left: the whole name finds exact rules, a proper suffix the
 	 * "*." rules of that domain. */
-	__u64 rules = 0;
+	__u64 rules[CGP_DNS_SLOTS] = {};
 	struct cgp_sip suffix;
 	cgp_sip_init(&suffix, key);
 	for (int k = CGP_DNS_LABELS - 1; k >= 0; k--) {
@@ -784,11 +775,13 @@ int cgp_dns_question(struct __sk_buff *skb)
 		cgp_sip_absorb(&suffix, s->label_hash[k & (CGP_DNS_LABELS - 1)]);
 		__u64 hashed = cgp_sip_final(suffix);
 		struct cgp_name_entry *entry = dns_names.lookup(&hashed);
-		if (entry)
-			rules |= k == 0 ? entry->exact : entry->wildcard;
+		if (!entry)
+			continue;
+		for (int slot = 0; slot < CGP_DNS_SLOTS; slot++)
+			rules[slot] |= k == 0 ? entry->exact[slot] : entry->wildcard[slot];
 	}
-	s->rules = rules;
-	if (!s->rules)
+	__builtin_memcpy(s->rules, rules, sizeof(rules));
+	if (!(s->rules[0] | s->rules[1] | s->rules[2]))
 		return 1;
 	s->off = off + len + 1 + 4; /* past the name's root byte, qtype and qclass */
 	s->answers_left = answers < CGP_DNS_ANSWERS ? answers : CGP_DNS_ANSWERS;
@@ -807,7 +800,6 @@ int cgp_dns_answers(struct __sk_buff *skb)
 
 	if (!s || !cfg)
 		return 1;
-	__u64 rules = s->rules;
 	__u32 off = s->off & 0xffff;
 	__u32 left = s->answers_left;
 	__u64 now = bpf_ktime_get_coarse_ns();
@@ -846,8 +838,8 @@ int cgp_dns_answers(struct __sk_buff *skb)
 				ttl = cfg->min_ttl;
 			if (ttl > cfg->max_ttl)
 				ttl = cfg->max_ttl;
-			struct cgp_learned value = {.expires_ns = now + (__u64)ttl * 1000000000ULL,
-						    .rules = rules};
+			struct cgp_learned value = {.expires_ns = now + (__u64)ttl * 1000000000ULL};
+			__builtin_memcpy(value.rules, s->rules, sizeof(value.rules));
 			learned.update(&key, &value);
 		}
 		off += rdlen;

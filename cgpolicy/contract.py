@@ -298,7 +298,42 @@ NET_CONFIG = Layout(
     ("any_icmp", "__u64"),  # rules without icmpTypes (every rule on sock_addr hooks)
     ("any_iface", "__u64"),  # rules without interfaces (every rule on sock_addr hooks)
     ("proto", "__u64", len(PROTO_SLOTS)),
+    ("fqdn_rules", "__u64"),  # rules naming fqdns: they match an address through `learned`
+    ("dns_slot", "__u32"),  # this section's slot of cgp_learned.rules (DNS_SLOTS)
+    ("dns_learn", "__u32"),  # ingress: learn from DNS answers
+    ("min_ttl", "__u32"),  # seconds
+    ("max_ttl", "__u32"),
 )
+
+# DNS names: what the ingress program learns from answers, per cgroup
+DNS_LABELS = 32  # CGP_DNS_LABELS: labels of a question name at most
+DNS_NAME_BYTES = 256  # CGP_DNS_NAME_BYTES
+DNS_ANSWERS = 16  # CGP_DNS_ANSWERS: answer records read per answer at most
+DNS_ANSWERS_PER_RUN = 2  # CGP_DNS_ANSWERS_PER_RUN
+DNS_JUMP_QUESTION, DNS_JUMP_ANSWERS = 0, 1  # CGP_DNS_JUMP_*: slots of dns_jump
+# The sections whose rules may name fqdns, each with its own rule numbering (CGP_DNS_SLOT_*)
+DNS_SLOTS = {"network.egress": 0, "network.ingress": 1, "sockets.connect": 2}
+LEARNED_KEY = Layout("cgp_learned_key", ("cgroup_id", "__u64"), ("addr", "__u8", 16))
+LEARNED = Layout("cgp_learned", ("expires_ns", "__u64"), ("rules", "__u64", len(DNS_SLOTS)))
+NAME_ENTRY = Layout(
+    "cgp_name_entry",
+    ("exact", "__u64", len(DNS_SLOTS)),
+    ("wildcard", "__u64", len(DNS_SLOTS)),
+)
+DNS_KEY = Layout("cgp_dns_key", ("k0", "__u64"), ("k1", "__u64"))
+DNS_SCRATCH = Layout(  # only the programs read it; here for its size
+    "cgp_dns_scratch",
+    ("name", "__u8", DNS_NAME_BYTES + 64),
+    ("label_hash", "__u64", DNS_LABELS),
+    ("rules", "__u64", len(DNS_SLOTS)),
+    ("labels", "__u32"),
+    ("len", "__u32"),
+    ("off", "__u32"),
+    ("answers_left", "__u32"),
+    ("family", "__u32"),
+    ("pad", "__u32"),
+)
+
 # LPM trie keys: the prefix length in bits, then the data in network byte order
 LPM4_KEY = Layout("cgp_lpm4", ("prefixlen", "__u32"), ("addr", "__u8", 4))
 LPM6_KEY = Layout("cgp_lpm6", ("prefixlen", "__u32"), ("addr", "__u8", 16))
@@ -385,6 +420,11 @@ LAYOUTS: tuple[Layout, ...] = (
     RATELIMIT,
     EVENT,
     NET_CONFIG,
+    LEARNED_KEY,
+    LEARNED,
+    NAME_ENTRY,
+    DNS_KEY,
+    DNS_SCRATCH,
     LPM4_KEY,
     LPM6_KEY,
     LPM_PORT_KEY,
@@ -407,6 +447,14 @@ C_CONSTANTS: dict[str, int] = {
     **{f"CGP_PROTO_{name.upper()}": slot for slot, name in enumerate(PROTO_SLOTS)},
     "CGP_PROTO_N": len(PROTO_SLOTS),
     "CGP_CIDR4_PROBES": CIDR4_PROBES,
+    "CGP_DNS_LABELS": DNS_LABELS,
+    "CGP_DNS_NAME_BYTES": DNS_NAME_BYTES,
+    "CGP_DNS_ANSWERS": DNS_ANSWERS,
+    "CGP_DNS_ANSWERS_PER_RUN": DNS_ANSWERS_PER_RUN,
+    "CGP_DNS_JUMP_QUESTION": DNS_JUMP_QUESTION,
+    "CGP_DNS_JUMP_ANSWERS": DNS_JUMP_ANSWERS,
+    **{f"CGP_DNS_SLOT_{s.split('.')[1].upper()}": slot for s, slot in DNS_SLOTS.items()},
+    "CGP_DNS_SLOTS": len(DNS_SLOTS),
     "CGP_FAMILY_SLOTS": SOCKET_FAMILY_SLOTS,
     "CGP_TYPE_SLOTS": SOCKET_TYPE_SLOTS,
     "CGP_PROTOCOL_SLOTS": SOCKET_PROTOCOL_SLOTS,

@@ -66,8 +66,8 @@ def main() -> None:
     )
     names = bpf["names"]
     rules = [(0, ["api.example.com"]), (1, ["*.s3.amazonaws.com"]), (2, ["github.com"])]
-    for hashed, entry in name_table(KEY, rules).items():
-        names[ctypes.c_uint64(hashed)] = names.Leaf(entry.exact, entry.wildcard)
+    for hashed, entry in name_table(KEY, 1, [(0, i, n) for i, n in rules]).items():
+        names[ctypes.c_uint64(hashed)] = names.Leaf(entry.exact[0], entry.wildcard[0])
     cases = {
         "miss (name not in any rule)": dns_answer("www.other.org", [("A", "192.0.2.9")]),
         "exact, CNAME + 2 A": dns_answer(

@@ -93,24 +93,28 @@ def suffix_hashes(key: bytes, name: str) -> list[int]:
 
 @dataclass(frozen=True, slots=True)
 class NameEntry:
-    """What one hash matches: rules naming it exactly, and rules whose ``*.`` pattern has
-    it for domain (matched when the hash is of a proper suffix of the question name)."""
+    """What one hash matches, per section slot (contract.DNS_SLOTS): rules naming it
+    exactly, and rules whose ``*.`` pattern has it for domain (matched when the hash is of
+    a proper suffix of the question name)."""
 
-    exact: int = 0
-    wildcard: int = 0
+    exact: tuple[int, ...]
+    wildcard: tuple[int, ...]
 
 
-def name_table(key: bytes, rules: Iterable[tuple[int, Iterable[str]]]) -> dict[int, NameEntry]:
-    """Hash -> NameEntry for the `fqdns` of ``rules`` ((rule index, names), names as the
-    model keeps them: lowercase, no trailing dot)."""
-    exact: dict[int, int] = {}
-    wildcard: dict[int, int] = {}
-    for index, names in rules:
+def name_table(
+    key: bytes, slots: int, rules: Iterable[tuple[int, int, Iterable[str]]]
+) -> dict[int, NameEntry]:
+    """Hash -> NameEntry for the `fqdns` of ``rules``: (section slot, rule index in its
+    section, names as the model keeps them: lowercase, no trailing dot)."""
+    exact: dict[int, list[int]] = {}
+    wildcard: dict[int, list[int]] = {}
+    for slot, index, names in rules:
         for name in names:
             table, text = (wildcard, name[2:]) if name.startswith("*.") else (exact, name)
-            hashed = suffix_hashes(key, text)[0]
-            table[hashed] = table.get(hashed, 0) | 1 << index
+            masks = table.setdefault(suffix_hashes(key, text)[0], [0] * slots)
+            masks[slot] |= 1 << index
+    none = [0] * slots
     return {
-        hashed: NameEntry(exact.get(hashed, 0), wildcard.get(hashed, 0))
+        hashed: NameEntry(tuple(exact.get(hashed, none)), tuple(wildcard.get(hashed, none)))
         for hashed in sorted(exact.keys() | wildcard.keys())
     }

@@ -70,6 +70,7 @@ class MapType(enum.IntEnum):
 
     HASH = 1
     ARRAY = 2
+    PROG_ARRAY = 3
     PERCPU_HASH = 5
     PERCPU_ARRAY = 6
     LRU_HASH = 9
@@ -142,6 +143,7 @@ BPF_F_QUERY_EFFECTIVE = 1 << 0
 MAP_TYPES: dict[str, MapType] = {
     "hash": MapType.HASH,
     "array": MapType.ARRAY,
+    "prog_array": MapType.PROG_ARRAY,
     "percpu_hash": MapType.PERCPU_HASH,
     "percpu_array": MapType.PERCPU_ARRAY,
     "lru_hash": MapType.LRU_HASH,

@@ -34,8 +34,8 @@ def learner() -> Iterator[Any]:
     keys = bpf["hash_key"]
     keys[ctypes.c_int(0)] = keys.Leaf(*(int.from_bytes(key[i : i + 8], "little") for i in (0, 8)))
     names = bpf["names"]
-    for hashed, entry in name_table(key, RULES).items():
-        names[ctypes.c_uint64(hashed)] = names.Leaf(entry.exact, entry.wildcard)
+    for hashed, entry in name_table(key, 1, [(0, i, n) for i, n in RULES]).items():
+        names[ctypes.c_uint64(hashed)] = names.Leaf(entry.exact[0], entry.wildcard[0])
     yield bpf, question
     bpf.cleanup()
 

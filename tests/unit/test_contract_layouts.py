@@ -99,9 +99,8 @@ def test_pack_takes_every_member_by_name_and_nothing_else() -> None:
         contract.RATELIMIT.pack(window_start=0, dropped=0, sent=0, limit=1, extra=2)
     verdict = dict.fromkeys(contract.VERDICT.fields, 0)
     with pytest.raises(ValueError, match=r"proto: 4 values for __u64\[5\]"):
-        contract.NET_CONFIG.pack(
-            v=verdict, any_cidr=0, any_port=0, any_icmp=0, any_iface=0, proto=[0] * 4
-        )
+        others = dict.fromkeys(set(contract.NET_CONFIG.fields) - {"v", "proto"}, 0)
+        contract.NET_CONFIG.pack(v=verdict, proto=[0] * 4, **others)
 
 
 def test_hook_table() -> None:

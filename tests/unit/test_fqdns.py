@@ -166,10 +166,12 @@ def test_the_name_table_splits_exact_names_from_wildcard_domains() -> None:
     from cgpolicy.compiler.names import name_table, suffix_hashes
 
     key = bytes(range(16))
-    table = name_table(key, [(0, ["example.org"]), (2, ["*.example.org", "*.x.test"])])
+    rules = [(0, 0, ["example.org"]), (0, 2, ["*.example.org", "*.x.test"]), (2, 1, ["x.test"])]
+    table = name_table(key, 3, rules)
     whole = suffix_hashes(key, "example.org")[0]
-    assert table[whole].exact == 0b1 and table[whole].wildcard == 0b100
-    assert table[suffix_hashes(key, "x.test")[0]].wildcard == 0b100
+    assert table[whole].exact == (0b1, 0, 0) and table[whole].wildcard == (0b100, 0, 0)
+    x_test = table[suffix_hashes(key, "x.test")[0]]
+    assert x_test.wildcard == (0b100, 0, 0) and x_test.exact == (0, 0, 0b10)  # per section
     # a.example.org's proper suffix example.org is the wildcard's domain
     assert suffix_hashes(key, "a.example.org")[1] == whole
     # another key, other hashes: what an attacker cannot compute without the key
