@@ -6,11 +6,13 @@ out (their layouts: cgpolicy/contract.py). Pure: no syscalls, no bcc."""
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cgpolicy.compiler.canonical import RuleKeys, ordered_rules, revision
 from cgpolicy.compiler.devices import device_maps
+from cgpolicy.compiler.dns import DnsConfig, dns_programs, name_rules
 from cgpolicy.compiler.maps import program_spec
 from cgpolicy.compiler.network import (
     InterfaceResolver,
@@ -32,7 +34,14 @@ from cgpolicy.contract import (
     SECTION_HOOKS,
 )
 from cgpolicy.policy.describe import rule_text
-from cgpolicy.policy.model import DeviceRule, NetworkRule, Policy, SocketAddressRule
+from cgpolicy.policy.model import (
+    DeviceRule,
+    Network,
+    NetworkRule,
+    NetworkSection,
+    Policy,
+    SocketAddressRule,
+)
 
 # IPv4 CIDR layout (bpf/net.c cgp_cidr4_mask): a section with at least this many distinct
 # IPv4 prefixes gets the /16 index (cidr4_idx, 1 MiB, + cidr4_long hash) instead of the
@@ -48,32 +57,37 @@ def compile_policy(
     resolve_interfaces: InterfaceResolver | None = None,
     cidr4_index_min: int | None = None,
     resolve_device: DeviceResolver | None = None,
+    dns_key: bytes | None = None,
 ) -> CompiledPolicy:
     """Compile ``policy``. ``resolve_interfaces`` turns a rule's interface names and globs
     into ifindexes; it is needed only when a network rule names interfaces.
     ``cidr4_index_min`` overrides :data:`CIDR4_INDEX_MIN` (0: always the /16 index).
     ``resolve_device`` says what a ``path:`` device rule's path names on this node; it is
-    needed only when a device rule names a path."""
+    needed only when a device rule names a path. ``dns_key`` (16 bytes) keys the hashes of
+    `fqdns` names; a fresh random one by default, so that each load has its own."""
     index_min = CIDR4_INDEX_MIN if cidr4_index_min is None else cidr4_index_min
-    _refuse_fqdns(policy)
     policy, device_paths = bind_device_paths(policy, resolve_device)
+    by_name = _name_sections(policy)
+    dns = DnsConfig(bool(by_name), policy.dns.min_ttl, policy.dns.max_ttl)
     audit = policy.mode == "audit"
     programs: list[ProgramSpec] = []
     resolved: dict[str, list[list[int]]] = {}
     keys = RuleKeys()  # each rule is put in canonical text once, not once per use
 
-    if policy.network is not None:
-        for hook, net_section in (
-            ("ingress", policy.network.ingress),
-            ("egress", policy.network.egress),
-        ):
-            if net_section is None:
-                continue
-            rules = ordered_rules(net_section.rules, keys)
-            ifindexes = interface_sets(rules, resolve_interfaces)
-            resolved[hook] = [sorted(found) for found in ifindexes]
-            maps = network_maps(net_section.default, rules, audit, ifindexes, index_min)
-            programs.append(program_spec(hook, maps))
+    if dns.used and (policy.network is None or policy.network.ingress is None):
+        # The answers are learned at ingress: a policy naming hosts gets an ingress program
+        # even without an ingress section, one that lets everything in.
+        network = dataclasses.replace(policy.network or Network(), ingress=NetworkSection("allow"))
+        policy = dataclasses.replace(policy, network=network)
+    network = policy.network or Network()
+    for hook, net_section in (("ingress", network.ingress), ("egress", network.egress)):
+        if net_section is None:
+            continue
+        rules = ordered_rules(net_section.rules, keys)
+        ifindexes = interface_sets(rules, resolve_interfaces)
+        resolved[hook] = [sorted(found) for found in ifindexes]
+        maps = network_maps(hook, net_section.default, rules, audit, ifindexes, index_min, dns)
+        programs.append(program_spec(hook, maps))
 
     sockets = policy.sockets
     if sockets is not None:
@@ -86,7 +100,8 @@ def compile_policy(
         ):
             if section is None:
                 continue
-            maps = socket_address_maps(section, audit, keys, index_min)
+            where = "sockets.bind" if section is sockets.bind else "sockets.connect"
+            maps = socket_address_maps(where, section, audit, keys, index_min, dns)
             for hook in hooks:
                 # IPv4 programs do not use cidr6; IPv6 ones use both (IPv4-mapped addresses).
                 used = (
@@ -100,6 +115,13 @@ def compile_policy(
     if policy.sysctl is not None:
         programs.append(program_spec("sysctl", sysctl_maps(policy.sysctl, audit, keys)))
 
+    tail: tuple[ProgramSpec, ...] = ()
+    if dns.used:
+        ingress = next(spec for spec in programs if spec.hook == "ingress")
+        config = next(m for m in ingress.maps if m.name == "config")
+        rules_by_name = name_rules({w: ordered_rules(r, keys) for w, r in by_name.items()})
+        tail = dns_programs(dns_key or secrets.token_bytes(16), rules_by_name, config)
+
     return CompiledPolicy(
         name=policy.name,
         revision=revision(policy, resolved, keys, device_paths),
@@ -108,20 +130,22 @@ def compile_policy(
         programs=tuple(programs),
         rules=rule_labels(policy, [spec.hook for spec in programs], keys, device_paths),
         device_paths=device_paths,
+        dns_programs=tail,
     )
 
 
-def _refuse_fqdns(policy: Policy) -> None:
-    """Work in progress (issue 12): a rule naming fqdns has no cidrs, which the programs
-    read as "any address"; until names are enforced, such a policy is refused whole."""
-    rules: list[NetworkRule | SocketAddressRule] = []
+def _name_sections(policy: Policy) -> dict[str, tuple[NetworkRule | SocketAddressRule, ...]]:
+    """The sections with a rule naming fqdns, by where they are in the policy."""
+    found: dict[str, tuple[NetworkRule | SocketAddressRule, ...]] = {}
     if policy.network is not None:
-        for section in (policy.network.ingress, policy.network.egress):
-            rules += section.rules if section else ()
-    if policy.sockets is not None and policy.sockets.connect is not None:
-        rules += policy.sockets.connect.rules
-    if any(rule.fqdns for rule in rules):
-        raise CompileError("rules naming fqdns are not enforced yet (issue 12)")
+        for direction in ("egress", "ingress"):
+            section = getattr(policy.network, direction)
+            if section is not None and any(rule.fqdns for rule in section.rules):
+                found[f"network.{direction}"] = section.rules
+    connect = policy.sockets.connect if policy.sockets else None
+    if connect is not None and any(rule.fqdns for rule in connect.rules):
+        found["sockets.connect"] = connect.rules
+    return found
 
 
 def bind_device_paths(

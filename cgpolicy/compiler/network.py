@@ -7,8 +7,10 @@ from __future__ import annotations
 import ipaddress
 import itertools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from cgpolicy.compiler.canonical import RuleKeys, ordered_rules
+from cgpolicy.compiler.dns import DnsConfig, jump_map, learned_map, scratch_map
 from cgpolicy.compiler.maps import (
     BPF_F_NO_PREALLOC,
     array_map,
@@ -208,12 +210,14 @@ def _net_config(
     audit: bool,
     any_icmp: int,
     any_iface: int,
+    dns: dict[str, Any],
 ) -> bytes:
-    """struct cgp_net_config."""
+    """struct cgp_net_config. A rule naming fqdns is not a rule of any address: its address
+    matches through the learned map only (``dns``: the DnsConfig fields)."""
     protocol_any = rule_mask(i for i, rule in enumerate(rules) if rule.protocol == "any")
     return NET_CONFIG.pack(
         v=verdict(default, rules, audit),
-        any_cidr=rule_mask(i for i, rule in enumerate(rules) if not rule.cidrs),
+        any_cidr=rule_mask(i for i, rule in enumerate(rules) if not rule.cidrs and not rule.fqdns),
         any_port=rule_mask(i for i, rule in enumerate(rules) if not rule.ports),
         any_icmp=any_icmp,
         any_iface=any_iface,
@@ -224,6 +228,7 @@ def _net_config(
             | rule_mask(i for i, rule in enumerate(rules) if rule.protocol == name)
             for name in PROTO_SLOTS
         ],
+        **dns,
     )
 
 
@@ -245,11 +250,13 @@ def interface_sets(
 
 
 def network_maps(
+    direction: str,
     default: str,
     rules: Sequence[NetworkRule],
     audit: bool,
     ifindexes: Sequence[set[int]],
     index_min: int,
+    dns: DnsConfig,
 ) -> dict[str, MapSpec]:
     any_icmp = rule_mask(i for i, rule in enumerate(rules) if not rule.icmp_types)
     any_iface = rule_mask(i for i, rule in enumerate(rules) if not rule.interfaces)
@@ -261,8 +268,15 @@ def network_maps(
         for ifindex in ifindexes[index]:
             ifaces[ifindex] = ifaces.get(ifindex, 0) | 1 << index
     v4, v6 = _cidr_tables(rules)
+    section = f"network.{direction}"
+    config = _net_config(default, rules, audit, any_icmp, any_iface, dns.fields(section, rules))
+    learning = (
+        {"dns_scratch": scratch_map(), "dns_jump": jump_map()} if direction == "ingress" else {}
+    )
     return {
-        "config": config_map(_net_config(default, rules, audit, any_icmp, any_iface)),
+        "config": config_map(config),
+        "learned": learned_map(dns.used),
+        **learning,
         **_cidr4_maps(v4, index_min),
         "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
@@ -283,14 +297,23 @@ def network_maps(
 
 
 def socket_address_maps(
-    section: SocketAddressSection, audit: bool, keys: RuleKeys, index_min: int
+    where: str,
+    section: SocketAddressSection,
+    audit: bool,
+    keys: RuleKeys,
+    index_min: int,
+    dns: DnsConfig,
 ) -> dict[str, MapSpec]:
     rules = ordered_rules(section.rules, keys)
     all_rules = rule_mask(range(len(rules)))
     v4, v6 = _cidr_tables(rules)
+    # No icmpTypes or interfaces in socket rules: every rule passes those conditions.
+    fields = dns.fields(where, rules)
     return {
-        # No icmpTypes or interfaces in socket rules: every rule passes those conditions.
-        "config": config_map(_net_config(section.default, rules, audit, all_rules, all_rules)),
+        "config": config_map(
+            _net_config(section.default, rules, audit, all_rules, all_rules, fields)
+        ),
+        "learned": learned_map(dns.used),
         **_cidr4_maps(v4, index_min),
         "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),

@@ -128,3 +128,6 @@ class CompiledPolicy:
     rules: tuple[tuple[str, tuple[RuleLabel, ...]], ...] = ()
     # every `path:` device rule and what its path named on the node it was compiled for
     device_paths: tuple[DevicePath, ...] = ()
+    # the programs the ingress program tail-calls to learn from DNS answers (question,
+    # answers), loaded with its maps; empty when no rule names fqdns
+    dns_programs: tuple[ProgramSpec, ...] = ()

@@ -26,14 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cgpolicy.compiler.dns import jump_map, learned_map
 from cgpolicy.compiler.maps import EVENTS_RING_BYTES
 from cgpolicy.compiler.spec import CompiledPolicy, RuleLabel
+from cgpolicy.contract import U32
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import CgroupLink, Map, Program
 from cgpolicy.kernel.cgroup import CgroupError, cgroup_id, open_cgroup
 from cgpolicy.kernel.hooks import hook as hook_named
-from cgpolicy.kernel.loader import LoadedProgram, LoaderError, load_program
+from cgpolicy.kernel.loader import LoadedProgram, LoaderError, create_map, load_program
 from cgpolicy.kernel.syscall import BpfError, MapType
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ class _Swap:
 @dataclass
 class _Work:
     events: Map | None = None  # the new programs' shared ring buffer of deny events
+    learned: Map | None = None  # with fqdns rules: addresses learned, shared likewise
+    dns_jump: Map | None = None  # and the prog array to the DNS programs
+    dns_programs: list[LoadedProgram] = field(default_factory=list)
     new_programs: dict[str, LoadedProgram] = field(default_factory=dict)
     current_programs: dict[str, Program] = field(default_factory=dict)
     swapped: list[_Swap] = field(default_factory=list)
@@ -63,8 +68,11 @@ class _Work:
     pinned_links: list[Path] = field(default_factory=list)  # pins of the links in `created`
 
     def close(self) -> None:
-        if self.events is not None:
-            self.events.close()
+        for shared in (self.events, self.learned, self.dns_jump):
+            if shared is not None:
+                shared.close()
+        for loaded in self.dns_programs:
+            loaded.close()
         for loaded in self.new_programs.values():
             loaded.close()
         for program in self.current_programs.values():
@@ -150,16 +158,42 @@ def _prepare_programs(
             work.events = Map.create(MapType.RINGBUF, 0, 0, EVENTS_RING_BYTES, name="cgp_events")
         except BpfError as error:
             raise ApplyError(f"creating the deny event ring buffer failed: {error}") from error
+    shared: dict[str, Map] = {"events": work.events} if work.events is not None else {}
+    if plan.reload and compiled.dns_programs:
+        try:
+            work.learned = create_map(learned_map(True))
+            work.dns_jump = create_map(jump_map())
+        except BpfError as error:
+            raise ApplyError(f"creating the maps of DNS names failed: {error}") from error
+        shared |= {"learned": work.learned, "dns_jump": work.dns_jump}
     for spec in compiled.programs:
         if plan.reload:
-            shared = {"events": work.events} if work.events is not None else None
             try:
-                work.new_programs[spec.hook] = load_program(spec, shared_maps=shared)
+                work.new_programs[spec.hook] = load_program(spec, shared_maps=shared or None)
             except (LoaderError, BpfError) as error:
                 raise ApplyError(f"loading the {spec.hook} program failed: {error}") from error
         else:
             prog_pin = pins.hook_dir(bpf_dir, compiled.name, spec.hook) / pins.PROG_PIN
             work.current_programs[spec.hook] = Program.from_pin(prog_pin)
+    if plan.reload and compiled.dns_programs:
+        _load_dns_programs(compiled, work, shared)
+
+
+def _load_dns_programs(compiled: CompiledPolicy, work: _Work, shared: dict[str, Map]) -> None:
+    """The programs the ingress program tail-calls for DNS answers: loaded with its scratch
+    and config, put in the dns_jump slots the C names (question, then answers)."""
+    ingress = work.new_programs["ingress"]
+    with_ingress = {**shared, "dns_scratch": ingress.maps["dns_scratch"]}
+    with_ingress["config"] = ingress.maps["config"]
+    assert work.dns_jump is not None
+    try:
+        for spec in compiled.dns_programs:
+            loaded = load_program(spec, shared_maps=with_ingress)
+            work.dns_programs.append(loaded)
+        for slot, loaded in enumerate(work.dns_programs):  # dns_programs: question, answers
+            work.dns_jump.update(U32.pack(slot), U32.pack(loaded.program.fd))
+    except (LoaderError, BpfError) as error:
+        raise ApplyError(f"loading the DNS programs failed: {error}") from error
 
 
 def _program_fd(work: _Work, hook: str) -> int:
@@ -220,9 +254,14 @@ def _pin_new_programs(plan: PolicyPlan, bpf_dir: Path, work: _Work) -> None:
     """Pin the new event ring and programs *before* any link moves to them: from here until
     the metadata is written, pins and metadata disagree, which is what makes an apply
     killed in between an *interrupted* one (kernel/applied.py), whichever links had moved."""
-    if work.events is not None:
-        path = pins.policy_dir(bpf_dir, plan.name) / pins.EVENTS_PIN
-        _replace_pin(work, work.events, path, Map.from_pin)
+    folder = pins.policy_dir(bpf_dir, plan.name)
+    for shared, name in (
+        (work.events, pins.EVENTS_PIN),
+        (work.learned, pins.LEARNED_PIN),
+        (work.dns_jump, pins.DNS_JUMP_PIN),
+    ):
+        if shared is not None:
+            _replace_pin(work, shared, folder / name, Map.from_pin)
     for hook, loaded in work.new_programs.items():
         path = pins.hook_dir(bpf_dir, plan.name, hook) / pins.PROG_PIN
         _replace_pin(work, loaded.program, path, Program.from_pin)

@@ -212,7 +212,7 @@ def load_program(
             if map_spec.name in shared:
                 _check_shared(spec, map_spec, shared[map_spec.name])
                 continue
-            maps[map_spec.name] = created = _create_map(map_spec)
+            maps[map_spec.name] = created = create_map(map_spec)
             created.update_batch(map_spec.entries)
         by_name = {**maps, **{n: m for n, m in shared.items() if n in compiled.templates}}
         insns = bytearray(compiled.insns)
@@ -225,7 +225,8 @@ def load_program(
     return LoadedProgram(spec, program, maps)
 
 
-def _create_map(spec: MapSpec) -> Map:
+def create_map(spec: MapSpec) -> Map:
+    """An empty map as ``spec`` describes it (not filled)."""
     try:
         map_type = MAP_TYPES[spec.map_type]
     except KeyError:

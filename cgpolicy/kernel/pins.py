@@ -6,6 +6,8 @@ folder, so no state file can go stale.
 
     <bpf_dir>/<policy>/meta                     array map, one entry: the policy's metadata as JSON
     <bpf_dir>/<policy>/events                   ring buffer of deny events, shared by its programs
+    <bpf_dir>/<policy>/learned                  addresses learned from DNS answers (fqdns rules)
+    <bpf_dir>/<policy>/dns_jump                 the DNS programs the ingress program tail-calls
     <bpf_dir>/<policy>/<hook>/prog              the policy's program for that hook
     <bpf_dir>/<policy>/<hook>/link-<cgroup id>  a BPF link holding that program on one cgroup
 
@@ -34,6 +36,10 @@ from cgpolicy.kernel.trusted import UntrustedFolder, check_real_folder, open_tru
 
 META_PIN = "meta"
 EVENTS_PIN = "events"
+# With rules naming fqdns: the addresses learned from DNS answers, and the prog array the
+# ingress program tail-calls through (its entries last only while it is pinned or open)
+LEARNED_PIN = "learned"
+DNS_JUMP_PIN = "dns_jump"
 PROG_PIN = "prog"
 LINK_PREFIX = "link-"
 _META_KEY = U32.pack(0)
@@ -254,7 +260,7 @@ def _kind_of(name: str) -> str | None:
         return "link"
     if name == PROG_PIN:
         return "program"
-    if name in (META_PIN, EVENTS_PIN):
+    if name in (META_PIN, EVENTS_PIN, LEARNED_PIN, DNS_JUMP_PIN):
         return "map"
     return None
 

@@ -308,6 +308,7 @@ def test_sockets_programs_and_maps() -> None:
     events = {"events", "ratelimit"}  # deny events, in every program
     assert {m.name for m in hooks["connect4"].maps} == {
         "config",
+        "learned",  # addresses DNS answers gave (fqdns rules), a 1-entry placeholder here
         "cidr4",
         "cidr4_idx",
         "cidr4_long",
@@ -318,6 +319,7 @@ def test_sockets_programs_and_maps() -> None:
     assert {m.name for m in hooks["connect6"].maps} == {
         *events,
         "config",
+        "learned",
         "cidr4",
         "cidr4_idx",
         "cidr4_long",

@@ -1,6 +1,6 @@
-"""DNS names in rules (issue 12, the language so far): `fqdns` in network rules and in
-sockets.connect, validated and normalised; the reference semantics of a name match; the
-compiler refusing them until the kernel enforces them."""
+"""DNS names in rules (issue 12): `fqdns` in network rules and in sockets.connect,
+validated and normalised; the reference semantics of a name match; what the compiler
+makes of them."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from policy_builders import policy_text, section_text
 
-from cgpolicy.compiler.canonical import revision
+from cgpolicy.compiler.canonical import ordered_rules, revision
 from cgpolicy.compiler.compile import compile_policy
-from cgpolicy.compiler.spec import CompileError
 from cgpolicy.policy.describe import rule_text
 from cgpolicy.policy.model import DnsSettings
 from cgpolicy.policy.validate import load_paths
@@ -152,14 +151,49 @@ def test_policies_without_names_keep_their_revision(write: WriteFile) -> None:
     assert revision(policy) == "3b8136e5a011a4a0"  # as computed before fqdns existed
 
 
-def test_the_compiler_refuses_names_until_the_kernel_enforces_them(write: WriteFile) -> None:
-    """A name rule has no cidrs, which the programs read as any address: compiling it
-    before names are enforced would turn `allow a.example` into `allow everything`."""
-    (policy,) = load(
-        write, section_text("network.egress", "{action: allow, fqdns: [a.example]}")
-    ).policies
-    with pytest.raises(CompileError, match="not enforced yet"):
-        compile_policy(policy)
+def test_a_policy_naming_hosts_compiles_to_learning_and_matching(write: WriteFile) -> None:
+    """The connect programs match name rules through `learned` (their rules are not rules
+    of any address); an ingress program that lets everything in is added to learn, and it
+    tail-calls the question and answers programs, whose name table holds the names."""
+    from cgpolicy.compiler.names import suffix_hashes
+    from cgpolicy.contract import NAME_ENTRY, NET_CONFIG
+
+    spec = (
+        section_text(
+            "sockets.connect",
+            "{action: allow, fqdns: [db.example]}",
+            '{action: allow, cidrs: ["10.0.0.0/8"]}',
+            default="deny",
+        )
+        + "dns: {minTTL: 5, maxTTL: 50}\n"
+    )
+    (policy,) = load(write, spec).policies
+    key = bytes(range(16))
+    compiled = compile_policy(policy, dns_key=key)
+    hooks = {p.hook: p for p in compiled.programs}
+    assert "ingress" in hooks and {p.function for p in compiled.dns_programs} == {
+        "cgp_dns_question",
+        "cgp_dns_answers",
+    }
+
+    def config(hook: str) -> dict:
+        (found,) = [m for m in hooks[hook].maps if m.name == "config"]
+        return NET_CONFIG.unpack_from(found.entries[0][1])
+
+    connect, ingress = config("connect4"), config("ingress")
+    rule = 1 << [r.fqdns for r in ordered_rules(policy.sockets.connect.rules)].index(
+        ("db.example",)
+    )
+    assert connect["fqdn_rules"] == rule and not connect["any_cidr"] & rule
+    assert connect["dns_slot"] == 2 and not connect["dns_learn"]
+    assert ingress["dns_learn"] == 1 and (ingress["min_ttl"], ingress["max_ttl"]) == (5, 50)
+    learned = [m for m in hooks["connect4"].maps if m.name == "learned"]
+    assert learned[0].max_entries > 1
+    question = next(p for p in compiled.dns_programs if p.function == "cgp_dns_question")
+    (names,) = [m for m in question.maps if m.name == "dns_names"]
+    entries = {k: NAME_ENTRY.unpack_from(v) for k, v in names.entries}
+    hashed = suffix_hashes(key, "db.example")[0].to_bytes(8, "little")
+    assert entries[hashed]["exact"] == (0, 0, rule)
 
 
 def test_the_name_table_splits_exact_names_from_wildcard_domains() -> None:

@@ -1,0 +1,122 @@
+"""The maps and programs that learn addresses from DNS answers (bpf/net.c, "DNS names"):
+what every net.c program needs of them, and the two tail-called programs the ingress
+program hands a DNS answer to when some rule of the policy names fqdns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cgpolicy.compiler.maps import array_map
+from cgpolicy.compiler.names import name_table
+from cgpolicy.compiler.spec import MapSpec, ProgramSpec
+from cgpolicy.contract import (
+    DNS_KEY,
+    DNS_SCRATCH,
+    DNS_SLOTS,
+    LEARNED,
+    LEARNED_KEY,
+    NAME_ENTRY,
+    U32,
+    U64,
+)
+from cgpolicy.policy.model import NetworkRule, SocketAddressRule
+
+LEARNED_MAX = 65536  # learned (cgroup, address) entries per policy; the oldest go first (LRU)
+QUESTION, ANSWERS = "cgp_dns_question", "cgp_dns_answers"
+
+
+def learned_map(used: bool) -> MapSpec:
+    """The (cgroup, address) -> rules map: one per policy load, shared by its programs (the
+    enforcer makes it); a 1-entry placeholder in a policy that names no fqdns."""
+    return MapSpec(
+        "learned", "lru_hash", LEARNED_KEY.size, LEARNED.size, LEARNED_MAX if used else 1, 0, ()
+    )
+
+
+def jump_map() -> MapSpec:
+    """dns_jump: [0] the question program, [1] the answers program (bpf_tail_call)."""
+    return MapSpec("dns_jump", "prog_array", U32.size, U32.size, 2, 0, ())
+
+
+def scratch_map() -> MapSpec:
+    return MapSpec("dns_scratch", "percpu_array", U32.size, DNS_SCRATCH.size, 1, 0, ())
+
+
+def name_rules(
+    sections: dict[str, Sequence[NetworkRule | SocketAddressRule]],
+) -> list[tuple[int, int, tuple[str, ...]]]:
+    """(slot, rule index, fqdns) of every rule naming fqdns, by section (canonical order)."""
+    return [
+        (DNS_SLOTS[where], index, rule.fqdns)
+        for where, rules in sections.items()
+        for index, rule in enumerate(rules)
+        if rule.fqdns
+    ]
+
+
+def dns_programs(
+    key: bytes, rules: list[tuple[int, int, tuple[str, ...]]], config: MapSpec
+) -> tuple[ProgramSpec, ...]:
+    """The question and answers programs, with the name table under ``key`` (16 random
+    bytes, drawn per load) and the ingress program's ``config`` (its TTL bounds)."""
+    table = name_table(key, len(DNS_SLOTS), rules)
+    names = MapSpec(
+        "dns_names",
+        "hash",
+        U64.size,
+        NAME_ENTRY.size,
+        max(1, len(table)),
+        0,
+        tuple(
+            (U64.pack(hashed), NAME_ENTRY.pack(exact=entry.exact, wildcard=entry.wildcard))
+            for hashed, entry in table.items()
+        ),
+    )
+    key_value = DNS_KEY.pack(
+        k0=int.from_bytes(key[:8], "little"), k1=int.from_bytes(key[8:16], "little")
+    )
+    question = {
+        "dns_scratch": scratch_map(),
+        "dns_key": array_map("dns_key", DNS_KEY.size, 1, {0: key_value}),
+        "dns_names": names,
+        "dns_jump": jump_map(),
+    }
+    answers = {
+        "dns_scratch": scratch_map(),
+        "config": config,
+        "learned": learned_map(True),
+        "dns_jump": jump_map(),
+    }
+    return (
+        _tail_program(QUESTION, question),
+        _tail_program(ANSWERS, answers),
+    )
+
+
+def _tail_program(function: str, maps: dict[str, MapSpec]) -> ProgramSpec:
+    """A cgroup_skb program of net.c reached only by tail call from the ingress program."""
+    short = "cgp_dns_q" if function == QUESTION else "cgp_dns_a"
+    return ProgramSpec("ingress", "net.c", function, short, tuple(maps[n] for n in sorted(maps)))
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """What a net.c program's config says of DNS names (cgp_net_config.dns_*)."""
+
+    used: bool  # some rule of the policy names fqdns
+    min_ttl: int
+    max_ttl: int
+
+    def fields(
+        self, section: str, rules: Sequence[NetworkRule | SocketAddressRule]
+    ) -> dict[str, Any]:
+        """The config members for one section's program."""
+        return {
+            "fqdn_rules": sum(1 << i for i, rule in enumerate(rules) if rule.fqdns),
+            "dns_slot": DNS_SLOTS.get(section, 0),
+            "dns_learn": int(self.used and section == "network.ingress"),
+            "min_ttl": self.min_ttl,
+            "max_ttl": self.max_ttl,
+        }

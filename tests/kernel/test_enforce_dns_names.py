@@ -1,0 +1,147 @@
+"""`fqdns` rules on the real kernel (issue 12, work in progress): an address is allowed by
+a name rule only after a DNS answer for the name reached the cgroup, at once (no race), and
+never for another cgroup. A DNS responder on a loopback address of its own answers from
+port 53, as a resolver does."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from enforcement import enforced
+from policy_builders import policy_file
+
+CLIENT = Path(__file__).with_name("dns_names_client.py")
+SERVER = "127.77.0.53"
+
+
+class Responder:
+    """Answers every A question: names under race.test get an address of their own (the
+    round number in 198.18.0.0/15), a few fixed names theirs; anything else gets nothing."""
+
+    FIXED = {"api.test": "198.51.100.7", "db.other.test": "198.51.100.8"}
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((SERVER, 53))
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def address(name: str) -> str | None:
+        if name.endswith(".race.test"):
+            index = int(name.split(".")[0].removeprefix("r"))
+            return str(ipaddress.IPv4Address("198.18.0.0") + index + 1)
+        return Responder.FIXED.get(name)
+
+    def _serve(self) -> None:
+        while True:
+            query, client = self.sock.recvfrom(4096)
+            if self.stopping:
+                return
+            labels, at = [], 12
+            while query[at]:
+                labels.append(query[at + 1 : at + 1 + query[at]].decode())
+                at += 1 + query[at]
+            question = query[12 : at + 5]
+            address = self.address(".".join(labels).lower())
+            count = 1 if address else 0
+            header = struct.pack(
+                "!HHHHHH", *struct.unpack_from("!H", query), 0x8180, 1, count, 0, 0
+            )
+            answer = header + question
+            if address:
+                answer += b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4)
+                answer += socket.inet_aton(address)
+            self.sock.sendto(answer, client)
+
+    def close(self) -> None:
+        self.stopping = True
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as waker:
+            waker.sendto(b"", (SERVER, 53))  # wakes the thread's recvfrom
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def responder() -> Iterator[Responder]:
+    server = Responder()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def client(cgroup, rounds: int, template: str = "-", *addresses: str) -> list[list[str]]:
+    done = cgroup.run([sys.executable, str(CLIENT), SERVER, str(rounds), template, *addresses])
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def names_policy(tmp_path: Path, scratch_cgroup) -> Path:
+    return policy_file(
+        tmp_path,
+        "names",
+        [scratch_cgroup.relative],
+        {
+            "sockets": {
+                "connect": {
+                    "default": "deny",
+                    "rules": [
+                        {
+                            "action": "allow",
+                            "protocol": "udp",
+                            "cidrs": [f"{SERVER}/32"],
+                            "ports": [53],
+                        },
+                        {"action": "allow", "fqdns": ["api.test", "*.race.test"]},
+                    ],
+                }
+            }
+        },
+    )
+
+
+def test_an_address_is_allowed_only_after_an_answer_for_its_name(
+    cgroup_root, bpf_dir, scratch_cgroup, tmp_path, responder
+) -> None:
+    with enforced(cgroup_root, bpf_dir, names_policy(tmp_path, scratch_cgroup)):
+        # before any answer, and for an address no name of the rule gave
+        assert client(scratch_cgroup, 0, "-", "198.51.100.7") == [["-", "198.51.100.7", "EPERM"]]
+        assert client(scratch_cgroup, 1, "api.test", "198.51.100.9") == [
+            ["api.test", "198.51.100.7", "ok"],
+            ["-", "198.51.100.9", "EPERM"],
+        ]
+        # a name no rule names teaches nothing
+        assert client(scratch_cgroup, 1, "db.other.test") == [
+            ["db.other.test", "198.51.100.8", "EPERM"]
+        ]
+
+
+def test_learned_addresses_belong_to_the_cgroup_that_resolved(
+    cgroup_root, bpf_dir, scratch_cgroup, tmp_path, responder
+) -> None:
+    first, second = scratch_cgroup.child("first"), scratch_cgroup.child("second")
+    with enforced(cgroup_root, bpf_dir, names_policy(tmp_path, scratch_cgroup)):
+        assert client(first, 1, "api.test") == [["api.test", "198.51.100.7", "ok"]]
+        assert client(second, 0, "-", "198.51.100.7") == [["-", "198.51.100.7", "EPERM"]]
+
+
+def test_a_thousand_lookups_then_connects_are_never_refused(
+    cgroup_root, bpf_dir, scratch_cgroup, tmp_path, responder
+) -> None:
+    """Each round a name and an address never seen before, connected to as soon as the
+    answer is read: the kernel learned it before the answer reached the socket."""
+    with enforced(cgroup_root, bpf_dir, names_policy(tmp_path, scratch_cgroup)):
+        results = client(scratch_cgroup, 1000, "r{}.race.test")
+    assert len(results) == 1000
+    refused = [row for row in results if row[2] != "ok"]
+    assert refused == []
