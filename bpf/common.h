@@ -231,7 +231,7 @@ struct cgp_net_config {
 	__u64 proto[CGP_PROTO_N];
 	__u64 fqdn_rules; /* rules naming fqdns: their address matches through `learned` only */
 	__u32 dns_slot;   /* this section's slot in cgp_learned.rules (CGP_DNS_SLOT_*) */
-	__u32 dns_learn;  /* ingress: learn from DNS answers (some section of the policy names fqdns) */
+	__u32 dns_learn;  /* ingress: learn from DNS answers to queries egress saw; egress: see them */
 	__u32 min_ttl;    /* seconds: an answer's TTL is raised to this */
 	__u32 max_ttl;    /* and cut to this */
 };
@@ -254,6 +254,19 @@ struct cgp_learned_key {
 	__u64 cgroup_id; /* the cgroup of the socket the answer reached */
 	__u8 addr[16];   /* IPv6, or IPv4 as ::ffff:a.b.c.d */
 };
+/* A DNS query seen at egress, waiting for its answer: an answer no socket of the cgroup
+ * asked for (another id, another socket, another server) teaches nothing. */
+struct cgp_pending_key {
+	__u64 cookie; /* the socket's (bpf_get_socket_cookie) */
+	__u32 id;     /* the query's DNS id */
+	__u32 pad;
+};
+struct cgp_pending {
+	__u64 expires_ns;
+	__u8 server[16]; /* where the query went: the answer must come from there */
+};
+#define CGP_DNS_PENDING_NS 30000000000ULL /* an answer later than 30 s teaches nothing */
+
 struct cgp_learned {
 	__u64 expires_ns;            /* bpf_ktime_get_coarse_ns() clock */
 	__u64 rules[CGP_DNS_SLOTS];  /* per section: the fqdns rules the answer's name matched */

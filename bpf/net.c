@@ -114,6 +114,11 @@ BPF_HASH(dns_names, __u64, struct cgp_name_entry, CGP_DNS_NAMES_MAX);
 BPF_ARRAY(dns_key, struct cgp_dns_key, 1);
 BPF_TABLE("lru_hash", struct cgp_learned_key, struct cgp_learned, learned, CGP_LEARNED_MAX);
 BPF_PROG_ARRAY(dns_jump, 2);
+#ifndef CGP_DNS_PENDING_MAX
+#define CGP_DNS_PENDING_MAX 1
+#endif
+BPF_TABLE("lru_hash", struct cgp_pending_key, struct cgp_pending, dns_pending,
+	  CGP_DNS_PENDING_MAX);
 
 BPF_PERCPU_ARRAY(dns_scratch, struct cgp_dns_scratch, 1);
 
@@ -491,10 +496,10 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			__u32 ihl = ip.ver_ihl & 0xf;
 
 			cidr_mask = cgp_cidr4_mask(cfg, egress ? ip.daddr : ip.saddr);
-			if (cfg->fqdn_rules) {
+			if (cfg->fqdn_rules | cfg->dns_learn)
 				cgp_mapped4(remote, egress ? ip.daddr : ip.saddr);
+			if (cfg->fqdn_rules)
 				cidr_mask |= cgp_learned_rules(cfg, bpf_skb_cgroup_id(skb), remote);
-			}
 			l4.proto_known = 1;
 			l4.proto = ip.protocol;
 			l4.offset = ihl * 4;
@@ -506,10 +511,10 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 
 		if (!cgp_load(skb, 0, &ip6, sizeof(ip6))) {
 			cidr_mask = cgp_cidr6_mask(cfg, egress ? ip6.daddr : ip6.saddr);
-			if (cfg->fqdn_rules) {
+			if (cfg->fqdn_rules | cfg->dns_learn)
 				__builtin_memcpy(remote, egress ? ip6.daddr : ip6.saddr, 16);
+			if (cfg->fqdn_rules)
 				cidr_mask |= cgp_learned_rules(cfg, bpf_skb_cgroup_id(skb), remote);
-			}
 			cgp_ipv6_l4(skb, ip6.nexthdr, &l4);
 		}
 	}
@@ -565,13 +570,38 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 		cgp_skb_event(skb, &l4, e);
 		events.ringbuf_submit(e, 0);
 	}
-	/* A DNS answer let in: learn from it before the socket can read it. */
-	if (!egress && ret == 1 && cfg->dns_learn && l4.proto_known &&
-	    l4.proto == CGP_IPPROTO_UDP && l4.header) {
-		__u16 sport;
-		struct cgp_dns_scratch *s = dns_scratch.lookup(&zero);
+	if (ret == 1 && cfg->dns_learn && l4.proto_known && l4.proto == CGP_IPPROTO_UDP &&
+	    l4.header) {
+		__u16 ports[2]; /* source, destination */
+		__u16 id;
+		struct cgp_pending_key pk = {.cookie = bpf_get_socket_cookie(skb)};
 
-		if (s && !cgp_load_l4(skb, l4.offset, 0, &sport, 2) && sport == bpf_htons(53)) {
+		if (cgp_load_l4(skb, l4.offset, 0, ports, 4) ||
+		    cgp_load_l4(skb, l4.offset, 8, &id, 2))
+			return ret;
+		pk.id = id;
+		if (egress && ports[1] == bpf_htons(53)) {
+			/* A query sent: remember it, and where it went. */
+			struct cgp_pending pending = {
+				.expires_ns = bpf_ktime_get_coarse_ns() + CGP_DNS_PENDING_NS};
+
+			__builtin_memcpy(pending.server, remote, 16);
+			dns_pending.update(&pk, &pending);
+		} else if (!egress && ports[0] == bpf_htons(53)) {
+			/* An answer let in: learn from it, before the socket can read it, if a
+			 * socket of this cgroup asked this server this question. */
+			struct cgp_pending *pending = dns_pending.lookup(&pk);
+			struct cgp_dns_scratch *s = dns_scratch.lookup(&zero);
+
+			__u64 asked[2], from[2];
+
+			if (!pending || !s || pending->expires_ns <= bpf_ktime_get_coarse_ns())
+				return ret;
+			__builtin_memcpy(asked, pending->server, 16);
+			__builtin_memcpy(from, remote, 16);
+			if (asked[0] != from[0] || asked[1] != from[1])
+				return ret;
+			dns_pending.delete(&pk); /* one answer per query */
 			s->off = l4.offset + 8;
 			s->family = skb->protocol == bpf_htons(CGP_ETH_P_IP) ? 4 : 6;
 			dns_jump.call(skb, CGP_DNS_JUMP_QUESTION); /* returns only if it fails */

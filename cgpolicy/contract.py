@@ -313,6 +313,9 @@ DNS_ANSWERS_PER_RUN = 2  # CGP_DNS_ANSWERS_PER_RUN
 DNS_JUMP_QUESTION, DNS_JUMP_ANSWERS = 0, 1  # CGP_DNS_JUMP_*: slots of dns_jump
 # The sections whose rules may name fqdns, each with its own rule numbering (CGP_DNS_SLOT_*)
 DNS_SLOTS = {"network.egress": 0, "network.ingress": 1, "sockets.connect": 2}
+PENDING_KEY = Layout("cgp_pending_key", ("cookie", "__u64"), ("id", "__u32"), ("pad", "__u32"))
+PENDING = Layout("cgp_pending", ("expires_ns", "__u64"), ("server", "__u8", 16))
+DNS_PENDING_NS = 30_000_000_000  # CGP_DNS_PENDING_NS: an answer later than this teaches nothing
 LEARNED_KEY = Layout("cgp_learned_key", ("cgroup_id", "__u64"), ("addr", "__u8", 16))
 LEARNED = Layout("cgp_learned", ("expires_ns", "__u64"), ("rules", "__u64", len(DNS_SLOTS)))
 NAME_ENTRY = Layout(
@@ -420,6 +423,8 @@ LAYOUTS: tuple[Layout, ...] = (
     RATELIMIT,
     EVENT,
     NET_CONFIG,
+    PENDING_KEY,
+    PENDING,
     LEARNED_KEY,
     LEARNED,
     NAME_ENTRY,
@@ -455,6 +460,7 @@ C_CONSTANTS: dict[str, int] = {
     "CGP_DNS_JUMP_ANSWERS": DNS_JUMP_ANSWERS,
     **{f"CGP_DNS_SLOT_{s.split('.')[1].upper()}": slot for s, slot in DNS_SLOTS.items()},
     "CGP_DNS_SLOTS": len(DNS_SLOTS),
+    "CGP_DNS_PENDING_NS": DNS_PENDING_NS,
     "CGP_FAMILY_SLOTS": SOCKET_FAMILY_SLOTS,
     "CGP_TYPE_SLOTS": SOCKET_TYPE_SLOTS,
     "CGP_PROTOCOL_SLOTS": SOCKET_PROTOCOL_SLOTS,

@@ -74,10 +74,15 @@ def compile_policy(
     resolved: dict[str, list[list[int]]] = {}
     keys = RuleKeys()  # each rule is put in canonical text once, not once per use
 
-    if dns.used and (policy.network is None or policy.network.ingress is None):
-        # The answers are learned at ingress: a policy naming hosts gets an ingress program
-        # even without an ingress section, one that lets everything in.
-        network = dataclasses.replace(policy.network or Network(), ingress=NetworkSection("allow"))
+    if dns.used:
+        # Queries are seen at egress, their answers learned at ingress: a policy naming hosts
+        # gets both packet programs, one that lets everything through where it has no section.
+        network = policy.network or Network()
+        network = dataclasses.replace(
+            network,
+            ingress=network.ingress or NetworkSection("allow"),
+            egress=network.egress or NetworkSection("allow"),
+        )
         policy = dataclasses.replace(policy, network=network)
     network = policy.network or Network()
     for hook, net_section in (("ingress", network.ingress), ("egress", network.egress)):

@@ -18,6 +18,8 @@ from cgpolicy.contract import (
     LEARNED,
     LEARNED_KEY,
     NAME_ENTRY,
+    PENDING,
+    PENDING_KEY,
     U32,
     U64,
 )
@@ -32,6 +34,17 @@ def learned_map(used: bool) -> MapSpec:
     enforcer makes it); a 1-entry placeholder in a policy that names no fqdns."""
     return MapSpec(
         "learned", "lru_hash", LEARNED_KEY.size, LEARNED.size, LEARNED_MAX if used else 1, 0, ()
+    )
+
+
+PENDING_MAX = 4096  # DNS queries waiting for their answer per policy (LRU)
+
+
+def pending_map(used: bool) -> MapSpec:
+    """The queries seen at egress, waiting for their answer at ingress: one per policy load,
+    shared by its two packet programs; a 1-entry placeholder without fqdns rules."""
+    return MapSpec(
+        "dns_pending", "lru_hash", PENDING_KEY.size, PENDING.size, PENDING_MAX if used else 1, 0, ()
     )
 
 
@@ -116,7 +129,8 @@ class DnsConfig:
         return {
             "fqdn_rules": sum(1 << i for i, rule in enumerate(rules) if rule.fqdns),
             "dns_slot": DNS_SLOTS.get(section, 0),
-            "dns_learn": int(self.used and section == "network.ingress"),
+            # ingress learns from answers to the queries egress saw leave
+            "dns_learn": int(self.used and section in ("network.ingress", "network.egress")),
             "min_ttl": self.min_ttl,
             "max_ttl": self.max_ttl,
         }

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cgpolicy.compiler.canonical import RuleKeys, ordered_rules
-from cgpolicy.compiler.dns import DnsConfig, jump_map, learned_map, scratch_map
+from cgpolicy.compiler.dns import DnsConfig, jump_map, learned_map, pending_map, scratch_map
 from cgpolicy.compiler.maps import (
     BPF_F_NO_PREALLOC,
     array_map,
@@ -276,6 +276,7 @@ def network_maps(
     return {
         "config": config_map(config),
         "learned": learned_map(dns.used),
+        "dns_pending": pending_map(dns.used),
         **learning,
         **_cidr4_maps(v4, index_min),
         "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),

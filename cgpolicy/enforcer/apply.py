@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cgpolicy.compiler.dns import jump_map, learned_map
+from cgpolicy.compiler.dns import jump_map, learned_map, pending_map
 from cgpolicy.compiler.maps import EVENTS_RING_BYTES
 from cgpolicy.compiler.spec import CompiledPolicy, RuleLabel
 from cgpolicy.contract import U32
@@ -57,6 +57,7 @@ class _Swap:
 class _Work:
     events: Map | None = None  # the new programs' shared ring buffer of deny events
     learned: Map | None = None  # with fqdns rules: addresses learned, shared likewise
+    dns_pending: Map | None = None  # and the DNS queries waiting for their answers
     dns_jump: Map | None = None  # and the prog array to the DNS programs
     dns_programs: list[LoadedProgram] = field(default_factory=list)
     new_programs: dict[str, LoadedProgram] = field(default_factory=dict)
@@ -68,7 +69,7 @@ class _Work:
     pinned_links: list[Path] = field(default_factory=list)  # pins of the links in `created`
 
     def close(self) -> None:
-        for shared in (self.events, self.learned, self.dns_jump):
+        for shared in (self.events, self.learned, self.dns_pending, self.dns_jump):
             if shared is not None:
                 shared.close()
         for loaded in self.dns_programs:
@@ -162,10 +163,15 @@ def _prepare_programs(
     if plan.reload and compiled.dns_programs:
         try:
             work.learned = create_map(learned_map(True))
+            work.dns_pending = create_map(pending_map(True))
             work.dns_jump = create_map(jump_map())
         except BpfError as error:
             raise ApplyError(f"creating the maps of DNS names failed: {error}") from error
-        shared |= {"learned": work.learned, "dns_jump": work.dns_jump}
+        shared |= {
+            "learned": work.learned,
+            "dns_pending": work.dns_pending,
+            "dns_jump": work.dns_jump,
+        }
     for spec in compiled.programs:
         if plan.reload:
             try:

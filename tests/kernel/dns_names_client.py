@@ -4,6 +4,8 @@ addresses. Prints one JSON line: per step, the address and "ok" or the errno nam
 
     dns_names_client.py SERVER_IP ROUNDS NAME_TEMPLATE     # resolve-then-connect rounds
     dns_names_client.py SERVER_IP 0 - ADDRESS...           # connect only, nothing resolved
+    dns_names_client.py --unasked ADDRESS                  # wait for an answer nobody asked
+                                                           # for, then connect to ADDRESS
 """
 
 from __future__ import annotations
@@ -46,7 +48,20 @@ def connect(address: str) -> str:
     return "ok"
 
 
+def unasked(address: str) -> None:
+    """Bind a UDP socket, say its port, take one datagram (a forged answer), connect."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(10)
+        print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
+        sock.recvfrom(4096)
+    print(json.dumps([["-", address, connect(address)]]))
+
+
 def main() -> None:
+    if sys.argv[1] == "--unasked":
+        unasked(sys.argv[2])
+        return
     server, rounds, template, *addresses = sys.argv[1:]
     results = []
     for index in range(int(rounds)):

@@ -9,6 +9,7 @@ import ipaddress
 import json
 import socket
 import struct
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -42,6 +43,16 @@ class Responder:
             return str(ipaddress.IPv4Address("198.18.0.0") + index + 1)
         return Responder.FIXED.get(name)
 
+    @staticmethod
+    def answer(query_id: int, name: str, address: str | None) -> bytes:
+        question = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+        question += struct.pack("!HH", 1, 1)
+        header = struct.pack("!HHHHHH", query_id, 0x8180, 1, 1 if address else 0, 0, 0)
+        if not address:
+            return header + question
+        record = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4) + socket.inet_aton(address)
+        return header + question + record
+
     def _serve(self) -> None:
         while True:
             query, client = self.sock.recvfrom(4096)
@@ -51,17 +62,9 @@ class Responder:
             while query[at]:
                 labels.append(query[at + 1 : at + 1 + query[at]].decode())
                 at += 1 + query[at]
-            question = query[12 : at + 5]
-            address = self.address(".".join(labels).lower())
-            count = 1 if address else 0
-            header = struct.pack(
-                "!HHHHHH", *struct.unpack_from("!H", query), 0x8180, 1, count, 0, 0
-            )
-            answer = header + question
-            if address:
-                answer += b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4)
-                answer += socket.inet_aton(address)
-            self.sock.sendto(answer, client)
+            name = ".".join(labels).lower()
+            (query_id,) = struct.unpack_from("!H", query)
+            self.sock.sendto(self.answer(query_id, name, self.address(name)), client)
 
     def close(self) -> None:
         self.stopping = True
@@ -145,3 +148,27 @@ def test_a_thousand_lookups_then_connects_are_never_refused(
     assert len(results) == 1000
     refused = [row for row in results if row[2] != "ok"]
     assert refused == []
+
+
+def test_an_answer_nobody_asked_for_teaches_nothing(
+    cgroup_root, bpf_dir, scratch_cgroup, tmp_path, responder
+) -> None:
+    """A forged answer, from the resolver's address and port 53, for a name the rule names,
+    to a socket of the cgroup that sent no query: its address stays refused."""
+    with enforced(cgroup_root, bpf_dir, names_policy(tmp_path, scratch_cgroup)):
+        waiting = subprocess.Popen(
+            [sys.executable, str(CLIENT), "--unasked", "198.51.100.7"],
+            preexec_fn=lambda: (scratch_cgroup.path / "cgroup.procs").write_text("0"),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert waiting.stdout is not None
+            port = json.loads(waiting.stdout.readline())["port"]
+            forged = Responder.answer(0x1234, "api.test", "198.51.100.7")
+            responder.sock.sendto(forged, ("127.0.0.1", port))
+            result = json.loads(waiting.stdout.readline())
+        finally:
+            waiting.kill()
+            waiting.wait()
+    assert result == [["-", "198.51.100.7", "EPERM"]]
