@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from enforcement import enforced
 from policy_builders import policy_file
+from service import wait_until
 
 CLIENT = Path(__file__).with_name("dns_names_client.py")
 SERVER = "127.77.0.53"
@@ -89,12 +90,13 @@ def client(cgroup, rounds: int, template: str = "-", *addresses: str) -> list[li
     return json.loads(done.stdout)
 
 
-def names_policy(tmp_path: Path, scratch_cgroup) -> Path:
+def names_policy(tmp_path: Path, scratch_cgroup, **dns: int) -> Path:
     return policy_file(
         tmp_path,
         "names",
         [scratch_cgroup.relative],
         {
+            **({"dns": dns} if dns else {}),
             "sockets": {
                 "connect": {
                     "default": "deny",
@@ -108,7 +110,7 @@ def names_policy(tmp_path: Path, scratch_cgroup) -> Path:
                         {"action": "allow", "fqdns": ["api.test", "*.race.test"]},
                     ],
                 }
-            }
+            },
         },
     )
 
@@ -172,3 +174,17 @@ def test_an_answer_nobody_asked_for_teaches_nothing(
             waiting.kill()
             waiting.wait()
     assert result == [["-", "198.51.100.7", "EPERM"]]
+
+
+def test_a_learned_address_stops_matching_when_its_ttl_runs_out(
+    cgroup_root, bpf_dir, scratch_cgroup, tmp_path, responder
+) -> None:
+    """The answer's TTL (300 s) cut to maxTTL 1 s: allowed at once, refused once it ran out
+    (polled: no assertion on elapsed time, only that it happens)."""
+    policy = names_policy(tmp_path, scratch_cgroup, minTTL=1, maxTTL=1)
+    with enforced(cgroup_root, bpf_dir, policy):
+        assert client(scratch_cgroup, 1, "api.test") == [["api.test", "198.51.100.7", "ok"]]
+        expired = wait_until(
+            lambda: client(scratch_cgroup, 0, "-", "198.51.100.7")[0][2] == "EPERM", timeout=30
+        )
+    assert expired
