@@ -65,6 +65,31 @@ def policy_text(name: str = "web", spec: str = "") -> str:
     )
 
 
+def glob_policy_text(name: str, port: int, target: str = "a/*") -> str:
+    """A policy on the glob ``target`` denying connects to ``port``: what the reconcile
+    tests put in a policy folder (a port per version tells which one is enforced)."""
+    return (
+        "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\n"
+        f'metadata: {{name: {name}}}\nspec:\n  targets: [{{glob: "{target}"}}]\n'
+        "  sockets:\n    connect:\n      default: allow\n"
+        f"      rules: [{{action: deny, ports: [{port}]}}]\n"
+    )
+
+
+# A policy whose egress rule names interfaces: compiled again when links change.
+INTERFACES_POLICY = """\
+apiVersion: cgpolicy.dev/v1
+kind: CgroupPolicy
+metadata: {name: wired}
+spec:
+  targets: [{glob: "a/*"}]
+  network:
+    egress:
+      default: allow
+      rules: [{action: deny, protocol: tcp, interfaces: ["eth*"]}]
+"""
+
+
 def section_text(where: str, *rules: str, default: str = "allow") -> str:
     """One section of a spec in block style, for policy_text's ``spec``: ``where`` is its
     place (``network.egress``, ``devices``, ...), each rule (flow style) on a line of its
