@@ -65,6 +65,73 @@ def policy_text(name: str = "web", spec: str = "") -> str:
     )
 
 
+def glob_policy_text(name: str, port: int, target: str = "a/*") -> str:
+    """A policy on the glob ``target`` denying connects to ``port``: what the reconcile
+    tests put in a policy folder (a port per version tells which one is enforced)."""
+    return (
+        "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\n"
+        f'metadata: {{name: {name}}}\nspec:\n  targets: [{{glob: "{target}"}}]\n'
+        "  sockets:\n    connect:\n      default: allow\n"
+        f"      rules: [{{action: deny, ports: [{port}]}}]\n"
+    )
+
+
+# A policy whose egress rule names interfaces: compiled again when links change.
+INTERFACES_POLICY = """\
+apiVersion: cgpolicy.dev/v1
+kind: CgroupPolicy
+metadata: {name: wired}
+spec:
+  targets: [{glob: "a/*"}]
+  network:
+    egress:
+      default: allow
+      rules: [{action: deny, protocol: tcp, interfaces: ["eth*"]}]
+"""
+
+
+# A valid policy with every section and most fields: the fixture `valid_policy` of the unit
+# tests, and the seed the fuzz tests mutate.
+EVERY_SECTION_POLICY = """\
+apiVersion: cgpolicy.dev/v1
+kind: CgroupPolicy
+metadata:
+  name: web
+  description: the web tier
+spec:
+  mode: audit
+  targets:
+    - path: system.slice/nginx.service
+    - glob: "kubepods.slice/*/cri-containerd-*.scope"
+  network:
+    egress:
+      default: deny
+      rules:
+        - action: allow
+          cidrs: ["10.0.0.0/8", "fd00::/8", "192.0.2.1"]
+          protocol: tcp
+          ports: [443, "8000-8100"]
+          interfaces: ["eth0", "wg*"]
+        - action: allow
+          protocol: icmp
+          icmpTypes: [0, 8]
+  sockets:
+    create: {default: allow, rules: [{action: deny, family: inet6, type: raw}]}
+    bind: {default: allow, rules: [{action: deny, protocol: tcp, ports: ["1-1023"]}]}
+    connect: {default: allow, rules: [{action: deny, cidrs: ["169.254.169.254/32"]}]}
+  devices:
+    default: deny
+    rules:
+      - {action: allow, type: char, major: 1, minor: 3, access: rwm}
+      - {action: allow, path: /dev/null, access: wr}
+  sysctl:
+    default: allow
+    rules:
+      - {action: deny, name: "net.ipv4.*", access: write}
+      - {action: deny, name: "net/ipv4/conf/eth0.100/forwarding"}
+"""
+
+
 def section_text(where: str, *rules: str, default: str = "allow") -> str:
     """One section of a spec in block style, for policy_text's ``spec``: ``where`` is its
     place (``network.egress``, ``devices``, ...), each rule (flow style) on a line of its

@@ -58,7 +58,12 @@ class Daemon:
     def __init__(self, policy_dir: Path, bpf_dir: Path, log: Path) -> None:
         self.policy_dir, self.bpf_dir, self.log_path = policy_dir, bpf_dir, log
         self.port = free_port()
+        self.metrics_addr = f"127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
+
+    def environment(self) -> dict[str, str] | None:
+        """The service's environment (None: this process's)."""
+        return None
 
     def start(self) -> None:
         command = [
@@ -73,11 +78,11 @@ class Daemon:
             "--interval",
             "0.25",  # quick passes; tests wait for passes or conditions, never for time
             "--metrics-addr",
-            f"127.0.0.1:{self.port}",
+            self.metrics_addr,
         ]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log)
-        assert wait_until(lambda: self.metrics() is not None), self.log()
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, env=self.environment())
+        assert wait_until(lambda: self.metrics() is not None, timeout=30), self.log()
 
     def metrics(self) -> str | None:
         try:

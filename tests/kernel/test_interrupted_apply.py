@@ -44,6 +44,21 @@ def audit_drift(bpf_dir: Path, cgroup) -> list[dict[str, str]]:  # type: ignore[
     return report["drift"]
 
 
+def reapply_v1(enforcer, v1: Path, bpf_dir: Path, cgroup, port: int) -> None:  # type: ignore[no-untyped-def]
+    """Apply v1 (deny 127.0.0.5) again after an interrupted apply: it reloads whole (not
+    "unchanged"), enforces v1, and audit finds no drift."""
+    (outcome,) = apply_ok(enforcer, v1)
+    assert outcome.plan.reload
+    expect(
+        cgroup,
+        [
+            (("connect", "tcp", "127.0.0.5", port), EPERM),
+            (("connect", "tcp", "127.0.0.6", port), ALLOWED),
+        ],
+    )
+    assert audit_drift(bpf_dir, cgroup) == []
+
+
 def test_an_update_killed_before_its_metadata_is_undone_by_the_next_apply(
     scratch_cgroup, bpf_dir: Path, cgroup_root: Path, tmp_path: Path, monkeypatch, loopback_ports
 ) -> None:
@@ -68,16 +83,7 @@ def test_an_update_killed_before_its_metadata_is_undone_by_the_next_apply(
         assert {d["problem"] for d in drift} == {"interrupted"}, drift
         assert {d["hook"] for d in drift} == set(HOOKS)
 
-        (outcome,) = apply_ok(enforcer, v1)
-        assert outcome.plan.reload  # not "unchanged"
-        expect(
-            scratch_cgroup,
-            [
-                (("connect", "tcp", "127.0.0.5", port), EPERM),
-                (("connect", "tcp", "127.0.0.6", port), ALLOWED),
-            ],
-        )
-        assert audit_drift(bpf_dir, scratch_cgroup) == []
+        reapply_v1(enforcer, v1, bpf_dir, scratch_cgroup, port)
     finally:
         remove(enforcer, "half")
 
@@ -173,15 +179,6 @@ def test_an_update_killed_between_link_swaps_is_interrupted_not_drift(
         ]
         assert not any(text and "127.0.0.5" in text for text in texts), texts
 
-        (outcome,) = apply_ok(enforcer, v1)
-        assert outcome.plan.reload
-        expect(
-            scratch_cgroup,
-            [
-                (("connect", "tcp", "127.0.0.5", port), EPERM),
-                (("connect", "tcp", "127.0.0.6", port), ALLOWED),
-            ],
-        )
-        assert audit_drift(bpf_dir, scratch_cgroup) == []
+        reapply_v1(enforcer, v1, bpf_dir, scratch_cgroup, port)
     finally:
         remove(enforcer, "half")

@@ -45,29 +45,11 @@ class Service(Daemon):
     def __init__(self, policy_dir: Path, bpf_dir: Path, log: Path, state_dir: Path) -> None:
         super().__init__(policy_dir, bpf_dir, log)
         self.state_dir = state_dir
-        self.metrics_addr = f"127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        command = [
-            str(CGPOLICY),
-            "--bpf-dir",
-            str(self.bpf_dir),
-            "--log-level",
-            "info",
-            "reconcile",
-            "--policy-dir",
-            str(self.policy_dir),
-            "--interval",
-            "0.25",  # passes come quickly; run_passes() waits for them, never for time
-            "--metrics-addr",
-            self.metrics_addr,
-        ]
+    def environment(self) -> dict[str, str]:
         # The store's folder by its variable (--state-dir says the same), which a service
         # without a store ignores: so these tests also run, and fail, against one.
-        env = {**os.environ, "CGPOLICY_STATE_DIR": str(self.state_dir)}
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log, env=env)
-        assert wait_until(lambda: self.metrics() is not None, timeout=30), self.log()
+        return {**os.environ, "CGPOLICY_STATE_DIR": str(self.state_dir)}
 
     def passes(self) -> float:
         return self.metric("cgpolicy_reconcile_passes_total") or 0.0

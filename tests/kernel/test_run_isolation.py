@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,20 +105,33 @@ def transient_names(bpf_dir: Path, name: str) -> list[str]:
     return [p.name for p in pins.policy_folders(bpf_dir) if p.name.startswith(f"{name}-run")]
 
 
-def test_a_running_transient_policy_is_refused_to_others_and_removal_is_by_recorded_ids(
-    bpf_dir, scratch_cgroup, tmp_path, cleanup
-):
-    name = cleanup
-    flag = tmp_path / "stop"
-    run_file = deny_connect(tmp_path, name, ["unused/replaced-by-run"], "127.0.0.2")
+def start_waiting_run(
+    bpf_dir: Path, folder: Path, name: str
+) -> tuple[subprocess.Popen[str], str, Path]:
+    """`cgpolicy run` of a deny policy called ``name`` whose command waits until the file
+    returned is made: the process, its transient policy's name (once applied), the file."""
+    flag = folder / "stop"
+    run_file = deny_connect(folder, name, ["unused/replaced-by-run"], "127.0.0.2")
     runner = gated(
         "--bpf-dir", bpf_dir, "run", run_file, "--", sys.executable, "-c", WAIT_FOR_FILE, flag
     )
     open_gates(runner)
     try:
         assert wait_until(lambda: bool(transient_names(bpf_dir, name)), timeout=60)
-        (transient,) = transient_names(bpf_dir, name)
+    except BaseException:
+        flag.touch()
+        finish(runner)
+        raise
+    (transient,) = transient_names(bpf_dir, name)
+    return runner, transient, flag
 
+
+def test_a_running_transient_policy_is_refused_to_others_and_removal_is_by_recorded_ids(
+    bpf_dir, scratch_cgroup, tmp_path, cleanup
+):
+    name = cleanup
+    runner, transient, flag = start_waiting_run(bpf_dir, tmp_path, name)
+    try:
         # While its command runs, the transient policy is the run's: not removed, not replaced.
         refused = run_cli("--bpf-dir", bpf_dir, "remove", transient)
         assert refused.returncode == 1 and "cgpolicy run" in refused.stdout, refused
@@ -149,15 +163,8 @@ def test_a_running_transient_policy_is_refused_to_others_and_removal_is_by_recor
 
 def test_what_a_killed_run_left_is_removed_without_force(bpf_dir, cgroup_root, tmp_path, cleanup):
     name = cleanup
-    flag = tmp_path / "stop"
-    run_file = deny_connect(tmp_path, name, ["unused/replaced-by-run"], "127.0.0.2")
-    runner = gated(
-        "--bpf-dir", bpf_dir, "run", run_file, "--", sys.executable, "-c", WAIT_FOR_FILE, flag
-    )
-    open_gates(runner)
+    runner, transient, flag = start_waiting_run(bpf_dir, tmp_path, name)
     try:
-        assert wait_until(lambda: bool(transient_names(bpf_dir, name)), timeout=60)
-        (transient,) = transient_names(bpf_dir, name)
         runner.send_signal(signal.SIGKILL)
         runner.wait(timeout=60)  # its command lives on, in the cgroup the run made
         # Its process is gone: what it left is nobody's, and `remove` cleans it up.

@@ -7,47 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from policy_builders import policy_text
-
-VALID_POLICY = """\
-apiVersion: cgpolicy.dev/v1
-kind: CgroupPolicy
-metadata:
-  name: web
-  description: the web tier
-spec:
-  mode: audit
-  targets:
-    - path: system.slice/nginx.service
-    - glob: "kubepods.slice/*/cri-containerd-*.scope"
-  network:
-    egress:
-      default: deny
-      rules:
-        - action: allow
-          cidrs: ["10.0.0.0/8", "fd00::/8", "192.0.2.1"]
-          protocol: tcp
-          ports: [443, "8000-8100"]
-          interfaces: ["eth0", "wg*"]
-        - action: allow
-          protocol: icmp
-          icmpTypes: [0, 8]
-  sockets:
-    create: {default: allow, rules: [{action: deny, family: inet6, type: raw}]}
-    bind: {default: allow, rules: [{action: deny, protocol: tcp, ports: ["1-1023"]}]}
-    connect: {default: allow, rules: [{action: deny, cidrs: ["169.254.169.254/32"]}]}
-  devices:
-    default: deny
-    rules:
-      - {action: allow, type: char, major: 1, minor: 3, access: rwm}
-      - {action: allow, path: /dev/null, access: wr}
-  sysctl:
-    default: allow
-    rules:
-      - {action: deny, name: "net.ipv4.*", access: write}
-      - {action: deny, name: "net/ipv4/conf/eth0.100/forwarding"}
-"""
-
+from policy_builders import EVERY_SECTION_POLICY, policy_text
 
 WriteFile = Callable[..., Path]
 
@@ -69,7 +29,7 @@ def write(tmp_path: Path) -> WriteFile:
 
 @pytest.fixture
 def valid_policy() -> str:
-    return VALID_POLICY
+    return EVERY_SECTION_POLICY
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from policy_builders import EVERY_SECTION_POLICY
 from typer.testing import CliRunner
 
 from cgpolicy import cli
@@ -52,41 +53,7 @@ FUZZ = settings(
 LONGEST_PROBLEM = 1000  # characters of one formatted problem, less its file name
 CONTAINED_BUG = "could not be checked"  # the problem a contained exception becomes
 
-BASE = """\
-apiVersion: cgpolicy.dev/v1
-kind: CgroupPolicy
-metadata:
-  name: web
-  description: the web tier
-spec:
-  mode: audit
-  targets:
-    - path: system.slice/nginx.service
-    - glob: "kubepods.slice/*/cri-containerd-*.scope"
-  network:
-    egress:
-      default: deny
-      rules:
-        - action: allow
-          cidrs: ["10.0.0.0/8", "fd00::/8", "192.0.2.1"]
-          protocol: tcp
-          ports: [443, "8000-8100"]
-          interfaces: ["eth0", "wg*"]
-        - {action: allow, protocol: icmp, icmpTypes: [0, 8]}
-  sockets:
-    create: {default: allow, rules: [{action: deny, family: inet6, type: raw, protocol: 255}]}
-    bind: {default: allow, rules: [{action: deny, protocol: tcp, ports: ["1-1023"]}]}
-    connect: {default: allow, rules: [{action: deny, cidrs: ["169.254.169.254/32"]}]}
-  devices:
-    default: deny
-    rules:
-      - {action: allow, type: char, major: 1, minor: 3, access: rwm}
-      - {action: allow, path: /dev/null, access: rw}
-  sysctl:
-    default: allow
-    rules:
-      - {action: deny, name: "net.ipv4.*", access: write}
-"""
+BASE = EVERY_SECTION_POLICY
 BASE_DATA: dict[str, Any] = yaml.safe_load(BASE)
 
 

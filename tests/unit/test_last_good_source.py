@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from policy_builders import glob_policy_text
 
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
 from cgpolicy.kernel.applied import AppliedHook, AppliedPolicy
@@ -16,18 +17,6 @@ from cgpolicy.reconciler.decide import drift_of, readiness_summary
 from cgpolicy.reconciler.lastgood import LastGoodStore
 from cgpolicy.reconciler.metrics import describe_bind, every_address, parse_metrics_addr
 from cgpolicy.reconciler.source import PolicySource, read_policy_file
-
-POLICY = """\
-apiVersion: cgpolicy.dev/v1
-kind: CgroupPolicy
-metadata: {{name: {name}}}
-spec:
-  targets: [{{glob: "a/*"}}]
-  sockets:
-    connect:
-      default: allow
-      rules: [{{action: deny, ports: [{port}]}}]
-"""
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 and not os.environ.get("CI"),  # under CI it must run, so it fails
@@ -43,7 +32,7 @@ def port_of(source: PolicySource, name: str) -> int:
 
 def make(folder: Path, name: str = "svc", port: int = 443) -> Path:
     path = folder / f"{name}.yaml"
-    path.write_text(POLICY.format(name=name, port=port))
+    path.write_text(glob_policy_text(name, port))
     return path
 
 
@@ -205,7 +194,7 @@ def test_a_valid_file_wins_over_a_last_good_version_of_the_same_name(
     path = make(folder, "svc", 443)
     PolicySource(folder, store).read()
     path.write_text("not: [a policy")
-    make(folder, "moved", 8443).write_text(POLICY.format(name="svc", port=8443))
+    make(folder, "moved", 8443).write_text(glob_policy_text("svc", 8443))
     snapshot = PolicySource(folder, store).read()
     assert [p.name for p in snapshot.policies] == ["svc"]
     assert snapshot.policies[0].source is not None
@@ -331,7 +320,7 @@ def test_readiness_names_a_bad_file_and_counts_its_problems_without_their_text(
 ) -> None:
     """Any local user reads /readyz; a problem's text can quote what the file holds."""
     (folder / "bad.yaml").write_text(
-        POLICY.format(name="bad", port=1) + "  'root:$6$salt$hash': 1\n  other: 2\n"
+        glob_policy_text("bad", 1) + "  'root:$6$salt$hash': 1\n  other: 2\n"
     )
     secret = tmp_path / "secret"
     secret.write_text("root:$6$salt$hash:19700:0:99999:7:::\n")

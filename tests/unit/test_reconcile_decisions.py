@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from policy_builders import INTERFACES_POLICY, glob_policy_text
 
 from cgpolicy.compiler.spec import CompiledPolicy, DeviceNode
 from cgpolicy.enforcer.engine import Outcome, Planned
@@ -43,30 +44,6 @@ from cgpolicy.reconciler.versions import (
 FOLDER = Path("/etc/cgpolicy/policies.d")
 SERVICE = Owner.service()
 
-POLICY = """\
-apiVersion: cgpolicy.dev/v1
-kind: CgroupPolicy
-metadata: {{name: {name}}}
-spec:
-  targets: [{{glob: "a/*"}}]
-  sockets:
-    connect:
-      default: allow
-      rules: [{{action: deny, ports: [{port}]}}]
-"""
-
-INTERFACES = """\
-apiVersion: cgpolicy.dev/v1
-kind: CgroupPolicy
-metadata: {name: wired}
-spec:
-  targets: [{glob: "a/*"}]
-  network:
-    egress:
-      default: allow
-      rules: [{action: deny, protocol: tcp, interfaces: ["eth*"]}]
-"""
-
 
 def file_of(name: str) -> str:
     return str(FOLDER / f"{name}.yaml")
@@ -74,7 +51,7 @@ def file_of(name: str) -> str:
 
 def policies(*names: str, file: str | None = None, port: int = 443) -> list[Policy]:
     """Valid policies, each from its own file of FOLDER (or all from ``file``)."""
-    texts = [POLICY.format(name=name, port=port) for name in names]
+    texts = [glob_policy_text(name, port) for name in names]
     if file is not None:
         result = load_contents([(file, "---\n".join(texts).encode())])
     else:
@@ -174,7 +151,7 @@ def test_between_two_bad_files_the_first_by_name_keeps_a_policy_name() -> None:
 def test_each_file_is_judged_on_its_own() -> None:
     """One file's problems leave the others valid; a file not read has one problem that
     says so."""
-    good = POLICY.format(name="web", port=443).encode()
+    good = glob_policy_text("web", 443).encode()
     bad = b"apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\nmetadata: {name: x}\nspec: {}\n"
     result = load_contents([(file_of("bad"), bad), (file_of("web"), good)])
     valid, problems = judge(result, [file_of("web"), file_of("bad")], {file_of("pipe"): "a FIFO"})
@@ -374,7 +351,7 @@ class CountingCompile:
 
 
 def wired() -> Policy:
-    (policy,) = load_contents([(file_of("wired"), INTERFACES.encode())]).policies
+    (policy,) = load_contents([(file_of("wired"), INTERFACES_POLICY.encode())]).policies
     return policy
 
 

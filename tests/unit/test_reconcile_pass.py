@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from policy_builders import INTERFACES_POLICY, glob_policy_text
 
 from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.compiler.spec import CompiledPolicy
@@ -27,30 +28,6 @@ from cgpolicy.policy.model import Policy
 from cgpolicy.reconciler.decide import PassReport
 from cgpolicy.reconciler.metrics import Metrics
 from cgpolicy.reconciler.reconcile import Reconciler
-
-POLICY = """\
-apiVersion: cgpolicy.dev/v1
-kind: CgroupPolicy
-metadata: {{name: {name}}}
-spec:
-  targets: [{{glob: "{target}"}}]
-  sockets:
-    connect:
-      default: allow
-      rules: [{{action: deny, ports: [{port}]}}]
-"""
-
-INTERFACES = """\
-apiVersion: cgpolicy.dev/v1
-kind: CgroupPolicy
-metadata: {name: wired}
-spec:
-  targets: [{glob: "a/*"}]
-  network:
-    egress:
-      default: allow
-      rules: [{action: deny, protocol: tcp, interfaces: ["eth*"]}]
-"""
 
 
 class MemoryEnforcer:
@@ -145,7 +122,7 @@ def service(kernel: MemoryEnforcer, folder: Path, metrics: Metrics | None = None
 
 def write(folder: Path, name: str, port: int = 443, target: str = "a/*") -> Path:
     path = folder / f"{name}.yaml"
-    path.write_text(POLICY.format(name=name, port=port, target=target))
+    path.write_text(glob_policy_text(name, port, target))
     return path
 
 
@@ -178,7 +155,7 @@ def test_a_file_turned_invalid_keeps_what_it_enforced_as_it_was(
     reconciler = service(kernel, folder, metrics)
     reconciler.reconcile()
     before = kernel.revisions()
-    path.write_text(POLICY.format(name="web", port=443, target="a/*") + "  nonsense: 1\n")
+    path.write_text(glob_policy_text("web", 443, "a/*") + "  nonsense: 1\n")
     report = reconciler.reconcile()
     assert report.applied == [] and report.removed == [] and not report.failed
     assert kernel.revisions() == before
@@ -311,7 +288,7 @@ def test_links_changed_compiles_again_what_names_interfaces(
     kernel: MemoryEnforcer, folder: Path, compiled: list[str]
 ) -> None:
     write(folder, "web")
-    (folder / "wired.yaml").write_text(INTERFACES)
+    (folder / "wired.yaml").write_text(INTERFACES_POLICY)
     reconciler = service(kernel, folder)
     reconciler.reconcile()
     reconciler.reconcile()
