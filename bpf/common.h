@@ -269,12 +269,22 @@ struct cgp_pending {
 
 struct cgp_learned {
 	__u64 expires_ns;            /* bpf_ktime_get_coarse_ns() clock */
-	__u64 rules[CGP_DNS_SLOTS];  /* per section: the fqdns rules the answer's name matched */
+	__u64 learned_ns;            /* when the last answer for it arrived (same clock) */
+	__u64 rules[CGP_DNS_SLOTS];  /* per section: the fqdns rules the answers' names matched */
+	__u32 name_id;               /* the last answer's most specific pattern (1-based id) */
+	__u32 pad;
 };
 /* dns_names: SipHash-1-3 of a name (or of the domain of a "*." pattern) -> rules. */
 struct cgp_name_entry {
 	__u64 exact[CGP_DNS_SLOTS];    /* per section: rules naming this name */
 	__u64 wildcard[CGP_DNS_SLOTS]; /* rules whose "*." pattern has this for domain */
+	__u32 exact_name;              /* ids of the pattern texts (cgp_learned.name_id), 0: none */
+	__u32 wildcard_name;
+};
+/* dns_stats (per CPU): what learning did, for audit and metrics. */
+struct cgp_dns_stats {
+	__u64 learned; /* addresses written or refreshed */
+	__u64 full;    /* addresses not learned because `learned` was full: they stay refused */
 };
 struct cgp_dns_key {
 	__u64 k0, k1; /* drawn at random for each load; only the kernel keeps it */
@@ -289,7 +299,7 @@ struct cgp_dns_scratch {
 	__u64 rules[CGP_DNS_SLOTS];
 	__u32 labels, len, off, answers_left;
 	__u32 family; /* of the answer's packet: 4 or 6 */
-	__u32 pad;
+	__u32 name_id; /* the question's most specific matching pattern (cgp_learned.name_id) */
 };
 
 /* LPM keys: prefix length in bits, then the data in network byte order. */

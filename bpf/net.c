@@ -112,7 +112,12 @@ BPF_PERCPU_ARRAY(ratelimit, struct cgp_ratelimit, 1);
 #endif
 BPF_HASH(dns_names, __u64, struct cgp_name_entry, CGP_DNS_NAMES_MAX);
 BPF_ARRAY(dns_key, struct cgp_dns_key, 1);
-BPF_TABLE("lru_hash", struct cgp_learned_key, struct cgp_learned, learned, CGP_LEARNED_MAX);
+/* A plain hash, not an LRU: an LRU lookup costs twice as much per packet, and a full map
+ * must refuse new entries (fail closed, counted in dns_stats.full) rather than evict live
+ * ones. The service deletes expired entries. */
+BPF_F_TABLE("hash", struct cgp_learned_key, struct cgp_learned, learned, CGP_LEARNED_MAX,
+	    BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(dns_stats, struct cgp_dns_stats, 1);
 BPF_PROG_ARRAY(dns_jump, 2);
 #ifndef CGP_DNS_PENDING_MAX
 #define CGP_DNS_PENDING_MAX 1
@@ -211,6 +216,13 @@ static __always_inline __u64 cgp_cidr6_mask(const struct cgp_net_config *cfg,
 	if (addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff))
 		mask |= cgp_cidr4_mask(cfg, addr[3]);
 	return mask;
+}
+
+/* Whether some rule lists cidrs; when none does (a section of names, ports or protocols
+ * only), every address meets exactly the any_cidr rules and the lookups are skipped. */
+static __always_inline int cgp_cidr_listed(const struct cgp_net_config *cfg)
+{
+	return ((cfg->v.allow_mask | cfg->v.deny_mask) & ~(cfg->any_cidr | cfg->fqdn_rules)) != 0;
 }
 
 /* Rules whose ports contain `port` (host byte order). */
@@ -495,7 +507,10 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 		if (!cgp_load(skb, 0, &ip, sizeof(ip))) {
 			__u32 ihl = ip.ver_ihl & 0xf;
 
-			cidr_mask = cgp_cidr4_mask(cfg, egress ? ip.daddr : ip.saddr);
+			if (cgp_cidr_listed(cfg))
+				cidr_mask = cgp_cidr4_mask(cfg, egress ? ip.daddr : ip.saddr);
+			else
+				cidr_mask = cfg->any_cidr;
 			if (cfg->fqdn_rules | cfg->dns_learn)
 				cgp_mapped4(remote, egress ? ip.daddr : ip.saddr);
 			if (cfg->fqdn_rules)
@@ -510,7 +525,8 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 		struct cgp_ipv6 ip6;
 
 		if (!cgp_load(skb, 0, &ip6, sizeof(ip6))) {
-			cidr_mask = cgp_cidr6_mask(cfg, egress ? ip6.daddr : ip6.saddr);
+			cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, egress ? ip6.daddr : ip6.saddr)
+							 : cfg->any_cidr;
 			if (cfg->fqdn_rules | cfg->dns_learn)
 				__builtin_memcpy(remote, egress ? ip6.daddr : ip6.saddr, 16);
 			if (cfg->fqdn_rules)
@@ -654,10 +670,10 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 		__u32 addr[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
 				 ctx->user_ip6[3]};
 
-		cidr_mask = cgp_cidr6_mask(cfg, addr);
+		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, addr) : cfg->any_cidr;
 		__builtin_memcpy(remote, addr, 16);
 	} else {
-		cidr_mask = cgp_cidr4_mask(cfg, ctx->user_ip4);
+		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, ctx->user_ip4) : cfg->any_cidr;
 		cgp_mapped4(remote, ctx->user_ip4);
 	}
 	if (cfg->fqdn_rules)
@@ -797,6 +813,7 @@ int cgp_dns_question(struct __sk_buff *skb)
 	/* Suffix hashes right to left: the whole name finds exact rules, a proper suffix the
 	 * "*." rules of that domain. */
 	__u64 rules[CGP_DNS_SLOTS] = {};
+	__u32 name = 0;
 	struct cgp_sip suffix;
 	cgp_sip_init(&suffix, key);
 	for (int k = CGP_DNS_LABELS - 1; k >= 0; k--) {
@@ -807,16 +824,49 @@ int cgp_dns_question(struct __sk_buff *skb)
 		struct cgp_name_entry *entry = dns_names.lookup(&hashed);
 		if (!entry)
 			continue;
-		for (int slot = 0; slot < CGP_DNS_SLOTS; slot++)
-			rules[slot] |= k == 0 ? entry->exact[slot] : entry->wildcard[slot];
+		__u64 found = 0;
+		for (int slot = 0; slot < CGP_DNS_SLOTS; slot++) {
+			__u64 these = k == 0 ? entry->exact[slot] : entry->wildcard[slot];
+			rules[slot] |= these;
+			found |= these;
+		}
+		if (found) /* the longest suffix that matched, last: the most specific */
+			name = k == 0 ? entry->exact_name : entry->wildcard_name;
 	}
 	__builtin_memcpy(s->rules, rules, sizeof(rules));
+	s->name_id = name;
 	if (!(s->rules[0] | s->rules[1] | s->rules[2]))
 		return 1;
 	s->off = off + len + 1 + 4; /* past the name's root byte, qtype and qclass */
 	s->answers_left = answers < CGP_DNS_ANSWERS ? answers : CGP_DNS_ANSWERS;
 	dns_jump.call(skb, CGP_DNS_JUMP_ANSWERS);
 	return 1;
+}
+
+/* Write one learned address. An entry still live keeps the rules it had and the later
+ * expiry: an address two matching names share matches the rules of both until the last of
+ * their answers runs out. A full map learns nothing (counted): the address stays refused. */
+static __always_inline void cgp_learn(const struct cgp_learned_key *key,
+				      const struct cgp_dns_scratch *s, __u64 now, __u64 expires)
+{
+	__u32 zero = 0;
+	struct cgp_learned value = {.expires_ns = expires, .learned_ns = now, .name_id = s->name_id};
+	struct cgp_learned *live = learned.lookup(key);
+	struct cgp_dns_stats *stats = dns_stats.lookup(&zero);
+
+	__builtin_memcpy(value.rules, s->rules, sizeof(value.rules));
+	if (live && live->expires_ns > now) {
+		for (int slot = 0; slot < CGP_DNS_SLOTS; slot++)
+			value.rules[slot] |= live->rules[slot];
+		if (live->expires_ns > expires)
+			value.expires_ns = live->expires_ns;
+	}
+	if (learned.update(key, &value)) {
+		if (stats)
+			stats->full++;
+	} else if (stats) {
+		stats->learned++;
+	}
 }
 
 /* CGP_DNS_ANSWERS_PER_RUN answer records per run, then itself again. An A record is
@@ -868,9 +918,7 @@ int cgp_dns_answers(struct __sk_buff *skb)
 				ttl = cfg->min_ttl;
 			if (ttl > cfg->max_ttl)
 				ttl = cfg->max_ttl;
-			struct cgp_learned value = {.expires_ns = now + (__u64)ttl * 1000000000ULL};
-			__builtin_memcpy(value.rules, s->rules, sizeof(value.rules));
-			learned.update(&key, &value);
+			cgp_learn(&key, s, now, now + (__u64)ttl * 1000000000ULL);
 		}
 		off += rdlen;
 	}

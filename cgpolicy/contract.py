@@ -317,12 +317,22 @@ PENDING_KEY = Layout("cgp_pending_key", ("cookie", "__u64"), ("id", "__u32"), ("
 PENDING = Layout("cgp_pending", ("expires_ns", "__u64"), ("server", "__u8", 16))
 DNS_PENDING_NS = 30_000_000_000  # CGP_DNS_PENDING_NS: an answer later than this teaches nothing
 LEARNED_KEY = Layout("cgp_learned_key", ("cgroup_id", "__u64"), ("addr", "__u8", 16))
-LEARNED = Layout("cgp_learned", ("expires_ns", "__u64"), ("rules", "__u64", len(DNS_SLOTS)))
+LEARNED = Layout(
+    "cgp_learned",
+    ("expires_ns", "__u64"),  # CLOCK_MONOTONIC (bpf_ktime_get_coarse_ns)
+    ("learned_ns", "__u64"),  # when the last answer for it arrived
+    ("rules", "__u64", len(DNS_SLOTS)),
+    ("name_id", "__u32"),  # the last answer's most specific pattern: 1-based, in the policy's names
+    ("pad", "__u32"),
+)
 NAME_ENTRY = Layout(
     "cgp_name_entry",
     ("exact", "__u64", len(DNS_SLOTS)),
     ("wildcard", "__u64", len(DNS_SLOTS)),
+    ("exact_name", "__u32"),  # cgp_learned.name_id of this name, 0 if no rule names it exactly
+    ("wildcard_name", "__u32"),  # and of "*." + this name
 )
+DNS_STATS = Layout("cgp_dns_stats", ("learned", "__u64"), ("full", "__u64"))  # per CPU
 DNS_KEY = Layout("cgp_dns_key", ("k0", "__u64"), ("k1", "__u64"))
 DNS_SCRATCH = Layout(  # only the programs read it; here for its size
     "cgp_dns_scratch",
@@ -334,7 +344,7 @@ DNS_SCRATCH = Layout(  # only the programs read it; here for its size
     ("off", "__u32"),
     ("answers_left", "__u32"),
     ("family", "__u32"),
-    ("pad", "__u32"),
+    ("name_id", "__u32"),
 )
 
 # LPM trie keys: the prefix length in bits, then the data in network byte order
@@ -428,6 +438,7 @@ LAYOUTS: tuple[Layout, ...] = (
     LEARNED_KEY,
     LEARNED,
     NAME_ENTRY,
+    DNS_STATS,
     DNS_KEY,
     DNS_SCRATCH,
     LPM4_KEY,

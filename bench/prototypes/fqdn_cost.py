@@ -46,7 +46,9 @@ def main() -> None:
     learned = by_names.maps["learned"]
     for address in ADDRESSES:  # as an answer would have taught cgroup 0 (test runs have no socket)
         key = LEARNED_KEY.pack(cgroup_id=0, addr=b"\0" * 10 + b"\xff\xff" + address.packed)
-        learned.update(key, LEARNED.pack(expires_ns=(1 << 63), rules=(1, 0, 0)))
+        learned.update(
+            key, LEARNED.pack(expires_ns=(1 << 63), learned_ns=0, rules=(1, 0, 0), name_id=1, pad=0)
+        )
     print(f"{'':24s} {'match':>8s} {'miss':>8s}  ns per packet")
     for what, program in (("10,000 cidrs", by_cidrs), ("100 fqdns, 10,000 learned", by_names)):
         print(f"{what:24s} {cost(program, MATCH):8.0f} {cost(program, MISS):8.0f}")

@@ -23,6 +23,7 @@ from cgpolicy.contract import (
 )
 from cgpolicy.policy.model import (
     DeviceRule,
+    DnsSettings,
     NetworkRule,
     Policy,
     SocketAddressRule,
@@ -153,6 +154,8 @@ def revision(
             hook: found for hook, found in sorted((resolved_interfaces or {}).items()) if any(found)
         },
     }
+    if policy.dns != DnsSettings():  # likewise: only settings that differ from the defaults
+        content["dns"] = [policy.dns.min_ttl, policy.dns.max_ttl, policy.dns.max_learned]
     if device_paths:  # absent otherwise, so that revisions without path rules stay as they were
         content["device_paths"] = sorted(
             [d.path, d.action, d.node.state, d.node.numbers()] for d in device_paths

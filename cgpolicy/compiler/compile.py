@@ -14,6 +14,7 @@ from cgpolicy.compiler.canonical import RuleKeys, ordered_rules, revision
 from cgpolicy.compiler.devices import device_maps
 from cgpolicy.compiler.dns import DnsConfig, dns_programs, name_rules
 from cgpolicy.compiler.maps import program_spec
+from cgpolicy.compiler.names import pattern_ids
 from cgpolicy.compiler.network import (
     InterfaceResolver,
     interface_sets,
@@ -68,7 +69,7 @@ def compile_policy(
     index_min = CIDR4_INDEX_MIN if cidr4_index_min is None else cidr4_index_min
     policy, device_paths = bind_device_paths(policy, resolve_device)
     by_name = _name_sections(policy)
-    dns = DnsConfig(bool(by_name), policy.dns.min_ttl, policy.dns.max_ttl)
+    dns = DnsConfig(bool(by_name), policy.dns.min_ttl, policy.dns.max_ttl, policy.dns.max_learned)
     audit = policy.mode == "audit"
     programs: list[ProgramSpec] = []
     resolved: dict[str, list[list[int]]] = {}
@@ -121,11 +122,15 @@ def compile_policy(
         programs.append(program_spec("sysctl", sysctl_maps(policy.sysctl, audit, keys)))
 
     tail: tuple[ProgramSpec, ...] = ()
+    names: tuple[str, ...] = ()
     if dns.used:
         ingress = next(spec for spec in programs if spec.hook == "ingress")
         config = next(m for m in ingress.maps if m.name == "config")
         rules_by_name = name_rules({w: ordered_rules(r, keys) for w, r in by_name.items()})
-        tail = dns_programs(dns_key or secrets.token_bytes(16), rules_by_name, config)
+        tail = dns_programs(
+            dns_key or secrets.token_bytes(16), rules_by_name, config, dns.max_learned
+        )
+        names = tuple(pattern_ids(rules_by_name))
 
     return CompiledPolicy(
         name=policy.name,
@@ -136,6 +141,7 @@ def compile_policy(
         rules=rule_labels(policy, [spec.hook for spec in programs], keys, device_paths),
         device_paths=device_paths,
         dns_programs=tail,
+        names=names,
     )
 
 

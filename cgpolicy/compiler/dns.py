@@ -8,13 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cgpolicy.compiler.maps import array_map
+from cgpolicy.compiler.maps import BPF_F_NO_PREALLOC, array_map
 from cgpolicy.compiler.names import name_table
 from cgpolicy.compiler.spec import MapSpec, ProgramSpec
 from cgpolicy.contract import (
     DNS_KEY,
     DNS_SCRATCH,
     DNS_SLOTS,
+    DNS_STATS,
     LEARNED,
     LEARNED_KEY,
     NAME_ENTRY,
@@ -25,16 +26,22 @@ from cgpolicy.contract import (
 )
 from cgpolicy.policy.model import NetworkRule, SocketAddressRule
 
-LEARNED_MAX = 65536  # learned (cgroup, address) entries per policy; the oldest go first (LRU)
 QUESTION, ANSWERS = "cgp_dns_question", "cgp_dns_answers"
 
 
-def learned_map(used: bool) -> MapSpec:
+def learned_map(capacity: int = 1) -> MapSpec:
     """The (cgroup, address) -> rules map: one per policy load, shared by its programs (the
-    enforcer makes it); a 1-entry placeholder in a policy that names no fqdns."""
+    enforcer makes it from the answers program's spec); 1 entry, a placeholder, in a
+    policy that names no fqdns. Entries are allocated as answers teach them, not up front;
+    a full map learns nothing more until the service deletes expired entries."""
     return MapSpec(
-        "learned", "lru_hash", LEARNED_KEY.size, LEARNED.size, LEARNED_MAX if used else 1, 0, ()
+        "learned", "hash", LEARNED_KEY.size, LEARNED.size, capacity, BPF_F_NO_PREALLOC, ()
     )
+
+
+def stats_map() -> MapSpec:
+    """dns_stats: addresses learned, and not learned for a full map (per CPU)."""
+    return MapSpec("dns_stats", "percpu_array", U32.size, DNS_STATS.size, 1, 0, ())
 
 
 PENDING_MAX = 4096  # DNS queries waiting for their answer per policy (LRU)
@@ -70,10 +77,11 @@ def name_rules(
 
 
 def dns_programs(
-    key: bytes, rules: list[tuple[int, int, tuple[str, ...]]], config: MapSpec
+    key: bytes, rules: list[tuple[int, int, tuple[str, ...]]], config: MapSpec, max_learned: int
 ) -> tuple[ProgramSpec, ...]:
     """The question and answers programs, with the name table under ``key`` (16 random
-    bytes, drawn per load) and the ingress program's ``config`` (its TTL bounds)."""
+    bytes, drawn per load), the ingress program's ``config`` (its TTL bounds) and the
+    learned map's capacity."""
     table = name_table(key, len(DNS_SLOTS), rules)
     names = MapSpec(
         "dns_names",
@@ -83,7 +91,15 @@ def dns_programs(
         max(1, len(table)),
         0,
         tuple(
-            (U64.pack(hashed), NAME_ENTRY.pack(exact=entry.exact, wildcard=entry.wildcard))
+            (
+                U64.pack(hashed),
+                NAME_ENTRY.pack(
+                    exact=entry.exact,
+                    wildcard=entry.wildcard,
+                    exact_name=entry.exact_name,
+                    wildcard_name=entry.wildcard_name,
+                ),
+            )
             for hashed, entry in table.items()
         ),
     )
@@ -99,7 +115,8 @@ def dns_programs(
     answers = {
         "dns_scratch": scratch_map(),
         "config": config,
-        "learned": learned_map(True),
+        "learned": learned_map(max_learned),
+        "dns_stats": stats_map(),
         "dns_jump": jump_map(),
     }
     return (
@@ -121,6 +138,7 @@ class DnsConfig:
     used: bool  # some rule of the policy names fqdns
     min_ttl: int
     max_ttl: int
+    max_learned: int
 
     def fields(
         self, section: str, rules: Sequence[NetworkRule | SocketAddressRule]

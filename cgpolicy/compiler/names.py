@@ -95,10 +95,19 @@ def suffix_hashes(key: bytes, name: str) -> list[int]:
 class NameEntry:
     """What one hash matches, per section slot (contract.DNS_SLOTS): rules naming it
     exactly, and rules whose ``*.`` pattern has it for domain (matched when the hash is of
-    a proper suffix of the question name)."""
+    a proper suffix of the question name); with the ids (see pattern_ids) of the name and
+    of its ``*.`` pattern, 0 where no rule has it."""
 
     exact: tuple[int, ...]
     wildcard: tuple[int, ...]
+    exact_name: int = 0
+    wildcard_name: int = 0
+
+
+def pattern_ids(rules: Iterable[tuple[int, int, Iterable[str]]]) -> list[str]:
+    """Every distinct pattern of ``rules``, sorted: the learned map says which one matched
+    an answer by its 1-based index here (audit and explain read it back by the same rule)."""
+    return sorted({name for _, _, names in rules for name in names})
 
 
 def name_table(
@@ -106,15 +115,26 @@ def name_table(
 ) -> dict[int, NameEntry]:
     """Hash -> NameEntry for the `fqdns` of ``rules``: (section slot, rule index in its
     section, names as the model keeps them: lowercase, no trailing dot)."""
+    rules = [(slot, index, tuple(names)) for slot, index, names in rules]
+    ids = {name: number for number, name in enumerate(pattern_ids(rules), start=1)}
     exact: dict[int, list[int]] = {}
     wildcard: dict[int, list[int]] = {}
+    exact_id: dict[int, int] = {}
+    wildcard_id: dict[int, int] = {}
     for slot, index, names in rules:
         for name in names:
-            table, text = (wildcard, name[2:]) if name.startswith("*.") else (exact, name)
-            masks = table.setdefault(suffix_hashes(key, text)[0], [0] * slots)
+            wild = name.startswith("*.")
+            hashed = suffix_hashes(key, name[2:] if wild else name)[0]
+            masks = (wildcard if wild else exact).setdefault(hashed, [0] * slots)
             masks[slot] |= 1 << index
+            (wildcard_id if wild else exact_id)[hashed] = ids[name]
     none = [0] * slots
     return {
-        hashed: NameEntry(tuple(exact.get(hashed, none)), tuple(wildcard.get(hashed, none)))
+        hashed: NameEntry(
+            tuple(exact.get(hashed, none)),
+            tuple(wildcard.get(hashed, none)),
+            exact_id.get(hashed, 0),
+            wildcard_id.get(hashed, 0),
+        )
         for hashed in sorted(exact.keys() | wildcard.keys())
     }

@@ -275,7 +275,7 @@ def network_maps(
     )
     return {
         "config": config_map(config),
-        "learned": learned_map(dns.used),
+        "learned": learned_map(dns.max_learned if dns.used else 1),
         "dns_pending": pending_map(dns.used),
         **learning,
         **_cidr4_maps(v4, index_min),
@@ -314,7 +314,7 @@ def socket_address_maps(
         "config": config_map(
             _net_config(section.default, rules, audit, all_rules, all_rules, fields)
         ),
-        "learned": learned_map(dns.used),
+        "learned": learned_map(dns.max_learned if dns.used else 1),
         **_cidr4_maps(v4, index_min),
         "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),

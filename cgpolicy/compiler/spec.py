@@ -131,3 +131,10 @@ class CompiledPolicy:
     # the programs the ingress program tail-calls to learn from DNS answers (question,
     # answers), loaded with its maps; empty when no rule names fqdns
     dns_programs: tuple[ProgramSpec, ...] = ()
+    # the distinct fqdns patterns, sorted: a learned entry's name_id is a 1-based index here
+    names: tuple[str, ...] = ()
+
+    def dns_map(self, name: str) -> MapSpec:
+        """A map of the DNS programs (the one spec of the maps the enforcer makes per load
+        and shares: learned, dns_stats, ...)."""
+        return next(m for spec in self.dns_programs for m in spec.maps if m.name == name)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cgpolicy.compiler.dns import jump_map, learned_map, pending_map
+from cgpolicy.compiler.dns import pending_map
 from cgpolicy.compiler.maps import EVENTS_RING_BYTES
 from cgpolicy.compiler.spec import CompiledPolicy, RuleLabel
 from cgpolicy.contract import U32
@@ -59,6 +59,7 @@ class _Work:
     learned: Map | None = None  # with fqdns rules: addresses learned, shared likewise
     dns_pending: Map | None = None  # and the DNS queries waiting for their answers
     dns_jump: Map | None = None  # and the prog array to the DNS programs
+    dns_stats: Map | None = None  # and what learning did (learned, refused for a full map)
     dns_programs: list[LoadedProgram] = field(default_factory=list)
     new_programs: dict[str, LoadedProgram] = field(default_factory=dict)
     current_programs: dict[str, Program] = field(default_factory=dict)
@@ -69,7 +70,7 @@ class _Work:
     pinned_links: list[Path] = field(default_factory=list)  # pins of the links in `created`
 
     def close(self) -> None:
-        for shared in (self.events, self.learned, self.dns_pending, self.dns_jump):
+        for shared in (self.events, self.learned, self.dns_pending, self.dns_jump, self.dns_stats):
             if shared is not None:
                 shared.close()
         for loaded in self.dns_programs:
@@ -133,6 +134,7 @@ def apply_policy(
             devices,
             programs,
             owner=plan.owner,
+            names=list(compiled.names),
         )
         pins.write_meta(bpf_dir, meta)
     finally:
@@ -162,15 +164,17 @@ def _prepare_programs(
     shared: dict[str, Map] = {"events": work.events} if work.events is not None else {}
     if plan.reload and compiled.dns_programs:
         try:
-            work.learned = create_map(learned_map(True))
+            work.learned = create_map(compiled.dns_map("learned"))
             work.dns_pending = create_map(pending_map(True))
-            work.dns_jump = create_map(jump_map())
+            work.dns_jump = create_map(compiled.dns_map("dns_jump"))
+            work.dns_stats = create_map(compiled.dns_map("dns_stats"))
         except BpfError as error:
             raise ApplyError(f"creating the maps of DNS names failed: {error}") from error
         shared |= {
             "learned": work.learned,
             "dns_pending": work.dns_pending,
             "dns_jump": work.dns_jump,
+            "dns_stats": work.dns_stats,
         }
     for spec in compiled.programs:
         if plan.reload:
@@ -265,6 +269,7 @@ def _pin_new_programs(plan: PolicyPlan, bpf_dir: Path, work: _Work) -> None:
         (work.events, pins.EVENTS_PIN),
         (work.learned, pins.LEARNED_PIN),
         (work.dns_jump, pins.DNS_JUMP_PIN),
+        (work.dns_stats, pins.DNS_STATS_PIN),
     ):
         if shared is not None:
             _replace_pin(work, shared, folder / name, Map.from_pin)

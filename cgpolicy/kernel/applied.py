@@ -8,16 +8,28 @@ nothing is cached between calls.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cgpolicy.contract import COUNTER, DEFAULT_SLOT, MAX_RULES, RATELIMIT, U32
+from cgpolicy.contract import (
+    COUNTER,
+    DEFAULT_SLOT,
+    DNS_SLOTS,
+    DNS_STATS,
+    LEARNED,
+    LEARNED_KEY,
+    MAX_RULES,
+    RATELIMIT,
+    U32,
+)
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import CgroupLink, Map, Program, close_all
 from cgpolicy.kernel.hooks import HOOKS
-from cgpolicy.kernel.syscall import BpfError
+from cgpolicy.kernel.syscall import BPF_NOEXIST, BpfError
 from cgpolicy.kernel.trusted import check_real_folder
 
 log = logging.getLogger(__name__)
@@ -241,3 +253,102 @@ def counter_totals(applied: dict[str, AppliedPolicy]) -> dict[tuple[str, str], t
                 sum(slot["denied"] for slot in slots),
             )
     return totals
+
+
+# --- addresses learned from DNS answers (fqdns rules) ---------------------------------------
+
+
+def monotonic_ns() -> int:
+    """Now, on the clock of learned entries (the programs' bpf_ktime_get_coarse_ns)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+@dataclass(frozen=True)
+class LearnedEntry:
+    """One address a cgroup learned from a DNS answer, as the `learned` map holds it."""
+
+    cgroup_id: int
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address  # IPv4 for ::ffff:a.b.c.d
+    expires_ns: int  # monotonic_ns() clock
+    learned_ns: int  # when the last answer for it arrived
+    rules: dict[str, int]  # section (contract.DNS_SLOTS) -> mask of its fqdns rules that match
+    name: str | None  # the last answer's most specific matching pattern
+
+    def live(self, now_ns: int) -> bool:
+        return self.expires_ns > now_ns
+
+
+@dataclass(frozen=True)
+class LearnedState:
+    """A policy's learned map: its entries (expired ones included until the service deletes
+    them), its size, and what learning did since the policy was loaded."""
+
+    entries: list[LearnedEntry]
+    capacity: int
+    learned: int  # addresses written or refreshed
+    refused_full: int  # addresses not learned because the map was full (they stay refused)
+
+
+def _learned_entry(raw_key: bytes, raw_value: bytes, names: list[str]) -> LearnedEntry:
+    key, value = LEARNED_KEY.unpack_from(raw_key), LEARNED.unpack_from(raw_value)
+    address = ipaddress.IPv6Address(bytes(key["addr"]))
+    name_id = value["name_id"]
+    return LearnedEntry(
+        key["cgroup_id"],
+        address.ipv4_mapped or address,
+        value["expires_ns"],
+        value["learned_ns"],
+        {section: value["rules"][slot] for section, slot in DNS_SLOTS.items()},
+        names[name_id - 1] if 0 < name_id <= len(names) else None,
+    )
+
+
+def read_learned(applied: AppliedPolicy) -> LearnedState | None:
+    """The learned map of a policy with fqdns rules; None for one without (or while an
+    apply replaces it)."""
+    names = applied.meta.names if applied.meta else []
+    try:
+        with Map.from_pin(applied.folder / pins.LEARNED_PIN) as learned:
+            entries = [_learned_entry(k, v, names) for k, v in learned.items()]
+            capacity = learned.info.max_entries
+        with Map.from_pin(applied.folder / pins.DNS_STATS_PIN) as stats:
+            per_cpu = [DNS_STATS.unpack_from(v) for v in stats.lookup_per_cpu(_ZERO) or []]
+    except (BpfError, OSError):
+        return None
+    return LearnedState(
+        entries,
+        capacity,
+        sum(s["learned"] for s in per_cpu),
+        sum(s["full"] for s in per_cpu),
+    )
+
+
+def delete_expired_learned(applied: AppliedPolicy, now_ns: int) -> int:
+    """Delete the entries of a policy's learned map that expired before ``now_ns``: the
+    programs no longer match them, but they take room a new answer may need. How many went.
+
+    An answer may refresh an entry between the read and the delete, so each is taken (looked
+    up and deleted in one step) and put back at once if what was taken is live again; an
+    answer newer still is kept (BPF_NOEXIST)."""
+    try:
+        with Map.from_pin(applied.folder / pins.LEARNED_PIN) as learned:
+            expired = [
+                key
+                for key, value in learned.items()
+                if LEARNED.unpack_from(value)["expires_ns"] <= now_ns
+            ]
+            deleted = 0
+            for key in expired:
+                taken = learned.take(key)
+                if taken is None:
+                    continue
+                if LEARNED.unpack_from(taken)["expires_ns"] > now_ns:
+                    try:
+                        learned.update(key, taken, BPF_NOEXIST)
+                    except BpfError:
+                        pass  # the kernel wrote a newer one meanwhile, or the map is full
+                else:
+                    deleted += 1
+            return deleted
+    except (BpfError, OSError):
+        return 0

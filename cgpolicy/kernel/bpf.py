@@ -194,11 +194,18 @@ class Map(_FdObject):
         bpf(Cmd.MAP_UPDATE_ELEM, attr, self._what(key))
 
     def lookup(self, key: bytes) -> bytes | None:
+        return self._lookup(Cmd.MAP_LOOKUP_ELEM, key)
+
+    def take(self, key: bytes) -> bytes | None:
+        """Look ``key`` up and delete it in one step (a hash map); None if it was not there."""
+        return self._lookup(Cmd.MAP_LOOKUP_AND_DELETE_ELEM, key)
+
+    def _lookup(self, command: Cmd, key: bytes) -> bytes | None:
         k = self._key(key)
         out = ctypes.create_string_buffer(self._value_len)
         attr = MapElemAttr(map_fd=self.fd, key=_bytes_addr(k), value=addr(out))
         try:
-            bpf(Cmd.MAP_LOOKUP_ELEM, attr, self._what(key))
+            bpf(command, attr, self._what(key))
         except BpfError as error:
             if error.errno == errnos.ENOENT:
                 return None

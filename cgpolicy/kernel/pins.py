@@ -8,6 +8,7 @@ folder, so no state file can go stale.
     <bpf_dir>/<policy>/events                   ring buffer of deny events, shared by its programs
     <bpf_dir>/<policy>/learned                  addresses learned from DNS answers (fqdns rules)
     <bpf_dir>/<policy>/dns_jump                 the DNS programs the ingress program tail-calls
+    <bpf_dir>/<policy>/dns_stats                what learning did: addresses learned, and refused
     <bpf_dir>/<policy>/<hook>/prog              the policy's program for that hook
     <bpf_dir>/<policy>/<hook>/link-<cgroup id>  a BPF link holding that program on one cgroup
 
@@ -40,6 +41,7 @@ EVENTS_PIN = "events"
 # ingress program tail-calls through (its entries last only while it is pinned or open)
 LEARNED_PIN = "learned"
 DNS_JUMP_PIN = "dns_jump"
+DNS_STATS_PIN = "dns_stats"
 PROG_PIN = "prog"
 LINK_PREFIX = "link-"
 _META_KEY = U32.pack(0)
@@ -65,6 +67,8 @@ class PolicyMeta:
     programs: dict[str, int] = field(default_factory=dict)
     # who applied it (ownership.Owner.to_json); None in metadata from before owners
     owner: dict[str, object] | None = None
+    # the fqdns patterns (CompiledPolicy.names): what a learned entry's name_id stands for
+    names: list[str] = field(default_factory=list)
 
     def encode(self) -> bytes:
         data: dict[str, object] = {
@@ -80,6 +84,8 @@ class PolicyMeta:
             data["devices"] = self.devices
         if self.owner is not None:
             data["owner"] = self.owner
+        if self.names:
+            data["names"] = self.names
         return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
@@ -105,6 +111,9 @@ class PolicyMeta:
             devices,
             programs,
             owner if isinstance(owner := data.get("owner"), dict) else None,
+            [n for n in names if isinstance(n, str)]
+            if isinstance(names := data.get("names"), list)
+            else [],
         )
 
 
@@ -260,7 +269,7 @@ def _kind_of(name: str) -> str | None:
         return "link"
     if name == PROG_PIN:
         return "program"
-    if name in (META_PIN, EVENTS_PIN, LEARNED_PIN, DNS_JUMP_PIN):
+    if name in (META_PIN, EVENTS_PIN, LEARNED_PIN, DNS_JUMP_PIN, DNS_STATS_PIN):
         return "map"
     return None
 

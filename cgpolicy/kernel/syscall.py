@@ -56,6 +56,7 @@ class Cmd(enum.IntEnum):
     MAP_GET_FD_BY_ID = 14
     OBJ_GET_INFO_BY_FD = 15
     PROG_QUERY = 16
+    MAP_LOOKUP_AND_DELETE_ELEM = 21
     MAP_UPDATE_BATCH = 26
     LINK_CREATE = 28
     LINK_UPDATE = 29

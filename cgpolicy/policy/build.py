@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from cgpolicy.policy.model import (
+    DEFAULT_MAX_LEARNED,
     DEFAULT_MAX_TTL,
     DEFAULT_MIN_TTL,
     IP_PROTOCOLS,
@@ -179,7 +180,9 @@ def _fqdns(rule: dict[str, Any]) -> tuple[str, ...]:
 
 def _dns(settings: dict[str, Any]) -> DnsSettings:
     return DnsSettings(
-        settings.get("minTTL", DEFAULT_MIN_TTL), settings.get("maxTTL", DEFAULT_MAX_TTL)
+        settings.get("minTTL", DEFAULT_MIN_TTL),
+        settings.get("maxTTL", DEFAULT_MAX_TTL),
+        settings.get("maxLearned", DEFAULT_MAX_LEARNED),
     )
 
 

@@ -177,15 +177,18 @@ class SysctlSection:
 
 DEFAULT_MIN_TTL = 30  # seconds: an answer's TTL is raised to at least this
 DEFAULT_MAX_TTL = 3600  # and cut to at most this
+DEFAULT_MAX_LEARNED = 65536  # learned (cgroup, address) entries per policy at most
 
 
 @dataclass(frozen=True, slots=True)
 class DnsSettings:
     """How long an address learned from a DNS answer matches `fqdns` rules: the answer's
-    TTL, raised to ``min_ttl`` and cut to ``max_ttl`` (seconds)."""
+    TTL, raised to ``min_ttl`` and cut to ``max_ttl`` (seconds); and how many learned
+    addresses the policy keeps (a full map learns nothing more: it fails closed)."""
 
     min_ttl: int = DEFAULT_MIN_TTL
     max_ttl: int = DEFAULT_MAX_TTL
+    max_learned: int = DEFAULT_MAX_LEARNED
 
 
 @dataclass(frozen=True, slots=True)

@@ -165,7 +165,7 @@ def test_a_policy_naming_hosts_compiles_to_learning_and_matching(write: WriteFil
             '{action: allow, cidrs: ["10.0.0.0/8"]}',
             default="deny",
         )
-        + "dns: {minTTL: 5, maxTTL: 50}\n"
+        + "dns: {minTTL: 5, maxTTL: 50, maxLearned: 500}\n"
     )
     (policy,) = load(write, spec).policies
     key = bytes(range(16))
@@ -187,13 +187,27 @@ def test_a_policy_naming_hosts_compiles_to_learning_and_matching(write: WriteFil
     assert connect["fqdn_rules"] == rule and not connect["any_cidr"] & rule
     assert connect["dns_slot"] == 2 and not connect["dns_learn"]
     assert ingress["dns_learn"] == 1 and (ingress["min_ttl"], ingress["max_ttl"]) == (5, 50)
-    learned = [m for m in hooks["connect4"].maps if m.name == "learned"]
-    assert learned[0].max_entries > 1
+    assert compiled.dns_map("learned").max_entries == 500  # made once per load, shared
+    assert compiled.names == ("db.example",)
     question = next(p for p in compiled.dns_programs if p.function == "cgp_dns_question")
     (names,) = [m for m in question.maps if m.name == "dns_names"]
     entries = {k: NAME_ENTRY.unpack_from(v) for k, v in names.entries}
     hashed = suffix_hashes(key, "db.example")[0].to_bytes(8, "little")
     assert entries[hashed]["exact"] == (0, 0, rule)
+    assert (entries[hashed]["exact_name"], entries[hashed]["wildcard_name"]) == (1, 0)
+
+
+def test_dns_settings_are_part_of_the_revision(write: WriteFile) -> None:
+    """A changed TTL bound or capacity must reload the programs that hold it."""
+    rule = section_text("sockets.connect", "{action: allow, fqdns: [db.example]}")
+    revisions = {
+        revision(load(write, rule + extra).policies[0])
+        for extra in ("", "dns: {minTTL: 5}\n", "dns: {maxTTL: 50}\n", "dns: {maxLearned: 9}\n")
+    }
+    assert len(revisions) == 4
+    assert revision(load(write, rule + "dns: {minTTL: 30}\n").policies[0]) == revision(
+        load(write, rule).policies[0]
+    )  # the default, written out
 
 
 def test_the_name_table_splits_exact_names_from_wildcard_domains() -> None:
