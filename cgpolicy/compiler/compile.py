@@ -123,6 +123,7 @@ def compile_policy(
 
     tail: tuple[ProgramSpec, ...] = ()
     names: tuple[str, ...] = ()
+    rules_by_name: list[tuple[int, int, tuple[str, ...]]] = []
     if dns.used:
         ingress = next(spec for spec in programs if spec.hook == "ingress")
         config = next(m for m in ingress.maps if m.name == "config")
@@ -142,6 +143,7 @@ def compile_policy(
         device_paths=device_paths,
         dns_programs=tail,
         names=names,
+        name_rules=tuple(rules_by_name),
     )
 
 

@@ -138,3 +138,33 @@ def name_table(
         )
         for hashed in sorted(exact.keys() | wildcard.keys())
     }
+
+
+def surely_matched(pattern: str, fqdns: Iterable[str]) -> bool:
+    """Whether an answer whose question matched ``pattern`` (a learned entry's most specific
+    pattern) certainly matches one of ``fqdns``. For ``*.domain`` the question is only known
+    to lie under the domain, so only ``*.`` patterns of that domain or one above it are
+    certain; the rest are not carried (fail closed)."""
+    domain = pattern[2:] if pattern.startswith("*.") else None
+    for other in fqdns:
+        if other.startswith("*."):
+            above = other[2:]
+            if domain is None and pattern.endswith("." + above):
+                return True
+            if domain is not None and (domain == above or domain.endswith("." + above)):
+                return True
+        elif domain is None and other == pattern:
+            return True
+    return False
+
+
+def carried_rules(
+    pattern: str, slots: int, rules: Iterable[tuple[int, int, Iterable[str]]]
+) -> tuple[int, ...]:
+    """Per section slot, the rules of a new version of a policy that an address learned
+    under ``pattern`` by the old version matches for sure (see surely_matched)."""
+    masks = [0] * slots
+    for slot, index, names in rules:
+        if surely_matched(pattern, names):
+            masks[slot] |= 1 << index
+    return tuple(masks)

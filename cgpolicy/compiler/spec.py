@@ -133,6 +133,8 @@ class CompiledPolicy:
     dns_programs: tuple[ProgramSpec, ...] = ()
     # the distinct fqdns patterns, sorted: a learned entry's name_id is a 1-based index here
     names: tuple[str, ...] = ()
+    # (section slot, rule index, fqdns) of every rule naming fqdns (contract.DNS_SLOTS)
+    name_rules: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
 
     def dns_map(self, name: str) -> MapSpec:
         """A map of the DNS programs (the one spec of the maps the enforcer makes per load

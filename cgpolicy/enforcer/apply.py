@@ -28,10 +28,12 @@ from pathlib import Path
 
 from cgpolicy.compiler.dns import pending_map
 from cgpolicy.compiler.maps import EVENTS_RING_BYTES
+from cgpolicy.compiler.names import carried_rules, surely_matched
 from cgpolicy.compiler.spec import CompiledPolicy, RuleLabel
-from cgpolicy.contract import U32
+from cgpolicy.contract import DNS_SLOTS, LEARNED, U32
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
 from cgpolicy.kernel import pins
+from cgpolicy.kernel.applied import monotonic_ns
 from cgpolicy.kernel.bpf import CgroupLink, Map, Program
 from cgpolicy.kernel.cgroup import CgroupError, cgroup_id, open_cgroup
 from cgpolicy.kernel.hooks import hook as hook_named
@@ -170,6 +172,7 @@ def _prepare_programs(
             work.dns_stats = create_map(compiled.dns_map("dns_stats"))
         except BpfError as error:
             raise ApplyError(f"creating the maps of DNS names failed: {error}") from error
+        _carry_learned(pins.policy_dir(bpf_dir, compiled.name), compiled, work.learned)
         shared |= {
             "learned": work.learned,
             "dns_pending": work.dns_pending,
@@ -187,6 +190,46 @@ def _prepare_programs(
             work.current_programs[spec.hook] = Program.from_pin(prog_pin)
     if plan.reload and compiled.dns_programs:
         _load_dns_programs(compiled, work, shared)
+
+
+def _carry_learned(folder: Path, compiled: CompiledPolicy, learned: Map) -> None:
+    """Fill a reload's new learned map from the one it replaces, so that a policy edit does
+    not refuse addresses its workloads resolved before it: each live entry keeps its expiry
+    and matches the new version's rules that its name matches for sure
+    (names.carried_rules). Best effort: nothing carried is no worse than a first load."""
+    old_meta = pins.read_meta(folder)
+    if old_meta is None or not old_meta.names:
+        return
+    now = monotonic_ns()
+    new_ids = {name: number for number, name in enumerate(compiled.names, start=1)}
+    carried: list[tuple[int, bytes, bytes]] = []
+    try:
+        with Map.from_pin(folder / pins.LEARNED_PIN) as old:
+            for key, raw in old.items():
+                value = LEARNED.unpack_from(raw)
+                name_id = value["name_id"]
+                if value["expires_ns"] <= now or not 0 < name_id <= len(old_meta.names):
+                    continue
+                pattern = old_meta.names[name_id - 1]
+                rules = carried_rules(pattern, len(DNS_SLOTS), compiled.name_rules)
+                if not any(rules):
+                    continue
+                value.update(rules=rules, name_id=_carried_name(pattern, new_ids))
+                carried.append((value["expires_ns"], key, LEARNED.pack(**value)))
+    except (BpfError, OSError) as error:
+        log.warning("policy %s: learned addresses not carried over: %s", compiled.name, error)
+        return
+    carried.sort(reverse=True)  # the longest-lived first, should the new map be smaller
+    try:
+        learned.update_batch([(k, v) for _, k, v in carried[: learned.info.max_entries]])
+    except BpfError as error:
+        log.warning("policy %s: learned addresses not carried over: %s", compiled.name, error)
+
+
+def _carried_name(pattern: str, new_ids: dict[str, int]) -> int:
+    """The id in the new version of the most specific pattern surely matching ``pattern``."""
+    matching = [name for name in new_ids if surely_matched(pattern, [name])]
+    return new_ids[max(matching, key=len)] if matching else 0
 
 
 def _load_dns_programs(compiled: CompiledPolicy, work: _Work, shared: dict[str, Map]) -> None:

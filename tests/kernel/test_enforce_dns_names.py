@@ -6,6 +6,7 @@ port 53, as a resolver does."""
 from __future__ import annotations
 
 import ipaddress
+import re
 import json
 import socket
 import struct
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from enforcement import enforced
+from enforcement import apply_ok, enforced
 from policy_builders import policy_file
 from service import wait_until
 
@@ -188,3 +189,22 @@ def test_a_learned_address_stops_matching_when_its_ttl_runs_out(
             lambda: client(scratch_cgroup, 0, "-", "198.51.100.7")[0][2] == "EPERM", timeout=30
         )
     assert expired
+
+
+def test_a_policy_edit_keeps_what_its_workloads_resolved(
+    cgroup_root, bpf_dir, scratch_cgroup, tmp_path, responder
+) -> None:
+    """A new version of the policy (a new revision: new programs and maps) still allows an
+    address resolved under the old one, while its name is still allowed; a version that no
+    longer names it refuses it. Nothing is resolved again in between."""
+    first = names_policy(tmp_path, scratch_cgroup)
+    with enforced(cgroup_root, bpf_dir, first) as enforcer:
+        assert client(scratch_cgroup, 1, "api.test") == [["api.test", "198.51.100.7", "ok"]]
+        edited = names_policy(tmp_path, scratch_cgroup, maxTTL=600)  # another revision
+        apply_ok(enforcer, edited)
+        assert client(scratch_cgroup, 0, "-", "198.51.100.7") == [["-", "198.51.100.7", "ok"]]
+        text = re.sub(r'"api\.test",\s*', "", edited.read_text())
+        assert text != edited.read_text()
+        edited.write_text(text)
+        apply_ok(enforcer, edited)
+        assert client(scratch_cgroup, 0, "-", "198.51.100.7") == [["-", "198.51.100.7", "EPERM"]]

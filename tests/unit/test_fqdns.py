@@ -224,3 +224,29 @@ def test_the_name_table_splits_exact_names_from_wildcard_domains() -> None:
     assert suffix_hashes(key, "a.example.org")[1] == whole
     # another key, other hashes: what an attacker cannot compute without the key
     assert suffix_hashes(bytes(16), "example.org")[0] != whole
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fqdns", "certain"),
+    [
+        ("api.example.com", ["api.example.com"], True),
+        ("api.example.com", ["*.example.com"], True),
+        ("api.example.com", ["*.com"], True),
+        ("api.example.com", ["*.api.example.com", "example.com", "db.example.com"], False),
+        ("*.example.com", ["*.example.com"], True),
+        ("*.example.com", ["*.com"], True),
+        # the question lay somewhere under example.com: not certainly this name or deeper
+        ("*.example.com", ["api.example.com", "*.api.example.com", "example.com"], False),
+        ("*.example.com", ["*.ample.com"], False),
+    ],
+)
+def test_a_learned_pattern_carries_only_the_rules_it_surely_matches(
+    pattern: str, fqdns: list[str], certain: bool
+) -> None:
+    """On reload, an address learned under the old version keeps the new rules its answer
+    matched for sure; anything less certain is left out (it fails closed)."""
+    from cgpolicy.compiler.names import carried_rules, surely_matched
+
+    assert surely_matched(pattern, fqdns) is certain
+    rules = [(2, 0, ("unrelated.test",)), (2, 3, tuple(fqdns)), (0, 1, tuple(fqdns))]
+    assert carried_rules(pattern, 3, rules) == ((0b10, 0, 0b1000) if certain else (0, 0, 0))
