@@ -6,8 +6,8 @@ port 53, as a resolver does."""
 from __future__ import annotations
 
 import ipaddress
-import re
 import json
+import re
 import socket
 import struct
 import subprocess
