@@ -251,7 +251,7 @@ struct cgp_net_config {
 #define CGP_DNS_SLOTS 3
 
 struct cgp_learned_key {
-	__u64 cgroup_id; /* the cgroup of the socket the answer reached */
+	__u64 cgroup_id; /* the target cgroup at or above the socket the answer reached */
 	__u8 addr[16];   /* IPv6, or IPv4 as ::ffff:a.b.c.d */
 };
 /* A DNS query seen at egress, waiting for its answer: an answer no socket of the cgroup
@@ -280,6 +280,14 @@ struct cgp_name_entry {
 	__u64 wildcard[CGP_DNS_SLOTS]; /* rules whose "*." pattern has this for domain */
 	__u32 exact_name;              /* ids of the pattern texts (cgp_learned.name_id), 0: none */
 	__u32 wildcard_name;
+};
+/* dns_scope: where the policy's target cgroups are, so that an address learned in a cgroup
+ * below a target counts for the whole target (the key of `learned` is the target's id). */
+#define CGP_DNS_TARGET_LEVELS 8 /* distinct depths of target cgroups at most */
+struct cgp_dns_scope {
+	__u32 count;                        /* depths in use */
+	__u32 level[CGP_DNS_TARGET_LEVELS]; /* the target cgroups' depths (root: 0), deepest first */
+	__u32 pad;
 };
 /* dns_stats (per CPU): what learning did, for audit and metrics. */
 struct cgp_dns_stats {

@@ -118,6 +118,12 @@ BPF_ARRAY(dns_key, struct cgp_dns_key, 1);
 BPF_F_TABLE("hash", struct cgp_learned_key, struct cgp_learned, learned, CGP_LEARNED_MAX,
 	    BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(dns_stats, struct cgp_dns_stats, 1);
+#ifndef CGP_DNS_TARGETS_MAX
+#define CGP_DNS_TARGETS_MAX 1
+#endif
+BPF_ARRAY(dns_scope, struct cgp_dns_scope, 1);
+/* The target cgroups' ids, checked when targets lie at more than one depth. */
+BPF_F_TABLE("hash", __u64, __u32, dns_targets, CGP_DNS_TARGETS_MAX, BPF_F_NO_PREALLOC);
 BPF_PROG_ARRAY(dns_jump, 2);
 #ifndef CGP_DNS_PENDING_MAX
 #define CGP_DNS_PENDING_MAX 1
@@ -459,12 +465,40 @@ static __always_inline __u64 cgp_sip_final(struct cgp_sip s)
 	return s.v0 ^ s.v1 ^ s.v2 ^ s.v3;
 }
 
-/* The fqdns rules that `learned` holds for this cgroup and remote address, unexpired. */
+/* The target cgroup a socket lies in: the id `learned` is keyed by, so an answer that
+ * reached any cgroup below a target counts for all of it, and for no other target. The
+ * socket's cgroup on skb hooks, the task's on sock_addr hooks (skb NULL). Targets at one
+ * depth (the usual case: one path, or a glob) need one helper call; at several, the
+ * deepest ancestor that is a target. 0 (nothing learned, nothing matched) if none is. */
+static __always_inline __u64 cgp_dns_target(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct cgp_dns_scope *scope = dns_scope.lookup(&zero);
+
+	if (!scope)
+		return 0;
+	for (int i = 0; i < CGP_DNS_TARGET_LEVELS; i++) {
+		if (i >= scope->count)
+			break;
+		int level = scope->level[i];
+		__u64 id = skb ? bpf_skb_ancestor_cgroup_id(skb, level)
+			       : bpf_get_current_ancestor_cgroup_id(level);
+
+		if (id && (scope->count == 1 || dns_targets.lookup(&id)))
+			return id;
+	}
+	return 0;
+}
+
+/* The fqdns rules that `learned` holds for this target cgroup and remote address, live. */
 static __always_inline __u64 cgp_learned_rules(const struct cgp_net_config *cfg,
 					       __u64 cgroup_id, const __u8 addr[16])
 {
 	struct cgp_learned_key key = {.cgroup_id = cgroup_id};
 	struct cgp_learned *hit;
+
+	if (!cgroup_id)
+		return 0;
 
 	__builtin_memcpy(key.addr, addr, 16);
 	__u32 slot = cfg->dns_slot;
@@ -514,7 +548,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			if (cfg->fqdn_rules | cfg->dns_learn)
 				cgp_mapped4(remote, egress ? ip.daddr : ip.saddr);
 			if (cfg->fqdn_rules)
-				cidr_mask |= cgp_learned_rules(cfg, bpf_skb_cgroup_id(skb), remote);
+				cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(skb), remote);
 			l4.proto_known = 1;
 			l4.proto = ip.protocol;
 			l4.offset = ihl * 4;
@@ -530,7 +564,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			if (cfg->fqdn_rules | cfg->dns_learn)
 				__builtin_memcpy(remote, egress ? ip6.daddr : ip6.saddr, 16);
 			if (cfg->fqdn_rules)
-				cidr_mask |= cgp_learned_rules(cfg, bpf_skb_cgroup_id(skb), remote);
+				cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(skb), remote);
 			cgp_ipv6_l4(skb, ip6.nexthdr, &l4);
 		}
 	}
@@ -677,7 +711,7 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 		cgp_mapped4(remote, ctx->user_ip4);
 	}
 	if (cfg->fqdn_rules)
-		cidr_mask |= cgp_learned_rules(cfg, bpf_get_current_cgroup_id(), remote);
+		cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(NULL), remote);
 
 	/* user_port holds the port in network byte order in its low 16 bits. */
 	port = bpf_ntohs((__u16)ctx->user_port);
@@ -883,7 +917,10 @@ int cgp_dns_answers(struct __sk_buff *skb)
 	__u32 off = s->off & 0xffff;
 	__u32 left = s->answers_left;
 	__u64 now = bpf_ktime_get_coarse_ns();
-	struct cgp_learned_key key = {.cgroup_id = bpf_skb_cgroup_id(skb)};
+	struct cgp_learned_key key = {.cgroup_id = cgp_dns_target(skb)};
+
+	if (!key.cgroup_id)
+		return 1;
 
 	for (__u32 a = 0; a < CGP_DNS_ANSWERS_PER_RUN; a++) {
 		if (left == 0)

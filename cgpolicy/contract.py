@@ -333,6 +333,13 @@ NAME_ENTRY = Layout(
     ("wildcard_name", "__u32"),  # and of "*." + this name
 )
 DNS_STATS = Layout("cgp_dns_stats", ("learned", "__u64"), ("full", "__u64"))  # per CPU
+DNS_TARGET_LEVELS = 8  # CGP_DNS_TARGET_LEVELS: distinct depths of a policy's target cgroups
+DNS_SCOPE = Layout(
+    "cgp_dns_scope",
+    ("count", "__u32"),
+    ("level", "__u32", DNS_TARGET_LEVELS),  # deepest first; the root cgroup is depth 0
+    ("pad", "__u32"),
+)
 DNS_KEY = Layout("cgp_dns_key", ("k0", "__u64"), ("k1", "__u64"))
 DNS_SCRATCH = Layout(  # only the programs read it; here for its size
     "cgp_dns_scratch",
@@ -439,6 +446,7 @@ LAYOUTS: tuple[Layout, ...] = (
     LEARNED,
     NAME_ENTRY,
     DNS_STATS,
+    DNS_SCOPE,
     DNS_KEY,
     DNS_SCRATCH,
     LPM4_KEY,
@@ -472,6 +480,7 @@ C_CONSTANTS: dict[str, int] = {
     **{f"CGP_DNS_SLOT_{s.split('.')[1].upper()}": slot for s, slot in DNS_SLOTS.items()},
     "CGP_DNS_SLOTS": len(DNS_SLOTS),
     "CGP_DNS_PENDING_NS": DNS_PENDING_NS,
+    "CGP_DNS_TARGET_LEVELS": DNS_TARGET_LEVELS,
     "CGP_FAMILY_SLOTS": SOCKET_FAMILY_SLOTS,
     "CGP_TYPE_SLOTS": SOCKET_TYPE_SLOTS,
     "CGP_PROTOCOL_SLOTS": SOCKET_PROTOCOL_SLOTS,

@@ -13,6 +13,7 @@ from cgpolicy.compiler.names import name_table
 from cgpolicy.compiler.spec import MapSpec, ProgramSpec
 from cgpolicy.contract import (
     DNS_KEY,
+    DNS_SCOPE,
     DNS_SCRATCH,
     DNS_SLOTS,
     DNS_STATS,
@@ -37,6 +38,27 @@ def learned_map(capacity: int = 1) -> MapSpec:
     return MapSpec(
         "learned", "hash", LEARNED_KEY.size, LEARNED.size, capacity, BPF_F_NO_PREALLOC, ()
     )
+
+
+TARGETS_MAX = 65536  # target cgroups of one policy at most that learn (allocated as used)
+
+
+def scope_maps(used: bool) -> dict[str, MapSpec]:
+    """dns_scope (the depths of the target cgroups) and dns_targets (their ids): one pair
+    per policy load, shared by its programs and kept up to date by the enforcer as targets
+    come and go; 1-entry placeholders in a policy that names no fqdns."""
+    return {
+        "dns_scope": MapSpec("dns_scope", "array", U32.size, DNS_SCOPE.size, 1, 0, ()),
+        "dns_targets": MapSpec(
+            "dns_targets",
+            "hash",
+            U64.size,
+            U32.size,
+            TARGETS_MAX if used else 1,
+            BPF_F_NO_PREALLOC,
+            (),
+        ),
+    }
 
 
 def stats_map() -> MapSpec:
@@ -117,6 +139,7 @@ def dns_programs(
         "config": config,
         "learned": learned_map(max_learned),
         "dns_stats": stats_map(),
+        **scope_maps(True),
         "dns_jump": jump_map(),
     }
     return (

@@ -10,7 +10,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cgpolicy.compiler.canonical import RuleKeys, ordered_rules
-from cgpolicy.compiler.dns import DnsConfig, jump_map, learned_map, pending_map, scratch_map
+from cgpolicy.compiler.dns import (
+    DnsConfig,
+    jump_map,
+    learned_map,
+    pending_map,
+    scope_maps,
+    scratch_map,
+)
 from cgpolicy.compiler.maps import (
     BPF_F_NO_PREALLOC,
     array_map,
@@ -276,6 +283,7 @@ def network_maps(
     return {
         "config": config_map(config),
         "learned": learned_map(dns.max_learned if dns.used else 1),
+        **scope_maps(dns.used),
         "dns_pending": pending_map(dns.used),
         **learning,
         **_cidr4_maps(v4, index_min),
@@ -315,6 +323,7 @@ def socket_address_maps(
             _net_config(section.default, rules, audit, all_rules, all_rules, fields)
         ),
         "learned": learned_map(dns.max_learned if dns.used else 1),
+        **scope_maps(dns.used),
         **_cidr4_maps(v4, index_min),
         "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),

@@ -26,18 +26,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cgpolicy.compiler.dns import pending_map
 from cgpolicy.compiler.maps import EVENTS_RING_BYTES
-from cgpolicy.compiler.names import carried_rules, surely_matched
 from cgpolicy.compiler.spec import CompiledPolicy, RuleLabel
-from cgpolicy.contract import DNS_SLOTS, LEARNED, U32
-from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
+from cgpolicy.contract import U32
+from cgpolicy.enforcer.dns import (
+    DnsError,
+    DnsMaps,
+    carry_learned,
+    check_hierarchy_root,
+    publish_targets,
+)
+from cgpolicy.enforcer.plan import GONE, Action, PolicyPlan, Step
 from cgpolicy.kernel import pins
-from cgpolicy.kernel.applied import monotonic_ns
 from cgpolicy.kernel.bpf import CgroupLink, Map, Program
 from cgpolicy.kernel.cgroup import CgroupError, cgroup_id, open_cgroup
 from cgpolicy.kernel.hooks import hook as hook_named
-from cgpolicy.kernel.loader import LoadedProgram, LoaderError, create_map, load_program
+from cgpolicy.kernel.loader import LoadedProgram, LoaderError, load_program
 from cgpolicy.kernel.syscall import BpfError, MapType
 
 log = logging.getLogger(__name__)
@@ -58,10 +62,10 @@ class _Swap:
 @dataclass
 class _Work:
     events: Map | None = None  # the new programs' shared ring buffer of deny events
-    learned: Map | None = None  # with fqdns rules: addresses learned, shared likewise
-    dns_pending: Map | None = None  # and the DNS queries waiting for their answers
-    dns_jump: Map | None = None  # and the prog array to the DNS programs
-    dns_stats: Map | None = None  # and what learning did (learned, refused for a full map)
+    dns: DnsMaps | None = None  # with fqdns rules: the new programs' shared DNS maps
+    # and where the target cgroups are published: dns_scope and dns_targets, of the new
+    # load or (opened here) of the current one
+    scope: tuple[Map, Map] | None = None
     dns_programs: list[LoadedProgram] = field(default_factory=list)
     new_programs: dict[str, LoadedProgram] = field(default_factory=dict)
     current_programs: dict[str, Program] = field(default_factory=dict)
@@ -72,9 +76,13 @@ class _Work:
     pinned_links: list[Path] = field(default_factory=list)  # pins of the links in `created`
 
     def close(self) -> None:
-        for shared in (self.events, self.learned, self.dns_pending, self.dns_jump, self.dns_stats):
-            if shared is not None:
-                shared.close()
+        if self.events is not None:
+            self.events.close()
+        if self.dns is not None:
+            self.dns.close()
+        elif self.scope is not None:
+            for opened in self.scope:
+                opened.close()
         for loaded in self.dns_programs:
             loaded.close()
         for loaded in self.new_programs.values():
@@ -112,15 +120,20 @@ def apply_policy(
         raise ApplyError("; ".join(plan.problems))
     work = _Work()
     try:
-        _prepare_programs(plan, compiled, bpf_dir, work)
+        _prepare_programs(plan, compiled, cgroup_root, bpf_dir, work)
         try:
+            _publish_targets(plan, work, with_old=True)
             _pin_new_programs(plan, bpf_dir, work)
             _switch_links(plan, compiled, cgroup_root, bpf_dir, work)
             _pin_new_links(plan, bpf_dir, work)
-        except (BpfError, OSError) as error:
+        except (BpfError, OSError, DnsError) as error:
             _roll_back(work)
             raise ApplyError(f"attaching failed, previous state restored: {error}") from error
         _detach_unwanted(plan, bpf_dir, {spec.hook for spec in compiled.programs})
+        try:
+            _publish_targets(plan, work, with_old=False)
+        except (BpfError, DnsError) as error:  # the old targets stay listed: nothing opens
+            log.warning("policy %s: target cgroups not updated: %s", plan.name, error)
         cgroups = {s.cgroup_id: s.cgroup for s in plan.steps if s.action is not Action.DETACH}
         rules = {hook: [_label(label) for label in labels] for hook, labels in compiled.rules}
         devices = [device.to_json() for device in compiled.device_paths]
@@ -154,6 +167,7 @@ def _label(label: RuleLabel) -> dict[str, object]:
 def _prepare_programs(
     plan: PolicyPlan,
     compiled: CompiledPolicy,
+    cgroup_root: Path,
     bpf_dir: Path,
     work: _Work,
 ) -> None:
@@ -164,21 +178,10 @@ def _prepare_programs(
         except BpfError as error:
             raise ApplyError(f"creating the deny event ring buffer failed: {error}") from error
     shared: dict[str, Map] = {"events": work.events} if work.events is not None else {}
-    if plan.reload and compiled.dns_programs:
-        try:
-            work.learned = create_map(compiled.dns_map("learned"))
-            work.dns_pending = create_map(pending_map(True))
-            work.dns_jump = create_map(compiled.dns_map("dns_jump"))
-            work.dns_stats = create_map(compiled.dns_map("dns_stats"))
-        except BpfError as error:
-            raise ApplyError(f"creating the maps of DNS names failed: {error}") from error
-        _carry_learned(pins.policy_dir(bpf_dir, compiled.name), compiled, work.learned)
-        shared |= {
-            "learned": work.learned,
-            "dns_pending": work.dns_pending,
-            "dns_jump": work.dns_jump,
-            "dns_stats": work.dns_stats,
-        }
+    if compiled.dns_programs:
+        _prepare_dns(plan, compiled, cgroup_root, bpf_dir, work)
+        if work.dns is not None:
+            shared |= work.dns.shared()
     for spec in compiled.programs:
         if plan.reload:
             try:
@@ -192,44 +195,41 @@ def _prepare_programs(
         _load_dns_programs(compiled, work, shared)
 
 
-def _carry_learned(folder: Path, compiled: CompiledPolicy, learned: Map) -> None:
-    """Fill a reload's new learned map from the one it replaces, so that a policy edit does
-    not refuse addresses its workloads resolved before it: each live entry keeps its expiry
-    and matches the new version's rules that its name matches for sure
-    (names.carried_rules). Best effort: nothing carried is no worse than a first load."""
-    old_meta = pins.read_meta(folder)
-    if old_meta is None or not old_meta.names:
-        return
-    now = monotonic_ns()
-    new_ids = {name: number for number, name in enumerate(compiled.names, start=1)}
-    carried: list[tuple[int, bytes, bytes]] = []
+def _prepare_dns(
+    plan: PolicyPlan, compiled: CompiledPolicy, cgroup_root: Path, bpf_dir: Path, work: _Work
+) -> None:
+    """The DNS maps: new ones for a new load, filled from the old load's learned map;
+    otherwise the current load's scope maps, for the targets to come and go."""
+    folder = pins.policy_dir(bpf_dir, compiled.name)
     try:
-        with Map.from_pin(folder / pins.LEARNED_PIN) as old:
-            for key, raw in old.items():
-                value = LEARNED.unpack_from(raw)
-                name_id = value["name_id"]
-                if value["expires_ns"] <= now or not 0 < name_id <= len(old_meta.names):
-                    continue
-                pattern = old_meta.names[name_id - 1]
-                rules = carried_rules(pattern, len(DNS_SLOTS), compiled.name_rules)
-                if not any(rules):
-                    continue
-                value.update(rules=rules, name_id=_carried_name(pattern, new_ids))
-                carried.append((value["expires_ns"], key, LEARNED.pack(**value)))
-    except (BpfError, OSError) as error:
-        log.warning("policy %s: learned addresses not carried over: %s", compiled.name, error)
-        return
-    carried.sort(reverse=True)  # the longest-lived first, should the new map be smaller
-    try:
-        learned.update_batch([(k, v) for _, k, v in carried[: learned.info.max_entries]])
-    except BpfError as error:
-        log.warning("policy %s: learned addresses not carried over: %s", compiled.name, error)
+        check_hierarchy_root(cgroup_root)
+        if plan.reload:
+            work.dns = DnsMaps.create(compiled)
+            carry_learned(folder, compiled, work.dns.learned)
+            work.scope = (work.dns.dns_scope, work.dns.dns_targets)
+        else:
+            scope = Map.from_pin(folder / pins.DNS_SCOPE_PIN)
+            try:
+                work.scope = (scope, Map.from_pin(folder / pins.DNS_TARGETS_PIN))
+            except BaseException:
+                scope.close()
+                raise
+    except (DnsError, CgroupError, BpfError, OSError) as error:
+        raise ApplyError(str(error)) from error
 
 
-def _carried_name(pattern: str, new_ids: dict[str, int]) -> int:
-    """The id in the new version of the most specific pattern surely matching ``pattern``."""
-    matching = [name for name in new_ids if surely_matched(pattern, [name])]
-    return new_ids[max(matching, key=len)] if matching else 0
+def _publish_targets(plan: PolicyPlan, work: _Work, *, with_old: bool) -> None:
+    """The target cgroups the DNS programs key learned addresses by (enforcer/dns.py)."""
+    if work.scope is None:
+        return
+    wanted = {s.cgroup_id: s.cgroup for s in plan.steps if s.action is not Action.DETACH}
+    if with_old:  # a cgroup gone meanwhile has no path, and no socket either
+        wanted |= {
+            s.cgroup_id: s.cgroup
+            for s in plan.steps
+            if s.action is Action.DETACH and s.cgroup != GONE
+        }
+    publish_targets(*work.scope, wanted)
 
 
 def _load_dns_programs(compiled: CompiledPolicy, work: _Work, shared: dict[str, Map]) -> None:
@@ -238,13 +238,13 @@ def _load_dns_programs(compiled: CompiledPolicy, work: _Work, shared: dict[str, 
     ingress = work.new_programs["ingress"]
     with_ingress = {**shared, "dns_scratch": ingress.maps["dns_scratch"]}
     with_ingress["config"] = ingress.maps["config"]
-    assert work.dns_jump is not None
+    assert work.dns is not None
     try:
         for spec in compiled.dns_programs:
             loaded = load_program(spec, shared_maps=with_ingress)
             work.dns_programs.append(loaded)
         for slot, loaded in enumerate(work.dns_programs):  # dns_programs: question, answers
-            work.dns_jump.update(U32.pack(slot), U32.pack(loaded.program.fd))
+            work.dns.dns_jump.update(U32.pack(slot), U32.pack(loaded.program.fd))
     except (LoaderError, BpfError) as error:
         raise ApplyError(f"loading the DNS programs failed: {error}") from error
 
@@ -308,14 +308,10 @@ def _pin_new_programs(plan: PolicyPlan, bpf_dir: Path, work: _Work) -> None:
     the metadata is written, pins and metadata disagree, which is what makes an apply
     killed in between an *interrupted* one (kernel/applied.py), whichever links had moved."""
     folder = pins.policy_dir(bpf_dir, plan.name)
-    for shared, name in (
-        (work.events, pins.EVENTS_PIN),
-        (work.learned, pins.LEARNED_PIN),
-        (work.dns_jump, pins.DNS_JUMP_PIN),
-        (work.dns_stats, pins.DNS_STATS_PIN),
-    ):
-        if shared is not None:
-            _replace_pin(work, shared, folder / name, Map.from_pin)
+    shared = [(work.events, pins.EVENTS_PIN)] if work.events is not None else []
+    shared += work.dns.pinned() if work.dns is not None else []
+    for map_, name in shared:
+        _replace_pin(work, map_, folder / name, Map.from_pin)
     for hook, loaded in work.new_programs.items():
         path = pins.hook_dir(bpf_dir, plan.name, hook) / pins.PROG_PIN
         _replace_pin(work, loaded.program, path, Program.from_pin)

@@ -21,12 +21,15 @@ class Action(StrEnum):
     KEEP = "keep"
 
 
+GONE = "<gone>"  # the path of a cgroup that no longer exists
+
+
 @dataclass(frozen=True)
 class Step:
     action: Action
     hook: str
     cgroup_id: int
-    cgroup: str  # relative path, or "<gone>" when unknown
+    cgroup: str  # relative path, or GONE when unknown
 
     def describe(self) -> str:
         return f"{self.action.value} {self.hook} on {self.cgroup}"
@@ -179,5 +182,5 @@ def _unwanted_links(
     for hook, current in applied.hooks.items():
         for cgroup_id in current.links:
             if hook not in hooks or cgroup_id not in wanted:
-                steps.append(Step(Action.DETACH, hook, cgroup_id, known.get(cgroup_id, "<gone>")))
+                steps.append(Step(Action.DETACH, hook, cgroup_id, known.get(cgroup_id, GONE)))
     return steps

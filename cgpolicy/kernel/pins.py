@@ -9,6 +9,7 @@ folder, so no state file can go stale.
     <bpf_dir>/<policy>/learned                  addresses learned from DNS answers (fqdns rules)
     <bpf_dir>/<policy>/dns_jump                 the DNS programs the ingress program tail-calls
     <bpf_dir>/<policy>/dns_stats                what learning did: addresses learned, and refused
+    <bpf_dir>/<policy>/dns_scope, dns_targets   the depths and ids of its target cgroups
     <bpf_dir>/<policy>/<hook>/prog              the policy's program for that hook
     <bpf_dir>/<policy>/<hook>/link-<cgroup id>  a BPF link holding that program on one cgroup
 
@@ -42,6 +43,8 @@ EVENTS_PIN = "events"
 LEARNED_PIN = "learned"
 DNS_JUMP_PIN = "dns_jump"
 DNS_STATS_PIN = "dns_stats"
+DNS_SCOPE_PIN = "dns_scope"
+DNS_TARGETS_PIN = "dns_targets"
 PROG_PIN = "prog"
 LINK_PREFIX = "link-"
 _META_KEY = U32.pack(0)
@@ -263,13 +266,24 @@ class PinnedObject:
     object_id: int
 
 
+MAP_PINS = (
+    META_PIN,
+    EVENTS_PIN,
+    LEARNED_PIN,
+    DNS_JUMP_PIN,
+    DNS_STATS_PIN,
+    DNS_SCOPE_PIN,
+    DNS_TARGETS_PIN,
+)
+
+
 def _kind_of(name: str) -> str | None:
     name = name.removesuffix("_new")  # a temporary pin of pin_replacing
     if name.startswith(LINK_PREFIX):
         return "link"
     if name == PROG_PIN:
         return "program"
-    if name in (META_PIN, EVENTS_PIN, LEARNED_PIN, DNS_JUMP_PIN, DNS_STATS_PIN):
+    if name in MAP_PINS:
         return "map"
     return None
 

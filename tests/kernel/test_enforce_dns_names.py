@@ -13,7 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -91,12 +91,17 @@ def client(cgroup, rounds: int, template: str = "-", *addresses: str) -> list[li
     return json.loads(done.stdout)
 
 
-def names_policy(tmp_path: Path, scratch_cgroup, **dns: int) -> Path:
+def names_policy(
+    tmp_path: Path, scratch_cgroup, targets: Sequence[dict[str, str]] = (), **dns: int
+) -> Path:
+    """Connects allowed to the responder, and by name to api.test and *.race.test; on the
+    scratch cgroup unless ``targets`` (as the policy writes them) are given."""
     return policy_file(
         tmp_path,
         "names",
         [scratch_cgroup.relative],
         {
+            **({"targets": list(targets)} if targets else {}),
             **({"dns": dns} if dns else {}),
             "sockets": {
                 "connect": {
@@ -132,13 +137,39 @@ def test_an_address_is_allowed_only_after_an_answer_for_its_name(
         ]
 
 
-def test_learned_addresses_belong_to_the_cgroup_that_resolved(
+def test_learned_addresses_belong_to_the_target_cgroup_that_resolved(
     cgroup_root, bpf_dir, scratch_cgroup, tmp_path, responder
 ) -> None:
+    """Two targets of one policy (a glob): an answer that reached a cgroup below the first
+    counts for all of the first target (a sibling below it connects), never for the second."""
     first, second = scratch_cgroup.child("first"), scratch_cgroup.child("second")
-    with enforced(cgroup_root, bpf_dir, names_policy(tmp_path, scratch_cgroup)):
-        assert client(first, 1, "api.test") == [["api.test", "198.51.100.7", "ok"]]
+    resolver, worker = first.child("resolver"), first.child("worker")
+    policy = names_policy(
+        tmp_path, scratch_cgroup, targets=[{"glob": f"{scratch_cgroup.relative}/*"}]
+    )
+    with enforced(cgroup_root, bpf_dir, policy):
+        assert client(resolver, 1, "api.test") == [["api.test", "198.51.100.7", "ok"]]
+        assert client(worker, 0, "-", "198.51.100.7") == [["-", "198.51.100.7", "ok"]]
+        assert client(first, 0, "-", "198.51.100.7") == [["-", "198.51.100.7", "ok"]]
         assert client(second, 0, "-", "198.51.100.7") == [["-", "198.51.100.7", "EPERM"]]
+
+
+def test_targets_at_several_depths_each_keep_their_own(
+    cgroup_root, bpf_dir, scratch_cgroup, tmp_path, responder
+) -> None:
+    """Targets at two depths (one below a cgroup that is no target, one not): each learns
+    for itself, and a cgroup below the shallow one counts as it."""
+    shallow, deep = scratch_cgroup.child("shallow"), scratch_cgroup.child("outer").child("deep")
+    policy = names_policy(
+        tmp_path, scratch_cgroup, targets=[{"path": shallow.relative}, {"path": deep.relative}]
+    )
+    with enforced(cgroup_root, bpf_dir, policy):
+        assert client(deep, 1, "api.test") == [["api.test", "198.51.100.7", "ok"]]
+        assert client(shallow, 0, "-", "198.51.100.7") == [["-", "198.51.100.7", "EPERM"]]
+        assert client(shallow, 1, "api.test") == [["api.test", "198.51.100.7", "ok"]]
+        # as deep as `deep` but below `shallow`, which is its target
+        inner = shallow.child("inner")
+        assert client(inner, 0, "-", "198.51.100.7") == [["-", "198.51.100.7", "ok"]]
 
 
 def test_a_thousand_lookups_then_connects_are_never_refused(

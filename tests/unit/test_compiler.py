@@ -309,6 +309,8 @@ def test_sockets_programs_and_maps() -> None:
     assert {m.name for m in hooks["connect4"].maps} == {
         "config",
         "learned",  # addresses DNS answers gave (fqdns rules), a 1-entry placeholder here
+        "dns_scope",  # and the target cgroups they are learned for, placeholders too
+        "dns_targets",
         "cidr4",
         "cidr4_idx",
         "cidr4_long",
@@ -320,6 +322,8 @@ def test_sockets_programs_and_maps() -> None:
         *events,
         "config",
         "learned",
+        "dns_scope",
+        "dns_targets",
         "cidr4",
         "cidr4_idx",
         "cidr4_long",
