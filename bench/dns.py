@@ -183,7 +183,8 @@ def learned_for(learned: Map, cgroup: int) -> tuple[set[int], int]:
         if k["cgroup_id"] != cgroup:
             continue
         entries += 1
-        if LEARNED.unpack_from(value)["expires_ns"] > now:
+        expires = LEARNED.unpack_from(value).get("expires_ns")  # the layout is changing
+        if expires is None or expires > now:
             address = ipaddress.IPv6Address(bytes(k["addr"]))
             if address.ipv4_mapped is not None:
                 live.add(int(address.ipv4_mapped))
