@@ -1,4 +1,4 @@
-"""python -m bench [--output FILE] [--quick]"""
+"""python -m bench [--output FILE] [--quick] [--only NAME ...]"""
 
 from __future__ import annotations
 
@@ -9,17 +9,33 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from bench import enforce, reconcile, startup, validate, verdict
+from bench import dns, enforce, reconcile, startup, validate, verdict
 from bench.figures import Figure, Report
 from bench.scratch import remove_top_folders
+
+BENCHMARKS: dict[str, Callable[[Report, bool], None]] = {
+    "startup": startup.run,  # first: whole commands, before this process grows
+    "validate": validate.run,
+    "verdict": verdict.run,
+    "enforce": enforce.run,
+    "reconcile": reconcile.run,
+    "dns": dns.run,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--output", type=Path, help="write the figures as JSON here")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=list(BENCHMARKS),
+        help="run only this benchmark (repeatable); default: all, in this order",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root (bpf(), cgroupfs, bpffs)", file=sys.stderr)
@@ -29,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     report.params.update(
         {
             "quick": args.quick,
+            "only": args.only,
             "kernel": platform.release(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -37,11 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.perf_counter()
     try:
-        startup.run(report, args.quick)  # first: whole commands, before this process grows
-        validate.run(report, args.quick)
-        verdict.run(report, args.quick)
-        enforce.run(report, args.quick)
-        reconcile.run(report, args.quick)
+        for name, benchmark in BENCHMARKS.items():
+            if args.only is None or name in args.only:
+                benchmark(report, args.quick)
     finally:
         remove_top_folders()
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

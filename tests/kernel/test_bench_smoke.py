@@ -66,26 +66,68 @@ FIGURES = {
     "peak_rss_mib",
 }
 
+DNS_FIGURES = {
+    *(
+        f"dns_verdict_ns.ipv4.{outcome}.{how}"
+        for outcome in ("match", "miss")
+        for how in ("cidrs", "fqdns")
+    ),
+    "dns_verdict_delta_ns.ipv4.match",
+    "dns_verdict_delta_ns.ipv4.miss",
+    *(f"dns_latency_{p}_us.{side}" for p in ("p50", "p99") for side in ("none", "policy")),
+    "dns_latency_added_p99_us",
+    "dns_program_ns.query",
+    "dns_program_ns.answer",
+    "dns_sustained_answered",
+    "dns_sustained_learned",
+    "dns_sustained_lost",
+    "dns_sustained_learned_per_s",
+    "dns_learned_entry_bytes",
+    "dns_learned_map_mib",
+}
+FIGURES |= DNS_FIGURES
 
-def test_quick_bench_writes_every_figure(cgroup_root, tmp_path):
+
+def run_quick_bench(tmp_path: Path, *only: str) -> tuple[dict, int]:
+    """``python -m bench --quick`` (``--only`` each of ``only``): its results and pid."""
     output = tmp_path / "results.json"
+    command = [sys.executable, "-m", "bench", "--quick", "--output", str(output)]
+    for name in only:
+        command += ["--only", name]
     bench = subprocess.Popen(
-        [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     stdout, stderr = bench.communicate(timeout=600)
     assert bench.returncode == 0, stderr or stdout
-    results = json.loads(output.read_text())
-    assert set(results["figures"]) == FIGURES
+    return json.loads(output.read_text()), bench.pid
+
+
+def assert_figures(results: dict, expected: set[str]) -> None:
+    assert set(results["figures"]) == expected
     for key, figure in results["figures"].items():
         assert figure["value"] is not None, key
         assert set(figure) == {"value", "unit", "what", "target", "pass", "note"}, key
     assert results["params"]["quick"] is True
-    # everything it made is gone again
-    assert not (cgroup_root / f"cgpolicy-bench-{bench.pid}").exists()
+
+
+def assert_removed(cgroup_root: Path, pid: int) -> None:
+    """Everything the bench process made is gone again."""
+    assert not (cgroup_root / f"cgpolicy-bench-{pid}").exists()
     bpffs = find_bpffs()
     assert bpffs is not None
-    assert not (bpffs / f"cgpolicy-bench-{bench.pid}").exists()
+    assert not (bpffs / f"cgpolicy-bench-{pid}").exists()
+
+
+def test_quick_bench_writes_every_figure(cgroup_root, tmp_path):
+    results, pid = run_quick_bench(tmp_path)
+    assert_figures(results, FIGURES)
+    assert_removed(cgroup_root, pid)
+
+
+def test_quick_dns_bench_writes_its_figures(cgroup_root, tmp_path):
+    """The DNS names benchmark alone (``--only dns``): its responder, clients, policies and
+    cgroups, end to end; only that every figure comes out, never its value."""
+    results, pid = run_quick_bench(tmp_path, "dns")
+    assert_figures(results, DNS_FIGURES | {"peak_rss_mib"})
+    assert results["params"]["only"] == ["dns"]
+    assert_removed(cgroup_root, pid)
