@@ -49,12 +49,12 @@ from bench import packets, policies
 from bench.dns_peers import BASE, PER_ANSWER
 from bench.figures import Figure, Report
 from bench.scratch import Scratch
-from cgpolicy.compiler.dns import LEARNED_MAX
 from cgpolicy.contract import LEARNED, LEARNED_KEY
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import Map, Program, close_all
 from cgpolicy.kernel.cgroup import cgroup_id, join_cgroup
 from cgpolicy.kernel.syscall import enable_run_time_stats
+from cgpolicy.policy.model import DEFAULT_MAX_LEARNED
 
 REPO = Path(__file__).resolve().parents[1]
 DELTA_TARGET_NS = 20.0
@@ -183,8 +183,7 @@ def learned_for(learned: Map, cgroup: int) -> tuple[set[int], int]:
         if k["cgroup_id"] != cgroup:
             continue
         entries += 1
-        expires = LEARNED.unpack_from(value).get("expires_ns")  # the layout is changing
-        if expires is None or expires > now:
+        if LEARNED.unpack_from(value)["expires_ns"] > now:
             address = ipaddress.IPv6Address(bytes(k["addr"]))
             if address.ipv4_mapped is not None:
                 live.add(int(address.ipv4_mapped))
@@ -483,6 +482,6 @@ def _memory(report: Report, empty: int, filled: int, entries: int, max_entries: 
             full / (1 << 20),
             "MiB",
             f"kernel memory of one policy's learned map at full size ({max_entries:,} "
-            f"entries, compiler/dns.py LEARNED_MAX = {LEARNED_MAX:,}); one per policy load",
+            f"entries; spec.dns.maxLearned, default {DEFAULT_MAX_LEARNED:,}); one per policy load",
         )
     )
