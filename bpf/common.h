@@ -289,6 +289,11 @@ struct cgp_dns_scope {
 	__u32 level[CGP_DNS_TARGET_LEVELS]; /* the target cgroups' depths (root: 0), deepest first */
 	__u32 pad;
 };
+/* dns_clock (per CPU, per program): bpf_ktime_get_coarse_ns() as read at `jiffies`. */
+struct cgp_clock {
+	__u64 jiffies;
+	__u64 ns;
+};
 /* dns_stats (per CPU): what learning did, for audit and metrics. */
 struct cgp_dns_stats {
 	__u64 learned; /* addresses written or refreshed */

@@ -333,6 +333,7 @@ NAME_ENTRY = Layout(
     ("wildcard_name", "__u32"),  # and of "*." + this name
 )
 DNS_STATS = Layout("cgp_dns_stats", ("learned", "__u64"), ("full", "__u64"))  # per CPU
+CLOCK = Layout("cgp_clock", ("jiffies", "__u64"), ("ns", "__u64"))  # dns_clock, per CPU
 DNS_TARGET_LEVELS = 8  # CGP_DNS_TARGET_LEVELS: distinct depths of a policy's target cgroups
 DNS_SCOPE = Layout(
     "cgp_dns_scope",
@@ -447,6 +448,7 @@ LAYOUTS: tuple[Layout, ...] = (
     NAME_ENTRY,
     DNS_STATS,
     DNS_SCOPE,
+    CLOCK,
     DNS_KEY,
     DNS_SCRATCH,
     LPM4_KEY,

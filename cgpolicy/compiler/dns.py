@@ -12,6 +12,7 @@ from cgpolicy.compiler.maps import BPF_F_NO_PREALLOC, array_map
 from cgpolicy.compiler.names import name_table
 from cgpolicy.compiler.spec import MapSpec, ProgramSpec
 from cgpolicy.contract import (
+    CLOCK,
     DNS_KEY,
     DNS_SCOPE,
     DNS_SCRATCH,
@@ -43,11 +44,13 @@ def learned_map(capacity: int = 1) -> MapSpec:
 TARGETS_MAX = 65536  # target cgroups of one policy at most that learn (allocated as used)
 
 
-def scope_maps(used: bool) -> dict[str, MapSpec]:
-    """dns_scope (the depths of the target cgroups) and dns_targets (their ids): one pair
-    per policy load, shared by its programs and kept up to date by the enforcer as targets
-    come and go; 1-entry placeholders in a policy that names no fqdns."""
+def lookup_maps(used: bool) -> dict[str, MapSpec]:
+    """What a program needs to look learned addresses up: dns_scope (the depths of the
+    target cgroups) and dns_targets (their ids), one pair per policy load, shared by its
+    programs and kept up to date by the enforcer as targets come and go (1-entry
+    placeholders in a policy that names no fqdns); and the program's own dns_clock."""
     return {
+        "dns_clock": MapSpec("dns_clock", "percpu_array", U32.size, CLOCK.size, 1, 0, ()),
         "dns_scope": MapSpec("dns_scope", "array", U32.size, DNS_SCOPE.size, 1, 0, ()),
         "dns_targets": MapSpec(
             "dns_targets",
@@ -139,7 +142,7 @@ def dns_programs(
         "config": config,
         "learned": learned_map(max_learned),
         "dns_stats": stats_map(),
-        **scope_maps(True),
+        **{n: m for n, m in lookup_maps(True).items() if n != "dns_clock"},  # reads ktime
         "dns_jump": jump_map(),
     }
     return (

@@ -14,8 +14,8 @@ from cgpolicy.compiler.dns import (
     DnsConfig,
     jump_map,
     learned_map,
+    lookup_maps,
     pending_map,
-    scope_maps,
     scratch_map,
 )
 from cgpolicy.compiler.maps import (
@@ -283,7 +283,7 @@ def network_maps(
     return {
         "config": config_map(config),
         "learned": learned_map(dns.max_learned if dns.used else 1),
-        **scope_maps(dns.used),
+        **lookup_maps(dns.used),
         "dns_pending": pending_map(dns.used),
         **learning,
         **_cidr4_maps(v4, index_min),
@@ -323,7 +323,7 @@ def socket_address_maps(
             _net_config(section.default, rules, audit, all_rules, all_rules, fields)
         ),
         "learned": learned_map(dns.max_learned if dns.used else 1),
-        **scope_maps(dns.used),
+        **lookup_maps(dns.used),
         **_cidr4_maps(v4, index_min),
         "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
