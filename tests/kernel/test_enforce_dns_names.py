@@ -30,7 +30,7 @@ def connect_policy(
     servers: list[str],
     rules: list[dict[str, Any]],
     dns_protocol: str = "udp",
-    **dns_ttl: int,
+    dns_ttl: dict[str, int] | None = None,
 ) -> Path:
     """sockets.connect, default deny: DNS to ``servers`` (port 53, ``dns_protocol``) by
     address, and ``rules`` after it."""
@@ -54,7 +54,7 @@ def cidr(address: str) -> str:
 
 def names_policy(tmp_path: Path, cgroup, server: Responder, **dns_ttl: int) -> Path:
     rules = [{"action": "allow", "fqdns": ["api.test", "*.race.test", "v6.test", "dual.test"]}]
-    return connect_policy(tmp_path, [cgroup.relative], [server.address], rules, **dns_ttl)
+    return connect_policy(tmp_path, [cgroup.relative], [server.address], rules, dns_ttl=dns_ttl)
 
 
 def resolve(cgroup, server: Responder, *names: str, **options: Any) -> list[list[str]]:
@@ -207,10 +207,12 @@ def test_network_rules_by_name_drop_packets_until_the_answer(
     TCP connects time out, over IPv4 and IPv6; after the A and AAAA answers they connect."""
     net = veth_net
     dns_server.zone["edge.test"] = [("A", net.broot4), ("AAAA", net.broot6)]
-    server = [{"action": "allow", "protocol": "udp", "cidrs": [cidr(dns_server.address)]}]
+    server: list[dict[str, Any]] = [
+        {"action": "allow", "protocol": "udp", "cidrs": [cidr(dns_server.address)]}
+    ]
     if direction == "egress":
         server[0]["ports"] = [53]  # egress: the remote port; ingress: the local one (any)
-    by_name = {"action": "allow", "protocol": "tcp", "fqdns": ["edge.test"]}
+    by_name: dict[str, Any] = {"action": "allow", "protocol": "tcp", "fqdns": ["edge.test"]}
     if direction == "egress":
         by_name["ports"] = [net.ports[0]]
     policy = policy_file(
