@@ -297,3 +297,4 @@ def dns_server(kernel_ready: None) -> Iterator[object]:
         yield server
     finally:
         server.close()
+    assert not server.errors, server.errors

@@ -114,6 +114,7 @@ class Responder:
         self.zone: dict[str, list[tuple[str, str]]] = {k: list(v) for k, v in ZONE.items()}
         self.tamper: dict[str, Tamper] = {}
         self.queries: list[tuple[str, str]] = []  # (name, transport) of every query seen
+        self.errors: list[str] = []  # what went wrong while answering (a tamper's bug)
         self.udp: list[socket.socket] = []
         self.tcp: list[socket.socket] = []
         self._selector = selectors.DefaultSelector()
@@ -174,6 +175,8 @@ class Responder:
                         self._serve_tcp(sock)
                 except (OSError, dns.exception.DNSException):
                     continue  # a bad query or a client gone: serve the next one
+                except Exception as error:  # a test's tamper failed: say so, serve on
+                    self.errors.append(repr(error))
 
     def _serve_udp(self, sock: socket.socket) -> None:
         wire, client = sock.recvfrom(65535)

@@ -160,6 +160,7 @@ def loopback_dns(kernel_ready: None) -> Iterator[tuple[str, Responder]]:
             yield ns, server
         finally:
             server.close()
+        assert not server.errors, server.errors
 
 
 @pytest.mark.parametrize("transport", ["127.0.0.1", "::1"])
@@ -274,7 +275,7 @@ def test_a_target_in_a_network_namespace_of_its_own(
             expect(scratch_cgroup, [(c, ALLOWED) for c in connects], netns=net.ns_a)
     finally:
         server.close()
-    assert server.queries == [("svc.test", "udp"), ("svc.test", "udp")]
+    assert server.queries == [("svc.test", "udp"), ("svc.test", "udp")], server.errors
 
 
 # --- DNS over TCP, deny by name -------------------------------------------------------------
