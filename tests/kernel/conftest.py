@@ -283,3 +283,18 @@ def loopback_ports(kernel_ready: None) -> Iterator[LoopbackPorts]:
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.fixture(scope="session")
+def dns_server(kernel_ready: None) -> Iterator[object]:
+    """The `fqdns` tests' DNS server (dns_responder.py) on two loopback addresses of this
+    test process's own, UDP and TCP port 53, in the host's network namespace; stopped at
+    the end."""
+    from dns_responder import Responder, loopback_addresses
+
+    server = Responder(*loopback_addresses())
+    try:
+        yield server
+    finally:
+        server.close()
+    assert not server.errors, server.errors

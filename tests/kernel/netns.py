@@ -26,6 +26,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,3 +155,22 @@ class VethNet:
                     ipr.link("del", index=index)
                 except Exception:  # vanished meanwhile
                     pass
+
+
+@contextmanager
+def loopback_netns(name: str) -> Iterator[str]:
+    """A network namespace with only its loopback, up (127.0.0.1 and ::1), and default
+    routes into it for both families, so that a UDP connect to any address finds a route
+    and only the policy decides. Removed afterwards, also when the block fails."""
+    from pyroute2 import IPRoute, netns
+
+    netns.create(name)
+    try:
+        with IPRoute(netns=name) as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.link("set", index=lo, state="up")
+            ipr.route("add", dst="0.0.0.0/0", oif=lo)
+            ipr.route("add", dst="::/0", oif=lo, family=socket.AF_INET6)
+        yield name
+    finally:
+        netns.remove(name)
