@@ -572,7 +572,7 @@ def audit(
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
     else:
-        typer.echo(render(result.cgroups))
+        typer.echo(render(result.cgroups, result.dns))
     raise typer.Exit(EXIT_DRIFT if result.drifted else EXIT_OK)
 
 

@@ -113,6 +113,9 @@ class Packet:
     # The names whose DNS answers, having reached the cgroup, hold ``remote`` now: what
     # `fqdns` rules match (lowercase, no trailing dot). None known: no `fqdns` rule matches.
     names: frozenset[str] = frozenset()
+    # Or what the kernel holds instead of names (explain --cgroup): the section's `fqdns`
+    # rules that the cgroup's learned entry for ``remote`` matches. Given, it decides them.
+    learned: frozenset[Rule] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,7 @@ class SocketAddress:
     port: int
     protocol: int
     names: frozenset[str] = frozenset()  # as Packet.names
+    learned: frozenset[Rule] | None = None  # as Packet.learned
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +232,8 @@ def section_name(action: Action) -> str:
     return "sysctl"
 
 
-def _section(policy: Policy, action: Action) -> Any:
+def policy_section(policy: Policy, action: Action) -> Any:
+    """The policy's section that decides ``action``; None when it has none."""
     if isinstance(action, Packet):
         return getattr(policy.network, action.direction) if policy.network else None
     if isinstance(action, SocketCreate):
@@ -249,7 +254,7 @@ def evaluate(policy: Policy, action: Action) -> Verdict:
     if isinstance(action, SocketCreate) and action.family not in INET_FAMILIES:
         reason = "the kernel runs sockets.create only for inet and inet6 sockets"
         return Verdict(name, True, True, audit, "not-checked", reason=reason)
-    section = _section(policy, action)
+    section = policy_section(policy, action)
     if section is None:
         reason = f"the policy has no {name} section: it leaves this hook alone"
         return Verdict(name, True, True, audit, "no-section", reason=reason)
@@ -332,12 +337,26 @@ def name_in(names: frozenset[str], fqdns: Sequence[str]) -> bool:
     return False
 
 
+def remote_address(action: Action) -> IPAddress | None:
+    """The remote address an `fqdns` rule would be matched against; None for an action of
+    a section without such rules (bind, socket(), devices, sysctl)."""
+    if isinstance(action, Packet):
+        return action.remote
+    if isinstance(action, SocketAddress) and action.operation != "bind":
+        return action.address
+    return None
+
+
 def remote_in(
-    address: IPAddress | None, rule: NetworkRule | SocketAddressRule, names: frozenset[str]
+    address: IPAddress | None,
+    rule: NetworkRule | SocketAddressRule,
+    names: frozenset[str],
+    learned: frozenset[Rule] | None = None,
 ) -> Truth:
-    """The rule's remote-host condition: by its names when it has `fqdns`, else by CIDRs."""
+    """The rule's remote-host condition: by its names when it has `fqdns` (or by what the
+    kernel learned, when ``learned`` is given), else by CIDRs."""
     if rule.fqdns:
-        return name_in(names, rule.fqdns)
+        return rule in learned if learned is not None else name_in(names, rule.fqdns)
     return address_in(address, rule.cidrs)
 
 
@@ -388,7 +407,7 @@ def _network_conditions(rule: NetworkRule, packet: Packet) -> list[Truth]:
     else:
         interface_ok = any(fnmatch.fnmatchcase(packet.interface, p) for p in rule.interfaces)
 
-    remote_ok = remote_in(packet.remote, rule, packet.names)
+    remote_ok = remote_in(packet.remote, rule, packet.names, packet.learned)
     return [remote_ok, protocol_ok, port_ok, icmp_ok, interface_ok]
 
 
@@ -404,7 +423,7 @@ def _address_conditions(rule: SocketAddressRule, action: SocketAddress) -> list[
         protocol_ok = action.protocol == IP_PROTOCOLS[rule.protocol]
     port_ok = port_in(action.port if is_tcp_udp else None, rule.ports)
     # bind port 0 is port 0 (no range contains it); 0.0.0.0 / :: are those addresses.
-    return [remote_in(action.address, rule, action.names), protocol_ok, port_ok]
+    return [remote_in(action.address, rule, action.names, action.learned), protocol_ok, port_ok]
 
 
 def _create_conditions(rule: SocketCreateRule, action: SocketCreate) -> list[Truth]:

@@ -19,14 +19,22 @@ from cgpolicy.audit.model import (
     AppliedView,
     Attachment,
     CgroupReport,
+    DnsReport,
     HookState,
     OurProgram,
     attach_mode,
     classify_owner,
     compute_drift,
+    dns_report,
     effective_programs,
 )
-from cgpolicy.kernel.applied import AppliedPolicy, read_applied, read_counters
+from cgpolicy.kernel.applied import (
+    AppliedPolicy,
+    monotonic_ns,
+    read_applied,
+    read_counters,
+    read_learned,
+)
 from cgpolicy.kernel.attachments import links_by_hook, own_attachments
 from cgpolicy.kernel.bpf import Program
 from cgpolicy.kernel.cgroup import NotACgroup, cgroup_at, walk_cgroups
@@ -138,13 +146,49 @@ class _Programs:
 @dataclass
 class AuditResult:
     cgroups: list[CgroupReport]
+    dns: list[DnsReport] = field(default_factory=list)  # policies with fqdns rules
 
     @property
     def drifted(self) -> bool:
         return any(c.drift for c in self.cgroups)
 
     def to_json(self) -> dict[str, Any]:
-        return {"cgroups": [c.to_json() for c in self.cgroups]}
+        return {
+            "cgroups": [c.to_json() for c in self.cgroups],
+            "dns": [d.to_json() for d in self.dns],
+        }
+
+
+def _dns_reports(
+    applied: dict[str, AppliedPolicy], paths: dict[int, str], whole: bool, scope: dict[int, str]
+) -> list[DnsReport]:
+    """The learned maps of the policies with fqdns rules: every live entry of the whole
+    tree (``whole``), else of the cgroups in ``scope`` and only for policies applied in it
+    or with entries there."""
+    reports = []
+    for name, policy in sorted(applied.items()):
+        state = read_learned(policy)
+        if state is None:
+            continue
+        meta = policy.meta
+        targets = meta.cgroups if meta else {}
+        if (
+            not whole
+            and not any(cid in scope for cid in targets)
+            and not any(entry.cgroup_id in scope for entry in state.entries)
+        ):
+            continue
+        reports.append(
+            dns_report(
+                name,
+                state,
+                meta.rules if meta else {},
+                paths,
+                monotonic_ns(),
+                (lambda _cid: True) if whole else scope.__contains__,
+            )
+        )
+    return reports
 
 
 def audit(
@@ -235,7 +279,7 @@ def audit(
         or (show_all and r.attachments)
     ]
     listed.sort(key=lambda r: r.path)
-    return AuditResult(listed)
+    return AuditResult(listed, _dns_reports(applied, paths, top_rel == ".", scope))
 
 
 def _still_there(root: Path, recorded: str, cgroup_id: int) -> bool:

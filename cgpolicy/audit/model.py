@@ -3,9 +3,15 @@ they can be tested without a kernel."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from cgpolicy.contract import DNS_SLOTS, SECTION_HOOKS
+
+if TYPE_CHECKING:
+    from cgpolicy.kernel.applied import LearnedEntry, LearnedState
 
 BPF_F_ALLOW_OVERRIDE = 1 << 0
 BPF_F_ALLOW_MULTI = 1 << 1
@@ -236,3 +242,143 @@ def compute_drift(
                             Drift(a.policy, hook, UNEXPECTED, f"{a.prog_name} (id {a.prog_id})"),
                         )
     return found
+
+
+# --- addresses learned from DNS answers (fqdns rules) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class LearnedRow:
+    """A live learned entry as audit shows it."""
+
+    cgroup: str | None  # path relative to the cgroup2 root; None once the cgroup is gone
+    cgroup_id: int
+    address: str
+    name: str | None  # the most specific pattern of the last answer
+    learned_ago_s: int
+    expires_in_s: int
+    rules: list[dict[str, Any]]  # {"section", "rule", "text", "line"} it matches
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cgroup": self.cgroup,
+            "cgroup_id": self.cgroup_id,
+            "address": self.address,
+            "name": self.name,
+            "learned_ago_s": self.learned_ago_s,
+            "expires_in_s": self.expires_in_s,
+            "rules": self.rules,
+        }
+
+
+@dataclass
+class DnsReport:
+    """One policy's learned map: what it holds now and what learning did since the load."""
+
+    policy: str
+    capacity: int
+    entries: int  # in the map, live and expired
+    expired: int  # expired, waiting for the service to delete them
+    learned: int  # addresses learned or refreshed
+    refused_full: int  # addresses NOT learned because the map was full
+    rows: list[LearnedRow] = field(default_factory=list)  # the live ones in scope
+
+    @property
+    def full(self) -> bool:
+        return self.entries >= self.capacity
+
+    def fails_closed(self) -> str | None:
+        """What a full map did and does, in words; None while it never was full."""
+        if not self.refused_full and not self.full:
+            return None
+        said = []
+        if self.refused_full:
+            count = self.refused_full
+            said.append(
+                f"{count} {'address' if count == 1 else 'addresses'} from DNS answers NOT "
+                "learned because the map was full"
+            )
+        if self.full:
+            said.append(
+                f"the map is full ({self.entries}/{self.capacity}): new answers are NOT "
+                "learned until expired entries are deleted"
+            )
+        return (
+            "; ".join(said) + ": allow rules naming fqdns keep refusing those addresses "
+            "(fails closed) and deny rules naming fqdns do not match them; raise "
+            "spec.dns.maxLearned"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "capacity": self.capacity,
+            "entries": self.entries,
+            "live": self.entries - self.expired,
+            "expired": self.expired,
+            "full": self.full,
+            "learned": self.learned,
+            "refused_full": self.refused_full,
+            "fails_closed": self.fails_closed(),
+            "addresses": [row.to_json() for row in self.rows],
+        }
+
+
+def _matched_rules(
+    entry: LearnedEntry, labels: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> list[dict[str, Any]]:
+    """The rules an entry makes match: bit i of its mask for a section is rule i of the
+    section, labelled like counter slot i of any of the section's hooks."""
+    found = []
+    for section in DNS_SLOTS:
+        mask = entry.rules.get(section, 0)
+        hook_labels = next((labels[h] for h in SECTION_HOOKS[section] if labels.get(h)), [])
+        for index in range(mask.bit_length()):
+            if mask >> index & 1:
+                label = hook_labels[index] if index < len(hook_labels) else {}
+                found.append(
+                    {
+                        "section": section,
+                        "rule": index,
+                        "text": label.get("text"),
+                        "line": label.get("line"),
+                    }
+                )
+    return found
+
+
+def dns_report(
+    policy: str,
+    state: LearnedState,
+    labels: Mapping[str, Sequence[Mapping[str, Any]]],
+    paths: Mapping[int, str],
+    now_ns: int,
+    shown: Callable[[int], bool] = lambda _cgroup_id: True,
+) -> DnsReport:
+    """The report of a policy's learned ``state`` at ``now_ns``: its live entries of the
+    cgroups ``shown`` selects, labelled with the rule text of the metadata ``labels``
+    (hook -> rules in slot order) and the cgroup paths of ``paths`` (id -> path)."""
+    expired = sum(1 for entry in state.entries if not entry.live(now_ns))
+    rows = [
+        LearnedRow(
+            paths.get(entry.cgroup_id),
+            entry.cgroup_id,
+            str(entry.address),
+            entry.name,
+            max(0, round((now_ns - entry.learned_ns) / 1e9)),
+            math.ceil((entry.expires_ns - now_ns) / 1e9),
+            _matched_rules(entry, labels),
+        )
+        for entry in state.entries
+        if entry.live(now_ns) and shown(entry.cgroup_id)
+    ]
+    rows.sort(key=lambda row: (row.cgroup is None, row.cgroup or "", row.cgroup_id, row.address))
+    return DnsReport(
+        policy,
+        state.capacity,
+        len(state.entries),
+        expired,
+        state.learned,
+        state.refused_full,
+        rows,
+    )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from cgpolicy.audit.model import Attachment, CgroupReport
+from cgpolicy.audit.model import Attachment, CgroupReport, DnsReport
 
 _COLUMNS = ("HOOK", "PROG", "NAME", "TAG", "MODE", "OWNER", "POLICY@REVISION", "INHERITED FROM")
 
@@ -66,10 +67,41 @@ def render_cgroup(report: CgroupReport) -> list[str]:
     return lines
 
 
-def render(cgroups: list[CgroupReport]) -> str:
-    if not cgroups:
-        return "no programs attached"
+def render_dns(report: DnsReport) -> list[str]:
+    """A policy's learned DNS names: the map's fullness and counters, then the live
+    entries by cgroup, each with the rules it makes match."""
+    live = report.entries - report.expired
+    waiting = f", {report.expired} expired waiting for deletion" if report.expired else ""
+    lines = [
+        f"{report.policy}: DNS names learned: {report.entries}/{report.capacity} entries "
+        f"({live} live{waiting}); {report.learned} learned, {report.refused_full} refused "
+        "because the map was full"
+    ]
+    cgroup: tuple[str | None, int] | None = None
+    for row in report.rows:
+        if (row.cgroup, row.cgroup_id) != cgroup:
+            cgroup = row.cgroup, row.cgroup_id
+            lines.append(f"  {row.cgroup or '(gone)'} (id {row.cgroup_id})")
+        lines.append(
+            f"    {row.address} via {row.name or '?'}: expires in {row.expires_in_s} s, "
+            f"learned {row.learned_ago_s} s ago"
+        )
+        for rule in row.rules:
+            where = f" (line {rule['line']})" if rule.get("line") else ""
+            lines.append(
+                f"      {rule['section']} rule {rule['rule']} {rule['text'] or '?'}{where}"
+            )
+    warning = report.fails_closed()
+    if warning:
+        lines.append(f"  NOT LEARNED: {warning}")
+    return lines
+
+
+def render(cgroups: list[CgroupReport], dns: Sequence[DnsReport] = ()) -> str:
     blocks = ["\n".join(render_cgroup(report)) for report in cgroups]
+    blocks += ["\n".join(render_dns(report)) for report in dns]
+    if not cgroups:
+        return "\n\n".join([*blocks, "no programs attached"])
     drifted = sum(1 for r in cgroups if r.drift)
     summary = f"{drifted} cgroups drifted" if drifted else "in sync"
     return "\n\n".join(blocks) + f"\n\n{summary}"

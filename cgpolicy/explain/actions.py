@@ -13,6 +13,7 @@ IPv6 addresses with a port are written ``[fd00::1]:443``.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -55,6 +56,19 @@ class ParsedAction:
         """The policy's verdict: the first view it denies, else the first view's."""
         verdicts = [reference.evaluate(policy, view) for view in self.views or [self.action]]
         return next((v for v in verdicts if not v.allowed), verdicts[0])
+
+    def with_learned(self, learned: frozenset[reference.Rule]) -> ParsedAction:
+        """This action with the `fqdns` rules the kernel learned its remote address for
+        (``reference.Packet.learned``), in every view."""
+
+        def told(action: reference.Action) -> reference.Action:
+            if isinstance(action, Packet | SocketAddress):
+                return dataclasses.replace(action, learned=learned)
+            return action
+
+        return dataclasses.replace(
+            self, action=told(self.action), views=[told(view) for view in self.views]
+        )
 
 
 # Longer than any number explain takes may be written (0x, 0o, 0b or decimal, with '_'):

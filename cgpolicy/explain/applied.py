@@ -5,17 +5,28 @@ and list the other owners' programs that also decide."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cgpolicy import reference
+from cgpolicy.contract import SECTION_HOOKS
 from cgpolicy.explain.actions import ExplainError, ParsedAction, plain
-from cgpolicy.explain.explanation import Explanation, PolicyExplanation, bind_devices_here
+from cgpolicy.explain.explanation import (
+    Explanation,
+    NameMatch,
+    PolicyExplanation,
+    bind_devices_here,
+    name_rules,
+)
+from cgpolicy.policy.describe import rule_text
 from cgpolicy.policy.model import Policy
 from cgpolicy.policy.problems import shown
 from cgpolicy.reference import DeviceAccess, Packet, SocketAddress, SocketCreate
 
 if TYPE_CHECKING:
+    from cgpolicy.kernel.applied import AppliedPolicy
     from cgpolicy.kernel.devices import DeviceBinding
 
 
@@ -69,6 +80,10 @@ def explain_cgroup(
     for path in chain:
         with contextlib.suppress(OSError):
             ids.add(cgroup_id(path))
+    try:
+        own_id: int | None = cgroup_id(chain[0])
+    except OSError:
+        own_id = None
     relatives = {"" if p == cgroup_root else str(p.relative_to(cgroup_root)) for p in chain}
     explanation = Explanation(action, [], cgroup=relative)
     applied = read_applied(bpf_dir)
@@ -103,7 +118,13 @@ def explain_cgroup(
         if isinstance(action.action, DeviceAccess):
             explanation.notes += notes
         item.policy = bound
-        item.verdict = action.evaluate(bound)
+        if name_rules(bound, action) and own_id is not None:
+            learned, item.names, note = _learned_here(applied_policy, bound, action, own_id)
+            if note:
+                explanation.notes.append(note)
+            item.verdict = action.with_learned(learned).evaluate(bound)
+        else:
+            item.verdict = action.evaluate(bound)
         changed = _changed_since_applied(found[0], meta.revision, binding)
         if changed:
             explanation.notes.append(
@@ -113,6 +134,65 @@ def explain_cgroup(
     ours = set().union(*(policy.program_ids() for policy in applied.values()))
     explanation.foreign = _foreign_programs(chain[0], ours, hooks_for(action.action))
     return explanation
+
+
+def _learned_here(
+    applied: AppliedPolicy, policy: Policy, action: ParsedAction, cgroup: int
+) -> tuple[frozenset[reference.Rule], NameMatch, str | None]:
+    """The deciding section's `fqdns` rules that the kernel's learned entry for (this
+    cgroup, the remote address) matches, as the programs see it: rule i of the section's
+    canonical order is bit i of the entry's mask for the section. What to say of it, and a
+    note when the map cannot be read or the file's rules are not the applied ones."""
+    from cgpolicy.compiler.canonical import ordered_rules
+    from cgpolicy.kernel.applied import monotonic_ns, read_learned
+
+    address = reference.remote_address(action.action)
+    assert address is not None  # name_rules() found rules: a section with remote hosts
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped  # learned entries hold IPv4 answers as IPv4
+    section_name = reference.section_name(action.action)
+    section = reference.policy_section(policy, action.action)
+    patterns = tuple(dict.fromkeys(p for rule in name_rules(policy, action) for p in rule.fqdns))
+    state = read_learned(applied)
+    if state is None:
+        note = (
+            f"{applied.name}: its learned map cannot be read (applied before DNS names, or "
+            "being replaced): rules naming fqdns were explained as matching nothing"
+        )
+        return frozenset(), NameMatch(address, patterns, ()), note
+    entry = next((e for e in state.entries if e.cgroup_id == cgroup and e.address == address), None)
+    if entry is None:
+        return frozenset(), NameMatch(address, patterns, ()), None
+    now = monotonic_ns()
+    mask = entry.rules.get(section_name, 0) if entry.live(now) else 0
+    ordered = ordered_rules(section.rules)
+    meta = applied.meta
+    rules = meta.rules if meta else {}  # every hook of a section has the same labels
+    labels = next((rules[h] for h in SECTION_HOOKS[section_name] if rules.get(h)), [])
+    matched, unsure = [], False
+    for index, rule in enumerate(ordered):
+        if not mask >> index & 1:
+            continue
+        label = labels[index].get("text") if index < len(labels) else None
+        if rule.fqdns and label == rule_text(section_name, rule):
+            matched.append(rule)
+        else:
+            unsure = True
+    unmatched = None
+    if unsure or mask >> len(ordered):
+        unmatched = (
+            f"{applied.name}: the file's {section_name} rules are not those applied: some "
+            f"rules the kernel learned {address} for could not be found in it"
+        )
+    found = NameMatch(
+        address,
+        patterns,
+        tuple(matched),
+        entry.name,
+        round((now - entry.learned_ns) / 1e9),
+        math.ceil((entry.expires_ns - now) / 1e9),
+    )
+    return frozenset(matched), found, unmatched
 
 
 def _changed_since_applied(

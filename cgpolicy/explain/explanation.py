@@ -9,12 +9,68 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cgpolicy.explain.actions import ParsedAction
-from cgpolicy.policy.model import Policy
-from cgpolicy.reference import DeviceAccess, Packet, Verdict
+from cgpolicy.policy.model import NetworkRule, Policy, SocketAddressRule
+from cgpolicy.reference import (
+    DeviceAccess,
+    IPAddress,
+    Packet,
+    Verdict,
+    policy_section,
+    remote_address,
+)
 
 if TYPE_CHECKING:
     from cgpolicy.compiler.spec import DeviceNode
     from cgpolicy.kernel.devices import DeviceBinding
+
+
+def name_rules(policy: Policy, action: ParsedAction) -> list[NetworkRule | SocketAddressRule]:
+    """The rules naming `fqdns` of the section that decides ``action``."""
+    if remote_address(action.action) is None:
+        return []
+    section = policy_section(policy, action.action)
+    return [rule for rule in section.rules if rule.fqdns] if section is not None else []
+
+
+@dataclass(frozen=True)
+class NameMatch:
+    """explain --cgroup: what the cgroup learned from DNS answers for the action's remote
+    address, as the kernel holds it, for a policy whose deciding section names hosts."""
+
+    address: IPAddress
+    patterns: tuple[str, ...]  # every name the section's fqdns rules name
+    matched: tuple[NetworkRule | SocketAddressRule, ...]  # the fqdns rules it matches now
+    name: str | None = None  # the last answer's most specific pattern, when one was learned
+    learned_ago_s: int | None = None
+    expires_in_s: int | None = None  # negative: expired that long ago, not yet deleted
+
+    @property
+    def live(self) -> bool:
+        return self.expires_in_s is not None and self.expires_in_s > 0 and bool(self.matched)
+
+    def text(self) -> str:
+        if self.live:
+            return (
+                f"{self.address} via {self.name or 'a DNS answer'}, learned "
+                f"{self.learned_ago_s} s ago, expires in {self.expires_in_s} s"
+            )
+        shown = ", ".join(self.patterns[:5]) + (", ..." if len(self.patterns) > 5 else "")
+        text = f"no live DNS answer for {shown} taught this cgroup {self.address}"
+        if self.expires_in_s is not None and self.expires_in_s <= 0:
+            text += f" (the last one, via {self.name or '?'}, expired {-self.expires_in_s} s ago)"
+        elif self.expires_in_s is not None:
+            text += f" (it was learned via {self.name or '?'} for other sections' rules)"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": str(self.address),
+            "live": self.live,
+            "name": self.name,
+            "learned_ago_s": self.learned_ago_s,
+            "expires_in_s": self.expires_in_s,
+            "text": self.text(),
+        }
 
 
 @dataclass
@@ -27,6 +83,7 @@ class PolicyExplanation:
     verdict: Verdict | None = None
     cgroups: list[str] = field(default_factory=list)  # --cgroup: where it is attached
     problem: str | None = None  # why it cannot be explained
+    names: NameMatch | None = None  # --cgroup: what DNS taught the cgroup (fqdns rules)
 
 
 @dataclass
@@ -51,6 +108,14 @@ class Explanation:
                     "no --interface given: rules naming interfaces were evaluated as for a "
                     "packet with no device (deny rules match, allow rules do not)"
                 )
+        if self.cgroup is None and any(
+            name_rules(p.policy, self.action) for p in self.policies if p.policy is not None
+        ):
+            notes.append(
+                "rules naming fqdns match only the addresses DNS answers taught a cgroup at "
+                "run time: here they match nothing; explain --cgroup PATH uses what that "
+                "cgroup learned"
+            )
         return notes
 
     @property

@@ -55,6 +55,7 @@ def to_json(explanation: Explanation) -> dict[str, Any]:
         entry: dict[str, Any] = {"policy": item.name, "file": item.file}
         if explanation.cgroup is not None:
             entry["cgroups"] = item.cgroups
+            entry["dns"] = item.names.to_json() if item.names else None
         verdict = item.verdict
         if verdict is None:
             entry.update(verdict="unknown", problem=item.problem)
@@ -99,6 +100,8 @@ def render(explanation: Explanation) -> str:
         out.append(head)
         if item.cgroups:
             out.append(f"  attached to {', '.join(item.cgroups)}")
+        if item.names:
+            out.append(f"  {item.names.text()}")
         if verdict.decided_by == "rule" and verdict.rule is not None:
             rule = verdict.rule
             location = f"{rule.source.file}:{rule.source.line}" if rule.source else "rule"

@@ -28,6 +28,10 @@ log = logging.getLogger("cgpolicy.reconcile")
 # line (and /readyz says it); anything else is a bug and gets its traceback.
 RUNTIME_ERRORS = (OSError, BpfError, LoaderError, ApplyError, CompileError, UntrustedFolder)
 
+# Seconds between sweeps of expired learned DNS entries (Reconciler.sweep_learned): a full
+# map learns nothing, so room is given back soon after answers expire, between passes.
+SWEEP_INTERVAL = 5.0
+
 
 def next_resync(started: float, due: float, interval: float, now: float) -> float:
     """When the next resync pass is due, after a pass that started at ``started`` and ended
@@ -77,30 +81,16 @@ class Service:
             signal.signal(signum, self._on_signal)
         try:
             resync_due = 0.0
+            sweep_due = time.monotonic() + SWEEP_INTERVAL
+            due = True  # a pass: at start, on an event or a signal, when a resync is due
             while not self._stop:
                 if self._reread:
                     self._reread = False
                     reconciler.reread()
                     log.info("SIGHUP: re-reading %s", reconciler.policy_dir)
-                started = time.monotonic()
-                health.beat()
-                try:
-                    report = reconciler.reconcile()
-                except RUNTIME_ERRORS as error:  # e.g. bpffs cannot be mounted
-                    log.error("reconcile pass failed: %s; retrying at the next wake-up", error)
-                    health.pass_raised(str(error))
-                    report = PassReport()
-                except Exception as error:  # a bug must not end the service either
-                    log.exception("reconcile pass failed; retrying at the next wake-up")
-                    health.pass_raised(f"{type(error).__name__}: {error}")
-                    report = PassReport()
-                if report.applied or report.removed:
-                    _release_free_heap()  # the first load leaves clang's heap behind
-                watcher.watch_policy_dir()
-                watcher.watch_cgroups(reconciler.cgroup_folders())
-                watcher.watch_devices(reconciler.device_folders())
-                resync_due = next_resync(started, resync_due, self.interval, time.monotonic())
-                timeout = max(0.0, resync_due - time.monotonic())
+                if due:
+                    resync_due = self._pass(watcher, resync_due)
+                timeout = max(0.0, min(resync_due, sweep_due) - time.monotonic())
                 try:
                     ready, _, _ = select.select([*watcher.fds(), wake_read], [], [], timeout)
                 except InterruptedError:
@@ -112,6 +102,10 @@ class Service:
                 watcher.drain(ready)
                 if watcher.links_generation != links:
                     reconciler.links_changed()
+                if time.monotonic() >= sweep_due:
+                    self._sweep()
+                    sweep_due = time.monotonic() + SWEEP_INTERVAL
+                due = bool(ready) or time.monotonic() >= resync_due
         finally:
             health.stopped()
             signal.set_wakeup_fd(-1)
@@ -119,3 +113,38 @@ class Service:
             os.close(wake_read)
             os.close(wake_write)
         log.info("stopping; what is applied stays enforced")
+
+    def _pass(self, watcher: Watcher, resync_due: float) -> float:
+        """One reconcile pass, then the watches it calls for; when the next resync is due."""
+        reconciler, health = self.reconciler, self.health
+        started = time.monotonic()
+        health.beat()
+        try:
+            report = reconciler.reconcile()
+        except RUNTIME_ERRORS as error:  # e.g. bpffs cannot be mounted
+            log.error("reconcile pass failed: %s; retrying at the next wake-up", error)
+            health.pass_raised(str(error))
+            report = PassReport()
+        except Exception as error:  # a bug must not end the service either
+            log.exception("reconcile pass failed; retrying at the next wake-up")
+            health.pass_raised(f"{type(error).__name__}: {error}")
+            report = PassReport()
+        if report.applied or report.removed:
+            _release_free_heap()  # the first load leaves clang's heap behind
+        watcher.watch_policy_dir()
+        watcher.watch_cgroups(self.reconciler.cgroup_folders())
+        watcher.watch_devices(self.reconciler.device_folders())
+        return next_resync(started, resync_due, self.interval, time.monotonic())
+
+    def _sweep(self) -> None:
+        """Delete expired learned DNS entries; a failure is logged, the next sweep retries."""
+        try:
+            deleted = self.reconciler.sweep_learned()
+        except RUNTIME_ERRORS as error:
+            log.warning("deleting expired DNS entries failed: %s", error)
+            return
+        except Exception:  # a bug must not end the service either
+            log.exception("deleting expired DNS entries failed")
+            return
+        if deleted:
+            log.debug("deleted %d expired learned DNS entries", deleted)

@@ -21,7 +21,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cgpolicy.compiler.spec import DevicePath
@@ -111,12 +111,65 @@ class KernelCounters(Collector):
         yield allowed
 
 
+class LearnedNames(Collector):
+    """Each policy's learned map of DNS answers (fqdns rules), read from the kernel at
+    scrape time: how full it is, and what learning did since the policy was loaded (the
+    counters start again from 0 when a changed policy is reloaded with new maps)."""
+
+    def __init__(self, bpf_dir: Path) -> None:
+        self.bpf_dir = bpf_dir
+
+    def collect(self) -> Iterator[Metric]:
+        from cgpolicy.kernel.applied import monotonic_ns, read_applied, read_learned
+
+        labels = ["policy"]
+        entries = GaugeMetricFamily(
+            "cgpolicy_dns_learned_entries",
+            "Live addresses learned from DNS answers (what fqdns rules match now)",
+            labels=labels,
+        )
+        expired = GaugeMetricFamily(
+            "cgpolicy_dns_learned_expired_entries",
+            "Learned addresses expired and not yet deleted (they match nothing, but take room)",
+            labels=labels,
+        )
+        capacity = GaugeMetricFamily(
+            "cgpolicy_dns_learned_capacity",
+            "Entries the learned map holds at most (spec.dns.maxLearned)",
+            labels=labels,
+        )
+        learned = CounterMetricFamily(
+            "cgpolicy_dns_learned",
+            "Addresses learned or refreshed from DNS answers",
+            labels=labels,
+        )
+        refused = CounterMetricFamily(
+            "cgpolicy_dns_refused_full",
+            "Addresses NOT learned because the learned map was full: they stay refused by "
+            "allow rules naming fqdns (fails closed); raise spec.dns.maxLearned",
+            labels=labels,
+        )
+        now = monotonic_ns()
+        for name, policy in sorted(read_applied(self.bpf_dir, links=False).items()):
+            state = read_learned(policy)
+            if state is None:
+                continue
+            live = sum(1 for entry in state.entries if entry.live(now))
+            entries.add_metric([name], live)
+            expired.add_metric([name], len(state.entries) - live)
+            capacity.add_metric([name], state.capacity)
+            learned.add_metric([name], state.learned)
+            refused.add_metric([name], state.refused_full)
+        yield from (entries, expired, capacity, learned, refused)
+
+
 class Metrics:
     def __init__(self, bpf_dir: Path | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         if bpf_dir is not None:
             r.register(KernelCounters(bpf_dir))
+            r.register(LearnedNames(bpf_dir))
         self.passes = Counter("cgpolicy_reconcile_passes", "Reconcile passes run", registry=r)
         self.duration = Histogram(
             "cgpolicy_reconcile_duration_seconds",
@@ -172,6 +225,12 @@ class Metrics:
             "state missing, not-a-device or unsafe: the rule matches nothing; kept: a deny "
             "rule still denying the device its path named when last applied",
             ["policy", "path", "action", "state"],
+            registry=r,
+        )
+        self.dns_expired_deleted = Counter(
+            "cgpolicy_dns_expired_deleted",
+            "Expired learned DNS entries the service deleted, giving their room back",
+            ["policy"],
             registry=r,
         )
         self._failing_series: set[str] = set()

@@ -13,7 +13,12 @@ from pathlib import Path
 from cgpolicy.enforcer.engine import Enforcer, Planned, compile_here
 from cgpolicy.enforcer.ownership import Owner
 from cgpolicy.enforcer.plan import Action
-from cgpolicy.kernel.applied import AppliedPolicy
+from cgpolicy.kernel.applied import (
+    AppliedPolicy,
+    delete_expired_learned,
+    monotonic_ns,
+    read_applied,
+)
 from cgpolicy.kernel.devices import device_paths
 from cgpolicy.kernel.devices import watch_folders as device_folders
 from cgpolicy.policy.model import Policy
@@ -86,6 +91,18 @@ class Reconciler:
         appear, vanish or be replaced."""
         paths = sorted({path for policy in self._policies for _, path in device_paths(policy)})
         return device_folders(paths, self._enforcer.dev_root)
+
+    def sweep_learned(self) -> int:
+        """Delete the expired entries of every applied policy's learned map (fqdns rules):
+        they match nothing any more, but hold room a new answer may need (a full map
+        learns nothing). Not under the pin lock: it changes no decision. How many went."""
+        deleted = 0
+        for name, policy in read_applied(self._enforcer.bpf_dir, links=False).items():
+            count = delete_expired_learned(policy, monotonic_ns())
+            if count:
+                self._metrics.dns_expired_deleted.labels(name).inc(count)
+                deleted += count
+        return deleted
 
     def reconcile(self) -> PassReport:
         """One pass, holding the pin folder's lock from observing to applying, so that no
