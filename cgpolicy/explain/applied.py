@@ -76,14 +76,11 @@ def explain_cgroup(
     from cgpolicy.policy.validate import load_paths
 
     relative, chain = cgroup_chain(cgroup_root, given)
-    ids = set()
+    chain_ids: list[int] = []  # the cgroup's, then its ancestors'
     for path in chain:
         with contextlib.suppress(OSError):
-            ids.add(cgroup_id(path))
-    try:
-        own_id: int | None = cgroup_id(chain[0])
-    except OSError:
-        own_id = None
+            chain_ids.append(cgroup_id(path))
+    ids = set(chain_ids)
     relatives = {"" if p == cgroup_root else str(p.relative_to(cgroup_root)) for p in chain}
     explanation = Explanation(action, [], cgroup=relative)
     applied = read_applied(bpf_dir)
@@ -118,8 +115,10 @@ def explain_cgroup(
         if isinstance(action.action, DeviceAccess):
             explanation.notes += notes
         item.policy = bound
-        if name_rules(bound, action) and own_id is not None:
-            learned, item.names, note = _learned_here(applied_policy, bound, action, own_id)
+        # learned addresses are the target's: the nearest cgroup up the chain it applies to
+        target = next((cid for cid in chain_ids if cid in meta.cgroups), None)
+        if name_rules(bound, action) and target is not None:
+            learned, item.names, note = _learned_here(applied_policy, bound, action, target)
             if note:
                 explanation.notes.append(note)
             item.verdict = action.with_learned(learned).evaluate(bound)
@@ -139,8 +138,8 @@ def explain_cgroup(
 def _learned_here(
     applied: AppliedPolicy, policy: Policy, action: ParsedAction, cgroup: int
 ) -> tuple[frozenset[reference.Rule], NameMatch, str | None]:
-    """The deciding section's `fqdns` rules that the kernel's learned entry for (this
-    cgroup, the remote address) matches, as the programs see it: rule i of the section's
+    """The deciding section's `fqdns` rules that the kernel's learned entry for (the target
+    ``cgroup``, the remote address) matches, as the programs see it: rule i of the section's
     canonical order is bit i of the entry's mask for the section. What to say of it, and a
     note when the map cannot be read or the file's rules are not the applied ones."""
     from cgpolicy.compiler.canonical import ordered_rules

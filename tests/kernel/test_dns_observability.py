@@ -8,61 +8,42 @@ file uses, answers from port 53 as a resolver does."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import test_enforce_dns_names as names
+from dns_responder import Responder, loopback_addresses, run_client
 from enforcement import enforced
 from policy_builders import policy_file
 from service import Daemon, links_at, running, wait_until
 
 from cgpolicy.kernel.applied import read_learned, read_named
 
-SERVER = "127.77.3.53"
-API = "198.51.100.7"  # what the responder answers for api.test
+SERVER = loopback_addresses()[0]  # the address of the session's dns_server
+API = "198.51.100.7"  # what the server answers for api.test
 RACE = ["198.18.0.1", "198.18.0.2", "198.18.0.3"]  # r0.race.test, r1..., r2...
 
 
-class Responder(names.Responder):
-    """The responder of test_enforce_dns_names, on this file's address."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((SERVER, 53))
-        self.stopping = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.stopping = True
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as waker:
-            waker.sendto(b"", (SERVER, 53))
-        self.thread.join(timeout=5)
-        self.sock.close()
-
-
-@pytest.fixture(scope="module")
-def responder() -> Iterator[Responder]:
-    server = Responder()
-    try:
-        yield server
-    finally:
-        server.close()
+@pytest.fixture
+def responder(dns_server: Responder) -> Responder:
+    assert dns_server.address == SERVER
+    return dns_server
 
 
 def client(cgroup, rounds: int, template: str = "-", *addresses: str) -> list[list[str]]:
-    """Resolve then connect from inside ``cgroup`` (dns_names_client.py): per step, the
-    name, the address and "ok" or the errno name."""
-    command = [sys.executable, str(names.CLIENT), SERVER, str(rounds), template, *addresses]
-    done = cgroup.run(command)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    """Resolve ``rounds`` names of ``template`` then connect to each answer at once, then to
+    ``addresses``, from inside ``cgroup``: per step, the name, the address and "ok" or the
+    errno name."""
+    rows = []
+    if rounds:
+        rounds_flag = [] if rounds == 1 and "{}" not in template else ["--rounds", str(rounds)]
+        rows += run_client(cgroup, "resolve", SERVER, template, *rounds_flag)
+    if addresses:
+        rows += run_client(cgroup, "connect", *addresses)
+    return rows
 
 
 def cgpolicy(bpf_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -93,7 +74,8 @@ def test_audit_lists_what_each_cgroup_learned(
     cgroup_root, bpf_dir, scratch_cgroup, tmp_path, responder
 ) -> None:
     first, second = scratch_cgroup.child("first"), scratch_cgroup.child("second")
-    policy = policy_file(tmp_path, "names", [scratch_cgroup.relative], connect_rules(BY_NAME))
+    targets = [first.relative, second.relative]  # each learns for itself
+    policy = policy_file(tmp_path, "names", targets, connect_rules(BY_NAME))
     with enforced(cgroup_root, bpf_dir, policy):
         assert client(first, 1, "api.test") == [["api.test", API, "ok"]]
         assert client(second, 2, "r{}.race.test") == [
@@ -130,10 +112,12 @@ def test_audit_lists_what_each_cgroup_learned(
 def test_explain_says_which_answer_made_an_address_match(
     cgroup_root, bpf_dir, scratch_cgroup, tmp_path, responder
 ) -> None:
-    """explain --cgroup agrees with the kernel: allowed where the cgroup learned the
-    address (and says from which answer), denied where it did not (and says so)."""
+    """explain --cgroup agrees with the kernel: allowed where the target cgroup learned the
+    address (and says from which answer), also for a cgroup below it; denied where it did
+    not (and says so)."""
     first, second = scratch_cgroup.child("first"), scratch_cgroup.child("second")
-    policy = policy_file(tmp_path, "names", [scratch_cgroup.relative], connect_rules(BY_NAME))
+    targets = [first.relative, second.relative]  # each learns for itself
+    policy = policy_file(tmp_path, "names", targets, connect_rules(BY_NAME))
     action = ["connect", "tcp", f"{API}:443"]
     with enforced(cgroup_root, bpf_dir, policy):
         assert client(first, 1, "api.test") == [["api.test", API, "ok"]]
@@ -143,7 +127,14 @@ def test_explain_says_which_answer_made_an_address_match(
         mapped = cgpolicy(
             bpf_dir, "explain", "--cgroup", first.relative, "connect", "tcp", f"[::ffff:{API}]:443"
         )
+        below = first.child("below")  # what its target learned counts for it
+        assert client(below, 0, "-", API) == [["-", API, "ok"]]
+        from_below = cgpolicy(bpf_dir, "explain", "--cgroup", below.relative, *action)
     files = cgpolicy(bpf_dir, "explain", str(policy), *action)
+
+    assert from_below.returncode == 0, from_below.stderr
+    assert f"  {API} via api.test, learned " in from_below.stdout
+    assert from_below.stdout.rstrip().endswith("verdict: allow")
 
     assert learned.returncode == 0, learned.stderr
     assert "names (" in learned.stdout and ": allow" in learned.stdout
