@@ -243,6 +243,8 @@ struct cgp_net_config {
 #define CGP_DNS_ANSWERS_PER_RUN 2  /* per program run: more and the verifier refuses */
 #define CGP_DNS_JUMP_QUESTION 0    /* dns_jump slots */
 #define CGP_DNS_JUMP_ANSWERS 1
+#define CGP_DNS_JUMP_LEARN 2
+#define CGP_DNS_JUMPS 3
 /* The sections whose rules may name fqdns, each with its own rule numbering: a learned
  * address carries the matching rules of each. */
 #define CGP_DNS_SLOT_EGRESS 0
@@ -313,6 +315,11 @@ struct cgp_dns_scratch {
 	__u32 labels, len, off, answers_left;
 	__u32 family; /* of the answer's packet: 4 or 6 */
 	__u32 name_id; /* the question's most specific matching pattern (cgp_learned.name_id) */
+	__u32 base;    /* where the DNS message starts in the packet */
+	__u32 alias;   /* where the last CNAME's target name starts in the message, 0: none */
+	__u32 found;   /* addresses read so far, learned once every record read is whole */
+	__u32 ttl[CGP_DNS_ANSWERS];
+	__u8 addr[CGP_DNS_ANSWERS * 16]; /* the addresses read, 16 bytes each */
 };
 
 /* LPM keys: prefix length in bits, then the data in network byte order. */

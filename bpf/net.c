@@ -125,7 +125,7 @@ BPF_ARRAY(dns_scope, struct cgp_dns_scope, 1);
 BPF_PERCPU_ARRAY(dns_clock, struct cgp_clock, 1);
 /* The target cgroups' ids, checked when targets lie at more than one depth. */
 BPF_F_TABLE("hash", __u64, __u32, dns_targets, CGP_DNS_TARGETS_MAX, BPF_F_NO_PREALLOC);
-BPF_PROG_ARRAY(dns_jump, 2);
+BPF_PROG_ARRAY(dns_jump, CGP_DNS_JUMPS);
 #ifndef CGP_DNS_PENDING_MAX
 #define CGP_DNS_PENDING_MAX 1
 #endif
@@ -857,8 +857,16 @@ int cgp_dns_question(struct __sk_buff *skb)
 		labels = k + 1;
 		pos += 1 + l;
 	}
+	if (!len && labels == CGP_DNS_LABELS && s->name[pos & (CGP_DNS_NAME_BYTES - 1)] == 0 &&
+	    pos < avail)
+		len = pos; /* exactly CGP_DNS_LABELS labels, then the root */
 	if (!len || !labels)
 		return 1; /* the root, or more labels than CGP_DNS_LABELS: nothing learned */
+	/* Only a question for A or AAAA in class IN teaches. */
+	__u8 qtail[4];
+	if (bpf_skb_load_bytes(skb, (off + len + 1) & 0xffff, qtail, 4) || qtail[0] || qtail[2] ||
+	    qtail[3] != 1 || (qtail[1] != 1 && qtail[1] != 28))
+		return 1;
 	s->labels = labels;
 	s->len = len;
 	labels = s->labels & (CGP_DNS_LABELS * 2 - 1);
@@ -891,6 +899,9 @@ int cgp_dns_question(struct __sk_buff *skb)
 	s->name_id = name;
 	if (!(s->rules[0] | s->rules[1] | s->rules[2]))
 		return 1;
+	s->base = off - 12;
+	s->alias = 0;
+	s->found = 0;
 	s->off = off + len + 1 + 4; /* past the name's root byte, qtype and qclass */
 	s->answers_left = answers < CGP_DNS_ANSWERS ? answers : CGP_DNS_ANSWERS;
 	dns_jump.call(skb, CGP_DNS_JUMP_ANSWERS);
@@ -923,31 +934,33 @@ static __always_inline void cgp_learn(const struct cgp_learned_key *key,
 	}
 }
 
-/* CGP_DNS_ANSWERS_PER_RUN answer records per run, then itself again. An A record is
- * learned as ::ffff:a.b.c.d, an AAAA as is; CNAMEs and others are skipped (the question
- * name decides). Owner names must be pointers, as every resolver writes them. */
+/* CGP_DNS_ANSWERS_PER_RUN answer records per run, then itself again; once every record is
+ * read, cgp_dns_learn. An A record gives ::ffff:a.b.c.d, an AAAA the address as is; CNAMEs
+ * and others are skipped (the question name decides). A record that is cut off, runs past
+ * the packet, or whose owner name is not a pointer to the question or to the last CNAME's
+ * target (as resolvers write them; anything else could be a compression loop) ends the
+ * walk, and nothing of the answer is learned. */
 int cgp_dns_answers(struct __sk_buff *skb)
 {
 	__u32 zero = 0;
 	struct cgp_dns_scratch *s = dns_scratch.lookup(&zero);
-	const struct cgp_net_config *cfg = config.lookup(&zero);
 
-	if (!s || !cfg)
+	if (!s)
 		return 1;
 	__u32 off = s->off & 0xffff;
 	__u32 left = s->answers_left;
-	__u64 now = bpf_ktime_get_coarse_ns();
-	struct cgp_learned_key key = {.cgroup_id = cgp_dns_target(skb)};
-
-	if (!key.cgroup_id)
-		return 1;
 
 	for (__u32 a = 0; a < CGP_DNS_ANSWERS_PER_RUN; a++) {
-		if (left == 0)
+		if (left == 0) {
+			dns_jump.call(skb, CGP_DNS_JUMP_LEARN);
 			return 1;
+		}
 		left--;
-		__u8 first;
-		if (bpf_skb_load_bytes(skb, off, &first, 1) || (first & 0xc0) != 0xc0)
+		__u8 owner[2];
+		if (bpf_skb_load_bytes(skb, off, owner, 2) || (owner[0] & 0xc0) != 0xc0)
+			return 1;
+		__u32 points = (((__u32)owner[0] & 0x3f) << 8) | owner[1];
+		if (points != 12 && (!s->alias || points != s->alias))
 			return 1;
 		off += 2;
 		__u8 rr[10];
@@ -958,29 +971,56 @@ int cgp_dns_answers(struct __sk_buff *skb)
 		__u32 ttl = ((__u32)rr[4] << 24) | ((__u32)rr[5] << 16) | ((__u32)rr[6] << 8) | rr[7];
 		__u16 rdlen = ((__u16)rr[8] << 8) | rr[9];
 		off += 10;
-		int found = 0;
+		if (off + rdlen > skb->len)
+			return 1;
+		__u32 found = s->found;
+		if (found >= CGP_DNS_ANSWERS)
+			return 1; /* cannot happen: answers_left is at most that */
 		if (type == 1 && class == 1 && rdlen == 4) {
 			__u32 addr4;
 			if (bpf_skb_load_bytes(skb, off, &addr4, 4))
 				return 1;
-			cgp_mapped4(key.addr, addr4);
-			found = 1;
+			cgp_mapped4(&s->addr[(found & (CGP_DNS_ANSWERS - 1)) * 16], addr4);
+			s->ttl[found & (CGP_DNS_ANSWERS - 1)] = ttl;
+			s->found = found + 1;
 		} else if (type == 28 && class == 1 && rdlen == 16) {
-			if (bpf_skb_load_bytes(skb, off, key.addr, 16))
+			if (bpf_skb_load_bytes(skb, off, &s->addr[(found & (CGP_DNS_ANSWERS - 1)) * 16], 16))
 				return 1;
-			found = 1;
-		}
-		if (found) {
-			if (ttl < cfg->min_ttl)
-				ttl = cfg->min_ttl;
-			if (ttl > cfg->max_ttl)
-				ttl = cfg->max_ttl;
-			cgp_learn(&key, s, now, now + (__u64)ttl * 1000000000ULL);
+			s->ttl[found & (CGP_DNS_ANSWERS - 1)] = ttl;
+			s->found = found + 1;
+		} else if (type == 5 && class == 1) {
+			s->alias = off - s->base; /* the next owner may point to this CNAME's target */
 		}
 		off += rdlen;
 	}
 	s->off = off;
 	s->answers_left = left;
 	dns_jump.call(skb, CGP_DNS_JUMP_ANSWERS);
+	return 1;
+}
+
+/* The addresses of an answer whose records were all read whole (cgp_dns_answers), learned
+ * for the target cgroup with their TTLs raised to minTTL and cut to maxTTL. */
+int cgp_dns_learn(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct cgp_dns_scratch *s = dns_scratch.lookup(&zero);
+	const struct cgp_net_config *cfg = config.lookup(&zero);
+	struct cgp_learned_key key = {.cgroup_id = cgp_dns_target(skb)};
+	__u64 now = bpf_ktime_get_coarse_ns();
+
+	if (!s || !cfg || !key.cgroup_id)
+		return 1;
+	for (__u32 i = 0; i < CGP_DNS_ANSWERS; i++) {
+		if (i >= s->found)
+			break;
+		__u32 ttl = s->ttl[i & (CGP_DNS_ANSWERS - 1)];
+		if (ttl < cfg->min_ttl)
+			ttl = cfg->min_ttl;
+		if (ttl > cfg->max_ttl)
+			ttl = cfg->max_ttl;
+		__builtin_memcpy(key.addr, &s->addr[(i & (CGP_DNS_ANSWERS - 1)) * 16], 16);
+		cgp_learn(&key, s, now, now + (__u64)ttl * 1000000000ULL);
+	}
 	return 1;
 }

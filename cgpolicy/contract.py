@@ -310,7 +310,8 @@ DNS_LABELS = 32  # CGP_DNS_LABELS: labels of a question name at most
 DNS_NAME_BYTES = 256  # CGP_DNS_NAME_BYTES
 DNS_ANSWERS = 16  # CGP_DNS_ANSWERS: answer records read per answer at most
 DNS_ANSWERS_PER_RUN = 2  # CGP_DNS_ANSWERS_PER_RUN
-DNS_JUMP_QUESTION, DNS_JUMP_ANSWERS = 0, 1  # CGP_DNS_JUMP_*: slots of dns_jump
+DNS_JUMP_QUESTION, DNS_JUMP_ANSWERS, DNS_JUMP_LEARN = 0, 1, 2  # CGP_DNS_JUMP_*: dns_jump slots
+DNS_JUMPS = 3  # CGP_DNS_JUMPS
 # The sections whose rules may name fqdns, each with its own rule numbering (CGP_DNS_SLOT_*)
 DNS_SLOTS = {"network.egress": 0, "network.ingress": 1, "sockets.connect": 2}
 PENDING_KEY = Layout("cgp_pending_key", ("cookie", "__u64"), ("id", "__u32"), ("pad", "__u32"))
@@ -353,6 +354,11 @@ DNS_SCRATCH = Layout(  # only the programs read it; here for its size
     ("answers_left", "__u32"),
     ("family", "__u32"),
     ("name_id", "__u32"),
+    ("base", "__u32"),
+    ("alias", "__u32"),
+    ("found", "__u32"),
+    ("ttl", "__u32", DNS_ANSWERS),
+    ("addr", "__u8", DNS_ANSWERS * 16),
 )
 
 # LPM trie keys: the prefix length in bits, then the data in network byte order
@@ -479,6 +485,8 @@ C_CONSTANTS: dict[str, int] = {
     "CGP_DNS_ANSWERS_PER_RUN": DNS_ANSWERS_PER_RUN,
     "CGP_DNS_JUMP_QUESTION": DNS_JUMP_QUESTION,
     "CGP_DNS_JUMP_ANSWERS": DNS_JUMP_ANSWERS,
+    "CGP_DNS_JUMP_LEARN": DNS_JUMP_LEARN,
+    "CGP_DNS_JUMPS": DNS_JUMPS,
     **{f"CGP_DNS_SLOT_{s.split('.')[1].upper()}": slot for s, slot in DNS_SLOTS.items()},
     "CGP_DNS_SLOTS": len(DNS_SLOTS),
     "CGP_DNS_PENDING_NS": DNS_PENDING_NS,

@@ -13,6 +13,7 @@ from cgpolicy.compiler.names import name_table
 from cgpolicy.compiler.spec import MapSpec, ProgramSpec
 from cgpolicy.contract import (
     CLOCK,
+    DNS_JUMPS,
     DNS_KEY,
     DNS_SCOPE,
     DNS_SCRATCH,
@@ -28,7 +29,7 @@ from cgpolicy.contract import (
 )
 from cgpolicy.policy.model import NetworkRule, SocketAddressRule
 
-QUESTION, ANSWERS = "cgp_dns_question", "cgp_dns_answers"
+QUESTION, ANSWERS, LEARN = "cgp_dns_question", "cgp_dns_answers", "cgp_dns_learn"
 
 
 def learned_map(capacity: int = 1) -> MapSpec:
@@ -81,8 +82,8 @@ def pending_map(used: bool) -> MapSpec:
 
 
 def jump_map() -> MapSpec:
-    """dns_jump: [0] the question program, [1] the answers program (bpf_tail_call)."""
-    return MapSpec("dns_jump", "prog_array", U32.size, U32.size, 2, 0, ())
+    """dns_jump: the question, answers and learn programs, in that order (bpf_tail_call)."""
+    return MapSpec("dns_jump", "prog_array", U32.size, U32.size, DNS_JUMPS, 0, ())
 
 
 def scratch_map() -> MapSpec:
@@ -104,9 +105,9 @@ def name_rules(
 def dns_programs(
     key: bytes, rules: list[tuple[int, int, tuple[str, ...]]], config: MapSpec, max_learned: int
 ) -> tuple[ProgramSpec, ...]:
-    """The question and answers programs, with the name table under ``key`` (16 random
-    bytes, drawn per load), the ingress program's ``config`` (its TTL bounds) and the
-    learned map's capacity."""
+    """The question, answers and learn programs (the dns_jump slots, in order), with the
+    name table under ``key`` (16 random bytes, drawn per load), the ingress program's
+    ``config`` (its TTL bounds) and the learned map's capacity."""
     table = name_table(key, len(DNS_SLOTS), rules)
     names = MapSpec(
         "dns_names",
@@ -137,23 +138,23 @@ def dns_programs(
         "dns_names": names,
         "dns_jump": jump_map(),
     }
-    answers = {
+    answers = {"dns_scratch": scratch_map(), "dns_jump": jump_map()}
+    learn = {
         "dns_scratch": scratch_map(),
         "config": config,
         "learned": learned_map(max_learned),
         "dns_stats": stats_map(),
         **{n: m for n, m in lookup_maps(True).items() if n != "dns_clock"},  # reads ktime
-        "dns_jump": jump_map(),
     }
     return (
-        _tail_program(QUESTION, question),
-        _tail_program(ANSWERS, answers),
+        _tail_program(QUESTION, "cgp_dns_q", question),
+        _tail_program(ANSWERS, "cgp_dns_a", answers),
+        _tail_program(LEARN, "cgp_dns_l", learn),
     )
 
 
-def _tail_program(function: str, maps: dict[str, MapSpec]) -> ProgramSpec:
+def _tail_program(function: str, short: str, maps: dict[str, MapSpec]) -> ProgramSpec:
     """A cgroup_skb program of net.c reached only by tail call from the ingress program."""
-    short = "cgp_dns_q" if function == QUESTION else "cgp_dns_a"
     return ProgramSpec("ingress", "net.c", function, short, tuple(maps[n] for n in sorted(maps)))
 
 

@@ -243,7 +243,7 @@ def _load_dns_programs(compiled: CompiledPolicy, work: _Work, shared: dict[str, 
         for spec in compiled.dns_programs:
             loaded = load_program(spec, shared_maps=with_ingress)
             work.dns_programs.append(loaded)
-        for slot, loaded in enumerate(work.dns_programs):  # dns_programs: question, answers
+        for slot, loaded in enumerate(work.dns_programs):  # the dns_jump slots, in order
             work.dns.dns_jump.update(U32.pack(slot), U32.pack(loaded.program.fd))
     except (LoaderError, BpfError) as error:
         raise ApplyError(f"loading the DNS programs failed: {error}") from error

@@ -205,44 +205,12 @@ class Case:
 CASES = [
     Case("tc-bit", tc_bit),
     Case("cut-off-record", cut_off_record),
-    pytest.param(
-        Case("cut-off-after-whole-records", cut_off_after_a_whole_record),
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=AssertionError,
-            reason="bpf/net.c cgp_dns_answers learns each record as it reads it: the whole "
-            "records before the one missing are learned from an answer no resolver accepts",
-        ),
-    ),
+    Case("cut-off-after-whole-records", cut_off_after_a_whole_record),
     Case("question-pointing-at-itself", question_pointing_at_itself),
-    pytest.param(
-        Case("owner-pointing-at-itself", owner_pointing_at_itself),
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=AssertionError,
-            reason="bpf/net.c cgp_dns_answers checks only that an owner name is a pointer, "
-            "not where it points: a record whose owner is a compression loop is learned",
-        ),
-    ),
-    pytest.param(
-        Case("owners-pointing-at-each-other", owners_pointing_at_each_other),
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=AssertionError,
-            reason="bpf/net.c cgp_dns_answers checks only that an owner name is a pointer, "
-            "not where it points: records whose owners form a loop are learned",
-        ),
-    ),
+    Case("owner-pointing-at-itself", owner_pointing_at_itself),
+    Case("owners-pointing-at-each-other", owners_pointing_at_each_other),
     Case("record-class-chaos", record_class_chaos),
-    pytest.param(
-        Case("question-class-chaos", question_class_chaos, rdclass="CH"),
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=AssertionError,
-            reason="bpf/net.c cgp_dns_question skips the question's type and class: IN "
-            "records answering a CH question are learned",
-        ),
-    ),
+    Case("question-class-chaos", question_class_chaos, rdclass="CH"),
     Case("wrong-id", wrong_id),
     Case("from-another-server", from_another_server),
     Case("nxdomain", rcode(dns.rcode.NXDOMAIN)),
@@ -339,18 +307,7 @@ def labels_under_hostile(count: int) -> str:
     [
         pytest.param(MAXIMAL, True, id="253-characters-by-wildcard"),
         pytest.param(MAXIMAL_EXACT, True, id="253-characters-exact"),
-        pytest.param(
-            labels_under_hostile(32),
-            True,
-            id="32-labels",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="bpf/net.c cgp_dns_question reads at most CGP_DNS_LABELS (32) labels "
-                "and needs to see the root byte within them: a name of exactly 32 labels is "
-                "not learned, though docs/policy.md refuses only 'more than 32 labels'",
-            ),
-        ),
+        pytest.param(labels_under_hostile(32), True, id="32-labels"),
         pytest.param(labels_under_hostile(33), False, id="33-labels"),
         pytest.param(labels_under_hostile(122), False, id="122-labels-253-characters"),
     ],

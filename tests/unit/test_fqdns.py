@@ -174,6 +174,7 @@ def test_a_policy_naming_hosts_compiles_to_learning_and_matching(write: WriteFil
     assert "ingress" in hooks and {p.function for p in compiled.dns_programs} == {
         "cgp_dns_question",
         "cgp_dns_answers",
+        "cgp_dns_learn",
     }
 
     def config(hook: str) -> dict:
