@@ -291,6 +291,10 @@ struct cgp_dns_scope {
 	__u32 level[CGP_DNS_TARGET_LEVELS]; /* the target cgroups' depths (root: 0), deepest first */
 	__u32 pad;
 };
+/* dns_seen: a bit per address slot (cgp_seen_slot()), set before an address in the slot is
+ * learned and never cleared while the load lasts: a clear bit spares the lookup in
+ * `learned` (most packets of a cgroup go to addresses no answer gave). */
+#define CGP_DNS_SEEN_WORDS 1024 /* 65,536 bits */
 /* dns_clock (per CPU, per program): bpf_ktime_get_coarse_ns() as read at `jiffies`. */
 struct cgp_clock {
 	__u64 jiffies;

@@ -123,6 +123,7 @@ BPF_PERCPU_ARRAY(dns_stats, struct cgp_dns_stats, 1);
 #endif
 BPF_ARRAY(dns_scope, struct cgp_dns_scope, 1);
 BPF_PERCPU_ARRAY(dns_clock, struct cgp_clock, 1);
+BPF_ARRAY(dns_seen, __u64, CGP_DNS_SEEN_WORDS);
 /* The target cgroups' ids, checked when targets lie at more than one depth. */
 BPF_F_TABLE("hash", __u64, __u32, dns_targets, CGP_DNS_TARGETS_MAX, BPF_F_NO_PREALLOC);
 BPF_PROG_ARRAY(dns_jump, CGP_DNS_JUMPS);
@@ -510,6 +511,19 @@ static __always_inline __u64 cgp_coarse_now(void)
 	return clock->ns;
 }
 
+/* An address's bit in dns_seen: the top 16 bits of an IPv4 (mapped) address, the 16-bit
+ * words of an IPv6 one folded by xor. */
+static __always_inline __u32 cgp_seen_slot(const __u8 addr[16])
+{
+	if (addr[10] == 0xff && addr[11] == 0xff && !(addr[0] | addr[1] | addr[2] | addr[3] |
+							  addr[4] | addr[5] | addr[6] | addr[7] |
+							  addr[8] | addr[9]))
+		return ((__u32)addr[12] << 8) | addr[13];
+	__u32 even = addr[0] ^ addr[2] ^ addr[4] ^ addr[6] ^ addr[8] ^ addr[10] ^ addr[12] ^ addr[14];
+	__u32 odd = addr[1] ^ addr[3] ^ addr[5] ^ addr[7] ^ addr[9] ^ addr[11] ^ addr[13] ^ addr[15];
+	return (even << 8) | odd;
+}
+
 /* The fqdns rules that `learned` holds for this target cgroup and remote address, live. */
 static __always_inline __u64 cgp_learned_rules(const struct cgp_net_config *cfg,
 					       __u64 cgroup_id, const __u8 addr[16])
@@ -519,6 +533,10 @@ static __always_inline __u64 cgp_learned_rules(const struct cgp_net_config *cfg,
 
 	if (!cgroup_id)
 		return 0;
+	__u32 seen_slot = cgp_seen_slot(addr), word = seen_slot >> 6;
+	__u64 *seen = dns_seen.lookup(&word);
+	if (!seen || !(*seen & (1ULL << (seen_slot & 63))))
+		return 0; /* no address of this slot was ever learned */
 
 	__builtin_memcpy(key.addr, addr, 16);
 	__u32 slot = cfg->dns_slot;
@@ -919,6 +937,13 @@ static __always_inline void cgp_learn(const struct cgp_learned_key *key,
 	struct cgp_learned *live = learned.lookup(key);
 	struct cgp_dns_stats *stats = dns_stats.lookup(&zero);
 
+	__u32 seen_slot = cgp_seen_slot(key->addr), word = seen_slot >> 6;
+	__u64 *seen = dns_seen.lookup(&word);
+
+	if (!seen)
+		return;
+	/* before the entry exists, so that no lookup skips it */
+	__sync_fetch_and_or(seen, 1ULL << (seen_slot & 63));
 	__builtin_memcpy(value.rules, s->rules, sizeof(value.rules));
 	if (live && live->expires_ns > now) {
 		for (int slot = 0; slot < CGP_DNS_SLOTS; slot++)

@@ -334,6 +334,7 @@ NAME_ENTRY = Layout(
     ("wildcard_name", "__u32"),  # and of "*." + this name
 )
 DNS_STATS = Layout("cgp_dns_stats", ("learned", "__u64"), ("full", "__u64"))  # per CPU
+DNS_SEEN_WORDS = 1024  # CGP_DNS_SEEN_WORDS: dns_seen, a bit per address slot (see seen_slot)
 CLOCK = Layout("cgp_clock", ("jiffies", "__u64"), ("ns", "__u64"))  # dns_clock, per CPU
 DNS_TARGET_LEVELS = 8  # CGP_DNS_TARGET_LEVELS: distinct depths of a policy's target cgroups
 DNS_SCOPE = Layout(
@@ -491,6 +492,7 @@ C_CONSTANTS: dict[str, int] = {
     "CGP_DNS_SLOTS": len(DNS_SLOTS),
     "CGP_DNS_PENDING_NS": DNS_PENDING_NS,
     "CGP_DNS_TARGET_LEVELS": DNS_TARGET_LEVELS,
+    "CGP_DNS_SEEN_WORDS": DNS_SEEN_WORDS,
     "CGP_FAMILY_SLOTS": SOCKET_FAMILY_SLOTS,
     "CGP_TYPE_SLOTS": SOCKET_TYPE_SLOTS,
     "CGP_PROTOCOL_SLOTS": SOCKET_PROTOCOL_SLOTS,

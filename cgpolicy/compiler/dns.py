@@ -17,6 +17,7 @@ from cgpolicy.contract import (
     DNS_KEY,
     DNS_SCOPE,
     DNS_SCRATCH,
+    DNS_SEEN_WORDS,
     DNS_SLOTS,
     DNS_STATS,
     LEARNED,
@@ -45,12 +46,25 @@ def learned_map(capacity: int = 1) -> MapSpec:
 TARGETS_MAX = 65536  # target cgroups of one policy at most that learn (allocated as used)
 
 
+def seen_slot(address: bytes) -> int:
+    """An address's bit in dns_seen (bpf/net.c cgp_seen_slot): the top 16 bits of an
+    IPv4-mapped address, else the xor of the IPv6 address's 16-bit words."""
+    if address[:12] == b"\0" * 10 + b"\xff\xff":
+        return int.from_bytes(address[12:14], "big")
+    folded = 0
+    for at in range(0, 16, 2):
+        folded ^= int.from_bytes(address[at : at + 2], "big")
+    return folded
+
+
 def lookup_maps(used: bool) -> dict[str, MapSpec]:
     """What a program needs to look learned addresses up: dns_scope (the depths of the
-    target cgroups) and dns_targets (their ids), one pair per policy load, shared by its
-    programs and kept up to date by the enforcer as targets come and go (1-entry
+    target cgroups), dns_targets (their ids) and dns_seen (which address slots ever had an
+    address learned), one of each per policy load, shared by its programs (1-entry
     placeholders in a policy that names no fqdns); and the program's own dns_clock."""
+    seen_words = DNS_SEEN_WORDS if used else 1
     return {
+        "dns_seen": MapSpec("dns_seen", "array", U32.size, U64.size, seen_words, 0, ()),
         "dns_clock": MapSpec("dns_clock", "percpu_array", U32.size, CLOCK.size, 1, 0, ()),
         "dns_scope": MapSpec("dns_scope", "array", U32.size, DNS_SCOPE.size, 1, 0, ()),
         "dns_targets": MapSpec(

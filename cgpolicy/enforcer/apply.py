@@ -205,7 +205,7 @@ def _prepare_dns(
         check_hierarchy_root(cgroup_root)
         if plan.reload:
             work.dns = DnsMaps.create(compiled)
-            carry_learned(folder, compiled, work.dns.learned)
+            carry_learned(folder, compiled, work.dns)
             work.scope = (work.dns.dns_scope, work.dns.dns_targets)
         else:
             scope = Map.from_pin(folder / pins.DNS_SCOPE_PIN)

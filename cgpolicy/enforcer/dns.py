@@ -9,10 +9,18 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 
-from cgpolicy.compiler.dns import pending_map
+from cgpolicy.compiler.dns import pending_map, seen_slot
 from cgpolicy.compiler.names import carried_rules, surely_matched
 from cgpolicy.compiler.spec import CompiledPolicy
-from cgpolicy.contract import DNS_SCOPE, DNS_SLOTS, DNS_TARGET_LEVELS, LEARNED, U32, U64
+from cgpolicy.contract import (
+    DNS_SCOPE,
+    DNS_SLOTS,
+    DNS_TARGET_LEVELS,
+    LEARNED,
+    LEARNED_KEY,
+    U32,
+    U64,
+)
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.applied import monotonic_ns
 from cgpolicy.kernel.bpf import Map
@@ -39,6 +47,7 @@ class DnsMaps:
     dns_stats: Map
     dns_scope: Map
     dns_targets: Map
+    dns_seen: Map
 
     @classmethod
     def create(cls, compiled: CompiledPolicy) -> DnsMaps:
@@ -51,6 +60,7 @@ class DnsMaps:
                 compiled.dns_map("dns_stats"),
                 compiled.dns_map("dns_scope"),
                 compiled.dns_map("dns_targets"),
+                compiled.dns_map("dns_seen"),
             ):
                 made.append(create_map(spec))
         except BpfError as error:
@@ -64,7 +74,8 @@ class DnsMaps:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def pinned(self) -> list[tuple[Map, str]]:
-        """The maps to pin, and their pin names (the pending queries need no reader)."""
+        """The maps to pin, and their pin names (the pending queries and the seen slots need
+        no reader)."""
         return [
             (self.learned, pins.LEARNED_PIN),
             (self.dns_jump, pins.DNS_JUMP_PIN),
@@ -114,7 +125,7 @@ def publish_targets(scope: Map, targets: Map, cgroups: dict[int, str]) -> None:
         targets.delete(key)
 
 
-def carry_learned(folder: Path, compiled: CompiledPolicy, learned: Map) -> None:
+def carry_learned(folder: Path, compiled: CompiledPolicy, maps: DnsMaps) -> None:
     """Fill a reload's new learned map from the one it replaces, so that a policy edit does
     not refuse addresses its workloads resolved before it: each live entry keeps its expiry
     and matches the new version's rules that its name matches for sure
@@ -142,8 +153,14 @@ def carry_learned(folder: Path, compiled: CompiledPolicy, learned: Map) -> None:
         log.warning("policy %s: learned addresses not carried over: %s", compiled.name, error)
         return
     carried.sort(reverse=True)  # the longest-lived first, should the new map be smaller
-    try:
-        learned.update_batch([(k, v) for _, k, v in carried[: learned.info.max_entries]])
+    entries = [(k, v) for _, k, v in carried[: maps.learned.info.max_entries]]
+    seen: dict[int, int] = {}
+    for key, _ in entries:
+        slot = seen_slot(bytes(LEARNED_KEY.unpack_from(key)["addr"]))
+        seen[slot >> 6] = seen.get(slot >> 6, 0) | 1 << (slot & 63)
+    try:  # the programs are not attached yet: nothing else writes these maps
+        maps.dns_seen.update_batch([(U32.pack(w), U64.pack(bits)) for w, bits in seen.items()])
+        maps.learned.update_batch(entries)
     except BpfError as error:
         log.warning("policy %s: learned addresses not carried over: %s", compiled.name, error)
 

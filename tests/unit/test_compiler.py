@@ -311,6 +311,7 @@ def test_sockets_programs_and_maps() -> None:
         "learned",  # addresses DNS answers gave (fqdns rules), a 1-entry placeholder here
         "dns_scope",  # and the target cgroups they are learned for, placeholders too
         "dns_targets",
+        "dns_seen",
         "dns_clock",
         "cidr4",
         "cidr4_idx",
@@ -325,6 +326,7 @@ def test_sockets_programs_and_maps() -> None:
         "learned",
         "dns_scope",
         "dns_targets",
+        "dns_seen",
         "dns_clock",
         "cidr4",
         "cidr4_idx",
