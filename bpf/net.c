@@ -469,10 +469,12 @@ static __always_inline __u64 cgp_sip_final(struct cgp_sip s)
 
 /* The target cgroup a socket lies in: the id `learned` is keyed by, so an answer that
  * reached any cgroup below a target counts for all of it, and for no other target. The
- * socket's cgroup on skb hooks, the task's on sock_addr hooks (skb NULL). Targets at one
- * depth (the usual case: one path, or a glob) need one helper call; at several, the
- * deepest ancestor that is a target. 0 (nothing learned, nothing matched) if none is. */
-static __always_inline __u64 cgp_dns_target(struct __sk_buff *skb)
+ * socket's cgroup on skb hooks; on sock_addr hooks (skb NULL) the calling task's, since
+ * they may not ask for a socket's ancestors: a socket passed to a process of another
+ * target is connected with what that process's target learned. Targets at one depth (the
+ * usual case: one path, or a glob) need one helper call; at several, the deepest ancestor
+ * that is a target. 0 (nothing learned, nothing matched) if none is. */
+static __always_inline __u64 cgp_dns_target(struct __sk_buff *skb, const int is_skb)
 {
 	__u32 zero = 0;
 	struct cgp_dns_scope *scope = dns_scope.lookup(&zero);
@@ -483,8 +485,9 @@ static __always_inline __u64 cgp_dns_target(struct __sk_buff *skb)
 		if (i >= scope->count)
 			break;
 		int level = scope->level[i];
-		__u64 id = skb ? bpf_skb_ancestor_cgroup_id(skb, level)
-			       : bpf_get_current_ancestor_cgroup_id(level);
+		/* is_skb is a constant at each call: one helper is compiled in */
+		__u64 id = is_skb ? bpf_skb_ancestor_cgroup_id(skb, level)
+				  : bpf_get_current_ancestor_cgroup_id(level);
 
 		if (id && (scope->count == 1 || dns_targets.lookup(&id)))
 			return id;
@@ -586,7 +589,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			if (cfg->fqdn_rules | cfg->dns_learn)
 				cgp_mapped4(remote, egress ? ip.daddr : ip.saddr);
 			if (cfg->fqdn_rules)
-				cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(skb), remote);
+				cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(skb, 1), remote);
 			l4.proto_known = 1;
 			l4.proto = ip.protocol;
 			l4.offset = ihl * 4;
@@ -602,7 +605,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			if (cfg->fqdn_rules | cfg->dns_learn)
 				__builtin_memcpy(remote, egress ? ip6.daddr : ip6.saddr, 16);
 			if (cfg->fqdn_rules)
-				cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(skb), remote);
+				cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(skb, 1), remote);
 			cgp_ipv6_l4(skb, ip6.nexthdr, &l4);
 		}
 	}
@@ -749,7 +752,7 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 		cgp_mapped4(remote, ctx->user_ip4);
 	}
 	if (cfg->fqdn_rules)
-		cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(NULL), remote);
+		cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(NULL, 0), remote);
 
 	/* user_port holds the port in network byte order in its low 16 bits. */
 	port = bpf_ntohs((__u16)ctx->user_port);
@@ -1031,7 +1034,7 @@ int cgp_dns_learn(struct __sk_buff *skb)
 	__u32 zero = 0;
 	struct cgp_dns_scratch *s = dns_scratch.lookup(&zero);
 	const struct cgp_net_config *cfg = config.lookup(&zero);
-	struct cgp_learned_key key = {.cgroup_id = cgp_dns_target(skb)};
+	struct cgp_learned_key key = {.cgroup_id = cgp_dns_target(skb, 1)};
 	__u64 now = bpf_ktime_get_coarse_ns();
 
 	if (!s || !cfg || !key.cgroup_id)
