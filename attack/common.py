@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import subprocess
 import os
 import shutil
 import struct
