@@ -11,7 +11,8 @@ resolved correctly (fails closed, but a denial of service across targets). The r
 here takes 50 ms per answer (an upstream recursion); A floods the policy's second
 resolver, so the first one is not loaded at all.
 
-Run as root: .venv/bin/python attack/pending_flood_dos.py   (exit 0 = B was denied)
+Run as root: .venv/bin/python attack/pending_flood_dos.py [ANSWER_DELAY_S, default 0.05]
+(exit 0 = B was denied)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> int:
             {"action": "allow", "ports": [443], "fqdns": ["*.example.test"]}]}}
     }
     common.cli("apply", str(common.write_policy("pending", common.policy("attack-pending", [cgs["a"], cgs["b"]], spec))))
-    server = Resolver(PRIMARY, delay=0.05)
+    server = Resolver(PRIMARY, delay=float(sys.argv[1]) if len(sys.argv) > 1 else 0.05)
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the second resolver: never reads
     sink.bind((SECONDARY, 53))
 
