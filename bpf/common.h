@@ -273,6 +273,7 @@ struct cgp_learned {
 	__u64 expires_ns;            /* bpf_ktime_get_coarse_ns() clock */
 	__u64 learned_ns;            /* when the last answer for it arrived (same clock) */
 	__u64 rules[CGP_DNS_SLOTS];  /* per section: the fqdns rules the answers' names matched */
+	__u64 netns;                 /* the network namespace (cookie) of the socket it reached */
 	__u32 name_id;               /* the last answer's most specific pattern (1-based id) */
 	__u32 pad;
 };

@@ -529,7 +529,7 @@ static __always_inline __u32 cgp_seen_slot(const __u8 addr[16])
 
 /* The fqdns rules that `learned` holds for this target cgroup and remote address, live. */
 static __always_inline __u64 cgp_learned_rules(const struct cgp_net_config *cfg,
-					       __u64 cgroup_id, const __u8 addr[16])
+					       __u64 cgroup_id, const __u8 addr[16], void *ctx)
 {
 	struct cgp_learned_key key = {.cgroup_id = cgroup_id};
 	struct cgp_learned *hit;
@@ -546,6 +546,10 @@ static __always_inline __u64 cgp_learned_rules(const struct cgp_net_config *cfg,
 
 	hit = learned.lookup(&key);
 	if (!hit || slot >= CGP_DNS_SLOTS || hit->expires_ns <= cgp_coarse_now())
+		return 0;
+	/* An answer a process got in a network namespace of its own (which it can make, and
+	 * be any server in) teaches that namespace only. */
+	if (hit->netns != bpf_get_netns_cookie(ctx))
 		return 0;
 	return hit->rules[slot] & cfg->fqdn_rules;
 }
@@ -589,7 +593,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			if (cfg->fqdn_rules | cfg->dns_learn)
 				cgp_mapped4(remote, egress ? ip.daddr : ip.saddr);
 			if (cfg->fqdn_rules)
-				cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(skb, 1), remote);
+				cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(skb, 1), remote, skb);
 			l4.proto_known = 1;
 			l4.proto = ip.protocol;
 			l4.offset = ihl * 4;
@@ -605,7 +609,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			if (cfg->fqdn_rules | cfg->dns_learn)
 				__builtin_memcpy(remote, egress ? ip6.daddr : ip6.saddr, 16);
 			if (cfg->fqdn_rules)
-				cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(skb, 1), remote);
+				cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(skb, 1), remote, skb);
 			cgp_ipv6_l4(skb, ip6.nexthdr, &l4);
 		}
 	}
@@ -752,7 +756,7 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 		cgp_mapped4(remote, ctx->user_ip4);
 	}
 	if (cfg->fqdn_rules)
-		cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(NULL, 0), remote);
+		cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(NULL, 0), remote, ctx);
 
 	/* user_port holds the port in network byte order in its low 16 bits. */
 	port = bpf_ntohs((__u16)ctx->user_port);
@@ -929,14 +933,17 @@ int cgp_dns_question(struct __sk_buff *skb)
 	return 1;
 }
 
-/* Write one learned address. An entry still live keeps the rules it had and the later
- * expiry: an address two matching names share matches the rules of both until the last of
- * their answers runs out. A full map learns nothing (counted): the address stays refused. */
+/* Write one learned address. An entry still live (in the same network namespace) keeps
+ * the rules it had and the later expiry: an address two matching names share matches the
+ * rules of both until the last of their answers runs out. A full map learns nothing
+ * (counted): the address stays refused. */
 static __always_inline void cgp_learn(const struct cgp_learned_key *key,
-				      const struct cgp_dns_scratch *s, __u64 now, __u64 expires)
+				      const struct cgp_dns_scratch *s, __u64 now, __u64 expires,
+				      __u64 netns)
 {
 	__u32 zero = 0;
-	struct cgp_learned value = {.expires_ns = expires, .learned_ns = now, .name_id = s->name_id};
+	struct cgp_learned value = {
+		.expires_ns = expires, .learned_ns = now, .netns = netns, .name_id = s->name_id};
 	struct cgp_learned *live = learned.lookup(key);
 	struct cgp_dns_stats *stats = dns_stats.lookup(&zero);
 
@@ -948,7 +955,7 @@ static __always_inline void cgp_learn(const struct cgp_learned_key *key,
 	/* before the entry exists, so that no lookup skips it */
 	__sync_fetch_and_or(seen, 1ULL << (seen_slot & 63));
 	__builtin_memcpy(value.rules, s->rules, sizeof(value.rules));
-	if (live && live->expires_ns > now) {
+	if (live && live->expires_ns > now && live->netns == netns) {
 		for (int slot = 0; slot < CGP_DNS_SLOTS; slot++)
 			value.rules[slot] |= live->rules[slot];
 		if (live->expires_ns > expires)
@@ -1035,7 +1042,7 @@ int cgp_dns_learn(struct __sk_buff *skb)
 	struct cgp_dns_scratch *s = dns_scratch.lookup(&zero);
 	const struct cgp_net_config *cfg = config.lookup(&zero);
 	struct cgp_learned_key key = {.cgroup_id = cgp_dns_target(skb, 1)};
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = bpf_ktime_get_coarse_ns(), netns = bpf_get_netns_cookie(skb);
 
 	if (!s || !cfg || !key.cgroup_id)
 		return 1;
@@ -1048,7 +1055,7 @@ int cgp_dns_learn(struct __sk_buff *skb)
 		if (ttl > cfg->max_ttl)
 			ttl = cfg->max_ttl;
 		__builtin_memcpy(key.addr, &s->addr[(i & (CGP_DNS_ANSWERS - 1)) * 16], 16);
-		cgp_learn(&key, s, now, now + (__u64)ttl * 1000000000ULL);
+		cgp_learn(&key, s, now, now + (__u64)ttl * 1000000000ULL, netns);
 	}
 	return 1;
 }

@@ -323,6 +323,7 @@ LEARNED = Layout(
     ("expires_ns", "__u64"),  # CLOCK_MONOTONIC (bpf_ktime_get_coarse_ns)
     ("learned_ns", "__u64"),  # when the last answer for it arrived
     ("rules", "__u64", len(DNS_SLOTS)),
+    ("netns", "__u64"),  # the network namespace cookie of the socket the answer reached
     ("name_id", "__u32"),  # the last answer's most specific pattern: 1-based, in the policy's names
     ("pad", "__u32"),
 )
