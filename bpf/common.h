@@ -234,6 +234,8 @@ struct cgp_net_config {
 	__u32 dns_learn;  /* ingress: learn from DNS answers to queries egress saw; egress: see them */
 	__u32 min_ttl;    /* seconds: an answer's TTL is raised to this */
 	__u32 max_ttl;    /* and cut to this */
+	__u32 dns_any_server; /* egress: note queries to any server, not only dns_servers' */
+	__u32 pad;
 };
 
 /* DNS names (net.c): addresses learned from DNS answers, per cgroup. */

@@ -124,6 +124,12 @@ BPF_PERCPU_ARRAY(dns_stats, struct cgp_dns_stats, 1);
 BPF_ARRAY(dns_scope, struct cgp_dns_scope, 1);
 BPF_PERCPU_ARRAY(dns_clock, struct cgp_clock, 1);
 BPF_ARRAY(dns_seen, __u64, CGP_DNS_SEEN_WORDS);
+#ifndef CGP_DNS_SERVERS_MAX
+#define CGP_DNS_SERVERS_MAX 1
+#endif
+/* spec.dns.servers (IPv4 as ::ffff:a.b.c.d/96+n): the only servers whose answers teach,
+ * unless config.dns_any_server. The egress program's. */
+BPF_LPM_TRIE(dns_servers, struct cgp_lpm6, __u64, CGP_DNS_SERVERS_MAX);
 /* The target cgroups' ids, checked when targets lie at more than one depth. */
 BPF_F_TABLE("hash", __u64, __u32, dns_targets, CGP_DNS_TARGETS_MAX, BPF_F_NO_PREALLOC);
 BPF_PROG_ARRAY(dns_jump, CGP_DNS_JUMPS);
@@ -676,9 +682,15 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			return ret;
 		pk.id = id;
 		if (egress && ports[1] == bpf_htons(53)) {
-			/* A query sent: remember it, and where it went. */
+			/* A query sent to a server whose answers teach: remember it, and where it
+			 * went. */
+			struct cgp_lpm6 server = {.prefixlen = 128};
 			struct cgp_pending pending = {
 				.expires_ns = bpf_ktime_get_coarse_ns() + CGP_DNS_PENDING_NS};
+
+			__builtin_memcpy(server.addr, remote, 16);
+			if (!cfg->dns_any_server && !dns_servers.lookup(&server))
+				return ret;
 
 			__builtin_memcpy(pending.server, remote, 16);
 			dns_pending.update(&pk, &pending);

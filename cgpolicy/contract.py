@@ -303,6 +303,8 @@ NET_CONFIG = Layout(
     ("dns_learn", "__u32"),  # ingress: learn from DNS answers
     ("min_ttl", "__u32"),  # seconds
     ("max_ttl", "__u32"),
+    ("dns_any_server", "__u32"),  # egress: any server's answers teach (no spec.dns.servers)
+    ("pad", "__u32"),
 )
 
 # DNS names: what the ingress program learns from answers, per cgroup

@@ -155,7 +155,8 @@ def revision(
         },
     }
     if policy.dns != DnsSettings():  # likewise: only settings that differ from the defaults
-        content["dns"] = [policy.dns.min_ttl, policy.dns.max_ttl, policy.dns.max_learned]
+        dns = policy.dns
+        content["dns"] = [dns.min_ttl, dns.max_ttl, dns.max_learned, sorted(map(str, dns.servers))]
     if device_paths:  # absent otherwise, so that revisions without path rules stay as they were
         content["device_paths"] = sorted(
             [d.path, d.action, d.node.state, d.node.numbers()] for d in device_paths

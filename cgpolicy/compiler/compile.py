@@ -69,7 +69,10 @@ def compile_policy(
     index_min = CIDR4_INDEX_MIN if cidr4_index_min is None else cidr4_index_min
     policy, device_paths = bind_device_paths(policy, resolve_device)
     by_name = _name_sections(policy)
-    dns = DnsConfig(bool(by_name), policy.dns.min_ttl, policy.dns.max_ttl, policy.dns.max_learned)
+    settings = policy.dns
+    dns = DnsConfig(
+        bool(by_name), settings.min_ttl, settings.max_ttl, settings.max_learned, settings.servers
+    )
     audit = policy.mode == "audit"
     programs: list[ProgramSpec] = []
     resolved: dict[str, list[list[int]]] = {}

@@ -4,6 +4,7 @@ program hands a DNS answer to when some rule of the policy names fqdns."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +23,14 @@ from cgpolicy.contract import (
     DNS_STATS,
     LEARNED,
     LEARNED_KEY,
+    LPM6_KEY,
     NAME_ENTRY,
     PENDING,
     PENDING_KEY,
     U32,
     U64,
 )
-from cgpolicy.policy.model import NetworkRule, SocketAddressRule
+from cgpolicy.policy.model import IPNetwork, NetworkRule, SocketAddressRule
 
 QUESTION, ANSWERS, LEARN = "cgp_dns_question", "cgp_dns_answers", "cgp_dns_learn"
 
@@ -180,6 +182,7 @@ class DnsConfig:
     min_ttl: int
     max_ttl: int
     max_learned: int
+    servers: tuple[IPNetwork, ...]  # whose answers teach; empty: any server's
 
     def fields(
         self, section: str, rules: Sequence[NetworkRule | SocketAddressRule]
@@ -192,4 +195,26 @@ class DnsConfig:
             "dns_learn": int(self.used and section in ("network.ingress", "network.egress")),
             "min_ttl": self.min_ttl,
             "max_ttl": self.max_ttl,
+            "dns_any_server": int(not self.servers),
+            "pad": 0,
         }
+
+    def servers_map(self) -> MapSpec:
+        """dns_servers: the servers as IPv6 prefixes (IPv4 as ::ffff:a.b.c.d/96+n)."""
+        entries = []
+        for server in self.servers:
+            if server.version == 4:
+                mapped = ipaddress.IPv6Address(f"::ffff:{server.network_address}")
+                prefix, length = mapped.packed, 96 + server.prefixlen
+            else:
+                prefix, length = server.network_address.packed, server.prefixlen
+            entries.append((LPM6_KEY.pack(prefixlen=length, addr=prefix), U64.pack(1)))
+        return MapSpec(
+            "dns_servers",
+            "lpm_trie",
+            LPM6_KEY.size,
+            U64.size,
+            max(1, len(entries)),
+            BPF_F_NO_PREALLOC,
+            tuple(sorted(entries)),
+        )

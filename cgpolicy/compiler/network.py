@@ -277,8 +277,10 @@ def network_maps(
     v4, v6 = _cidr_tables(rules)
     section = f"network.{direction}"
     config = _net_config(default, rules, audit, any_icmp, any_iface, dns.fields(section, rules))
-    learning = (
-        {"dns_scratch": scratch_map(), "dns_jump": jump_map()} if direction == "ingress" else {}
+    learning = (  # ingress learns from answers, egress notes the queries to servers
+        {"dns_scratch": scratch_map(), "dns_jump": jump_map()}
+        if direction == "ingress"
+        else {"dns_servers": dns.servers_map()}
     )
     return {
         "config": config_map(config),

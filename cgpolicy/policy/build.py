@@ -179,10 +179,12 @@ def _fqdns(rule: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _dns(settings: dict[str, Any]) -> DnsSettings:
+    max_ttl = settings.get("maxTTL", DEFAULT_MAX_TTL)
     return DnsSettings(
-        settings.get("minTTL", DEFAULT_MIN_TTL),
-        settings.get("maxTTL", DEFAULT_MAX_TTL),
+        settings.get("minTTL", min(DEFAULT_MIN_TTL, max_ttl)),  # the default yields to maxTTL
+        max_ttl,
         settings.get("maxLearned", DEFAULT_MAX_LEARNED),
+        tuple(parse_cidr(text) for text in settings.get("servers", ())),
     )
 
 

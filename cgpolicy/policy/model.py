@@ -183,12 +183,15 @@ DEFAULT_MAX_LEARNED = 65536  # learned (cgroup, address) entries per policy at m
 @dataclass(frozen=True, slots=True)
 class DnsSettings:
     """How long an address learned from a DNS answer matches `fqdns` rules: the answer's
-    TTL, raised to ``min_ttl`` and cut to ``max_ttl`` (seconds); and how many learned
-    addresses the policy keeps (a full map learns nothing more: it fails closed)."""
+    TTL, raised to ``min_ttl`` and cut to ``max_ttl`` (seconds); how many learned addresses
+    the policy keeps (a full map learns nothing more: it fails closed); and which DNS
+    servers' answers teach."""
 
     min_ttl: int = DEFAULT_MIN_TTL
     max_ttl: int = DEFAULT_MAX_TTL
     max_learned: int = DEFAULT_MAX_LEARNED
+    # the servers whose answers teach (queries to others are not noted); empty: any
+    servers: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cgpolicy.contract import DNS_LABELS
 from cgpolicy.policy.model import (
     DEFAULT_MAX_TTL,
     IPNetwork,
@@ -238,6 +239,7 @@ def target_problem(text: str) -> InvalidValue | None:
 
 
 MAX_FQDN_LENGTH = 253  # a DNS name's text, without the trailing dot
+MAX_FQDN_LABELS = DNS_LABELS  # the labels of a question name the kernel reads
 _LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
@@ -261,6 +263,12 @@ def fqdn_problem(text: str) -> InvalidValue | None:
             f"{MAX_FQDN_LENGTH}"
         )
     labels = name.split(".")
+    if len(labels) > MAX_FQDN_LABELS:  # in a "*." pattern, '*' stands for a label at least
+        return InvalidValue(
+            f"{shown(text)} has {len(labels)} labels; the kernel reads question names of at "
+            f"most {MAX_FQDN_LABELS}, so no answer could match it",
+            "name a domain nearer the root",
+        )
     if labels[0] == "*":
         if len(labels) < 2:
             return InvalidValue(
@@ -307,9 +315,10 @@ def check_policy(data: Any) -> Iterator[Finding]:
 
 
 def policy_warnings(policy: Policy) -> list[Problem]:
-    """What a valid policy may not do as its writer expects: a `deny` by DNS name holds only
-    for addresses the cgroup learned from an answer for that name (a process can use an
-    address it learned elsewhere, or resolve over HTTPS)."""
+    """What a valid policy may not do as its writer expects: an `allow` by DNS name is as
+    good as the DNS servers whose answers teach (any, unless spec.dns.servers names them);
+    a `deny` by DNS name holds only for addresses the cgroup learned from an answer for
+    that name (a process can use an address it learned elsewhere, or resolve over HTTPS)."""
     sections: list[tuple[str, Sequence[NetworkRule | SocketAddressRule]]] = []
     if policy.network is not None:
         for direction in ("ingress", "egress"):
@@ -319,6 +328,27 @@ def policy_warnings(policy: Policy) -> list[Problem]:
     if policy.sockets is not None and policy.sockets.connect is not None:
         sections.append(("spec.sockets.connect", policy.sockets.connect.rules))
     warnings = []
+    allows = [
+        (where, index, rule)
+        for where, rules in sections
+        for index, rule in enumerate(rules)
+        if rule.action == "allow" and rule.fqdns
+    ]
+    if allows and not policy.dns.servers:
+        where, index, rule = allows[0]
+        at = rule.source or policy.source
+        warnings.append(
+            Problem(
+                at.file if at else "",
+                at.line if at else 0,
+                at.column if at else 0,
+                f"{where}.rules[{index}]",
+                "an answer from any DNS server the workload may query teaches names: a "
+                "workload that can query a server it controls can make this rule's names "
+                "match any address",
+                "name the resolvers in spec.dns.servers, and allow port 53 to them only",
+            )
+        )
     for where, rules in sections:
         for index, rule in enumerate(rules):
             if rule.action == "deny" and rule.fqdns:
@@ -441,6 +471,13 @@ def _check_dns(spec: dict[str, Any]) -> Iterator[Finding]:
             f"minTTL {low} is above maxTTL {high}",
             "minTTL raises short TTLs, maxTTL cuts long ones: minTTL <= maxTTL",
         )
+    for index, text in enumerate(_list(dns, "servers")):
+        if not isinstance(text, str):
+            continue
+        try:
+            parse_cidr(text)
+        except InvalidValue as error:
+            yield Finding(("spec", "dns", "servers", index), error.message, error.hint)
 
 
 def _check_cidrs(rule: dict[str, Any], path: Path, protocol: Any) -> Iterator[Finding]:

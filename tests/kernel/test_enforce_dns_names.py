@@ -392,3 +392,23 @@ def test_a_deny_by_name_blocks_the_learned_address_and_validate_warns(
     assert "spec.sockets.connect.rules[1]" in warnings[0]  # [0] is the DNS server's rule
     assert "a deny by DNS name is best-effort" in warnings[0]
     assert "deny port 853" in warnings[0]
+
+
+def test_only_the_servers_the_policy_names_teach(
+    cgroup_root, bpf_dir, scratch_cgroup, tmp_path, dns_server
+) -> None:
+    """With spec.dns.servers, an answer from another server (here the same program on the
+    server's second address, which the policy lets the workload query) teaches nothing,
+    and one from a named server does."""
+    named, other = dns_server.addresses
+    rules = [{"action": "allow", "fqdns": ["api.test"]}]
+    settings = {"servers": [cidr(named)]}
+    policy = connect_policy(
+        tmp_path, [scratch_cgroup.relative], [named, other], rules, dns_ttl=settings
+    )
+    with enforced(cgroup_root, bpf_dir, policy):
+        asked_other = run_client(scratch_cgroup, "resolve", other, "api.test")
+        assert asked_other == [["api.test", "198.51.100.7", "EPERM"]]
+        assert resolve(scratch_cgroup, dns_server, "api.test") == [
+            ["api.test", "198.51.100.7", "ok"]
+        ]

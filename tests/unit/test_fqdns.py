@@ -95,12 +95,55 @@ def test_a_deny_by_name_is_valid_with_a_warning_saying_what_it_does_not_cover(
             "network.egress",
             "{action: allow, fqdns: [a.example]}",
             "{action: deny, fqdns: [b.example]}",
-        ),
+        )
+        + "dns: {servers: [10.0.0.53]}\n",
     )
     assert result.problems == [] and len(result.policies) == 1
     (warning,) = result.warnings
     assert warning.field == "spec.network.egress.rules[1]"
     assert "best-effort" in warning.message and "853" in (warning.hint or "")
+
+
+def test_an_allow_by_name_without_servers_warns_that_any_server_teaches(
+    write: WriteFile,
+) -> None:
+    rules = ("{action: deny, cidrs: [192.0.2.0/24]}", "{action: allow, fqdns: [a.example]}")
+    result = load(write, section_text("sockets.connect", *rules))
+    (warning,) = result.warnings
+    assert warning.field == "spec.sockets.connect.rules[1]"
+    assert "any DNS server" in warning.message and "spec.dns.servers" in (warning.hint or "")
+    with_servers = section_text("sockets.connect", *rules) + "dns: {servers: [10.0.0.53/32]}\n"
+    assert load(write, with_servers).warnings == []
+
+
+@pytest.mark.parametrize(
+    ("servers", "problem"),
+    [("[10.0.0.353]", "10.0.0.353"), ("[10.0.0.1/24]", "host bits"), ("[]", "")],
+)
+def test_dns_servers_are_addresses_or_cidrs(write: WriteFile, servers: str, problem: str) -> None:
+    spec = section_text("sockets.connect", "{action: allow, fqdns: [a.example]}")
+    result = load(write, spec + f"dns: {{servers: {servers}}}\n")
+    (found,) = result.problems
+    assert found.field.startswith("spec.dns.servers") and problem in found.message
+
+
+def test_a_name_of_more_labels_than_the_kernel_reads_is_refused(write: WriteFile) -> None:
+    longest = ".".join(["a"] * 31 + ["example"])  # 32 labels: readable
+    assert load(
+        write, section_text("sockets.connect", f"{{action: allow, fqdns: [{longest}]}}")
+    ).policies
+    for name in ("x." + longest, "*." + longest):
+        result = load(
+            write, section_text("sockets.connect", f"{{action: allow, fqdns: ['{name}']}}")
+        )
+        (found,) = result.problems
+        assert "33 labels" in found.message and "at most 32" in found.message
+
+
+def test_min_ttl_defaults_to_max_ttl_when_that_is_lower(write: WriteFile) -> None:
+    spec = section_text("sockets.connect", "{action: allow, fqdns: [a.example]}")
+    (policy,) = load(write, spec + "dns: {maxTTL: 10}\n").policies
+    assert (policy.dns.min_ttl, policy.dns.max_ttl) == (10, 10)
 
 
 def test_describe_names_the_hosts_by_dns(write: WriteFile) -> None:
