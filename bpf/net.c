@@ -434,6 +434,19 @@ static __always_inline void cgp_skb_event(struct __sk_buff *skb, const struct cg
  * that reads the answer and connects at once finds the entry there.
  */
 
+/* The 8 bytes of `w` with A-Z lowercased and every other byte as it is, without a branch:
+ * per byte, bit 7 of (b & 0x7f) + 0x3f is set from 'A' up, of (b & 0x7f) + 0x25 above 'Z'
+ * (no carry leaves a byte), and a byte with bit 7 set is no ASCII letter. */
+static __always_inline __u64 cgp_ascii_lower(__u64 w)
+{
+	__u64 low7 = w & 0x7f7f7f7f7f7f7f7fULL;
+	__u64 from_a = low7 + 0x3f3f3f3f3f3f3f3fULL;
+	__u64 above_z = low7 + 0x2525252525252525ULL;
+	__u64 upper = (from_a ^ above_z) & ~w & 0x8080808080808080ULL;
+
+	return w | (upper >> 2);
+}
+
 #define CGP_ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
 
 /* SipHash-1-3 over 64-bit words: one round per word absorbed, three to finalize. */
@@ -863,7 +876,7 @@ int cgp_dns_question(struct __sk_buff *skb)
 	/* The name: one load of up to 255 bytes, then label by label (no compression in a
 	 * question). Each label is hashed as 8 words, always, the bytes past it masked out
 	 * without a branch: a loop whose exit depends on the length would give the verifier
-	 * one path per length per label. `| 0x20` lowercases letters, keeps digits and '-'. */
+	 * one path per length per label. Letters A-Z are lowercased, no other byte changes. */
 	__u32 avail = skb->len > off ? skb->len - off : 0;
 	if (avail > CGP_DNS_NAME_BYTES - 1)
 		avail = CGP_DNS_NAME_BYTES - 1;
@@ -888,7 +901,7 @@ int cgp_dns_question(struct __sk_buff *skb)
 			__u64 keep = (rem * 8) >> 6 ? ~0ULL : ((1ULL << (rem * 8)) - 1);
 			__u64 w;
 			__builtin_memcpy(&w, &s->name[(pos + 1 + 8 * i) & (CGP_DNS_NAME_BYTES - 1)], 8);
-			cgp_sip_absorb(&h, (w | 0x2020202020202020ULL) & keep);
+			cgp_sip_absorb(&h, cgp_ascii_lower(w) & keep);
 		}
 		s->label_hash[k & (CGP_DNS_LABELS - 1)] = cgp_sip_final(h);
 		labels = k + 1;

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 _MASK = (1 << 64) - 1
 LABEL_WORDS = 8  # a label of at most 63 bytes, hashed as 8 words of 8 bytes
-_CASE_FOLD = 0x2020202020202020  # | 0x20 lowercases the letters and keeps digits and '-'
 
 
 def _rotl(x: int, bits: int) -> int:
@@ -69,15 +68,13 @@ class SipHash13:
 
 
 def label_hash(key: bytes, label: bytes) -> int:
-    """One label: its length, then 8 little-endian words of its bytes, each case-folded
-    and masked to the label (bytes past its end are zero)."""
+    """One label: its length, then 8 little-endian words of its bytes with A-Z lowercased
+    (bytes.lower(): no other byte changes), past its end zero."""
     state = SipHash13.keyed(key)
     state.absorb(len(label))
-    padded = label + bytes(8 * LABEL_WORDS - len(label))
+    padded = label.lower() + bytes(8 * LABEL_WORDS - len(label))
     for index in range(LABEL_WORDS):
-        left = max(0, min(8, len(label) - 8 * index))
-        word = int.from_bytes(padded[8 * index : 8 * index + 8], "little") | _CASE_FOLD
-        state.absorb(word & ((1 << (8 * left)) - 1))
+        state.absorb(int.from_bytes(padded[8 * index : 8 * index + 8], "little"))
     return state.final()
 
 

@@ -294,3 +294,21 @@ def test_a_learned_pattern_carries_only_the_rules_it_surely_matches(
     assert surely_matched(pattern, fqdns) is certain
     rules = [(2, 0, ("unrelated.test",)), (2, 3, tuple(fqdns)), (0, 1, tuple(fqdns))]
     assert carried_rules(pattern, 3, rules) == ((0b10, 0, 0b1000) if certain else (0, 0, 0))
+
+
+def test_only_ascii_letters_fold_in_the_name_hashes() -> None:
+    """The kernel lowercases A-Z and no other byte (bpf/net.c cgp_ascii_lower); the table
+    hashes names the same way, so other bytes never fold onto a policy's name."""
+    from cgpolicy.compiler.names import label_hash
+
+    key = bytes(range(16))
+    assert label_hash(key, b"API-Edge_1") == label_hash(key, b"api-edge_1")
+    for odd, name in ((b"a\x0db", b"a-b"), (b"s\x13", b"s3"), (b"\x7fsrv", b"_srv")):
+        assert label_hash(key, odd) != label_hash(key, name)
+
+
+def test_a_name_that_is_not_ascii_is_refused(write: WriteFile) -> None:
+    kelvin = "\u212a.example"  # lowercases to "k.example"
+    result = load(write, section_text("sockets.connect", f"{{action: allow, fqdns: ['{kelvin}']}}"))
+    (found,) = result.problems
+    assert "not ASCII" in found.message and "xn--" in (found.hint or "")
