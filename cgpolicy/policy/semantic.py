@@ -252,11 +252,6 @@ def fqdn_problem(text: str) -> InvalidValue | None:
     """Why ``text`` is not a DNS name an `fqdns` rule can hold, or None: labels of 1-63
     letters, digits, '-' (not first or last) and '_'; at most 253 characters; a wildcard
     is a whole first label '*' with at least one more label after it."""
-    if not text.isascii():
-        return InvalidValue(
-            f"{shown(text)} is not ASCII",
-            "write an internationalised name as DNS carries it (xn--...)",
-        )
     name = normalise_fqdn(text)
     if not name:
         return InvalidValue(
