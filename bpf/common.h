@@ -320,7 +320,7 @@ struct cgp_dns_scratch {
 	__u64 label_hash[CGP_DNS_LABELS];
 	__u64 rules[CGP_DNS_SLOTS];
 	__u32 labels, len, off, answers_left;
-	__u32 family; /* of the answer's packet: 4 or 6 */
+	__u32 cname_ttl; /* the shortest TTL of the CNAMEs read so far: an address lasts no longer */
 	__u32 name_id; /* the question's most specific matching pattern (cgp_learned.name_id) */
 	__u32 base;    /* where the DNS message starts in the packet */
 	__u32 alias;   /* where the last CNAME's target name starts in the message, 0: none */

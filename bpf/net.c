@@ -723,7 +723,6 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 				return ret;
 			dns_pending.delete(&pk); /* one answer per query */
 			s->off = l4.offset + 8;
-			s->family = skb->protocol == bpf_htons(CGP_ETH_P_IP) ? 4 : 6;
 			dns_jump.call(skb, CGP_DNS_JUMP_QUESTION); /* returns only if it fails */
 		}
 	}
@@ -951,6 +950,7 @@ int cgp_dns_question(struct __sk_buff *skb)
 		return 1;
 	s->base = off - 12;
 	s->alias = 0;
+	s->cname_ttl = 0xffffffff;
 	s->found = 0;
 	s->off = off + len + 1 + 4; /* past the name's root byte, qtype and qclass */
 	s->answers_left = answers < CGP_DNS_ANSWERS ? answers : CGP_DNS_ANSWERS;
@@ -1033,6 +1033,10 @@ int cgp_dns_answers(struct __sk_buff *skb)
 		off += 10;
 		if (off + rdlen > skb->len)
 			return 1;
+		if (ttl & 0x80000000)
+			ttl = 0; /* RFC 2181: a TTL with the top bit set is 0 */
+		if (ttl > s->cname_ttl)
+			ttl = s->cname_ttl; /* an address via a CNAME lasts no longer than it */
 		__u32 found = s->found;
 		if (found >= CGP_DNS_ANSWERS)
 			return 1; /* cannot happen: answers_left is at most that */
@@ -1050,6 +1054,7 @@ int cgp_dns_answers(struct __sk_buff *skb)
 			s->found = found + 1;
 		} else if (type == 5 && class == 1) {
 			s->alias = off - s->base; /* the next owner may point to this CNAME's target */
+			s->cname_ttl = ttl;        /* already no longer than the CNAMEs before */
 		}
 		off += rdlen;
 	}

@@ -356,7 +356,7 @@ DNS_SCRATCH = Layout(  # only the programs read it; here for its size
     ("len", "__u32"),
     ("off", "__u32"),
     ("answers_left", "__u32"),
-    ("family", "__u32"),
+    ("cname_ttl", "__u32"),
     ("name_id", "__u32"),
     ("base", "__u32"),
     ("alias", "__u32"),

@@ -147,6 +147,7 @@ def compile_policy(
         dns_programs=tail,
         names=names,
         name_rules=tuple(rules_by_name),
+        dns_max_ttl=settings.max_ttl,
     )
 
 

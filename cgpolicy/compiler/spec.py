@@ -135,8 +135,11 @@ class CompiledPolicy:
     names: tuple[str, ...] = ()
     # (section slot, rule index, fqdns) of every rule naming fqdns (contract.DNS_SLOTS)
     name_rules: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
+    dns_max_ttl: int = 0  # seconds a learned address may match at most (spec.dns.maxTTL)
 
     def dns_map(self, name: str) -> MapSpec:
-        """A map of the DNS programs (the one spec of the maps the enforcer makes per load
-        and shares: learned, dns_stats, ...)."""
-        return next(m for spec in self.dns_programs for m in spec.maps if m.name == name)
+        """A map of DNS names as the programs of a policy with fqdns rules declare it: the
+        spec of the maps the enforcer makes once per load and shares (learned, dns_stats,
+        dns_pending, ...)."""
+        programs = self.dns_programs + self.programs
+        return next(m for spec in programs for m in spec.maps if m.name == name)

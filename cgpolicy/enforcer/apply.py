@@ -32,7 +32,7 @@ from cgpolicy.contract import U32
 from cgpolicy.enforcer.dns import (
     DnsError,
     DnsMaps,
-    carry_learned,
+    LearnedCarry,
     check_hierarchy_root,
     publish_targets,
 )
@@ -63,6 +63,7 @@ class _Swap:
 class _Work:
     events: Map | None = None  # the new programs' shared ring buffer of deny events
     dns: DnsMaps | None = None  # with fqdns rules: the new programs' shared DNS maps
+    carry: LearnedCarry | None = None  # and what they take over from the old load's
     # and where the target cgroups are published: dns_scope and dns_targets, of the new
     # load or (opened here) of the current one
     scope: tuple[Map, Map] | None = None
@@ -78,6 +79,8 @@ class _Work:
     def close(self) -> None:
         if self.events is not None:
             self.events.close()
+        if self.carry is not None:
+            self.carry.close()
         if self.dns is not None:
             self.dns.close()
         elif self.scope is not None:
@@ -125,11 +128,16 @@ def apply_policy(
             _publish_targets(plan, work, with_old=True)
             _pin_new_programs(plan, bpf_dir, work)
             _switch_links(plan, compiled, cgroup_root, bpf_dir, work)
+            if work.carry is not None:
+                work.carry.after_links_moved()
             _pin_new_links(plan, bpf_dir, work)
         except (BpfError, OSError, DnsError) as error:
             _roll_back(work)
             raise ApplyError(f"attaching failed, previous state restored: {error}") from error
         _detach_unwanted(plan, bpf_dir, {spec.hook for spec in compiled.programs})
+        if plan.reload and not compiled.dns_programs:  # a version without names
+            for name in pins.DNS_PINS:
+                pins.unpin(pins.policy_dir(bpf_dir, plan.name) / name)
         try:
             _publish_targets(plan, work, with_old=False)
         except (BpfError, DnsError) as error:  # the old targets stay listed: nothing opens
@@ -204,8 +212,9 @@ def _prepare_dns(
     try:
         check_hierarchy_root(cgroup_root)
         if plan.reload:
-            work.dns = DnsMaps.create(compiled)
-            carry_learned(folder, compiled, work.dns)
+            work.dns = DnsMaps.create(compiled, folder)
+            work.carry = LearnedCarry(folder, compiled, work.dns)
+            work.carry.before_links_move()
             work.scope = (work.dns.dns_scope, work.dns.dns_targets)
         else:
             scope = Map.from_pin(folder / pins.DNS_SCOPE_PIN)

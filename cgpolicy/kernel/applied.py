@@ -8,6 +8,7 @@ nothing is cached between calls.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import time
@@ -327,28 +328,48 @@ def delete_expired_learned(applied: AppliedPolicy, now_ns: int) -> int:
     """Delete the entries of a policy's learned map that expired before ``now_ns``: the
     programs no longer match them, but they take room a new answer may need. How many went.
 
-    An answer may refresh an entry between the read and the delete, so each is taken (looked
-    up and deleted in one step) and put back at once if what was taken is live again; an
-    answer newer still is kept (BPF_NOEXIST)."""
+    An answer may refresh an entry at any moment, so each is looked up again, then taken
+    (looked up and deleted in one step), and put back at once if what was taken is live:
+    only an answer landing between the two steps meets a missing entry, and its own write
+    is kept, with the rules of the one put back."""
     try:
         with Map.from_pin(applied.folder / pins.LEARNED_PIN) as learned:
-            expired = [
-                key
-                for key, value in learned.items()
-                if LEARNED.unpack_from(value)["expires_ns"] <= now_ns
-            ]
+            expired = [key for key, value in learned.items() if not _live(value, now_ns)]
             deleted = 0
             for key in expired:
+                again = learned.lookup(key)
+                if again is None or _live(again, now_ns):
+                    continue  # gone, or refreshed since the listing
                 taken = learned.take(key)
                 if taken is None:
                     continue
-                if LEARNED.unpack_from(taken)["expires_ns"] > now_ns:
-                    try:
-                        learned.update(key, taken, BPF_NOEXIST)
-                    except BpfError:
-                        pass  # the kernel wrote a newer one meanwhile, or the map is full
+                if _live(taken, now_ns):
+                    _put_back(learned, key, taken)
                 else:
                     deleted += 1
             return deleted
     except (BpfError, OSError):
         return 0
+
+
+def _live(raw: bytes, now_ns: int) -> bool:
+    return LEARNED.unpack_from(raw)["expires_ns"] > now_ns
+
+
+def _put_back(learned: Map, key: bytes, taken: bytes) -> None:
+    """Restore an entry taken live; if the kernel wrote one meanwhile, add the taken one's
+    rules to it and keep the later expiry."""
+    try:
+        learned.update(key, taken, BPF_NOEXIST)
+        return
+    except BpfError:
+        pass
+    newer = learned.lookup(key)
+    if newer is None:
+        return  # the map filled up meanwhile: fails closed
+    old, new = LEARNED.unpack_from(taken), LEARNED.unpack_from(newer)
+    if old["netns"] == new["netns"]:
+        new["rules"] = tuple(a | b for a, b in zip(old["rules"], new["rules"], strict=True))
+        new["expires_ns"] = max(old["expires_ns"], new["expires_ns"])
+        with contextlib.suppress(BpfError):
+            learned.update(key, LEARNED.pack(**new))

@@ -10,6 +10,7 @@ folder, so no state file can go stale.
     <bpf_dir>/<policy>/dns_jump                 the DNS programs the ingress program tail-calls
     <bpf_dir>/<policy>/dns_stats                what learning did: addresses learned, and refused
     <bpf_dir>/<policy>/dns_scope, dns_targets   the depths and ids of its target cgroups
+    <bpf_dir>/<policy>/dns_pending, dns_seen    queries awaiting answers, address slots ever learned
     <bpf_dir>/<policy>/<hook>/prog              the policy's program for that hook
     <bpf_dir>/<policy>/<hook>/link-<cgroup id>  a BPF link holding that program on one cgroup
 
@@ -45,6 +46,8 @@ DNS_JUMP_PIN = "dns_jump"
 DNS_STATS_PIN = "dns_stats"
 DNS_SCOPE_PIN = "dns_scope"
 DNS_TARGETS_PIN = "dns_targets"
+DNS_PENDING_PIN = "dns_pending"
+DNS_SEEN_PIN = "dns_seen"
 PROG_PIN = "prog"
 LINK_PREFIX = "link-"
 _META_KEY = U32.pack(0)
@@ -274,7 +277,10 @@ MAP_PINS = (
     DNS_STATS_PIN,
     DNS_SCOPE_PIN,
     DNS_TARGETS_PIN,
+    DNS_PENDING_PIN,
+    DNS_SEEN_PIN,
 )
+DNS_PINS = MAP_PINS[2:]  # the maps of DNS names (fqdns rules)
 
 
 def _kind_of(name: str) -> str | None:

@@ -17,12 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import dns.message
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
 import pytest
-from dns_responder import CLIENT, Responder, response, run_client, verdicts
+from dns_responder import CLIENT, Datagram, Responder, response, run_client, verdicts
 from enforcement import ALLOWED, ETIMEDOUT, apply_ok, enforced, expect, run_cli
 from netns import loopback_netns
 from policy_builders import policy_file
 from service import wait_until
+
+from cgpolicy.kernel import pins
 
 
 def connect_policy(
@@ -150,6 +156,11 @@ def test_a_policy_edit_keeps_what_its_workloads_resolved(
         edited.write_text(text)
         apply_ok(enforcer, edited)
         assert verdicts(scratch_cgroup, "198.51.100.7") == {"198.51.100.7": "EPERM"}
+        # and a version that names no host at all keeps none of the maps of names
+        without = connect_policy(tmp_path, [scratch_cgroup.relative], [dns_server.address], [])
+        apply_ok(enforcer, without)
+        left = {p.name for p in (bpf_dir / "names").iterdir()} & set(pins.DNS_PINS)
+        assert left == set()
 
 
 def test_a_thousand_lookups_then_connects_are_never_refused(
@@ -412,3 +423,33 @@ def test_only_the_servers_the_policy_names_teach(
         assert resolve(scratch_cgroup, dns_server, "api.test") == [
             ["api.test", "198.51.100.7", "ok"]
         ]
+
+
+def test_an_address_behind_a_cname_lasts_no_longer_than_the_cname(
+    cgroup_root, bpf_dir, scratch_cgroup, tmp_path, dns_server
+) -> None:
+    """api.test CNAME edge.cdn.test (TTL 1), edge.cdn.test A 198.51.100.70 (TTL 300): the
+    question name decides, and the address matches for the CNAME's second only (polled)."""
+    address = "198.51.100.70"
+
+    def through_a_cname(query: dns.message.Message, _: dns.message.Message) -> list[Datagram]:
+        answer = dns.message.make_response(query)
+        alias = dns.name.from_text("edge.cdn.test")
+        cname = answer.find_rrset(
+            answer.answer,
+            query.question[0].name,
+            dns.rdataclass.IN,
+            dns.rdatatype.CNAME,
+            create=True,
+        )
+        cname.add(dns.rdata.from_text("IN", "CNAME", str(alias)), ttl=1)
+        a = answer.find_rrset(answer.answer, alias, dns.rdataclass.IN, dns.rdatatype.A, create=True)
+        a.add(dns.rdata.from_text("IN", "A", address), ttl=300)
+        return [Datagram(answer.to_wire())]
+
+    policy = names_policy(tmp_path, scratch_cgroup, dns_server, minTTL=1)
+    with enforced(cgroup_root, bpf_dir, policy), dns_server.tampered("api.test", through_a_cname):
+        assert resolve(scratch_cgroup, dns_server, "api.test") == [["api.test", address, "ok"]]
+        assert wait_until(
+            lambda: verdicts(scratch_cgroup, address) == {address: "EPERM"}, timeout=30
+        )
