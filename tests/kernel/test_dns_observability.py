@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dns_responder import Responder, loopback_addresses, run_client
-from enforcement import enforced
+from enforcement import enforced, run_cli
 from policy_builders import policy_file
 from service import Daemon, links_at, running, wait_until
 
@@ -47,12 +46,7 @@ def client(cgroup, rounds: int, template: str = "-", *addresses: str) -> list[li
 
 
 def cgpolicy(bpf_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cgpolicy", "--bpf-dir", str(bpf_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli("--bpf-dir", bpf_dir, *args)
 
 
 def connect_rules(*rules: dict[str, Any], default: str = "deny") -> dict[str, Any]:
