@@ -69,11 +69,10 @@ FIGURES = {
 DNS_FIGURES = {
     *(
         f"dns_verdict_ns.ipv4.{outcome}.{how}"
-        for outcome in ("match", "miss")
+        for outcome in ("match", "miss", "near-miss")
         for how in ("cidrs", "fqdns")
     ),
-    "dns_verdict_delta_ns.ipv4.match",
-    "dns_verdict_delta_ns.ipv4.miss",
+    *(f"dns_verdict_delta_ns.ipv4.{outcome}" for outcome in ("match", "miss", "near-miss")),
     *(f"dns_latency_{p}_us.{side}" for p in ("p50", "p99") for side in ("none", "policy")),
     "dns_latency_added_p99_us",
     "dns_program_ns.query",
