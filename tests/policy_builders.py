@@ -168,3 +168,30 @@ def policy_file(
     path = folder / f"{name}-{next(_files)}.yaml"
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path
+
+
+def dns_connect_policy(
+    folder: Path,
+    name: str,
+    targets: Sequence[str | dict[str, str]],
+    servers: Sequence[str],
+    rules: Sequence[dict[str, Any]],
+    dns: dict[str, Any] | None = None,
+    dns_protocol: str = "udp",
+) -> Path:
+    """What the `fqdns` tests enforce: sockets.connect, default deny, port 53 to ``servers``
+    by address (over ``dns_protocol``, "any" for both), then ``rules``. ``targets`` are
+    paths, or targets as the policy writes them ({"glob": ...})."""
+    dns_rule: dict[str, Any] = {
+        "action": "allow",
+        "cidrs": [f"{s}/128" if ":" in s else f"{s}/32" for s in servers],
+        "ports": [53],
+    }
+    if dns_protocol != "any":
+        dns_rule["protocol"] = dns_protocol
+    spec: dict[str, Any] = {
+        "targets": [{"path": t} if isinstance(t, str) else t for t in targets],
+        **({"dns": dns} if dns else {}),
+        "sockets": {"connect": {"default": "deny", "rules": [dns_rule, *rules]}},
+    }
+    return policy_file(folder, name, [], spec)

@@ -314,6 +314,15 @@ def check_policy(data: Any) -> Iterator[Finding]:
     yield from _check_dns(spec)
 
 
+def _rule_warning(
+    policy: Policy, rule: NetworkRule | SocketAddressRule, field: str, message: str, hint: str
+) -> Problem:
+    at = rule.source or policy.source
+    return Problem(
+        at.file if at else "", at.line if at else 0, at.column if at else 0, field, message, hint
+    )
+
+
 def policy_warnings(policy: Policy) -> list[Problem]:
     """What a valid policy may not do as its writer expects: an `allow` by DNS name is as
     good as the DNS servers whose answers teach (any, unless spec.dns.servers names them);
@@ -336,12 +345,10 @@ def policy_warnings(policy: Policy) -> list[Problem]:
     ]
     if allows and not policy.dns.servers:
         where, index, rule = allows[0]
-        at = rule.source or policy.source
         warnings.append(
-            Problem(
-                at.file if at else "",
-                at.line if at else 0,
-                at.column if at else 0,
+            _rule_warning(
+                policy,
+                rule,
                 f"{where}.rules[{index}]",
                 "an answer from any DNS server the workload may query teaches names: a "
                 "workload that can query a server it controls can make this rule's names "
@@ -352,12 +359,10 @@ def policy_warnings(policy: Policy) -> list[Problem]:
     for where, rules in sections:
         for index, rule in enumerate(rules):
             if rule.action == "deny" and rule.fqdns:
-                at = rule.source or policy.source
                 warnings.append(
-                    Problem(
-                        at.file if at else "",
-                        at.line if at else 0,
-                        at.column if at else 0,
+                    _rule_warning(
+                        policy,
+                        rule,
                         f"{where}.rules[{index}]",
                         "a deny by DNS name is best-effort: it covers the addresses this "
                         "cgroup learns from DNS answers for the name, not one learned "

@@ -13,7 +13,6 @@ xfail(strict), with why.
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import dns.message
 import pytest
 from dns_responder import Datagram, response, run_client, verdicts
 from enforcement import enforced
-from policy_builders import policy_file
+from policy_builders import dns_connect_policy
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 EVIL = "203.0.113.66"  # no answer of the tests' server ever gives it
@@ -36,32 +35,8 @@ def connect_policy(
 ) -> Path:
     """sockets.connect, default deny: UDP port 53 to ``servers`` by address, anything to
     ``fqdns`` by name."""
-    path = policy_file(
-        tmp_path,
-        "attacked",
-        [],
-        {
-            **({"dns": dns} if dns else {}),
-            "sockets": {
-                "connect": {
-                    "default": "deny",
-                    "rules": [
-                        {
-                            "action": "allow",
-                            "protocol": "udp",
-                            "cidrs": [f"{server}/32" for server in servers],
-                            "ports": [53],
-                        },
-                        {"action": "allow", "fqdns": fqdns},
-                    ],
-                }
-            },
-        },
-    )
-    document = json.loads(path.read_text())
-    document["spec"]["targets"] = targets
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    return path
+    rules = [{"action": "allow", "fqdns": fqdns}]
+    return dns_connect_policy(tmp_path, "attacked", targets, servers, rules, dns)
 
 
 # --- a network namespace of the workload's own -----------------------------------------

@@ -25,7 +25,7 @@ import dns.rrset
 import pytest
 from dns_responder import Datagram, Responder, response, run_client, verdicts
 from enforcement import enforced
-from policy_builders import policy_file
+from policy_builders import dns_connect_policy
 
 A_RECORD = 16  # bytes of an A record whose owner is a pointer: 2 + type, class, TTL, length 10 + 4
 
@@ -33,27 +33,8 @@ A_RECORD = 16  # bytes of an A record whose owner is a pointer: 2 + type, class,
 def hostile_policy(tmp_path: Path, cgroup, server: Responder, *fqdns: str) -> Path:
     """sockets.connect, default deny: UDP to the server's port 53 by address, and every
     name under hostile.test (and ``fqdns``) by name."""
-    return policy_file(
-        tmp_path,
-        "hostile",
-        [cgroup.relative],
-        {
-            "sockets": {
-                "connect": {
-                    "default": "deny",
-                    "rules": [
-                        {
-                            "action": "allow",
-                            "protocol": "udp",
-                            "cidrs": [f"{server.address}/32"],
-                            "ports": [53],
-                        },
-                        {"action": "allow", "fqdns": ["*.hostile.test", *fqdns]},
-                    ],
-                }
-            }
-        },
-    )
+    rules = [{"action": "allow", "fqdns": ["*.hostile.test", *fqdns]}]
+    return dns_connect_policy(tmp_path, "hostile", [cgroup.relative], [server.address], rules)
 
 
 def exchange(cgroup, server: Responder, name: str, *options: str | int) -> list[dict]:

@@ -25,7 +25,7 @@ import pytest
 from dns_responder import CLIENT, Datagram, Responder, response, run_client, verdicts
 from enforcement import ALLOWED, ETIMEDOUT, apply_ok, enforced, expect, run_cli
 from netns import loopback_netns
-from policy_builders import policy_file
+from policy_builders import dns_connect_policy, policy_file
 from service import wait_until
 
 from cgpolicy.kernel import pins
@@ -37,22 +37,11 @@ def connect_policy(
     servers: list[str],
     rules: list[dict[str, Any]],
     dns_protocol: str = "udp",
-    dns_ttl: dict[str, int] | None = None,
+    dns_ttl: dict[str, Any] | None = None,
 ) -> Path:
     """sockets.connect, default deny: DNS to ``servers`` (port 53, ``dns_protocol``) by
     address, and ``rules`` after it."""
-    dns_rule = {"action": "allow", "cidrs": [cidr(s) for s in servers], "ports": [53]}
-    if dns_protocol != "any":
-        dns_rule["protocol"] = dns_protocol
-    return policy_file(
-        tmp_path,
-        "names",
-        targets,
-        {
-            **({"dns": dns_ttl} if dns_ttl else {}),
-            "sockets": {"connect": {"default": "deny", "rules": [dns_rule, *rules]}},
-        },
-    )
+    return dns_connect_policy(tmp_path, "names", targets, servers, rules, dns_ttl, dns_protocol)
 
 
 def cidr(address: str) -> str:
