@@ -305,8 +305,9 @@ struct cgp_clock {
 };
 /* dns_stats (per CPU): what learning did, for audit and metrics. */
 struct cgp_dns_stats {
-	__u64 learned; /* addresses written or refreshed */
-	__u64 full;    /* addresses not learned because `learned` was full: they stay refused */
+	__u64 learned;  /* addresses written or refreshed */
+	__u64 full;     /* addresses not learned because `learned` was full: they stay refused */
+	__u64 unasked;  /* answers to no query noted (another server, too late, forged): unlearned */
 };
 struct cgp_dns_key {
 	__u64 k0, k1; /* drawn at random for each load; only the kernel keeps it */

@@ -712,14 +712,20 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			 * socket of this cgroup asked this server this question. */
 			struct cgp_pending *pending = dns_pending.lookup(&pk);
 			struct cgp_dns_scratch *s = dns_scratch.lookup(&zero);
+			struct cgp_dns_stats *stats = dns_stats.lookup(&zero);
 
-			__u64 asked[2], from[2];
+			__u64 asked[2] = {}, from[2];
 
-			if (!pending || !s || pending->expires_ns <= bpf_ktime_get_coarse_ns())
-				return ret;
-			__builtin_memcpy(asked, pending->server, 16);
+			if (pending)
+				__builtin_memcpy(asked, pending->server, 16);
 			__builtin_memcpy(from, remote, 16);
-			if (asked[0] != from[0] || asked[1] != from[1])
+			if (!pending || pending->expires_ns <= bpf_ktime_get_coarse_ns() ||
+			    asked[0] != from[0] || asked[1] != from[1]) {
+				if (stats)
+					stats->unasked++;
+				return ret;
+			}
+			if (!s)
 				return ret;
 			dns_pending.delete(&pk); /* one answer per query */
 			s->off = l4.offset + 8;

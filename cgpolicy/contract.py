@@ -336,7 +336,9 @@ NAME_ENTRY = Layout(
     ("exact_name", "__u32"),  # cgp_learned.name_id of this name, 0 if no rule names it exactly
     ("wildcard_name", "__u32"),  # and of "*." + this name
 )
-DNS_STATS = Layout("cgp_dns_stats", ("learned", "__u64"), ("full", "__u64"))  # per CPU
+DNS_STATS = Layout(  # per CPU
+    "cgp_dns_stats", ("learned", "__u64"), ("full", "__u64"), ("unasked", "__u64")
+)
 DNS_SEEN_WORDS = 1024  # CGP_DNS_SEEN_WORDS: dns_seen, a bit per address slot (see seen_slot)
 CLOCK = Layout("cgp_clock", ("jiffies", "__u64"), ("ns", "__u64"))  # dns_clock, per CPU
 DNS_TARGET_LEVELS = 8  # CGP_DNS_TARGET_LEVELS: distinct depths of a policy's target cgroups

@@ -281,6 +281,7 @@ class DnsReport:
     expired: int  # expired, waiting for the service to delete them
     learned: int  # addresses learned or refreshed
     refused_full: int  # addresses NOT learned because the map was full
+    unasked: int  # answers that taught nothing: to no query noted (see applied.LearnedState)
     rows: list[LearnedRow] = field(default_factory=list)  # the live ones in scope
 
     @property
@@ -319,6 +320,7 @@ class DnsReport:
             "full": self.full,
             "learned": self.learned,
             "refused_full": self.refused_full,
+            "unasked": self.unasked,
             "fails_closed": self.fails_closed(),
             "addresses": [row.to_json() for row in self.rows],
         }
@@ -380,5 +382,6 @@ def dns_report(
         expired,
         state.learned,
         state.refused_full,
+        state.unasked,
         rows,
     )

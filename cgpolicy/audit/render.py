@@ -75,7 +75,8 @@ def render_dns(report: DnsReport) -> list[str]:
     lines = [
         f"{report.policy}: DNS names learned: {report.entries}/{report.capacity} entries "
         f"({live} live{waiting}); {report.learned} learned, {report.refused_full} refused "
-        "because the map was full"
+        f"because the map was full, {report.unasked} answers to no query noted (taught "
+        "nothing)"
     ]
     cgroup: tuple[str | None, int] | None = None
     for row in report.rows:

@@ -17,6 +17,7 @@ from cgpolicy.compiler.dns import (
     lookup_maps,
     pending_map,
     scratch_map,
+    stats_map,
 )
 from cgpolicy.compiler.maps import (
     BPF_F_NO_PREALLOC,
@@ -278,7 +279,7 @@ def network_maps(
     section = f"network.{direction}"
     config = _net_config(default, rules, audit, any_icmp, any_iface, dns.fields(section, rules))
     learning = (  # ingress learns from answers, egress notes the queries to servers
-        {"dns_scratch": scratch_map(), "dns_jump": jump_map()}
+        {"dns_scratch": scratch_map(), "dns_jump": jump_map(), "dns_stats": stats_map()}
         if direction == "ingress"
         else {"dns_servers": dns.servers_map()}
     )

@@ -288,6 +288,7 @@ class LearnedState:
     capacity: int
     learned: int  # addresses written or refreshed
     refused_full: int  # addresses not learned because the map was full (they stay refused)
+    unasked: int  # answers to no query noted: from a server not in spec.dns.servers, late, forged
 
 
 def _learned_entry(raw_key: bytes, raw_value: bytes, names: list[str]) -> LearnedEntry:
@@ -321,6 +322,7 @@ def read_learned(applied: AppliedPolicy) -> LearnedState | None:
         capacity,
         sum(s["learned"] for s in per_cpu),
         sum(s["full"] for s in per_cpu),
+        sum(s["unasked"] for s in per_cpu),
     )
 
 

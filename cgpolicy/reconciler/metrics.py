@@ -149,6 +149,12 @@ class LearnedNames(Collector):
             "allow rules naming fqdns (fails closed); raise spec.dns.maxLearned",
             labels=labels,
         )
+        unasked = CounterMetricFamily(
+            "cgpolicy_dns_unasked_answers",
+            "DNS answers that taught nothing because no query was noted for them: from a "
+            "server not in spec.dns.servers, later than 30 s, or forged",
+            labels=labels,
+        )
         now = monotonic_ns()
         for name, policy in sorted(read_applied(self.bpf_dir, links=False).items()):
             state = read_learned(policy)
@@ -160,7 +166,8 @@ class LearnedNames(Collector):
             capacity.add_metric([name], state.capacity)
             learned.add_metric([name], state.learned)
             refused.add_metric([name], state.refused_full)
-        yield from (entries, expired, capacity, learned, refused)
+            unasked.add_metric([name], state.unasked)
+        yield from (entries, expired, capacity, learned, refused, unasked)
 
 
 class Metrics:

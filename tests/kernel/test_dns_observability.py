@@ -99,7 +99,10 @@ def test_audit_lists_what_each_cgroup_learned(
     assert f"  {first.relative} (id " in text
     assert f"    {API} via api.test: expires in " in text
     assert "sockets.connect rule 1 allow any to api.test,*.race.test (by DNS) (line " in text
-    assert "3/65536 entries (3 live); 3 learned, 0 refused because the map was full" in text
+    assert (
+        "3/65536 entries (3 live); 3 learned, 0 refused because the map was full, 0 answers "
+        "to no query noted (taught nothing)"
+    ) in text
     assert "NOT LEARNED" not in text
 
 

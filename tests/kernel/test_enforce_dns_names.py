@@ -29,6 +29,7 @@ from policy_builders import dns_connect_policy, policy_file
 from service import wait_until
 
 from cgpolicy.kernel import pins
+from cgpolicy.kernel.applied import read_learned, read_named
 
 
 def connect_policy(
@@ -409,6 +410,8 @@ def test_only_the_servers_the_policy_names_teach(
     with enforced(cgroup_root, bpf_dir, policy):
         asked_other = run_client(scratch_cgroup, "resolve", other, "api.test")
         assert asked_other == [["api.test", "198.51.100.7", "EPERM"]]
+        state = read_learned(read_named(bpf_dir, "names"))
+        assert state is not None and state.unasked == 1  # counted, for audit and metrics
         assert resolve(scratch_cgroup, dns_server, "api.test") == [
             ["api.test", "198.51.100.7", "ok"]
         ]

@@ -84,11 +84,13 @@ def test_audit_shows_live_entries_by_cgroup_and_counts_the_expired() -> None:
         65536,
         learned=5,
         refused_full=0,
+        unasked=4,
     )
     report = dns_report("web", state, LABELS, {7: "system.slice/web.service"}, 1000 * SECOND)
     data = report.to_json()
     assert (data["entries"], data["live"], data["expired"], data["full"]) == (3, 2, 1, False)
     assert data["fails_closed"] is None and data["refused_full"] == 0
+    assert data["unasked"] == 4  # answers to no noted query: counted, taught nothing
     first, gone = data["addresses"]
     assert first == {
         "cgroup": "system.slice/web.service",
@@ -119,14 +121,14 @@ def test_audit_shows_live_entries_by_cgroup_and_counts_the_expired() -> None:
 
 
 def test_audit_scope_hides_other_cgroups_entries_not_the_counts() -> None:
-    state = LearnedState([entry(7, "192.0.2.7", 48), entry(8, "192.0.2.8", 48)], 4, 2, 0)
+    state = LearnedState([entry(7, "192.0.2.7", 48), entry(8, "192.0.2.8", 48)], 4, 2, 0, 0)
     report = dns_report("web", state, LABELS, {}, 1000 * SECOND, lambda cgroup: cgroup == 8)
     assert [row.cgroup_id for row in report.rows] == [8]
     assert report.entries == 2
 
 
 def test_a_map_that_refused_answers_says_it_fails_closed() -> None:
-    state = LearnedState([entry(7, "192.0.2.7", 48)], 2, learned=1, refused_full=3)
+    state = LearnedState([entry(7, "192.0.2.7", 48)], 2, learned=1, refused_full=3, unasked=0)
     refused = dns_report("web", state, LABELS, {}, 1000 * SECOND)
     warning = refused.fails_closed()
     assert warning is not None and not refused.full
@@ -136,7 +138,7 @@ def test_a_map_that_refused_answers_says_it_fails_closed() -> None:
     assert refused.to_json()["fails_closed"] == warning
     assert f"  NOT LEARNED: {warning}" in render([], [refused])
 
-    full = LearnedState([entry(7, "192.0.2.7", 48), entry(7, "192.0.2.8", 48)], 2, 2, 0)
+    full = LearnedState([entry(7, "192.0.2.7", 48), entry(7, "192.0.2.8", 48)], 2, 2, 0, 0)
     report = dns_report("web", full, LABELS, {}, 1000 * SECOND)
     assert report.full and report.to_json()["full"] is True
     assert (report.fails_closed() or "").startswith("the map is full (2/2): new answers are NOT")
