@@ -364,9 +364,9 @@ def policy_warnings(policy: Policy) -> list[Problem]:
                         policy,
                         rule,
                         f"{where}.rules[{index}]",
-                        "a deny by DNS name is best-effort: it covers the addresses this "
-                        "cgroup learns from DNS answers for the name, not one learned "
-                        "another way (a hard-coded address, DNS over HTTPS or TLS)",
+                        "a deny by DNS name is best-effort: it covers the addresses the "
+                        "target cgroup learns from DNS answers for the name, not one "
+                        "learned another way (a hard-coded address, DNS over HTTPS or TLS)",
                         "deny port 853 (DNS over TLS) too, or allow by name over a "
                         "default-deny egress",
                     )
