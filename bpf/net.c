@@ -548,17 +548,19 @@ static __always_inline __u32 cgp_seen_slot(const __u8 addr[16])
 
 /* The fqdns rules that `learned` holds for this target cgroup and remote address, live. */
 static __always_inline __u64 cgp_learned_rules(const struct cgp_net_config *cfg,
-					       __u64 cgroup_id, const __u8 addr[16], void *ctx)
+					       const __u8 addr[16], void *ctx, const int is_skb)
 {
-	struct cgp_learned_key key = {.cgroup_id = cgroup_id};
+	struct cgp_learned_key key = {};
 	struct cgp_learned *hit;
 
-	if (!cgroup_id)
-		return 0;
+	/* First what costs no helper call: most addresses lie in slots nothing was learned in. */
 	__u32 seen_slot = cgp_seen_slot(addr), word = seen_slot >> 6;
 	__u64 *seen = dns_seen.lookup(&word);
 	if (!seen || !(*seen & (1ULL << (seen_slot & 63))))
 		return 0; /* no address of this slot was ever learned */
+	key.cgroup_id = cgp_dns_target(ctx, is_skb);
+	if (!key.cgroup_id)
+		return 0;
 
 	__builtin_memcpy(key.addr, addr, 16);
 	__u32 slot = cfg->dns_slot;
@@ -612,7 +614,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			if (cfg->fqdn_rules | cfg->dns_learn)
 				cgp_mapped4(remote, egress ? ip.daddr : ip.saddr);
 			if (cfg->fqdn_rules)
-				cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(skb, 1), remote, skb);
+				cidr_mask |= cgp_learned_rules(cfg, remote, skb, 1);
 			l4.proto_known = 1;
 			l4.proto = ip.protocol;
 			l4.offset = ihl * 4;
@@ -628,7 +630,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			if (cfg->fqdn_rules | cfg->dns_learn)
 				__builtin_memcpy(remote, egress ? ip6.daddr : ip6.saddr, 16);
 			if (cfg->fqdn_rules)
-				cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(skb, 1), remote, skb);
+				cidr_mask |= cgp_learned_rules(cfg, remote, skb, 1);
 			cgp_ipv6_l4(skb, ip6.nexthdr, &l4);
 		}
 	}
@@ -786,7 +788,7 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 		cgp_mapped4(remote, ctx->user_ip4);
 	}
 	if (cfg->fqdn_rules)
-		cidr_mask |= cgp_learned_rules(cfg, cgp_dns_target(NULL, 0), remote, ctx);
+		cidr_mask |= cgp_learned_rules(cfg, remote, ctx, 0);
 
 	/* user_port holds the port in network byte order in its low 16 bits. */
 	port = bpf_ntohs((__u16)ctx->user_port);
