@@ -126,6 +126,15 @@ def write(folder: Path, name: str, port: int = 443, target: str = "a/*") -> Path
     return path
 
 
+def web_enforced(kernel: MemoryEnforcer, folder: Path) -> tuple[Path, Metrics, Reconciler]:
+    """web.yaml written and applied by one pass: its file, the metrics and the reconciler."""
+    path = write(folder, "web")
+    metrics = Metrics()
+    reconciler = service(kernel, folder, metrics)
+    reconciler.reconcile()
+    return path, metrics, reconciler
+
+
 def readiness(metrics: Metrics) -> list[str]:
     """The lines of /readyz."""
     return list(metrics.health.readiness().lines)
@@ -150,10 +159,7 @@ def test_a_pass_applies_the_folder_and_a_second_pass_has_nothing_to_do(
 def test_a_file_turned_invalid_keeps_what_it_enforced_as_it_was(
     kernel: MemoryEnforcer, folder: Path
 ) -> None:
-    path = write(folder, "web")
-    metrics = Metrics()
-    reconciler = service(kernel, folder, metrics)
-    reconciler.reconcile()
+    path, metrics, reconciler = web_enforced(kernel, folder)
     before = kernel.revisions()
     path.write_text(glob_policy_text("web", 443, "a/*") + "  nonsense: 1\n")
     report = reconciler.reconcile()
@@ -165,10 +171,7 @@ def test_a_file_turned_invalid_keeps_what_it_enforced_as_it_was(
 def test_a_file_turned_unreadable_keeps_what_it_enforced(
     kernel: MemoryEnforcer, folder: Path
 ) -> None:
-    path = write(folder, "web")
-    metrics = Metrics()
-    reconciler = service(kernel, folder, metrics)
-    reconciler.reconcile()
+    path, metrics, reconciler = web_enforced(kernel, folder)
     before = kernel.revisions()
     path.unlink()
     os.symlink("nowhere", path)
@@ -235,10 +238,7 @@ def test_an_unreadable_folder_removes_nothing(
 def test_a_missing_folder_removes_nothing_and_fails_the_pass(
     kernel: MemoryEnforcer, folder: Path
 ) -> None:
-    path = write(folder, "web")
-    metrics = Metrics()
-    reconciler = service(kernel, folder, metrics)
-    reconciler.reconcile()
+    path, metrics, reconciler = web_enforced(kernel, folder)
     observed, before = kernel.observed, kernel.revisions()
     path.unlink()
     folder.rmdir()
