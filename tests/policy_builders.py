@@ -184,7 +184,7 @@ def dns_connect_policy(
     paths, or targets as the policy writes them ({"glob": ...})."""
     dns_rule: dict[str, Any] = {
         "action": "allow",
-        "cidrs": [f"{s}/128" if ":" in s else f"{s}/32" for s in servers],
+        "cidrs": [host_cidr(server) for server in servers],
         "ports": [53],
     }
     if dns_protocol != "any":
@@ -195,3 +195,8 @@ def dns_connect_policy(
         "sockets": {"connect": {"default": "deny", "rules": [dns_rule, *rules]}},
     }
     return policy_file(folder, name, [], spec)
+
+
+def host_cidr(address: str) -> str:
+    """The one-address CIDR of ``address`` (/32 or /128)."""
+    return f"{address}/128" if ":" in address else f"{address}/32"

@@ -269,9 +269,7 @@ class PinnedObject:
     object_id: int
 
 
-MAP_PINS = (
-    META_PIN,
-    EVENTS_PIN,
+DNS_PINS = (  # the maps of DNS names (fqdns rules)
     LEARNED_PIN,
     DNS_JUMP_PIN,
     DNS_STATS_PIN,
@@ -280,7 +278,7 @@ MAP_PINS = (
     DNS_PENDING_PIN,
     DNS_SEEN_PIN,
 )
-DNS_PINS = MAP_PINS[2:]  # the maps of DNS names (fqdns rules)
+MAP_PINS = (META_PIN, EVENTS_PIN, *DNS_PINS)
 
 
 def _kind_of(name: str) -> str | None:

@@ -25,7 +25,7 @@ import pytest
 from dns_responder import CLIENT, Datagram, Responder, response, run_client, verdicts
 from enforcement import ALLOWED, ETIMEDOUT, apply_ok, enforced, expect, run_cli
 from netns import loopback_netns
-from policy_builders import dns_connect_policy, policy_file
+from policy_builders import dns_connect_policy, host_cidr, policy_file
 from service import wait_until
 
 from cgpolicy.kernel import pins
@@ -43,10 +43,6 @@ def connect_policy(
     """sockets.connect, default deny: DNS to ``servers`` (port 53, ``dns_protocol``) by
     address, and ``rules`` after it."""
     return dns_connect_policy(tmp_path, "names", targets, servers, rules, dns_ttl, dns_protocol)
-
-
-def cidr(address: str) -> str:
-    return f"{address}/128" if ":" in address else f"{address}/32"
 
 
 def names_policy(
@@ -270,7 +266,7 @@ def test_network_rules_by_name_drop_packets_until_the_answer(
     net = veth_net
     dns_server.zone["edge.test"] = [("A", net.broot4), ("AAAA", net.broot6)]
     server: list[dict[str, Any]] = [
-        {"action": "allow", "protocol": "udp", "cidrs": [cidr(dns_server.address)]}
+        {"action": "allow", "protocol": "udp", "cidrs": [host_cidr(dns_server.address)]}
     ]
     if direction == "egress":
         server[0]["ports"] = [53]  # egress: the remote port; ingress: the local one (any)
@@ -309,7 +305,7 @@ def test_a_target_in_a_network_namespace_of_its_own(
         {
             "action": "allow",
             "protocol": "udp",
-            "cidrs": [cidr(net.b4), cidr(net.b6)],
+            "cidrs": [host_cidr(net.b4), host_cidr(net.b6)],
             "ports": [53],
         },
         {"action": "allow", "protocol": "tcp", "fqdns": ["svc.test"], "ports": [net.ports[1]]},
@@ -403,7 +399,7 @@ def test_only_the_servers_the_policy_names_teach(
     and one from a named server does."""
     named, other = dns_server.addresses
     rules = [{"action": "allow", "fqdns": ["api.test"]}]
-    settings = {"servers": [cidr(named)]}
+    settings = {"servers": [host_cidr(named)]}
     policy = connect_policy(
         tmp_path, [scratch_cgroup.relative], [named, other], rules, dns_ttl=settings
     )
