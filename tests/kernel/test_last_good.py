@@ -11,6 +11,7 @@ two more passes, so that it would have happened by then.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -215,6 +216,19 @@ def test_a_store_folder_others_can_write_is_refused_until_fixed(
 # -- item 4: a name that is not a regular file is not a deleted file --------------------------
 
 
+_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two names atomically
+
+
+def _exchange(first: Path, second: Path) -> None:
+    """Swap two names in one step: a folder cannot be renamed over a file, and an unlink
+    first would let a pass see the file deleted (and rightly remove its policy)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_cwd = -100
+    if libc.renameat2(at_cwd, bytes(first), at_cwd, bytes(second), _RENAME_EXCHANGE) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error), str(first))
+
+
 def _replace_with(path: Path, kind: str) -> None:
     """Swap the file for something else under the same name, atomically."""
     temporary = path.with_name(".swap")
@@ -226,7 +240,9 @@ def _replace_with(path: Path, kind: str) -> None:
         os.mkfifo(temporary)
     elif kind == "folder":
         temporary.mkdir()
-        path.unlink()
+        _exchange(temporary, path)
+        temporary.unlink()  # the old file, now under the name the service does not read
+        return
     os.replace(temporary, path)
 
 
