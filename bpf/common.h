@@ -132,6 +132,8 @@ static __always_inline int cgp_count(const struct cgp_verdict *v, const struct c
 #define CGP_EV_TASK 2      /* pid, tid and comm are set (the hook runs in task context) */
 #define CGP_EV_WRITE 4     /* sysctl: a write (else a read) */
 #define CGP_EV_TRUNCATED 8 /* sysctl: the name did not fit `name` */
+#define CGP_EV_CONNECT 16  /* network.egress: refused at connect(), before any packet */
+#define CGP_EV_SENDMSG 32  /* network.egress: refused at an unconnected UDP sendmsg() */
 
 #define CGP_EVENT_NAME_MAX 128
 #define CGP_NSEC_PER_SEC 1000000000ULL

@@ -2,8 +2,9 @@
 /*
  * Network programs: cgroup_skb (network.ingress / network.egress: cgp_ingress, cgp_egress)
  * and cgroup_sock_addr (sockets.bind: cgp_bind4/6; sockets.connect: cgp_connect4/6 and
- * cgp_sendmsg4/6 for unconnected UDP). They share one mask engine and map layout, so they
- * share this file (bcc cannot put map accesses in a header, see common.h).
+ * cgp_sendmsg4/6 for unconnected UDP; network.egress checked at connect time, to fail
+ * fast: cgp_eg_connect4/6 and cgp_eg_sendmsg4/6). They share one mask engine and map
+ * layout, so they share this file (bcc cannot put map accesses in a header, see common.h).
  * A cgroup_skb program returns 0 to drop the packet; a sock_addr one to fail the syscall
  * with EPERM.
  *
@@ -546,26 +547,13 @@ static __always_inline __u32 cgp_seen_slot(const __u8 addr[16])
 	return (even << 8) | odd;
 }
 
-/* The fqdns rules that `learned` holds for this target cgroup and remote address, live. */
-static __always_inline __u64 cgp_learned_rules(const struct cgp_net_config *cfg,
-					       const __u8 addr[16], void *ctx, const int is_skb)
+/* The fqdns rules of `cfg` that the live entry of `learned` at `key` holds. */
+static __always_inline __u64 cgp_learned_for(const struct cgp_net_config *cfg,
+					     const struct cgp_learned_key *key, void *ctx)
 {
-	struct cgp_learned_key key = {};
-	struct cgp_learned *hit;
-
-	/* First what costs no helper call: most addresses lie in slots nothing was learned in. */
-	__u32 seen_slot = cgp_seen_slot(addr), word = seen_slot >> 6;
-	__u64 *seen = dns_seen.lookup(&word);
-	if (!seen || !(*seen & (1ULL << (seen_slot & 63))))
-		return 0; /* no address of this slot was ever learned */
-	key.cgroup_id = cgp_dns_target(ctx, is_skb);
-	if (!key.cgroup_id)
-		return 0;
-
-	__builtin_memcpy(key.addr, addr, 16);
 	__u32 slot = cfg->dns_slot;
+	struct cgp_learned *hit = learned.lookup(key);
 
-	hit = learned.lookup(&key);
 	if (!hit || slot >= CGP_DNS_SLOTS || hit->expires_ns <= cgp_coarse_now())
 		return 0;
 	/* An answer a process got in a network namespace of its own (which it can make, and
@@ -573,6 +561,31 @@ static __always_inline __u64 cgp_learned_rules(const struct cgp_net_config *cfg,
 	if (hit->netns != bpf_get_netns_cookie(ctx))
 		return 0;
 	return hit->rules[slot] & cfg->fqdn_rules;
+}
+
+/* Whether an address of this one's slot was ever learned: what costs no helper call first,
+ * since most addresses lie in slots nothing was learned in. */
+static __always_inline int cgp_maybe_learned(const __u8 addr[16])
+{
+	__u32 seen_slot = cgp_seen_slot(addr), word = seen_slot >> 6;
+	__u64 *seen = dns_seen.lookup(&word);
+
+	return seen && (*seen & (1ULL << (seen_slot & 63)));
+}
+
+/* The fqdns rules that `learned` holds for this target cgroup and remote address, live. */
+static __always_inline __u64 cgp_learned_rules(const struct cgp_net_config *cfg,
+					       const __u8 addr[16], void *ctx, const int is_skb)
+{
+	struct cgp_learned_key key = {};
+
+	if (!cgp_maybe_learned(addr))
+		return 0; /* no address of this slot was ever learned */
+	key.cgroup_id = cgp_dns_target(ctx, is_skb);
+	if (!key.cgroup_id)
+		return 0;
+	__builtin_memcpy(key.addr, addr, 16);
+	return cgp_learned_for(cfg, &key, ctx);
 }
 
 static __always_inline void cgp_mapped4(__u8 out[16], __u32 addr4)
@@ -858,6 +871,139 @@ int cgp_sendmsg4(struct bpf_sock_addr *ctx)
 int cgp_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	return cgp_sock_addr(ctx, 1, CGP_HOOK_SENDMSG6);
+}
+
+/*
+ * network.egress at connect time (cgp_eg_connect4/6, cgp_eg_sendmsg4/6): a TCP or UDP
+ * connect(), or an unconnected UDP sendmsg(), fails at once with EPERM when every packet
+ * it would send is certain to be dropped by this policy's egress program, instead of the
+ * SYN being retransmitted into a drop for two minutes. These programs run on the egress
+ * program's own maps (config, tries, counters, rate limit: the loader hands them the same
+ * map fds), so a refusal counts on the egress rule or default that decided and sends the
+ * egress deny event (flags CGP_EV_CONNECT or CGP_EV_SENDMSG, with the task).
+ *
+ * The packets of such a socket go to the address and port asked for, with the socket's
+ * protocol; an IPv4-mapped address (::ffff:a.b.c.d) sends IPv4 packets to a.b.c.d, so it is
+ * looked up exactly as those are. Only the egress interface is not known yet. So:
+ *  - a matching deny rule without interfaces: denied whatever the interface;
+ *  - no allow rule that could match (a rule's interfaces counted as matching) and a deny
+ *    default: denied by the default, or by a deny rule with interfaces;
+ *  - anything else is let through, uncounted: the egress program decides each packet.
+ * Deny rules with interfaces never refuse here. Rules with icmpTypes match no TCP/UDP
+ * packet. Not checked (let through): other socket types and protocols (raw, ICMP, SCTP,
+ * MPTCP), the any address (the kernel connects 0.0.0.0 / :: to a local address), and the
+ * fqdns rules of a process in none of the policy's targets (a socket of another cgroup,
+ * passed in: its packets match what that cgroup learned), which may allow it.
+ * The compiler attaches these programs only in mode enforce: in audit mode the egress
+ * program counts every would-be denial once, per packet, and nothing is refused.
+ */
+#define CGP_SOCK_STREAM 1
+#define CGP_SOCK_DGRAM 2
+
+static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int v6, __u32 flag)
+{
+	const struct cgp_net_config *cfg;
+	__u64 cidr_mask, unsure = 0, proto_mask, matched, possible, certain;
+	__u32 zero = 0, addr4 = 0, family = 2;
+	struct cgp_counter *counter;
+	struct cgp_decision d;
+	struct cgp_event *e;
+	__u8 remote[16];
+	__u16 port;
+
+	cfg = config.lookup(&zero);
+	if (!cfg || cfg->v.audit)
+		return 1; /* this check may only ever refuse what egress surely drops */
+	if (ctx->type == CGP_SOCK_STREAM && ctx->protocol == CGP_IPPROTO_TCP)
+		proto_mask = cfg->proto[CGP_PROTO_TCP];
+	else if (ctx->type == CGP_SOCK_DGRAM && ctx->protocol == CGP_IPPROTO_UDP)
+		proto_mask = cfg->proto[CGP_PROTO_UDP];
+	else
+		return 1;
+
+	if (v6) {
+		__u32 addr[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
+				 ctx->user_ip6[3]};
+
+		if (addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff)) {
+			addr4 = addr[3]; /* sends IPv4 packets to a.b.c.d */
+		} else {
+			if (!(addr[0] | addr[1] | addr[2] | addr[3]))
+				return 1;
+			family = 10;
+			cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, addr) : cfg->any_cidr;
+			__builtin_memcpy(remote, addr, 16);
+		}
+	} else {
+		addr4 = ctx->user_ip4;
+	}
+	if (family == 2) {
+		if (!addr4)
+			return 1;
+		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, addr4) : cfg->any_cidr;
+		cgp_mapped4(remote, addr4);
+	}
+	if (cfg->fqdn_rules && cgp_maybe_learned(remote)) {
+		struct cgp_learned_key key = {.cgroup_id = cgp_dns_target(ctx, 0)};
+
+		if (key.cgroup_id) {
+			__builtin_memcpy(key.addr, remote, 16);
+			cidr_mask |= cgp_learned_for(cfg, &key, ctx);
+		} else {
+			unsure = cfg->fqdn_rules; /* not this task's to know */
+		}
+	}
+
+	/* user_port holds the port in network byte order in its low 16 bits. */
+	port = bpf_ntohs((__u16)ctx->user_port);
+	matched = proto_mask & cgp_port_mask(cfg, port) & cfg->any_icmp;
+	certain = cidr_mask & matched & cfg->v.deny_mask & cfg->any_iface;
+	possible = (cidr_mask | unsure) & matched & cfg->v.allow_mask;
+	if (certain)
+		d.slot = cgp_lowest_bit(certain);
+	else if (!possible && !cfg->v.default_allow)
+		d.slot = CGP_DEFAULT_SLOT;
+	else
+		return 1;
+	d.allowed = 0;
+	counter = counters.lookup(&d.slot);
+	if (counter)
+		counter->denied++; /* per-CPU value: a plain increment */
+	e = cgp_event_reserve(&cfg->v, &d, CGP_HOOK_EGRESS);
+	if (e) {
+		cgp_event_task(e);
+		e->flags |= flag;
+		e->family = family;
+		e->type = ctx->type;
+		e->protocol = ctx->protocol;
+		e->dport = port;
+		if (family == 2)
+			__builtin_memcpy(e->daddr, &addr4, 4);
+		else
+			__builtin_memcpy(e->daddr, remote, 16);
+		events.ringbuf_submit(e, 0);
+	}
+	return 0;
+}
+
+int cgp_eg_connect4(struct bpf_sock_addr *ctx)
+{
+	return cgp_egress_at_connect(ctx, 0, CGP_EV_CONNECT);
+}
+
+int cgp_eg_connect6(struct bpf_sock_addr *ctx)
+{
+	return cgp_egress_at_connect(ctx, 1, CGP_EV_CONNECT);
+}
+
+int cgp_eg_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return cgp_egress_at_connect(ctx, 0, CGP_EV_SENDMSG);
+}
+
+int cgp_eg_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return cgp_egress_at_connect(ctx, 1, CGP_EV_SENDMSG);
 }
 
 /* The question of a DNS answer (at scratch->off): its rules, then the answers. The

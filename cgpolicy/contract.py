@@ -216,6 +216,8 @@ class EventFlag(enum.IntFlag):
     TASK = 2  # pid, tid and comm are set
     WRITE = 4  # sysctl: a write (else a read)
     TRUNCATED = 8  # sysctl: the name did not fit
+    CONNECT = 16  # network.egress: refused at connect(), before any packet was sent
+    SENDMSG = 32  # network.egress: refused at an unconnected UDP sendmsg()
 
 
 # A record of the ring buffer "events" (one per policy, shared by its programs).
@@ -278,6 +280,42 @@ SECTION_HOOKS: dict[str, tuple[str, ...]] = {
     section: tuple(p.hook for p in HOOK_PROGRAMS.values() if p.section == section)
     for section in dict.fromkeys(p.section for p in HOOK_PROGRAMS.values())
 }
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectCheck:
+    """network.egress checked at connect time (bpf/net.c cgp_eg_*): a program of its own
+    per cgroup_sock_addr hook, running on the egress program's maps, that fails a TCP/UDP
+    connect() or UDP sendmsg() with EPERM when egress surely drops its packets. It has its
+    own pin folder (``slot``), since the hook may also run the policy's sockets.connect
+    program; the kernel runs both (AND). Its refusals count on, and are reported as, the
+    egress program's (events: hook egress, flag CONNECT or SENDMSG)."""
+
+    slot: str  # the policy's program slot: its pin folder, plan steps, drift
+    hook: str  # the kernel hook it attaches to
+    function: str  # its C function, also the kernel's program name
+
+
+EGRESS_AT_CONNECT: dict[str, ConnectCheck] = {
+    check.slot: check
+    for check in (
+        ConnectCheck("egress@connect4", "connect4", "cgp_eg_connect4"),
+        ConnectCheck("egress@connect6", "connect6", "cgp_eg_connect6"),
+        ConnectCheck("egress@sendmsg4", "sendmsg4", "cgp_eg_sendmsg4"),
+        ConnectCheck("egress@sendmsg6", "sendmsg6", "cgp_eg_sendmsg6"),
+    )
+}
+# every program slot a policy may have: the hooks of HOOK_PROGRAMS and the connect checks
+PROGRAM_SLOTS: tuple[str, ...] = (*HOOK_PROGRAMS, *EGRESS_AT_CONNECT)
+
+
+def attach_hook(slot: str) -> str:
+    """The kernel hook a policy's program slot attaches to (the slot itself for every
+    program but the connect checks)."""
+    check = EGRESS_AT_CONNECT.get(slot)
+    return check.hook if check else slot
+
+
 # cgp_event.hook -> the hook
 EVENT_HOOKS: dict[int, str] = {p.event_code: p.hook for p in HOOK_PROGRAMS.values()}
 # cgroup_skb hooks (events name both ends), and cgroup_sock_addr hooks (the syscall's address)

@@ -28,6 +28,7 @@ from cgpolicy.audit.model import (
     dns_report,
     effective_programs,
 )
+from cgpolicy.contract import attach_hook
 from cgpolicy.kernel.applied import (
     AppliedPolicy,
     monotonic_ns,
@@ -92,6 +93,13 @@ def _our_programs(applied: dict[str, AppliedPolicy]) -> dict[int, OurProgram]:
             if hook.prog_id:
                 ours[hook.prog_id] = OurProgram(policy.name, hook.hook, policy.revision)
     return ours
+
+
+def _slot(prog_id: int, hook: str, ours: dict[int, OurProgram]) -> str:
+    """The policy program slot a program at ``hook`` fills: the hook itself, or for one of
+    our connect checks its own (egress@connect4), which drift is reckoned by."""
+    found = ours.get(prog_id)
+    return found.hook if found is not None and attach_hook(found.hook) == hook else hook
 
 
 def _views(applied: dict[str, AppliedPolicy]) -> list[AppliedView]:
@@ -218,7 +226,7 @@ def audit(
         via_link = prog_id in links.get((cid, HOOKS[hook].attach_type), ())
         counters = None
         if policy is not None:
-            counters = programs.counters(prog_id, policy, hook)
+            counters = programs.counters(prog_id, policy, _slot(prog_id, hook, ours))
         return Attachment(
             hook,
             prog_id,
@@ -254,7 +262,8 @@ def audit(
                     continue
                 report.attachments.append(found)
                 if level == 0:
-                    own.setdefault(cid, {}).setdefault(hook, []).append(found)
+                    slot = _slot(prog_id, hook, ours)
+                    own.setdefault(cid, {}).setdefault(slot, []).append(found)
         reports[cid] = report
 
     existing = dict(paths)

@@ -154,6 +154,8 @@ def revision(
             hook: found for hook, found in sorted((resolved_interfaces or {}).items()) if any(found)
         },
     }
+    if network is not None and network.egress is not None and not network.egress.fail_fast:
+        content["egress_fail_fast"] = False  # absent by default: older revisions stay as they were
     if policy.dns != DnsSettings():  # likewise: only settings that differ from the defaults
         dns = policy.dns
         content["dns"] = [dns.min_ttl, dns.max_ttl, dns.max_learned, sorted(map(str, dns.servers))]

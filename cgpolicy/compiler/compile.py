@@ -27,11 +27,14 @@ from cgpolicy.compiler.spec import (
     CompileError,
     DeviceNode,
     DevicePath,
+    MapSpec,
     ProgramSpec,
     RuleLabel,
 )
 from cgpolicy.compiler.sysctl import sysctl_maps
 from cgpolicy.contract import (
+    EGRESS_AT_CONNECT,
+    HOOK_PROGRAMS,
     SECTION_HOOKS,
 )
 from cgpolicy.policy.describe import rule_text
@@ -89,6 +92,7 @@ def compile_policy(
         )
         policy = dataclasses.replace(policy, network=network)
     network = policy.network or Network()
+    egress_maps: dict[str, MapSpec] = {}
     for hook, net_section in (("ingress", network.ingress), ("egress", network.egress)):
         if net_section is None:
             continue
@@ -97,6 +101,8 @@ def compile_policy(
         resolved[hook] = [sorted(found) for found in ifindexes]
         maps = network_maps(hook, net_section.default, rules, audit, ifindexes, index_min, dns)
         programs.append(program_spec(hook, maps))
+        if hook == "egress":
+            egress_maps = {m.name: m for m in programs[-1].maps}
 
     sockets = policy.sockets
     if sockets is not None:
@@ -117,6 +123,9 @@ def compile_policy(
                     maps if hook.endswith("6") else {k: v for k, v in maps.items() if k != "cidr6"}
                 )
                 programs.append(program_spec(hook, used))
+
+    if egress_maps and not audit and network.egress and may_refuse_at_connect(network.egress):
+        programs.extend(connect_checks(egress_maps))
 
     if policy.devices is not None:
         programs.append(program_spec("device", device_maps(policy.devices, audit, keys)))
@@ -142,13 +151,63 @@ def compile_policy(
         mode=policy.mode,
         targets=policy.targets,
         programs=tuple(programs),
-        rules=rule_labels(policy, [spec.hook for spec in programs], keys, device_paths),
+        rules=rule_labels(
+            policy, [s.hook for s in programs if s.hook in HOOK_PROGRAMS], keys, device_paths
+        ),
         device_paths=device_paths,
         dns_programs=tail,
         names=names,
         name_rules=tuple(rules_by_name),
         dns_max_ttl=settings.max_ttl,
     )
+
+
+def may_refuse_at_connect(section: NetworkSection) -> bool:
+    """Whether network.egress can refuse a TCP/UDP connect at once (bpf/net.c
+    cgp_egress_at_connect): asked to (failFast), with a deny default or a deny rule that
+    holds on every interface and may match TCP or UDP. Otherwise no check is attached."""
+    if not section.fail_fast:
+        return False
+    return section.default == "deny" or any(
+        rule.action == "deny"
+        and not rule.interfaces
+        and not rule.icmp_types
+        and rule.protocol in ("any", "tcp", "udp")
+        for rule in section.rules
+    )
+
+
+def connect_checks(egress_maps: dict[str, MapSpec]) -> list[ProgramSpec]:
+    """network.egress checked at connect time (contract.EGRESS_AT_CONNECT): one program per
+    sock_addr hook, on the egress program's maps (events and rate limit included); the
+    IPv4 ones do not look IPv6 prefixes up."""
+    specs = []
+    for check in EGRESS_AT_CONNECT.values():
+        names = sorted(_CONNECT_CHECK_MAPS - ({"cidr6"} if check.hook.endswith("4") else set()))
+        maps = tuple(egress_maps[name] for name in names)
+        specs.append(
+            ProgramSpec(check.slot, "net.c", check.function, check.function, maps, "egress")
+        )
+    return specs
+
+
+# the maps bpf/net.c cgp_egress_at_connect() uses
+_CONNECT_CHECK_MAPS = {
+    "config",
+    "cidr4",
+    "cidr4_idx",
+    "cidr4_long",
+    "cidr6",
+    "ports",
+    "counters",
+    "events",
+    "ratelimit",
+    "learned",
+    "dns_seen",
+    "dns_scope",
+    "dns_targets",
+    "dns_clock",
+}
 
 
 def _name_sections(policy: Policy) -> dict[str, tuple[NetworkRule | SocketAddressRule, ...]]:

@@ -37,11 +37,16 @@ class MapSpec:
 class ProgramSpec:
     """One program for one hook: a function of a C file in bpf/ and the maps it uses."""
 
-    hook: str  # bpftool's attach-type name: egress, connect4, device, ...
+    # the policy's program slot: bpftool's attach-type name (egress, connect4, device, ...),
+    # or a connect check's (egress@connect4: contract.EGRESS_AT_CONNECT)
+    hook: str
     source: str  # file name in bpf/, e.g. "net.c"
     function: str  # C function name
     prog_name: str  # kernel name, <= 15 chars, starts with "cgp_"
     maps: tuple[MapSpec, ...]  # every map the function references
+    # the slot of another program of the policy whose maps of the same names this one uses
+    # (loaded after it); its specs are repeated in ``maps``
+    maps_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

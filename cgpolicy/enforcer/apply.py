@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cgpolicy.compiler.maps import EVENTS_RING_BYTES
 from cgpolicy.compiler.spec import CompiledPolicy, RuleLabel
-from cgpolicy.contract import U32
+from cgpolicy.contract import U32, attach_hook
 from cgpolicy.enforcer.dns import (
     DnsError,
     DnsMaps,
@@ -192,8 +192,12 @@ def _prepare_programs(
             shared |= work.dns.shared()
     for spec in compiled.programs:
         if plan.reload:
+            with_maps = shared
+            if spec.maps_from is not None:  # a connect check: the egress program's maps
+                made = work.new_programs[spec.maps_from].maps
+                with_maps = {**shared, **{m.name: made[m.name] for m in spec.maps if m.name in made}}
             try:
-                work.new_programs[spec.hook] = load_program(spec, shared_maps=shared or None)
+                work.new_programs[spec.hook] = load_program(spec, shared_maps=with_maps or None)
             except (LoaderError, BpfError) as error:
                 raise ApplyError(f"loading the {spec.hook} program failed: {error}") from error
         else:
@@ -282,7 +286,7 @@ def _switch_links(
         elif step.action in (Action.ATTACH, Action.REATTACH):
             cgroup_fd = _open_checked_cgroup(root, step)
             try:
-                attach_type = hook_named(step.hook).attach_type
+                attach_type = hook_named(attach_hook(step.hook)).attach_type
                 link = CgroupLink.create(_program_fd(work, step.hook), cgroup_fd, attach_type)
             finally:
                 os.close(cgroup_fd)

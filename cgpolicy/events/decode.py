@@ -26,8 +26,16 @@ _PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 255: "r
 _DEVICE_TYPES = {code: name for name, code in DEVICE_TYPES.items() if name != "any"}
 _read_event = EVENT.record_reader()
 # The flags as plain ints: ``int & IntFlag`` builds a flag object, several per event
-_AUDIT, _TASK, _WRITE, _TRUNCATED = map(
-    int, (EventFlag.AUDIT, EventFlag.TASK, EventFlag.WRITE, EventFlag.TRUNCATED)
+_AUDIT, _TASK, _WRITE, _TRUNCATED, _CONNECT, _SENDMSG = map(
+    int,
+    (
+        EventFlag.AUDIT,
+        EventFlag.TASK,
+        EventFlag.WRITE,
+        EventFlag.TRUNCATED,
+        EventFlag.CONNECT,
+        EventFlag.SENDMSG,
+    ),
 )
 
 
@@ -85,6 +93,11 @@ class Event:
     def describe(self) -> str:
         """The denied action in a few words: "connect tcp 169.254.169.254:80"."""
         w = self.what
+        if self.hook in PACKET_HOOKS and w.get("refused_at"):
+            host = w.get("dst") or "?"
+            host = f"[{host}]" if ":" in host else host
+            protocol = w.get("protocol") or "?"
+            return f"{self.hook} {protocol} -> {host}:{w.get('dport') or 0} refused at {w['refused_at']}"
         if self.hook in PACKET_HOOKS:
             text = f"{self.hook} {w.get('protocol') or '?'} {w.get('src') or '?'}"
             if w.get("sport"):
@@ -139,6 +152,9 @@ def decode(raw: bytes, wall_offset_ns: int = 0) -> Event:
             "sport": record.sport or None,
             "dport": record.dport or None,
         }
+        if hook == "egress":  # refused at the system call, before any packet (bpf/net.c)
+            at = "connect" if flags & _CONNECT else "sendmsg" if flags & _SENDMSG else None
+            what["refused_at"] = at
     elif hook == "sock_create":
         what = {
             "family": _FAMILIES.get(family, family),

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cgpolicy.contract import DEFAULT_SLOT
+from cgpolicy.contract import DEFAULT_SLOT, EGRESS_AT_CONNECT
 from cgpolicy.events.decode import Event, decode, monotonic_to_wall_ns
 from cgpolicy.kernel.applied import (
     AppliedPolicy,
@@ -78,6 +78,8 @@ def _open_policy(applied: AppliedPolicy, ring_map: Map) -> PolicyEvents:
         applied.meta.rules if applied.meta else {},
     )
     for hook in applied.hooks.values():
+        if hook.hook in EGRESS_AT_CONNECT:
+            continue  # the egress program's rate limit: reported once, as egress
         maps = program_maps(hook.prog_id, {"ratelimit"}) if hook.prog_id else {}
         if "ratelimit" in maps:
             events.ratelimits[hook.hook] = maps["ratelimit"]

@@ -24,8 +24,10 @@ from cgpolicy.contract import (
     LEARNED,
     LEARNED_KEY,
     MAX_RULES,
+    EGRESS_AT_CONNECT,
     RATELIMIT,
     U32,
+    attach_hook,
 )
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import CgroupLink, Map, Program, close_all
@@ -103,7 +105,7 @@ def read_policy(folder: Path, links: bool = True) -> AppliedPolicy:
     """One policy folder; without ``links`` only the metadata and the programs."""
     applied = AppliedPolicy(folder.name, folder, pins.read_meta(folder))
     for hook_folder in pins.real_subfolders(folder):
-        if hook_folder.name not in HOOKS:
+        if attach_hook(hook_folder.name) not in HOOKS:
             continue
         hook = AppliedHook(hook_folder.name, _read_prog_id(hook_folder / pins.PROG_PIN))
         if links:
@@ -186,7 +188,10 @@ def _sum(values: list[bytes] | None) -> tuple[int, int]:
 def read_counters(prog_id: int, applied: AppliedPolicy | None, hook: str) -> dict[str, Any] | None:
     """Per-rule and default allowed/denied counts of one of a policy's programs, labelled
     with the rule text its metadata recorded, and the deny events it dropped; None when the
-    program has no counters (or is gone). Raises BpfError when a map cannot be read."""
+    program has no counters (or is gone), or counts on another program's (a connect check
+    counts on the egress program's). Raises BpfError when a map cannot be read."""
+    if hook in EGRESS_AT_CONNECT:
+        return None
     maps = program_maps(prog_id, {"counters", "ratelimit"})
     try:
         if "counters" not in maps:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from cgpolicy.compiler.spec import MapSpec, ProgramSpec
+from cgpolicy.contract import attach_hook
 from cgpolicy.kernel.bpf import Map, Program, close_all
 from cgpolicy.kernel.hooks import hook
 from cgpolicy.kernel.store import (
@@ -204,7 +205,7 @@ def load_program(
     spec, not part of ``LoadedProgram.maps`` and not closed with the program."""
     compiled = compile_function(source_dir / spec.source, spec.function, cflags)
     _check_maps(spec, compiled)
-    target = hook(spec.hook)
+    target = hook(attach_hook(spec.hook))
     shared = dict(shared_maps or {})
     maps: dict[str, Map] = {}
     try:

@@ -75,6 +75,7 @@ class _Builder:
                     self.network_rule(rule, ("spec", "network", direction, "rules", index))
                     for index, rule in enumerate(network[direction].get("rules", []))
                 ),
+                network[direction].get("failFast", True),
             )
             for direction in ("ingress", "egress")
             if direction in network

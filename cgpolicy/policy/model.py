@@ -83,6 +83,8 @@ class NetworkRule:
 class NetworkSection:
     default: Action
     rules: tuple[NetworkRule, ...] = ()
+    # egress only: refuse at connect/sendmsg what this section surely drops (docs/policy.md)
+    fail_fast: bool = True
 
 
 @dataclass(frozen=True, slots=True)
