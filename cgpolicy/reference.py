@@ -285,6 +285,54 @@ def evaluate(policy: Policy, action: Action) -> Verdict:
     )
 
 
+def egress_at_connect(policy: Policy, action: SocketAddress) -> Verdict | None:
+    """network.egress at a TCP/UDP ``connect`` or unconnected UDP ``sendmsg`` (bpf/net.c
+    cgp_egress_at_connect, docs/policy.md "Denials that fail fast"): a denial (EPERM at
+    once) when every packet the call would send is certain to be dropped by the section,
+    whatever interface it leaves by; None when the call goes on and the egress program
+    decides each packet.
+
+    The packets go to ``action.address`` (an IPv4-mapped one sends IPv4 packets, so it is
+    looked up as the IPv4 address) and port, with the socket's protocol. Certain: a
+    matching deny rule without interfaces (the first in canonical order is named), or no
+    allow rule that could match, its interfaces counted as matching, and a deny default.
+    Never in audit mode, with ``failFast: false``, for the any address (the kernel
+    connects it to a local one) or for other protocols than TCP and UDP."""
+    section = policy.network.egress if policy.network else None
+    if (
+        section is None
+        or not section.fail_fast
+        or policy.mode == "audit"
+        or action.operation == "bind"
+        or action.protocol not in (TCP, UDP)
+    ):
+        return None
+    remote: IPAddress = action.address
+    if isinstance(remote, ipaddress.IPv6Address) and remote.ipv4_mapped is not None:
+        remote = remote.ipv4_mapped
+    if remote.is_unspecified:
+        return None
+    packet = Packet(
+        "egress", remote, action.protocol, action.port, names=action.names, learned=action.learned
+    )
+    denying: list[Rule] = []
+    allowing: list[Rule] = []
+    rules: Sequence[NetworkRule] = _canonical_order(section.rules)  # type: ignore[assignment]
+    for rule in rules:
+        # every condition but the interface; none of them is unknown here
+        if all(c is True for c in _network_conditions(rule, packet)[:4]):
+            if rule.action == "allow":
+                allowing.append(rule)
+            elif not rule.interfaces:
+                denying.append(rule)
+    name = "network.egress"
+    if denying:
+        return Verdict(name, False, False, False, "rule", denying[0], tuple(denying))
+    if not allowing and section.default == "deny":
+        return Verdict(name, False, False, False, "default")
+    return None
+
+
 _order_cache: dict[int, tuple[tuple[Rule, ...], tuple[Rule, ...]]] = {}
 
 

@@ -195,7 +195,10 @@ def _prepare_programs(
             with_maps = shared
             if spec.maps_from is not None:  # a connect check: the egress program's maps
                 made = work.new_programs[spec.maps_from].maps
-                with_maps = {**shared, **{m.name: made[m.name] for m in spec.maps if m.name in made}}
+                with_maps = {
+                    **shared,
+                    **{m.name: made[m.name] for m in spec.maps if m.name in made},
+                }
             try:
                 work.new_programs[spec.hook] = load_program(spec, shared_maps=with_maps or None)
             except (LoaderError, BpfError) as error:

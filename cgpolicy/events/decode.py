@@ -96,8 +96,9 @@ class Event:
         if self.hook in PACKET_HOOKS and w.get("refused_at"):
             host = w.get("dst") or "?"
             host = f"[{host}]" if ":" in host else host
+            where = f"{host}:{w.get('dport') or 0}"
             protocol = w.get("protocol") or "?"
-            return f"{self.hook} {protocol} -> {host}:{w.get('dport') or 0} refused at {w['refused_at']}"
+            return f"{self.hook} {protocol} -> {where} refused at {w['refused_at']}"
         if self.hook in PACKET_HOOKS:
             text = f"{self.hook} {w.get('protocol') or '?'} {w.get('src') or '?'}"
             if w.get("sport"):

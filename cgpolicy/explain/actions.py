@@ -53,9 +53,19 @@ class ParsedAction:
     views: list[reference.Action] = field(default_factory=list)
 
     def evaluate(self, policy: Policy) -> Verdict:
-        """The policy's verdict: the first view it denies, else the first view's."""
-        verdicts = [reference.evaluate(policy, view) for view in self.views or [self.action]]
-        return next((v for v in verdicts if not v.allowed), verdicts[0])
+        """The policy's verdict: the first view it denies, else the first view network.egress
+        refuses at connect time (reference.egress_at_connect), else the first view's."""
+        views = self.views or [self.action]
+        verdicts = [reference.evaluate(policy, view) for view in views]
+        denied = next((v for v in verdicts if not v.allowed), None)
+        if denied is not None:
+            return denied
+        for view in views:
+            if isinstance(view, SocketAddress):
+                refused = reference.egress_at_connect(policy, view)
+                if refused is not None:
+                    return refused
+        return verdicts[0]
 
     def with_learned(self, learned: frozenset[reference.Rule]) -> ParsedAction:
         """This action with the `fqdns` rules the kernel learned its remote address for

@@ -8,13 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cgpolicy import reference
 from cgpolicy.explain.actions import ParsedAction
 from cgpolicy.policy.model import NetworkRule, Policy, SocketAddressRule
 from cgpolicy.reference import (
+    TCP,
+    UDP,
     DeviceAccess,
     IPAddress,
     Packet,
+    SocketAddress,
     Verdict,
+    egress_at_connect,
     policy_section,
     remote_address,
 )
@@ -84,6 +89,29 @@ class PolicyExplanation:
     cgroups: list[str] = field(default_factory=list)  # --cgroup: where it is attached
     problem: str | None = None  # why it cannot be explained
     names: NameMatch | None = None  # --cgroup: what DNS taught the cgroup (fqdns rules)
+
+
+def at_connect(policy: Policy, action: reference.Action, verdict: Verdict) -> str | None:
+    """For a TCP/UDP packet network.egress denies: "refused" when a connect() or UDP
+    sendmsg() to it already fails with EPERM (reference.egress_at_connect), "dropped" when
+    only its packets are dropped (a TCP connect then times out). For a connect or sendmsg
+    that egress refuses: "refused". None otherwise."""
+    if isinstance(action, SocketAddress):
+        return "refused" if verdict.section == "network.egress" else None
+    if (
+        not isinstance(action, Packet)
+        or action.direction != "egress"
+        or verdict.allowed
+        or verdict.audit
+        or action.protocol not in (TCP, UDP)
+        or action.remote is None
+        or action.port is None
+    ):
+        return None
+    call = SocketAddress(
+        "connect", action.remote, action.port, action.protocol, action.names, action.learned
+    )
+    return "refused" if egress_at_connect(policy, call) is not None else "dropped"
 
 
 @dataclass

@@ -7,10 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from cgpolicy import reference
-from cgpolicy.explain.explanation import Explanation
+from cgpolicy.explain.explanation import Explanation, at_connect
 from cgpolicy.policy.describe import rule_text
 
 _lines_cache: dict[str, list[str]] = {}
+_AT_CONNECT = {
+    "refused": "fails fast: a connect() or UDP sendmsg() to it is refused at once (EPERM)",
+    "dropped": (
+        "only dropped: a connect() to it is not refused (the interface or a rule that cannot "
+        "be known at connect decides); a TCP connect times out"
+    ),
+}
 
 
 def source_lines(file: str, line: int, column: int, limit: int = 8) -> list[str]:
@@ -69,6 +76,7 @@ def to_json(explanation: Explanation) -> dict[str, Any]:
                 rule=_rule_json(verdict.section, verdict.rule) if verdict.rule else None,
                 matching=[_rule_json(verdict.section, rule) for rule in verdict.matching],
                 reason=verdict.reason or None,
+                at_connect=at_connect(item.policy, parsed.action, verdict) if item.policy else None,
             )
         policies.append(entry)
     report: dict[str, Any] = {
@@ -119,6 +127,9 @@ def render(explanation: Explanation) -> str:
             out.append(f"  {verdict.section}: no rule matches: default {verdict.verdict}")
         else:
             out.append(f"  {verdict.reason}")
+        fast = at_connect(item.policy, explanation.action.action, verdict) if item.policy else None
+        if fast is not None:
+            out.append(f"  {_AT_CONNECT[fast]}")
     if not explanation.policies:
         out.append("no cgpolicy policy applies")
     for program in explanation.foreign:
