@@ -2,7 +2,9 @@
 
 A probe in the scratch cgroup sends real traffic; a dropped TCP SYN or SYN-ACK shows as a
 connect timeout (ETIMEDOUT), a dropped outgoing datagram as EPERM from send(), a dropped
-incoming datagram as a receive timeout. Loopback servers listen on every 127/8 address and
+incoming datagram as a receive timeout. A connect that network.egress surely denies fails
+at once with EPERM (failFast, test_enforce_failfast.py); with `failFast: false` its SYN is
+dropped like any packet. Loopback servers listen on every 127/8 address and
 ::1 (dual-stack); the veth tests talk to echo servers in another network namespace.
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import socket
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from enforcement import ALLOWED, EPERM, ETIMEDOUT, enforced, expect, serve_in_cgroup
 from policy_builders import policy_file
@@ -45,10 +49,13 @@ def ifaces_in_map(prog_pin) -> set[int]:
     return set()
 
 
+@pytest.mark.parametrize("fail_fast", [True, False], ids=["fail-fast", "drop-only"])
 def test_egress_loopback_addresses_ports_and_ranges(
-    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports, fail_fast
 ):
     p0, p1, p2, p3, p4 = loopback_ports.ports
+    # a TCP connect egress surely denies: refused at once, or its SYN dropped (timeout)
+    dropped = EPERM if fail_fast else ETIMEDOUT
     path = policy_file(
         tmp_path,
         "egress-loopback",
@@ -57,6 +64,7 @@ def test_egress_loopback_addresses_ports_and_ranges(
             "network": {
                 "egress": {
                     "default": "deny",
+                    "failFast": fail_fast,
                     "rules": [
                         {
                             "action": "allow",
@@ -83,11 +91,11 @@ def test_egress_loopback_addresses_ports_and_ranges(
             [
                 (("connect", "tcp", "127.0.0.1", p1), ALLOWED),  # range start
                 (("connect", "tcp", "127.0.0.2", p3), ALLOWED),  # range end
-                (("connect", "tcp", "127.0.0.1", p0), ETIMEDOUT),  # just below
-                (("connect", "tcp", "127.0.0.1", p4), ETIMEDOUT),  # just above
-                (("connect", "tcp", "127.0.0.3", p2), ETIMEDOUT),  # deny inside the allow
+                (("connect", "tcp", "127.0.0.1", p0), dropped),  # just below
+                (("connect", "tcp", "127.0.0.1", p4), dropped),  # just above
+                (("connect", "tcp", "127.0.0.3", p2), dropped),  # deny inside the allow
                 (("connect", "tcp", "::1", p2), ALLOWED),
-                (("connect", "tcp", "::1", p4), ETIMEDOUT),
+                (("connect", "tcp", "::1", p4), dropped),
                 (("connect", "udp", "127.0.0.1", p1), ALLOWED),
                 (("connect", "udp", "127.0.0.1", p2), EPERM),
                 (("sendto", "127.0.0.2", p1), EPERM),
@@ -242,10 +250,10 @@ def test_egress_and_ingress_between_namespaces(
             scratch_cgroup,
             [
                 (("connect", "tcp", net.b4, 8001), ALLOWED),
-                (("connect", "tcp", net.b4, 8002), ETIMEDOUT),
+                (("connect", "tcp", net.b4, 8002), EPERM),  # refused at connect (failFast)
                 (("connect", "tcp", net.b4, 8005), ALLOWED),
                 (("connect", "tcp", net.b6, 8002), ALLOWED),
-                (("connect", "tcp", net.b6, 8005), ETIMEDOUT),
+                (("connect", "tcp", net.b6, 8005), EPERM),
                 (("connect", "udp", net.b6, 8002), ALLOWED),
                 (("connect", "udp", net.b6, 8003), EPERM),
                 (("sendto", net.b6, 8004), EPERM),
@@ -325,6 +333,7 @@ def test_interfaces_rules_match_the_named_interface_only(
         expect(
             scratch_cgroup,
             [
+                # deny rules with interfaces are not known at connect: only dropped
                 (("connect", "tcp", net.broot4, 8001), ETIMEDOUT),
                 (("connect", "tcp", net.broot6, 8002), ETIMEDOUT),
                 (("connect", "tcp", "127.0.0.1", p1), ALLOWED),  # lo: not the interface
