@@ -4,6 +4,9 @@ Tests run it inside a scratch cgroup, so that what the kernel allows or denies i
 real process in that cgroup would see. It uses only the standard library and starts fast.
 
     probe.py connect tcp|udp HOST PORT      connect() (and a send for udp)
+    probe.py connect-now tcp|udp HOST PORT  connect() alone, non-blocking: fails only if the
+                                             call itself is refused (a TCP handshake still
+                                             under way counts as not refused)
     probe.py sendto HOST PORT                unconnected UDP sendto()
     probe.py bind tcp|udp ADDR PORT
     probe.py socket FAMILY TYPE [PROTO]      numbers or names: inet, inet6, packet; stream, raw
@@ -39,6 +42,15 @@ def do_connect(protocol: str, host: str, port: str) -> None:
         sock.connect((host, int(port)))
         if protocol == "udp":
             sock.send(b"probe")
+
+
+def do_connect_now(protocol: str, host: str, port: str) -> None:
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(family_of(host), kind) as sock:
+        sock.setblocking(False)
+        code = sock.connect_ex((host, int(port)))
+        if code not in (0, errno.EINPROGRESS):
+            raise OSError(code, os.strerror(code))
 
 
 def do_sendto(host: str, port: str) -> None:
@@ -80,6 +92,7 @@ def do_sysctl_write(name: str, value: str) -> None:
 
 ACTIONS = {
     "connect": do_connect,
+    "connect-now": do_connect_now,
     "sendto": do_sendto,
     "bind": do_bind,
     "socket": do_socket,

@@ -23,7 +23,7 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 from dns_responder import CLIENT, Datagram, Responder, response, run_client, verdicts
-from enforcement import ALLOWED, ETIMEDOUT, apply_ok, enforced, expect, run_cli
+from enforcement import ALLOWED, EPERM, ETIMEDOUT, apply_ok, enforced, expect, run_cli
 from netns import loopback_netns
 from policy_builders import dns_connect_policy, host_cidr, policy_file
 from service import wait_until
@@ -261,8 +261,9 @@ def test_network_rules_by_name_drop_packets_until_the_answer(
 ) -> None:
     """network.<direction>, default deny, DNS to the server allowed by address, TCP to
     edge.test by name; edge.test is the echo servers' namespace over a veth from the host's
-    namespace. Before the answer the SYN (egress) or the SYN-ACK (ingress) is dropped, so
-    TCP connects time out, over IPv4 and IPv6; after the A and AAAA answers they connect."""
+    namespace. Before the answer a TCP connect is refused at once (egress: failFast) or its
+    SYN-ACK is dropped (ingress) and it times out, over IPv4 and IPv6; after the A and AAAA
+    answers they connect."""
     net = veth_net
     dns_server.zone["edge.test"] = [("A", net.broot4), ("AAAA", net.broot6)]
     server: list[dict[str, Any]] = [
@@ -282,7 +283,8 @@ def test_network_rules_by_name_drop_packets_until_the_answer(
     connects = [("connect", "tcp", host, net.ports[0]) for host in (net.broot4, net.broot6)]
     try:
         with enforced(cgroup_root, bpf_dir, policy):
-            expect(scratch_cgroup, [(c, ETIMEDOUT) for c in connects])
+            refused = EPERM if direction == "egress" else ETIMEDOUT
+            expect(scratch_cgroup, [(c, refused) for c in connects])
             resolve(scratch_cgroup, dns_server, "edge.test")
             resolve(scratch_cgroup, dns_server, "edge.test", type="AAAA")
             expect(scratch_cgroup, [(c, ALLOWED) for c in connects])
@@ -296,8 +298,8 @@ def test_a_target_in_a_network_namespace_of_its_own(
     """A container's shape: the workload in the target cgroup and in network namespace a,
     its DNS server in namespace b across a veth (svc.test: A and AAAA of the echo servers
     there). network.egress, default deny, DNS by address, TCP to svc.test by name: refused
-    (the SYN dropped) until resolved, then connects, over IPv4 and IPv6; the AAAA is asked
-    over IPv6."""
+    at connect (failFast: the learned addresses of the namespace are checked there too)
+    until resolved, then connects, over IPv4 and IPv6; the AAAA is asked over IPv6."""
     net = veth_net
     server = Responder(net.b4, net.b6, netns=net.ns_b)
     server.zone["svc.test"] = [("A", net.b4), ("AAAA", net.b6)]
@@ -319,11 +321,11 @@ def test_a_target_in_a_network_namespace_of_its_own(
     connects = [("connect", "tcp", host, net.ports[1]) for host in (net.b4, net.b6)]
     try:
         with enforced(cgroup_root, bpf_dir, policy):
-            expect(scratch_cgroup, [(c, ETIMEDOUT) for c in connects], netns=net.ns_a)
+            expect(scratch_cgroup, [(c, EPERM) for c in connects], netns=net.ns_a)
             run_client(scratch_cgroup, "resolve", net.b4, "svc.test", netns=net.ns_a)
             expect(
                 scratch_cgroup,
-                [(connects[0], ALLOWED), (connects[1], ETIMEDOUT)],
+                [(connects[0], ALLOWED), (connects[1], EPERM)],
                 netns=net.ns_a,
             )
             run_client(

@@ -14,7 +14,6 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from enforcement import ALLOWED, EPERM, ETIMEDOUT, enforced, expect, serve_in_cgroup
 from policy_builders import policy_file
 
