@@ -84,7 +84,13 @@ DNS_FIGURES = {
     "dns_learned_entry_bytes",
     "dns_learned_map_mib",
 }
-FIGURES |= DNS_FIGURES
+FAILFAST_FIGURES = {
+    *(f"failfast.connect_ns.{name}" for name in ("fast", "slow", "none")),
+    "failfast.added_ns",
+    "failfast.check_ns.allowed",
+    "failfast.check_ns.refused",
+}
+FIGURES |= DNS_FIGURES | FAILFAST_FIGURES
 
 
 def run_quick_bench(tmp_path: Path, *only: str) -> tuple[dict, int]:
@@ -129,4 +135,12 @@ def test_quick_dns_bench_writes_its_figures(cgroup_root, tmp_path):
     results, pid = run_quick_bench(tmp_path, "dns")
     assert_figures(results, DNS_FIGURES | {"peak_rss_mib"})
     assert results["params"]["only"] == ["dns"]
+    assert_removed(cgroup_root, pid)
+
+
+def test_quick_failfast_bench_writes_its_figures(cgroup_root, tmp_path):
+    """The connect-check benchmark alone (``--only failfast``): only that every figure
+    comes out, never its value."""
+    results, pid = run_quick_bench(tmp_path, "failfast")
+    assert_figures(results, FAILFAST_FIGURES | {"peak_rss_mib"})
     assert_removed(cgroup_root, pid)
