@@ -82,9 +82,11 @@ def network_yaml(
     v6: Sequence[str],
     extra_rules: str = "",
     extra_sections: str = "",
+    fail_fast: bool = True,
 ) -> str:
     """An egress policy, default deny, allowing TCP to the given CIDRs on PORTS
-    (one rule per address family, so each list stays within the schema's 100,000)."""
+    (one rule per address family, so each list stays within the schema's 100,000); with
+    ``fail_fast`` false, no connect checks (the packet program alone decides)."""
     target_lines = "".join(f'    - {kind}: "{value}"\n' for kind, value in targets)
     rules = ""
     for cidrs in (v4, v6):
@@ -102,7 +104,8 @@ def network_yaml(
         "  network:\n"
         "    egress:\n"
         "      default: deny\n"
-        f"      rules:\n{rules}{extra_rules}"
+        + ("" if fail_fast else "      failFast: false\n")
+        + f"      rules:\n{rules}{extra_rules}"
         f"{extra_sections}"
     )
 

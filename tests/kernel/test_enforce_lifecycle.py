@@ -287,7 +287,9 @@ def test_no_wrong_verdict_while_the_policy_is_updated(
                     assert outcome.ok and outcome.plan.reload, outcome
                     program_ids.update(attachments(scratch_cgroup.path)["connect4"])
                     time.sleep(0.05)
-            assert len(program_ids) == 12  # every apply loaded and swapped in new programs
+            # every apply loaded and swapped in new programs: sockets.connect's and the
+            # egress connect check at connect4
+            assert len(program_ids) == 24
         finally:
             stop.touch()
             out, _ = loop.communicate(timeout=30)
@@ -378,7 +380,8 @@ def test_cli_plan_apply_unchanged_remove(
             },
         },
     )
-    hooks = ("egress", "connect4", "connect6", "sendmsg4", "sendmsg6")
+    checks = ("egress@connect4", "egress@connect6", "egress@sendmsg4", "egress@sendmsg6")
+    hooks = ("egress", "connect4", "connect6", "sendmsg4", "sendmsg6", *checks)
     try:
         planned = run_cli("--bpf-dir", bpf_dir, "plan", path, check=True)
         assert "cli: new, revision" in planned.stdout, planned.stdout

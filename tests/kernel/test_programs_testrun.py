@@ -201,6 +201,10 @@ def test_every_program_passes_the_verifier(kernel_ready: None) -> None:
         "connect6",
         "sendmsg4",
         "sendmsg6",
+        "egress@connect4",  # network.egress checked at connect time
+        "egress@connect6",
+        "egress@sendmsg4",
+        "egress@sendmsg6",
         "device",
         "sysctl",
     ]
