@@ -68,6 +68,11 @@ def describe(policy: Policy) -> str:
                 section.rules,
                 partial(_network_rule, where=where),
             )
+            if not section.fail_fast:
+                lines.append(
+                    "    (failFast off: a connect it denies is not refused at once; its packets "
+                    "are dropped)"
+                )
 
     sockets = policy.sockets
     create: SocketCreateSection | None = sockets.create if sockets else None
