@@ -893,7 +893,9 @@ int cgp_sendmsg6(struct bpf_sock_addr *ctx)
  * packet. Not checked (let through): other socket types and protocols (raw, ICMP, SCTP,
  * MPTCP), the any address (the kernel connects 0.0.0.0 / :: to a local address), and the
  * fqdns rules of a process in none of the policy's targets (a socket of another cgroup,
- * passed in: its packets match what that cgroup learned), which may allow it.
+ * passed in: its packets match what that cgroup learned), which may allow it. A process of
+ * one target using a socket of another target of the same policy is judged by what its own
+ * target learned (as sockets.connect is).
  * The compiler attaches these programs only in mode enforce: in audit mode the egress
  * program counts every would-be denial once, per packet, and nothing is refused.
  */
@@ -946,6 +948,9 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 	if (cfg->fqdn_rules && cgp_maybe_learned(remote)) {
 		struct cgp_learned_key key = {.cgroup_id = cgp_dns_target(ctx, 0)};
 
+		/* with targets at one depth that is any cgroup's ancestor there: is it one? */
+		if (key.cgroup_id && !dns_targets.lookup(&key.cgroup_id))
+			key.cgroup_id = 0;
 		if (key.cgroup_id) {
 			__builtin_memcpy(key.addr, remote, 16);
 			cidr_mask |= cgp_learned_for(cfg, &key, ctx);

@@ -233,19 +233,38 @@ def test_with_sockets_connect_both_hold_and_audit_shows_them_in_sync(
         expect(scratch_cgroup, [((NOW, "tcp", "127.0.0.3", p1), ALLOWED)])  # only dropped now
 
 
-def test_fail_fast_off_only_drops(scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports):
+def test_fail_fast_off_only_drops_and_switching_it_moves_the_checks(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports
+):
     p0, p1, p2, *_ = loopback_ports.ports
+    on = policy_file(tmp_path, "slow", [scratch_cgroup.relative], egress(loopback_rules(p1, p2)))
     body = egress(loopback_rules(p1, p2), failFast=False)
-    path = policy_file(tmp_path, "slow", [scratch_cgroup.relative], body)
-    with enforced(cgroup_root, bpf_dir, path):
-        assert not {*read_named(bpf_dir, "slow").hooks} & {*EGRESS_AT_CONNECT}
-        expect(
-            scratch_cgroup,
-            [
-                ((NOW, "tcp", "127.0.0.3", p1), ALLOWED),
-                (("connect", "tcp", "127.0.0.3", p1), ETIMEDOUT),
-            ],
-        )
+    off = policy_file(tmp_path, "slow", [scratch_cgroup.relative], body)
+    audit = policy_file(
+        tmp_path, "slow", [scratch_cgroup.relative], egress(loopback_rules(p1, p2)), "audit"
+    )
+
+    def in_sync() -> None:
+        done = cgpolicy(bpf_dir, "audit", "--cgroup", scratch_cgroup.relative, "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    with enforced(cgroup_root, bpf_dir, on):
+        assert {*EGRESS_AT_CONNECT} <= {*read_named(bpf_dir, "slow").hooks}
+        expect(scratch_cgroup, [((NOW, "tcp", "127.0.0.3", p1), EPERM)])
+        for turned in (off, audit):
+            done = run_cli("--bpf-dir", bpf_dir, "apply", turned)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "detach egress@connect4" in done.stdout, done.stdout
+            assert not {*read_named(bpf_dir, "slow").hooks} & {*EGRESS_AT_CONNECT}
+            assert not any((bpf_dir / "slow" / slot).exists() for slot in EGRESS_AT_CONNECT)
+            in_sync()
+            expect(scratch_cgroup, [((NOW, "tcp", "127.0.0.3", p1), ALLOWED)])
+            done = run_cli("--bpf-dir", bpf_dir, "apply", on)
+            assert "attach egress@connect4" in done.stdout, done.stdout
+            in_sync()
+            expect(scratch_cgroup, [((NOW, "tcp", "127.0.0.3", p1), EPERM)])
+        run_cli("--bpf-dir", bpf_dir, "apply", off, check=True)
+        expect(scratch_cgroup, [(("connect", "tcp", "127.0.0.3", p1), ETIMEDOUT)])
         assert egress_counters(bpf_dir, "slow")["deny any to 127.0.0.3/32"][1] >= 1
 
 
@@ -276,3 +295,49 @@ def test_cgpolicy_run_of_a_client_to_a_denied_destination_exits_with_eperm(
                 kill_and_remove_cgroup(stale)
         enforcer = Enforcer(cgroup_root, bpf_dir)
         remove(enforcer, *enforcer.observe())
+
+
+# A UDP socket made here (in the cgroup the process starts in), then the process moves to
+# the cgroup named by argv[1] and connects it to argv[2]:argv[3] (UDP: nothing is sent).
+MOVE_THEN_CONNECT = """
+import errno, json, socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+with open(sys.argv[1] + "/cgroup.procs", "w") as procs:
+    procs.write("0")
+code = sock.connect_ex((sys.argv[2], int(sys.argv[3])))
+print(json.dumps({"errno": code}))
+"""
+
+
+def test_fqdns_allow_fails_fast_until_the_address_is_learned(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, dns_server
+):
+    """egress default deny, DNS to the server allowed, UDP by name to api.test: a connect
+    is refused at once until an answer taught the target the address, then goes through.
+    A socket of the target connected by a process outside every target is not refused at
+    connect: what its own target learned decides its packets."""
+    from dns_responder import run_client
+
+    target, outside = scratch_cgroup.child("target"), scratch_cgroup.child("outside")
+    rules = [
+        {"action": "allow", "protocol": "udp", "cidrs": [dns_server.address], "ports": [53]},
+        {"action": "allow", "protocol": "udp", "fqdns": ["api.test"], "ports": [443]},
+    ]
+    path = policy_file(tmp_path, "fastnames", [target.relative], egress(rules))
+    learned, unlearned = "198.51.100.7", "198.51.100.9"  # api.test's A, and a neighbour
+    with enforced(cgroup_root, bpf_dir, path):
+        expect(target, [((NOW, "udp", learned, 443), EPERM)])
+        run_client(target, "resolve", dns_server.address, "api.test")
+        expect(
+            target,
+            [
+                ((NOW, "udp", learned, 443), ALLOWED),
+                ((NOW, "udp", learned, 444), EPERM),  # not the rule's port
+                ((NOW, "udp", unlearned, 443), EPERM),
+            ],
+        )
+        moved = target.run(
+            [sys.executable, "-c", MOVE_THEN_CONNECT, str(outside.path), unlearned, "443"]
+        )
+        assert moved.returncode == 0, moved.stderr
+        assert json.loads(moved.stdout)["errno"] != EPERM, moved.stdout  # 0, or no route
