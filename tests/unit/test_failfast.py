@@ -15,6 +15,9 @@ from policy_builders import egress_policy, net, policy_model, policy_text, ports
 from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.contract import EGRESS_AT_CONNECT, EVENT, attach_hook
 from cgpolicy.events.decode import decode
+from cgpolicy.explain.actions import parse_action
+from cgpolicy.explain.explanation import Explanation, explain_policies
+from cgpolicy.explain.render import to_json
 from cgpolicy.policy.model import Network, NetworkRule, NetworkSection
 from cgpolicy.policy.validate import load_contents
 from cgpolicy.reference import Packet, SocketAddress, egress_at_connect, evaluate
@@ -245,3 +248,22 @@ def test_a_refusal_event_says_where() -> None:
     assert event.describe() == "egress udp -> [fd00::]:443 refused at sendmsg"
     values.update(flags=0)
     assert decode(EVENT.pack(**values)).what["refused_at"] is None  # a dropped packet
+
+
+def test_explain_says_whether_a_denial_fails_fast() -> None:
+    def at_connect(*words: str, policy: object = WEB) -> list[object]:
+        parsed = parse_action(list(words))
+        report = to_json(Explanation(parsed, explain_policies([(policy, None)], parsed)))
+        return [(p["verdict"], p["section"], p["at_connect"]) for p in report["policies"]]
+
+    assert at_connect("egress", "tcp", "10.66.0.1:443") == [("deny", "network.egress", "refused")]
+    assert at_connect("egress", "tcp", "10.1.0.1:443") == [("deny", "network.egress", "dropped")]
+    assert at_connect("egress", "tcp", "10.3.0.1:443") == [("allow", "network.egress", None)]
+    assert at_connect("egress", "icmp", "10.66.0.1") == [("deny", "network.egress", None)]
+    # a connect that egress refuses is explained as refused by it
+    assert at_connect("connect", "udp", "8.8.8.8:53") == [("deny", "network.egress", "refused")]
+    assert at_connect("connect", "tcp", "10.3.0.1:443") == [("allow", "sockets.connect", None)]
+    audit = egress_policy("deny", mode="audit")
+    assert at_connect("egress", "tcp", "8.8.8.8:53", policy=audit) == [
+        ("deny", "network.egress", None)
+    ]
