@@ -402,3 +402,85 @@ def _walk(top: Path) -> Iterator[tuple[Path, os.stat_result]]:
                     stack.append(path)
             else:
                 yield path, info
+
+
+# --- servers that were there before ----------------------------------------------------------
+
+_TCP_LISTEN = "0A"
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _cgroup_pids(cgroup: Path) -> Iterator[int]:
+    for folder, _, _ in os.walk(cgroup):
+        try:
+            text = (Path(folder) / "cgroup.procs").read_text()
+        except OSError:
+            continue
+        yield from (int(line) for line in text.split())
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    try:
+        with os.scandir(f"/proc/{pid}/fd") as entries:
+            for entry in entries:
+                try:
+                    target = os.readlink(entry.path)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        pass
+    return inodes
+
+
+def listening_ports(cgroup: Path) -> dict[tuple[int, int], str]:
+    """(protocol, port) -> comm of the servers already running in ``cgroup`` (or below):
+    listening TCP sockets, and unconnected UDP sockets bound to a port outside the
+    ephemeral range. What a process bound before learning began was not seen by the bind
+    programs, so without this its traffic would look like return traffic."""
+    low, high = _ephemeral_range()
+    found: dict[tuple[int, int], str] = {}
+    for pid in _cgroup_pids(cgroup):
+        inodes = _socket_inodes(pid)
+        if not inodes:
+            continue
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        for table, proto in (("tcp", 6), ("tcp6", 6), ("udp", 17), ("udp6", 17)):
+            try:
+                lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if len(fields) < 10 or fields[9] not in inodes:
+                    continue
+                port = int(fields[1].rsplit(":", 1)[1], 16)
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if proto == 6 and fields[3] != _TCP_LISTEN:
+                    continue
+                if proto == 17 and (remote_port or low <= port <= high):
+                    continue
+                if port:
+                    found.setdefault((proto, port), comm)
+    return found
+
+
+def seed_servers(observer: Observer, cgroup: Path) -> int:
+    """Tell the programs about the servers already in ``cgroup``; how many there were."""
+    ports = listening_ports(cgroup)
+    servers = observer.maps["learn_servers"]
+    for (proto, port), comm in ports.items():
+        servers.update(_SERVER_KEY.pack(proto, port), comm.encode()[:_COMM].ljust(_COMM, b"\0"))
+    return len(ports)
