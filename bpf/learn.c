@@ -22,7 +22,9 @@
  *  - ingress to another port: a reply to the workload: (remote), no port;
  *  - egress from a server port: a response: (remote), no port;
  *  - egress from another port: the workload's own: (remote, remote port).
- * Ephemeral ports therefore never appear in what is learned.
+ * The same holds for connect() and sendmsg() from a server port (a UDP server answering
+ * with sendto()): they are responses, kept without the peer's port. Ephemeral ports
+ * therefore never appear in what is learned.
  *
  * Packets run in softirq context, where the current task is anyone's: their executable is
  * the one that bound the server port, else the one recorded for the socket's cookie at
@@ -46,6 +48,7 @@
 #define CGL_OP_BIND 0
 #define CGL_OP_CONNECT 1
 #define CGL_OP_SENDMSG 2
+#define CGL_OP_RESPONSE 3 /* connect or sendmsg from a server port: to a peer's ephemeral port */
 
 #define CGL_STAT_SLOTS 16 /* indexed by CGP_HOOK_* */
 
@@ -451,6 +454,16 @@ static __always_inline int cgl_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 	k.proto = ctx->protocol;
 	/* user_port holds the port in network byte order in its low 16 bits. */
 	k.port = bpf_ntohs((__u16)ctx->user_port);
+	if (op != CGL_OP_BIND && (k.proto == 6 || k.proto == 17)) {
+		/* From a server port (a UDP server answering with sendto, say): the peer's port
+		 * is its ephemeral one, which no rule may name. */
+		struct cgl_server_key server = {.proto = k.proto, .port = ctx->sk->src_port};
+
+		if (server.port && learn_servers.lookup(&server)) {
+			k.op = CGL_OP_RESPONSE;
+			k.port = 0;
+		}
+	}
 	if (op == CGL_OP_BIND && k.port && (k.proto == 6 || k.proto == 17)) {
 		struct cgl_server_key server = {.proto = k.proto, .port = k.port};
 

@@ -131,7 +131,7 @@ def map_specs(sizes: Sizes) -> dict[str, MapSpec]:
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NetKind = Literal["port", "reply", "icmp", "bare", "unknown"]
 _NET_KINDS: tuple[NetKind, ...] = ("port", "reply", "icmp", "bare", "unknown")
-_OPS = ("bind", "connect", "sendmsg")
+_OPS = ("bind", "connect", "sendmsg", "response")
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ class AddrKey:
     """A bind (local address) or a connect/sendmsg (remote address), with the socket's
     protocol and the port asked for, as the sock_addr hooks see them."""
 
-    op: Literal["bind", "connect", "sendmsg"]
+    op: Literal["bind", "connect", "sendmsg", "response"]  # response: from a server port
     address: IPAddress
     protocol: int
     port: int

@@ -34,6 +34,8 @@ def _net_action(key: NetKey) -> reference.Packet:
 
 
 def _addr_actions(key: AddrKey) -> list[reference.SocketAddress]:
+    if key.op == "response":  # to a peer's ephemeral port, not kept: port 0 is in no range
+        return [reference.SocketAddress("sendmsg", key.address, 0, key.protocol)]
     return [reference.SocketAddress(key.op, key.address, key.port, key.protocol)]
 
 

@@ -417,7 +417,9 @@ def address_atoms(observations: Mapping[AddrKey, Seen], bind: bool) -> dict[Atom
         if (key.op == "bind") != bind:
             continue
         name = _PROTOCOL_NAMES.get(key.protocol)
-        if name in ("tcp", "udp") and key.port:
+        if key.op == "response":
+            atom = Atom(name or "any", key.address)  # to the peer's ephemeral port
+        elif name in ("tcp", "udp") and key.port:
             atom = Atom(name, key.address, key.port)
         elif name in ("tcp", "udp"):
             note = (
