@@ -68,6 +68,9 @@ def learn_cgroup(
         raise LearnError(f"cgroup {cgroup} does not exist")
     interrupted = False
     with Observer(sizes) as observer, _sigterm_interrupts():
+        # Servers that bound before: known before the first packet is seen, and again
+        # after the attach for one that bound in between.
+        seed_servers(observer, cgroup)
         observer.attach(cgroup)
         seed_servers(observer, cgroup)
         if on_start:
