@@ -697,11 +697,15 @@ def learn(
     ] = None,
     cgroup: Annotated[
         str | None,
-        typer.Option("--cgroup", help="Observe this existing cgroup (relative to the cgroup2 mount)."),
+        typer.Option(
+            "--cgroup", help="Observe this existing cgroup (relative to the cgroup2 mount)."
+        ),
     ] = None,
     duration: Annotated[
         str | None,
-        typer.Option("--for", help="How long to observe --cgroup: 90s, 15m, 2h (Ctrl-C ends early)."),
+        typer.Option(
+            "--for", help="How long to observe --cgroup: 90s, 15m, 2h (Ctrl-C ends early)."
+        ),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the policy here, not to stdout.")
@@ -742,7 +746,8 @@ def learn(
     observes an existing cgroup. Observation is exact (kernel counters) and allows
     everything. Comments give counts, first and last seen, executables. docs/learn.md.
     """
-    from cgpolicy.learn.main import LearnError, learn as run_learn
+    from cgpolicy.learn.main import LearnError
+    from cgpolicy.learn.main import learn as run_learn
     from cgpolicy.learn.session import parse_duration
     from cgpolicy.learn.write import PrefixMerge
 

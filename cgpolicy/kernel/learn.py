@@ -101,6 +101,9 @@ class Sizes:
     sockcomm: int = 65_536  # the LRU of socket cookie -> executable
 
 
+DEFAULT_SIZES = Sizes()
+
+
 def map_specs(sizes: Sizes) -> dict[str, MapSpec]:
     """The maps of one session, as bpf/learn.c declares them."""
     value = _VALUE.size
@@ -252,7 +255,7 @@ class ObserverError(Exception):
 class Observer:
     """One learning session: maps, programs and (after ``attach``) links on one cgroup."""
 
-    def __init__(self, sizes: Sizes = Sizes()) -> None:
+    def __init__(self, sizes: Sizes = DEFAULT_SIZES) -> None:
         self.sizes = sizes
         self.maps: dict[str, Map] = {}
         self.programs: dict[str, LoadedProgram] = {}
@@ -289,7 +292,7 @@ class Observer:
 
     def close(self) -> None:
         self.detach()
-        close_all(self.programs.values())
+        close_all([p.program for p in self.programs.values()])
         close_all(self.maps.values())
         self.programs.clear()
         self.maps.clear()
@@ -369,7 +372,13 @@ def device_nodes(dev_root: Path = Path("/dev")) -> dict[tuple[str, int, int], st
         seen += 1
         if seen > _MAX_DEV_ENTRIES:
             break
-        kind = "char" if stat.S_ISCHR(info.st_mode) else "block" if stat.S_ISBLK(info.st_mode) else None
+        kind = (
+            "char"
+            if stat.S_ISCHR(info.st_mode)
+            else "block"
+            if stat.S_ISBLK(info.st_mode)
+            else None
+        )
         if kind is None:
             continue
         name = "/dev/" + path.relative_to(dev_root).as_posix()

@@ -90,4 +90,3 @@ def defaults(policy: Policy) -> dict[tuple[str, ...], str]:
     if policy.sysctl:
         found[("sysctl",)] = policy.sysctl.default
     return found
-

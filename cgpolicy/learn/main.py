@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cgpolicy.kernel.learn import Observations, Sizes, device_nodes
+from cgpolicy.kernel.learn import DEFAULT_SIZES, Observations, Sizes, device_nodes
 from cgpolicy.learn.against import defaults, denied
 from cgpolicy.learn.session import LearnError, learn_cgroup, learn_command
 from cgpolicy.learn.write import PrefixMerge, Source, lost_warning, write_policy
@@ -43,7 +43,7 @@ def learn(
     merge: PrefixMerge | None = None,
     against: Policy | None = None,
     linger: float = 1.0,
-    sizes: Sizes = Sizes(),
+    sizes: Sizes = DEFAULT_SIZES,
 ) -> Outcome:
     """Observe a command (``command``) or a cgroup (``cgroup`` for ``seconds``) and write
     the policy; with ``against``, only what that policy would deny."""

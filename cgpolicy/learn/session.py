@@ -26,7 +26,7 @@ from cgpolicy.kernel.cgroup import (
     remove_cgroup_tree,
     remove_if_empty,
 )
-from cgpolicy.kernel.learn import Observations, Observer, Sizes, seed_servers
+from cgpolicy.kernel.learn import DEFAULT_SIZES, Observations, Observer, Sizes, seed_servers
 
 LEARN_PARENT = "cgpolicy.learn"
 
@@ -59,7 +59,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 def learn_cgroup(
     cgroup: Path,
     seconds: float,
-    sizes: Sizes = Sizes(),
+    sizes: Sizes = DEFAULT_SIZES,
     on_start: Callable[[], None] | None = None,
 ) -> tuple[Observations, bool]:
     """Observe the existing cgroup ``cgroup`` (and everything below it) for ``seconds``,
@@ -88,7 +88,7 @@ def learn_command(
     command: list[str],
     name: str,
     linger: float = 1.0,
-    sizes: Sizes = Sizes(),
+    sizes: Sizes = DEFAULT_SIZES,
 ) -> tuple[Observations, int]:
     """Run ``command`` in a fresh cgroup under observation until it exits, and ``linger``
     seconds more (what its connections still send as they close); (what was seen, its exit

@@ -191,7 +191,7 @@ def _merge_hosts(
     hosts: Mapping[IPAddress, Seen], merge: PrefixMerge | None
 ) -> tuple[dict[Host, Seen], list[str]]:
     if merge is None:
-        return dict(hosts), []
+        return {host: seen for host, seen in hosts.items()}, []
     return merge.apply(hosts)
 
 
@@ -225,10 +225,13 @@ class PrefixMerge:
         by_version: dict[int, list[IPAddress]] = defaultdict(list)
         for host in remaining:
             by_version[host.version].append(host)
-        for members in by_version.values():
-            for prefix in ipaddress.collapse_addresses(members):  # type: ignore[type-var]
-                inside = [m for m in members if m in prefix]
-                key: Host = prefix if prefix.num_addresses > 1 else prefix.network_address
+        for same_version in by_version.values():
+            collapsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = list(
+                ipaddress.collapse_addresses(same_version)  # type: ignore[type-var,arg-type]
+            )
+            for block in collapsed:
+                inside = [m for m in same_version if m in block]
+                key: Host = block if block.num_addresses > 1 else block.network_address
                 out[key] = _total(remaining[m] for m in inside)
         return out, notes
 
@@ -287,6 +290,7 @@ def address_rules(
                 port_hosts[detail].add(address)
         for detail, hosts_of in port_hosts.items():
             by_hosts[frozenset(hosts_of)].add(detail)
+        groups: list[tuple[frozenset[int], dict[IPAddress, Seen]]]
         if len(by_hosts) < len(by_set):
             groups = [
                 (frozenset(details), {a: _total(mine[a][d] for d in details) for a in hosts})
@@ -294,10 +298,12 @@ def address_rules(
             ]
         else:
             groups = list(by_set.items())
-        for details, hosts in sorted(groups, key=lambda g: (sorted(g[0]), sorted(map(str, g[1])))):
-            items = port_items(details) if protocol in ("tcp", "udp", "any") else [
-                str(d) for d in sorted(details)
-            ]
+        for shared, hosts in sorted(groups, key=lambda g: (sorted(g[0]), sorted(map(str, g[1])))):
+            items = (
+                port_items(shared)
+                if protocol in ("tcp", "udp", "any")
+                else [str(d) for d in sorted(shared)]
+            )
             rule_notes = sorted({n for a in hosts for n in notes.get((protocol, a), ())})
             for start in range(0, len(items), MAX_PORT_ITEMS):
                 chunk = items[start : start + MAX_PORT_ITEMS]
@@ -325,7 +331,9 @@ def _with_hosts(
     for start in range(0, len(ordered), MAX_CIDRS):
         chunk = {h: merged[h] for h in ordered[start : start + MAX_CIDRS]}
         out.append(
-            Rule(list(fields), _total(chunk.values()), what, chunk, list(after), notes + merge_notes)
+            Rule(
+                list(fields), _total(chunk.values()), what, chunk, list(after), notes + merge_notes
+            )
         )
     return out
 
@@ -382,9 +390,7 @@ class Section:
     rules: list[Rule]
 
 
-def network_atoms(
-    observations: Mapping[NetKey, Seen], direction: str
-) -> dict[Atom, Seen]:
+def network_atoms(observations: Mapping[NetKey, Seen], direction: str) -> dict[Atom, Seen]:
     atoms: dict[Atom, Seen] = {}
     for key, seen in observations.items():
         if key.direction != direction:
@@ -474,7 +480,7 @@ def device_rules(
     subset of its rights), by ``path`` when a node for it is under /dev, else by number."""
     by_device: dict[tuple[str, int, int], tuple[set[str], Seen]] = {}
     for key, seen in observations.items():
-        device = (key.type, key.major, key.minor)
+        device: tuple[str, int, int] = (key.type, key.major, key.minor)
         rights, old = by_device.get(device, (set(), None))
         by_device[device] = (rights | set(key.access), old.merged(seen) if old else seen)
     rules = []
@@ -675,11 +681,11 @@ def _render(
         written = list(section.path)
         indent = "  " * (len(section.path) + 1)
         if section.rules:
-            total = _total(r.seen for r in section.rules)
-            count = _count(total.count, section.rules[0].what)
+            total = _total(r.seen for r in section.rules).count
+            counted = _count(total, section.rules[0].what)
         else:
-            count = "nothing a rule can name"
-        lines.append(f"{indent}# {safe(section.heading, 300)}: {count}")
+            counted = "nothing a rule can name"
+        lines.append(f"{indent}# {safe(section.heading, 300)}: {counted}")
         lines.append(f"{indent}default: {defaults.get(section.path, 'deny')}")
         if section.rules:
             lines.append(f"{indent}rules:")

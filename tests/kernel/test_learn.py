@@ -91,9 +91,7 @@ def test_a_learned_policy_lets_the_workload_run_again_with_zero_denials(
     ):
         assert section["default"] == "deny"
     assert {"action": "allow", "path": "/dev/null", "access": "rwm"} in spec["devices"]["rules"]
-    assert {"action": "allow", "name": "kernel.ostype", "access": "read"} in spec["sysctl"][
-        "rules"
-    ]
+    assert {"action": "allow", "name": "kernel.ostype", "access": "read"} in spec["sysctl"]["rules"]
     # no ephemeral port anywhere: only the workload's own ports
     ports = {
         p
@@ -233,8 +231,7 @@ def test_learn_on_a_cgroup_ends_on_ctrl_c_writes_and_leaves_nothing_attached(
 def test_a_hostile_executable_name_stays_in_its_comment(tmp_path, scratch_cgroup):
     hostile = 'x\n- {a: "b #'
     script = (
-        f"open('/proc/self/comm', 'w').write({hostile!r})\n"
-        "open('/proc/sys/kernel/ostype').read()\n"
+        f"open('/proc/self/comm', 'w').write({hostile!r})\nopen('/proc/sys/kernel/ostype').read()\n"
     )
     out = tmp_path / "hostile.yaml"
     done = run_cli(
@@ -245,7 +242,9 @@ def test_a_hostile_executable_name_stays_in_its_comment(tmp_path, scratch_cgroup
     assert load_paths([out]).ok
     assert "by x\\x0a- \\x7ba: \\x22b \\x23" in text
     spec = yaml.safe_load(text)["spec"]
-    assert spec["sysctl"]["rules"] == [{"action": "allow", "name": "kernel.ostype", "access": "read"}]
+    assert spec["sysctl"]["rules"] == [
+        {"action": "allow", "name": "kernel.ostype", "access": "read"}
+    ]
 
 
 def test_learn_returns_the_commands_status_and_rejects_bad_options(tmp_path, scratch_cgroup):
@@ -273,4 +272,3 @@ def _ip(text: str):
     import ipaddress
 
     return ipaddress.ip_address(text)
-

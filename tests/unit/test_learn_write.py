@@ -155,16 +155,19 @@ def test_ports_become_ranges_and_ports_sharing_addresses_share_a_rule():
     network |= {NetKey("egress", A(f"10.1.0.{i}"), 6, "port", 9000): seen() for i in range(5)}
     _, doc, _ = learned(observed(network=network))
     egress = rules(doc, "network", "egress")
-    assert {"action": "allow", "protocol": "tcp", "cidrs": ["10.0.0.1"], "ports": ["80-82", 443]} in egress
+    assert {
+        "action": "allow",
+        "protocol": "tcp",
+        "cidrs": ["10.0.0.1"],
+        "ports": ["80-82", 443],
+    } in egress
     assert [r["cidrs"] for r in egress if r["ports"] == [9000]] == [
         [f"10.1.0.{i}" for i in range(5)]
     ]
 
 
 def test_more_rules_than_the_language_allows_are_widened_and_said():
-    network = {
-        NetKey("egress", A(f"10.0.{i}.1"), 6, "port", 1000 + i): seen() for i in range(70)
-    }
+    network = {NetKey("egress", A(f"10.0.{i}.1"), 6, "port", 1000 + i): seen() for i in range(70)}
     network |= {NetKey("egress", A(f"10.0.{i}.1"), 6, "port", 2000 + i): seen() for i in range(70)}
     out = write_policy(observed(network=network), "web", Source(command=["x"]))
     assert any("WIDENED" in w for w in out.warnings)
