@@ -418,6 +418,17 @@ static __always_inline void cgl_current_comm(struct cgl_comm *comm)
 	bpf_get_current_comm(comm, sizeof(*comm));
 }
 
+/* Remember the socket's executable for its packets; an LRU update costs more than a
+ * lookup, so only when it is new or changed. */
+static __always_inline void cgl_note_socket(__u64 cookie, const struct cgl_comm *comm)
+{
+	struct cgl_comm *known = learn_sockcomm.lookup(&cookie);
+
+	if (known && known->w[0] == comm->w[0] && known->w[1] == comm->w[1])
+		return;
+	learn_sockcomm.update(&cookie, comm);
+}
+
 int cgl_sock_create(struct bpf_sock *ctx)
 {
 	struct cgl_create_key k = {.family = ctx->family, .type = ctx->type,
@@ -426,7 +437,7 @@ int cgl_sock_create(struct bpf_sock *ctx)
 	__u64 now = bpf_ktime_get_ns(), cookie = bpf_get_socket_cookie(ctx);
 
 	cgl_current_comm(&comm);
-	learn_sockcomm.update(&cookie, &comm);
+	cgl_note_socket(cookie, &comm);
 	cgl_stat(CGP_HOOK_SOCK_CREATE, !cgl_create_add(&k, &comm, now));
 	return 1;
 }
@@ -438,7 +449,7 @@ static __always_inline int cgl_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 	__u64 now = bpf_ktime_get_ns(), cookie = bpf_get_socket_cookie(ctx);
 
 	cgl_current_comm(&comm);
-	learn_sockcomm.update(&cookie, &comm);
+	cgl_note_socket(cookie, &comm);
 	if (v6) {
 		__u32 addr[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
 				 ctx->user_ip6[3]};
