@@ -51,6 +51,9 @@
 #define CGL_OP_RESPONSE 3 /* connect or sendmsg from a server port: to a peer's ephemeral port */
 
 #define CGL_STAT_SLOTS 16 /* indexed by CGP_HOOK_* */
+#define CGL_STAT_DNS 12   /* DNS answers: seen = copied to learn_dns, lost = no room */
+
+#define CGL_DNS_COPY 1024 /* bytes of a DNS answer copied at most: a power of 2 (a mask) */
 
 /* An executable's name (comm), as two words: compared and copied in two moves. */
 struct cgl_comm {
@@ -110,6 +113,19 @@ struct cgl_server_key {
 	__u16 port;
 };
 
+/* A DNS answer as it reached the workload (UDP from port 53, return traffic), for user
+ * space to read names from: an address it gives that the workload then uses is written
+ * as the name. */
+struct cgl_dns_answer {
+	__u64 time_ns;  /* bpf_ktime_get_ns() */
+	__u32 len;      /* bytes in data */
+	__u32 full_len; /* the UDP payload's length (more than len: cut) */
+	__u8 server[16];
+	__u8 family; /* 4 or 6 */
+	__u8 pad[7];
+	__u8 data[CGL_DNS_COPY];
+};
+
 struct cgl_stat {
 	__u64 seen;
 	__u64 lost; /* not recorded: the map was full */
@@ -126,6 +142,7 @@ BPF_F_TABLE("hash", struct cgl_server_key, struct cgl_comm, learn_servers, 1, BP
 BPF_TABLE("lru_hash", __u64, struct cgl_comm, learn_sockcomm, 1);
 BPF_PERCPU_ARRAY(learn_stats, struct cgl_stat, CGL_STAT_SLOTS);
 BPF_PERCPU_ARRAY(learn_scratch, struct cgl_sysctl_key, 1);
+BPF_RINGBUF_OUTPUT(learn_dns, 1);
 
 /* Count one more of an entry: the count exactly (atomic), the last time, the executable. */
 static __always_inline void cgl_touch(struct cgl_value *v, const struct cgl_comm *comm, __u64 now)
@@ -317,13 +334,46 @@ static __always_inline int cgl_ipv6_l4(struct __sk_buff *skb, __u8 nexthdr, __u3
 	return 1;
 }
 
+/* Copy the DNS answer at `offset` (the UDP payload) to learn_dns. */
+static __always_inline void cgl_dns_copy(struct __sk_buff *skb, const struct cgl_net_key *k,
+					 __u32 offset)
+{
+	struct cgl_dns_answer *a;
+	__u32 full = skb->len > offset ? skb->len - offset : 0, len = full;
+
+	if (len > CGL_DNS_COPY - 1)
+		len = CGL_DNS_COPY - 1;
+	/* The mask the verifier needs to bound the copy; clang would drop it as redundant
+	 * after the clamp, so it may not see through the empty asm. */
+	asm volatile("" : "+r"(len));
+	len &= CGL_DNS_COPY - 1;
+	if (len < 12) /* not even a DNS header */
+		return;
+	a = learn_dns.ringbuf_reserve(sizeof(*a));
+	if (!a) {
+		cgl_stat(CGL_STAT_DNS, 1);
+		return;
+	}
+	a->time_ns = bpf_ktime_get_ns();
+	a->len = len;
+	a->full_len = full;
+	a->family = k->family;
+	__builtin_memcpy(a->server, k->addr, 16);
+	if (bpf_skb_load_bytes(skb, offset, a->data, len)) {
+		learn_dns.ringbuf_discard(a, 0);
+		return;
+	}
+	learn_dns.ringbuf_submit(a, 0);
+	cgl_stat(CGL_STAT_DNS, 0);
+}
+
 static __always_inline int cgl_skb(struct __sk_buff *skb, int egress)
 {
 	struct cgl_net_key k = {};
 	struct cgl_comm comm = {}, *known;
 	__u64 now = bpf_ktime_get_ns(), cookie;
 	__u32 proto = 0, offset = 0, hook = egress ? CGP_HOOK_EGRESS : CGP_HOOK_INGRESS;
-	int header = 0, found = 0, ok;
+	int header = 0, found = 0, ok, dns_source = 0;
 
 	if (skb->protocol == bpf_htons(0x0800)) {
 		struct cgl_ipv4 ip;
@@ -367,6 +417,7 @@ static __always_inline int cgl_skb(struct __sk_buff *skb, int egress)
 				struct cgl_comm *by;
 
 				server.port = local;
+				dns_source = ports[0] == bpf_htons(53);
 				by = learn_servers.lookup(&server);
 				if (by)
 					comm = *by;
@@ -396,6 +447,9 @@ static __always_inline int cgl_skb(struct __sk_buff *skb, int egress)
 	}
 	ok = egress ? cgl_egress_add(&k, &comm, now) : cgl_ingress_add(&k, &comm, now);
 	cgl_stat(hook, !ok);
+	/* An answer from a DNS server to a query the workload made. */
+	if (!egress && k.kind == CGL_NET_REPLY && proto == 17 && dns_source)
+		cgl_dns_copy(skb, &k, offset + 8);
 	return 1;
 }
 

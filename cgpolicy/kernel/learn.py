@@ -30,6 +30,7 @@ from cgpolicy.compiler.spec import MapSpec, ProgramSpec
 from cgpolicy.kernel.bpf import CgroupLink, Map, close_all
 from cgpolicy.kernel.cgroup import open_cgroup
 from cgpolicy.kernel.hooks import hook
+from cgpolicy.kernel.ringbuf import RingBuffer
 from cgpolicy.kernel.loader import (
     SOURCE_DIR,
     LoadedProgram,
@@ -84,6 +85,8 @@ _DEVICE_KEY = struct.Struct("<IIII")  # struct cgl_device_key
 _SYSCTL_KEY = struct.Struct(f"<{SYSCTL_NAME}sII")  # struct cgl_sysctl_key
 _SERVER_KEY = struct.Struct("<BxH")  # struct cgl_server_key
 _STAT = struct.Struct("<QQ")  # struct cgl_stat
+_DNS_HEAD = struct.Struct("<QII16sB7x")  # struct cgl_dns_answer, before data
+DNS_SLOT = 12  # CGL_STAT_DNS
 _COMM = 16
 
 
@@ -99,6 +102,7 @@ class Sizes:
     sysctls: int = 65_536
     servers: int = 131_072  # every TCP and UDP port
     sockcomm: int = 65_536  # the LRU of socket cookie -> executable
+    dns_ring: int = 1 << 20  # bytes of DNS answers waiting to be read (a power of 2 pages)
 
 
 DEFAULT_SIZES = Sizes()
@@ -125,6 +129,7 @@ def map_specs(sizes: Sizes) -> dict[str, MapSpec]:
             MapSpec("learn_sockcomm", "lru_hash", 8, _COMM, sizes.sockcomm, 0, ()),
             MapSpec("learn_stats", "percpu_array", 4, _STAT.size, STAT_SLOTS, 0, ()),
             MapSpec("learn_scratch", "percpu_array", 4, _SYSCTL_KEY.size, 1, 0, ()),
+            MapSpec("learn_dns", "ringbuf", 0, 0, sizes.dns_ring, 0, ()),
         )
     }
 
@@ -248,6 +253,17 @@ def _access(bits: int) -> str:
     return "".join(letter for bit, letter in _ACCESS if bits & bit)
 
 
+@dataclass(frozen=True)
+class DnsAnswer:
+    """A DNS answer (UDP from port 53, return traffic) as it reached the workload: its
+    wall-clock time, the server it came from, its first bytes (``cut``: not all of it)."""
+
+    time_ns: int
+    server: IPAddress
+    wire: bytes
+    cut: bool
+
+
 class ObserverError(Exception):
     """The observation programs cannot be loaded or attached."""
 
@@ -261,6 +277,7 @@ class Observer:
         self.programs: dict[str, LoadedProgram] = {}
         self.links: list[CgroupLink] = []
         self.started_ns = 0
+        self._ring: RingBuffer | None = None
         specs = map_specs(sizes)
         try:
             for name, spec in specs.items():
@@ -292,6 +309,10 @@ class Observer:
 
     def close(self) -> None:
         self.detach()
+        if self._ring is not None:
+            self._ring.close()  # and its map
+            self._ring = None
+            self.maps.pop("learn_dns", None)
         close_all([p.program for p in self.programs.values()])
         close_all(self.maps.values())
         self.programs.clear()
@@ -334,11 +355,25 @@ class Observer:
             sysctl = SysctlKey(_comm(name), bool(write), bool(truncated))
             out.sysctls[sysctl] = _seen(value, wall_offset)
         stats = self.maps["learn_stats"]
-        for hook_name, slot in HOOK_SLOTS.items():
+        for hook_name, slot in [*HOOK_SLOTS.items(), ("dns", DNS_SLOT)]:
             per_cpu = stats.lookup_per_cpu(struct.pack("<I", slot)) or []
             pairs = [_STAT.unpack(v) for v in per_cpu]
             out.seen[hook_name] = sum(seen for seen, _ in pairs)
             out.lost[hook_name] = sum(lost for _, lost in pairs)
+        return out
+
+    def answers(self) -> list[DnsAnswer]:
+        """The DNS answers copied since the last call (reading consumes them)."""
+        if self._ring is None:
+            self._ring = RingBuffer(self.maps["learn_dns"])
+        wall_offset = time.time_ns() - time.monotonic_ns()
+        out = []
+        for record in self._ring.drain():
+            when, length, full, server, family = _DNS_HEAD.unpack_from(record)
+            data = record[_DNS_HEAD.size : _DNS_HEAD.size + min(length, len(record))]
+            out.append(
+                DnsAnswer(when + wall_offset, _address(family, server), data, full > length)
+            )
         return out
 
     def memory(self) -> dict[str, int]:

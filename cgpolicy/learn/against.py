@@ -4,24 +4,34 @@ Each observation becomes the action the reference evaluator (cgpolicy/reference.
 oracle the kernel programs are tested against) takes, and is kept when the policy does not
 let it through. Where an observation does not hold a field the kernel saw, the field is
 unknown to the evaluator, which never lets an allow rule match on it: return traffic (its
-ephemeral port was not kept), packets against rules naming interfaces or DNS names. Those
-are kept as "would deny" when only such a rule could allow them: the output may suggest a
-rule the policy does not need, never miss one it does.
+ephemeral port was not kept) and packets against rules naming interfaces. Those are kept as
+"would deny" when only such a rule could allow them: the output may suggest a rule the
+policy does not need, never miss one it does. Rules naming DNS names match the names the
+answers the workload read gave for the address (before it used it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 from cgpolicy import reference
 from cgpolicy.compiler.compile import bind_device_paths
 from cgpolicy.kernel.devices import bind_devices
-from cgpolicy.kernel.learn import AddrKey, NetKey, Observations
+from cgpolicy.kernel.learn import AddrKey, IPAddress, NetKey, Observations
+from cgpolicy.learn.names import NameBook
 from cgpolicy.policy.model import Policy
 
 
-def _net_action(key: NetKey) -> reference.Packet:
+def _names(book: NameBook | None, address: IPAddress, first_ns: int) -> frozenset[str]:
+    if book is None:
+        return frozenset()
+    found = book.explain(address, first_ns)
+    return frozenset(found.names) if found else frozenset()
+
+
+def _net_action(key: NetKey, names: frozenset[str]) -> reference.Packet:
     protocol: int | None = key.protocol
     port = icmp = None
     if key.kind == "port":
@@ -30,20 +40,22 @@ def _net_action(key: NetKey) -> reference.Packet:
         icmp = key.icmp_type
     elif key.kind == "unknown":
         protocol = None
-    return reference.Packet(key.direction, key.address, protocol, port, icmp)
+    return reference.Packet(key.direction, key.address, protocol, port, icmp, names=names)
 
 
-def _addr_actions(key: AddrKey) -> list[reference.SocketAddress]:
+def _addr_actions(key: AddrKey, names: frozenset[str]) -> list[reference.SocketAddress]:
     if key.op == "response":  # to a peer's ephemeral port, not kept: port 0 is in no range
-        return [reference.SocketAddress("sendmsg", key.address, 0, key.protocol)]
-    return [reference.SocketAddress(key.op, key.address, key.port, key.protocol)]
+        return [reference.SocketAddress("sendmsg", key.address, 0, key.protocol, names)]
+    return [reference.SocketAddress(key.op, key.address, key.port, key.protocol, names)]
 
 
-def _allowed(policy: Policy, actions: list[reference.Action]) -> bool:
+def _allowed(policy: Policy, actions: Sequence[reference.Action]) -> bool:
     return all(reference.evaluate(policy, action).effective for action in actions)
 
 
-def denied(policy: Policy, observations: Observations, dev_root: Path) -> Observations:
+def denied(
+    policy: Policy, observations: Observations, dev_root: Path, book: NameBook | None = None
+) -> Observations:
     """The observations ``policy`` would not let through (audit mode counts as enforce:
     the question is what the policy would deny). Its ``path:`` device rules are resolved
     under ``dev_root``, as `apply` on this node would."""
@@ -53,14 +65,16 @@ def denied(policy: Policy, observations: Observations, dev_root: Path) -> Observ
         observations, network={}, create={}, addresses={}, devices={}, sysctls={}
     )
     for net, seen in observations.network.items():
-        if not _allowed(policy, [_net_action(net)]):
+        names = _names(book, net.address, seen.first_ns)
+        if not _allowed(policy, [_net_action(net, names)]):
             out.network[net] = seen
     for create, seen in observations.create.items():
         action = reference.SocketCreate(create.family, create.type, create.protocol)
         if not _allowed(policy, [action]):
             out.create[create] = seen
     for addr, seen in observations.addresses.items():
-        if not _allowed(policy, list(_addr_actions(addr))):
+        names = _names(book, addr.address, seen.first_ns) if addr.op != "bind" else frozenset()
+        if not _allowed(policy, _addr_actions(addr, names)):
             out.addresses[addr] = seen
     for device, seen in observations.devices.items():
         access = reference.DeviceAccess(device.type, device.major, device.minor, device.access)

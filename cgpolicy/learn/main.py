@@ -51,19 +51,21 @@ def learn(
     status = 0
     if command:
         base = name or policy_name(Path(command[0]).name)
-        observations, status = learn_command(cgroup_root, list(command), base, linger, sizes)
+        observations, book, status = learn_command(
+            cgroup_root, list(command), base, linger, sizes
+        )
         source = Source(command=command, status=status)
     else:
         assert cgroup is not None and seconds is not None
         relative = cgroup.strip("/")
         base = name or policy_name(Path(relative).name)
-        observations, interrupted = learn_cgroup(cgroup_root / relative, seconds, sizes)
+        observations, book, interrupted = learn_cgroup(cgroup_root / relative, seconds, sizes)
         source = Source(cgroup=relative)
     heading: list[str] = []
     section_defaults: dict[tuple[str, ...], str] = {}
     shown = observations
     if against is not None:
-        shown = denied(against, observations, dev_root)
+        shown = denied(against, observations, dev_root, book)
         section_defaults = defaults(against)
         where = against.source.file if against.source else against.name
         heading = [
@@ -72,7 +74,7 @@ def learn(
         ]
         base = name or against.name
     learned = write_policy(
-        shown, base, source, device_nodes(dev_root), merge, heading, section_defaults
+        shown, base, source, device_nodes(dev_root), merge, heading, section_defaults, book
     )
     _check(learned.text)
     warnings = list(learned.warnings)
@@ -81,6 +83,12 @@ def learn(
         warnings.insert(0, lost)
     if interrupted:
         warnings.append("interrupted: the observation ended early")
+    lost_answers = observations.lost.get("dns", 0)
+    if lost_answers:
+        warnings.append(
+            f"{lost_answers:,} DNS answers were not read (the ring buffer was full): the "
+            "addresses they gave stay addresses"
+        )
     return Outcome(learned.text, warnings, observations, status, interrupted)
 
 

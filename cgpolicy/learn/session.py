@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from cgpolicy.kernel.cgroup import (
     remove_if_empty,
 )
 from cgpolicy.kernel.learn import DEFAULT_SIZES, Observations, Observer, Sizes, seed_servers
+from cgpolicy.learn.names import NameBook
 
 LEARN_PARENT = "cgpolicy.learn"
 
@@ -56,17 +58,46 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _reading_answers(observer: Observer, book: NameBook) -> Iterator[None]:
+    """Read the DNS answers the programs copy while the session lasts (the ring buffer is
+    bounded: a full one loses answers, which is counted), and what is left at the end."""
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.wait(0.1):
+            for answer in observer.answers():
+                book.add(answer)
+
+    thread = threading.Thread(target=drain, name="learn-dns", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _finish(observer: Observer, book: NameBook) -> Observations:
+    observer.detach()
+    for answer in observer.answers():
+        book.add(answer)
+    return observer.read()
+
+
 def learn_cgroup(
     cgroup: Path,
     seconds: float,
     sizes: Sizes = DEFAULT_SIZES,
     on_start: Callable[[], None] | None = None,
-) -> tuple[Observations, bool]:
+) -> tuple[Observations, NameBook, bool]:
     """Observe the existing cgroup ``cgroup`` (and everything below it) for ``seconds``,
-    or until Ctrl-C or SIGTERM; (what was seen, whether it was cut short)."""
+    or until Ctrl-C or SIGTERM; (what was seen, the DNS answers, whether it was cut
+    short)."""
     if not cgroup.is_dir():
         raise LearnError(f"cgroup {cgroup} does not exist")
     interrupted = False
+    book = NameBook()
     with Observer(sizes) as observer, _sigterm_interrupts():
         # Servers that bound before: known before the first packet is seen, and again
         # after the attach for one that bound in between.
@@ -75,12 +106,12 @@ def learn_cgroup(
         seed_servers(observer, cgroup)
         if on_start:
             on_start()
-        try:
-            time.sleep(seconds)
-        except KeyboardInterrupt:
-            interrupted = True
-        observer.detach()
-        return observer.read(), interrupted
+        with _reading_answers(observer, book):
+            try:
+                time.sleep(seconds)
+            except KeyboardInterrupt:
+                interrupted = True
+        return _finish(observer, book), book, interrupted
 
 
 def learn_command(
@@ -89,10 +120,11 @@ def learn_command(
     name: str,
     linger: float = 1.0,
     sizes: Sizes = DEFAULT_SIZES,
-) -> tuple[Observations, int]:
+) -> tuple[Observations, NameBook, int]:
     """Run ``command`` in a fresh cgroup under observation until it exits, and ``linger``
-    seconds more (what its connections still send as they close); (what was seen, its exit
-    status as Popen gives it: negative for a signal)."""
+    seconds more (what its connections still send as they close); (what was seen, the DNS
+    answers, its exit status as Popen gives it: negative for a signal)."""
+    book = NameBook()
     relative = f"{LEARN_PARENT}/{name}-{os.getpid()}"
     cgroup = cgroup_root / relative
     try:
@@ -107,23 +139,24 @@ def learn_command(
     try:
         with Observer(sizes) as observer:
             observer.attach(cgroup)
-            try:
-                child = subprocess.Popen(command, preexec_fn=lambda: join_cgroup(cgroup))
-            except OSError as error:
-                status = 127 if isinstance(error, FileNotFoundError) else 126
-                raise LearnError(f"cannot run {command[0]}: {error.strerror}", status) from None
-            while True:
+            with _reading_answers(observer, book):
                 try:
-                    status = child.wait()
-                    break
+                    child = subprocess.Popen(command, preexec_fn=lambda: join_cgroup(cgroup))
+                except OSError as error:
+                    status = 127 if isinstance(error, FileNotFoundError) else 126
+                    message = f"cannot run {command[0]}: {error.strerror}"
+                    raise LearnError(message, status) from None
+                while True:
+                    try:
+                        status = child.wait()
+                        break
+                    except KeyboardInterrupt:
+                        child.send_signal(signal.SIGINT)
+                try:
+                    time.sleep(linger)
                 except KeyboardInterrupt:
-                    child.send_signal(signal.SIGINT)
-            try:
-                time.sleep(linger)
-            except KeyboardInterrupt:
-                pass
-            observer.detach()
-            return observer.read(), status
+                    pass
+            return _finish(observer, book), book, status
     finally:
         try:
             remove_cgroup_tree(cgroup)

@@ -26,6 +26,7 @@ What is written (docs/learn.md):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -45,6 +46,7 @@ from cgpolicy.kernel.learn import (
     Seen,
     SysctlKey,
 )
+from cgpolicy.learn.names import NameBook, Names
 
 MAX_RULES = 64  # per section (docs/policy.md, Limits)
 MAX_PORT_ITEMS = 1024
@@ -134,7 +136,8 @@ def port_items(ports: Iterable[int]) -> list[str]:
 
 # --- rules -----------------------------------------------------------------------------------
 
-Host = IPAddress | ipaddress.IPv4Network | ipaddress.IPv6Network
+Host = IPAddress | ipaddress.IPv4Network | ipaddress.IPv6Network | Names
+Remote = IPAddress | Names  # what an address rule names: an address, or DNS names for one
 
 
 @dataclass
@@ -148,7 +151,7 @@ class Rule:
     hosts: dict[Host, Seen] = field(default_factory=dict)
     after: list[tuple[str, str]] = field(default_factory=list)  # fields after cidrs
     notes: list[str] = field(default_factory=list)
-
+    by_name: bool = False  # hosts are Names: written as fqdns
     def lines(self, indent: str) -> list[str]:
         out = [f"{indent}# {describe_seen(self.seen, self.what)}"]
         out += [f"{indent}# {safe(note, 400)}" for note in self.notes]
@@ -157,11 +160,24 @@ class Rule:
         for key, value in body:
             out.append(f"{indent}{'- ' if first else '  '}{key}: {value}")
             first = False
-        if self.hosts:
+        if self.by_name:
+            out.append(f"{indent}  fqdns:")
+            written: set[str] = set()
+            for host in sorted(self.hosts, key=_host_order):
+                assert isinstance(host, Names)
+                seen = self.hosts[host]
+                for number, name in enumerate(n for n in host.names if n not in written):
+                    written.add(name)
+                    text = f"{indent}    - {quoted(name)}"
+                    if number == 0:
+                        what = describe_seen(seen, self.what)
+                        text += f"  # {safe(host.address)}: {what}"
+                    out.append(text)
+        elif self.hosts:
             out.append(f"{indent}  cidrs:")
             for host in sorted(self.hosts, key=_host_order):
                 seen = self.hosts[host]
-                text = f"{indent}    - {quoted(address_text(host))}"
+                text = f"{indent}    - {quoted(address_text(host))}"  # type: ignore[arg-type]
                 if len(self.hosts) > 1:
                     text += f"  # {describe_seen(seen, self.what)}"
                 out.append(text)
@@ -170,7 +186,15 @@ class Rule:
         return out
 
 
-def _host_order(host: Host) -> tuple[int, int, int]:
+def _host_order(host: Host) -> tuple[int, int, int, tuple[str, ...]]:
+    if isinstance(host, Names):
+        return (9, 0, 0, host.names)
+    return _ip_order(host) + ((),)
+
+
+def _ip_order(
+    host: IPAddress | ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> tuple[int, int, int]:
     if isinstance(host, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return (host.version, int(host.network_address), host.prefixlen)
     return (host.version, int(host), 129)
@@ -182,7 +206,7 @@ class Atom:
     ICMP type), or without (``detail`` None)."""
 
     protocol: str  # tcp, udp, icmp, icmpv6, any
-    address: IPAddress
+    address: IPAddress | Names
     detail: int | None = None
     note: str = ""
 
@@ -216,7 +240,7 @@ class PrefixMerge:
             for host in hosts:
                 length = 24 if host.version == 4 else 64
                 groups[ipaddress.ip_network(f"{host}/{length}", strict=False)].append(host)
-            for prefix, members in sorted(groups.items(), key=lambda kv: _host_order(kv[0])):
+            for prefix, members in sorted(groups.items(), key=lambda kv: _ip_order(kv[0])):
                 if len(members) >= self.min_hosts and prefix.num_addresses > len(members):
                     out[prefix] = _total(remaining.pop(m) for m in members)
                     notes.append(
@@ -245,16 +269,16 @@ def address_rules(
 ) -> tuple[list[Rule], list[str]]:
     """The fewest exact rules for ``atoms`` (see the module docstring); warnings when the
     section would need more rules than the language allows, and so was widened."""
-    portless: dict[tuple[str, IPAddress], Seen] = {}
+    portless: dict[tuple[str, Remote], Seen] = {}
     for atom, seen in atoms.items():
         if atom.detail is None:
             key = (atom.protocol, atom.address)
             portless[key] = portless[key].merged(seen) if key in portless else seen
-    notes: dict[tuple[str, IPAddress], set[str]] = defaultdict(set)
+    notes: dict[tuple[str, Remote], set[str]] = defaultdict(set)
     for atom in atoms:
         if notes_for(atom):
             notes[(atom.protocol, atom.address)].add(notes_for(atom))
-    detailed: dict[tuple[str, IPAddress], dict[int, Seen]] = defaultdict(dict)
+    detailed: dict[tuple[str, Remote], dict[int, Seen]] = defaultdict(dict)
     for atom, seen in atoms.items():
         if atom.detail is None:
             continue
@@ -268,7 +292,7 @@ def address_rules(
 
     rules: list[Rule] = []
     # Without ports: one rule per protocol, every address.
-    by_protocol: dict[str, dict[IPAddress, Seen]] = defaultdict(dict)
+    by_protocol: dict[str, dict[Remote, Seen]] = defaultdict(dict)
     for (protocol, address), seen in portless.items():
         by_protocol[protocol][address] = seen
     for protocol, hosts in sorted(by_protocol.items()):
@@ -280,17 +304,17 @@ def address_rules(
     # their addresses, whichever needs fewer rules; both allow exactly what was seen.
     for protocol in sorted({p for p, _ in detailed}):
         mine = {a: d for (p, a), d in detailed.items() if p == protocol}
-        by_set: dict[frozenset[int], dict[IPAddress, Seen]] = defaultdict(dict)
+        by_set: dict[frozenset[int], dict[Remote, Seen]] = defaultdict(dict)
         for address, details in mine.items():
             by_set[frozenset(details)][address] = _total(details.values())
-        by_hosts: dict[frozenset[IPAddress], set[int]] = defaultdict(set)
-        port_hosts: dict[int, set[IPAddress]] = defaultdict(set)
+        by_hosts: dict[frozenset[Remote], set[int]] = defaultdict(set)
+        port_hosts: dict[int, set[Remote]] = defaultdict(set)
         for address, details in mine.items():
             for detail in details:
                 port_hosts[detail].add(address)
         for detail, hosts_of in port_hosts.items():
             by_hosts[frozenset(hosts_of)].add(detail)
-        groups: list[tuple[frozenset[int], dict[IPAddress, Seen]]]
+        groups: list[tuple[frozenset[int], dict[Remote, Seen]]]
         if len(by_hosts) < len(by_set):
             groups = [
                 (frozenset(details), {a: _total(mine[a][d] for d in details) for a in hosts})
@@ -320,21 +344,25 @@ def address_rules(
 def _with_hosts(
     fields: list[tuple[str, str]],
     after: list[tuple[str, str]],
-    hosts: Mapping[IPAddress, Seen],
+    hosts: Mapping[Remote, Seen],
     what: str,
     merge: PrefixMerge | None,
     notes: list[str],
 ) -> list[Rule]:
-    merged, merge_notes = _merge_hosts(hosts, merge)
-    ordered = sorted(merged, key=_host_order)
+    named: dict[Host, Seen] = {h: seen for h, seen in hosts.items() if isinstance(h, Names)}
+    addresses = {h: seen for h, seen in hosts.items() if not isinstance(h, Names)}
     out = []
+    if named:  # a rule names hosts by cidrs or by fqdns, not both
+        total = _total(named.values())
+        out.append(Rule(list(fields), total, what, named, list(after), notes, True))
+    if not addresses:
+        return out
+    merged, merge_notes = _merge_hosts(addresses, merge)
+    ordered = sorted(merged, key=_host_order)
     for start in range(0, len(ordered), MAX_CIDRS):
         chunk = {h: merged[h] for h in ordered[start : start + MAX_CIDRS]}
-        out.append(
-            Rule(
-                list(fields), _total(chunk.values()), what, chunk, list(after), notes + merge_notes
-            )
-        )
+        rule_notes = notes + merge_notes
+        out.append(Rule(list(fields), _total(chunk.values()), what, chunk, list(after), rule_notes))
     return out
 
 
@@ -344,7 +372,7 @@ def _widened(
     """More than MAX_RULES exact rules: one rule per protocol, every address, and either no
     ports (when some of its traffic needs none) or every port seen. Allows more than was
     seen; said in the rule and in a warning."""
-    by_protocol: dict[str, dict[IPAddress, Seen]] = defaultdict(dict)
+    by_protocol: dict[str, dict[Remote, Seen]] = defaultdict(dict)
     details: dict[str, set[int]] = defaultdict(set)
     portless: set[str] = set()
     for atom, seen in atoms.items():
@@ -557,15 +585,33 @@ class Source:
     cgroup: str | None = None
 
 
+def by_name(atoms: Mapping[Atom, Seen], book: NameBook | None) -> dict[Atom, Seen]:
+    """``atoms`` with each address a DNS answer gave the workload before it used it
+    replaced by the names (the DNS servers' own addresses stay addresses)."""
+    if book is None:
+        return dict(atoms)
+    servers = book.servers
+    out: dict[Atom, Seen] = {}
+    for atom, seen in atoms.items():
+        new = atom
+        if not isinstance(atom.address, Names) and atom.address not in servers:
+            names = book.explain(atom.address, seen.first_ns)
+            if names is not None:
+                new = dataclasses.replace(atom, address=names)
+        out[new] = out[new].merged(seen) if new in out else seen
+    return out
+
+
 def _sections(
     observations: Observations,
     nodes: Mapping[tuple[str, int, int], str],
     merge: PrefixMerge | None,
+    book: NameBook | None,
 ) -> tuple[list[Section], list[str]]:
     sections: list[Section] = []
     warnings: list[str] = []
     for direction, verb in (("egress", "sent"), ("ingress", "received")):
-        atoms = network_atoms(observations.network, direction)
+        atoms = by_name(network_atoms(observations.network, direction), book)
         if atoms:
             rules, widened = address_rules(atoms, "packet", merge, _port_or_type)
             warnings += [f"network.{direction}: {w}" for w in widened]
@@ -581,6 +627,8 @@ def _sections(
         )
     for name, bind in (("bind", True), ("connect", False)):
         atoms = address_atoms(observations.addresses, bind)
+        if not bind:
+            atoms = by_name(atoms, book)
         if atoms:
             rules, widened = address_rules(atoms, "call", merge, _port_or_type)
             warnings += [f"sockets.{name}: {w}" for w in widened]
@@ -608,11 +656,16 @@ def write_policy(
     merge: PrefixMerge | None = None,
     heading: Sequence[str] = (),
     defaults: Mapping[tuple[str, ...], str] | None = None,
+    book: NameBook | None = None,
 ) -> Learned:
     """The policy text for ``observations`` (see the module docstring). ``defaults``:
-    each section's default by its path when not deny (--against: the policy's own)."""
-    sections, warnings = _sections(observations, nodes or {}, merge)
-    text = _render(observations, name, source, sections, warnings, heading, defaults or {})
+    each section's default by its path when not deny (--against: the policy's own);
+    ``book``: the DNS answers the workload read, for names instead of addresses."""
+    sections, warnings = _sections(observations, nodes or {}, merge, book)
+    servers = sorted(book.used_servers, key=_ip_order) if book else []
+    text = _render(
+        observations, name, source, sections, warnings, heading, defaults or {}, servers
+    )
     return Learned(text, warnings)
 
 
@@ -636,8 +689,9 @@ def _render(
     warnings: list[str],
     heading: Sequence[str],
     defaults: Mapping[tuple[str, ...], str],
+    servers: Sequence[IPAddress],
 ) -> str:
-    total = sum(observations.seen.values())
+    total = sum(n for hook, n in observations.seen.items() if hook != "dns")
     lines = []
     if source.command is not None:
         what = "the command: " + " ".join(source.command)
@@ -673,6 +727,11 @@ def _render(
     else:
         lines.append("    # EDIT: the cgroup the workload runs in (`cgpolicy run` replaces it)")
         lines.append(f"    - path: {quoted(PLACEHOLDER_TARGET)}")
+    if servers:
+        lines.append("  dns:")
+        lines.append("    # the DNS servers whose answers taught the names of the fqdns rules")
+        listed = ", ".join(quoted(address_text(server)) for server in servers)
+        lines.append(f"    servers: [{listed}]")
     written: list[str] = []
     for section in sections:
         for depth, part in enumerate(section.path):

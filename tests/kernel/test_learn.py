@@ -10,6 +10,7 @@ per-CPU counters, not the rate-limited events) must show no denial at all.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -272,3 +273,39 @@ def _ip(text: str):
     import ipaddress
 
     return ipaddress.ip_address(text)
+
+
+NAMES_CLIENT = Path(__file__).with_name("dns_names_client.py")
+
+
+def test_an_address_a_dns_answer_gave_is_written_as_the_name(
+    tmp_path, scratch_cgroup, cgroup_root, bpf_dir, dns_server
+):
+    """The workload resolves api.test at the test's DNS server and connects to the answer:
+    the learned connect rule names api.test (not 198.51.100.7), the server stays an address
+    and is the policy's only teaching server; under the learned policy the same workload
+    connects, with zero denials, and an address of another name is refused."""
+    server = dns_server.addresses[0]
+    out = tmp_path / "names.yaml"
+    resolve = [sys.executable, str(NAMES_CLIENT), "resolve", server]
+    done = run_cli(
+        "--cgroup-root", scratch_cgroup.path, "learn", "-o", out, "--", *resolve, "api.test"
+    )
+    assert done.returncode == 0, done.stderr
+    assert load_paths([out]).ok
+    spec = yaml.safe_load(out.read_text())["spec"]
+    assert spec["dns"] == {"servers": [server]}
+    connect = spec["sockets"]["connect"]["rules"]
+    assert {"action": "allow", "protocol": "udp", "fqdns": ["api.test"], "ports": [9]} in connect
+    assert {"action": "allow", "protocol": "udp", "cidrs": [server], "ports": [53]} in connect
+    assert "198.51.100.7" not in str(spec)
+
+    rerun = scratch_cgroup.child("rerun")
+    with enforced(cgroup_root, bpf_dir, targeted(out, rerun.relative)):
+        again = rerun.run([*resolve, "api.test"])
+        assert json.loads(again.stdout.splitlines()[-1]) == [["api.test", "198.51.100.7", "ok"]]
+        assert denials(rerun.path) == 0
+        other = rerun.run([*resolve, "db.other.test"])
+        assert json.loads(other.stdout.splitlines()[-1]) == [
+            ["db.other.test", "198.51.100.8", "EPERM"]
+        ]
