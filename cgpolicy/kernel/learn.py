@@ -371,9 +371,7 @@ class Observer:
         for record in self._ring.drain():
             when, length, full, server, family = _DNS_HEAD.unpack_from(record)
             data = record[_DNS_HEAD.size : _DNS_HEAD.size + min(length, len(record))]
-            out.append(
-                DnsAnswer(when + wall_offset, _address(family, server), data, full > length)
-            )
+            out.append(DnsAnswer(when + wall_offset, _address(family, server), data, full > length))
         return out
 
     def memory(self) -> dict[str, int]:

@@ -51,9 +51,7 @@ def learn(
     status = 0
     if command:
         base = name or policy_name(Path(command[0]).name)
-        observations, book, status = learn_command(
-            cgroup_root, list(command), base, linger, sizes
-        )
+        observations, book, status = learn_command(cgroup_root, list(command), base, linger, sizes)
         source = Source(command=command, status=status)
     else:
         assert cgroup is not None and seconds is not None

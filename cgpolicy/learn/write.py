@@ -57,6 +57,8 @@ _PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 _FAMILY_NAMES = {2: "inet", 10: "inet6"}
 _TYPE_NAMES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
 _SAFE = re.compile(r"[A-Za-z0-9 ._+:;/@=,()\[\]<>'~%*-]")
+_RETURN_TRAFFIC = "with return traffic: its port is the peer's ephemeral one, so none is named"
+_RESPONSES = "with responses sent from a server port: to the peer's ephemeral port, none named"
 _SYSCTL_NAME = re.compile(r"[A-Za-z0-9_./-]+")  # the schema's, without '*' (a glob)
 
 
@@ -152,6 +154,7 @@ class Rule:
     after: list[tuple[str, str]] = field(default_factory=list)  # fields after cidrs
     notes: list[str] = field(default_factory=list)
     by_name: bool = False  # hosts are Names: written as fqdns
+
     def lines(self, indent: str) -> list[str]:
         out = [f"{indent}# {describe_seen(self.seen, self.what)}"]
         out += [f"{indent}# {safe(note, 400)}" for note in self.notes]
@@ -429,7 +432,7 @@ def network_atoms(observations: Mapping[NetKey, Seen], direction: str) -> dict[A
         elif key.kind == "icmp" and name in ("icmp", "icmpv6"):
             atom = Atom(name, key.address, key.icmp_type)
         elif key.kind == "reply" and name is not None:
-            atom = Atom(name, key.address)
+            atom = Atom(name, key.address, None, _RETURN_TRAFFIC)
         elif key.kind == "unknown":
             atom = Atom("any", key.address, None, "protocol unknown (IPv6 extension headers): any")
         elif name is not None:  # a later fragment: no port or type to name
@@ -451,8 +454,8 @@ def address_atoms(observations: Mapping[AddrKey, Seen], bind: bool) -> dict[Atom
         if (key.op == "bind") != bind:
             continue
         name = _PROTOCOL_NAMES.get(key.protocol)
-        if key.op == "response":
-            atom = Atom(name or "any", key.address)  # to the peer's ephemeral port
+        if key.op == "response":  # from a server port, to the peer's ephemeral port
+            atom = Atom(name or "any", key.address, None, _RESPONSES)
         elif name in ("tcp", "udp") and key.port:
             atom = Atom(name, key.address, key.port)
         elif name in ("tcp", "udp"):
@@ -615,11 +618,8 @@ def _sections(
         if atoms:
             rules, widened = address_rules(atoms, "packet", merge, _port_or_type)
             warnings += [f"network.{direction}: {w}" for w in widened]
-            heading = (
-                f"packets {verb}: to the remote address "
-                + ("and port" if direction == "egress" else "and our local port")
-                + "; return traffic by address without ports"
-            )
+            port = "remote port" if direction == "egress" else "local port"
+            heading = f"packets {verb} (by remote address and {port}; return traffic: no port)"
             sections.append(Section(("network", direction), heading, rules))
     if observations.create:
         sections.append(
@@ -663,9 +663,7 @@ def write_policy(
     ``book``: the DNS answers the workload read, for names instead of addresses."""
     sections, warnings = _sections(observations, nodes or {}, merge, book)
     servers = sorted(book.used_servers, key=_ip_order) if book else []
-    text = _render(
-        observations, name, source, sections, warnings, heading, defaults or {}, servers
-    )
+    text = _render(observations, name, source, sections, warnings, heading, defaults or {}, servers)
     return Learned(text, warnings)
 
 

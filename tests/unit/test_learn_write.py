@@ -305,3 +305,76 @@ def test_durations(text, seconds):
 def test_bad_durations(text):
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def _answer(name: str, *records: tuple[str, str], time_ns: int = T0, cut: bool = False):
+    import dns.message
+    import dns.rdata
+    import dns.rdataclass
+    import dns.rdatatype
+
+    from cgpolicy.kernel.learn import DnsAnswer
+
+    query = dns.message.make_query(name, "A")
+    answer = dns.message.make_response(query)
+    for kind, value in records:
+        rdtype = dns.rdatatype.from_text(kind)
+        rrset = answer.find_rrset(
+            answer.answer, query.question[0].name, dns.rdataclass.IN, rdtype, create=True
+        )
+        rrset.add(dns.rdata.from_text(dns.rdataclass.IN, rdtype, value), 300)
+    wire = answer.to_wire()
+    return DnsAnswer(time_ns, A("10.0.0.53"), wire[:20] if cut else wire, cut)
+
+
+def test_names_replace_addresses_an_earlier_answer_gave():
+    from cgpolicy.learn.names import NameBook
+
+    book = NameBook()
+    book.add(_answer("API.Example.com.", ("A", "192.0.2.7")))
+    book.add(_answer("late.example.com", ("A", "192.0.2.8"), time_ns=T0 + 10 * 10**9))
+    book.add(_answer("cut.example.com", ("A", "192.0.2.9"), cut=True))
+    assert book.answers == 3 and book.refused == 1
+    obs = observed(
+        addresses={
+            AddrKey("connect", A("192.0.2.7"), 6, 443): seen(),
+            AddrKey("connect", A("::ffff:192.0.2.7"), 6, 443): seen(),
+            AddrKey("connect", A("192.0.2.8"), 6, 443): seen(),  # used before its answer
+            AddrKey("connect", A("192.0.2.9"), 6, 443): seen(),
+            AddrKey("sendmsg", A("10.0.0.53"), 17, 53): seen(),
+        },
+        network={NetKey("egress", A("192.0.2.7"), 6, "port", 443): seen()},
+    )
+    text, doc, policy = learned(obs, book=book)
+    assert doc["spec"]["dns"] == {"servers": ["10.0.0.53"]}
+    connect = rules(doc, "sockets", "connect")
+    assert {"action": "allow", "protocol": "tcp", "fqdns": ["api.example.com"], "ports": [443]} in (
+        connect
+    )
+    assert {
+        "action": "allow",
+        "protocol": "tcp",
+        "cidrs": ["192.0.2.8", "192.0.2.9"],
+        "ports": [443],
+    } in connect
+    assert {"action": "allow", "protocol": "udp", "cidrs": ["10.0.0.53"], "ports": [53]} in connect
+    egress = rules(doc, "network", "egress")
+    assert egress == [
+        {"action": "allow", "protocol": "tcp", "fqdns": ["api.example.com"], "ports": [443]}
+    ]
+    # --against sees the names too: a policy allowing the name denies nothing of it
+    kept = denied(policy, obs, Path("/nonexistent"), book)
+    assert not kept.addresses and not kept.network
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [b"", b"\x00" * 11, b"\xff" * 40],
+)
+def test_answers_that_do_not_parse_teach_nothing(wire):
+    from cgpolicy.kernel.learn import DnsAnswer
+    from cgpolicy.learn.names import NameBook
+
+    book = NameBook()
+    book.add(DnsAnswer(T0, A("10.0.0.53"), wire, False))
+    assert book.refused == 1 and not book.given
