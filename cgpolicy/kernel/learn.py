@@ -30,7 +30,6 @@ from cgpolicy.compiler.spec import MapSpec, ProgramSpec
 from cgpolicy.kernel.bpf import CgroupLink, Map, close_all
 from cgpolicy.kernel.cgroup import open_cgroup
 from cgpolicy.kernel.hooks import hook
-from cgpolicy.kernel.ringbuf import RingBuffer
 from cgpolicy.kernel.loader import (
     SOURCE_DIR,
     LoadedProgram,
@@ -38,6 +37,7 @@ from cgpolicy.kernel.loader import (
     create_map,
     load_program,
 )
+from cgpolicy.kernel.ringbuf import RingBuffer
 from cgpolicy.kernel.syscall import BPF_F_NO_PREALLOC
 
 log = logging.getLogger(__name__)
