@@ -309,3 +309,96 @@ def test_an_address_a_dns_answer_gave_is_written_as_the_name(
         assert json.loads(other.stdout.splitlines()[-1]) == [
             ["db.other.test", "198.51.100.8", "EPERM"]
         ]
+
+
+NETNS_WORKLOAD = """
+import socket, sys
+b4, b6, ports, extra = sys.argv[1], sys.argv[2], [int(p) for p in sys.argv[3:6]], sys.argv[6:]
+for host, port in ((b4, ports[0]), (b6, ports[2])):
+    with socket.create_connection((host, port), timeout=10) as conn:
+        assert conn.recv(100) == b""  # the server accepts and closes
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+    udp.settimeout(10)
+    udp.sendto(b"ping", (b4, ports[1]))
+    assert udp.recv(100) == b"ping"
+if extra:
+    socket.create_connection((b4, int(extra[0])), timeout=10).close()
+print("workload done")
+"""
+
+
+def test_learned_policy_for_traffic_between_namespaces(
+    tmp_path, scratch_cgroup, cgroup_root, bpf_dir, veth_net
+):
+    """Not loopback: the workload in one network namespace talks TCP (IPv4 and IPv6) and
+    UDP to echo servers in another over a veth pair; the learned policy names the servers'
+    addresses and ports, allows the replies by address, and runs the workload again with
+    zero denials; a connect to another port of the same server is denied."""
+    script = tmp_path / "netns_workload.py"
+    script.write_text(NETNS_WORKLOAD)
+    p = veth_net.ports
+    command = [
+        *veth_net.exec_argv(veth_net.ns_a, [sys.executable, str(script)]),
+        veth_net.b4,
+        veth_net.b6,
+        *map(str, p[:3]),
+    ]
+    out = tmp_path / "netns.yaml"
+    done = run_cli("--cgroup-root", scratch_cgroup.path, "learn", "-o", out, "--", *command)
+    assert done.returncode == 0, done.stderr
+    spec = yaml.safe_load(out.read_text())["spec"]
+    egress = spec["network"]["egress"]["rules"]
+    assert {"action": "allow", "protocol": "tcp", "cidrs": [veth_net.b4], "ports": [p[0]]} in egress
+    assert {"action": "allow", "protocol": "tcp", "cidrs": [veth_net.b6], "ports": [p[2]]} in egress
+    assert {"action": "allow", "protocol": "udp", "cidrs": [veth_net.b4], "ports": [p[1]]} in egress
+    ingress = spec["network"]["ingress"]["rules"]
+    assert {"action": "allow", "protocol": "tcp", "cidrs": [veth_net.b4, veth_net.b6]} in ingress
+    assert {"action": "allow", "protocol": "udp", "cidrs": [veth_net.b4]} in ingress
+
+    rerun = scratch_cgroup.child("rerun")
+    with enforced(cgroup_root, bpf_dir, targeted(out, rerun.relative)):
+        again = rerun.run(command)
+        assert again.returncode == 0, again.stderr
+        assert denials(rerun.path) == 0
+        more = rerun.run([*command, str(p[3])])
+        assert more.returncode != 0
+        assert denials(rerun.path) > 0
+
+
+def test_against_writes_only_what_the_policy_would_deny(tmp_path, scratch_cgroup):
+    existing = tmp_path / "existing.yaml"
+    existing.write_text(
+        "apiVersion: cgpolicy.dev/v1\n"
+        "kind: CgroupPolicy\n"
+        "metadata: {name: existing}\n"
+        "spec:\n"
+        "  targets: [{path: somewhere}]\n"
+        "  sysctl:\n"
+        "    default: deny\n"
+        "    rules: [{action: allow, name: kernel.ostype, access: read}]\n"
+    )
+    reads = "open('/proc/sys/kernel/ostype').read(); open('/proc/sys/kernel/osrelease').read()"
+    out = tmp_path / "additions.yaml"
+    done = run_cli(
+        "--cgroup-root",
+        scratch_cgroup.path,
+        "learn",
+        "--against",
+        existing,
+        "-o",
+        out,
+        "--",
+        sys.executable,
+        "-c",
+        reads,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = yaml.safe_load(out.read_text())
+    assert doc["metadata"]["name"] == "existing"
+    assert doc["spec"]["sysctl"]["rules"] == [
+        {"action": "allow", "name": "kernel.osrelease", "access": "read"}
+    ]
+    assert set(doc["spec"]) == {"mode", "targets", "sysctl"}  # the rest: no sysctl section
+    assert "the rules to add to it" in out.read_text()
+    bad = run_cli("learn", "--against", tmp_path / "missing.yaml", "--", "true")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
