@@ -264,10 +264,6 @@ class DnsAnswer:
     cut: bool
 
 
-class ObserverError(Exception):
-    """The observation programs cannot be loaded or attached."""
-
-
 class Observer:
     """One learning session: maps, programs and (after ``attach``) links on one cgroup."""
 

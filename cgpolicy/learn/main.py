@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cgpolicy.kernel.cgroup import CgroupError, resolve
 from cgpolicy.kernel.learn import DEFAULT_SIZES, Observations, Sizes, device_nodes
 from cgpolicy.learn.against import defaults, denied
 from cgpolicy.learn.session import LearnError, learn_cgroup, learn_command
@@ -55,7 +56,7 @@ def learn(
         source = Source(command=command, status=status)
     else:
         assert cgroup is not None and seconds is not None
-        relative = cgroup.strip("/")
+        relative = _cgroup_target(cgroup_root, cgroup)
         base = name or policy_name(Path(relative).name)
         observations, book, interrupted = learn_cgroup(cgroup_root / relative, seconds, sizes)
         source = Source(cgroup=relative)
@@ -88,6 +89,19 @@ def learn(
             "addresses they gave stay addresses"
         )
     return Outcome(learned.text, warnings, observations, status, interrupted)
+
+
+def _cgroup_target(cgroup_root: Path, given: str) -> str:
+    """``given`` as a policy target writes it (relative to the cgroup2 mount); LearnError
+    (exit 2) for the root or a path out of the hierarchy."""
+    try:
+        path = resolve(given.lstrip("/"), cgroup_root)
+    except CgroupError as error:
+        raise LearnError(f"--cgroup {given!r}: {error}", 2) from None
+    relative = path.relative_to(cgroup_root).as_posix()
+    if relative == ".":
+        raise LearnError("--cgroup: the root cgroup cannot be a policy's target", 2)
+    return relative
 
 
 def _check(text: str) -> None:

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,13 +89,12 @@ def learn_cgroup(
     cgroup: Path,
     seconds: float,
     sizes: Sizes = DEFAULT_SIZES,
-    on_start: Callable[[], None] | None = None,
 ) -> tuple[Observations, NameBook, bool]:
     """Observe the existing cgroup ``cgroup`` (and everything below it) for ``seconds``,
     or until Ctrl-C or SIGTERM; (what was seen, the DNS answers, whether it was cut
     short)."""
     if not cgroup.is_dir():
-        raise LearnError(f"cgroup {cgroup} does not exist")
+        raise LearnError(f"cgroup {cgroup} does not exist", 2)
     interrupted = False
     book = NameBook()
     with Observer(sizes) as observer, _sigterm_interrupts():
@@ -104,8 +103,6 @@ def learn_cgroup(
         seed_servers(observer, cgroup)
         observer.attach(cgroup)
         seed_servers(observer, cgroup)
-        if on_start:
-            on_start()
         with _reading_answers(observer, book):
             try:
                 time.sleep(seconds)

@@ -34,7 +34,6 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from cgpolicy.kernel.learn import (
     AddrKey,
@@ -749,12 +748,3 @@ def _render(
             for rule in section.rules:
                 lines += rule.lines(indent + "  ")
     return "\n".join(lines) + "\n"
-
-
-def summary(observations: Observations) -> dict[str, Any]:
-    """Counts per hook, for the command's report."""
-    return {
-        "seen": dict(observations.seen),
-        "lost": dict(observations.lost),
-        "complete": observations.total_lost == 0,
-    }

@@ -262,6 +262,9 @@ def test_learn_returns_the_commands_status_and_rejects_bad_options(tmp_path, scr
         ["learn", "--cgroup", scratch_cgroup.relative, "--for", "soon"],
         ["learn", "--for", "1s", "--", "true"],
         ["learn", "--name", "Bad_Name", "--", "true"],
+        ["learn", "--cgroup", "../../etc", "--for", "1s"],
+        ["learn", "--cgroup", "/", "--for", "1s"],
+        ["learn", "--cgroup", f"{scratch_cgroup.relative}/missing", "--for", "1s"],
     ):
         bad = run_cli(*args)
         assert bad.returncode == 2, (args, bad.stderr)
