@@ -274,6 +274,9 @@ class Observer:
         self.links: list[CgroupLink] = []
         self.started_ns = 0
         self._ring: RingBuffer | None = None
+        # bpf_ktime_get_ns() is CLOCK_MONOTONIC: one offset to the wall clock for every
+        # time read, so that times of answers and of actions compare exactly.
+        self._wall_offset = time.time_ns() - time.monotonic_ns()
         specs = map_specs(sizes)
         try:
             for name, spec in specs.items():
@@ -322,7 +325,7 @@ class Observer:
 
     def read(self) -> Observations:
         """What the programs counted so far."""
-        wall_offset = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns: MONOTONIC
+        wall_offset = self._wall_offset
         out = Observations(started_ns=self.started_ns, ended_ns=time.time_ns())
         for direction in ("egress", "ingress"):
             for key, value in self.maps[f"learn_{direction}"].items():
@@ -362,7 +365,7 @@ class Observer:
         """The DNS answers copied since the last call (reading consumes them)."""
         if self._ring is None:
             self._ring = RingBuffer(self.maps["learn_dns"])
-        wall_offset = time.time_ns() - time.monotonic_ns()
+        wall_offset = self._wall_offset
         out = []
         for record in self._ring.drain():
             when, length, full, server, family = _DNS_HEAD.unpack_from(record)
