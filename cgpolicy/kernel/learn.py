@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from cgpolicy.compiler.spec import MapSpec, ProgramSpec
+from cgpolicy.contract import Layout
 from cgpolicy.kernel.bpf import CgroupLink, Map, close_all
 from cgpolicy.kernel.cgroup import open_cgroup
 from cgpolicy.kernel.hooks import hook
@@ -77,6 +78,76 @@ COMMS = 4  # CGL_COMMS
 SYSCTL_NAME = 256  # CGL_SYSCTL_NAME
 STAT_SLOTS = 16  # CGL_STAT_SLOTS
 
+# The layouts of bpf/learn.c, checked against the C by tests/kernel/test_learn.py; the
+# plain structs below read them on the hot path (a unit test checks that they agree).
+COMM = Layout("cgl_comm", ("w", "__u64", 2))
+VALUE = Layout(
+    "cgl_value",
+    ("count", "__u64"),
+    ("first_ns", "__u64"),
+    ("last_ns", "__u64"),
+    ("comm", COMM, COMMS),
+    ("more_comms", "__u32"),
+    ("pad", "__u32"),
+)
+NET_KEY = Layout(
+    "cgl_net_key",
+    ("addr", "__u8", 16),
+    ("port", "__u16"),
+    ("family", "__u8"),
+    ("proto", "__u8"),
+    ("kind", "__u8"),
+    ("icmp_type", "__u8"),
+    ("pad", "__u8", 2),
+)
+CREATE_KEY = Layout("cgl_create_key", ("family", "__u32"), ("type", "__u32"), ("protocol", "__u32"))
+ADDR_KEY = Layout(
+    "cgl_addr_key",
+    ("addr", "__u8", 16),
+    ("port", "__u16"),
+    ("family", "__u8"),
+    ("proto", "__u8"),
+    ("op", "__u8"),
+    ("pad", "__u8", 3),
+)
+DEVICE_KEY = Layout(
+    "cgl_device_key", ("type", "__u32"), ("major", "__u32"), ("minor", "__u32"), ("access", "__u32")
+)
+SYSCTL_KEY = Layout(
+    "cgl_sysctl_key", ("name", "char", SYSCTL_NAME), ("write", "__u32"), ("truncated", "__u32")
+)
+SERVER_KEY = Layout("cgl_server_key", ("proto", "__u8"), ("pad", "__u8"), ("port", "__u16"))
+STAT = Layout("cgl_stat", ("seen", "__u64"), ("lost", "__u64"))
+DNS_COPY = 1024  # CGL_DNS_COPY
+DNS_ANSWER = Layout(
+    "cgl_dns_answer",
+    ("time_ns", "__u64"),
+    ("len", "__u32"),
+    ("full_len", "__u32"),
+    ("server", "__u8", 16),
+    ("family", "__u8"),
+    ("pad", "__u8", 7),
+    ("data", "__u8", DNS_COPY),
+)
+LAYOUTS = (COMM, VALUE, NET_KEY, CREATE_KEY, ADDR_KEY, DEVICE_KEY, SYSCTL_KEY, SERVER_KEY, STAT)
+LAYOUTS += (DNS_ANSWER,)
+C_CONSTANTS = {
+    "CGL_COMMS": COMMS,
+    "CGL_SYSCTL_NAME": SYSCTL_NAME,
+    "CGL_STAT_SLOTS": STAT_SLOTS,
+    "CGL_STAT_DNS": 12,
+    "CGL_DNS_COPY": DNS_COPY,
+    "CGL_NET_PORT": 0,
+    "CGL_NET_REPLY": 1,
+    "CGL_NET_ICMP": 2,
+    "CGL_NET_BARE": 3,
+    "CGL_NET_UNKNOWN": 4,
+    "CGL_OP_BIND": 0,
+    "CGL_OP_CONNECT": 1,
+    "CGL_OP_SENDMSG": 2,
+    "CGL_OP_RESPONSE": 3,
+}
+
 _VALUE = struct.Struct("<QQQ" + "16s" * COMMS + "II")  # struct cgl_value
 _NET_KEY = struct.Struct("<16sHBBBB2x")  # struct cgl_net_key
 _CREATE_KEY = struct.Struct("<III")  # struct cgl_create_key
@@ -86,7 +157,7 @@ _SYSCTL_KEY = struct.Struct(f"<{SYSCTL_NAME}sII")  # struct cgl_sysctl_key
 _SERVER_KEY = struct.Struct("<BxH")  # struct cgl_server_key
 _STAT = struct.Struct("<QQ")  # struct cgl_stat
 _DNS_HEAD = struct.Struct("<QII16sB7x")  # struct cgl_dns_answer, before data
-DNS_SLOT = 12  # CGL_STAT_DNS
+DNS_SLOT = C_CONSTANTS["CGL_STAT_DNS"]
 _COMM = 16
 
 

@@ -405,3 +405,27 @@ def test_against_writes_only_what_the_policy_would_deny(tmp_path, scratch_cgroup
     assert "the rules to add to it" in out.read_text()
     bad = run_cli("learn", "--against", tmp_path / "missing.yaml", "--", "true")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_the_learn_structs_are_what_the_python_reads(tmp_path):
+    """cgpolicy/kernel/learn.py's layouts and constants against what the compiler makes of
+    bpf/learn.c: a mismatch fails the compile, naming the member."""
+    from cgpolicy.kernel.learn import C_CONSTANTS, LAYOUTS
+    from cgpolicy.kernel.loader import SOURCE_DIR, compile_file
+
+    lines = ['#include "learn.c"']
+    for layout in LAYOUTS:
+        c_type = f"struct {layout.c_name}"
+        for member in layout.fields.values():
+            what = f"learn: {c_type}.{member.name}"
+            lines += [
+                f"_Static_assert(offsetof({c_type}, {member.name}) == {member.offset}, "
+                f'"{what} offset {member.offset}");',
+                f"_Static_assert(sizeof((({c_type} *)0)->{member.name}) == {member.size}, "
+                f'"{what} size {member.size}");',
+            ]
+        lines.append(f'_Static_assert(sizeof({c_type}) == {layout.size}, "learn: {c_type}");')
+    lines += [f'_Static_assert({k} == {v}, "learn: {k}");' for k, v in C_CONSTANTS.items()]
+    unit = tmp_path / "learn_check.c"
+    unit.write_text("\n".join(lines) + "\n")
+    compile_file(unit, [f"-I{SOURCE_DIR}"])  # LoaderError names any failed assertion

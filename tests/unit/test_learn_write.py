@@ -378,3 +378,29 @@ def test_answers_that_do_not_parse_teach_nothing(wire):
     book = NameBook()
     book.add(DnsAnswer(T0, A("10.0.0.53"), wire, False))
     assert book.refused == 1 and not book.given
+
+
+def test_the_fast_readers_agree_with_the_layouts():
+    from cgpolicy.kernel import learn
+
+    comm = ({"w": (0x6F6874796170, 0)},) + ({"w": (0, 0)},) * 3
+    raw = learn.VALUE.pack(count=7, first_ns=1, last_ns=2, comm=comm, more_comms=1, pad=0)
+    count, first, last, *rest = learn._VALUE.unpack(raw)
+    assert (count, first, last, rest[0][:6], rest[-2]) == (7, 1, 2, b"paytho", 1)
+    key = learn.NET_KEY.pack(
+        addr=b"\x7f\0\0\1" + bytes(12),
+        port=443,
+        family=4,
+        proto=6,
+        kind=1,
+        icmp_type=0,
+        pad=b"\0\0",
+    )
+    assert learn._NET_KEY.unpack(key)[1:] == (443, 4, 6, 1, 0)
+    addr = learn.ADDR_KEY.pack(addr=bytes(16), port=53, family=6, proto=17, op=3, pad=bytes(3))
+    assert learn._ADDR_KEY.unpack(addr)[1:] == (53, 6, 17, 3)
+    assert learn._SYSCTL_KEY.size == learn.SYSCTL_KEY.size
+    assert learn._DNS_HEAD.size == learn.DNS_ANSWER.fields["data"].offset
+    assert learn._SERVER_KEY.pack(6, 80) == learn.SERVER_KEY.pack(proto=6, pad=0, port=80)
+    assert learn._STAT.size == learn.STAT.size and learn._CREATE_KEY.size == learn.CREATE_KEY.size
+    assert learn._DEVICE_KEY.size == learn.DEVICE_KEY.size
