@@ -30,6 +30,13 @@
  * the one that bound the server port, else the one recorded for the socket's cookie at
  * socket(), bind(), connect() or sendmsg() (`learn_sockcomm`, an LRU: a lost entry only
  * loses the name, never a count).
+ *
+ * DNS answers (UDP from port 53 that reach the workload as return traffic) are copied to the
+ * ring buffer `learn_dns`, for user space to write a name instead of an address the answer
+ * gave. A full ring buffer loses the answer (counted), never a count.
+ *
+ * The structs and constants are stated again in cgpolicy/kernel/learn.py (LAYOUTS,
+ * C_CONSTANTS); tests/kernel/test_learn.py checks both against the compiler.
  */
 #include "common.h"
 
@@ -37,14 +44,14 @@
 #define CGL_SYSCTL_NAME 256
 #define CGL_IPV6_EXT_MAX 6
 
-/* learn_net_key.kind */
+/* cgl_net_key.kind */
 #define CGL_NET_PORT 0    /* tcp/udp with the port a rule names */
 #define CGL_NET_REPLY 1   /* tcp/udp return traffic: no port */
 #define CGL_NET_ICMP 2    /* icmp/icmpv6 with its type */
 #define CGL_NET_BARE 3    /* protocol known, no L4 header (a later fragment) or another protocol */
 #define CGL_NET_UNKNOWN 4 /* protocol unknown (IPv6 extension headers too many or cut) */
 
-/* learn_addr_key.op */
+/* cgl_addr_key.op */
 #define CGL_OP_BIND 0
 #define CGL_OP_CONNECT 1
 #define CGL_OP_SENDMSG 2
