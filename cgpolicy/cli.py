@@ -798,6 +798,8 @@ def learn(
         seen = sum(outcome.observations.seen.values())
         typer.echo(f"wrote {output} from {_count(seen, 'action')} observed", err=True)
     status = outcome.status
+    if cgroup is not None and outcome.observations.total_lost:
+        status = EXIT_FAILURE  # incomplete: a script must not take it for the whole truth
     raise typer.Exit(status if status >= 0 else 128 - status)
 
 

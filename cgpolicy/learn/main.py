@@ -82,6 +82,10 @@ def learn(
         warnings.insert(0, lost)
     if interrupted:
         warnings.append("interrupted: the observation ended early")
+    if not any(n for hook, n in observations.seen.items() if hook != "dns"):
+        warnings.append("nothing was observed: the policy has no section and enforces nothing")
+    elif against is not None and not _anything(shown):
+        warnings.append(f"{against.name} allows everything that was observed: nothing to add")
     lost_answers = observations.lost.get("dns", 0)
     if lost_answers:
         warnings.append(
@@ -102,6 +106,18 @@ def _cgroup_target(cgroup_root: Path, given: str) -> str:
     if relative == ".":
         raise LearnError("--cgroup: the root cgroup cannot be a policy's target", 2)
     return relative
+
+
+def _anything(observations: Observations) -> bool:
+    return any(
+        (
+            observations.network,
+            observations.create,
+            observations.addresses,
+            observations.devices,
+            observations.sysctls,
+        )
+    )
 
 
 def _check(text: str) -> None:
