@@ -749,7 +749,7 @@ def learn(
     from cgpolicy.learn.main import LearnError
     from cgpolicy.learn.main import learn as run_learn
     from cgpolicy.learn.session import parse_duration
-    from cgpolicy.learn.write import PrefixMerge
+    from cgpolicy.learn.write import PrefixMerge, safe
 
     settings: Settings = ctx.obj
     if bool(command) == (cgroup is not None):
@@ -789,8 +789,8 @@ def learn(
         )
     except LearnError as error:
         _fail(str(error), error.status)
-    for warning in outcome.warnings:
-        typer.echo(f"warning: {warning}", err=True)
+    for warning in outcome.warnings:  # may quote what the workload named: escaped
+        typer.echo(f"warning: {safe(warning, 400)}", err=True)
     if output is None:
         typer.echo(outcome.text, nl=False)
     else:

@@ -554,7 +554,7 @@ def sysctl_rules(observations: Mapping[SysctlKey, Seen]) -> tuple[list[Rule], li
         if written is None:
             reason = "longer than the kernel's buffer" if key.truncated else "not expressible"
             warnings.append(
-                f"sysctl {safe(key.name)} ({'write' if key.write else 'read'}, "
+                f"sysctl {key.name} ({'write' if key.write else 'read'}, "
                 f"{_count(seen.count, 'access')}): {reason} as a rule; not allowed"
             )
             continue

@@ -429,3 +429,32 @@ def test_the_learn_structs_are_what_the_python_reads(tmp_path):
     unit = tmp_path / "learn_check.c"
     unit.write_text("\n".join(lines) + "\n")
     compile_file(unit, [f"-I{SOURCE_DIR}"])  # LoaderError names any failed assertion
+
+
+def test_hostile_sysctl_names_from_interface_names_are_left_out(tmp_path, scratch_cgroup):
+    """Interface names may hold '*', '#', '"', '{' ...; their sysctls' names cannot be
+    written as a rule exactly (a '*' would be a glob): left out with a warning, and nothing
+    of them reaches the YAML's structure. In a network namespace made for the test."""
+    netns = f"cgpl-{os.getpid()}"
+    hostile = 'x*#"{'
+    reads = (
+        "import subprocess, sys\n"
+        f"subprocess.run(['ip', 'link', 'add', {hostile!r}, 'type', 'veth', 'peer', 'name', 'p0'], check=True)\n"
+        f"open('/proc/sys/net/ipv4/conf/' + {hostile!r} + '/forwarding').read()\n"
+        "open('/proc/sys/kernel/ostype').read()\n"
+    )
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        out = tmp_path / "hostile-sysctl.yaml"
+        command = ["ip", "netns", "exec", netns, sys.executable, "-c", reads]
+        done = run_cli("--cgroup-root", scratch_cgroup.path, "learn", "-o", out, "--", *command)
+        assert done.returncode == 0, done.stderr
+    finally:
+        subprocess.run(["ip", "netns", "delete", netns], check=True)
+    assert load_paths([out]).ok
+    shown = "sysctl net/ipv4/conf/x*\\x23\\x22\\x7b/forwarding (read, 2 accesses): not expressible"
+    assert shown in done.stderr
+    text = out.read_text()
+    assert f"# WARNING: {shown}" in text
+    rules = yaml.safe_load(text)["spec"]["sysctl"]["rules"]
+    assert rules == [{"action": "allow", "name": "kernel.ostype", "access": "read"}]
