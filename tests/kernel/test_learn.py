@@ -439,7 +439,8 @@ def test_hostile_sysctl_names_from_interface_names_are_left_out(tmp_path, scratc
     hostile = 'x*#"{'
     reads = (
         "import subprocess, sys\n"
-        f"subprocess.run(['ip', 'link', 'add', {hostile!r}, 'type', 'veth', 'peer', 'name', 'p0'], check=True)\n"
+        f"link = ['ip', 'link', 'add', {hostile!r}, 'type', 'veth', 'peer', 'name', 'p0']\n"
+        "subprocess.run(link, check=True)\n"
         f"open('/proc/sys/net/ipv4/conf/' + {hostile!r} + '/forwarding').read()\n"
         "open('/proc/sys/kernel/ostype').read()\n"
     )
