@@ -16,8 +16,9 @@
  * policy must allow return traffic by address without ports (docs/policy.md). Which half a
  * packet is follows from its local port: a port some socket of the workload bound
  * explicitly (bind() with a port other than 0, seen by the bind4/6 programs and kept in
- * `learn_servers`) is a server's, every other local port is ephemeral (a connection or
- * datagram the workload started). So:
+ * `learn_servers`), or that a connection request reached a listening TCP socket on, is a
+ * server's; every other local port is ephemeral (a connection or datagram the workload
+ * started). So:
  *  - ingress to a server port: a connection made to the workload: (remote, local port);
  *  - ingress to another port: a reply to the workload: (remote), no port;
  *  - egress from a server port: a response: (remote), no port;
@@ -341,6 +342,30 @@ static __always_inline int cgl_ipv6_l4(struct __sk_buff *skb, __u8 nexthdr, __u3
 	return 1;
 }
 
+/* Is the packet for a listening TCP socket (a connection request)? Then its local port is a
+ * server's even if no bind() named it (listen() on the port the kernel picked, or a server
+ * that bound before learning began). */
+static __always_inline int cgl_listening(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+
+	if (!sk)
+		return 0;
+	sk = bpf_sk_fullsock(sk);
+	return sk && sk->state == BPF_TCP_LISTEN;
+}
+
+/* Note a server port found at ingress, with the listener's executable when known. */
+static __always_inline struct cgl_comm *cgl_new_server(struct __sk_buff *skb,
+						       struct cgl_server_key *server)
+{
+	__u64 cookie = bpf_get_socket_cookie(skb);
+	struct cgl_comm none = {}, *known = learn_sockcomm.lookup(&cookie);
+
+	learn_servers.update(server, known ? known : &none);
+	return learn_servers.lookup(server);
+}
+
 /* Copy the DNS answer at `offset` (the UDP payload) to learn_dns. */
 static __always_inline void cgl_dns_copy(struct __sk_buff *skb, const struct cgl_net_key *k,
 					 __u32 offset)
@@ -426,6 +451,8 @@ static __always_inline int cgl_skb(struct __sk_buff *skb, int egress)
 				server.port = local;
 				dns_source = ports[0] == bpf_htons(53);
 				by = learn_servers.lookup(&server);
+				if (!by && !egress && proto == 6 && cgl_listening(skb))
+					by = cgl_new_server(skb, &server);
 				if (by)
 					comm = *by;
 				/* A server port: ingress names it, egress is a response. Any other local

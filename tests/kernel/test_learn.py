@@ -459,3 +459,32 @@ def test_hostile_sysctl_names_from_interface_names_are_left_out(tmp_path, scratc
     assert f"# WARNING: {shown}" in text
     rules = yaml.safe_load(text)["spec"]["sysctl"]["rules"]
     assert rules == [{"action": "allow", "name": "kernel.ostype", "access": "read"}]
+
+
+def test_a_server_on_a_port_nobody_bound_is_still_a_server(scratch_cgroup):
+    """listen() without bind(): the kernel picks the port, no bind program sees it; the
+    connection request reaching the listening socket makes it a server port, so its
+    clients' ephemeral ports are never learned."""
+    script = (
+        "import socket\n"
+        "server = socket.socket()\n"
+        "server.listen()\n"
+        "port = server.getsockname()[1]\n"
+        "client = socket.create_connection(('127.0.0.1', port))\n"
+        "conn, _ = server.accept()\n"
+        "client.sendall(b'x'); conn.recv(1); conn.sendall(b'y'); client.recv(1)\n"
+        "print(port, client.getsockname()[1])\n"
+    )
+    with Observer() as observer:
+        observer.attach(scratch_cgroup.path)
+        done = scratch_cgroup.run([sys.executable, "-c", script])
+        assert done.returncode == 0, done.stderr
+        observer.detach()
+        seen = observer.read()
+    port, ephemeral = map(int, done.stdout.split())
+    loopback = _ip("127.0.0.1")
+    ports = {(k.direction, k.port) for k in seen.network if k.kind == "port"}
+    assert ports == {("egress", port), ("ingress", port)}, ports
+    assert NetKey("ingress", loopback, 6, "reply") in seen.network  # the client's side
+    assert NetKey("egress", loopback, 6, "reply") in seen.network  # the server's answers
+    assert all(k.port != ephemeral for k in seen.network)
