@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import dns, enforce, failfast, reconcile, startup, validate, verdict
+from bench import dns, enforce, failfast, learn, reconcile, startup, validate, verdict
 from bench.figures import Figure, Report
 from bench.scratch import remove_top_folders
 
@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, Callable[[Report, bool], None]] = {
     "reconcile": reconcile.run,
     "dns": dns.run,
     "failfast": failfast.run,
+    "learn": learn.run,
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -684,6 +685,122 @@ def explain(
         _fail(str(error), EXIT_INVALID)
     typer.echo(json.dumps(to_json(explanation), indent=2) if as_json else render(explanation))
     raise typer.Exit(EXIT_OK)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def learn(
+    ctx: typer.Context,
+    command: Annotated[
+        list[str] | None, typer.Argument(help="The command to observe, after `--`.")
+    ] = None,
+    cgroup: Annotated[
+        str | None,
+        typer.Option(
+            "--cgroup", help="Observe this existing cgroup (relative to the cgroup2 mount)."
+        ),
+    ] = None,
+    duration: Annotated[
+        str | None,
+        typer.Option(
+            "--for", help="How long to observe --cgroup: 90s, 15m, 2h (Ctrl-C ends early)."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the policy here, not to stdout.")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="metadata.name of the policy written.")
+    ] = None,
+    merge_prefixes: Annotated[
+        bool,
+        typer.Option(
+            "--merge-prefixes",
+            help="Write hosts as the prefixes they fill (exact: only prefixes whose every "
+            "address was seen).",
+        ),
+    ] = False,
+    merge_min_hosts: Annotated[
+        int | None,
+        typer.Option(
+            "--merge-min-hosts",
+            min=2,
+            help="With --merge-prefixes, also widen a /24 (IPv6: /64) in which at least N "
+            "hosts were seen to the whole prefix (marked WIDENED).",
+        ),
+    ] = None,
+    against: Annotated[
+        Path | None,
+        typer.Option("--against", help="Write only what this policy would deny: the rules to add."),
+    ] = None,
+    linger: Annotated[
+        float,
+        typer.Option("--linger", min=0, max=60, help="Seconds to go on observing after CMD exits."),
+    ] = 1.0,
+) -> None:
+    """Observe a workload on every hook and write the policy that allows exactly what it did.
+
+    `cgpolicy learn [-o FILE] -- CMD ARGS...` runs CMD in a fresh cgroup, observes it until it
+    exits and returns its exit status. `cgpolicy learn --cgroup PATH --for 10m [-o FILE]`
+    observes an existing cgroup. Observation is exact (kernel counters) and allows
+    everything. Comments give counts, first and last seen, executables. docs/learn.md.
+    """
+    from cgpolicy.learn.main import LearnError
+    from cgpolicy.learn.main import learn as run_learn
+    from cgpolicy.learn.session import parse_duration
+    from cgpolicy.learn.write import PrefixMerge, safe
+
+    settings: Settings = ctx.obj
+    if bool(command) == (cgroup is not None):
+        _fail("give either -- CMD ARGS... or --cgroup PATH --for DURATION", EXIT_INVALID)
+    seconds = None
+    if cgroup is not None:
+        if duration is None:
+            _fail("--cgroup needs --for DURATION (e.g. --for 10m)", EXIT_INVALID)
+        try:
+            seconds = parse_duration(duration)
+        except ValueError as error:
+            _fail(f"--for: {error}", EXIT_INVALID)
+    elif duration is not None:
+        _fail("--for goes with --cgroup; `-- CMD` is observed until it exits", EXIT_INVALID)
+    if merge_min_hosts is not None and not merge_prefixes:
+        _fail("--merge-min-hosts goes with --merge-prefixes", EXIT_INVALID)
+    if name is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name):
+        _fail(f"--name {name!r} is not a policy name (lowercase DNS label)", EXIT_INVALID)
+    existing = None
+    if against is not None:
+        policies = _load_valid([against])
+        if len(policies) != 1:
+            _fail(f"{against} holds {len(policies)} policies; --against takes one", EXIT_INVALID)
+        existing = policies[0]
+    merge = PrefixMerge(merge_min_hosts) if merge_prefixes else None
+    try:
+        outcome = run_learn(
+            settings.resolved_cgroup_root(),
+            settings.dev_root,
+            command=command,
+            cgroup=cgroup,
+            seconds=seconds,
+            name=name,
+            merge=merge,
+            against=existing,
+            linger=linger,
+        )
+    except LearnError as error:
+        _fail(str(error), error.status)
+    for warning in outcome.warnings:  # may quote what the workload named: escaped
+        typer.echo(f"warning: {safe(warning, 400)}", err=True)
+    if output is None:
+        typer.echo(outcome.text, nl=False)
+    else:
+        output.write_text(outcome.text)
+        seen = sum(outcome.observations.seen.values())
+        typer.echo(f"wrote {output} from {_count(seen, 'action')} observed", err=True)
+    status = outcome.status
+    if cgroup is not None and outcome.observations.total_lost:
+        status = EXIT_FAILURE  # incomplete: a script must not take it for the whole truth
+    raise typer.Exit(status if status >= 0 else 128 - status)
 
 
 def main() -> None:

@@ -92,6 +92,17 @@ FAILFAST_FIGURES = {
 }
 FIGURES |= DNS_FIGURES | FAILFAST_FIGURES
 
+LEARN_FIGURES = {
+    *(
+        f"{kind}_ns.{hook}"
+        for kind in ("learn", "enforce")
+        for hook in ("sendmsg4", "egress", "device", "sysctl")
+    ),
+    "learn_entry_bytes.addr",
+    "learn_entry_bytes.egress",
+}
+FIGURES |= LEARN_FIGURES
+
 
 def run_quick_bench(tmp_path: Path, *only: str) -> tuple[dict, int]:
     """``python -m bench --quick`` (``--only`` each of ``only``): its results and pid."""
