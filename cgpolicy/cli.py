@@ -196,6 +196,7 @@ def validate(paths: PathsArgument, as_json: JsonOption = False) -> None:
             "policies": [policy.name for policy in result.policies],
             "problems": [problem.to_json() for problem in result.problems],
             "warnings": [warning.to_json() for warning in result.warnings],
+            "skipped": [skipped.to_json() for skipped in result.skipped],
         }
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -203,6 +204,8 @@ def validate(paths: PathsArgument, as_json: JsonOption = False) -> None:
             typer.echo(problem.format(), err=True)
         for warning in result.warnings:
             typer.echo(f"warning: {warning.format()}", err=True)
+        for skipped in result.skipped:
+            typer.echo(f"note: {skipped.format()}", err=True)
         if result.ok:
             names = ", ".join(policy.name for policy in result.policies)
             typer.echo(
@@ -317,6 +320,8 @@ def _load_valid(paths: list[Path]) -> list:
     result = load_paths(paths)
     for problem in result.problems:
         typer.echo(problem.format(), err=True)
+    for skipped in result.skipped:
+        typer.echo(f"note: {skipped.format()}", err=True)
     if not result.ok:
         raise typer.Exit(EXIT_INVALID)
     return result.policies

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cgpolicy import reference
 from cgpolicy.compiler.canonical import ordered_rules
@@ -14,7 +15,7 @@ from cgpolicy.explain.explanation import bind_devices_here
 from cgpolicy.policy.describe import rule_text
 from cgpolicy.policy.model import Policy
 from cgpolicy.reference import DeviceAccess, Verdict
-from cgpolicy.testing.spec import Case, RuleName, TestFile
+from cgpolicy.testing.spec import SECTIONS, Case, RuleName, TestFile
 
 
 @dataclass(frozen=True)
@@ -170,15 +171,7 @@ def unexercised(test: TestFile, results: list[CaseResult]) -> list[Unexercised]:
     }
     found = []
     for policy in test.policies:
-        for section_name in (
-            "network.egress",
-            "network.ingress",
-            "sockets.create",
-            "sockets.bind",
-            "sockets.connect",
-            "devices",
-            "sysctl",
-        ):
+        for section_name in SECTIONS:
             section = _section(policy, section_name)
             if section is None:
                 continue
@@ -198,7 +191,7 @@ def unexercised(test: TestFile, results: list[CaseResult]) -> list[Unexercised]:
     return found
 
 
-def _section(policy: Policy, name: str) -> object:
+def _section(policy: Policy, name: str) -> Any:
     group, _, part = name.partition(".")
     if group == "network":
         return getattr(policy.network, part) if policy.network else None

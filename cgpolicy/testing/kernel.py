@@ -198,6 +198,7 @@ class _FileRun:
             return KernelRun(False, reason)
         programs = self._programs(section, action.action)
         before = self._snapshot(programs)
+        effects: dict[str, bool] | None
         if isinstance(action.action, Packet):
             effects, detail, skipped = self._packet(action.action, programs), "", None
         else:

@@ -154,6 +154,8 @@ def _folder(path: str, result: LoadedTests) -> list[tuple[str, list[Document]]]:
         if any(_is_test(d.data) for d in loaded.documents):
             result.problems += loaded.problems
             found.append((file, loaded.documents))
+        elif loaded.problems:  # unreadable: it may be a test file
+            result.problems += loaded.problems
         else:
             result.skipped.append(file)
     return found
