@@ -73,7 +73,7 @@ def render(report: Report, verbose: bool = False) -> str:
                     out.append(f"  PASS  {head} -> {_verdict_text(result)}{_kernel_text(result)}")
                 continue
             if result.status == "fail":
-                out.append(f"  FAIL  {head} (line {case.line})")
+                out.append(f"  FAIL  {head} (line {case.line}){_kernel_text(result)}")
                 out.extend(f"        {failure}" for failure in result.failures)
             else:
                 assert result.kernel is not None

@@ -201,7 +201,7 @@ def test_reference_only_cases_are_reported_not_silently_passed() -> None:
         ),
         (
             '  - {name: a, action: "egress tcp 10.0.0.1:443", expect: allow, rules: x}\n',
-            "web.test.yaml:5:65: cases[0].rules: unknown field 'rules' (hint: did you mean 'rule'?)",
+            "web.test.yaml:5:65: cases[0].rules: unknown field 'rules' (hint: did you mean 'rule'?",
         ),
         (
             '  - {name: a, action: "egress tcp 10.0.0.300:443", expect: allow}\n',
