@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -210,7 +211,15 @@ class _FileRun:
 
     def _not_runnable(self, result: CaseResult) -> str | None:
         act = result.case.action.action
+        if result.case.names:
+            return "names: the kernel learns names only from real DNS answers"
         if isinstance(act, Packet):
+            if act.interface is not None:
+                try:
+                    socket.if_nametoindex(act.interface)
+                except OSError:
+                    return f"no interface {act.interface} here to run the packet on"
+                return None
             named = any(
                 rule.interfaces
                 for policy in result.file.policies
@@ -218,10 +227,11 @@ class _FileRun:
                 and (section := getattr(policy.network, act.direction)) is not None
                 for rule in section.rules
             )
-            if named and act.interface != "lo":
+            if named:
                 return (
-                    "rules name interfaces and BPF_PROG_TEST_RUN runs a packet on lo only: "
-                    "give --interface lo to run this case in the kernel"
+                    "rules name interfaces and the case gives none (a packet with no "
+                    "device), while BPF_PROG_TEST_RUN runs every packet on a device: "
+                    "give --interface NAME"
                 )
         if isinstance(act, SocketAddress) and act.protocol not in (reference.TCP, reference.UDP):
             return "only TCP and UDP sockets are probed"
@@ -229,7 +239,11 @@ class _FileRun:
 
     def _packet(self, packet: Packet, programs: list[_Program]) -> dict[str, bool]:
         data = frame(packet)
-        return {p.policy.name: bool(p.program.test_run(data).retval & 1) for p in programs}
+        ifindex = socket.if_nametoindex(packet.interface) if packet.interface else 0
+        return {
+            p.policy.name: bool(p.program.test_run(data, ifindex=ifindex).retval & 1)
+            for p in programs
+        }
 
     def _probe_action(self, result: CaseResult) -> tuple[dict[str, bool] | None, str, str | None]:
         """Perform the action in a probe: (the observed effect, or None when guarded;

@@ -75,6 +75,7 @@ class Case:
     rule: RuleName | None
     line: int
     column: int
+    names: frozenset[str] = frozenset()  # DNS names that taught the remote address
 
 
 @dataclass
@@ -222,6 +223,18 @@ def _check(file: str, name: str, document: Document) -> TestFile | list[Problem]
         except ExplainError as error:
             problems.append(problem((*where, "action"), str(error)))
             continue
+        names = frozenset(n.lower().rstrip(".") for n in raw.get("names", ()))
+        if names:
+            if reference.remote_address(parsed.action) is None:
+                problems.append(
+                    problem(
+                        (*where, "names"),
+                        "names apply to egress, ingress, connect and sendmsg only (the "
+                        "actions fqdns rules decide)",
+                    )
+                )
+                continue
+            parsed = parsed.with_names(names)
         rule = None
         if "rule" in raw:
             rule, message = _rule(raw["rule"], parsed, policies)
@@ -229,7 +242,7 @@ def _check(file: str, name: str, document: Document) -> TestFile | list[Problem]
                 problems.append(problem((*where, "rule"), message))
                 continue
         line, column = source_map.locate(where)
-        cases.append(Case(raw["name"], parsed, raw["expect"], rule, line, column))
+        cases.append(Case(raw["name"], parsed, raw["expect"], rule, line, column, names))
     if problems:
         return problems
     return TestFile(file, name, policies, cases)

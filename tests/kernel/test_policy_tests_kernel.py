@@ -140,3 +140,46 @@ def test_an_interrupted_kernel_run_removes_what_it_made(
         assert process.returncode == 130, stderr
         assert b"interrupted; what the kernel run made was removed" in stderr
         assert _left_behind(scratch_cgroup.path, bpf_dir) == []
+
+
+def test_packets_run_on_the_interface_the_case_names(
+    scratch_cgroup, bpf_dir: Path, tmp_path: Path, veth_net
+) -> None:
+    interface = veth_net.veth_root
+    (tmp_path / "iface.yaml").write_text(
+        "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\nmetadata: {name: iface}\n"
+        "spec:\n  targets: [{path: x}]\n  network:\n    egress:\n      default: deny\n"
+        "      rules:\n"
+        '        - {action: allow, interfaces: ["lo"]}\n'
+        f'        - {{action: allow, protocol: tcp, ports: [443], interfaces: ["{interface}"]}}\n'
+        f'        - {{action: deny, cidrs: ["10.9.0.0/16"], interfaces: ["{interface[:3]}*"]}}\n'
+    )
+    cases = [
+        ("lo", "egress udp 10.0.0.1:53 --interface lo", "allow", "rules[0]"),
+        ("https", f"egress tcp 10.0.0.1:443 --interface {interface}", "allow", "rules[1]"),
+        ("denied", f"egress tcp 10.9.0.1:443 --interface {interface}", "deny", "rules[2]"),
+        ("other", f"egress udp 10.0.0.1:53 --interface {interface}", "deny", "default"),
+        ("no device", "egress tcp 10.9.0.1:443", "deny", "rules[2]"),
+    ]
+    path = tmp_path / "iface.test.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "cgpolicy.dev/v1",
+                "kind": "CgroupPolicyTest",
+                "policies": ["iface.yaml"],
+                "cases": [{"name": n, "action": a, "expect": e, "rule": r} for n, a, e, r in cases],
+            }
+        )
+    )
+    done = run_cli(
+        "--bpf-dir", bpf_dir, "--cgroup-root", scratch_cgroup.path, "test", "--kernel", "--json",
+        path,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    kernel = {c["name"]: c["kernel"] for c in json.loads(done.stdout)["files"][0]["cases"]}
+    assert {name for name, run in kernel.items() if not run["ran"]} == {"no device"}
+    assert "give --interface NAME" in kernel["no device"]["reason"]
+    assert kernel["https"]["decisions"][0]["rule"] == "network.egress.rules[1]"
+    assert kernel["denied"]["decisions"][0]["rule"] == "network.egress.rules[2]"
+    assert _left_behind(scratch_cgroup.path, bpf_dir) == []

@@ -267,3 +267,47 @@ def test_a_folder_without_test_files_and_a_policy_named_as_a_test_are_invalid(
     done = cgpolicy("test", tmp_path / "web.yaml")
     assert done.returncode == 2
     assert "web.yaml:1:1: kind: not a CgroupPolicyTest file" in done.stderr
+
+
+NAMES_POLICY = """\
+apiVersion: cgpolicy.dev/v1
+kind: CgroupPolicy
+metadata: {name: names}
+spec:
+  targets: [{path: x}]
+  network:
+    egress:
+      default: deny
+      rules:
+        - {action: allow, fqdns: ["api.example.com", "*.s3.example.com"], protocol: tcp}
+"""
+
+
+def test_names_say_which_dns_answers_taught_the_address(tmp_path: Path) -> None:
+    (tmp_path / "names.yaml").write_text(NAMES_POLICY)
+    path = tmp_path / "names.test.yaml"
+    path.write_text(
+        "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicyTest\npolicies: [names.yaml]\n"
+        "cases:\n"
+        '  - {name: api, action: "egress tcp 192.0.2.7:443", names: [API.example.com.],'
+        ' expect: allow, rule: "rules[0]"}\n'
+        '  - {name: bucket, action: "egress tcp 192.0.2.8:443", names: [b.s3.example.com],'
+        " expect: allow}\n"
+        '  - {name: apex, action: "egress tcp 192.0.2.8:443", names: [s3.example.com],'
+        " expect: deny, rule: default}\n"
+        '  - {name: nothing learned, action: "egress tcp 192.0.2.7:443", expect: deny}\n'
+    )
+    loaded = load_tests([path])
+    assert loaded.ok, [p.format() for p in loaded.problems]
+    report = run_tests(loaded.files)
+    assert [r.status for r in report.results()] == ["pass"] * 4
+    path.write_text(
+        path.read_text().replace(
+            '"egress tcp 192.0.2.7:443", names', '"bind tcp 0.0.0.0:80", names'
+        )
+    )
+    done = cgpolicy("test", path)
+    assert done.returncode == 2
+    assert "cases[0].names: names apply to egress, ingress, connect and sendmsg only" in (
+        done.stderr
+    )
