@@ -39,6 +39,16 @@ class Decision:
         return f"{self.section} ({self.decided_by})"
 
 
+@dataclass(frozen=True)
+class KernelDecision:
+    """What one policy's programs counted for one case: the verdict (None: nothing was
+    counted) and the rules whose counters moved, by name."""
+
+    policy: str
+    verdict: str | None
+    rules: tuple[str, ...]
+
+
 @dataclass
 class KernelRun:
     """What the kernel did with one case: ``ran`` False with ``reason`` when it could not
@@ -46,7 +56,7 @@ class KernelRun:
 
     ran: bool
     reason: str = ""
-    decisions: list[Decision] = field(default_factory=list)
+    decisions: list[KernelDecision] = field(default_factory=list)
     disagreements: list[str] = field(default_factory=list)
     detail: str = ""  # how it was run (test_run retval, the probe's errno)
 

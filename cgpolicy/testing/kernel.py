@@ -45,7 +45,13 @@ from cgpolicy.kernel.guard import attach_guard, make_node, node_folder
 from cgpolicy.policy.model import Policy
 from cgpolicy.reference import DeviceAccess, Packet, SocketAddress, SocketCreate, SysctlAccess
 from cgpolicy.testing import probe
-from cgpolicy.testing.evaluate import CaseResult, Decision, Evaluator, KernelRun, file_index
+from cgpolicy.testing.evaluate import (
+    CaseResult,
+    Evaluator,
+    KernelDecision,
+    KernelRun,
+    file_index,
+)
 from cgpolicy.testing.packets import frame
 from cgpolicy.testing.spec import TestFile
 
@@ -371,10 +377,7 @@ class _FileRun:
             slots = denied_slots or allowed_slots
             got = "deny" if denied_slots else "allow" if allowed_slots else None
             names = sorted(_slot_name(section, slot, expected.section) for slot in slots)
-            decision = Decision(
-                policy.name, expected.section, got, None, ", ".join(names) or "none", None
-            )
-            run.decisions.append(decision)
+            run.decisions.append(KernelDecision(policy.name, got, tuple(names)))
             who = f"{policy.name}: " if len(result.file.policies) > 1 else ""
             if expected.verdict is None:
                 if got is not None:
@@ -431,5 +434,7 @@ def run_in_kernel(
     with ExitStack() as stack:
         cgroup, names = stack.enter_context(applied_in_throwaway(enforcer, test.policies, "test"))
         run = _FileRun(test, cgroup, names, enforcer.bpf_dir, evaluator, stack)
-        for result in results:
+        # Packets first: before any probe's loopback connect sends a packet that the
+        # cgroup_skb programs also count (its replies may still be in flight after it)
+        for result in sorted(results, key=lambda r: not isinstance(r.case.action.action, Packet)):
             result.kernel = run.run(result)

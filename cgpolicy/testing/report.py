@@ -127,7 +127,7 @@ def _case_json(result: CaseResult) -> dict[str, Any]:
             "ran": result.kernel.ran,
             "reason": result.kernel.reason or None,
             "decisions": [
-                {"policy": d.policy, "verdict": d.verdict, "rule": d.decided_by}
+                {"policy": d.policy, "verdict": d.verdict, "rules": list(d.rules)}
                 for d in result.kernel.decisions
             ],
             "disagreements": result.kernel.disagreements,

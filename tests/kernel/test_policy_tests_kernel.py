@@ -74,7 +74,7 @@ def test_the_shipped_test_files_pass_in_the_kernel_without_disagreement(
     assert by_name["/dev/tty"]["decisions"][0] == {
         "policy": "container-baseline",
         "verdict": "allow",
-        "rule": "devices.rules[7]",
+        "rules": ["devices.rules[7]"],
     }
     assert by_name["connect to an upstream"]["detail"] == "connect: EPERM (guarded)"
     # unguarded on loopback: the errno is the effect, and it matches the reference
@@ -180,6 +180,6 @@ def test_packets_run_on_the_interface_the_case_names(
     kernel = {c["name"]: c["kernel"] for c in json.loads(done.stdout)["files"][0]["cases"]}
     assert {name for name, run in kernel.items() if not run["ran"]} == {"no device"}
     assert "give --interface NAME" in kernel["no device"]["reason"]
-    assert kernel["https"]["decisions"][0]["rule"] == "network.egress.rules[1]"
-    assert kernel["denied"]["decisions"][0]["rule"] == "network.egress.rules[2]"
+    assert kernel["https"]["decisions"][0]["rules"] == ["network.egress.rules[1]"]
+    assert kernel["denied"]["decisions"][0]["rules"] == ["network.egress.rules[2]"]
     assert _left_behind(scratch_cgroup.path, bpf_dir) == []
