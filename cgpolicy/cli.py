@@ -740,7 +740,7 @@ def test_policies(
     try:
         report = run_tests(loaded.files, settings.dev_root, enforcer)
     except KeyboardInterrupt:
-        _fail("interrupted; what the kernel run made was removed", 130)
+        _fail("interrupted" + ("; what the kernel run made was removed" if kernel else ""), 130)
     if junit is not None:
         junit.write_bytes(junit_xml(report))
     typer.echo(json.dumps(report_json(report), indent=2) if as_json else render(report, verbose))
