@@ -95,6 +95,7 @@ class _Probe:
             stdout=subprocess.PIPE,
             text=True,
             preexec_fn=lambda: join_cgroup(cgroup),
+            process_group=0,  # Ctrl-C reaches cgpolicy, which ends the probe itself
         )
 
     def perform(self, request: dict[str, Any]) -> dict[str, Any]:
