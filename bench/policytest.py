@@ -109,9 +109,7 @@ def run(report: Report, quick: bool) -> None:
             times["reference"].append(elapsed)
             elapsed, result = _wall([*base, "--kernel"])
             times["kernel"].append(elapsed)
-            ran = sum(
-                case["kernel"]["ran"] for file in result["files"] for case in file["cases"]
-            )
+            ran = sum(case["kernel"]["ran"] for file in result["files"] for case in file["cases"])
         reference, kernel = (statistics.median(times[k]) for k in ("reference", "kernel"))
         report.details["policytest"] = {**times, "cases": CASES, "ran_in_kernel": ran}
         report.add(
