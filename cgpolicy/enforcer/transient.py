@@ -229,16 +229,18 @@ def applied_in_throwaway(
             raise ApplyError("; ".join(failed))
         yield cgroup, {p.name: t.name for p, t in zip(policies, transients, strict=True)}
     finally:
-        remove_cgroup_tree(cgroup)
-        remove_if_empty(cgroup.parent)
-        if created:
-            try:
-                with runner.locked():
-                    for item in created:
-                        remove_created(runner.bpf_dir, item)
-            except LockError as error:
-                names = " ".join(item.name for item in created)
-                raise ApplyError(
-                    f"could not remove the transient policies {names}: {error}; "
-                    f"`cgpolicy remove {names}` removes them"
-                ) from error
+        try:
+            remove_cgroup_tree(cgroup)
+            remove_if_empty(cgroup.parent)
+        finally:  # the transient policies go even when a cgroup stays busy
+            if created:
+                try:
+                    with runner.locked():
+                        for item in created:
+                            remove_created(runner.bpf_dir, item)
+                except LockError as error:
+                    names = " ".join(item.name for item in created)
+                    raise ApplyError(
+                        f"could not remove the transient policies {names}: {error}; "
+                        f"`cgpolicy remove {names}` removes them"
+                    ) from error
