@@ -12,7 +12,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import dns, enforce, failfast, learn, reconcile, startup, validate, verdict
+from bench import (
+    dns,
+    enforce,
+    failfast,
+    learn,
+    policytest,
+    reconcile,
+    startup,
+    validate,
+    verdict,
+)
 from bench.figures import Figure, Report
 from bench.scratch import remove_top_folders
 
@@ -25,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[Report, bool], None]] = {
     "dns": dns.run,
     "failfast": failfast.run,
     "learn": learn.run,
+    "policytest": policytest.run,
 }
 
 

@@ -197,6 +197,7 @@ def validate(paths: PathsArgument, as_json: JsonOption = False) -> None:
             "policies": [policy.name for policy in result.policies],
             "problems": [problem.to_json() for problem in result.problems],
             "warnings": [warning.to_json() for warning in result.warnings],
+            "skipped": [skipped.to_json() for skipped in result.skipped],
         }
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -204,6 +205,8 @@ def validate(paths: PathsArgument, as_json: JsonOption = False) -> None:
             typer.echo(problem.format(), err=True)
         for warning in result.warnings:
             typer.echo(f"warning: {warning.format()}", err=True)
+        for skipped in result.skipped:
+            typer.echo(f"note: {skipped.format()}", err=True)
         if result.ok:
             names = ", ".join(policy.name for policy in result.policies)
             typer.echo(
@@ -318,6 +321,8 @@ def _load_valid(paths: list[Path]) -> list:
     result = load_paths(paths)
     for problem in result.problems:
         typer.echo(problem.format(), err=True)
+    for skipped in result.skipped:
+        typer.echo(f"note: {skipped.format()}", err=True)
     if not result.ok:
         raise typer.Exit(EXIT_INVALID)
     return result.policies
@@ -801,6 +806,60 @@ def learn(
     if cgroup is not None and outcome.observations.total_lost:
         status = EXIT_FAILURE  # incomplete: a script must not take it for the whole truth
     raise typer.Exit(status if status >= 0 else 128 - status)
+@app.command(name="test")
+def test_policies(
+    ctx: typer.Context,
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Test files (kind: CgroupPolicyTest), or folders: every *.yaml / *.yml test "
+            "file in them (policy files there are left out)."
+        ),
+    ],
+    kernel: Annotated[
+        bool,
+        typer.Option(
+            "--kernel",
+            help="Also run every case through the real programs, applied under transient "
+            "names to a throwaway cgroup that is removed afterwards (root).",
+        ),
+    ] = False,
+    junit: Annotated[
+        Path | None, typer.Option("--junit", help="Write JUnit XML (for CI) to this file.")
+    ] = None,
+    as_json: JsonOption = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also list the cases that passed.")
+    ] = False,
+) -> None:
+    """Run policy test cases: expected verdicts and deciding rules (docs/testing.md).
+
+    Each case goes through the reference evaluator (what `explain` uses) and, with
+    --kernel, through the compiled programs: a disagreement between the two is a failure of
+    its own. Lists the rules no case decided. Exit 0 when every case passes, 1 on a failure
+    or disagreement, 2 for invalid test files or policies.
+    """
+    from cgpolicy.testing import run_tests
+    from cgpolicy.testing.report import junit as junit_xml
+    from cgpolicy.testing.report import render
+    from cgpolicy.testing.report import to_json as report_json
+    from cgpolicy.testing.spec import load_tests
+
+    settings: Settings = ctx.obj
+    loaded = load_tests(list(paths))
+    for problem in loaded.problems:
+        typer.echo(problem.format(), err=True)
+    if not loaded.ok:
+        raise typer.Exit(EXIT_INVALID)
+    enforcer = _enforcer(ctx) if kernel else None
+    try:
+        report = run_tests(loaded.files, settings.dev_root, enforcer)
+    except KeyboardInterrupt:
+        _fail("interrupted" + ("; what the kernel run made was removed" if kernel else ""), 130)
+    if junit is not None:
+        junit.write_bytes(junit_xml(report))
+    typer.echo(json.dumps(report_json(report), indent=2) if as_json else render(report, verbose))
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILURE)
 
 
 def main() -> None:

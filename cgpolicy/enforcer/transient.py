@@ -21,6 +21,8 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,3 +187,60 @@ def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> 
                     f"could not remove the transient policy {created.name}: {error}; once this "
                     f"run has ended, `cgpolicy remove {created.name}` removes it"
                 ) from error
+
+
+@contextmanager
+def applied_in_throwaway(
+    enforcer: Enforcer, policies: list[Policy], label: str
+) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A fresh cgroup ``cgpolicy.run/<label>-<pid>`` with every policy of ``policies``
+    applied to it (and only to it) under a transient name of its own, as `run` applies
+    one: yields the cgroup and each policy's transient name by its own name. Everything
+    is removed on the way out, also after a failure or KeyboardInterrupt."""
+    pid = os.getpid()
+    owner = Owner.run(pid)
+    runner = Enforcer(
+        enforcer.cgroup_root,
+        enforcer.bpf_dir,
+        enforcer.dev_root,
+        owner=owner,
+        lock_timeout=enforcer.lock_timeout,
+    )
+    relative = f"{RUN_PARENT}/{label}-{pid}"
+    cgroup = enforcer.cgroup_root / relative
+    _make_cgroup(cgroup, relative)
+    created: list[Created] = []
+    try:
+        with runner.locked():
+            transients = []
+            for policy in policies:
+                name = transient_name(runner.bpf_dir, policy.name, pid)
+                transients.append(
+                    dataclasses.replace(
+                        policy, name=name, targets=(Target(relative, is_glob=False),)
+                    )
+                )
+            try:
+                outcomes = runner.apply(runner.plan(transients))
+            finally:  # also what a failed apply left behind
+                created = [record_created(runner.bpf_dir, t.name, owner) for t in transients]
+        failed = [f"{o.plan.name}: {o.error or 'apply failed'}" for o in outcomes if not o.ok]
+        if failed:
+            raise ApplyError("; ".join(failed))
+        yield cgroup, {p.name: t.name for p, t in zip(policies, transients, strict=True)}
+    finally:
+        try:
+            remove_cgroup_tree(cgroup)
+            remove_if_empty(cgroup.parent)
+        finally:  # the transient policies go even when a cgroup stays busy
+            if created:
+                try:
+                    with runner.locked():
+                        for item in created:
+                            remove_created(runner.bpf_dir, item)
+                except LockError as error:
+                    names = " ".join(item.name for item in created)
+                    raise ApplyError(
+                        f"could not remove the transient policies {names}: {error}; "
+                        f"`cgpolicy remove {names}` removes them"
+                    ) from error

@@ -67,6 +67,19 @@ class ParsedAction:
                     return refused
         return verdicts[0]
 
+    def with_names(self, names: frozenset[str]) -> ParsedAction:
+        """This action with the DNS names whose answers gave its remote address
+        (``reference.Packet.names``), in every view: what `fqdns` rules match."""
+
+        def told(action: reference.Action) -> reference.Action:
+            if isinstance(action, Packet | SocketAddress):
+                return dataclasses.replace(action, names=names)
+            return action
+
+        return dataclasses.replace(
+            self, action=told(self.action), views=[told(view) for view in self.views]
+        )
+
     def with_learned(self, learned: frozenset[reference.Rule]) -> ParsedAction:
         """This action with the `fqdns` rules the kernel learned its remote address for
         (``reference.Packet.learned``), in every view."""

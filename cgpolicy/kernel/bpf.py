@@ -365,8 +365,10 @@ class Program(_FdObject):
     def id(self) -> int:
         return self.info().id
 
-    def test_run(self, data: bytes, repeat: int = 1, data_size_out: int = 0) -> TestRunResult:
-        return prog_test_run(self.fd, data, repeat, data_size_out)
+    def test_run(
+        self, data: bytes, repeat: int = 1, data_size_out: int = 0, ifindex: int = 0
+    ) -> TestRunResult:
+        return prog_test_run(self.fd, data, repeat, data_size_out, ifindex)
 
 
 def _load(attr: ProgLoadAttr, what: str) -> int:

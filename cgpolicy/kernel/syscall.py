@@ -19,6 +19,7 @@ import enum
 import errno as errnos
 import os
 import platform
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -254,6 +255,10 @@ class _TestRunAttr(ctypes.Structure):
         ("data_out", _u64),
         ("repeat", _u32),
         ("duration", _u32),
+        ("ctx_size_in", _u32),
+        ("ctx_size_out", _u32),
+        ("ctx_in", _u64),
+        ("ctx_out", _u64),
     ]
 
 
@@ -638,10 +643,16 @@ class TestRunResult:
     data_out: bytes
 
 
+# struct __sk_buff up to and including ifindex (offset 40): the context test_run takes
+_SKB_CTX_IFINDEX = struct.Struct("=40xI")
+
+
 def prog_test_run(
-    prog_fd: int, data: bytes, repeat: int = 1, data_size_out: int = 0
+    prog_fd: int, data: bytes, repeat: int = 1, data_size_out: int = 0, ifindex: int = 0
 ) -> TestRunResult:
-    """Run a program on ``data`` (a packet with its Ethernet header for cgroup_skb)."""
+    """Run a program on ``data`` (a packet with its Ethernet header for cgroup_skb). With
+    ``ifindex`` (cgroup_skb and other skb programs) the packet is on that device instead
+    of the loopback device."""
     data_in = ctypes.create_string_buffer(data, len(data))
     out = ctypes.create_string_buffer(data_size_out) if data_size_out else None
     attr = _TestRunAttr(
@@ -652,6 +663,9 @@ def prog_test_run(
         data_out=addr(out),
         repeat=repeat,
     )
+    if ifindex:
+        ctx = ctypes.create_string_buffer(_SKB_CTX_IFINDEX.pack(ifindex), _SKB_CTX_IFINDEX.size)
+        attr.ctx_size_in, attr.ctx_in = _SKB_CTX_IFINDEX.size, addr(ctx)
     bpf(Cmd.PROG_TEST_RUN, attr, f"of program fd {prog_fd} on {len(data)} bytes")
     data_out = out.raw[: attr.data_size_out] if out is not None else b""
     return TestRunResult(attr.retval, attr.duration, data_out)

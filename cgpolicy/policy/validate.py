@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 SCHEMA_PATH = FsPath(__file__).resolve().parents[2] / "schemas" / "policy.schema.json"
 POLICY_SUFFIXES = (".yaml", ".yml")
+# The kind of a `cgpolicy test` file (docs/testing.md): it may sit beside policies, in the
+# same folder; loading skips its documents, and says so (LoadResult.skipped).
+TEST_KIND = "CgroupPolicyTest"
 
 _TYPE_NAMES = {
     "object": "a mapping",
@@ -70,6 +73,8 @@ class LoadResult:
     files: list[str] = field(default_factory=list)
     # about valid policies: what they may not do as an operator expects; not a failure
     warnings: list[Problem] = field(default_factory=list)
+    # `cgpolicy test` documents found in a folder: not policies, skipped (and reported)
+    skipped: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -101,32 +106,71 @@ def load_contents(files: Sequence[tuple[str, bytes]]) -> LoadResult:
 
 def _load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadResult:
     result = LoadResult()
-    _load_into(result, ((file, None) for file in _expand(paths, result.problems)))
+    named = {os.fspath(path) for path in paths}
+    _load_into(result, ((file, None) for file in _expand(paths, result.problems)), named)
     return result
 
 
-def _load_into(result: LoadResult, files: Iterable[tuple[str, bytes | None]]) -> None:
+def _load_into(
+    result: LoadResult,
+    files: Iterable[tuple[str, bytes | None]],
+    named: set[str] | None = None,
+) -> None:
+    """``named``: the files given by name (not found in a folder): one that holds only
+    `cgpolicy test` documents is a problem there, not a skipped file."""
     first_use: dict[str, SourceLocation] = {}
     for file, content in files:
         result.files.append(file)
         policies: list[Policy] = []
+        skipped: list[Problem] = []
         try:
-            problems = _load_file(file, content, first_use, policies)
+            problems = _load_file(file, content, first_use, policies, skipped)
         except Exception as error:  # noqa: BLE001 - a bug costs this file, not the others
             log.debug("checking %s failed", file, exc_info=True)  # the traceback, on request
             problems, policies = [_unchecked(file, error)], []
+        if skipped and not policies and not problems and named is not None and file in named:
+            first = skipped[0]
+            problems = [
+                Problem(
+                    file,
+                    first.line,
+                    first.column,
+                    "kind",
+                    f"holds a {TEST_KIND} (test cases), not a policy",
+                    f"run it with `cgpolicy test {file}`",
+                )
+            ]
+            skipped = []
         result.policies += policies
         result.problems += problems
+        result.skipped += skipped
         result.warnings += [w for policy in policies for w in policy_warnings(policy)]
 
 
 def _load_file(
-    file: str, content: bytes | None, first_use: dict[str, SourceLocation], policies: list[Policy]
+    file: str,
+    content: bytes | None,
+    first_use: dict[str, SourceLocation],
+    policies: list[Policy],
+    skipped: list[Problem],
 ) -> list[Problem]:
-    """One file's problems; its policies, if it has none, are appended to ``policies``."""
+    """One file's problems; its policies, if it has none, are appended to ``policies``,
+    and a note for each `cgpolicy test` document (not a policy) to ``skipped``."""
     problems: list[Problem] = []
     loaded = load_file(file, content)
     for document in loaded.documents:
+        if _is_test(document.data):
+            skipped.append(
+                Problem(
+                    file,
+                    document.line,
+                    document.column,
+                    "kind",
+                    f"a {TEST_KIND} document (test cases for `cgpolicy test`), not a "
+                    "policy: skipped",
+                )
+            )
+            continue
         document_problems = _check_document(file, document)
         name = _name(document.data)
         if name is not None:
@@ -209,6 +253,10 @@ def _build(file: str, document: Document, policies: list[Policy]) -> list[Proble
     except InvalidValue as error:
         return [Problem(file, document.line, document.column, "", error.message, error.hint)]
     return []
+
+
+def _is_test(data: Any) -> bool:
+    return isinstance(data, dict) and data.get("kind") == TEST_KIND
 
 
 def _name(data: Any) -> str | None:
@@ -297,8 +345,28 @@ _PolicyValidator = validators.extend(Draft202012Validator, {"items": _fast_items
 
 @cache
 def _validator() -> Any:
-    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
-    return _PolicyValidator(schema)
+    return schema_validator(SCHEMA_PATH)
+
+
+@cache
+def schema_validator(path: FsPath) -> Any:
+    """A validator of the JSON Schema at ``path`` (other files cgpolicy reads: tests)."""
+    return _PolicyValidator(json.loads(path.read_text(encoding="utf-8")))
+
+
+def schema_problems(file: str, document: Document, validator: Any) -> list[Problem]:
+    """What ``validator`` finds wrong in a document, placed at FILE:LINE:COL and worded
+    as policy problems are, sorted by place; the loader's own problems first."""
+    problems = list(document.problems)
+    refused = {problem.field for problem in problems if problem.field}
+    place = _placer(file, document.source_map)
+    found = [
+        problem
+        for error in islice(validator.iter_errors(document.data), MAX_PROBLEMS)
+        for path, message, hint, key in _explain(error)
+        if (problem := place(path, message, hint, key)).field not in refused
+    ]
+    return problems + sorted(dict.fromkeys(found), key=lambda p: (p.line, p.column))
 
 
 # -- schema errors, in an operator's words -------------------------------------------------

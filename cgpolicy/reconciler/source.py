@@ -269,7 +269,10 @@ class PolicySource:
                 contents[file] = got
 
         # Every readable file is validated together, so that names must be unique across files.
-        good, problems = judge(load_contents(sorted(contents.items())), contents, unreadable)
+        result = load_contents(sorted(contents.items()))
+        for skipped in result.skipped:  # `cgpolicy test` files beside the policies
+            log.info("%s", skipped.format())
+        good, problems = judge(result, contents, unreadable)
         remembered = {
             file: state.version.last_good
             for file, state in self._files.items()

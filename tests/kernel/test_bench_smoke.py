@@ -63,6 +63,9 @@ FIGURES = {
     "reconcile_daemon_rss_mib",
     "reconcile_daemon_hwm_mib",
     "reconcile_daemon_pass_ms",
+    "policytest_reference_s",
+    "policytest_kernel_s",
+    "policytest_kernel_per_case_ms",
     "peak_rss_mib",
 }
 
