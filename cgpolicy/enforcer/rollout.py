@@ -82,7 +82,7 @@ class DurationError(ValueError):
 
 def parse_duration(text: str) -> float:
     """Seconds in ``60s``, ``2m``, ``1h`` or plain ``90``; more than 0, at most a day."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smh]?)\s*", text, re.ASCII)
     if match is None:
         raise DurationError(
             f"{text!r} is not a duration: give seconds (90), or a number with s, m or h "
