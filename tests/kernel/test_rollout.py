@@ -324,9 +324,9 @@ def test_the_lockout_guard_refuses_a_policy_on_its_own_cgroup_unless_forced(
     parts = inside.relative.split("/")
     glob = tmp_path / "glob.yaml"
     glob.write_text(
-        own.read_text().replace(
-            f'"path": "{inside.relative}"', f'"glob": "{"/".join(parts[:-1])}/op*"'
-        ).replace('"own"', '"globbed"')
+        own.read_text()
+        .replace(f'"path": "{inside.relative}"', f'"glob": "{"/".join(parts[:-1])}/op*"')
+        .replace('"own"', '"globbed"')
     )
     for policy, target in ((own, inside.relative), (parent, scratch_cgroup.relative)):
         for command in ("plan", "apply"):

@@ -474,9 +474,7 @@ def command_arguments(s: Scratch, command: str) -> st.SearchStrategy[list[str]]:
             json_flag,
             rarely(
                 st.just([]),
-                st.one_of(hostile_number_text, hostile_text).map(
-                    lambda d: ["--confirm-within", d]
-                ),
+                st.one_of(hostile_number_text, hostile_text).map(lambda d: ["--confirm-within", d]),
             ),
             paths,
         ),

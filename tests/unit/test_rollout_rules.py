@@ -48,7 +48,11 @@ def test_not_durations(text: str) -> None:
     ("target", "cgroup", "covered"),
     [
         ("user.slice", "user.slice/user-0.slice/session-1.scope", True),
-        ("user.slice/user-0.slice/session-1.scope", "user.slice/user-0.slice/session-1.scope", True),
+        (
+            "user.slice/user-0.slice/session-1.scope",
+            "user.slice/user-0.slice/session-1.scope",
+            True,
+        ),
         ("user.slice/user-0.slice/session-1.scope", "user.slice", False),  # a child: no
         ("user.slice/user-0", "user.slice/user-0.slice", False),  # a prefix is no ancestor
         ("system.slice", "user.slice", False),
@@ -101,7 +105,11 @@ DENY_ANY = NetworkRule("deny", protocol="tcp")
         ({"network": Network(egress=NetworkSection("allow"))}, "enforce", False),
         ({"network": Network(egress=NetworkSection("deny"))}, "audit", False),
         (
-            {"sockets": Sockets(connect=SocketAddressSection("allow", (SocketAddressRule("deny"),)))},
+            {
+                "sockets": Sockets(
+                    connect=SocketAddressSection("allow", (SocketAddressRule("deny"),))
+                )
+            },
             "enforce",
             True,
         ),
