@@ -56,9 +56,8 @@ class Lockout:
 
     def describe(self) -> str:
         p = self.process
-        where = p.cgroup or "the root cgroup"
-        relation = "is" if p.cgroup == self.target else "is below"
-        return f"{p.why} (pid {p.pid}, {p.command}) {relation} it, in {where}"
+        where = f"the cgroup {p.cgroup}" if p.cgroup else "the root cgroup"
+        return f"{where} of {p.why} (pid {p.pid}, {p.command})"
 
 
 def covers(target: str, cgroup: str) -> bool:
