@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import dns, enforce, reconcile, startup, validate, verdict
+from bench import dns, enforce, reconcile, rollout, startup, validate, verdict
 from bench.figures import Figure, Report
 from bench.scratch import remove_top_folders
 
@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, Callable[[Report, bool], None]] = {
     "enforce": enforce.run,
     "reconcile": reconcile.run,
     "dns": dns.run,
+    "rollout": rollout.run,
 }
 
 

@@ -149,7 +149,7 @@ class RolledBack:
     def describe(self) -> str:
         what = f"revision {self.revision}" if self.revision else "an apply that did not finish"
         if self.error:
-            return f"{self.policy}: rolling back {what} failed: {self.error} (retried later)"
+            return f"{self.policy}: rolling back {what} failed: {self.error}"
         if self.previous is None:
             return f"{self.policy}: not confirmed in time: removed (it was new)"
         return (
@@ -246,6 +246,13 @@ def roll_back(bpf_dir: Path, root: Path, record: PendingRecord) -> RolledBack:
     try:
         kept = pending.open_previous(bpf_dir, name)
         try:
+            if kept.meta is None and record.previous is not None:
+                # Never taken for "it was new": removing it would lift what is enforced.
+                pending.drop(bpf_dir, name)
+                lost = "the kept previous version is missing; what is applied now stays"
+                result = RolledBack(name, record.previous, record.revision, lost)
+                log.error("%s", result.describe())
+                return result
             if kept.meta is None:
                 if pins.policy_exists(bpf_dir, name):
                     remove_policy(plan_removal(read_named(bpf_dir, name)), bpf_dir)
