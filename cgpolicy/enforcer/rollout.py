@@ -271,8 +271,9 @@ def roll_back(bpf_dir: Path, root: Path, record: PendingRecord) -> RolledBack:
 
 
 def roll_back_overdue(bpf_dir: Path, root: Path) -> list[RolledBack]:
-    """Roll back every confirmation whose deadline has passed, and drop the pending
-    folders of applies that never armed theirs. Call it with the pin lock held."""
+    """Roll back every confirmation whose deadline has passed, drop the pending folders of
+    applies that never armed theirs, and end rollback processes with nothing left to do.
+    Call it with the pin lock held."""
     try:
         if not pins.bpf_dir_exists(bpf_dir):
             return []
@@ -283,11 +284,13 @@ def roll_back_overdue(bpf_dir: Path, root: Path) -> list[RolledBack]:
         log.error("pending confirmations under %s cannot be read: %s", bpf_dir, error)
         return []
     now = boottime_ns()
-    return [
+    done = [
         roll_back(bpf_dir, root, record)
         for record in sorted(records.values(), key=lambda r: r.policy)
         if record.overdue(now)
     ]
+    stop_idle_timers(bpf_dir, root)  # and the cgroups of rollback processes that were killed
+    return done
 
 
 # --- the rollback process ---------------------------------------------------------------

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 from enforcement import CGPOLICY, EPERM, attached, probe, run_cli
-from policy_builders import policy_file
-from service import wait_until
+from policy_builders import dns_connect_policy, policy_file
+from service import Daemon, wait_until
 
 from cgpolicy.enforcer.rollout import ROLLBACK_PARENT, stop_idle_timers, timer_cgroup
 from cgpolicy.kernel import pending, pins
@@ -362,3 +362,95 @@ def test_the_lockout_guard_sees_a_reconcile_service(bpf_dir, scratch_cgroup, tmp
     finally:
         stand_in.kill()
         stand_in.wait()
+
+
+# --- what going back restores and what it leaves ------------------------------------------
+
+
+def connect_and_sysctl(folder: Path, targets: list[str], address: str) -> Path:
+    rule = {"action": "deny", "cidrs": [f"{address}/32"]}
+    spec = {
+        "sockets": {"connect": {"default": "allow", "rules": [rule]}},
+        "sysctl": {"default": "allow", "rules": [{"action": "deny", "name": "kernel.*"}]},
+    }
+    return policy_file(folder, "web", targets, spec)
+
+
+def connect_and_devices(folder: Path, targets: list[str], address: str) -> Path:
+    rule = {"action": "deny", "cidrs": [f"{address}/32"]}
+    device = {"action": "deny", "type": "char", "major": 1, "minor": 7, "access": "w"}
+    spec = {
+        "sockets": {"connect": {"default": "allow", "rules": [rule]}},
+        "devices": {"default": "allow", "rules": [device]},
+    }
+    return policy_file(folder, "web", targets, spec)
+
+
+def test_going_back_restores_targets_and_hooks_and_leaves_other_programs(
+    bpf_dir, cgroup_root, scratch_cgroup, tmp_path, cleanup
+):
+    """v1 on A and B (connect + sysctl), v2 on B and C (connect + devices), not confirmed:
+    A gets v1's programs again, C loses only what v2 attached (another policy's program
+    there stays), B is switched back; the sysctl hook is back and the device hook gone."""
+    a, b, c = (scratch_cgroup.child(name) for name in ("a", "b", "c"))
+    other = deny_connect(tmp_path, "other", [c.relative], "127.0.0.9")
+    assert cli(bpf_dir, "apply", other).returncode == 0
+    (theirs,) = attached(c.path, "connect4")
+    v1 = connect_and_sysctl(tmp_path, [a.relative, b.relative], FIRST)
+    v2 = connect_and_devices(tmp_path, [b.relative, c.relative], SECOND)
+    assert cli(bpf_dir, "apply", v1).returncode == 0
+    ours = {hook: attached(a.path, hook) for hook in ("connect4", "sysctl")}
+    done = cli(bpf_dir, "apply", "--confirm-within", "1s", v2)
+    assert done.returncode == 0, done.stderr
+    assert "detach sysctl on" in done.stdout and "attach device on" in done.stdout
+    assert wait_until(lambda: nothing_pending(bpf_dir, cgroup_root), ROLLBACK_WAIT)
+    for cgroup in (a, b):
+        for hook, ids in ours.items():
+            assert attached(cgroup.path, hook) == ids, (cgroup.relative, hook)
+        assert attached(cgroup.path, "device") == ()
+    assert attached(c.path, "connect4") == (theirs,)
+    assert attached(c.path, "sysctl") == attached(c.path, "device") == ()
+    assert denied(a, FIRST) and not denied(b, SECOND) and denied(c, "127.0.0.9")
+    assert not (bpf_dir / "web" / "device").exists()
+    code, report = audit_json(bpf_dir, scratch_cgroup)
+    assert code == 0, report
+
+
+def test_a_dns_policy_goes_back_in_sync(bpf_dir, cgroup_root, scratch_cgroup, tmp_path, cleanup):
+    rule = {"action": "allow", "fqdns": ["example.test"]}
+    v1 = dns_connect_policy(tmp_path, "names", [scratch_cgroup.relative], ["127.0.0.53"], [rule])
+    other = {"action": "allow", "fqdns": ["*.example.test"]}
+    v2 = dns_connect_policy(tmp_path, "names", [scratch_cgroup.relative], ["127.0.0.53"], [other])
+    assert cli(bpf_dir, "apply", v1).returncode == 0
+    before = {p.name: p for p in (bpf_dir / "names").iterdir()}
+    assert cli(bpf_dir, "apply", "--confirm-within", "1", v2).returncode == 0
+    assert wait_until(lambda: nothing_pending(bpf_dir, cgroup_root), ROLLBACK_WAIT)
+    assert {p.name for p in (bpf_dir / "names").iterdir()} == set(before)
+    code, report = audit_json(bpf_dir, scratch_cgroup)
+    assert code == 0, report
+    assert {d["policy"] for d in report["dns"]} == {"names"}
+
+
+def test_the_reconcile_service_rolls_back_what_is_overdue(
+    bpf_dir, cgroup_root, scratch_cgroup, tmp_path, cleanup
+):
+    """With the rollback process gone, a running service's next pass rolls back."""
+    v1 = deny_connect(tmp_path, "web", [scratch_cgroup.relative], FIRST)
+    v2 = deny_connect(tmp_path, "web", [scratch_cgroup.relative], SECOND)
+    assert cli(bpf_dir, "apply", v1).returncode == 0
+    before = programs(bpf_dir, "web")
+    assert cli(bpf_dir, "apply", "--confirm-within", "1h", v2).returncode == 0
+    kill_timers(cgroup_root, bpf_dir)
+    policy_dir = tmp_path / "policies.d"
+    policy_dir.mkdir()
+    service = Daemon(policy_dir, bpf_dir, tmp_path / "daemon.log")
+    service.start()
+    try:
+        assert programs(bpf_dir, "web") != before  # not overdue: the service waits too
+        (record,) = pending.read_records(bpf_dir).values()
+        pending.write_record(bpf_dir, dataclasses.replace(record, deadline_ns=0))
+        assert wait_until(lambda: programs(bpf_dir, "web") == before, ROLLBACK_WAIT), service.log()
+        assert wait_until(lambda: nothing_pending(bpf_dir, cgroup_root), ROLLBACK_WAIT)
+        assert "web: not confirmed in time: rolled back" in service.log()
+    finally:
+        service.stop()
