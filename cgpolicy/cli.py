@@ -454,6 +454,8 @@ def _report_outcomes(outcomes: list, as_json: bool, rollout=None) -> None:  # Ro
     if rollout and not as_json:
         for name in rollout.ended:
             typer.echo(f"{name}: its pending confirmation is ended: this apply is final")
+        if rollout.within is not None and not rollout.pending:
+            typer.echo("nothing changed: nothing waits for `cgpolicy confirm`")
         if rollout.pending:
             first = rollout.pending[0]
             names = " ".join(record.policy for record in rollout.pending)

@@ -410,6 +410,7 @@ def check_way_back(bpf_dir: Path, planned: Iterable[Planned]) -> None:
 @dataclass
 class Rollout:
     outcomes: list[Outcome]
+    within: float | None = None  # --confirm-within, in seconds
     pending: list[PendingRecord] = field(default_factory=list)  # armed by this apply
     ended: list[str] = field(default_factory=list)  # pending ones this (final) apply ended
 
@@ -463,7 +464,7 @@ def apply_with_way_back(
         if armed:
             start_timer(bpf_dir, root, token)
     outcomes = enforcer.apply(planned)
-    rollout = Rollout(outcomes)
+    rollout = Rollout(outcomes, within)
     for outcome in outcomes:
         name = outcome.plan.name
         if name in armed:
