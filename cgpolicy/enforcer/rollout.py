@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cgpolicy.enforcer.apply import detach_pinned_link, remove_policy
+from cgpolicy.enforcer.apply import ApplyError, detach_pinned_link, remove_policy
 from cgpolicy.enforcer.dns import DnsError, publish_targets
 from cgpolicy.enforcer.lockout import guard
 from cgpolicy.enforcer.plan import plan_removal
@@ -462,7 +462,17 @@ def apply_with_way_back(
             pending.write_record(bpf_dir, record)
             armed[name] = record
         if armed:
-            start_timer(bpf_dir, root, token)
+            try:
+                start_timer(bpf_dir, root, token)
+            except OSError as error:  # no way back: nothing is applied
+                for name in armed:
+                    if name in records:
+                        pending.write_record(bpf_dir, records[name])
+                    else:
+                        pending.drop(bpf_dir, name)
+                raise ApplyError(
+                    f"cannot start the rollback process ({error}); nothing was applied"
+                ) from error
     outcomes = enforcer.apply(planned)
     rollout = Rollout(outcomes, within)
     for outcome in outcomes:

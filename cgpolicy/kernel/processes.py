@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from cgpolicy.kernel.cgroup import join_cgroup, make_cgroup
+from cgpolicy.kernel.cgroup import join_cgroup, make_cgroup, remove_if_empty
 
 
 @dataclass(frozen=True)
@@ -140,23 +140,31 @@ def spawn_detached(command_line: list[str], cgroup: Path) -> int:
     """Start ``command_line`` as a process of its own that survives whatever ends this
     one: a new session without a terminal (setsid; stdin/out/err on /dev/null), SIGHUP
     ignored, in the cgroup ``cgroup`` (made here) so that whatever stops or kills the
-    cgroup of this login (logind at logout, a scope stop) does not reach it. Its pid."""
+    cgroup of this login (logind at logout, a scope stop) does not reach it. Its pid;
+    OSError when it cannot be started (nothing is left behind then)."""
     make_cgroup(cgroup)
 
     def in_child() -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         join_cgroup(cgroup)
 
-    process = subprocess.Popen(
-        command_line,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        close_fds=True,
-        cwd="/",
-        preexec_fn=in_child,
-    )
+    try:
+        process = subprocess.Popen(
+            command_line,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
+            preexec_fn=in_child,
+        )
+    except subprocess.SubprocessError as error:  # joining the cgroup failed in the child
+        remove_if_empty(cgroup)
+        raise OSError(f"cannot start {command_line[0]} in {cgroup}: {error}") from error
+    except OSError:
+        remove_if_empty(cgroup)
+        raise
     return process.pid
 
 

@@ -454,3 +454,33 @@ def test_the_reconcile_service_rolls_back_what_is_overdue(
         assert "web: not confirmed in time: rolled back" in service.log()
     finally:
         service.stop()
+
+
+def test_without_a_rollback_process_nothing_is_applied(
+    bpf_dir, cgroup_root, scratch_cgroup, tmp_path, cleanup, monkeypatch
+):
+    """No way back, no change: a rollback process that cannot start (a read-only cgroupfs,
+    say) refuses the apply before anything is enforced, and leaves no pending state."""
+    from enforcement import load
+
+    from cgpolicy.enforcer import rollout
+    from cgpolicy.enforcer.apply import ApplyError
+    from cgpolicy.enforcer.engine import Enforcer
+
+    v1 = deny_connect(tmp_path, "web", [scratch_cgroup.relative], FIRST)
+    v2 = deny_connect(tmp_path, "web", [scratch_cgroup.relative], SECOND)
+    assert cli(bpf_dir, "apply", v1).returncode == 0
+    before = programs(bpf_dir, "web")
+
+    def cannot_start(*_args: object) -> int:
+        raise OSError("cgroupfs is read-only")
+
+    monkeypatch.setattr(rollout, "start_timer", cannot_start)
+    enforcer = Enforcer(cgroup_root, bpf_dir)
+    with enforcer.locked():
+        planned, records = rollout.plan_checked(enforcer, load(v2), force=False)
+        with pytest.raises(ApplyError, match="cannot start the rollback process"):
+            rollout.apply_with_way_back(enforcer, planned, 60.0, records)
+    assert programs(bpf_dir, "web") == before
+    assert nothing_pending(bpf_dir, cgroup_root)
+    assert denied(scratch_cgroup, FIRST)
