@@ -19,6 +19,7 @@ from bench import (
     learn,
     policytest,
     reconcile,
+    rollout,
     startup,
     validate,
     verdict,
@@ -36,6 +37,7 @@ BENCHMARKS: dict[str, Callable[[Report, bool], None]] = {
     "failfast": failfast.run,
     "learn": learn.run,
     "policytest": policytest.run,
+    "rollout": rollout.run,
 }
 
 

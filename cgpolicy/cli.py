@@ -172,7 +172,9 @@ ForceOption = Annotated[
     typer.Option(
         "--force",
         help="Also change policies another owner holds (the reconcile service, a running "
-        "`cgpolicy run`), and take them over.",
+        "`cgpolicy run`), and take them over; apply a policy whose targets cover this "
+        "session, an sshd or the reconcile service (the lockout guard), or one waiting for "
+        "`cgpolicy confirm`.",
     ),
 ]
 
@@ -342,17 +344,26 @@ def _enforcer(ctx: typer.Context, owner: Owner | None = None):  # -> Enforcer, i
     )
 
 
-def _print_plans(planned: list, as_json: bool, errors: dict[str, str] | None = None) -> None:
+def _print_plans(
+    planned: list,
+    as_json: bool,
+    errors: dict[str, str] | None = None,
+    pending: dict | None = None,  # policy -> PendingRecord: confirmations pending
+    extra: dict | None = None,  # more top-level keys of the JSON report
+) -> None:
     from cgpolicy.enforcer.plan import Action
+    from cgpolicy.enforcer.rollout import describe_pending, pending_json
 
-    errors = errors or {}
+    errors, pending = errors or {}, pending or {}
     if as_json:
         report = []
         for item in planned:
             entry = item.plan.to_json()
             entry["error"] = errors.get(item.plan.name)
+            record = pending.get(item.plan.name)
+            entry["pending"] = pending_json(record) if record is not None else None
             report.append(entry)
-        typer.echo(json.dumps({"policies": report}, indent=2))
+        typer.echo(json.dumps({"policies": report, **(extra or {})}, indent=2))
         return
     for item in planned:
         typer.echo(item.plan.summary())
@@ -363,6 +374,8 @@ def _print_plans(planned: list, as_json: bool, errors: dict[str, str] | None = N
                 typer.echo(f"  {step.describe()}")
         if item.plan.name in errors and not item.plan.blocked:
             typer.echo(f"  FAILED: {errors[item.plan.name]} (previous state kept)")
+        if item.plan.name in pending:
+            typer.echo(f"  {describe_pending(pending[item.plan.name])}")
 
 
 @app.command()
@@ -372,10 +385,18 @@ def plan(
     as_json: JsonOption = False,
     force: ForceOption = False,
 ) -> None:
-    """Show what `apply` would change in the kernel for these policies; change nothing."""
+    """Show what `apply` would change in the kernel for these policies; change nothing.
+
+    Refuses, as `apply` would, a policy that could deny something to the cgroup of this
+    cgpolicy, of the processes that started it, of its session's leader, of an sshd or of
+    the reconcile service (the lockout guard), unless --force; and shows confirmations
+    pending from `apply --confirm-within` (docs/rollout.md).
+    """
+    from cgpolicy.enforcer.rollout import plan_checked
+
     policies = _load_valid(paths)
-    planned = _enforcer(ctx).plan(policies, force=force)
-    _print_plans(planned, as_json)
+    planned, records = plan_checked(_enforcer(ctx), policies, force)
+    _print_plans(planned, as_json, pending=records)
     blocked = any(item.plan.blocked for item in planned)
     raise typer.Exit(EXIT_FAILURE if blocked else EXIT_OK)
 
@@ -386,27 +407,69 @@ def apply(
     paths: PathsArgument,
     as_json: JsonOption = False,
     force: ForceOption = False,
+    confirm_within: Annotated[
+        str | None,
+        typer.Option(
+            "--confirm-within",
+            metavar="DURATION",
+            help="Keep the way back: unless `cgpolicy confirm` comes within DURATION (60s, "
+            "2m, 1h or seconds), every changed policy is switched back to what it was (a new "
+            "one is removed), even if this terminal is gone (docs/rollout.md).",
+        ),
+    ] = None,
 ) -> None:
     """Enforce policies on their target cgroups; print what changed.
 
     Idempotent: a second run changes nothing. A policy that fails to apply keeps what it
-    enforced before; the exit status is then 1. A policy the reconcile service or a running
-    `cgpolicy run` holds is refused unless --force (docs/ownership.md).
+    enforced before; the exit status is then 1. Refused unless --force: a policy the
+    reconcile service or a running `cgpolicy run` holds (docs/ownership.md), one that could
+    deny something to this session, an sshd or the reconcile service (the lockout guard),
+    and one waiting for `cgpolicy confirm` (docs/rollout.md).
     """
+    from cgpolicy.enforcer.rollout import (
+        DurationError,
+        apply_with_way_back,
+        parse_duration,
+        plan_checked,
+    )
+
+    within = None
+    if confirm_within is not None:
+        try:
+            within = parse_duration(confirm_within)
+        except DurationError as error:
+            _fail(f"--confirm-within: {error}", EXIT_INVALID)
     policies = _load_valid(paths)
     enforcer = _enforcer(ctx)
     with enforcer.locked():
-        outcomes = enforcer.apply(enforcer.plan(policies, force=force))
-    _report_outcomes(outcomes, as_json)
+        planned, records = plan_checked(enforcer, policies, force)
+        rollout = apply_with_way_back(enforcer, planned, within, records)
+    _report_outcomes(rollout.outcomes, as_json, rollout)
 
 
-def _report_outcomes(outcomes: list, as_json: bool) -> None:
+def _report_outcomes(outcomes: list, as_json: bool, rollout=None) -> None:  # Rollout
     from cgpolicy.enforcer.engine import Planned
+    from cgpolicy.enforcer.rollout import going_back, when
 
     errors = {o.plan.name: o.error for o in outcomes if o.error}
-    _print_plans([Planned(o.plan, None) for o in outcomes], as_json, errors)
+    armed = {record.policy: record for record in rollout.pending} if rollout else {}
+    extra = {"confirm": rollout.to_json()} if rollout else None
+    _print_plans([Planned(o.plan, None) for o in outcomes], as_json, errors, armed, extra)
     if not outcomes and not as_json:
         typer.echo("nothing to do: no policy is applied")
+    if rollout and not as_json:
+        for name in rollout.ended:
+            typer.echo(f"{name}: its pending confirmation is ended: this apply is final")
+        if rollout.within is not None and not rollout.pending:
+            typer.echo("nothing changed: nothing waits for `cgpolicy confirm`")
+        if rollout.pending:
+            first = rollout.pending[0]
+            names = " ".join(record.policy for record in rollout.pending)
+            typer.echo(
+                f"run `cgpolicy confirm {names}` before {when(first.deadline_wall)} to keep "
+                "this; otherwise, "
+                + "; ".join(f"{record.policy}: {going_back(record)}" for record in rollout.pending)
+            )
     raise typer.Exit(EXIT_FAILURE if errors else EXIT_OK)
 
 
@@ -427,9 +490,12 @@ def remove(
     """
     if bool(names) == remove_all:
         _fail("give policy names or --all (not both)", EXIT_INVALID)
+    from cgpolicy.enforcer.rollout import end_removed
+
     enforcer = _enforcer(ctx)
     with enforcer.locked():
         outcomes = enforcer.apply(enforcer.plan_removal(None if remove_all else names, force=force))
+        end_removed(enforcer, outcomes)  # a removal is final: no confirmation waits for it
     _report_outcomes(outcomes, as_json)
 
 
@@ -578,7 +644,7 @@ def audit(
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
     else:
-        typer.echo(render(result.cgroups, result.dns))
+        typer.echo(render(result.cgroups, result.dns, result.pending))
     raise typer.Exit(EXIT_DRIFT if result.drifted else EXIT_OK)
 
 
@@ -806,6 +872,8 @@ def learn(
     if cgroup is not None and outcome.observations.total_lost:
         status = EXIT_FAILURE  # incomplete: a script must not take it for the whole truth
     raise typer.Exit(status if status >= 0 else 128 - status)
+
+
 @app.command(name="test")
 def test_policies(
     ctx: typer.Context,
@@ -860,6 +928,55 @@ def test_policies(
         junit.write_bytes(junit_xml(report))
     typer.echo(json.dumps(report_json(report), indent=2) if as_json else render(report, verbose))
     raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILURE)
+
+
+@app.command("confirm")
+def confirm_command(
+    ctx: typer.Context,
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Policies to keep (default: every one waiting for confirmation)."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Keep what `apply --confirm-within` applied: its rollback is cancelled.
+
+    Exit 0 when every named policy (or every pending one) was confirmed; 1 when one was
+    not: its deadline had passed (it is rolled back now, and says so), or nothing waited
+    for confirmation.
+    """
+    from cgpolicy.enforcer.rollout import confirm
+
+    settings: Settings = ctx.obj
+    root, bpf_dir = settings.resolved_cgroup_root(), settings.resolved_bpf_dir()
+    results = confirm(bpf_dir, root, names or None, settings.lock_timeout)
+    if as_json:
+        typer.echo(json.dumps({"policies": [r.to_json() for r in results]}, indent=2))
+    elif not results:
+        typer.echo("nothing to confirm: no confirmation is pending", err=True)
+    for result in [] if as_json else results:
+        typer.echo(result.message, err=not result.ok)
+    ok = bool(results) and all(result.ok for result in results)
+    raise typer.Exit(EXIT_OK if ok else EXIT_FAILURE)
+
+
+@app.command("rollback-timer", hidden=True)
+def rollback_timer(
+    ctx: typer.Context, token: Annotated[str, typer.Argument(help="The apply's token.")]
+) -> None:
+    """The rollback process `apply --confirm-within` starts (not for people): waits for
+    the deadline, then rolls back what was not confirmed; logs to syslog."""
+    import logging.handlers
+    import os
+
+    from cgpolicy.enforcer.rollout import run_timer
+
+    if os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("cgpolicy-rollback[%(process)d]: %(message)s"))
+        logging.getLogger().addHandler(handler)
+    settings: Settings = ctx.obj
+    run_timer(settings.resolved_bpf_dir(), settings.resolved_cgroup_root(), token)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from cgpolicy.audit.model import (
     effective_programs,
 )
 from cgpolicy.contract import attach_hook
+from cgpolicy.enforcer.rollout import pending_json, read_pending
 from cgpolicy.kernel.applied import (
     AppliedPolicy,
     monotonic_ns,
@@ -155,6 +156,8 @@ class _Programs:
 class AuditResult:
     cgroups: list[CgroupReport]
     dns: list[DnsReport] = field(default_factory=list)  # policies with fqdns rules
+    # confirmations pending from `apply --confirm-within` (rollout.pending_json), not drift
+    pending: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def drifted(self) -> bool:
@@ -164,6 +167,7 @@ class AuditResult:
         return {
             "cgroups": [c.to_json() for c in self.cgroups],
             "dns": [d.to_json() for d in self.dns],
+            "pending": self.pending,
         }
 
 
@@ -288,7 +292,8 @@ def audit(
         or (show_all and r.attachments)
     ]
     listed.sort(key=lambda r: r.path)
-    return AuditResult(listed, _dns_reports(applied, paths, top_rel == ".", scope))
+    waiting = [pending_json(r) for _, r in sorted(read_pending(bpf_dir).items())]
+    return AuditResult(listed, _dns_reports(applied, paths, top_rel == ".", scope), waiting)
 
 
 def _still_there(root: Path, recorded: str, cgroup_id: int) -> bool:

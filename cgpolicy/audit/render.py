@@ -98,9 +98,32 @@ def render_dns(report: DnsReport) -> list[str]:
     return lines
 
 
-def render(cgroups: list[CgroupReport], dns: Sequence[DnsReport] = ()) -> str:
+def render_pending(pending: dict[str, Any]) -> str:
+    """A confirmation pending from `apply --confirm-within` (rollout.pending_json)."""
+    waiting = f"revision {pending['revision']}" if pending["revision"] else "an unfinished apply"
+    back = (
+        f"back to revision {pending['previous']}" if pending["previous"] else "removed (it is new)"
+    )
+    left = (
+        f"{pending['seconds_left']:.0f} s left"
+        if pending["seconds_left"] > 0
+        else "overdue: the next apply, remove, confirm or service pass rolls it back"
+    )
+    return (
+        f"PENDING {pending['policy']}: {waiting} waits for `cgpolicy confirm` until "
+        f"{pending['deadline']} ({left}), else {back}"
+    )
+
+
+def render(
+    cgroups: list[CgroupReport],
+    dns: Sequence[DnsReport] = (),
+    pending: Sequence[dict[str, Any]] = (),
+) -> str:
     blocks = ["\n".join(render_cgroup(report)) for report in cgroups]
     blocks += ["\n".join(render_dns(report)) for report in dns]
+    if pending:
+        blocks.append("\n".join(render_pending(item) for item in pending))
     if not cgroups:
         return "\n\n".join([*blocks, "no programs attached"])
     drifted = sum(1 for r in cgroups if r.drift)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from cgpolicy.compiler.spec import CompiledPolicy, CompileError
 from cgpolicy.enforcer.apply import ApplyError, apply_policy, remove_policy
 from cgpolicy.enforcer.ownership import Owner, check_change, check_removal
 from cgpolicy.enforcer.plan import PolicyPlan, plan_policy, plan_removal
+from cgpolicy.enforcer.rollout import roll_back_overdue
 from cgpolicy.enforcer.targets import resolve_targets
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.applied import AppliedPolicy, read_applied
@@ -79,9 +81,14 @@ class Enforcer:
         self.owner = owner or Owner.cli()  # recorded in what it applies
         self.lock_timeout = lock_timeout  # seconds to wait for another change to end
 
-    def locked(self) -> PinFolderLock:
-        """Hold the pin folder's lock (reentrant) around observe, plan and apply."""
-        return PinFolderLock(self.bpf_dir, self.lock_timeout)
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the pin folder's lock (reentrant) around observe, plan and apply. Taking it
+        first rolls back every `apply --confirm-within` whose deadline has passed
+        (rollout.py): whatever runs next, the rollback does not wait for its process."""
+        with PinFolderLock(self.bpf_dir, self.lock_timeout):
+            roll_back_overdue(self.bpf_dir, self.cgroup_root)
+            yield
 
     def observe(self) -> dict[str, AppliedPolicy]:
         return read_applied(self.bpf_dir)

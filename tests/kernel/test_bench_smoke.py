@@ -105,6 +105,12 @@ LEARN_FIGURES = {
     "learn_entry_bytes.egress",
 }
 FIGURES |= LEARN_FIGURES
+FIGURES |= {
+    "rollout_apply_change_s",
+    "rollout_apply_confirm_within_s",
+    "rollout_rollback_ms",
+    "rollout_guard_scan_ms",
+}
 
 
 def run_quick_bench(tmp_path: Path, *only: str) -> tuple[dict, int]:

@@ -470,7 +470,15 @@ def command_arguments(s: Scratch, command: str) -> st.SearchStrategy[list[str]]:
         "validate": words(json_flag, paths),
         "describe": paths,
         "plan": words(json_flag, paths),
-        "apply": words(json_flag, paths),
+        "apply": words(
+            json_flag,
+            rarely(
+                st.just([]),
+                st.one_of(hostile_number_text, hostile_text).map(lambda d: ["--confirm-within", d]),
+            ),
+            paths,
+        ),
+        "confirm": words(st.lists(hostile_text, max_size=2), json_flag),
         "remove": words(st.lists(hostile_text, max_size=2), flag("--all"), json_flag),
         "run": words(one(hostile_path(s)), st.just(["--"]), safe_command),
         "reconcile": words(
@@ -509,6 +517,7 @@ COMMANDS = [
     "describe",
     "plan",
     "apply",
+    "confirm",
     "remove",
     "run",
     "reconcile",
