@@ -36,6 +36,7 @@ spec:
         - {action: allow, cidrs: ["10.0.0.0/8", "fd00::/8"], protocol: tcp, ports: [443]}
         - {action: deny, cidrs: ["10.66.0.0/16"]}
         - {action: allow, protocol: icmp, icmpTypes: [8]}
+        - {action: allow, cidrs: ["127.0.0.0/8"]}
     ingress:
       default: deny
       rules: [{action: allow, protocol: tcp, ports: [80, 443]}]
@@ -63,7 +64,7 @@ ACTIONS = [
     ("socket inet raw icmp", "deny"),
     ("connect tcp 127.0.0.1:{port}", "allow"),
     ("connect tcp 169.254.169.254:80", "deny"),
-    ("sendmsg udp 10.0.{n}.1:53", "allow"),
+    ("sendmsg udp 10.0.{n}.1:53", "deny"),  # egress refuses it at sendmsg (fails fast)
     ("bind tcp 127.0.0.1:{low}", "deny"),
     ("device c 1:3 rw", "allow"),
     ("device c 1:9 w", "deny"),

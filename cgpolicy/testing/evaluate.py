@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cgpolicy import reference
 from cgpolicy.compiler.canonical import ordered_rules
@@ -15,7 +14,7 @@ from cgpolicy.explain.explanation import bind_devices_here
 from cgpolicy.policy.describe import rule_text
 from cgpolicy.policy.model import Policy
 from cgpolicy.reference import DeviceAccess, Verdict
-from cgpolicy.testing.spec import SECTIONS, Case, RuleName, TestFile
+from cgpolicy.testing.spec import SECTIONS, Case, RuleName, TestFile, section_of
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,10 @@ def file_index(policy_section: object, rule: reference.Rule) -> int:
     return next(i for i, r in enumerate(policy_section.rules) if r is rule)  # type: ignore[attr-defined]
 
 
-def decide(policy: Policy, verdict: Verdict, action: reference.Action) -> Decision:
-    section = reference.policy_section(policy, action)
+def decide(policy: Policy, verdict: Verdict) -> Decision:
+    """The decision as named in test files. The verdict's own section, which for a connect
+    or sendmsg can be network.egress refusing it at connect time, not the action's."""
+    section = section_of(policy, verdict.section)
     if verdict.decided_by == "rule" and verdict.rule is not None:
         return Decision(
             policy.name,
@@ -145,7 +146,7 @@ class Evaluator:
         action = case.action.action
         policies = [self.policy_for(p, action) for p in test.policies]
         verdicts = [case.action.evaluate(p) for p in policies]
-        decisions = [decide(p, v, action) for p, v in zip(policies, verdicts, strict=True)]
+        decisions = [decide(p, v) for p, v in zip(policies, verdicts, strict=True)]
         result = CaseResult(test, case, decisions, verdicts, [])
         if result.verdict != case.expect:
             result.failures.append(f"expected {case.expect}, the policies {result.verdict}")
@@ -182,7 +183,7 @@ def unexercised(test: TestFile, results: list[CaseResult]) -> list[Unexercised]:
     found = []
     for policy in test.policies:
         for section_name in SECTIONS:
-            section = _section(policy, section_name)
+            section = section_of(policy, section_name)
             if section is None:
                 continue
             for index, rule in enumerate(section.rules):
@@ -199,12 +200,3 @@ def unexercised(test: TestFile, results: list[CaseResult]) -> list[Unexercised]:
                         )
                     )
     return found
-
-
-def _section(policy: Policy, name: str) -> Any:
-    group, _, part = name.partition(".")
-    if group == "network":
-        return getattr(policy.network, part) if policy.network else None
-    if group == "sockets":
-        return getattr(policy.sockets, part) if policy.sockets else None
-    return getattr(policy, name)

@@ -53,7 +53,7 @@ from cgpolicy.testing.evaluate import (
     file_index,
 )
 from cgpolicy.testing.packets import frame
-from cgpolicy.testing.spec import TestFile
+from cgpolicy.testing.spec import TestFile, section_of
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +172,19 @@ class _FileRun:
 
     # -- counters --------------------------------------------------------------------------
 
-    def _programs(self, section: str, action: reference.Action) -> list[_Program]:
+    def _programs(self, sections: list[str], action: reference.Action) -> list[_Program]:
+        """The programs whose counters say how ``sections`` decided (a connect can be
+        decided by sockets.connect or, refused at connect, by network.egress)."""
         found = []
-        for hook in SECTION_HOOKS[section]:
-            for program in self.programs.get(hook, []):
-                bound = self.evaluator.policy_for(program.policy, action)
-                rules = reference.policy_section(bound, action).rules
-                program.slots = len(ordered_rules(rules))
-                found.append(program)
+        for section in dict.fromkeys(sections):
+            for hook in SECTION_HOOKS[section]:
+                for program in self.programs.get(hook, []):
+                    bound = self.evaluator.policy_for(program.policy, action)
+                    rules = section_of(bound, section)
+                    if rules is None:
+                        continue
+                    program.slots = len(ordered_rules(rules.rules))
+                    found.append(program)
         return found
 
     @staticmethod
@@ -200,11 +205,10 @@ class _FileRun:
 
     def run(self, result: CaseResult) -> KernelRun:
         action = result.case.action
-        section = result.verdicts[0].section
         reason = self._not_runnable(result)
         if reason:
             return KernelRun(False, reason)
-        programs = self._programs(section, action.action)
+        programs = self._programs([v.section for v in result.verdicts], action.action)
         before = self._snapshot(programs)
         effects: dict[str, bool] | None
         if isinstance(action.action, Packet):
@@ -366,15 +370,14 @@ class _FileRun:
         ):
             allowed_slots, denied_slots = set(), set()
             for key, (allowed, denied) in after.items():
-                if key[0] != policy.name:
+                if key[0] != policy.name or key[1] not in SECTION_HOOKS[expected.section]:
                     continue
                 was = before.get(key, (0, 0))
                 if allowed > was[0]:
                     allowed_slots.add(key[2])
                 if denied > was[1]:
                     denied_slots.add(key[2])
-            bound = self.evaluator.policy_for(policy, act)
-            section = reference.policy_section(bound, act)
+            section = section_of(self.evaluator.policy_for(policy, act), expected.section)
             slots = denied_slots or allowed_slots
             got = "deny" if denied_slots else "allow" if allowed_slots else None
             names = sorted(_slot_name(section, slot, expected.section) for slot in slots)

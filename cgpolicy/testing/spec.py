@@ -287,22 +287,45 @@ def _rule(
     found = _RULE.match(text)
     if found is None:
         return None, f"{shown(text)}: write SECTION.rules[N], SECTION.default or default"
-    section = reference.section_name(parsed.action)
+    deciding = deciding_sections(parsed.action)
     named = found["section"]
     if named is not None and named not in SECTIONS:
         return None, f"unknown section {shown(named)} (one of {', '.join(SECTIONS)})"
-    if named is not None and named != section:
-        return None, f"the action {parsed.text!r} is decided by {section}, not {named}"
+    if named is not None and named not in deciding:
+        return (
+            None,
+            f"the action {parsed.text!r} is decided by {' or '.join(deciding)}, not {named}",
+        )
+    section = named or deciding[0]
     index = int(found["index"]) if found["index"] is not None else None
     candidates = [p for p in policies if found["policy"] in (None, p.name)]
     if not candidates:
         known = ", ".join(p.name for p in policies)
         return None, f"no policy {shown(found['policy'])} in this test's policies ({known})"
-    sections = [(p, reference.policy_section(p, parsed.action)) for p in candidates]
-    sections = [(p, s) for p, s in sections if s is not None]
+    sections = [s for s in (section_of(p, section) for p in candidates) if s is not None]
     if not sections:
         return None, f"no policy of this test has a {section} section"
-    if index is not None and not any(index < len(s.rules) for _, s in sections):
-        most = max(len(s.rules) for _, s in sections)
+    if index is not None and not any(index < len(s.rules) for s in sections):
+        most = max(len(s.rules) for s in sections)
         return None, f"{section} has {most} rules (rules[0] to rules[{most - 1}])"
-    return RuleName(named or section, index, found["policy"]), None
+    # an unnamed `default` is any deciding section's (a connect can be refused by egress's)
+    return RuleName(named, index, found["policy"]), None
+
+
+def deciding_sections(action: reference.Action) -> list[str]:
+    """The sections that can decide an action: its own, and for a TCP/UDP connect or
+    sendmsg also network.egress, which refuses at connect what it surely drops."""
+    own = reference.section_name(action)
+    if isinstance(action, reference.SocketAddress) and action.operation != "bind":
+        return [own, "network.egress"]
+    return [own]
+
+
+def section_of(policy: Policy, name: str) -> Any:
+    """The policy's section of that name (``network.egress``, ``devices``...), or None."""
+    group, _, part = name.partition(".")
+    if group == "network":
+        return getattr(policy.network, part) if policy.network else None
+    if group == "sockets":
+        return getattr(policy.sockets, part) if policy.sockets else None
+    return getattr(policy, name)

@@ -223,6 +223,12 @@ def test_reference_only_cases_are_reported_not_silently_passed() -> None:
             "not network.ingress",
         ),
         (
+            '  - {name: a, action: "connect tcp 10.0.0.1:443", expect: allow, '
+            'rule: "network.ingress.default"}\n',
+            "cases[0].rule: the action 'connect tcp 10.0.0.1:443' is decided by sockets.connect "
+            "or network.egress, not network.ingress",
+        ),
+        (
             '  - {name: a, action: "sysctl read kernel.hostname", expect: allow, rule: default}\n',
             "cases[0].rule: no policy of this test has a sysctl section",
         ),
