@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cgpolicy.contract import attach_hook
 from cgpolicy.enforcer.apply import ApplyError, detach_pinned_link, remove_policy
 from cgpolicy.enforcer.dns import DnsError, publish_targets
 from cgpolicy.enforcer.lockout import guard
@@ -201,7 +202,9 @@ def _restore(bpf_dir: Path, root: Path, record: PendingRecord, kept: pending.Pre
             if fd is None:
                 continue  # gone meanwhile: nothing to enforce there
             try:
-                created = CgroupLink.create(program.fd, fd, hook_named(hook).attach_type)
+                created = CgroupLink.create(
+                    program.fd, fd, hook_named(attach_hook(hook)).attach_type
+                )
             finally:
                 os.close(fd)
             with created:

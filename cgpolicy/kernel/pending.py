@@ -20,10 +20,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cgpolicy.contract import U32
+from cgpolicy.contract import PROGRAM_SLOTS, U32
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import Map, Program
-from cgpolicy.kernel.hooks import HOOKS
 from cgpolicy.kernel.syscall import BpfError, MapType
 from cgpolicy.kernel.trusted import UntrustedFolder, check_real_folder, open_trusted_dir
 
@@ -148,10 +147,10 @@ def keep_previous(bpf_dir: Path, name: str) -> None:
                 pins.pin_replacing(kept, target / map_name)
         except (BpfError, OSError):
             continue  # this version has no such map
-    for hook in HOOKS:
+    for slot in PROGRAM_SLOTS:  # every hook's program, fail-fast's connect checks too
         try:
-            with Program.from_pin(source / hook / pins.PROG_PIN) as program:
-                pins.pin_replacing(program, target / hook / pins.PROG_PIN)
+            with Program.from_pin(source / slot / pins.PROG_PIN) as program:
+                pins.pin_replacing(program, target / slot / pins.PROG_PIN)
         except (BpfError, OSError):
             continue
 
@@ -187,7 +186,7 @@ def open_previous(bpf_dir: Path, name: str) -> Previous:
             except (BpfError, OSError):
                 continue
         for hook_folder in pins.real_subfolders(folder):
-            if hook_folder.name in HOOKS:
+            if hook_folder.name in PROGRAM_SLOTS:
                 previous.programs[hook_folder.name] = Program.from_pin(hook_folder / pins.PROG_PIN)
     except BaseException:
         previous.close()

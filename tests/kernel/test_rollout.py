@@ -484,3 +484,38 @@ def test_without_a_rollback_process_nothing_is_applied(
     assert programs(bpf_dir, "web") == before
     assert nothing_pending(bpf_dir, cgroup_root)
     assert denied(scratch_cgroup, FIRST)
+
+
+def deny_egress(folder: Path, name: str, targets: list[str], address: str) -> Path:
+    """network.egress denying one address: its connect checks (egress@connect4...) refuse
+    a connect to it at once (docs/policy.md "Denials that fail fast")."""
+    rule = {"action": "deny", "cidrs": [f"{address}/32"]}
+    return policy_file(
+        folder, name, targets, {"network": {"egress": {"default": "allow", "rules": [rule]}}}
+    )
+
+
+def test_going_back_restores_the_egress_connect_checks(
+    bpf_dir, cgroup_root, scratch_cgroup, tmp_path, cleanup
+):
+    """The connect checks are programs of their own (egress@connect4, ...): the way back
+    keeps and restores them too, so v1 fails fast again and v2's checks are gone."""
+    v1 = deny_egress(tmp_path, "eg", [scratch_cgroup.relative], FIRST)
+    v2 = deny_egress(tmp_path, "eg", [scratch_cgroup.relative], SECOND)
+    assert cli(bpf_dir, "apply", v1).returncode == 0
+    checks = ("egress@connect4", "egress@sendmsg4", "egress")
+    before = {}
+    for slot in checks:
+        with Program.from_pin(bpf_dir / "eg" / slot / pins.PROG_PIN) as program:
+            before[slot] = program.info().id
+    assert denied(scratch_cgroup, FIRST) and not denied(scratch_cgroup, SECOND)
+    done = cli(bpf_dir, "apply", "--confirm-within", "1s", v2)
+    assert done.returncode == 0, done.stderr
+    assert wait_until(lambda: nothing_pending(bpf_dir, cgroup_root), ROLLBACK_WAIT)
+    for slot in checks:
+        with Program.from_pin(bpf_dir / "eg" / slot / pins.PROG_PIN) as program:
+            assert program.info().id == before[slot], slot
+    assert attached(scratch_cgroup.path, "connect4") == (before["egress@connect4"],)
+    assert denied(scratch_cgroup, FIRST) and not denied(scratch_cgroup, SECOND)
+    code, report = audit_json(bpf_dir, scratch_cgroup)
+    assert code == 0, report
