@@ -21,6 +21,7 @@ from cgpolicy.compiler.compile import bind_device_paths
 from cgpolicy.kernel.devices import bind_devices
 from cgpolicy.kernel.learn import AddrKey, IPAddress, NetKey, Observations
 from cgpolicy.learn.names import NameBook
+from cgpolicy.learn.write import connect_as_egress
 from cgpolicy.policy.model import Policy
 
 
@@ -74,8 +75,16 @@ def denied(
             out.create[create] = seen
     for addr, seen in observations.addresses.items():
         names = _names(book, addr.address, seen.first_ns) if addr.op != "bind" else frozenset()
-        if not _allowed(policy, _addr_actions(addr, names)):
+        actions = _addr_actions(addr, names)
+        if not _allowed(policy, actions):
             out.addresses[addr] = seen
+        packet = connect_as_egress(addr)
+        if packet is not None and any(
+            reference.egress_at_connect(policy, action) is not None for action in actions
+        ):  # network.egress refuses the call itself: an egress rule is what is missing
+            out.network[packet] = (
+                out.network[packet].merged(seen) if packet in out.network else seen
+            )
     for device, seen in observations.devices.items():
         access = reference.DeviceAccess(device.type, device.major, device.minor, device.access)
         if not _allowed(policy, [access]):

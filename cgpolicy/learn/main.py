@@ -12,7 +12,13 @@ from cgpolicy.kernel.cgroup import CgroupError, resolve
 from cgpolicy.kernel.learn import DEFAULT_SIZES, Observations, Sizes, device_nodes
 from cgpolicy.learn.against import defaults, denied
 from cgpolicy.learn.session import LearnError, learn_cgroup, learn_command
-from cgpolicy.learn.write import PrefixMerge, Source, lost_warning, write_policy
+from cgpolicy.learn.write import (
+    PrefixMerge,
+    Source,
+    lost_warning,
+    with_connects_as_egress,
+    write_policy,
+)
 from cgpolicy.policy.model import Policy
 from cgpolicy.policy.validate import load_contents
 
@@ -62,7 +68,7 @@ def learn(
         source = Source(cgroup=relative)
     heading: list[str] = []
     section_defaults: dict[tuple[str, ...], str] = {}
-    shown = observations
+    shown = with_connects_as_egress(observations)
     if against is not None:
         shown = denied(against, observations, dev_root, book)
         section_defaults = defaults(against)

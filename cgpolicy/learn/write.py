@@ -604,6 +604,34 @@ def by_name(atoms: Mapping[Atom, Seen], book: NameBook | None) -> dict[Atom, See
     return out
 
 
+def connect_as_egress(key: AddrKey) -> NetKey | None:
+    """The egress packet a TCP/UDP connect() or sendmsg() stands for: network.egress
+    checks these calls themselves and refuses at once what it would drop (docs/policy.md
+    "Denials that fail fast"), so an egress allow-list must allow every destination
+    connected to, also a UDP connect() after which nothing was sent."""
+    if key.op not in ("connect", "sendmsg") or key.protocol not in (6, 17) or not key.port:
+        return None
+    address = key.address
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # the packets are IPv4
+    if address.is_unspecified:
+        return None  # connected to a local address; never checked at connect
+    return NetKey("egress", address, key.protocol, "port", key.port)
+
+
+def with_connects_as_egress(observations: Observations) -> Observations:
+    """``observations`` with every TCP/UDP connect and sendmsg destination also an egress
+    packet, when egress saw activity (a section is written for it); none otherwise."""
+    if not any(key.direction == "egress" for key in observations.network):
+        return observations
+    network = dict(observations.network)
+    for key, seen in observations.addresses.items():
+        packet = connect_as_egress(key)
+        if packet is not None:
+            network[packet] = network[packet].merged(seen) if packet in network else seen
+    return dataclasses.replace(observations, network=network)
+
+
 def _sections(
     observations: Observations,
     nodes: Mapping[tuple[str, int, int], str],

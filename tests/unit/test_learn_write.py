@@ -3,6 +3,7 @@ nothing a workload names (executables, sysctl names) can change the YAML's struc
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from cgpolicy.learn.write import (
     lost_warning,
     safe,
     sysctl_name,
+    with_connects_as_egress,
     write_policy,
 )
 from cgpolicy.policy.validate import load_contents
@@ -52,7 +54,10 @@ def observed(**sections: dict) -> Observations:
 
 
 def learned(obs: Observations, **kwargs) -> tuple[str, dict, object]:
-    out = write_policy(obs, "web", Source(command=["app"], status=0), **kwargs)
+    """What `cgpolicy learn` writes for ``obs`` (connect destinations in egress too)."""
+    out = write_policy(
+        with_connects_as_egress(obs), "web", Source(command=["app"], status=0), **kwargs
+    )
     result = load_contents([("learned.yaml", out.text.encode())])
     assert result.ok, [p.format() for p in result.problems]
     return out.text, yaml.safe_load(out.text), result.policies[0]
@@ -64,6 +69,41 @@ def rules(doc: dict, *path: str) -> list[dict]:
         section = section[part]
     assert section["default"] == "deny"
     return section.get("rules", [])
+
+
+def test_connect_destinations_are_allowed_on_egress_too_when_egress_saw_packets():
+    """network.egress refuses at connect what it would drop (fail fast): a UDP connect()
+    with nothing sent after it needs an egress rule as well; with no egress activity at
+    all there is no egress section, and nothing to add."""
+    connects = {
+        AddrKey("connect", A("192.0.2.20"), 17, 9): seen(),  # connected, nothing sent
+        AddrKey("connect", A("::ffff:192.0.2.21"), 6, 443): seen(),  # IPv4 packets
+        AddrKey("connect", A("0.0.0.0"), 6, 80): seen(),  # to a local address: no check
+        AddrKey("bind", A("0.0.0.0"), 6, 8080): seen(),
+    }
+    dns = {NetKey("egress", A("10.0.0.53"), 17, "port", 53): seen()}
+    _, doc, policy = learned(observed(addresses=connects, network=dns))
+    egress = rules(doc, "network", "egress")
+    assert len(egress) == 3
+    for rule in (
+        {"action": "allow", "protocol": "tcp", "cidrs": ["192.0.2.21"], "ports": [443]},
+        {"action": "allow", "protocol": "udp", "cidrs": ["10.0.0.53"], "ports": [53]},
+        {"action": "allow", "protocol": "udp", "cidrs": ["192.0.2.20"], "ports": [9]},
+    ):
+        assert rule in egress
+    _, alone, _ = learned(observed(addresses=connects))
+    assert "network" not in alone["spec"]
+    # --against a policy whose egress lacks them: egress rules to add, not only connect ones
+    egress = dataclasses.replace(policy.network.egress, rules=())
+    narrower = dataclasses.replace(
+        policy, network=dataclasses.replace(policy.network, egress=egress)
+    )
+    kept = denied(narrower, observed(addresses=connects, network=dns), Path("/nonexistent"))
+    assert {(k.address, k.port) for k in kept.network} == {
+        (A("10.0.0.53"), 53),
+        (A("192.0.2.20"), 9),
+        (A("192.0.2.21"), 443),
+    }
 
 
 def test_return_traffic_is_allowed_by_address_without_ports_and_covers_port_rules():
@@ -358,9 +398,12 @@ def test_names_replace_addresses_an_earlier_answer_gave():
         "ports": [443],
     } in connect
     assert {"action": "allow", "protocol": "udp", "cidrs": ["10.0.0.53"], "ports": [53]} in connect
+    # egress checks connects itself (fail fast): every destination connected to is there
     egress = rules(doc, "network", "egress")
     assert egress == [
-        {"action": "allow", "protocol": "tcp", "fqdns": ["api.example.com"], "ports": [443]}
+        {"action": "allow", "protocol": "tcp", "fqdns": ["api.example.com"], "ports": [443]},
+        {"action": "allow", "protocol": "tcp", "cidrs": ["192.0.2.8", "192.0.2.9"], "ports": [443]},
+        {"action": "allow", "protocol": "udp", "cidrs": ["10.0.0.53"], "ports": [53]},
     ]
     # --against sees the names too: a policy allowing the name denies nothing of it
     kept = denied(policy, obs, Path("/nonexistent"), book)
