@@ -183,3 +183,27 @@ def test_packets_run_on_the_interface_the_case_names(
     assert kernel["https"]["decisions"][0]["rules"] == ["network.egress.rules[1]"]
     assert kernel["denied"]["decisions"][0]["rules"] == ["network.egress.rules[2]"]
     assert _left_behind(scratch_cgroup.path, bpf_dir) == []
+
+
+def test_a_sysctl_name_cannot_climb_out_of_proc_sys(
+    scratch_cgroup, bpf_dir: Path, tmp_path: Path
+) -> None:
+    # a test file's writer must not make root's kernel run open or write a file elsewhere
+    # (the sysctl hook guards only /proc/sys; a device opened as a "sysctl read" is not
+    # guarded at all): `..` names no sysctl and is refused as bad input
+    victim = tmp_path / "victim"
+    victim.write_text("kept\n")
+    os.utime(victim, (0, 1_000_000_000))  # atime before mtime: relatime records a read
+    climb = "../.." + str(victim)
+    for access in ("read", "write"):
+        path = _test_file(
+            tmp_path, [{"name": "climb", "action": f"sysctl {access} {climb}", "expect": "allow"}]
+        )
+        done = run_cli(
+            "--bpf-dir", bpf_dir, "--cgroup-root", scratch_cgroup.path, "test", "--kernel", path
+        )
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert "'..'" in done.stdout + done.stderr, (done.stdout, done.stderr)
+        status = victim.stat()
+        assert (status.st_atime, status.st_mtime) == (0, 1_000_000_000)
+        assert _left_behind(scratch_cgroup.path, bpf_dir) == []
