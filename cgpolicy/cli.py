@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -68,6 +70,34 @@ class Settings:
         if not bpf_dir_exists(bpf_dir):
             typer.echo(f"cgpolicy: note: {bpf_dir} does not exist: nothing is applied", err=True)
         return bpf_dir
+
+
+def _write_output(path: Path, data: bytes) -> None:
+    """Write ``data`` as the file ``path`` without following what is there now: a new file
+    (O_EXCL, O_NOFOLLOW) beside it, renamed over it. A symlink or a hard link that
+    someone else planted under that name (in /tmp, say) is replaced, never written
+    through: root's output never lands in a file it was not asked to write."""
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        temporary = f".{path.name}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(
+            temporary,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+            dir_fd=folder,
+        )
+        try:
+            with os.fdopen(fd, "wb") as opened:
+                opened.write(data)
+            os.rename(temporary, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            try:
+                os.unlink(temporary, dir_fd=folder)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(folder)
 
 
 def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
@@ -865,7 +895,10 @@ def learn(
     if output is None:
         typer.echo(outcome.text, nl=False)
     else:
-        output.write_text(outcome.text)
+        try:
+            _write_output(output, outcome.text.encode())
+        except OSError as error:
+            _fail(f"cannot write {output}: {error.strerror or error}")
         seen = sum(outcome.observations.seen.values())
         typer.echo(f"wrote {output} from {_count(seen, 'action')} observed", err=True)
     status = outcome.status
@@ -925,7 +958,10 @@ def test_policies(
     except KeyboardInterrupt:
         _fail("interrupted" + ("; what the kernel run made was removed" if kernel else ""), 130)
     if junit is not None:
-        junit.write_bytes(junit_xml(report))
+        try:
+            _write_output(junit, junit_xml(report))
+        except OSError as error:
+            _fail(f"cannot write {junit}: {error.strerror or error}")
     typer.echo(json.dumps(report_json(report), indent=2) if as_json else render(report, verbose))
     raise typer.Exit(EXIT_OK if report.ok else EXIT_FAILURE)
 

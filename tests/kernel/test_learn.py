@@ -488,3 +488,25 @@ def test_a_server_on_a_port_nobody_bound_is_still_a_server(scratch_cgroup):
     assert NetKey("ingress", loopback, 6, "reply") in seen.network  # the client's side
     assert NetKey("egress", loopback, 6, "reply") in seen.network  # the server's answers
     assert all(k.port != ephemeral for k in seen.network)
+
+
+def test_the_output_file_replaces_a_planted_link_and_never_writes_through_it(
+    tmp_path, scratch_cgroup
+):
+    # root writes -o into a folder others can write (/tmp): a symlink or a hard link planted
+    # under that name must not make it overwrite the file the link points at
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("root's own file\n")
+    (shared / "by-symlink.yaml").symlink_to(victim)
+    os.link(victim, shared / "by-hardlink.yaml")
+    for name in ("by-symlink.yaml", "by-hardlink.yaml"):
+        out = shared / name
+        done = run_cli("--cgroup-root", scratch_cgroup.path, "learn", "-o", out, "--", "true")
+        assert done.returncode == 0, done.stderr
+        assert victim.read_text() == "root's own file\n"
+        assert not out.is_symlink() and out.stat().st_nlink == 1
+        assert "kind: CgroupPolicy" in out.read_text()
+    assert sorted(p.name for p in shared.iterdir()) == ["by-hardlink.yaml", "by-symlink.yaml"]

@@ -207,3 +207,19 @@ def test_a_sysctl_name_cannot_climb_out_of_proc_sys(
         status = victim.stat()
         assert (status.st_atime, status.st_mtime) == (0, 1_000_000_000)
         assert _left_behind(scratch_cgroup.path, bpf_dir) == []
+
+
+def test_the_junit_file_replaces_a_planted_link_and_never_writes_through_it(
+    tmp_path: Path,
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("root's own file\n")
+    junit = shared / "junit.xml"
+    junit.symlink_to(victim)
+    done = run_cli("test", "--junit", junit, POLICIES / "web-egress.test.yaml")
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert victim.read_text() == "root's own file\n"
+    assert not junit.is_symlink() and "<testcase " in junit.read_text()
