@@ -17,6 +17,7 @@ service do not use the guard.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 from cgpolicy.enforcer.plan import Action, PolicyPlan
 from cgpolicy.kernel.cgroup import NotACgroup, cgroup_at
 from cgpolicy.kernel.processes import Protected, protected_processes
+from cgpolicy.mounts import find_cgroup2_root
 from cgpolicy.policy.model import Policy
 
 log = logging.getLogger(__name__)
@@ -83,16 +85,32 @@ def ancestor_ids(root: Path, cgroup: str) -> set[int]:
     return found
 
 
+def hierarchy_of(root: Path) -> tuple[Path, str]:
+    """The cgroup2 mount that holds ``root`` (the --cgroup-root, which may be a cgroup
+    below the mount) and ``root``'s path below it: a process's cgroup is read relative to
+    the hierarchy's root, a target relative to ``root``."""
+    mount = find_cgroup2_root()
+    if mount is not None:
+        below = os.path.relpath(os.path.abspath(root), os.path.abspath(mount))
+        if below == ".":
+            return mount, ""
+        if below != ".." and not below.startswith("../"):
+            return mount, below
+    return root, ""
+
+
 def lockouts(
     targets: dict[int, str], processes: Iterable[Protected], root: Path | None = None
 ) -> list[Lockout]:
     """Every (target, process) where the target covers the process; ``targets`` is
-    cgroup id -> relative path, ``root`` (the cgroup2 mount) lets ids match too."""
+    cgroup id -> path relative to ``root`` (the --cgroup-root), which lets ids match too."""
+    hierarchy, below = hierarchy_of(root) if root is not None else (None, "")
     found = []
     for process in processes:
-        ids = ancestor_ids(root, process.cgroup) if root is not None else set()
+        ids = ancestor_ids(hierarchy, process.cgroup) if hierarchy is not None else set()
         for cgroup_id, path in sorted(targets.items(), key=lambda item: item[1]):
-            if covers(path, process.cgroup) or cgroup_id in ids:
+            full = f"{below}/{path.strip('/')}".strip("/") if below else path
+            if covers(full, process.cgroup) or cgroup_id in ids:
                 found.append(Lockout(path, process))
                 break  # one target per process is enough to say
     return found

@@ -347,6 +347,21 @@ def test_the_lockout_guard_refuses_a_policy_on_its_own_cgroup_unless_forced(
     assert denied(inside, FIRST)
 
 
+def test_the_lockout_guard_holds_with_a_cgroup_root_below_the_mount(
+    bpf_dir, scratch_cgroup, tmp_path, cleanup
+):
+    """--cgroup-root may be a cgroup below the mount: targets are relative to it, a
+    process's cgroup to the mount; the guard must still see that one covers the other."""
+    inside = scratch_cgroup.child("operator")
+    own = deny_connect(tmp_path, "own", ["operator"], FIRST)
+    for command in ("plan", "apply"):
+        done = cli_inside(inside, bpf_dir, "--cgroup-root", scratch_cgroup.path, command, own)
+        assert done.returncode == 1, (command, done.stdout, done.stderr)
+        assert "lockout guard" in done.stdout and "target operator covers" in done.stdout
+    assert not (bpf_dir / "own").exists()
+    assert not denied(inside, FIRST)
+
+
 def test_the_lockout_guard_sees_a_reconcile_service(bpf_dir, scratch_cgroup, tmp_path, cleanup):
     """A process that looks like `cgpolicy reconcile` counts (a false refusal is fine)."""
     service = scratch_cgroup.child("service")
