@@ -11,18 +11,20 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cgpolicy import reference
 from cgpolicy.explain.actions import ExplainError, ParsedAction, parse_action
-from cgpolicy.policy.loader import Document, load_file
+from cgpolicy.policy.loader import MAX_FILE_BYTES, Document, load_file
 from cgpolicy.policy.model import Policy
 from cgpolicy.policy.problems import Problem, field_name, shown
 from cgpolicy.policy.validate import (
     POLICY_SUFFIXES,
     TEST_KIND,
+    load_contents,
     load_paths,
     schema_problems,
     schema_validator,
@@ -181,6 +183,75 @@ def _is_policy(data: Any) -> bool:
     return isinstance(data, dict) and data.get("kind") == "CgroupPolicy"
 
 
+def _writers(file: str) -> list[os.stat_result] | None:
+    """The test file and its folder, when someone other than root can write either (their
+    writers choose what ``policies`` names); None when only root can write both."""
+    try:
+        found = [os.stat(file), os.stat(os.path.dirname(os.path.abspath(file)))]
+    except OSError:
+        return None  # load_paths reports it
+    if all(info.st_uid == 0 and not info.st_mode & 0o022 for info in found):
+        return None
+    return found
+
+
+def _could_read(info: os.stat_result, writers: list[os.stat_result]) -> bool:
+    """Whether those who can write the test file and its folder could read ``info``'s file
+    themselves: readable by others, or owned by the writer (not root) who owns them."""
+    for writer in writers:
+        if writer.st_uid == 0 and not writer.st_mode & 0o022:
+            continue
+        if info.st_mode & stat.S_IROTH:
+            continue
+        if writer.st_uid != 0 and info.st_uid == writer.st_uid and info.st_mode & stat.S_IRUSR:
+            continue
+        return False
+    return True
+
+
+def _read_for(
+    writers: list[os.stat_result], paths: list[str]
+) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """The policy files ``paths`` name (a folder: its policy files), each read only if the
+    test file's writers could read it themselves (checked on the opened file): a test file
+    must not make root print, in its problems, what its writer cannot read (/etc/shadow)."""
+    files: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            try:
+                with os.scandir(path) as entries:
+                    files += sorted(
+                        e.path for e in entries if e.name.endswith(POLICY_SUFFIXES) and e.is_file()
+                    )
+            except OSError as error:
+                return [], [f"{path}: cannot read the folder: {error.strerror}"]
+        else:
+            files.append(path)
+    contents: list[tuple[str, bytes]] = []
+    refused: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as error:
+            refused.append(f"{path}: cannot open it: {error.strerror or error}")
+            continue
+        with os.fdopen(fd, "rb") as opened:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or not _could_read(info, writers):
+                refused.append(
+                    f"{path}: owned by uid {info.st_uid} with mode "
+                    f"{stat.S_IMODE(info.st_mode):04o}: those who can write this test file "
+                    "could not read it themselves (or it is not a regular file): not read"
+                )
+                continue
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            contents.append((path, opened.read(MAX_FILE_BYTES + 1)))
+    return contents, refused
+
+
 def _check(file: str, name: str, document: Document) -> TestFile | list[Problem]:
     """The semantic checks of one schema-valid document."""
     data: dict[str, Any] = document.data
@@ -195,7 +266,14 @@ def _check(file: str, name: str, document: Document) -> TestFile | list[Problem]
     for index, entry in enumerate(data["policies"]):
         if not os.path.lexists(folder / entry):
             return [problem(("policies", index), f"{shown(entry)}: no such file or folder here")]
-    loaded = load_paths(policy_paths)
+    writers = _writers(file)
+    if writers is None:
+        loaded = load_paths(policy_paths)
+    else:
+        contents, refused = _read_for(writers, policy_paths)
+        if refused:
+            return [problem(("policies",), message) for message in refused]
+        loaded = load_contents(contents)
     if not loaded.ok:
         return [
             problem(("policies",), "the policies are not valid (problems below)"),

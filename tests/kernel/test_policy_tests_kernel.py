@@ -223,3 +223,31 @@ def test_the_junit_file_replaces_a_planted_link_and_never_writes_through_it(
     assert done.returncode == 0, (done.stdout, done.stderr)
     assert victim.read_text() == "root's own file\n"
     assert not junit.is_symlink() and "<testcase " in junit.read_text()
+
+
+def test_a_test_file_cannot_make_root_print_a_file_its_writer_cannot_read(
+    tmp_path: Path,
+) -> None:
+    # whoever writes a test file (not root) names its policies: root running `cgpolicy
+    # test` must not quote, in the problems it prints, a file that writer cannot read
+    nobody = 65534
+    tmp_path.chmod(0o755)
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("root-only-token-5f3a: 1\n")
+    secret.chmod(0o600)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(POLICY)
+    mine.chmod(0o600)
+    os.chown(mine, nobody, nobody)
+    case = {"name": "hostname", "action": "sysctl read kernel.hostname", "expect": "allow"}
+    body = {"apiVersion": "cgpolicy.dev/v1", "kind": "CgroupPolicyTest", "cases": [case]}
+    for policies, status in ((["secret.yaml"], 2), (["/etc/shadow"], 2), (["mine.yaml"], 0)):
+        path = tmp_path / "theirs.test.yaml"
+        path.write_text(json.dumps({**body, "policies": policies}))
+        os.chown(path, nobody, nobody)
+        done = run_cli("test", path)
+        assert done.returncode == status, (policies, done.stdout, done.stderr)
+        output = done.stdout + done.stderr
+        assert "root-only-token" not in output and "root:" not in output, output
+        if status == 2:
+            assert "could not read it themselves" in output, output
