@@ -66,10 +66,15 @@ def cgroup_of(pid: int) -> str | None:
     raw = _read(f"/proc/{pid}/cgroup")
     if raw is None:
         return None
-    for line in raw.decode(errors="replace").splitlines():
+    # only '\n' ends a line (the kernel refuses it in cgroup names); a name may hold any
+    # other character, spaces at its ends and what str.splitlines() would split at
+    for line in raw.decode(errors="surrogateescape").split("\n"):
         if line.startswith("0::"):
-            path = line[3:].strip()
-            if not path.startswith("/") or "/.." in path:
+            path = line[3:]
+            # ".." as a component: outside this cgroup namespace. A cgroup may well be
+            # named "..x" (a user can make one in a subtree delegated to them), which
+            # must not take its processes out of the guard's sight.
+            if not path.startswith("/") or ".." in path.split("/"):
                 return None
             return path.strip("/")
     return None

@@ -362,6 +362,26 @@ def test_the_lockout_guard_holds_with_a_cgroup_root_below_the_mount(
     assert not denied(inside, FIRST)
 
 
+@pytest.mark.parametrize("name", ["..operator", "oper\x1cator ", "oper\u2028ator"])
+def test_a_cgroup_name_cannot_hide_the_operator_from_the_lockout_guard(
+    bpf_dir, scratch_cgroup, tmp_path, cleanup, name
+):
+    """A user names the cgroups of a subtree delegated to them (their systemd user
+    instance's): "..x", spaces at the ends, or characters str.splitlines() splits at, must
+    not make the guard lose track of the operator's process in it."""
+    inside = scratch_cgroup.child(name)
+    own = deny_connect(tmp_path, "own", [inside.relative], FIRST)
+    document = json.loads(own.read_text())  # a glob: a path with a control character is
+    document["spec"]["targets"] = [{"glob": f"{scratch_cgroup.relative}/*"}]  # not valid
+    own.write_text(json.dumps(document))
+    parent = deny_connect(tmp_path, "parent", [scratch_cgroup.relative], FIRST)
+    for policy in (own, parent):
+        done = cli_inside(inside, bpf_dir, "plan", policy)
+        assert done.returncode == 1, (policy, done.stdout, done.stderr)
+        assert "lockout guard" in done.stdout and "this cgpolicy (pid" in done.stdout
+    assert not (bpf_dir / "own").exists() and not (bpf_dir / "parent").exists()
+
+
 def test_the_lockout_guard_sees_a_reconcile_service(bpf_dir, scratch_cgroup, tmp_path, cleanup):
     """A process that looks like `cgpolicy reconcile` counts (a false refusal is fine)."""
     service = scratch_cgroup.child("service")
