@@ -43,8 +43,18 @@ def argv(pid: int) -> list[str]:
 
 
 def command(pid: int) -> str:
+    """The command line to show a person: its owner chose it, so characters that are not
+    printable (line breaks, escape sequences) are shown escaped, never printed as such."""
     words = argv(pid)
     text = " ".join(words) if words else (comm(pid) or "?")
+    text = "".join(
+        char
+        if char.isprintable()
+        else repr(char)[1:-1]
+        if ord(char) > 0xFF
+        else f"\\x{ord(char):02x}"
+        for char in text
+    )
     return text if len(text) <= 120 else text[:117] + "..."
 
 

@@ -382,6 +382,31 @@ def test_a_cgroup_name_cannot_hide_the_operator_from_the_lockout_guard(
     assert not (bpf_dir / "own").exists() and not (bpf_dir / "parent").exists()
 
 
+def test_a_forged_process_name_cannot_forge_lines_in_the_refusal(
+    bpf_dir, scratch_cgroup, tmp_path, cleanup
+):
+    """A user's process named like an sshd adds a refusal (by design), but its name, which
+    its owner chose, is shown escaped: no line break or escape sequence of its own."""
+    service = scratch_cgroup.child("service")
+    forged = "sshd\x1b[2K\rforged: applied\nforged: nothing refused\u2028"
+    stand_in = subprocess.Popen(
+        [forged, "-c", "import time; time.sleep(600)"],
+        executable=sys.executable,
+        preexec_fn=lambda: (service.path / "cgroup.procs").write_text("0"),
+    )
+    try:
+        policy = deny_connect(tmp_path, "svc", [service.relative], FIRST)
+        done = cli(bpf_dir, "plan", policy)
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        refusal = next(line for line in done.stdout.split("\n") if "lockout guard" in line)
+        assert f"an sshd (pid {stand_in.pid}, sshd\\x1b[2K\\x0dforged" in refusal, refusal
+        assert "\\x0aforged: nothing refused\\u2028" in refusal, refusal
+        assert not any(line.startswith("forged") for line in done.stdout.splitlines())
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
 def test_the_lockout_guard_sees_a_reconcile_service(bpf_dir, scratch_cgroup, tmp_path, cleanup):
     """A process that looks like `cgpolicy reconcile` counts (a false refusal is fine)."""
     service = scratch_cgroup.child("service")
