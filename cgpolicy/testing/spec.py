@@ -231,24 +231,35 @@ def _read_for(
     refused: list[str] = []
     seen: set[tuple[int, int]] = set()
     for path in files:
+        # O_PATH first: it opens no device (a watchdog, a tty) and no FIFO; what it found is
+        # checked, then that very file opened for reading through /proc/self/fd
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            where = os.open(path, os.O_PATH | os.O_CLOEXEC)
         except OSError as error:
             refused.append(f"{path}: cannot open it: {error.strerror or error}")
             continue
-        with os.fdopen(fd, "rb") as opened:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or not _could_read(info, writers):
+        try:
+            info = os.fstat(where)
+            if not stat.S_ISREG(info.st_mode):
+                refused.append(f"{path}: not a regular file: not read")
+                continue
+            if not _could_read(info, writers):
                 refused.append(
                     f"{path}: owned by uid {info.st_uid} with mode "
                     f"{stat.S_IMODE(info.st_mode):04o}: those who can write this test file "
-                    "could not read it themselves (or it is not a regular file): not read"
+                    "could not read it themselves: not read"
                 )
                 continue
             if (info.st_dev, info.st_ino) in seen:
                 continue
             seen.add((info.st_dev, info.st_ino))
-            contents.append((path, opened.read(MAX_FILE_BYTES + 1)))
+            try:
+                with open(f"/proc/self/fd/{where}", "rb") as opened:
+                    contents.append((path, opened.read(MAX_FILE_BYTES + 1)))
+            except OSError as error:
+                refused.append(f"{path}: cannot read it: {error.strerror or error}")
+        finally:
+            os.close(where)
     return contents, refused
 
 

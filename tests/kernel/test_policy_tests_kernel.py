@@ -250,4 +250,38 @@ def test_a_test_file_cannot_make_root_print_a_file_its_writer_cannot_read(
         output = done.stdout + done.stderr
         assert "root-only-token" not in output and "root:" not in output, output
         if status == 2:
-            assert "could not read it themselves" in output, output
+            assert "could not read it themselves" in output or "not a regular file" in output, (
+                output
+            )
+
+
+def test_a_test_file_cannot_make_root_open_a_device_or_fifo_as_a_policy(tmp_path: Path) -> None:
+    # a test file others than root write may name /dev/watchdog (opening it arms a reboot)
+    # or a tty (a read that never ends) as a policy: nothing but a regular file is opened
+    import ctypes
+
+    nobody = 65534
+    tmp_path.chmod(0o755)
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo, 0o644)
+    os.chown(fifo, nobody, nobody)
+    libc = ctypes.CDLL(None, use_errno=True)
+    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert watch >= 0
+    try:
+        assert libc.inotify_add_watch(watch, bytes(fifo), 0x20) >= 0  # IN_OPEN
+        case = {"name": "hostname", "action": "sysctl read kernel.hostname", "expect": "allow"}
+        path = tmp_path / "theirs.test.yaml"
+        body = {"apiVersion": "cgpolicy.dev/v1", "kind": "CgroupPolicyTest", "cases": [case]}
+        path.write_text(json.dumps({**body, "policies": ["policy.yaml"]}))
+        os.chown(path, nobody, nobody)
+        done = run_cli("test", path)
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert "not a regular file" in done.stdout + done.stderr
+        try:
+            events = os.read(watch, 4096)
+        except BlockingIOError:
+            events = b""
+        assert events == b"", "the FIFO was opened"
+    finally:
+        os.close(watch)
