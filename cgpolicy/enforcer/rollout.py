@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 from cgpolicy.contract import attach_hook
 from cgpolicy.enforcer.apply import ApplyError, detach_pinned_link, remove_policy
 from cgpolicy.enforcer.dns import DnsError, publish_targets
-from cgpolicy.enforcer.lockout import guard
+from cgpolicy.enforcer.lockout import guard, hierarchy_of
 from cgpolicy.enforcer.plan import plan_removal
 from cgpolicy.kernel import pending, pins
 from cgpolicy.kernel.applied import read_named
@@ -335,9 +335,13 @@ def stop_idle_timers(bpf_dir: Path, root: Path) -> None:
         tokens = {record.token for record in read_pending(bpf_dir).values()}
     except OSError:
         return  # cannot tell which are idle: leave them, they end at their deadline
+    # this process's cgroup is read relative to the hierarchy, which --cgroup-root may be
+    # below: compared there, or a rollback process takes its own cgroup for an idle one's
+    _, below = hierarchy_of(root)
     own = cgroup_of(os.getpid())
     for leaf in matching_children(parent, f"{prefix}*"):
-        if leaf.name[len(prefix) :] in tokens or os.path.relpath(leaf, root) == own:
+        relative = os.path.normpath(os.path.join(below, os.path.relpath(leaf, root)))
+        if leaf.name[len(prefix) :] in tokens or relative == own:
             continue
         try:
             remove_cgroup_tree(leaf)

@@ -307,6 +307,26 @@ def test_an_invalid_window_is_refused_and_changes_nothing(bpf_dir, scratch_cgrou
     assert not (bpf_dir / "web").exists()
 
 
+def test_a_rollback_process_under_a_cgroup_root_below_the_mount_removes_its_cgroup(
+    bpf_dir, scratch_cgroup, tmp_path, cleanup
+):
+    """With --cgroup-root below the mount, the rollback process took its own cgroup for an
+    idle one's after rolling back, killed itself with it and left the cgroup behind."""
+    target = scratch_cgroup.child("web")
+    v1 = deny_connect(tmp_path, "web", ["web"], FIRST)
+    root = ["--cgroup-root", str(scratch_cgroup.path)]
+    done = cli(bpf_dir, *root, "apply", "--confirm-within", "1s", v1)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    parent = scratch_cgroup.path / ROLLBACK_PARENT
+    assert wait_until(lambda: not (bpf_dir / "web").exists(), ROLLBACK_WAIT)
+    assert not denied(target, FIRST)
+    assert wait_until(lambda: not parent.exists(), ROLLBACK_WAIT), [
+        (leaf.name, (leaf / "cgroup.procs").read_text())
+        for leaf in parent.iterdir()
+        if leaf.is_dir()
+    ]
+
+
 # --- the lockout guard ----------------------------------------------------------------------
 
 
