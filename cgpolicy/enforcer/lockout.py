@@ -25,7 +25,7 @@ from pathlib import Path
 from cgpolicy.enforcer.plan import Action, PolicyPlan
 from cgpolicy.kernel.cgroup import NotACgroup, cgroup_at
 from cgpolicy.kernel.processes import Protected, protected_processes
-from cgpolicy.mounts import find_cgroup2_root
+from cgpolicy.mounts import find_cgroup2_root, read_mounts
 from cgpolicy.policy.model import Policy
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,12 @@ def hierarchy_of(root: Path) -> tuple[Path, str]:
     """The cgroup2 mount that holds ``root`` (the --cgroup-root, which may be a cgroup
     below the mount) and ``root``'s path below it: a process's cgroup is read relative to
     the hierarchy's root, a target relative to ``root``."""
-    mount = find_cgroup2_root()
-    if mount is not None:
+    try:
+        mounts = [m.mount_point for m in read_mounts() if m.fs_type == "cgroup2"]
+    except OSError:
+        mounts = []
+    preferred = find_cgroup2_root()  # the conventional one first, then any that holds root
+    for mount in ([preferred] if preferred is not None else []) + mounts:
         below = os.path.relpath(os.path.abspath(root), os.path.abspath(mount))
         if below == ".":
             return mount, ""
