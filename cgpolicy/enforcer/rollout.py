@@ -530,7 +530,8 @@ def _previous_words(record: PendingRecord) -> str:
 
 
 def _not_pending(bpf_dir: Path, name: str) -> Confirmed:
-    if not pins.policy_exists(bpf_dir, name):
+    # by the applied policies' folders, never by a path made of the name (``..``, ``a/b``)
+    if name not in {folder.name for folder in pins.policy_folders(bpf_dir)}:
         why = "no policy of this name is applied (a new policy not confirmed in time is removed)"
     else:
         note = (pending.read_raw_meta(bpf_dir, name) or {}).get("rolled_back")

@@ -519,3 +519,19 @@ def test_going_back_restores_the_egress_connect_checks(
     assert denied(scratch_cgroup, FIRST) and not denied(scratch_cgroup, SECOND)
     code, report = audit_json(bpf_dir, scratch_cgroup)
     assert code == 0, report
+
+
+@pytest.mark.parametrize(
+    "name", ["..", ".", "", "web/..", "_pending"], ids=["up", "here", "empty", "web-up", "pending"]
+)
+def test_confirm_reads_nothing_outside_the_applied_policies(
+    bpf_dir, scratch_cgroup, tmp_path, cleanup, name
+):
+    """A name that is not an applied policy's is not made into a path under the pin folder
+    (``..`` would read a metadata pin beside it)."""
+    policy = deny_connect(tmp_path, "web", [scratch_cgroup.relative], FIRST)
+    assert cli(bpf_dir, "apply", policy).returncode == 0
+    done = cli(bpf_dir, "confirm", name)
+    assert done.returncode == 1, done
+    assert "no policy of this name is applied" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
