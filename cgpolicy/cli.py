@@ -426,12 +426,8 @@ def apply(
     deny something to this session, an sshd or the reconcile service (the lockout guard),
     and one waiting for `cgpolicy confirm` (docs/rollout.md).
     """
-    from cgpolicy.enforcer.rollout import (
-        DurationError,
-        apply_with_way_back,
-        parse_duration,
-        plan_checked,
-    )
+    from cgpolicy.durations import DurationError
+    from cgpolicy.enforcer.rollout import apply_with_way_back, parse_duration, plan_checked
 
     within = None
     if confirm_within is not None:

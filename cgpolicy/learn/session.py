@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cgpolicy import durations
 from cgpolicy.kernel.cgroup import (
     CgroupExists,
     join_cgroup,
@@ -31,6 +32,7 @@ from cgpolicy.kernel.learn import DEFAULT_SIZES, Observations, Observer, Sizes, 
 from cgpolicy.learn.names import NameBook
 
 LEARN_PARENT = "cgpolicy.learn"
+MAX_LEARN_S = 366 * 86400.0  # learn --for
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +165,5 @@ def learn_command(
 
 
 def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``2h``, ``1d`` -> seconds; ValueError otherwise."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = text.strip().lower()
-    unit = units.get(text[-1:]) if text else None
-    number = text[:-1] if unit else text
-    if not number or len(number) > 12 or not number.replace(".", "", 1).isdigit():
-        raise ValueError(f"{text!r} is not a duration (e.g. 90s, 15m, 2h)")
-    seconds = float(number) * (unit or 1)
-    if not 0 < seconds <= 366 * 86400:
-        raise ValueError(f"{text!r}: a duration from 1 s to 366 days")
-    return seconds
+    """Seconds in a --for value (cgpolicy.durations): at most 366 days."""
+    return durations.parse_duration(text, MAX_LEARN_S)
