@@ -1,4 +1,4 @@
-"""`cgpolicy run`: one command in a fresh cgroup under a policy, everything removed after.
+"""`cgpolicy run` (and `test --kernel`): policies in a fresh cgroup, everything removed after.
 
 `run` touches nothing it did not create:
 
@@ -139,32 +139,7 @@ def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> 
     """Run ``command`` in a new cgroup with ``policy`` applied to it (and only to it); return
     its exit status. The policy is applied under a name of its own, as this run's, so any
     applied policy (of the same name or of the transient name) is untouched."""
-    pid = os.getpid()
-    owner = Owner.run(pid)
-    runner = Enforcer(
-        enforcer.cgroup_root,
-        enforcer.bpf_dir,
-        enforcer.dev_root,
-        owner=owner,
-        lock_timeout=enforcer.lock_timeout,
-    )
-    relative = f"{RUN_PARENT}/{policy.name}-{pid}"
-    cgroup = enforcer.cgroup_root / relative
-    _make_cgroup(cgroup, relative)
-    created: Created | None = None
-    try:
-        with runner.locked():
-            transient = dataclasses.replace(
-                policy,
-                name=transient_name(runner.bpf_dir, policy.name, pid),
-                targets=(Target(relative, is_glob=False),),
-            )
-            try:
-                outcome = runner.apply(runner.plan([transient]))[0]
-            finally:  # also what a failed apply left behind
-                created = record_created(runner.bpf_dir, transient.name, owner)
-        if not outcome.ok:
-            raise ApplyError(outcome.error or "apply failed")
+    with applied_in_throwaway(enforcer, [policy], policy.name) as (cgroup, _names):
         try:
             child = subprocess.Popen(command, preexec_fn=lambda: join_cgroup(cgroup))
         except OSError as error:
@@ -175,18 +150,6 @@ def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> 
                 return child.wait()
             except KeyboardInterrupt:
                 child.send_signal(signal.SIGINT)
-    finally:
-        remove_cgroup_tree(cgroup)
-        remove_if_empty(cgroup.parent)  # the shared parent, once no other run uses it
-        if created is not None:
-            try:
-                with runner.locked():
-                    remove_created(runner.bpf_dir, created)
-            except LockError as error:
-                raise ApplyError(
-                    f"could not remove the transient policy {created.name}: {error}; once this "
-                    f"run has ended, `cgpolicy remove {created.name}` removes it"
-                ) from error
 
 
 @contextmanager
@@ -194,9 +157,10 @@ def applied_in_throwaway(
     enforcer: Enforcer, policies: list[Policy], label: str
 ) -> Iterator[tuple[Path, dict[str, str]]]:
     """A fresh cgroup ``cgpolicy.run/<label>-<pid>`` with every policy of ``policies``
-    applied to it (and only to it) under a transient name of its own, as `run` applies
-    one: yields the cgroup and each policy's transient name by its own name. Everything
-    is removed on the way out, also after a failure or KeyboardInterrupt."""
+    applied to it (and only to it) under a transient name of its own (`run`, with the
+    policy's name as ``label``; `test --kernel`): yields the cgroup and each policy's
+    transient name by its own name. Everything is removed on the way out, also after a
+    failure or KeyboardInterrupt, and the policies also when a cgroup stays busy."""
     pid = os.getpid()
     owner = Owner.run(pid)
     runner = Enforcer(
