@@ -53,7 +53,7 @@ from cgpolicy.testing.evaluate import (
     file_index,
 )
 from cgpolicy.testing.packets import frame
-from cgpolicy.testing.spec import TestFile, section_of
+from cgpolicy.testing.spec import TestFile
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class _FileRun:
             for hook in SECTION_HOOKS[section]:
                 for program in self.programs.get(hook, []):
                     bound = self.evaluator.policy_for(program.policy, action)
-                    rules = section_of(bound, section)
+                    rules = reference.section_of(bound, section)
                     if rules is None:
                         continue
                     program.slots = len(ordered_rules(rules.rules))
@@ -377,7 +377,7 @@ class _FileRun:
                     allowed_slots.add(key[2])
                 if denied > was[1]:
                     denied_slots.add(key[2])
-            section = section_of(self.evaluator.policy_for(policy, act), expected.section)
+            section = reference.section_of(self.evaluator.policy_for(policy, act), expected.section)
             slots = denied_slots or allowed_slots
             got = "deny" if denied_slots else "allow" if allowed_slots else None
             names = sorted(_slot_name(section, slot, expected.section) for slot in slots)
