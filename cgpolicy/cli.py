@@ -841,6 +841,9 @@ def learn(
         if len(policies) != 1:
             _fail(f"{against} holds {len(policies)} policies; --against takes one", EXIT_INVALID)
         existing = policies[0]
+    if output is not None and (output.is_dir() or not output.parent.is_dir()):
+        why = "is a folder" if output.is_dir() else "is in no existing folder"
+        _fail(f"-o {output} {why}: give a file to write the policy to", EXIT_INVALID)
     merge = PrefixMerge(merge_min_hosts) if merge_prefixes else None
     try:
         outcome = run_learn(
@@ -861,7 +864,15 @@ def learn(
     if output is None:
         typer.echo(outcome.text, nl=False)
     else:
-        output.write_text(outcome.text)
+        try:
+            output.write_text(outcome.text)
+        except OSError as error:  # what was learned is not lost: it goes to stdout
+            typer.echo(
+                f"cgpolicy: cannot write {output}: {error.strerror}; the policy follows on stdout",
+                err=True,
+            )
+            typer.echo(outcome.text, nl=False)
+            raise typer.Exit(EXIT_FAILURE) from None
         seen = sum(outcome.observations.seen.values())
         typer.echo(f"wrote {output} from {_count(seen, 'action')} observed", err=True)
     status = outcome.status
