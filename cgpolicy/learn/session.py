@@ -29,6 +29,7 @@ from cgpolicy.kernel.cgroup import (
     remove_if_empty,
 )
 from cgpolicy.kernel.learn import DEFAULT_SIZES, Observations, Observer, Sizes, seed_servers
+from cgpolicy.kernel.processes import sigterm_as_interrupt
 from cgpolicy.learn.names import NameBook
 
 LEARN_PARENT = "cgpolicy.learn"
@@ -44,20 +45,6 @@ class LearnError(Exception):
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
-
-
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM ends the observation early as Ctrl-C does (the policy is still written)."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -99,7 +86,7 @@ def learn_cgroup(
         raise LearnError(f"cgroup {cgroup} does not exist", 2)
     interrupted = False
     book = NameBook()
-    with Observer(sizes) as observer, _sigterm_interrupts():
+    with Observer(sizes) as observer, sigterm_as_interrupt():
         # Servers that bound before: known before the first packet is seen, and again
         # after the attach for one that bound in between.
         seed_servers(observer, cgroup)

@@ -488,3 +488,27 @@ def test_a_server_on_a_port_nobody_bound_is_still_a_server(scratch_cgroup):
     assert NetKey("ingress", loopback, 6, "reply") in seen.network  # the client's side
     assert NetKey("egress", loopback, 6, "reply") in seen.network  # the server's answers
     assert all(k.port != ephemeral for k in seen.network)
+
+
+def test_sigterm_or_a_closed_terminal_ends_learning_early_and_writes_the_policy(
+    scratch_cgroup, tmp_path
+):
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        out = tmp_path / f"learned-{signum}.yaml"
+        learner = subprocess.Popen(
+            [CGPOLICY, "learn", "--cgroup", scratch_cgroup.relative, "--for", "10m", "-o", out],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert wait_until(lambda: attachments(scratch_cgroup.path) != {}, timeout=30)
+            learner.send_signal(signum)
+            _, stderr = learner.communicate(timeout=60)
+        finally:
+            if learner.poll() is None:
+                learner.kill()
+                learner.wait()
+        assert learner.returncode == 0, (signum, stderr)
+        assert "interrupted" in stderr and "Traceback" not in stderr
+        assert out.read_text().startswith("# Learned by `cgpolicy learn`")
+        assert attachments(scratch_cgroup.path) == {}
