@@ -335,6 +335,9 @@ def sysctl_slash_name(name: str) -> str:
     slash = name if "/" in name else name.replace(".", "/")
     if not slash or any(not part for part in slash.split("/")):
         raise ExplainError(f"sysctl name {shown(name)} has an empty component")
+    # no name under /proc/sys has them; `test --kernel` opens /proc/sys/NAME for real
+    if any(part in (".", "..") for part in slash.split("/")) or "\0" in slash:
+        raise ExplainError(f"sysctl name {shown(name)}: no sysctl has a '.', '..' or NUL there")
     return slash
 
 
