@@ -510,7 +510,8 @@ def run(
     cannot be run, 128+N if killed by signal N).
     """
     from cgpolicy.enforcer.apply import ApplyError
-    from cgpolicy.enforcer.transient import CommandNotRun, run_under_policy
+    from cgpolicy.enforcer.transient import run_under_policy
+    from cgpolicy.kernel.processes import CommandNotRun
 
     policies = _load_valid([policy_file])
     if len(policies) != 1:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,12 +31,12 @@ from cgpolicy.kernel import pins
 from cgpolicy.kernel.applied import read_named
 from cgpolicy.kernel.cgroup import (
     CgroupExists,
-    join_cgroup,
     make_cgroup,
     remove_cgroup_tree,
     remove_if_empty,
 )
 from cgpolicy.kernel.lock import LockError
+from cgpolicy.kernel.processes import run_in_cgroup
 from cgpolicy.kernel.syscall import BpfError
 from cgpolicy.policy.model import Policy, Target
 
@@ -46,14 +44,6 @@ log = logging.getLogger(__name__)
 
 RUN_PARENT = "cgpolicy.run"
 NAME_ATTEMPTS = 100
-
-
-class CommandNotRun(Exception):
-    """The command could not be started; ``status`` is what a shell would exit with."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -140,16 +130,7 @@ def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> 
     its exit status. The policy is applied under a name of its own, as this run's, so any
     applied policy (of the same name or of the transient name) is untouched."""
     with applied_in_throwaway(enforcer, [policy], policy.name) as (cgroup, _names):
-        try:
-            child = subprocess.Popen(command, preexec_fn=lambda: join_cgroup(cgroup))
-        except OSError as error:
-            status = 127 if isinstance(error, FileNotFoundError) else 126
-            raise CommandNotRun(f"cannot run {command[0]}: {error.strerror}", status) from error
-        while True:
-            try:
-                return child.wait()
-            except KeyboardInterrupt:
-                child.send_signal(signal.SIGINT)
+        return run_in_cgroup(command, cgroup)
 
 
 @contextmanager

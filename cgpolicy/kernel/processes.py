@@ -138,6 +138,31 @@ def protected_processes() -> list[Protected]:
     return list(found.values())
 
 
+class CommandNotRun(Exception):
+    """The command could not be started; ``status`` is what a shell would exit with (127
+    not found, 126 not runnable)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def run_in_cgroup(command: list[str], cgroup: Path) -> int:
+    """Run ``command`` in ``cgroup`` until it exits (`run`, `learn -- CMD`): Ctrl-C is
+    passed on to it as SIGINT, and it decides whether to end. Its exit status as Popen
+    gives it (negative for a signal); CommandNotRun when it cannot be started."""
+    try:
+        child = subprocess.Popen(command, preexec_fn=lambda: join_cgroup(cgroup))
+    except OSError as error:
+        status = 127 if isinstance(error, FileNotFoundError) else 126
+        raise CommandNotRun(f"cannot run {command[0]}: {error.strerror}", status) from None
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGINT)
+
+
 def spawn_detached(command_line: list[str], cgroup: Path) -> int:
     """Start ``command_line`` as a process of its own that survives whatever ends this
     one: a new session without a terminal (setsid; stdin/out/err on /dev/null), SIGHUP

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,13 +21,12 @@ from pathlib import Path
 from cgpolicy import durations
 from cgpolicy.kernel.cgroup import (
     CgroupExists,
-    join_cgroup,
     make_cgroup,
     remove_cgroup_tree,
     remove_if_empty,
 )
 from cgpolicy.kernel.learn import DEFAULT_SIZES, Observations, Observer, Sizes, seed_servers
-from cgpolicy.kernel.processes import sigterm_as_interrupt
+from cgpolicy.kernel.processes import CommandNotRun, run_in_cgroup, sigterm_as_interrupt
 from cgpolicy.learn.names import NameBook
 
 LEARN_PARENT = "cgpolicy.learn"
@@ -127,17 +124,9 @@ def learn_command(
             observer.attach(cgroup)
             with _reading_answers(observer, book):
                 try:
-                    child = subprocess.Popen(command, preexec_fn=lambda: join_cgroup(cgroup))
-                except OSError as error:
-                    status = 127 if isinstance(error, FileNotFoundError) else 126
-                    message = f"cannot run {command[0]}: {error.strerror}"
-                    raise LearnError(message, status) from None
-                while True:
-                    try:
-                        status = child.wait()
-                        break
-                    except KeyboardInterrupt:
-                        child.send_signal(signal.SIGINT)
+                    status = run_in_cgroup(command, cgroup)
+                except CommandNotRun as error:
+                    raise LearnError(str(error), error.status) from None
                 try:
                     time.sleep(linger)
                 except KeyboardInterrupt:
