@@ -77,23 +77,23 @@ def learn_cgroup(
     sizes: Sizes = DEFAULT_SIZES,
 ) -> tuple[Observations, NameBook, bool]:
     """Observe the existing cgroup ``cgroup`` (and everything below it) for ``seconds``,
-    or until Ctrl-C or SIGTERM; (what was seen, the DNS answers, whether it was cut
-    short)."""
+    or until Ctrl-C, SIGTERM or SIGHUP, whenever it comes (during the attach too); (what
+    was seen, the DNS answers, whether it was cut short)."""
     if not cgroup.is_dir():
         raise LearnError(f"cgroup {cgroup} does not exist", 2)
     interrupted = False
     book = NameBook()
     with Observer(sizes) as observer, sigterm_as_interrupt():
-        # Servers that bound before: known before the first packet is seen, and again
-        # after the attach for one that bound in between.
-        seed_servers(observer, cgroup)
-        observer.attach(cgroup)
-        seed_servers(observer, cgroup)
-        with _reading_answers(observer, book):
-            try:
+        try:
+            # Servers that bound before: known before the first packet is seen, and again
+            # after the attach for one that bound in between.
+            seed_servers(observer, cgroup)
+            observer.attach(cgroup)
+            seed_servers(observer, cgroup)
+            with _reading_answers(observer, book):
                 time.sleep(seconds)
-            except KeyboardInterrupt:
-                interrupted = True
+        except KeyboardInterrupt:
+            interrupted = True
         return _finish(observer, book), book, interrupted
 
 
