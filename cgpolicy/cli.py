@@ -456,12 +456,8 @@ def apply(
     deny something to this session, an sshd or the reconcile service (the lockout guard),
     and one waiting for `cgpolicy confirm` (docs/rollout.md).
     """
-    from cgpolicy.enforcer.rollout import (
-        DurationError,
-        apply_with_way_back,
-        parse_duration,
-        plan_checked,
-    )
+    from cgpolicy.durations import DurationError
+    from cgpolicy.enforcer.rollout import apply_with_way_back, parse_duration, plan_checked
 
     within = None
     if confirm_within is not None:
@@ -544,7 +540,8 @@ def run(
     cannot be run, 128+N if killed by signal N).
     """
     from cgpolicy.enforcer.apply import ApplyError
-    from cgpolicy.enforcer.transient import CommandNotRun, run_under_policy
+    from cgpolicy.enforcer.transient import run_under_policy
+    from cgpolicy.kernel.processes import CommandNotRun
 
     policies = _load_valid([policy_file])
     if len(policies) != 1:
@@ -875,6 +872,9 @@ def learn(
         if len(policies) != 1:
             _fail(f"{against} holds {len(policies)} policies; --against takes one", EXIT_INVALID)
         existing = policies[0]
+    if output is not None and (output.is_dir() or not output.parent.is_dir()):
+        why = "is a folder" if output.is_dir() else "is in no existing folder"
+        _fail(f"-o {output} {why}: give a file to write the policy to", EXIT_INVALID)
     merge = PrefixMerge(merge_min_hosts) if merge_prefixes else None
     try:
         outcome = run_learn(
@@ -897,8 +897,13 @@ def learn(
     else:
         try:
             _write_output(output, outcome.text.encode())
-        except OSError as error:
-            _fail(f"cannot write {output}: {error.strerror or error}")
+        except OSError as error:  # what was learned is not lost: it goes to stdout
+            typer.echo(
+                f"cgpolicy: cannot write {output}: {error.strerror}; the policy follows on stdout",
+                err=True,
+            )
+            typer.echo(outcome.text, nl=False)
+            raise typer.Exit(EXIT_FAILURE) from None
         seen = sum(outcome.observations.seen.values())
         typer.echo(f"wrote {output} from {_count(seen, 'action')} observed", err=True)
     status = outcome.status

@@ -247,6 +247,18 @@ def policy_section(policy: Policy, action: Action) -> Any:
     return policy.sysctl
 
 
+def section_of(policy: Policy, name: str) -> Any:
+    """The policy's section called ``name`` (``network.egress``, ``devices``...), or None.
+    A verdict's section is not always the action's (``policy_section``): network.egress
+    decides a connect it refuses at connect time (``egress_at_connect``)."""
+    group, _, part = name.partition(".")
+    if group == "network":
+        return getattr(policy.network, part) if policy.network else None
+    if group == "sockets":
+        return getattr(policy.sockets, part) if policy.sockets else None
+    return getattr(policy, name)
+
+
 def evaluate(policy: Policy, action: Action) -> Verdict:
     """What ``policy`` decides about ``action``, and why."""
     name = section_name(action)

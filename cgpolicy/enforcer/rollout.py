@@ -34,7 +34,6 @@ import getpass
 import hashlib
 import logging
 import os
-import re
 import secrets
 import sys
 import time
@@ -44,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cgpolicy import durations
 from cgpolicy.contract import attach_hook
 from cgpolicy.enforcer.apply import ApplyError, detach_pinned_link, remove_policy
 from cgpolicy.enforcer.dns import DnsError, publish_targets
@@ -74,25 +74,11 @@ log = logging.getLogger(__name__)
 
 ROLLBACK_PARENT = "cgpolicy.rollback"  # the cgroup of the rollback processes
 MAX_WITHIN = 86400.0
-_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-class DurationError(ValueError):
-    """A --confirm-within value that is not a duration."""
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in ``60s``, ``2m``, ``1h`` or plain ``90``; more than 0, at most a day."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smh]?)\s*", text, re.ASCII)
-    if match is None:
-        raise DurationError(
-            f"{text!r} is not a duration: give seconds (90), or a number with s, m or h "
-            "(60s, 2m, 1h)"
-        )
-    seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if not 0 < seconds <= MAX_WITHIN:
-        raise DurationError(f"{text!r}: the window must be more than 0 s and at most 24 h")
-    return seconds
+    """Seconds in a --confirm-within value (cgpolicy.durations): at most a day."""
+    return durations.parse_duration(text, MAX_WITHIN)
 
 
 def when(wall: float) -> str:
@@ -534,7 +520,8 @@ def _previous_words(record: PendingRecord) -> str:
 
 
 def _not_pending(bpf_dir: Path, name: str) -> Confirmed:
-    if not pins.policy_exists(bpf_dir, name):
+    # by the applied policies' folders, never by a path made of the name (``..``, ``a/b``)
+    if name not in {folder.name for folder in pins.policy_folders(bpf_dir)}:
         why = "no policy of this name is applied (a new policy not confirmed in time is removed)"
     else:
         note = (pending.read_raw_meta(bpf_dir, name) or {}).get("rolled_back")

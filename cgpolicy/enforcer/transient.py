@@ -1,4 +1,4 @@
-"""`cgpolicy run`: one command in a fresh cgroup under a policy, everything removed after.
+"""`cgpolicy run` (and `test --kernel`): policies in a fresh cgroup, everything removed after.
 
 `run` touches nothing it did not create:
 
@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,12 +31,12 @@ from cgpolicy.kernel import pins
 from cgpolicy.kernel.applied import read_named
 from cgpolicy.kernel.cgroup import (
     CgroupExists,
-    join_cgroup,
     make_cgroup,
     remove_cgroup_tree,
     remove_if_empty,
 )
 from cgpolicy.kernel.lock import LockError
+from cgpolicy.kernel.processes import run_in_cgroup
 from cgpolicy.kernel.syscall import BpfError
 from cgpolicy.policy.model import Policy, Target
 
@@ -46,14 +44,6 @@ log = logging.getLogger(__name__)
 
 RUN_PARENT = "cgpolicy.run"
 NAME_ATTEMPTS = 100
-
-
-class CommandNotRun(Exception):
-    """The command could not be started; ``status`` is what a shell would exit with."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -139,54 +129,8 @@ def run_under_policy(enforcer: Enforcer, policy: Policy, command: list[str]) -> 
     """Run ``command`` in a new cgroup with ``policy`` applied to it (and only to it); return
     its exit status. The policy is applied under a name of its own, as this run's, so any
     applied policy (of the same name or of the transient name) is untouched."""
-    pid = os.getpid()
-    owner = Owner.run(pid)
-    runner = Enforcer(
-        enforcer.cgroup_root,
-        enforcer.bpf_dir,
-        enforcer.dev_root,
-        owner=owner,
-        lock_timeout=enforcer.lock_timeout,
-    )
-    relative = f"{RUN_PARENT}/{policy.name}-{pid}"
-    cgroup = enforcer.cgroup_root / relative
-    _make_cgroup(cgroup, relative)
-    created: Created | None = None
-    try:
-        with runner.locked():
-            transient = dataclasses.replace(
-                policy,
-                name=transient_name(runner.bpf_dir, policy.name, pid),
-                targets=(Target(relative, is_glob=False),),
-            )
-            try:
-                outcome = runner.apply(runner.plan([transient]))[0]
-            finally:  # also what a failed apply left behind
-                created = record_created(runner.bpf_dir, transient.name, owner)
-        if not outcome.ok:
-            raise ApplyError(outcome.error or "apply failed")
-        try:
-            child = subprocess.Popen(command, preexec_fn=lambda: join_cgroup(cgroup))
-        except OSError as error:
-            status = 127 if isinstance(error, FileNotFoundError) else 126
-            raise CommandNotRun(f"cannot run {command[0]}: {error.strerror}", status) from error
-        while True:
-            try:
-                return child.wait()
-            except KeyboardInterrupt:
-                child.send_signal(signal.SIGINT)
-    finally:
-        remove_cgroup_tree(cgroup)
-        remove_if_empty(cgroup.parent)  # the shared parent, once no other run uses it
-        if created is not None:
-            try:
-                with runner.locked():
-                    remove_created(runner.bpf_dir, created)
-            except LockError as error:
-                raise ApplyError(
-                    f"could not remove the transient policy {created.name}: {error}; once this "
-                    f"run has ended, `cgpolicy remove {created.name}` removes it"
-                ) from error
+    with applied_in_throwaway(enforcer, [policy], policy.name) as (cgroup, _names):
+        return run_in_cgroup(command, cgroup)
 
 
 @contextmanager
@@ -194,9 +138,10 @@ def applied_in_throwaway(
     enforcer: Enforcer, policies: list[Policy], label: str
 ) -> Iterator[tuple[Path, dict[str, str]]]:
     """A fresh cgroup ``cgpolicy.run/<label>-<pid>`` with every policy of ``policies``
-    applied to it (and only to it) under a transient name of its own, as `run` applies
-    one: yields the cgroup and each policy's transient name by its own name. Everything
-    is removed on the way out, also after a failure or KeyboardInterrupt."""
+    applied to it (and only to it) under a transient name of its own (`run`, with the
+    policy's name as ``label``; `test --kernel`): yields the cgroup and each policy's
+    transient name by its own name. Everything is removed on the way out, also after a
+    failure or KeyboardInterrupt, and the policies also when a cgroup stays busy."""
     pid = os.getpid()
     owner = Owner.run(pid)
     runner = Enforcer(

@@ -335,10 +335,9 @@ def sysctl_slash_name(name: str) -> str:
     slash = name if "/" in name else name.replace(".", "/")
     if not slash or any(not part for part in slash.split("/")):
         raise ExplainError(f"sysctl name {shown(name)} has an empty component")
-    # '.' and '..' name no sysctl; `test --kernel` opens the name under /proc/sys, where
-    # they would climb out to files no sysctl hook guards
-    if any(part in (".", "..") for part in slash.split("/")):
-        raise ExplainError(f"sysctl name {shown(name)} has a '.' or '..' component")
+    # no name under /proc/sys has them; `test --kernel` opens /proc/sys/NAME for real
+    if any(part in (".", "..") for part in slash.split("/")) or "\0" in slash:
+        raise ExplainError(f"sysctl name {shown(name)}: no sysctl has a '.', '..' or NUL there")
     return slash
 
 

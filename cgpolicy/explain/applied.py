@@ -117,10 +117,19 @@ def explain_cgroup(
         item.policy = bound
         # learned addresses are the target's: the nearest cgroup up the chain it applies to
         target = next((cid for cid in chain_ids if cid in meta.cgroups), None)
-        if name_rules(bound, action) and target is not None:
-            learned, item.names, note = _learned_here(applied_policy, bound, action, target)
-            if note:
-                explanation.notes.append(note)
+        sections = [reference.section_name(action.action)] if name_rules(bound, action) else []
+        if _egress_names_at_connect(bound, action):  # failFast: egress's fqdns rules decide too
+            sections.append("network.egress")
+        if sections and target is not None:
+            learned: frozenset[reference.Rule] = frozenset()
+            for section_name in sections:
+                more, names, note = _learned_here(
+                    applied_policy, bound, action, target, section_name
+                )
+                learned |= more
+                item.names = item.names or names
+                if note and note not in explanation.notes:
+                    explanation.notes.append(note)
             item.verdict = action.with_learned(learned).evaluate(bound)
         else:
             item.verdict = action.evaluate(bound)
@@ -135,10 +144,28 @@ def explain_cgroup(
     return explanation
 
 
+def _egress_names_at_connect(policy: Policy, action: ParsedAction) -> bool:
+    """Whether network.egress, which refuses connects at once (failFast), has rules naming
+    `fqdns` that may decide ``action`` (a TCP/UDP connect or sendmsg)."""
+    call = action.action
+    egress = policy.network.egress if policy.network else None
+    return (
+        isinstance(call, reference.SocketAddress)
+        and call.operation != "bind"
+        and egress is not None
+        and any(rule.fqdns for rule in egress.rules)
+    )
+
+
 def _learned_here(
-    applied: AppliedPolicy, policy: Policy, action: ParsedAction, cgroup: int
+    applied: AppliedPolicy,
+    policy: Policy,
+    action: ParsedAction,
+    cgroup: int,
+    section_name: str,
 ) -> tuple[frozenset[reference.Rule], NameMatch, str | None]:
-    """The deciding section's `fqdns` rules that the kernel's learned entry for (the target
+    """The `fqdns` rules of ``section_name`` (the deciding section's, or network.egress's
+    for a connect it may refuse) that the kernel's learned entry for (the target
     ``cgroup``, the remote address) matches, as the programs see it: rule i of the section's
     canonical order is bit i of the entry's mask for the section. What to say of it, and a
     note when the map cannot be read or the file's rules are not the applied ones."""
@@ -149,9 +176,8 @@ def _learned_here(
     assert address is not None  # name_rules() found rules: a section with remote hosts
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped  # learned entries hold IPv4 answers as IPv4
-    section_name = reference.section_name(action.action)
-    section = reference.policy_section(policy, action.action)
-    patterns = tuple(dict.fromkeys(p for rule in name_rules(policy, action) for p in rule.fqdns))
+    section = reference.section_of(policy, section_name)
+    patterns = tuple(dict.fromkeys(p for rule in section.rules if rule.fqdns for p in rule.fqdns))
     state = read_learned(applied)
     if state is None:
         note = (

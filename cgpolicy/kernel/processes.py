@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +153,31 @@ def protected_processes() -> list[Protected]:
     return list(found.values())
 
 
+class CommandNotRun(Exception):
+    """The command could not be started; ``status`` is what a shell would exit with (127
+    not found, 126 not runnable)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def run_in_cgroup(command: list[str], cgroup: Path) -> int:
+    """Run ``command`` in ``cgroup`` until it exits (`run`, `learn -- CMD`): Ctrl-C is
+    passed on to it as SIGINT, and it decides whether to end. Its exit status as Popen
+    gives it (negative for a signal); CommandNotRun when it cannot be started."""
+    try:
+        child = subprocess.Popen(command, preexec_fn=lambda: join_cgroup(cgroup))
+    except OSError as error:
+        status = 127 if isinstance(error, FileNotFoundError) else 126
+        raise CommandNotRun(f"cannot run {command[0]}: {error.strerror}", status) from None
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGINT)
+
+
 def spawn_detached(command_line: list[str], cgroup: Path) -> int:
     """Start ``command_line`` as a process of its own that survives whatever ends this
     one: a new session without a terminal (setsid; stdin/out/err on /dev/null), SIGHUP
@@ -195,3 +222,20 @@ def leave_cgroup(root: Path, own: Path) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt meanwhile, so that a command stopped by
+    a service manager or a closed terminal ends as after Ctrl-C: `learn` still writes
+    its policy, `test --kernel` removes what it made."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

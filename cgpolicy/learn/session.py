@@ -12,25 +12,25 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cgpolicy import durations
 from cgpolicy.kernel.cgroup import (
     CgroupExists,
-    join_cgroup,
     make_cgroup,
     remove_cgroup_tree,
     remove_if_empty,
 )
 from cgpolicy.kernel.learn import DEFAULT_SIZES, Observations, Observer, Sizes, seed_servers
+from cgpolicy.kernel.processes import CommandNotRun, run_in_cgroup, sigterm_as_interrupt
 from cgpolicy.learn.names import NameBook
 
 LEARN_PARENT = "cgpolicy.learn"
+MAX_LEARN_S = 366 * 86400.0  # learn --for
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +42,6 @@ class LearnError(Exception):
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
-
-
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM ends the observation early as Ctrl-C does (the policy is still written)."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -91,23 +77,23 @@ def learn_cgroup(
     sizes: Sizes = DEFAULT_SIZES,
 ) -> tuple[Observations, NameBook, bool]:
     """Observe the existing cgroup ``cgroup`` (and everything below it) for ``seconds``,
-    or until Ctrl-C or SIGTERM; (what was seen, the DNS answers, whether it was cut
-    short)."""
+    or until Ctrl-C, SIGTERM or SIGHUP, whenever it comes (during the attach too); (what
+    was seen, the DNS answers, whether it was cut short)."""
     if not cgroup.is_dir():
         raise LearnError(f"cgroup {cgroup} does not exist", 2)
     interrupted = False
     book = NameBook()
-    with Observer(sizes) as observer, _sigterm_interrupts():
-        # Servers that bound before: known before the first packet is seen, and again
-        # after the attach for one that bound in between.
-        seed_servers(observer, cgroup)
-        observer.attach(cgroup)
-        seed_servers(observer, cgroup)
-        with _reading_answers(observer, book):
-            try:
+    with Observer(sizes) as observer, sigterm_as_interrupt():
+        try:
+            # Servers that bound before: known before the first packet is seen, and again
+            # after the attach for one that bound in between.
+            seed_servers(observer, cgroup)
+            observer.attach(cgroup)
+            seed_servers(observer, cgroup)
+            with _reading_answers(observer, book):
                 time.sleep(seconds)
-            except KeyboardInterrupt:
-                interrupted = True
+        except KeyboardInterrupt:
+            interrupted = True
         return _finish(observer, book), book, interrupted
 
 
@@ -138,17 +124,9 @@ def learn_command(
             observer.attach(cgroup)
             with _reading_answers(observer, book):
                 try:
-                    child = subprocess.Popen(command, preexec_fn=lambda: join_cgroup(cgroup))
-                except OSError as error:
-                    status = 127 if isinstance(error, FileNotFoundError) else 126
-                    message = f"cannot run {command[0]}: {error.strerror}"
-                    raise LearnError(message, status) from None
-                while True:
-                    try:
-                        status = child.wait()
-                        break
-                    except KeyboardInterrupt:
-                        child.send_signal(signal.SIGINT)
+                    status = run_in_cgroup(command, cgroup)
+                except CommandNotRun as error:
+                    raise LearnError(str(error), error.status) from None
                 try:
                     time.sleep(linger)
                 except KeyboardInterrupt:
@@ -163,14 +141,5 @@ def learn_command(
 
 
 def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``2h``, ``1d`` -> seconds; ValueError otherwise."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = text.strip().lower()
-    unit = units.get(text[-1:]) if text else None
-    number = text[:-1] if unit else text
-    if not number or len(number) > 12 or not number.replace(".", "", 1).isdigit():
-        raise ValueError(f"{text!r} is not a duration (e.g. 90s, 15m, 2h)")
-    seconds = float(number) * (unit or 1)
-    if not 0 < seconds <= 366 * 86400:
-        raise ValueError(f"{text!r}: a duration from 1 s to 366 days")
-    return seconds
+    """Seconds in a --for value (cgpolicy.durations): at most 366 days."""
+    return durations.parse_duration(text, MAX_LEARN_S)

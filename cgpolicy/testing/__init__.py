@@ -30,7 +30,8 @@ def run_tests(
     for test in files:
         results = [evaluator.run(test, case) for case in test.cases]
         if enforcer is not None:
-            from cgpolicy.testing.kernel import run_in_kernel, sigterm_as_interrupt
+            from cgpolicy.kernel.processes import sigterm_as_interrupt
+            from cgpolicy.testing.kernel import run_in_kernel
 
             with sigterm_as_interrupt():
                 run_in_kernel(enforcer, evaluator, test, results)

@@ -14,7 +14,7 @@ from cgpolicy.explain.explanation import bind_devices_here
 from cgpolicy.policy.describe import rule_text
 from cgpolicy.policy.model import Policy
 from cgpolicy.reference import DeviceAccess, Verdict
-from cgpolicy.testing.spec import SECTIONS, Case, RuleName, TestFile, section_of
+from cgpolicy.testing.spec import SECTIONS, Case, RuleName, TestFile
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def file_index(policy_section: object, rule: reference.Rule) -> int:
 def decide(policy: Policy, verdict: Verdict) -> Decision:
     """The decision as named in test files. The verdict's own section, which for a connect
     or sendmsg can be network.egress refusing it at connect time, not the action's."""
-    section = section_of(policy, verdict.section)
+    section = reference.section_of(policy, verdict.section)
     if verdict.decided_by == "rule" and verdict.rule is not None:
         return Decision(
             policy.name,
@@ -183,7 +183,7 @@ def unexercised(test: TestFile, results: list[CaseResult]) -> list[Unexercised]:
     found = []
     for policy in test.policies:
         for section_name in SECTIONS:
-            section = section_of(policy, section_name)
+            section = reference.section_of(policy, section_name)
             if section is None:
                 continue
             for index, rule in enumerate(section.rules):

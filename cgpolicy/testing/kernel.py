@@ -23,12 +23,10 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,27 +51,11 @@ from cgpolicy.testing.evaluate import (
     file_index,
 )
 from cgpolicy.testing.packets import frame
-from cgpolicy.testing.spec import TestFile, section_of
+from cgpolicy.testing.spec import TestFile
 
 log = logging.getLogger(__name__)
 
 Snapshot = dict[tuple[str, str, int], tuple[int, int]]  # (policy, hook, slot) -> counts
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) raise KeyboardInterrupt meanwhile, so that what was made is
-    removed as after Ctrl-C."""
-
-    def interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 @dataclass
@@ -180,7 +162,7 @@ class _FileRun:
             for hook in SECTION_HOOKS[section]:
                 for program in self.programs.get(hook, []):
                     bound = self.evaluator.policy_for(program.policy, action)
-                    rules = section_of(bound, section)
+                    rules = reference.section_of(bound, section)
                     if rules is None:
                         continue
                     program.slots = len(ordered_rules(rules.rules))
@@ -377,7 +359,7 @@ class _FileRun:
                     allowed_slots.add(key[2])
                 if denied > was[1]:
                     denied_slots.add(key[2])
-            section = section_of(self.evaluator.policy_for(policy, act), expected.section)
+            section = reference.section_of(self.evaluator.policy_for(policy, act), expected.section)
             slots = denied_slots or allowed_slots
             got = "deny" if denied_slots else "allow" if allowed_slots else None
             names = sorted(_slot_name(section, slot, expected.section) for slot in slots)

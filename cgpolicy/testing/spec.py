@@ -391,7 +391,7 @@ def _rule(
     if not candidates:
         known = ", ".join(p.name for p in policies)
         return None, f"no policy {shown(found['policy'])} in this test's policies ({known})"
-    sections = [s for s in (section_of(p, section) for p in candidates) if s is not None]
+    sections = [s for s in (reference.section_of(p, section) for p in candidates) if s is not None]
     if not sections:
         return None, f"no policy of this test has a {section} section"
     if index is not None and not any(index < len(s.rules) for s in sections):
@@ -408,13 +408,3 @@ def deciding_sections(action: reference.Action) -> list[str]:
     if isinstance(action, reference.SocketAddress) and action.operation != "bind":
         return [own, "network.egress"]
     return [own]
-
-
-def section_of(policy: Policy, name: str) -> Any:
-    """The policy's section of that name (``network.egress``, ``devices``...), or None."""
-    group, _, part = name.partition(".")
-    if group == "network":
-        return getattr(policy.network, part) if policy.network else None
-    if group == "sockets":
-        return getattr(policy.sockets, part) if policy.sockets else None
-    return getattr(policy, name)

@@ -26,14 +26,10 @@ from __future__ import annotations
 import errno
 import fnmatch
 import ipaddress
-import json
 import os
 import random
-import select
 import stat
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from batch_probe import BatchProbe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from policy_builders import policy_model
@@ -544,7 +541,6 @@ def test_skb_programs_agree_with_the_reference(kernel_ready: None) -> None:
 
 # --- real actions in a scratch cgroup (sock_addr, device, sysctl) --------------------------------
 
-BATCH_PROBE = Path(__file__).with_name("probe_batch.py")
 REAL_EXAMPLES = int(os.environ.get("CGP_DIFF_REAL_EXAMPLES", "50"))
 ACTIONS_PER_POLICY = 30
 REAL_SETTINGS = settings(
@@ -552,45 +548,6 @@ REAL_SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-
-
-class BatchProbe:
-    """``probe_batch.py --serve`` in a process inside the scratch cgroup, started once per
-    test and given every batch of its examples: a hook decides by the cgroup the calling
-    process is in at the time of the call, so this process sees each newly applied policy
-    as a new one would, without an interpreter start per example."""
-
-    def __init__(self, cgroup: object) -> None:
-        self.cgroup = cgroup
-        procs = cgroup.path / "cgroup.procs"  # type: ignore[attr-defined]
-        self.process = subprocess.Popen(
-            [sys.executable, str(BATCH_PROBE), "--serve"],
-            preexec_fn=lambda: procs.write_text("0"),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-    def run(self, actions: list[list[object]]) -> list[dict[str, object]]:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps(actions) + "\n")
-        self.process.stdin.flush()
-        # Every action is bounded (probe.TIMEOUT): a batch that takes minutes is stuck.
-        ready, _, _ = select.select([self.process.stdout], [], [], 120)
-        line = self.process.stdout.readline() if ready else ""
-        if not line:
-            self.process.kill()
-            raise RuntimeError(f"batch probe gave no answer (exit {self.process.wait()})")
-        return json.loads(line)
-
-    def close(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture

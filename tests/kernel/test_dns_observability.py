@@ -157,6 +157,31 @@ def test_explain_says_which_answer_made_an_address_match(
     assert "match only the addresses DNS answers taught a cgroup at run time" in files.stdout
 
 
+def test_explain_a_connect_egress_allows_by_name_agrees_with_failfast(
+    cgroup_root, bpf_dir, scratch_cgroup, tmp_path, responder
+) -> None:
+    """network.egress only, default deny, api.test by name: once the cgroup learned API
+    the connect goes through (the connect check reads the learned entry), and explain
+    --cgroup says allow; before, or for a cgroup that did not learn it, refused at once."""
+    first, second = scratch_cgroup.child("first"), scratch_cgroup.child("second")
+    dns = {"action": "allow", "protocol": "udp", "cidrs": [f"{SERVER}/32"], "ports": [53]}
+    egress = {"default": "deny", "rules": [dns, BY_NAME]}
+    policy = policy_file(
+        tmp_path, "names", [first.relative, second.relative], {"network": {"egress": egress}}
+    )
+    action = ["connect", "tcp", f"{API}:443"]
+    with enforced(cgroup_root, bpf_dir, policy):
+        assert client(first, 1, "api.test") == [["api.test", API, "ok"]]
+        assert client(second, 0, "-", API) == [["-", API, "EPERM"]]
+        learned = cgpolicy(bpf_dir, "explain", "--cgroup", first.relative, *action)
+        unknown = cgpolicy(bpf_dir, "explain", "--cgroup", second.relative, *action)
+    assert learned.returncode == 0, learned.stderr
+    assert f"  {API} via api.test, learned " in learned.stdout
+    assert learned.stdout.rstrip().endswith("verdict: allow"), learned.stdout
+    assert unknown.stdout.rstrip().endswith("verdict: deny"), unknown.stdout
+    assert "refused at once (EPERM)" in unknown.stdout
+
+
 def test_a_denial_by_a_name_rule_is_an_event_naming_the_rule(
     cgroup_root, bpf_dir, scratch_cgroup, tmp_path, responder
 ) -> None:

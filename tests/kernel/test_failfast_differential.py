@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import json
 import os
 import random
-import select
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from batch_probe import BatchProbe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from policy_builders import policy_model
@@ -66,54 +63,17 @@ from cgpolicy.policy.model import Network, Policy
 TCP, UDP = 6, 17
 EXAMPLES = int(os.environ.get("CGP_FAILFAST_EXAMPLES", "25"))
 CALLS_PER_POLICY = 40
-BATCH_PROBE = Path(__file__).with_name("probe_batch.py")
 LOCAL4, LOCAL6 = ipaddress.IPv4Address("10.9.9.9"), ipaddress.IPv6Address("fd00::9")
 
 
-class NetnsProbe:
-    """probe_batch.py --serve in the scratch cgroup and in a network namespace whose
-    loopback is down (so no call can send anything)."""
-
-    def __init__(self, cgroup: object, ns: str) -> None:
-        self.cgroup = cgroup
-        procs = cgroup.path / "cgroup.procs"  # type: ignore[attr-defined]
-        self.process = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, str(BATCH_PROBE), "--serve"],
-            preexec_fn=lambda: procs.write_text("0"),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-    def run(self, actions: list[list[object]]) -> list[dict[str, object]]:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps(actions) + "\n")
-        self.process.stdin.flush()
-        ready, _, _ = select.select([self.process.stdout], [], [], 120)
-        line = self.process.stdout.readline() if ready else ""
-        if not line:
-            self.process.kill()
-            raise RuntimeError(f"batch probe gave no answer (exit {self.process.wait()})")
-        return json.loads(line)
-
-    def close(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 @pytest.fixture
-def netns_probe(scratch_cgroup: object, kernel_ready: None) -> Iterator[NetnsProbe]:
+def netns_probe(scratch_cgroup: object, kernel_ready: None) -> Iterator[BatchProbe]:
     from pyroute2 import netns
 
     name = f"cgp-ff-{os.getpid()}"
     netns.create(name)  # its loopback stays down
     try:
-        probe = NetnsProbe(scratch_cgroup, name)
+        probe = BatchProbe(scratch_cgroup, name)
         try:
             yield probe
         finally:
@@ -190,7 +150,7 @@ checked = Counter[str]()
 
 
 def test_connect_checks_agree_with_the_reference_and_the_packet_program(
-    netns_probe: NetnsProbe, cgroup_root: Path, bpf_dir: Path
+    netns_probe: BatchProbe, cgroup_root: Path, bpf_dir: Path
 ) -> None:
     started = time.monotonic()
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -510,3 +511,32 @@ def test_the_output_file_replaces_a_planted_link_and_never_writes_through_it(
         assert not out.is_symlink() and out.stat().st_nlink == 1
         assert "kind: CgroupPolicy" in out.read_text()
     assert sorted(p.name for p in shared.iterdir()) == ["by-hardlink.yaml", "by-symlink.yaml"]
+
+
+def test_sigterm_or_a_closed_terminal_ends_learning_early_and_writes_the_policy(
+    scratch_cgroup, tmp_path
+):
+    """Also when the signal comes while the observers are being attached (the first link
+    seen, polled tightly): the policy is still written."""
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        out = tmp_path / f"learned-{int(signum)}.yaml"
+        out.unlink(missing_ok=True)
+        learner = subprocess.Popen(
+            [CGPOLICY, "learn", "--cgroup", scratch_cgroup.relative, "--for", "10m", "-o", out],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while attachments(scratch_cgroup.path) == {} and time.monotonic() < deadline:
+                time.sleep(0.001)
+            learner.send_signal(signum)
+            _, stderr = learner.communicate(timeout=60)
+        finally:
+            if learner.poll() is None:
+                learner.kill()
+                learner.wait()
+        assert learner.returncode == 0, (signum, stderr)
+        assert "interrupted" in stderr and "Traceback" not in stderr
+        assert out.read_text().startswith("# Learned by `cgpolicy learn`")
+        assert attachments(scratch_cgroup.path) == {}

@@ -599,3 +599,42 @@ def test_going_back_restores_the_egress_connect_checks(
     assert denied(scratch_cgroup, FIRST) and not denied(scratch_cgroup, SECOND)
     code, report = audit_json(bpf_dir, scratch_cgroup)
     assert code == 0, report
+
+
+@pytest.mark.parametrize(
+    "name", ["..", ".", "", "web/..", "_pending"], ids=["up", "here", "empty", "web-up", "pending"]
+)
+def test_confirm_reads_nothing_outside_the_applied_policies(
+    bpf_dir, scratch_cgroup, tmp_path, cleanup, name
+):
+    """A name that is not an applied policy's is not made into a path under the pin folder
+    (``..`` would read a metadata pin beside it)."""
+    policy = deny_connect(tmp_path, "web", [scratch_cgroup.relative], FIRST)
+    assert cli(bpf_dir, "apply", policy).returncode == 0
+    done = cli(bpf_dir, "confirm", name)
+    assert done.returncode == 1, done
+    assert "no policy of this name is applied" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_going_back_links_the_connect_checks_again_after_failfast_was_turned_off(
+    bpf_dir, cgroup_root, scratch_cgroup, tmp_path, cleanup
+):
+    """v2 sets failFast: false, so the apply detaches v1's connect checks; not confirmed,
+    the rollback creates their links again (at connect4..., not at 'egress@connect4')."""
+    v1 = deny_egress(tmp_path, "eg", [scratch_cgroup.relative], FIRST)
+    v2 = deny_egress(tmp_path, "eg", [scratch_cgroup.relative], FIRST)
+    document = json.loads(v2.read_text())
+    document["spec"]["network"]["egress"]["failFast"] = False
+    v2.write_text(json.dumps(document))
+    assert cli(bpf_dir, "apply", v1).returncode == 0
+    checks = {hook: attached(scratch_cgroup.path, hook) for hook in HOOKS}
+    assert all(checks.values()), checks
+    done = cli(bpf_dir, "apply", "--confirm-within", "1s", v2)
+    assert done.returncode == 0, done.stderr
+    assert "detach egress@connect4" in done.stdout, done.stdout
+    assert wait_until(lambda: nothing_pending(bpf_dir, cgroup_root), ROLLBACK_WAIT)
+    assert {hook: attached(scratch_cgroup.path, hook) for hook in HOOKS} == checks
+    assert denied(scratch_cgroup, FIRST)
+    code, report = audit_json(bpf_dir, scratch_cgroup)
+    assert code == 0, report

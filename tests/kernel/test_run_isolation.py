@@ -174,3 +174,26 @@ def test_what_a_killed_run_left_is_removed_without_force(bpf_dir, cgroup_root, t
     finally:
         flag.touch()
         finish(runner)
+
+
+def test_the_transient_policy_goes_even_when_the_cgroup_stays_busy(
+    bpf_dir, cgroup_root, tmp_path, cleanup, monkeypatch
+):
+    """`run` removes its transient policy also when its cgroup cannot be removed (as
+    `test --kernel` does: both are applied_in_throwaway)."""
+    from cgpolicy.enforcer import transient
+    from cgpolicy.kernel.cgroup import remove_if_empty
+    from cgpolicy.policy.validate import load_paths
+
+    def busy(path: Path) -> None:
+        raise OSError(16, "Device or resource busy", str(path))
+
+    monkeypatch.setattr(transient, "remove_cgroup_tree", busy)
+    path = deny_connect(tmp_path, cleanup, ["unused"], "127.0.0.9")
+    (policy,) = load_paths([path]).policies
+    with pytest.raises(OSError, match="busy"):
+        transient.run_under_policy(Enforcer(cgroup_root, bpf_dir), policy, ["true"])
+    assert Enforcer(cgroup_root, bpf_dir).observe() == {}
+    for stale in (cgroup_root / RUN_PARENT).glob(f"{cleanup}-*"):
+        kill_and_remove_cgroup(stale)
+    remove_if_empty(cgroup_root / RUN_PARENT)  # as run does once no other run uses it

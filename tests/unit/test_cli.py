@@ -105,3 +105,12 @@ def test_describe_says_what_a_policy_enforces(tmp_path):
     done = cgpolicy("describe", str(good))
     assert done.returncode == 0, done.stderr
     assert "deny write net/*" in done.stdout or "deny write net.*" in done.stdout
+
+
+def test_learn_refuses_an_output_it_cannot_write_before_it_observes(tmp_path):
+    marker = tmp_path / "ran"
+    for output in (tmp_path, tmp_path / "missing" / "learned.yaml"):
+        done = cgpolicy("learn", "-o", str(output), "--", "touch", str(marker))
+        assert done.returncode == 2, done
+        assert f"-o {output} is" in done.stderr and "Traceback" not in done.stderr
+    assert not marker.exists()  # the workload never ran

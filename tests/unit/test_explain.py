@@ -86,6 +86,9 @@ def test_actions() -> None:
         "net/ipv4/ip_forward", True
     )
     assert sysctl_slash_name("net/ipv4/conf/eth0.100/forwarding").count("/") == 4
+    for outside in ("../../etc/shadow", "kernel/../../self/environ", "net/./x", "a\0b"):
+        with pytest.raises(ExplainError, match="no sysctl has"):
+            sysctl_slash_name(outside)
 
 
 @pytest.mark.parametrize(

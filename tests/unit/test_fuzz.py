@@ -498,6 +498,8 @@ def command_arguments(s: Scratch, command: str) -> st.SearchStrategy[list[str]]:
             json_flag,
         ),
         "doctor": json_flag,
+        # reference only: --kernel applies policies for real
+        "test": words(json_flag, flag("-v"), paths),
         "cache check": json_flag,
         "cache clear": st.just([]),
         # Compiling takes seconds: only arguments it must refuse.
@@ -525,6 +527,7 @@ COMMANDS = [
     "events",
     "explain",
     "doctor",
+    "test",
     "cache check",
     "cache clear",
     "cache fill",

@@ -10,10 +10,11 @@ import pytest
 from policy_builders import policy_model
 
 from cgpolicy.audit.render import render_pending
+from cgpolicy.durations import DurationError
 from cgpolicy.enforcer.engine import Planned
 from cgpolicy.enforcer.lockout import can_deny, covers, guard, lockouts
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
-from cgpolicy.enforcer.rollout import DurationError, check_pending, parse_duration
+from cgpolicy.enforcer.rollout import check_pending, parse_duration
 from cgpolicy.kernel.pending import PendingRecord
 from cgpolicy.kernel.processes import Protected
 from cgpolicy.policy.model import (
@@ -32,7 +33,7 @@ from cgpolicy.policy.model import (
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("60s", 60), ("2m", 120), ("90", 90), ("1h", 3600), ("1.5", 1.5), (" 3s ", 3)],
+    [("60s", 60), ("2m", 120), ("90", 90), ("1h", 3600), ("1.5", 1.5), (" 3s ", 3), ("1D", 86400)],
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
