@@ -98,6 +98,12 @@ def going_back(record: PendingRecord) -> str:
 
 def describe_pending(record: PendingRecord) -> str:
     waiting = f"revision {record.revision}" if record.revision else "an unfinished apply"
+    if record.overdue():  # `plan` reads without the lock, so it does not roll back itself
+        return (
+            f"{record.policy}: confirmation for {waiting} overdue since "
+            f"{when(record.deadline_wall)}: the next apply, remove, confirm or service pass "
+            f"rolls it back ({going_back(record)})"
+        )
     return (
         f"{record.policy}: confirmation pending for {waiting} until "
         f"{when(record.deadline_wall)} ({seconds_left(record):.0f} s left); unless "

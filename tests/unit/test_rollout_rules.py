@@ -14,8 +14,8 @@ from cgpolicy.durations import DurationError
 from cgpolicy.enforcer.engine import Planned
 from cgpolicy.enforcer.lockout import can_deny, covers, guard, lockouts
 from cgpolicy.enforcer.plan import Action, PolicyPlan, Step
-from cgpolicy.enforcer.rollout import check_pending, parse_duration
-from cgpolicy.kernel.pending import PendingRecord
+from cgpolicy.enforcer.rollout import check_pending, describe_pending, parse_duration
+from cgpolicy.kernel.pending import PendingRecord, boottime_ns
 from cgpolicy.kernel.processes import Protected
 from cgpolicy.policy.model import (
     DeviceRule,
@@ -204,3 +204,14 @@ def test_audit_says_what_waits_and_what_happens_without_a_confirm() -> None:
     )
     assert line.startswith("PENDING web: revision r2 waits for `cgpolicy confirm`")
     assert "overdue" in line and "removed (it is new)" in line
+
+
+def test_plan_says_a_wait_whose_deadline_passed_is_overdue() -> None:
+    """`plan` reads without the pin lock, so it never rolls back itself: it says what will."""
+    now = boottime_ns()
+    late = PendingRecord("web", "t", now - 1, 0.0, "3f1a", "9c2e")
+    assert "overdue since" in describe_pending(late)
+    assert "goes back to revision 3f1a" in describe_pending(late)
+    waiting = PendingRecord("web", "t", now + 60 * 10**9, 0.0, None, "9c2e")
+    text = describe_pending(waiting)
+    assert "confirmation pending for revision 9c2e" in text and "it is removed" in text
