@@ -23,7 +23,7 @@ from cgpolicy.compiler.spec import CompiledPolicy, CompileError
 from cgpolicy.enforcer.apply import ApplyError, apply_policy, remove_policy
 from cgpolicy.enforcer.ownership import Owner, check_change, check_removal
 from cgpolicy.enforcer.plan import PolicyPlan, plan_policy, plan_removal
-from cgpolicy.enforcer.rollout import roll_back_overdue
+from cgpolicy.enforcer.rollout import RolledBack, roll_back_overdue
 from cgpolicy.enforcer.targets import resolve_targets
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.applied import AppliedPolicy, read_applied
@@ -80,6 +80,7 @@ class Enforcer:
         self.dev_root = dev_root  # where this node's /dev is seen (device path rules)
         self.owner = owner or Owner.cli()  # recorded in what it applies
         self.lock_timeout = lock_timeout  # seconds to wait for another change to end
+        self.rolled_back: list[RolledBack] = []  # what taking the lock rolled back, in order
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -87,7 +88,7 @@ class Enforcer:
         first rolls back every `apply --confirm-within` whose deadline has passed
         (rollout.py): whatever runs next, the rollback does not wait for its process."""
         with PinFolderLock(self.bpf_dir, self.lock_timeout):
-            roll_back_overdue(self.bpf_dir, self.cgroup_root)
+            self.rolled_back += roll_back_overdue(self.bpf_dir, self.cgroup_root)
             yield
 
     def observe(self) -> dict[str, AppliedPolicy]:

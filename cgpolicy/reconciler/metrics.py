@@ -240,6 +240,13 @@ class Metrics:
             ["policy"],
             registry=r,
         )
+        self.rollbacks = Counter(
+            "cgpolicy_confirm_rollbacks",
+            "Applies with --confirm-within not confirmed in time that a reconcile pass rolled "
+            "back itself (their rollback process was gone); result: done or failed",
+            ["policy", "result"],
+            registry=r,
+        )
         self._failing_series: set[str] = set()
         self._invalid_series: set[str] = set()
         self._device_series: set[tuple[str, str, str, str]] = set()

@@ -532,6 +532,8 @@ def test_the_reconcile_service_rolls_back_what_is_overdue(
         assert wait_until(lambda: programs(bpf_dir, "web") == before, ROLLBACK_WAIT), service.log()
         assert wait_until(lambda: nothing_pending(bpf_dir, cgroup_root), ROLLBACK_WAIT)
         assert "web: not confirmed in time: rolled back" in service.log()
+        counted = 'cgpolicy_confirm_rollbacks_total{policy="web",result="done"} 1.0'
+        assert wait_until(lambda: counted in (service.metrics() or "")), service.metrics()
     finally:
         service.stop()
 
