@@ -80,16 +80,15 @@ class Enforcer:
         self.dev_root = dev_root  # where this node's /dev is seen (device path rules)
         self.owner = owner or Owner.cli()  # recorded in what it applies
         self.lock_timeout = lock_timeout  # seconds to wait for another change to end
-        self.rolled_back: list[RolledBack] = []  # what taking the lock rolled back, in order
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[list[RolledBack]]:
         """Hold the pin folder's lock (reentrant) around observe, plan and apply. Taking it
         first rolls back every `apply --confirm-within` whose deadline has passed
-        (rollout.py): whatever runs next, the rollback does not wait for its process."""
+        (rollout.py): whatever runs next, the rollback does not wait for its process.
+        Yields what it rolled back."""
         with PinFolderLock(self.bpf_dir, self.lock_timeout):
-            self.rolled_back += roll_back_overdue(self.bpf_dir, self.cgroup_root)
-            yield
+            yield roll_back_overdue(self.bpf_dir, self.cgroup_root)
 
     def observe(self) -> dict[str, AppliedPolicy]:
         return read_applied(self.bpf_dir)

@@ -107,11 +107,10 @@ class Reconciler:
     def reconcile(self) -> PassReport:
         """One pass, holding the pin folder's lock from observing to applying, so that no
         `cgpolicy apply` or `run` changes the pins in between (kernel/lock.py)."""
-        with self._enforcer.locked():
-            for rolled in self._enforcer.rolled_back:
+        with self._enforcer.locked() as rolled_back:
+            for rolled in rolled_back:
                 result = "failed" if rolled.error else "done"
                 self._metrics.rollbacks.labels(rolled.policy, result).inc()
-            self._enforcer.rolled_back.clear()
             return self._reconcile()
 
     def _reconcile(self) -> PassReport:

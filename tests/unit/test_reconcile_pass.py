@@ -45,8 +45,8 @@ class MemoryEnforcer:
         self.handed: list[str] = []  # every plan handed to apply(), by policy name
         self.removed: list[str] = []
 
-    def locked(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
+    def locked(self) -> contextlib.AbstractContextManager[list]:
+        return contextlib.nullcontext([])  # nothing rolled back on taking the lock
 
     def observe(self) -> dict[str, AppliedPolicy]:
         self.observed += 1
