@@ -9,10 +9,11 @@ import json
 import os
 import signal
 import subprocess
-import time
+from functools import partial
 from pathlib import Path
 
 from enforcement import CGPOLICY, pins, run_cli
+from service import wait_until
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 # socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP) fails with EACCES before the hook runs while
@@ -108,6 +109,16 @@ def test_a_failing_case_exits_1_and_leaves_nothing(
     assert _left_behind(scratch_cgroup.path, bpf_dir) == []
 
 
+def _probing_or_ended(process: subprocess.Popen[bytes], guarded: Path) -> bool:
+    """`test --kernel`'s guarded probe runs (the kernel run is under way), or it ended."""
+    if process.poll() is not None:
+        return True
+    try:
+        return bool((guarded / "cgroup.procs").read_text().split())
+    except OSError:
+        return False
+
+
 def test_an_interrupted_kernel_run_removes_what_it_made(
     scratch_cgroup, bpf_dir: Path, tmp_path: Path
 ) -> None:
@@ -124,13 +135,9 @@ def test_an_interrupted_kernel_run_removes_what_it_made(
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             guarded = scratch_cgroup.path / "cgpolicy.run" / f"test-{process.pid}" / "guarded"
-            deadline = time.monotonic() + 60
-            while not (guarded / "cgroup.procs").exists() or not any(
-                int(pid) for pid in (guarded / "cgroup.procs").read_text().split()
-            ):
-                assert process.poll() is None, process.communicate()
-                assert time.monotonic() < deadline, "the kernel run did not start"
-                time.sleep(0.01)
+            under_way = partial(_probing_or_ended, process, guarded)
+            assert wait_until(under_way, timeout=120), "the kernel run did not start"
+            assert process.poll() is None, process.communicate()  # 30,000 cases: still running
             os.kill(process.pid, signum)
             _, stderr = process.communicate(timeout=60)
         finally:
