@@ -40,10 +40,10 @@
  * C_CONSTANTS); tests/kernel/test_learn.py checks both against the compiler.
  */
 #include "common.h"
+#include "packet.h"
 
 #define CGL_COMMS 4
 #define CGL_SYSCTL_NAME 256
-#define CGL_IPV6_EXT_MAX 6
 
 /* cgl_net_key.kind */
 #define CGL_NET_PORT 0    /* tcp/udp with the port a rule names */
@@ -276,72 +276,6 @@ static __always_inline int cgl_sysctl_add(struct cgl_sysctl_key *k, const struct
 
 /* --- packets ------------------------------------------------------------------------------ */
 
-struct cgl_ipv4 {
-	__u8 ver_ihl;
-	__u8 tos;
-	__u16 tot_len;
-	__u16 id;
-	__u16 frag_off;
-	__u8 ttl;
-	__u8 protocol;
-	__u16 check;
-	__u32 saddr;
-	__u32 daddr;
-};
-
-struct cgl_ipv6 {
-	__u32 ver_tc_flow;
-	__u16 payload_len;
-	__u8 nexthdr;
-	__u8 hop_limit;
-	__u8 saddr[16];
-	__u8 daddr[16];
-};
-
-static __always_inline int cgl_is_ipv6_ext(__u32 nh)
-{
-	return nh == 0 || nh == 43 || nh == 60 || nh == 44 || nh == 51;
-}
-
-/* The L4 protocol and header offset after the IPv6 extension headers: *header is 0 for a
- * later fragment; returns 0 when the protocol cannot be found. */
-static __always_inline int cgl_ipv6_l4(struct __sk_buff *skb, __u8 nexthdr, __u32 *proto,
-				       __u32 *offset, int *header)
-{
-	__u32 off = sizeof(struct cgl_ipv6), nh = nexthdr;
-	__u8 ext[8];
-	int i;
-
-	*header = 1;
-#pragma unroll
-	for (i = 0; i < CGL_IPV6_EXT_MAX; i++) {
-		if (!cgl_is_ipv6_ext(nh))
-			break;
-		if (bpf_skb_load_bytes(skb, off, ext, sizeof(ext)))
-			return 0;
-		if (nh == 44) { /* fragment */
-			nh = ext[0];
-			off += 8;
-			if (((ext[2] << 8) | ext[3]) & 0xfff8) {
-				*header = 0;
-				*proto = nh;
-				return 1;
-			}
-		} else if (nh == 51) { /* AH */
-			nh = ext[0];
-			off += ((__u32)ext[1] + 2) * 4;
-		} else {
-			nh = ext[0];
-			off += ((__u32)ext[1] + 1) * 8;
-		}
-	}
-	if (cgl_is_ipv6_ext(nh))
-		return 0;
-	*proto = nh;
-	*offset = off;
-	return 1;
-}
-
 /* Is the packet for a listening TCP socket (a connection request)? Then its local port is a
  * server's even if no bind() named it (listen() on the port the kernel picked, or a server
  * that bound before learning began). */
@@ -406,9 +340,10 @@ static __always_inline int cgl_skb(struct __sk_buff *skb, int egress)
 	__u64 now = bpf_ktime_get_ns(), cookie;
 	__u32 proto = 0, offset = 0, hook = egress ? CGP_HOOK_EGRESS : CGP_HOOK_INGRESS;
 	int header = 0, found = 0, ok, dns_source = 0;
+	struct cgp_l4 l4 = {};
 
 	if (skb->protocol == bpf_htons(0x0800)) {
-		struct cgl_ipv4 ip;
+		struct cgp_ipv4 ip;
 
 		if (!bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip))) {
 			__u32 remote = egress ? ip.daddr : ip.saddr;
@@ -421,7 +356,7 @@ static __always_inline int cgl_skb(struct __sk_buff *skb, int egress)
 			found = 1;
 		}
 	} else if (skb->protocol == bpf_htons(0x86DD)) {
-		struct cgl_ipv6 ip6;
+		struct cgp_ipv6 ip6;
 
 		if (!bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6))) {
 			k.family = 6;
@@ -429,7 +364,11 @@ static __always_inline int cgl_skb(struct __sk_buff *skb, int egress)
 				__builtin_memcpy(k.addr, ip6.daddr, 16);
 			else
 				__builtin_memcpy(k.addr, ip6.saddr, 16);
-			found = cgl_ipv6_l4(skb, ip6.nexthdr, &proto, &offset, &header);
+			cgp_ipv6_l4(skb, ip6.nexthdr, &l4);
+			found = l4.proto_known;
+			proto = l4.proto;
+			offset = l4.offset;
+			header = l4.header;
 			if (!found)
 				k.kind = CGL_NET_UNKNOWN;
 		}

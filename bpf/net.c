@@ -26,6 +26,7 @@
  * allow rule it might not satisfy; it falls to a deny rule or to the default.
  */
 #include "common.h"
+#include "packet.h"
 
 #ifndef CGP_CIDR4_MAX
 #define CGP_CIDR4_MAX 1
@@ -48,20 +49,6 @@
 
 #define CGP_ETH_P_IP 0x0800
 #define CGP_ETH_P_IPV6 0x86DD
-
-#define CGP_IPPROTO_HOPOPTS 0
-#define CGP_IPPROTO_ICMP 1
-#define CGP_IPPROTO_TCP 6
-#define CGP_IPPROTO_UDP 17
-#define CGP_IPPROTO_ROUTING 43
-#define CGP_IPPROTO_FRAGMENT 44
-#define CGP_IPPROTO_AH 51
-#define CGP_IPPROTO_ICMPV6 58
-#define CGP_IPPROTO_DSTOPTS 60
-
-/* Extension headers walked before giving up. Real traffic carries one or two; a longer
- * chain is treated as unparseable (protocol unknown), never skipped. */
-#define CGP_IPV6_EXT_MAX 6
 
 /*
  * IPv4 CIDRs have two layouts; the compiler picks one per program
@@ -274,37 +261,9 @@ static __always_inline __u64 cgp_port_mask(const struct cgp_net_config *cfg, __u
  * Protocols are matched by number: ICMP is protocol 1 and ICMPv6 58, whichever IP version
  * carries them. Packets without ports (ICMP, ESP, ...) do not match rules with ports, and
  * packets that are not ICMP do not match rules with icmpTypes.
+ * The header layouts and the IPv6 extension-header walk are in packet.h (learn.c reads
+ * packets the same way).
  */
-
-struct cgp_ipv4 {
-	__u8 ver_ihl;
-	__u8 tos;
-	__u16 tot_len;
-	__u16 id;
-	__u16 frag_off;
-	__u8 ttl;
-	__u8 protocol;
-	__u16 check;
-	__u32 saddr;
-	__u32 daddr;
-};
-
-struct cgp_ipv6 {
-	__u32 ver_tc_flow;
-	__u16 payload_len;
-	__u8 nexthdr;
-	__u8 hop_limit;
-	__u32 saddr[4];
-	__u32 daddr[4];
-};
-
-/* What the parser learnt about layer 4. */
-struct cgp_l4 {
-	__u32 proto_known; /* protocol number found */
-	__u32 header;      /* the L4 header starts at `offset` (first fragment) */
-	__u32 proto;
-	__u32 offset;
-};
 
 /* Copy `len` bytes at `offset` of the packet (from the network header) to `to`; 0 on
  * success. Directly from the linear area when they lie in it (no helper call, the common
@@ -335,53 +294,6 @@ static __always_inline int cgp_load_l4(struct __sk_buff *skb, __u32 offset, __u3
 	if (offset == sizeof(struct cgp_ipv6))
 		return cgp_load(skb, sizeof(struct cgp_ipv6) + add, to, len);
 	return bpf_skb_load_bytes(skb, offset + add, to, len);
-}
-
-static __always_inline int cgp_is_ipv6_ext(__u32 nexthdr)
-{
-	return nexthdr == CGP_IPPROTO_HOPOPTS || nexthdr == CGP_IPPROTO_ROUTING ||
-	       nexthdr == CGP_IPPROTO_DSTOPTS || nexthdr == CGP_IPPROTO_FRAGMENT ||
-	       nexthdr == CGP_IPPROTO_AH;
-}
-
-/* Walk the IPv6 extension headers that follow the fixed header. */
-static __always_inline void cgp_ipv6_l4(struct __sk_buff *skb, __u8 nexthdr, struct cgp_l4 *l4)
-{
-	__u32 offset = sizeof(struct cgp_ipv6);
-	__u32 nh = nexthdr;
-	__u8 ext[8];
-	int i;
-
-	for (i = 0; i < CGP_IPV6_EXT_MAX; i++) {
-		if (!cgp_is_ipv6_ext(nh))
-			break;
-		/* Every extension header is at least 8 bytes long. The helper, not cgp_load():
-		 * a direct read at this variable offset costs the verifier far more paths. */
-		if (bpf_skb_load_bytes(skb, offset, ext, sizeof(ext)))
-			return; /* truncated: protocol unknown */
-		if (nh == CGP_IPPROTO_FRAGMENT) {
-			nh = ext[0];
-			offset += 8;
-			if (((ext[2] << 8) | ext[3]) & 0xfff8) {
-				/* Non-first fragment: protocol known, no L4 header. */
-				l4->proto_known = 1;
-				l4->proto = nh;
-				return;
-			}
-		} else if (nh == CGP_IPPROTO_AH) {
-			nh = ext[0];
-			offset += ((__u32)ext[1] + 2) * 4;
-		} else {
-			nh = ext[0];
-			offset += ((__u32)ext[1] + 1) * 8;
-		}
-	}
-	if (cgp_is_ipv6_ext(nh))
-		return; /* too many extension headers: protocol unknown */
-	l4->proto_known = 1;
-	l4->header = 1;
-	l4->proto = nh;
-	l4->offset = offset;
 }
 
 static __always_inline __u32 cgp_proto_slot(__u32 proto)

@@ -68,7 +68,7 @@ from cgpolicy.policy.model import (
 
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
 IPV6_EXT = (0, 43, 44, 51, 60)
-IPV6_EXT_MAX = 6  # bpf/net.c CGP_IPV6_EXT_MAX
+IPV6_EXT_MAX = 6  # bpf/packet.h CGP_IPV6_EXT_MAX
 # PROG_TEST_RUN runs cgroup_skb programs on the loopback device; interface globs are
 # resolved against this made-up table, in which lo has its real index.
 INTERFACES = {"lo": 1, "eth0": 2, "eth1": 3, "wg0": 4}

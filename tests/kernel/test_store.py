@@ -225,7 +225,7 @@ def test_an_entry_under_another_key_is_stale_and_pruned_when_rebuilt(store_dir: 
 def test_the_key_covers_sources_headers_cflags_bcc_and_kernel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("net.c", "common.h"):
+    for name in ("net.c", "common.h", "packet.h"):
         shutil.copy(loader.SOURCE_DIR / name, tmp_path / name)
     source = tmp_path / "net.c"
     base = entry_key(source, ())
