@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -74,28 +73,14 @@ class Settings:
 
 def _write_output(path: Path, data: bytes) -> None:
     """Write ``data`` as the file ``path`` without following what is there now: a new file
-    (O_EXCL, O_NOFOLLOW) beside it, renamed over it. A symlink or a hard link that
-    someone else planted under that name (in /tmp, say) is replaced, never written
-    through: root's output never lands in a file it was not asked to write."""
+    beside it, renamed over it. A symlink or a hard link that someone else planted under
+    that name (in /tmp, say) is replaced, never written through: root's output never lands
+    in a file it was not asked to write."""
+    from cgpolicy.kernel.trusted import write_atomically
+
     folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        temporary = f".{path.name}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(
-            temporary,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o644,
-            dir_fd=folder,
-        )
-        try:
-            with os.fdopen(fd, "wb") as opened:
-                opened.write(data)
-            os.rename(temporary, path.name, src_dir_fd=folder, dst_dir_fd=folder)
-        except BaseException:
-            try:
-                os.unlink(temporary, dir_fd=folder)
-            except OSError:
-                pass
-            raise
+        write_atomically(folder, path.name, data, mode=0o644)
     finally:
         os.close(folder)
 

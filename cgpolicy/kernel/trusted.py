@@ -150,14 +150,16 @@ def is_trusted_file(info: os.stat_result) -> bool:
     )
 
 
-def write_atomically(folder: int, name: str, data: bytes) -> None:
-    """Replace ``name`` in the folder behind ``folder`` (a descriptor from
-    :func:`open_trusted_dir`) with ``data``: a new root-only temp file (``.tmp-…``,
-    ``O_EXCL | O_NOFOLLOW``), fsync, rename over ``name``, fsync of the folder. A reader
-    sees the old content or the new, never a part; a failure leaves no temp file."""
+def write_atomically(folder: int, name: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``name`` in the folder behind ``folder`` (a descriptor, from
+    :func:`open_trusted_dir` for what cgpolicy trusts) with ``data``: a new temp file
+    (``.tmp-…``, ``O_EXCL | O_NOFOLLOW``, root-only unless ``mode`` says otherwise), fsync,
+    rename over ``name``, fsync of the folder. A reader sees the old content or the new,
+    never a part; a failure leaves no temp file; a link planted under ``name`` is
+    replaced, never written through."""
     temp = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(temp, flags, 0o600, dir_fd=folder)
+    fd = os.open(temp, flags, mode, dir_fd=folder)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
