@@ -234,17 +234,7 @@ def section_name(action: Action) -> str:
 
 def policy_section(policy: Policy, action: Action) -> Any:
     """The policy's section that decides ``action``; None when it has none."""
-    if isinstance(action, Packet):
-        return getattr(policy.network, action.direction) if policy.network else None
-    if isinstance(action, SocketCreate):
-        return policy.sockets.create if policy.sockets else None
-    if isinstance(action, SocketAddress):
-        if policy.sockets is None:
-            return None
-        return policy.sockets.bind if action.operation == "bind" else policy.sockets.connect
-    if isinstance(action, DeviceAccess):
-        return policy.devices
-    return policy.sysctl
+    return section_of(policy, section_name(action))
 
 
 def section_of(policy: Policy, name: str) -> Any:
