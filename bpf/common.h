@@ -332,19 +332,33 @@ struct cgp_dns_scratch {
 	__u8 addr[CGP_DNS_ANSWERS * 16]; /* the addresses read, 16 bytes each */
 };
 
-/* LPM keys: prefix length in bits, then the data in network byte order. */
+/* LPM keys of the rule maps: prefix length in bits, then the data: the copy of the rules
+ * (net.c `generation`: 32 bits, always counted in prefixlen), then the address or port in
+ * network byte order. */
 struct cgp_lpm4 {
 	__u32 prefixlen;
+	__u32 gen;
 	__u8 addr[4];
 };
 struct cgp_lpm6 {
 	__u32 prefixlen;
+	__u32 gen;
 	__u8 addr[16];
 };
 struct cgp_lpm_port {
 	__u32 prefixlen;
+	__u32 gen;
 	__u8 port[2];
-} __attribute__((packed)); /* 6 bytes: an LPM key is the prefix length and the data only */
+} __attribute__((packed)); /* 10 bytes: an LPM key is the prefix length and the data only */
+/* spec.dns.servers: one copy (a change of names reloads the policy). */
+struct cgp_server_lpm {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+struct cgp_iface_key {
+	__u32 ifindex;
+	__u32 gen;
+};
 
 /* The /16 index of long IPv4 lists (net.c, above cgp_cidr4_mask()). */
 #define CGP_CIDR4_PROBES 8 /* hash lookups at most per IPv4 address */
@@ -357,6 +371,7 @@ struct cgp_idx4 {
 struct cgp_pfx4 {
 	__u32 low;  /* 1 << (32 - len): the lowest bit the prefix keeps */
 	__u32 addr; /* host byte order, masked to len */
+	__u32 gen;
 };
 
 /* sock.c: sockets.create (cgroup_sock). */

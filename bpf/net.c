@@ -74,7 +74,19 @@
 
 /* The layouts of these maps (struct cgp_net_config, cgp_lpm4/6/_port, cgp_idx4, cgp_pfx4)
  * and the CGP_PROTO_* slots are in common.h, with every layout the compiler fills. */
-BPF_ARRAY(config, struct cgp_net_config, 1);
+/*
+ * Two copies of the rules, and a switch. Every map below down to `ifaces` holds two
+ * copies of its contents, told apart by a generation (0 or 1): arrays at index
+ * gen * (max_entries / 2) + i, LPM tries and hashes by a `gen` field of the key (in an LPM
+ * key, the 32 bits before the data, counted in prefixlen). `generation` (one per policy
+ * load, shared by all of its programs) names the copy in force; a program reads it once,
+ * first, and makes every lookup in that copy. A change is written into the other copy,
+ * then `generation` is flipped with one map update, so a packet or a syscall meets the old
+ * rules or the new ones, never a mix, on every hook of the policy at once; after an RCU
+ * grace period the old copy is brought level (cgpolicy/kernel/inplace.py).
+ */
+BPF_ARRAY(generation, __u32, 1);
+BPF_ARRAY(config, struct cgp_net_config, 2);
 BPF_LPM_TRIE(cidr4, struct cgp_lpm4, __u64, CGP_CIDR4_MAX);
 BPF_ARRAY(cidr4_idx, struct cgp_idx4, CGP_CIDR4_IDX_MAX);
 BPF_HASH(cidr4_long, struct cgp_pfx4, __u64, CGP_CIDR4_LONG_MAX);
@@ -82,9 +94,9 @@ BPF_LPM_TRIE(cidr6, struct cgp_lpm6, __u64, CGP_CIDR6_MAX);
 BPF_LPM_TRIE(ports, struct cgp_lpm_port, __u64, CGP_PORTS_MAX);
 /* ICMP/ICMPv6 type -> rules listing it (both protocols share the table; the protocol mask
  * keeps them apart). skb only. */
-BPF_ARRAY(icmp_types, __u64, 256);
+BPF_ARRAY(icmp_types, __u64, 2 * 256);
 /* ifindex -> rules whose interfaces (resolved at compile time) include it. skb only. */
-BPF_HASH(ifaces, __u32, __u64, CGP_IFACES_MAX);
+BPF_HASH(ifaces, struct cgp_iface_key, __u64, CGP_IFACES_MAX);
 BPF_PERCPU_ARRAY(counters, struct cgp_counter, CGP_COUNTER_SLOTS);
 
 BPF_RINGBUF_OUTPUT(events, 1);
@@ -117,7 +129,7 @@ BPF_ARRAY(dns_seen, __u64, CGP_DNS_SEEN_WORDS);
 #endif
 /* spec.dns.servers (IPv4 as ::ffff:a.b.c.d/96+n): the only servers whose answers teach,
  * unless config.dns_any_server. The egress program's. */
-BPF_LPM_TRIE(dns_servers, struct cgp_lpm6, __u64, CGP_DNS_SERVERS_MAX);
+BPF_LPM_TRIE(dns_servers, struct cgp_server_lpm, __u64, CGP_DNS_SERVERS_MAX);
 /* The target cgroups' ids, checked when targets lie at more than one depth. */
 BPF_F_TABLE("hash", __u64, __u32, dns_targets, CGP_DNS_TARGETS_MAX, BPF_F_NO_PREALLOC);
 BPF_PROG_ARRAY(dns_jump, CGP_DNS_JUMPS);
@@ -128,6 +140,14 @@ BPF_TABLE("lru_hash", struct cgp_pending_key, struct cgp_pending, dns_pending,
 	  CGP_DNS_PENDING_MAX);
 
 BPF_PERCPU_ARRAY(dns_scratch, struct cgp_dns_scratch, 1);
+
+/* The copy of the rules in force (see `generation`): 0 or 1. */
+static __always_inline __u32 cgp_generation(void)
+{
+	__u32 zero = 0, *gen = generation.lookup(&zero);
+
+	return gen ? *gen & 1 : 0;
+}
 
 /* Decide and count; *d says what was decided, for the deny event. */
 static __always_inline int cgp_verdict(const struct cgp_verdict *v, __u64 matched,
@@ -165,11 +185,12 @@ static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verd
 
 /* Rules whose cidrs contain the IPv4 address `addr` (network byte order): both layouts
  * (above), one of them empty. */
-static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __u32 addr)
+static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __u32 gen,
+					    __u32 addr)
 {
-	__u32 host = bpf_ntohl(addr), top = host >> 16, bits, i;
-	struct cgp_lpm4 key = {.prefixlen = 32};
-	struct cgp_pfx4 long_key;
+	__u32 host = bpf_ntohl(addr), top = gen << 16 | host >> 16, bits, i;
+	struct cgp_lpm4 key = {.prefixlen = 32 + 32, .gen = gen};
+	struct cgp_pfx4 long_key = {.gen = gen};
 	struct cgp_idx4 *slot;
 	__u64 found = cfg->any_cidr;
 	__u64 *hit;
@@ -204,10 +225,10 @@ static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __
  * An IPv4-mapped address (::ffff:a.b.c.d) is the IPv4 address a.b.c.d: a dual-stack
  * socket connecting to ::ffff:169.254.169.254 talks IPv4 to 169.254.169.254, so it meets
  * the IPv4 rules too. Rules written either way apply (a rule's cidrs are ORed). */
-static __always_inline __u64 cgp_cidr6_mask(const struct cgp_net_config *cfg,
+static __always_inline __u64 cgp_cidr6_mask(const struct cgp_net_config *cfg, __u32 gen,
 					    const __u32 addr[4])
 {
-	struct cgp_lpm6 key = {.prefixlen = 128};
+	struct cgp_lpm6 key = {.prefixlen = 32 + 128, .gen = gen};
 	__u64 mask = cfg->any_cidr;
 	__u64 *hit;
 
@@ -216,7 +237,7 @@ static __always_inline __u64 cgp_cidr6_mask(const struct cgp_net_config *cfg,
 	if (hit)
 		mask |= *hit;
 	if (addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff))
-		mask |= cgp_cidr4_mask(cfg, addr[3]);
+		mask |= cgp_cidr4_mask(cfg, gen, addr[3]);
 	return mask;
 }
 
@@ -228,9 +249,10 @@ static __always_inline int cgp_cidr_listed(const struct cgp_net_config *cfg)
 }
 
 /* Rules whose ports contain `port` (host byte order). */
-static __always_inline __u64 cgp_port_mask(const struct cgp_net_config *cfg, __u16 port)
+static __always_inline __u64 cgp_port_mask(const struct cgp_net_config *cfg, __u32 gen,
+					   __u16 port)
 {
-	struct cgp_lpm_port key = {.prefixlen = 16};
+	struct cgp_lpm_port key = {.prefixlen = 32 + 16, .gen = gen};
 	__u64 *hit;
 
 	key.port[0] = port >> 8;
@@ -513,13 +535,13 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 	const struct cgp_net_config *cfg;
 	struct cgp_l4 l4 = {};
 	__u64 unknown, cidr_mask, proto_mask, port_mask, icmp_mask, iface_mask;
-	__u32 zero = 0, ifindex, slot;
+	__u32 zero = 0, gen = cgp_generation(), slot;
 	struct cgp_decision d;
 	struct cgp_event *e;
 	__u64 *hit;
 	int ret;
 
-	cfg = config.lookup(&zero);
+	cfg = config.lookup(&gen);
 	if (!cfg)
 		return 0; /* cannot happen (array map); fail closed */
 	unknown = cfg->v.deny_mask;
@@ -533,7 +555,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 			__u32 ihl = ip.ver_ihl & 0xf;
 
 			if (cgp_cidr_listed(cfg))
-				cidr_mask = cgp_cidr4_mask(cfg, egress ? ip.daddr : ip.saddr);
+				cidr_mask = cgp_cidr4_mask(cfg, gen, egress ? ip.daddr : ip.saddr);
 			else
 				cidr_mask = cfg->any_cidr;
 			if (cfg->fqdn_rules | cfg->dns_learn)
@@ -550,8 +572,9 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 		struct cgp_ipv6 ip6;
 
 		if (!cgp_load(skb, 0, &ip6, sizeof(ip6))) {
-			cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, egress ? ip6.daddr : ip6.saddr)
-							 : cfg->any_cidr;
+			cidr_mask = cgp_cidr_listed(cfg)
+					    ? cgp_cidr6_mask(cfg, gen, egress ? ip6.daddr : ip6.saddr)
+					    : cfg->any_cidr;
 			if (cfg->fqdn_rules | cfg->dns_learn)
 				__builtin_memcpy(remote, egress ? ip6.daddr : ip6.saddr, 16);
 			if (cfg->fqdn_rules)
@@ -574,14 +597,14 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 
 			/* TCP and UDP both keep the destination port at offset 2. */
 			if (l4.header && !cgp_load_l4(skb, l4.offset, 2, &dport, 2))
-				port_mask = cgp_port_mask(cfg, bpf_ntohs(dport));
+				port_mask = cgp_port_mask(cfg, gen, bpf_ntohs(dport));
 			else
 				port_mask |= unknown;
 		} else if (slot == CGP_PROTO_ICMP || slot == CGP_PROTO_ICMPV6) {
 			__u8 type;
 
 			if (l4.header && !cgp_load_l4(skb, l4.offset, 0, &type, 1)) {
-				__u32 key = type;
+				__u32 key = gen * 256 + type;
 
 				hit = icmp_types.lookup(&key);
 				if (hit)
@@ -595,11 +618,12 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 	/* When no rule names an interface, any_iface holds every rule: skip the lookup. */
 	iface_mask = cfg->any_iface;
 	if ((cfg->v.allow_mask | cfg->v.deny_mask) & ~iface_mask) {
-		ifindex = skb->ifindex;
-		if (!ifindex) {
+		struct cgp_iface_key key = {.ifindex = skb->ifindex, .gen = gen};
+
+		if (!key.ifindex) {
 			iface_mask |= unknown;
 		} else {
-			hit = ifaces.lookup(&ifindex);
+			hit = ifaces.lookup(&key);
 			if (hit)
 				iface_mask |= *hit;
 		}
@@ -624,7 +648,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, int egress)
 		if (egress && ports[1] == bpf_htons(53)) {
 			/* A query sent to a server whose answers teach: remember it, and where it
 			 * went. */
-			struct cgp_lpm6 server = {.prefixlen = 128};
+			struct cgp_server_lpm server = {.prefixlen = 128};
 			struct cgp_pending pending = {
 				.expires_ns = bpf_ktime_get_coarse_ns() + CGP_DNS_PENDING_NS};
 
@@ -689,13 +713,13 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 {
 	const struct cgp_net_config *cfg;
 	__u64 unknown, cidr_mask, proto_mask, port_mask;
-	__u32 zero = 0;
+	__u32 gen = cgp_generation();
 	__u16 port;
 	struct cgp_decision d;
 	struct cgp_event *e;
 	int ret;
 
-	cfg = config.lookup(&zero);
+	cfg = config.lookup(&gen);
 	if (!cfg)
 		return 0; /* cannot happen (array map); fail closed */
 	unknown = cfg->v.deny_mask;
@@ -706,10 +730,11 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 		__u32 addr[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
 				 ctx->user_ip6[3]};
 
-		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, addr) : cfg->any_cidr;
+		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, gen, addr) : cfg->any_cidr;
 		__builtin_memcpy(remote, addr, 16);
 	} else {
-		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, ctx->user_ip4) : cfg->any_cidr;
+		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, gen, ctx->user_ip4)
+						  : cfg->any_cidr;
 		cgp_mapped4(remote, ctx->user_ip4);
 	}
 	if (cfg->fqdn_rules)
@@ -720,11 +745,11 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 	switch (ctx->protocol) {
 	case CGP_IPPROTO_TCP:
 		proto_mask = cfg->proto[CGP_PROTO_TCP];
-		port_mask = cgp_port_mask(cfg, port);
+		port_mask = cgp_port_mask(cfg, gen, port);
 		break;
 	case CGP_IPPROTO_UDP:
 		proto_mask = cfg->proto[CGP_PROTO_UDP];
-		port_mask = cgp_port_mask(cfg, port);
+		port_mask = cgp_port_mask(cfg, gen, port);
 		break;
 	default:
 		proto_mask = cfg->proto[CGP_PROTO_OTHER] | unknown;
@@ -818,14 +843,14 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 {
 	const struct cgp_net_config *cfg;
 	__u64 cidr_mask, unsure = 0, proto_mask, matched, possible, certain;
-	__u32 zero = 0, addr4 = 0, family = 2;
+	__u32 gen = cgp_generation(), addr4 = 0, family = 2;
 	struct cgp_counter *counter;
 	struct cgp_decision d;
 	struct cgp_event *e;
 	__u8 remote[16];
 	__u16 port;
 
-	cfg = config.lookup(&zero);
+	cfg = config.lookup(&gen);
 	if (!cfg || cfg->v.audit)
 		return 1; /* this check may only ever refuse what egress surely drops */
 	if (ctx->type == CGP_SOCK_STREAM && ctx->protocol == CGP_IPPROTO_TCP)
@@ -845,7 +870,7 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 			if (!(addr[0] | addr[1] | addr[2] | addr[3]))
 				return 1;
 			family = 10;
-			cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, addr) : cfg->any_cidr;
+			cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, gen, addr) : cfg->any_cidr;
 			__builtin_memcpy(remote, addr, 16);
 		}
 	} else {
@@ -854,7 +879,7 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 	if (family == 2) {
 		if (!addr4)
 			return 1;
-		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, addr4) : cfg->any_cidr;
+		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, gen, addr4) : cfg->any_cidr;
 		cgp_mapped4(remote, addr4);
 	}
 	if (cfg->fqdn_rules && cgp_maybe_learned(remote)) {
@@ -873,7 +898,7 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 
 	/* user_port holds the port in network byte order in its low 16 bits. */
 	port = bpf_ntohs((__u16)ctx->user_port);
-	matched = proto_mask & cgp_port_mask(cfg, port) & cfg->any_icmp;
+	matched = proto_mask & cgp_port_mask(cfg, gen, port) & cfg->any_icmp;
 	certain = cidr_mask & matched & cfg->v.deny_mask & cfg->any_iface;
 	possible = (cidr_mask | unsure) & matched & cfg->v.allow_mask;
 	if (certain)
@@ -1139,9 +1164,9 @@ int cgp_dns_answers(struct __sk_buff *skb)
  * for the target cgroup with their TTLs raised to minTTL and cut to maxTTL. */
 int cgp_dns_learn(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
+	__u32 zero = 0, gen = cgp_generation();
 	struct cgp_dns_scratch *s = dns_scratch.lookup(&zero);
-	const struct cgp_net_config *cfg = config.lookup(&zero);
+	const struct cgp_net_config *cfg = config.lookup(&gen);
 	struct cgp_learned_key key = {.cgroup_id = cgp_dns_target(skb, 1)};
 	__u64 now = bpf_ktime_get_coarse_ns(), netns = bpf_get_netns_cookie(skb);
 

@@ -405,10 +405,35 @@ DNS_SCRATCH = Layout(  # only the programs read it; here for its size
     ("addr", "__u8", DNS_ANSWERS * 16),
 )
 
-# LPM trie keys: the prefix length in bits, then the data in network byte order
-LPM4_KEY = Layout("cgp_lpm4", ("prefixlen", "__u32"), ("addr", "__u8", 4))
-LPM6_KEY = Layout("cgp_lpm6", ("prefixlen", "__u32"), ("addr", "__u8", 16))
-LPM_PORT_KEY = Layout("cgp_lpm_port", ("prefixlen", "__u32"), ("port", "__u8", 2), packed=True)
+# The rule maps of net.c hold two copies of their contents, generation 0 and 1, and the
+# one-entry array "generation" names the copy the programs read (bpf/net.c, above the
+# maps). The compiler writes copy 0; copy_key() places an entry in the other copy.
+GENERATION_BITS = 32  # the generation field of a rule LPM key, counted in its prefixlen
+
+
+def copy_key(map_type: str, max_entries: int, key: bytes, gen: int) -> bytes:
+    """``key`` of copy 0 of a two-copy map, moved to copy ``gen``: an array's index by
+    ``gen * max_entries // 2``, an LPM trie key's ``gen`` field (right after prefixlen), a
+    hash key's ``gen`` field (its last four bytes)."""
+    if map_type == "array":
+        return U32.pack(U32.unpack(key)[0] + gen * (max_entries // 2))
+    if map_type == "lpm_trie":
+        return key[:4] + U32.pack(gen) + key[8:]
+    if map_type == "hash":
+        return key[:-4] + U32.pack(gen)
+    raise ValueError(f"a {map_type} map holds no copies")
+
+
+# LPM trie keys of the rule maps: the prefix length in bits, then the data: the generation
+# (GENERATION_BITS, always part of the prefix), then the address or port in network order
+LPM4_KEY = Layout("cgp_lpm4", ("prefixlen", "__u32"), ("gen", "__u32"), ("addr", "__u8", 4))
+LPM6_KEY = Layout("cgp_lpm6", ("prefixlen", "__u32"), ("gen", "__u32"), ("addr", "__u8", 16))
+LPM_PORT_KEY = Layout(
+    "cgp_lpm_port", ("prefixlen", "__u32"), ("gen", "__u32"), ("port", "__u8", 2), packed=True
+)
+# spec.dns.servers (one copy: a change of names reloads the policy)
+SERVER_LPM_KEY = Layout("cgp_server_lpm", ("prefixlen", "__u32"), ("addr", "__u8", 16))
+IFACE_KEY = Layout("cgp_iface_key", ("ifindex", "__u32"), ("gen", "__u32"))
 
 CIDR4_PROBES = 8  # CGP_CIDR4_PROBES: hash lookups at most per IPv4 address (the /16 index)
 # Value of the array "cidr4_idx", indexed by an address's top 16 bits.
@@ -423,6 +448,7 @@ CIDR4_LONG_KEY = Layout(
     "cgp_pfx4",
     ("low", "__u32"),  # 1 << (32 - len)
     ("addr", "__u32"),  # host byte order, masked to len
+    ("gen", "__u32"),
 )
 
 # --- sock.c ---------------------------------------------------------------------------------
@@ -504,6 +530,8 @@ LAYOUTS: tuple[Layout, ...] = (
     LPM4_KEY,
     LPM6_KEY,
     LPM_PORT_KEY,
+    SERVER_LPM_KEY,
+    IFACE_KEY,
     CIDR4_INDEX_ENTRY,
     CIDR4_LONG_KEY,
     CREATE_CONFIG,

@@ -193,6 +193,7 @@ def connect_checks(egress_maps: dict[str, MapSpec]) -> list[ProgramSpec]:
 
 # the maps bpf/net.c cgp_egress_at_connect() uses
 _CONNECT_CHECK_MAPS = {
+    "generation",
     "config",
     "cidr4",
     "cidr4_idx",

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cgpolicy.compiler.maps import BPF_F_NO_PREALLOC, array_map
+from cgpolicy.compiler.maps import BPF_F_NO_PREALLOC, array_map, generation_map
 from cgpolicy.compiler.names import name_table
 from cgpolicy.compiler.spec import MapSpec, ProgramSpec
 from cgpolicy.contract import (
@@ -23,10 +23,10 @@ from cgpolicy.contract import (
     DNS_STATS,
     LEARNED,
     LEARNED_KEY,
-    LPM6_KEY,
     NAME_ENTRY,
     PENDING,
     PENDING_KEY,
+    SERVER_LPM_KEY,
     U32,
     U64,
 )
@@ -158,6 +158,7 @@ def dns_programs(
     learn = {
         "dns_scratch": scratch_map(),
         "config": config,
+        "generation": generation_map(),
         "learned": learned_map(max_learned),
         "dns_stats": stats_map(),
         **{n: m for n, m in lookup_maps(True).items() if n != "dns_clock"},  # reads ktime
@@ -208,11 +209,11 @@ class DnsConfig:
                 prefix, length = mapped.packed, 96 + server.prefixlen
             else:
                 prefix, length = server.network_address.packed, server.prefixlen
-            entries.append((LPM6_KEY.pack(prefixlen=length, addr=prefix), U64.pack(1)))
+            entries.append((SERVER_LPM_KEY.pack(prefixlen=length, addr=prefix), U64.pack(1)))
         return MapSpec(
             "dns_servers",
             "lpm_trie",
-            LPM6_KEY.size,
+            SERVER_LPM_KEY.size,
             U64.size,
             max(1, len(entries)),
             BPF_F_NO_PREALLOC,

@@ -72,6 +72,26 @@ def config_map(value: bytes) -> MapSpec:
     return MapSpec("config", "array", U32.size, len(value), 1, 0, ((U32.pack(0), value),))
 
 
+def two_copy_config_map(value: bytes) -> MapSpec:
+    """net.c's config: one value per copy of the rules (contract.copy_key)."""
+    return MapSpec(
+        "config", "array", U32.size, len(value), 2, 0, ((U32.pack(0), value),), two_copies=True
+    )
+
+
+def generation_map() -> MapSpec:
+    """net.c's `generation`: which copy of the rule maps is in force (copy 0 at load). The
+    enforcer makes one per policy load and shares it among the load's programs."""
+    return MapSpec("generation", "array", U32.size, U32.size, 1, 0, ())
+
+
+def two_copy_capacity(entries: int) -> int:
+    """max_entries of a two-copy hash or LPM trie whose copies hold ``entries`` each: room
+    for both, and for a copy to grow by a quarter (16 entries at least) in place. These maps
+    are not preallocated: room costs nothing until used."""
+    return 2 * (entries + max(16, entries // 4))
+
+
 def array_map(name: str, value_size: int, max_entries: int, values: dict[int, bytes]) -> MapSpec:
     entries = tuple((U32.pack(key), values[key]) for key in sorted(values))
     return MapSpec(name, "array", U32.size, value_size, max(1, max_entries), 0, entries)

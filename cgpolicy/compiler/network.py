@@ -21,10 +21,11 @@ from cgpolicy.compiler.dns import (
 )
 from cgpolicy.compiler.maps import (
     BPF_F_NO_PREALLOC,
-    array_map,
-    config_map,
     counters_map,
+    generation_map,
     rule_mask,
+    two_copy_capacity,
+    two_copy_config_map,
     verdict,
 )
 from cgpolicy.compiler.spec import CompileError, MapSpec
@@ -32,6 +33,8 @@ from cgpolicy.contract import (
     CIDR4_INDEX_ENTRY,
     CIDR4_LONG_KEY,
     CIDR4_PROBES,
+    GENERATION_BITS,
+    IFACE_KEY,
     LPM4_KEY,
     LPM6_KEY,
     LPM_PORT_KEY,
@@ -85,15 +88,34 @@ def port_prefixes(low: int, high: int) -> list[tuple[int, int]]:
 
 
 def _lpm_map(name: str, key: Layout, prefixes: dict[tuple[int, int], int]) -> MapSpec:
-    """An LPM trie keyed by ``key`` (struct cgp_lpm*: the prefix length, then the data)."""
-    _, data = key.fields.values()
+    """A two-copy LPM trie keyed by ``key`` (struct cgp_lpm*: the prefix length, the
+    generation, then the data), copy 0 filled."""
+    _, _, data = key.fields.values()
     entries = tuple(
-        (key.struct.pack(length, value.to_bytes(data.size, "big")), U64.pack(mask))
+        (
+            key.struct.pack(GENERATION_BITS + length, 0, value.to_bytes(data.size, "big")),
+            U64.pack(mask),
+        )
         for (length, value), mask in sorted(propagate_prefixes(prefixes, 8 * data.size).items())
     )
+    return _two_copy_map(name, "lpm_trie", key.size, entries)
+
+
+def _two_copy_map(
+    name: str, map_type: str, key_size: int, entries: tuple[tuple[bytes, bytes], ...]
+) -> MapSpec:
+    """A two-copy hash or LPM trie of rule masks (bpf/net.c, above the maps)."""
+    capacity = two_copy_capacity(len(entries))
     return MapSpec(
-        name, "lpm_trie", key.size, U64.size, max(1, len(entries)), BPF_F_NO_PREALLOC, entries
+        name, map_type, key_size, U64.size, capacity, BPF_F_NO_PREALLOC, entries, two_copies=True
     )
+
+
+def _two_copy_array(
+    name: str, value_size: int, slots: int, entries: tuple[tuple[bytes, bytes], ...]
+) -> MapSpec:
+    """A two-copy array of ``slots`` entries per copy (copy 1 at index slots + i)."""
+    return MapSpec(name, "array", U32.size, value_size, 2 * slots, 0, entries, two_copies=True)
 
 
 def _cidr4_maps(v4: dict[tuple[int, int], int], index_min: int) -> dict[str, MapSpec]:
@@ -103,23 +125,22 @@ def _cidr4_maps(v4: dict[tuple[int, int], int], index_min: int) -> dict[str, Map
     if len(v4) < index_min:
         return {
             "cidr4": _lpm_map("cidr4", LPM4_KEY, v4),
-            "cidr4_idx": MapSpec("cidr4_idx", "array", U32.size, CIDR4_INDEX_ENTRY.size, 1, 0, ()),
-            "cidr4_long": MapSpec("cidr4_long", "hash", CIDR4_LONG_KEY.size, U64.size, 1, 0, ()),
+            # one slot, past the end for copy 1: a lookup there finds nothing, as in copy 0
+            "cidr4_idx": MapSpec(
+                "cidr4_idx", "array", U32.size, CIDR4_INDEX_ENTRY.size, 1, 0, (), two_copies=True
+            ),
+            "cidr4_long": _two_copy_map("cidr4_long", "hash", CIDR4_LONG_KEY.size, ()),
         }
     masks, lengths, long = cidr4_index(v4)
     index = _index_entries(masks, lengths)
     hashed = tuple(
-        (CIDR4_LONG_KEY.struct.pack(1 << (32 - length), value), U64.pack(mask))
+        (CIDR4_LONG_KEY.struct.pack(1 << (32 - length), value, 0), U64.pack(mask))
         for (length, value), mask in long.items()
     )
     return {
         "cidr4": _lpm_map("cidr4", LPM4_KEY, {}),
-        "cidr4_idx": MapSpec(
-            "cidr4_idx", "array", U32.size, CIDR4_INDEX_ENTRY.size, CIDR4_INDEX_SLOTS, 0, index
-        ),
-        "cidr4_long": MapSpec(
-            "cidr4_long", "hash", CIDR4_LONG_KEY.size, U64.size, max(1, len(hashed)), 0, hashed
-        ),
+        "cidr4_idx": _two_copy_array("cidr4_idx", CIDR4_INDEX_ENTRY.size, CIDR4_INDEX_SLOTS, index),
+        "cidr4_long": _two_copy_map("cidr4_long", "hash", CIDR4_LONG_KEY.size, hashed),
     }
 
 
@@ -284,7 +305,8 @@ def network_maps(
         else {"dns_servers": dns.servers_map()}
     )
     return {
-        "config": config_map(config),
+        "generation": generation_map(),
+        "config": two_copy_config_map(config),
         "learned": learned_map(dns.max_learned if dns.used else 1),
         **lookup_maps(dns.used),
         "dns_pending": pending_map(dns.used),
@@ -292,17 +314,17 @@ def network_maps(
         **_cidr4_maps(v4, index_min),
         "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
-        "icmp_types": array_map(
-            "icmp_types", U64.size, 256, {t: U64.pack(m) for t, m in icmp.items()}
+        "icmp_types": _two_copy_array(
+            "icmp_types",
+            U64.size,
+            256,
+            tuple((U32.pack(t), U64.pack(icmp[t])) for t in sorted(icmp)),
         ),
-        "ifaces": MapSpec(
+        "ifaces": _two_copy_map(
             "ifaces",
             "hash",
-            U32.size,
-            U64.size,
-            max(1, len(ifaces)),
-            0,
-            tuple((U32.pack(k), U64.pack(ifaces[k])) for k in sorted(ifaces)),
+            IFACE_KEY.size,
+            tuple((IFACE_KEY.struct.pack(k, 0), U64.pack(ifaces[k])) for k in sorted(ifaces)),
         ),
         "counters": counters_map(),
     }
@@ -322,7 +344,8 @@ def socket_address_maps(
     # No icmpTypes or interfaces in socket rules: every rule passes those conditions.
     fields = dns.fields(where, rules)
     return {
-        "config": config_map(
+        "generation": generation_map(),
+        "config": two_copy_config_map(
             _net_config(section.default, rules, audit, all_rules, all_rules, fields)
         ),
         "learned": learned_map(dns.max_learned if dns.used else 1),

@@ -31,6 +31,9 @@ class MapSpec:
     max_entries: int
     flags: int
     entries: tuple[tuple[bytes, bytes], ...]  # packed exactly as the C structs lay them out
+    # a rule map of net.c holding two copies (contract.copy_key): ``entries`` are copy 0's,
+    # and ``max_entries`` holds both copies, with room for a change in place
+    two_copies: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cgpolicy.compiler.maps import EVENTS_RING_BYTES
+from cgpolicy.compiler.maps import EVENTS_RING_BYTES, generation_map
 from cgpolicy.compiler.spec import CompiledPolicy, RuleLabel
 from cgpolicy.contract import U32, attach_hook
 from cgpolicy.enforcer.dns import (
@@ -41,7 +41,7 @@ from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import CgroupLink, Map, Program
 from cgpolicy.kernel.cgroup import CgroupError, cgroup_id, open_cgroup
 from cgpolicy.kernel.hooks import hook as hook_named
-from cgpolicy.kernel.loader import LoadedProgram, LoaderError, load_program
+from cgpolicy.kernel.loader import LoadedProgram, LoaderError, create_map, load_program
 from cgpolicy.kernel.syscall import BpfError, MapType
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class _Swap:
 @dataclass
 class _Work:
     events: Map | None = None  # the new programs' shared ring buffer of deny events
+    generation: Map | None = None  # and their copy of the rules in force (bpf/net.c)
     dns: DnsMaps | None = None  # with fqdns rules: the new programs' shared DNS maps
     carry: LearnedCarry | None = None  # and what they take over from the old load's
     # and where the target cgroups are published: dns_scope and dns_targets, of the new
@@ -79,6 +80,8 @@ class _Work:
     def close(self) -> None:
         if self.events is not None:
             self.events.close()
+        if self.generation is not None:
+            self.generation.close()
         if self.carry is not None:
             self.carry.close()
         if self.dns is not None:
@@ -117,8 +120,9 @@ def apply_policy(
     cgroup_root: Path,
     bpf_dir: Path,
     source: str | None = None,
-) -> None:
-    """Make the kernel match ``plan``; raise ApplyError (with the old state intact) if not."""
+) -> dict[str, int]:
+    """Make the kernel match ``plan``; raise ApplyError (with the old state intact) if not.
+    Returns the policy's program ids by hook."""
     if plan.blocked:
         raise ApplyError("; ".join(plan.problems))
     work = _Work()
@@ -142,26 +146,38 @@ def apply_policy(
             _publish_targets(plan, work, with_old=False)
         except (BpfError, DnsError) as error:  # the old targets stay listed: nothing opens
             log.warning("policy %s: target cgroups not updated: %s", plan.name, error)
-        cgroups = {s.cgroup_id: s.cgroup for s in plan.steps if s.action is not Action.DETACH}
-        rules = {hook: [_label(label) for label in labels] for hook, labels in compiled.rules}
-        devices = [device.to_json() for device in compiled.device_paths]
         programs = {hook: loaded.program.id for hook, loaded in work.new_programs.items()}
         programs.update({hook: program.id for hook, program in work.current_programs.items()})
-        meta = pins.PolicyMeta(
-            compiled.name,
-            compiled.revision,
-            compiled.mode,
-            source,
-            cgroups,
-            rules,
-            devices,
-            programs,
-            owner=plan.owner,
-            names=list(compiled.names),
-        )
-        pins.write_meta(bpf_dir, meta)
+        record_applied(plan, compiled, bpf_dir, source, programs)
+        return programs
     finally:
         work.close()
+
+
+def record_applied(
+    plan: PolicyPlan,
+    compiled: CompiledPolicy,
+    bpf_dir: Path,
+    source: str | None,
+    programs: dict[str, int],
+) -> None:
+    """Write the policy's metadata, last: what it now enforces, with which programs."""
+    cgroups = {s.cgroup_id: s.cgroup for s in plan.steps if s.action is not Action.DETACH}
+    rules = {hook: [_label(label) for label in labels] for hook, labels in compiled.rules}
+    devices = [device.to_json() for device in compiled.device_paths]
+    meta = pins.PolicyMeta(
+        compiled.name,
+        compiled.revision,
+        compiled.mode,
+        source,
+        cgroups,
+        rules,
+        devices,
+        programs,
+        owner=plan.owner,
+        names=list(compiled.names),
+    )
+    pins.write_meta(bpf_dir, meta)
 
 
 def _label(label: RuleLabel) -> dict[str, object]:
@@ -186,6 +202,13 @@ def _prepare_programs(
         except BpfError as error:
             raise ApplyError(f"creating the deny event ring buffer failed: {error}") from error
     shared: dict[str, Map] = {"events": work.events} if work.events is not None else {}
+    if plan.reload and any(m.name == "generation" for s in compiled.programs for m in s.maps):
+        # Which copy of net.c's rule maps is in force: one switch for the whole load.
+        try:
+            work.generation = create_map(generation_map())
+        except (LoaderError, BpfError) as error:
+            raise ApplyError(f"creating the rule generation map failed: {error}") from error
+        shared["generation"] = work.generation
     if compiled.dns_programs:
         _prepare_dns(plan, compiled, cgroup_root, bpf_dir, work)
         if work.dns is not None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.compiler.spec import CompiledPolicy, CompileError
-from cgpolicy.enforcer.apply import ApplyError, apply_policy, remove_policy
+from cgpolicy.enforcer.apply import ApplyError, apply_policy, record_applied, remove_policy
+from cgpolicy.enforcer.inplace import InPlace
 from cgpolicy.enforcer.ownership import Owner, check_change, check_removal
 from cgpolicy.enforcer.plan import PolicyPlan, plan_policy, plan_removal
 from cgpolicy.enforcer.rollout import RolledBack, roll_back_overdue
@@ -44,6 +45,7 @@ class Planned:
     plan: PolicyPlan
     compiled: CompiledPolicy | None  # None for a removal
     source: str | None = None
+    applied: AppliedPolicy | None = None  # what the plan was made against
 
 
 @dataclass
@@ -74,12 +76,16 @@ class Enforcer:
         dev_root: Path = DEV_ROOT,
         owner: Owner | None = None,
         lock_timeout: float = DEFAULT_TIMEOUT,
+        in_place: bool = False,
     ) -> None:
+        """``in_place``: a long-lived caller (the service) changes the rules of the loads it
+        made in place where it can (inplace.py) instead of reloading them."""
         self.cgroup_root = cgroup_root
         self.bpf_dir = bpf_dir
         self.dev_root = dev_root  # where this node's /dev is seen (device path rules)
         self.owner = owner or Owner.cli()  # recorded in what it applies
         self.lock_timeout = lock_timeout  # seconds to wait for another change to end
+        self.in_place = InPlace() if in_place else None
 
     @contextmanager
     def locked(self) -> Iterator[list[RolledBack]]:
@@ -128,7 +134,7 @@ class Enforcer:
             # Recorded absolute, so that the service can tell its folder's file (ownership.py).
             source = os.path.abspath(policy.source.file) if policy.source else None
             check_change(plan, applied.get(policy.name), self.owner, force, source)
-            planned.append(Planned(plan, compiled, source))
+            planned.append(Planned(plan, compiled, source, applied.get(policy.name)))
         return planned
 
     def plan_removal(
@@ -166,14 +172,27 @@ class Enforcer:
                 if item.compiled is None:
                     if item.plan.blocked:
                         raise ApplyError("; ".join(item.plan.problems))
+                    if self.in_place is not None:
+                        self.in_place.forget(item.plan.name)
                     remove_policy(item.plan, self.bpf_dir)
                 elif item.plan.changed or item.plan.blocked:
-                    apply_policy(
-                        item.plan, item.compiled, self.cgroup_root, self.bpf_dir, item.source
-                    )
+                    self._apply_one(item, item.compiled)
             except (ApplyError, BpfError, LoaderError, OSError) as error:
                 log.info("%s: %s", item.plan.name, error)
                 outcomes.append(Outcome(item.plan, str(error)))
                 continue
             outcomes.append(Outcome(item.plan))
         return outcomes
+
+    def _apply_one(self, item: Planned, compiled: CompiledPolicy) -> None:
+        plan = item.plan
+        if self.in_place is None:
+            apply_policy(plan, compiled, self.cgroup_root, self.bpf_dir, item.source)
+            return
+        if not plan.blocked and plan.reload:
+            kept = self.in_place.apply(plan, compiled, item.applied)
+            if kept is not None:
+                record_applied(plan, compiled, self.bpf_dir, item.source, kept)
+                return
+        programs = apply_policy(plan, compiled, self.cgroup_root, self.bpf_dir, item.source)
+        self.in_place.remember(compiled, programs)

@@ -29,6 +29,7 @@ from cgpolicy.compiler.spec import MapSpec, ProgramSpec
 from cgpolicy.contract import attach_hook
 from cgpolicy.kernel.bpf import Map, Program, close_all
 from cgpolicy.kernel.hooks import hook
+from cgpolicy.kernel.inplace import copy_entries
 from cgpolicy.kernel.store import (
     CompiledFile,
     CompiledFunction,
@@ -215,6 +216,8 @@ def load_program(
                 continue
             maps[map_spec.name] = created = create_map(map_spec)
             created.update_batch(map_spec.entries)
+            if map_spec.two_copies:  # both copies the same at load (bpf/net.c `generation`)
+                created.update_batch(copy_entries(map_spec, 1))
         by_name = {**maps, **{n: m for n, m in shared.items() if n in compiled.templates}}
         insns = bytearray(compiled.insns)
         for offset, name in compiled.relocations:

@@ -14,13 +14,14 @@ from policy_builders import egress_policy, net, policy_model
 
 from cgpolicy.compiler.canonical import ordered_rules
 from cgpolicy.compiler.compile import CIDR4_INDEX_MIN, compile_policy
+from cgpolicy.compiler.maps import two_copy_capacity
 from cgpolicy.compiler.network import (
     CIDR4_INDEX_SLOTS,
     port_prefixes,
     propagate_prefixes,
 )
 from cgpolicy.compiler.spec import CompiledPolicy, CompileError, MapSpec
-from cgpolicy.contract import CIDR4_PROBES
+from cgpolicy.contract import CIDR4_PROBES, GENERATION_BITS
 from cgpolicy.policy.model import (
     DeviceRule,
     DeviceSection,
@@ -46,19 +47,22 @@ def maps_of(compiled: CompiledPolicy, hook: str) -> dict[str, MapSpec]:
 
 
 def lpm_entries(spec: MapSpec) -> dict[tuple[int, int], int]:
-    return {
-        (struct.unpack_from("<I", key)[0], int.from_bytes(key[4:], "big")): struct.unpack(
+    """Copy 0 of a rule LPM trie, by (prefix length, data) without the generation field."""
+    entries = {}
+    for key, value in spec.entries:
+        length, gen = struct.unpack_from("<II", key)
+        assert gen == 0
+        entries[(length - GENERATION_BITS, int.from_bytes(key[8:], "big"))] = struct.unpack(
             "<Q", value
         )[0]
-        for key, value in spec.entries
-    }
+    return entries
 
 
 def index_lookup(maps: dict[str, MapSpec]) -> Callable[[int], int]:
     """What bpf/net.c cgp_cidr4_mask computes in the /16 index layout (any_cidr aside), as a
     function of the address; it also checks that at most CIDR4_PROBES lengths are probed."""
     slots = {unpack("<I", k)[0]: unpack("<QII", v) for k, v in maps["cidr4_idx"].entries}
-    long = {unpack("<II", k): unpack("<Q", v)[0] for k, v in maps["cidr4_long"].entries}
+    long = {unpack("<III", k)[:2]: unpack("<Q", v)[0] for k, v in maps["cidr4_long"].entries}
 
     def find(address: int) -> int:
         found, bits, _ = slots.get(address >> 16, (0, 0, 0))
@@ -136,8 +140,8 @@ def test_allow_inside_deny_map_contents() -> None:
     assert any_cidr == 0 and any_port == deny_bit and any_icmp == any_iface == deny_bit | allow_bit
     # tcp, udp, icmp, icmpv6, other
     assert proto == [deny_bit | allow_bit, deny_bit, deny_bit, deny_bit, deny_bit]
-    assert maps["cidr4"].flags == 1 and maps["cidr4"].max_entries == 2
-    assert maps["cidr6"].max_entries == 1 and maps["cidr6"].entries == ()
+    assert maps["cidr4"].flags == 1 and maps["cidr4"].max_entries == two_copy_capacity(2)
+    assert maps["cidr6"].max_entries == two_copy_capacity(0) and maps["cidr6"].entries == ()
 
 
 def test_random_cidrs_match_python_semantics() -> None:
@@ -173,8 +177,8 @@ def test_100k_cidrs_compile_into_the_index_layout() -> None:
     compiled = compile_policy(policy)
     maps = maps_of(compiled, "egress")
     # A long list takes the /16 index instead of the trie (bpf/net.c cgp_cidr4_mask).
-    assert maps["cidr4"].entries == () and maps["cidr4"].max_entries == 1
-    assert maps["cidr4_idx"].max_entries == CIDR4_INDEX_SLOTS
+    assert maps["cidr4"].entries == () and maps["cidr4"].max_entries == two_copy_capacity(0)
+    assert maps["cidr4_idx"].max_entries == 2 * CIDR4_INDEX_SLOTS  # two copies
     long = maps["cidr4_long"]
     assert long.max_entries == len(long.entries) == len(set(cidrs))  # /24s: none rounded
     find = index_lookup(maps)
@@ -262,8 +266,8 @@ def test_interfaces_need_a_resolver_and_count_in_the_revision() -> None:
     assert one.revision != two.revision
     ifaces = maps_of(two, "egress")["ifaces"]
     assert ifaces.entries == (
-        (struct.pack("<I", 2), struct.pack("<Q", 1)),
-        (struct.pack("<I", 5), struct.pack("<Q", 1)),
+        (struct.pack("<II", 2, 0), struct.pack("<Q", 1)),
+        (struct.pack("<II", 5, 0), struct.pack("<Q", 1)),
     )
 
 
@@ -272,7 +276,7 @@ def test_icmp_types_table() -> None:
         egress_policy("deny", NetworkRule("allow", protocol="icmp", icmp_types=(8, 0)))
     )
     icmp = maps_of(compiled, "egress")["icmp_types"]
-    assert icmp.max_entries == 256
+    assert icmp.max_entries == 2 * 256  # two copies
     assert dict(icmp.entries) == {
         struct.pack("<I", 0): struct.pack("<Q", 1),
         struct.pack("<I", 8): struct.pack("<Q", 1),
@@ -307,6 +311,7 @@ def test_sockets_programs_and_maps() -> None:
     }
     events = {"events", "ratelimit"}  # deny events, in every program
     assert {m.name for m in hooks["connect4"].maps} == {
+        "generation",  # the copy of the rule maps in force
         "config",
         "learned",  # addresses DNS answers gave (fqdns rules), a 1-entry placeholder here
         "dns_scope",  # and the target cgroups they are learned for, placeholders too
@@ -322,6 +327,7 @@ def test_sockets_programs_and_maps() -> None:
     }
     assert {m.name for m in hooks["connect6"].maps} == {
         *events,
+        "generation",
         "config",
         "learned",
         "dns_scope",

@@ -1,0 +1,263 @@
+"""A change of rules written into the loaded programs' maps, not a reload.
+
+When a new revision of a policy differs from the loaded one only in the contents of
+net.c's two-copy rule maps (prefixes, ports, protocols, ICMP types, interfaces, actions,
+defaults: everything in `config`, `cidr4*`, `cidr6`, `ports`, `icmp_types`, `ifaces`), the
+change is the delta between the two contents: written into the copy not in force, put in
+force with one update of the load's `generation` map (every program of the policy at
+once: a packet or a syscall meets the old rules or the new ones, never a mix), and then,
+after an RCU grace period, written into the other copy in the background. The cost is
+that of the delta, not of the list.
+
+Only the process that loaded or last changed a policy knows what its copies hold (reading
+a 10,000-prefix LPM trie back would cost more than the reload), so only a long-lived
+enforcer (the service) changes in place, and only a load it made or changed itself. Any
+doubt means a reload, which is always correct: another process applied in between, a
+program, a map size or a map outside the two-copy set differs, the targets change, a copy
+would overflow, or a write failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from cgpolicy.compiler.spec import CompiledPolicy, MapSpec, ProgramSpec
+from cgpolicy.contract import COUNTER, COUNTER_SLOTS, U32
+from cgpolicy.enforcer.plan import Action, PolicyPlan
+from cgpolicy.kernel.applied import AppliedPolicy, program_maps
+from cgpolicy.kernel.bpf import Map, close_all
+from cgpolicy.kernel.inplace import (
+    Delta,
+    delta,
+    fits,
+    in_force,
+    switch,
+    wait_for_readers,
+    write_copy,
+)
+from cgpolicy.kernel.syscall import BpfError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Load:
+    """A policy load this process made or changed: what both copies hold (once level)."""
+
+    compiled: CompiledPolicy
+    programs: dict[str, int]  # hook -> program id
+    gen: int = 0  # the copy in force
+    # (hook, map) -> max_entries of the map as created (a later compile may size it anew)
+    capacity: dict[tuple[str, str], int] = field(default_factory=dict)
+    leveling: threading.Thread | None = None
+    broken: bool = False  # a write into the old copy failed: its contents are unknown
+
+
+@dataclass
+class _Write:
+    map: Map
+    spec: MapSpec  # as the map was created (its max_entries place copy 1 of an array)
+    change: Delta
+
+
+class InPlace:
+    """The loads an Enforcer may change in place, and the changes."""
+
+    def __init__(self) -> None:
+        self._loads: dict[str, _Load] = {}
+
+    def remember(self, compiled: CompiledPolicy, programs: dict[str, int]) -> None:
+        """``compiled`` was just loaded whole as ``programs``: both copies hold it."""
+        load = _Load(compiled, dict(programs))
+        for spec in _owners(compiled):
+            for m in spec.maps:
+                load.capacity[(spec.hook, m.name)] = m.max_entries
+        self._loads[compiled.name] = load
+
+    def forget(self, name: str) -> None:
+        load = self._loads.pop(name, None)
+        if load is not None and load.leveling is not None:
+            load.leveling.join()
+
+    def apply(
+        self, plan: PolicyPlan, compiled: CompiledPolicy, applied: AppliedPolicy | None
+    ) -> dict[str, int] | None:
+        """Put ``compiled`` in force in place if it can be, and say with which programs (by
+        hook); None when it must be loaded whole (nothing was changed then)."""
+        load = self._loads.get(plan.name)
+        if load is None:
+            return None
+        if load.leveling is not None:
+            load.leveling.join()
+            load.leveling = None
+        if load.broken or not _same_load(load, plan, applied):
+            self.forget(plan.name)
+            return None
+        pairs = _changed_maps(load, compiled)
+        if pairs is None:
+            self.forget(plan.name)
+            return None
+        opened = _open(load, pairs)
+        if opened is None:
+            self.forget(plan.name)
+            return None
+        writes, generation = opened
+        if in_force(generation) != load.gen:
+            close_all([w.map for w in writes] + [generation])
+            self.forget(plan.name)
+            return None
+        standby = 1 - load.gen
+        try:
+            for write in writes:
+                write_copy(write.map, write.spec, standby, write.change)
+        except BpfError as error:  # the copy in force is untouched: reload instead
+            log.info("%s: in-place change not possible (%s); reloading", plan.name, error)
+            close_all([w.map for w in writes] + [generation])
+            self.forget(plan.name)
+            return None
+        try:
+            switch(generation, standby)
+        finally:
+            generation.close()
+        old = load.gen
+        load.gen = standby
+        _reset_counters(load, compiled)
+        load.compiled = compiled
+        load.leveling = threading.Thread(
+            target=_level, args=(load, writes, old), name=f"cgpolicy-level-{plan.name}"
+        )
+        load.leveling.start()
+        return dict(load.programs)
+
+
+def _open(
+    load: _Load, pairs: list[tuple[str, MapSpec, MapSpec]]
+) -> tuple[list[_Write], Map] | None:
+    """The maps to write, with their deltas, and the load's generation map, opened; None
+    (nothing left open) when one of them is gone."""
+    opened: dict[tuple[str, str], Map] = {}
+    try:
+        for hook, prog_id in load.programs.items():
+            names = {new.name for h, _, new in pairs if h == hook} | {"generation"}
+            for name, found in program_maps(prog_id, names).items():
+                opened[(hook, name)] = found
+    except BpfError:
+        close_all(opened.values())
+        return None
+    generation = next((m for (_, n), m in opened.items() if n == "generation"), None)
+    if generation is None or any((hook, new.name) not in opened for hook, _, new in pairs):
+        close_all(opened.values())
+        return None
+    writes = []
+    for hook, old, new in pairs:
+        as_created = dataclasses.replace(old, max_entries=load.capacity[(hook, old.name)])
+        writes.append(
+            _Write(opened.pop((hook, new.name)), as_created, delta(old.entries, new.entries))
+        )
+    close_all(m for m in opened.values() if m is not generation)
+    return writes, generation
+
+
+def _owners(compiled: CompiledPolicy) -> list[ProgramSpec]:
+    """The programs that own their maps (not a connect check on egress's)."""
+    return [spec for spec in compiled.programs if spec.maps_from is None]
+
+
+def _same_load(load: _Load, plan: PolicyPlan, applied: AppliedPolicy | None) -> bool:
+    """Whether the kernel still holds exactly the load this process knows, on the same
+    cgroups: no other apply in between, nothing to attach or detach."""
+    if applied is None or applied.interrupted or applied.revision != load.compiled.revision:
+        return False
+    if {hook: h.prog_id for hook, h in applied.hooks.items()} != load.programs:
+        return False
+    for step in plan.steps:
+        if step.action is Action.KEEP:
+            continue
+        if step.action is not Action.UPDATE:
+            return False
+        link = applied.hooks[step.hook].links.get(step.cgroup_id)
+        if link is None or link.prog_id != load.programs[step.hook]:
+            return False
+    return True
+
+
+def _changed_maps(
+    load: _Load, compiled: CompiledPolicy
+) -> list[tuple[str, MapSpec, MapSpec]] | None:
+    """(hook, old spec, new spec) of every two-copy map whose contents change, or None when
+    the new revision is more than new contents of two-copy maps that fit."""
+    old = load.compiled
+    if (old.dns_programs, old.names, old.name_rules, old.dns_max_ttl) != (
+        compiled.dns_programs,
+        compiled.names,
+        compiled.name_rules,
+        compiled.dns_max_ttl,
+    ):
+        return None
+    before = {spec.hook: spec for spec in old.programs}
+    after = {spec.hook: spec for spec in compiled.programs}
+    if before.keys() != after.keys():
+        return None
+    pairs = []
+    for hook, new_spec in after.items():
+        old_spec = before[hook]
+        if _shape(old_spec) != _shape(new_spec):
+            return None
+        if new_spec.maps_from is not None:
+            continue  # its maps are its owner's, compared there
+        for was, now in zip(old_spec.maps, new_spec.maps, strict=True):
+            if not now.two_copies:
+                if was != now:
+                    return None
+                continue
+            capacity = load.capacity[(hook, was.name)]
+            if now.map_type == "array" and now.max_entries != capacity:
+                return None
+            if not fits(now.map_type, capacity, len(was.entries), len(now.entries)):
+                return None
+            if was.entries != now.entries:
+                pairs.append((hook, was, now))
+    return pairs
+
+
+def _shape(spec: ProgramSpec) -> tuple[object, ...]:
+    """What must be equal for a program to stay: its code and its maps' layouts."""
+    maps = tuple((m.name, m.map_type, m.key_size, m.value_size, m.two_copies) for m in spec.maps)
+    return (spec.source, spec.function, spec.prog_name, spec.maps_from, maps)
+
+
+def _reset_counters(load: _Load, compiled: CompiledPolicy) -> None:
+    """A hook whose rules changed counts from zero, as a reloaded one would: its counter
+    slots may now stand for other rules."""
+    labels_before = dict(load.compiled.rules)
+    for hook, labels in compiled.rules:
+        if labels_before.get(hook) == labels or hook not in load.programs:
+            continue
+        maps = program_maps(load.programs[hook], {"counters"})
+        try:
+            counters = maps.get("counters")
+            if counters is not None:
+                zero = bytes(COUNTER.size)
+                counters.update_batch([(U32.pack(slot), zero) for slot in range(COUNTER_SLOTS)])
+        except BpfError as error:
+            log.warning("%s %s: counters not reset: %s", compiled.name, hook, error)
+        finally:
+            close_all(maps.values())
+
+
+def _level(load: _Load, writes: list[_Write], old: int) -> None:
+    """Once no program still reads the old copy, write the same change into it."""
+    try:
+        wait_for_readers()
+        for write in writes:
+            write_copy(write.map, write.spec, old, write.change)
+    except (BpfError, OSError) as error:
+        log.warning(
+            "%s: old copy not brought level (%s); next change reloads", load.compiled.name, error
+        )
+        load.broken = True
+    finally:
+        close_all([w.map for w in writes])

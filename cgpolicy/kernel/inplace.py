@@ -1,0 +1,102 @@
+"""Writing a change into the copy of net.c's rule maps that is not in force, and switching.
+
+bpf/net.c keeps two copies of every rule map (contract.copy_key) and reads the one the
+`generation` map names. A change is written as a delta into the other copy
+(:func:`write_copy`), put in force with one map update (:func:`switch`), and, once no
+program can still be reading the old copy (:func:`wait_for_readers`), written into that
+one too. The enforcer decides when a change can go this way (enforcer/inplace.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errnos
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cgpolicy.compiler.spec import MapSpec
+from cgpolicy.contract import U32, copy_key
+from cgpolicy.kernel.bpf import Map
+
+_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "riscv64": 283, "s390x": 356, "ppc64le": 365}
+_MEMBARRIER_CMD_GLOBAL = 1  # waits for an RCU grace period (synchronize_rcu)
+# Where membarrier cannot wait (nohz_full CPUs make it refuse): a wait far longer than any
+# cgroup program runs, which is not a proof, only a margin.
+_FALLBACK_WAIT_S = 1.0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_ZERO = U32.pack(0)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What turns one copy's contents into another's: entries to write, keys to drop."""
+
+    write: tuple[tuple[bytes, bytes], ...]
+    drop: tuple[bytes, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.write or self.drop)
+
+
+def delta(old: Sequence[tuple[bytes, bytes]], new: Sequence[tuple[bytes, bytes]]) -> Delta:
+    before = dict(old)
+    after = dict(new)
+    write = tuple((key, value) for key, value in after.items() if before.get(key) != value)
+    return Delta(write, tuple(key for key in before if key not in after))
+
+
+def write_copy(map_: Map, spec: MapSpec, gen: int, change: Delta) -> None:
+    """Apply ``change`` (copy 0 keys) to copy ``gen`` of ``map_``: drops first, so that the
+    copy never holds more than the larger of its old and new contents. An array's dropped
+    slot is zeroed, as a fresh array's is."""
+    if change.drop:
+        if spec.map_type == "array":
+            zero = bytes(spec.value_size)
+            dropped = [(copy_key("array", spec.max_entries, k, gen), zero) for k in change.drop]
+            map_.update_batch(dropped)
+        else:
+            for key in change.drop:
+                map_.delete(copy_key(spec.map_type, spec.max_entries, key, gen))
+    map_.update_batch(
+        [(copy_key(spec.map_type, spec.max_entries, k, gen), v) for k, v in change.write]
+    )
+
+
+def copy_entries(spec: MapSpec, gen: int) -> list[tuple[bytes, bytes]]:
+    """A two-copy map's entries as copy ``gen`` holds them."""
+    return [(copy_key(spec.map_type, spec.max_entries, k, gen), v) for k, v in spec.entries]
+
+
+def in_force(generation: Map) -> int:
+    value = generation.lookup(_ZERO)
+    return U32.unpack(value)[0] & 1 if value else 0
+
+
+def switch(generation: Map, gen: int) -> None:
+    """Put copy ``gen`` in force: one map update, seen by the next program run."""
+    generation.update(_ZERO, U32.pack(gen))
+
+
+def wait_for_readers() -> None:
+    """Return once every program run that started before the call has ended: cgroup
+    programs run inside an RCU read-side section, and membarrier(MEMBARRIER_CMD_GLOBAL)
+    waits for a grace period (about 8 ms here)."""
+    number = _MEMBARRIER.get(platform.machine())
+    if number is not None:
+        if _libc.syscall(number, _MEMBARRIER_CMD_GLOBAL, 0, 0) == 0:
+            return
+        if ctypes.get_errno() not in (errnos.EINVAL, errnos.ENOSYS):
+            raise OSError(ctypes.get_errno(), "membarrier")
+    time.sleep(_FALLBACK_WAIT_S)
+
+
+def fits(map_type: str, max_entries: int, active: int, wanted: int) -> bool:
+    """Whether a two-copy map can take a copy of ``wanted`` entries beside one of ``active``
+    (with drops first), and then that copy twice: hash and LPM copies share max_entries;
+    an array's copies each have their own slots."""
+    if map_type == "array":
+        return True
+    return active + wanted <= max_entries and 2 * wanted <= max_entries
