@@ -404,7 +404,7 @@ def _at_scale(
             (policy_dir / f"scale-{p:02d}.yaml").write_text(
                 _policy_yaml(f"scale-{p:02d}", glob, sections)
             )
-        service = Enforcer(scratch.root, scratch.bpf_dir, owner=Owner.service())
+        service = Enforcer(scratch.root, scratch.bpf_dir, owner=Owner.service(), in_place=True)
         reconciler = Reconciler(service, policy_dir, Metrics())
         start = time.perf_counter()
         first = reconciler.reconcile()

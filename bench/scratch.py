@@ -43,7 +43,7 @@ class Scratch:
         self.bpf_dir = bpf_top / benchmark
         self.cgroup_dir.mkdir(parents=True)
         self.bpf_dir.mkdir(parents=True)
-        self.enforcer = Enforcer(self.root, self.bpf_dir)
+        self.enforcer = Enforcer(self.root, self.bpf_dir, in_place=True)  # as the service
 
     def relative(self, *parts: str) -> str:
         """A path below this benchmark's cgroup folder, as a policy target names it."""

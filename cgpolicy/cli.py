@@ -345,8 +345,9 @@ def _load_valid(paths: list[Path]) -> list:
     return result.policies
 
 
-def _enforcer(ctx: typer.Context, owner: Owner | None = None):  # -> Enforcer, imported lazily
-    """The Enforcer of the global options, applying as ``owner`` (by default the CLI)."""
+def _enforcer(ctx: typer.Context, owner: Owner | None = None, in_place: bool = False):
+    """The Enforcer of the global options (-> Enforcer, imported lazily), applying as
+    ``owner`` (by default the CLI), changing rules in place where it can if ``in_place``."""
     from cgpolicy.enforcer.engine import Enforcer
 
     settings: Settings = ctx.obj
@@ -356,6 +357,7 @@ def _enforcer(ctx: typer.Context, owner: Owner | None = None):  # -> Enforcer, i
         settings.dev_root,
         owner,
         lock_timeout=settings.lock_timeout,
+        in_place=in_place,
     )
 
 
@@ -593,7 +595,7 @@ def reconcile(
 
     if not policy_dir.is_dir():
         _fail(f"policy folder {policy_dir} does not exist", EXIT_INVALID)
-    enforcer = _enforcer(ctx, Owner.service())  # what it applies is the service's
+    enforcer = _enforcer(ctx, Owner.service(), in_place=True)  # applies as the service
     metrics = Metrics(enforcer.bpf_dir)
     metrics.healthy_within = max(60.0, 3 * interval)
     if metrics_addr:

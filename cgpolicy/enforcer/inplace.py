@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cgpolicy.compiler.spec import CompiledPolicy, MapSpec, ProgramSpec
@@ -52,15 +52,19 @@ class _Load:
     gen: int = 0  # the copy in force
     # (hook, map) -> max_entries of the map as created (a later compile may size it anew)
     capacity: dict[tuple[str, str], int] = field(default_factory=dict)
-    leveling: threading.Thread | None = None
-    broken: bool = False  # a write into the old copy failed: its contents are unknown
+    # the load's two-copy maps by (owner hook, name), its generation map and its counter
+    # maps by hook: opened at its first change, kept open until it is forgotten
+    maps: dict[tuple[str, str], Map] = field(default_factory=dict)
+    generation: Map | None = None
+    counters: dict[str, Map] = field(default_factory=dict)
+    leveling: Future[None] | None = None  # the old copy being brought level
 
-
-@dataclass
-class _Write:
-    map: Map
-    spec: MapSpec  # as the map was created (its max_entries place copy 1 of an array)
-    change: Delta
+    def close(self) -> None:
+        if self.leveling is not None:
+            self.leveling.exception()  # wait: it writes into these maps
+        close_all([*self.maps.values(), *self.counters.values()])
+        if self.generation is not None:
+            self.generation.close()
 
 
 class InPlace:
@@ -68,9 +72,12 @@ class InPlace:
 
     def __init__(self) -> None:
         self._loads: dict[str, _Load] = {}
+        # brings old copies level after a grace period, off the caller's path
+        self._leveler = ThreadPoolExecutor(1, thread_name_prefix="cgpolicy-level")
 
     def remember(self, compiled: CompiledPolicy, programs: dict[str, int]) -> None:
         """``compiled`` was just loaded whole as ``programs``: both copies hold it."""
+        self.forget(compiled.name)
         load = _Load(compiled, dict(programs))
         for spec in _owners(compiled):
             for m in spec.maps:
@@ -79,8 +86,8 @@ class InPlace:
 
     def forget(self, name: str) -> None:
         load = self._loads.pop(name, None)
-        if load is not None and load.leveling is not None:
-            load.leveling.join()
+        if load is not None:
+            load.close()
 
     def apply(
         self, plan: PolicyPlan, compiled: CompiledPolicy, applied: AppliedPolicy | None
@@ -91,74 +98,70 @@ class InPlace:
         if load is None:
             return None
         if load.leveling is not None:
-            load.leveling.join()
+            failed = load.leveling.exception()
             load.leveling = None
-        if load.broken or not _same_load(load, plan, applied):
+            if failed is not None:  # the old copy's contents are unknown
+                log.warning("%s: old copy not brought level (%s)", plan.name, failed)
+                self.forget(plan.name)
+                return None
+        pairs = _changed_maps(load, compiled) if _same_load(load, plan, applied) else None
+        generation = _open(load) if pairs is not None else None
+        if pairs is None or generation is None or in_force(generation) != load.gen:
             self.forget(plan.name)
             return None
-        pairs = _changed_maps(load, compiled)
-        if pairs is None:
-            self.forget(plan.name)
-            return None
-        opened = _open(load, pairs)
-        if opened is None:
-            self.forget(plan.name)
-            return None
-        writes, generation = opened
-        if in_force(generation) != load.gen:
-            close_all([w.map for w in writes] + [generation])
-            self.forget(plan.name)
-            return None
+        writes = []
+        for hook, old, new in pairs:
+            as_created = dataclasses.replace(old, max_entries=load.capacity[(hook, old.name)])
+            writes.append(
+                _Write(load.maps[(hook, old.name)], as_created, delta(old.entries, new.entries))
+            )
         standby = 1 - load.gen
         try:
             for write in writes:
                 write_copy(write.map, write.spec, standby, write.change)
         except BpfError as error:  # the copy in force is untouched: reload instead
-            log.info("%s: in-place change not possible (%s); reloading", plan.name, error)
-            close_all([w.map for w in writes] + [generation])
+            log.info("%s: no change in place (%s); reloading", plan.name, error)
             self.forget(plan.name)
             return None
-        try:
-            switch(generation, standby)
-        finally:
-            generation.close()
-        old = load.gen
-        load.gen = standby
+        switch(generation, standby)
+        old_gen, load.gen = load.gen, standby
         _reset_counters(load, compiled)
         load.compiled = compiled
-        load.leveling = threading.Thread(
-            target=_level, args=(load, writes, old), name=f"cgpolicy-level-{plan.name}"
-        )
-        load.leveling.start()
+        load.leveling = self._leveler.submit(_level, writes, old_gen)
         return dict(load.programs)
 
 
-def _open(
-    load: _Load, pairs: list[tuple[str, MapSpec, MapSpec]]
-) -> tuple[list[_Write], Map] | None:
-    """The maps to write, with their deltas, and the load's generation map, opened; None
-    (nothing left open) when one of them is gone."""
-    opened: dict[tuple[str, str], Map] = {}
-    try:
-        for hook, prog_id in load.programs.items():
-            names = {new.name for h, _, new in pairs if h == hook} | {"generation"}
-            for name, found in program_maps(prog_id, names).items():
-                opened[(hook, name)] = found
-    except BpfError:
-        close_all(opened.values())
-        return None
-    generation = next((m for (_, n), m in opened.items() if n == "generation"), None)
-    if generation is None or any((hook, new.name) not in opened for hook, _, new in pairs):
-        close_all(opened.values())
-        return None
-    writes = []
-    for hook, old, new in pairs:
-        as_created = dataclasses.replace(old, max_entries=load.capacity[(hook, old.name)])
-        writes.append(
-            _Write(opened.pop((hook, new.name)), as_created, delta(old.entries, new.entries))
-        )
-    close_all(m for m in opened.values() if m is not generation)
-    return writes, generation
+@dataclass
+class _Write:
+    map: Map
+    spec: MapSpec  # as the map was created (its max_entries place copy 1 of an array)
+    change: Delta
+
+
+def _open(load: _Load) -> Map | None:
+    """Open the load's two-copy, generation and counter maps, once; its generation map, or
+    None when the kernel no longer has them all."""
+    if load.generation is not None:
+        return load.generation
+    for spec in _owners(load.compiled):
+        wanted = {m.name for m in spec.maps if m.two_copies} | {"generation", "counters"}
+        try:
+            found = program_maps(load.programs[spec.hook], wanted)
+        except BpfError:
+            return None
+        if found.keys() != wanted:
+            close_all(found.values())
+            return None
+        for name, opened in found.items():
+            if name == "counters":
+                load.counters[spec.hook] = opened
+            elif name == "generation" and load.generation is None:
+                load.generation = opened
+            elif name == "generation":
+                opened.close()
+            else:
+                load.maps[(spec.hook, name)] = opened
+    return load.generation
 
 
 def _owners(compiled: CompiledPolicy) -> list[ProgramSpec]:
@@ -233,31 +236,19 @@ def _reset_counters(load: _Load, compiled: CompiledPolicy) -> None:
     """A hook whose rules changed counts from zero, as a reloaded one would: its counter
     slots may now stand for other rules."""
     labels_before = dict(load.compiled.rules)
+    zero = bytes(COUNTER.size)
     for hook, labels in compiled.rules:
-        if labels_before.get(hook) == labels or hook not in load.programs:
+        counters = load.counters.get(hook)
+        if counters is None or labels_before.get(hook) == labels:
             continue
-        maps = program_maps(load.programs[hook], {"counters"})
         try:
-            counters = maps.get("counters")
-            if counters is not None:
-                zero = bytes(COUNTER.size)
-                counters.update_batch([(U32.pack(slot), zero) for slot in range(COUNTER_SLOTS)])
+            counters.update_batch([(U32.pack(slot), zero) for slot in range(COUNTER_SLOTS)])
         except BpfError as error:
             log.warning("%s %s: counters not reset: %s", compiled.name, hook, error)
-        finally:
-            close_all(maps.values())
 
 
-def _level(load: _Load, writes: list[_Write], old: int) -> None:
+def _level(writes: list[_Write], old: int) -> None:
     """Once no program still reads the old copy, write the same change into it."""
-    try:
-        wait_for_readers()
-        for write in writes:
-            write_copy(write.map, write.spec, old, write.change)
-    except (BpfError, OSError) as error:
-        log.warning(
-            "%s: old copy not brought level (%s); next change reloads", load.compiled.name, error
-        )
-        load.broken = True
-    finally:
-        close_all([w.map for w in writes])
+    wait_for_readers()
+    for write in writes:
+        write_copy(write.map, write.spec, old, write.change)

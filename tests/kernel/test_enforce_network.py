@@ -44,7 +44,9 @@ def ifaces_in_map(prog_pin) -> set[int]:
     for map_id in map_ids:
         with bpf.Map.from_id(map_id) as found:
             if found.name == "ifaces":
-                return {int.from_bytes(key, "little") for key in found.keys()}
+                # struct cgp_iface_key: the ifindex, then the copy of the rules; both
+                # copies hold the same interfaces once a change is complete
+                return {int.from_bytes(key[:4], "little") for key in found.keys()}
     return set()
 
 

@@ -1,0 +1,167 @@
+"""Changes in place (issue 14, part 2): a service's change of rules is written into the copy
+of net.c's rule maps not in force and switched in with one map update (enforcer/inplace.py),
+on the programs already attached. Real processes in a scratch cgroup on loopback; each
+probe's ``connect-now`` is refused with EPERM by the connect check or goes through."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+from enforcement import ALLOWED, EPERM, apply_ok, expect, load, remove
+from policy_builders import policy_file
+from service import wait_until
+from test_audit import cgpolicy  # tests/kernel is on sys.path (rootdir conftest)
+
+from cgpolicy.compiler.spec import MapSpec
+from cgpolicy.contract import copy_key
+from cgpolicy.enforcer.engine import Enforcer
+from cgpolicy.kernel.applied import program_maps, read_named
+
+NOW = "connect-now"
+# enough prefixes for the /16 index layout (compile.CIDR4_INDEX_MIN), none on loopback
+FILLER = [f"10.{i >> 8}.{i & 255}.0/24" for i in range(600)]
+
+
+def egress(host: str, port: int, default: str = "deny", extra: list[str] = FILLER) -> dict:
+    rules: list[dict[str, Any]] = [
+        {"action": "allow", "protocol": "tcp", "cidrs": [f"{host}/32", *extra], "ports": [port]}
+    ]
+    return {"network": {"egress": {"default": default, "rules": rules}}}
+
+
+def program_ids(bpf_dir: Path, name: str) -> dict[str, int | None]:
+    return {hook: h.prog_id for hook, h in read_named(bpf_dir, name).hooks.items()}
+
+
+def both_copies(bpf_dir: Path, name: str, hook: str, spec: MapSpec) -> tuple[set, set]:
+    """The entries of copy 0 and copy 1 of a two-copy map, as copy-0 keys."""
+    prog_id = program_ids(bpf_dir, name)[hook]
+    assert prog_id
+    maps = program_maps(prog_id, {spec.name})
+    with maps[spec.name] as found:
+        return tuple(  # type: ignore[return-value]
+            {
+                (key, value)
+                for key, value in spec.entries
+                if found.lookup(copy_key(spec.map_type, spec.max_entries, key, gen)) == value
+            }
+            for gen in (0, 1)
+        )
+
+
+def test_a_change_of_prefixes_is_made_in_place(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports
+):
+    p1, p2, *_ = loopback_ports.ports
+    target = [scratch_cgroup.relative]
+    service = Enforcer(cgroup_root, bpf_dir, in_place=True)
+    try:
+        apply_ok(service, policy_file(tmp_path, "inplace", target, egress("127.0.0.1", p1)))
+        before = program_ids(bpf_dir, "inplace")
+        expect(
+            scratch_cgroup,
+            [((NOW, "tcp", "127.0.0.1", p1), ALLOWED), ((NOW, "tcp", "127.0.0.2", p1), EPERM)],
+        )
+
+        # one prefix replaced: the same programs, the new rules
+        changed = policy_file(tmp_path, "inplace", target, egress("127.0.0.2", p1))
+        (outcome,) = apply_ok(service, changed)
+        assert program_ids(bpf_dir, "inplace") == before
+        assert read_named(bpf_dir, "inplace").revision == outcome.plan.new_revision
+        expect(
+            scratch_cgroup,
+            [((NOW, "tcp", "127.0.0.1", p1), EPERM), ((NOW, "tcp", "127.0.0.2", p1), ALLOWED)],
+        )
+        # the copy not in force is brought level in the background: both hold the rules
+        compiled = service.plan(load(changed))[0].compiled
+        assert compiled is not None
+        egress_maps = {m.name: m for m in compiled.programs[0].maps}
+        for name in ("config", "cidr4_idx", "cidr4_long", "ports"):
+            spec = egress_maps[name]
+            wanted = set(spec.entries)
+            assert wait_until(
+                lambda s=spec, w=wanted: both_copies(bpf_dir, "inplace", "egress", s) == (w, w)
+            ), name
+
+        # ports too; audit sees the new revision in sync
+        apply_ok(service, policy_file(tmp_path, "inplace", target, egress("127.0.0.2", p2)))
+        assert program_ids(bpf_dir, "inplace") == before
+        expect(
+            scratch_cgroup,
+            [((NOW, "tcp", "127.0.0.2", p1), EPERM), ((NOW, "tcp", "127.0.0.2", p2), ALLOWED)],
+        )
+        audit = cgpolicy(bpf_dir, "audit", "--json")
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+
+        # a change that needs other programs (a new section) is a reload, and correct
+        more = egress("127.0.0.1", p1)
+        more["sockets"] = {"create": {"default": "allow", "rules": []}}
+        apply_ok(service, policy_file(tmp_path, "inplace", target, more))
+        after = program_ids(bpf_dir, "inplace")
+        assert after["egress"] != before["egress"] and "sock_create" in after
+        expect(
+            scratch_cgroup,
+            [((NOW, "tcp", "127.0.0.1", p1), ALLOWED), ((NOW, "tcp", "127.0.0.2", p1), EPERM)],
+        )
+    finally:
+        remove(service, "inplace")
+
+
+def test_a_process_never_meets_half_old_half_new_rules(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports
+):
+    """Policy A allows 127.0.0.1:P1 and policy B 127.0.0.2:P2. Changed back and forth in
+    place while a process in the cgroup keeps connecting to 127.0.0.1:P2 and 127.0.0.2:P1:
+    each is allowed only by a mix of A's addresses and B's ports (or B's and A's), so any
+    connect that goes through met a half-written change."""
+    p1, p2, *_ = loopback_ports.ports
+    target = [scratch_cgroup.relative]
+    first = policy_file(tmp_path, "mix", target, egress("127.0.0.1", p1))
+    second = policy_file(tmp_path, "mix", target, egress("127.0.0.2", p2))
+    stop = tmp_path / "stop"
+    prober = textwrap.dedent(
+        f"""
+        import os, socket, sys
+        tries = allowed = 0
+        while not os.path.exists({str(stop)!r}):
+            for host, port in (("127.0.0.1", {p2}), ("127.0.0.2", {p1})):
+                s = socket.socket()
+                s.setblocking(False)
+                tries += 1
+                try:
+                    s.connect((host, port))
+                    allowed += 1
+                except BlockingIOError:
+                    allowed += 1
+                except OSError:
+                    pass
+                s.close()
+        print(tries, allowed)
+        """
+    )
+    service = Enforcer(cgroup_root, bpf_dir, in_place=True)
+    result: list[subprocess.CompletedProcess[str]] = []
+    try:
+        apply_ok(service, first)
+        before = program_ids(bpf_dir, "mix")
+        thread = threading.Thread(
+            target=lambda: result.append(scratch_cgroup.run([sys.executable, "-c", prober]))
+        )
+        thread.start()
+        try:
+            for _ in range(100):
+                apply_ok(service, second)
+                apply_ok(service, first)
+        finally:
+            stop.touch()
+            thread.join()
+        assert program_ids(bpf_dir, "mix") == before  # every change was made in place
+        tries, allowed = map(int, result[0].stdout.split())
+        assert tries > 0 and allowed == 0, result[0]
+    finally:
+        remove(service, "mix")

@@ -1,0 +1,40 @@
+"""The pure parts of changes in place: where a copy's entries go, and the delta."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cgpolicy.contract import U32, copy_key
+from cgpolicy.kernel.inplace import delta, fits
+
+
+def test_copy_key_places_each_copy_apart() -> None:
+    """The three ways bpf/net.c tells the copies apart."""
+    assert copy_key("array", 2 * 65536, U32.pack(7), 1) == U32.pack(65536 + 7)
+    assert copy_key("array", 2 * 65536, U32.pack(7), 0) == U32.pack(7)
+    lpm = U32.pack(64) + U32.pack(0) + bytes([10, 0, 0, 1])
+    assert copy_key("lpm_trie", 100, lpm, 1) == U32.pack(64) + U32.pack(1) + bytes([10, 0, 0, 1])
+    assert copy_key("hash", 100, b"\x01" * 8 + U32.pack(0), 1) == b"\x01" * 8 + U32.pack(1)
+
+
+ENTRIES = st.dictionaries(st.binary(min_size=1, max_size=3), st.binary(min_size=1, max_size=2))
+
+
+@given(ENTRIES, ENTRIES)
+def test_delta_turns_one_contents_into_the_other(old: dict, new: dict) -> None:
+    change = delta(tuple(old.items()), tuple(new.items()))
+    result = dict(old)
+    for key in change.drop:
+        del result[key]
+    result.update(change.write)
+    assert result == new
+    # proportional: only what differs is written or dropped
+    assert len(change.write) == sum(1 for k, v in new.items() if old.get(k) != v)
+    assert set(change.drop) == old.keys() - new.keys()
+
+
+def test_a_copy_fits_beside_the_other() -> None:
+    assert fits("lpm_trie", 10, 5, 5) and not fits("lpm_trie", 10, 4, 6)
+    assert not fits("hash", 10, 2, 6)  # the other copy, brought level, would not fit
+    assert fits("array", 2, 100, 100)  # an array's copies have their own slots
