@@ -256,13 +256,15 @@ class HookProgram:
     source: str  # its C file in bpf/
     function: str  # its C function, also the kernel's program name
     event_code: int  # cgp_event.hook: CGP_HOOK_<HOOK>
+    # the variant for policies whose rules name fqdns, where there is one (net.c cgp_skb)
+    names_function: str | None = None
 
 
 HOOK_PROGRAMS: dict[str, HookProgram] = {
     program.hook: program
     for program in (
-        HookProgram("ingress", "network.ingress", "net.c", "cgp_ingress", 1),
-        HookProgram("egress", "network.egress", "net.c", "cgp_egress", 2),
+        HookProgram("ingress", "network.ingress", "net.c", "cgp_ingress", 1, "cgp_ingress_dns"),
+        HookProgram("egress", "network.egress", "net.c", "cgp_egress", 2, "cgp_egress_dns"),
         HookProgram("sock_create", "sockets.create", "sock.c", "cgp_sock_create", 3),
         HookProgram("bind4", "sockets.bind", "net.c", "cgp_bind4", 4),
         HookProgram("bind6", "sockets.bind", "net.c", "cgp_bind6", 5),

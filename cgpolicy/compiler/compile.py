@@ -12,7 +12,7 @@ from typing import Any
 
 from cgpolicy.compiler.canonical import RuleKeys, ordered_rules, revision
 from cgpolicy.compiler.devices import device_maps
-from cgpolicy.compiler.dns import DnsConfig, dns_programs, name_rules
+from cgpolicy.compiler.dns import DnsConfig, dns_programs, learned_map, lookup_maps, name_rules
 from cgpolicy.compiler.maps import program_spec
 from cgpolicy.compiler.names import pattern_ids
 from cgpolicy.compiler.network import (
@@ -100,7 +100,7 @@ def compile_policy(
         ifindexes = interface_sets(rules, resolve_interfaces)
         resolved[hook] = [sorted(found) for found in ifindexes]
         maps = network_maps(hook, net_section.default, rules, audit, ifindexes, index_min, dns)
-        programs.append(program_spec(hook, maps))
+        programs.append(program_spec(hook, maps, names=dns.used))
         if hook == "egress":
             egress_maps = {m.name: m for m in programs[-1].maps}
 
@@ -182,9 +182,11 @@ def connect_checks(egress_maps: dict[str, MapSpec]) -> list[ProgramSpec]:
     sock_addr hook, on the egress program's maps (events and rate limit included); the
     IPv4 ones do not look IPv6 prefixes up."""
     specs = []
+    # the DNS maps when the egress program has none (no fqdns rules): 1-entry placeholders
+    placeholders = {"learned": learned_map(), **lookup_maps(False)}
     for check in EGRESS_AT_CONNECT.values():
         names = sorted(_CONNECT_CHECK_MAPS - ({"cidr6"} if check.hook.endswith("4") else set()))
-        maps = tuple(egress_maps[name] for name in names)
+        maps = tuple(egress_maps.get(name) or placeholders[name] for name in names)
         specs.append(
             ProgramSpec(check.slot, "net.c", check.function, check.function, maps, "egress")
         )

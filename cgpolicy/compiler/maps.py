@@ -23,15 +23,15 @@ EVENTS_RING_BYTES = 256 * 1024  # about 1000 events of 240 B
 EVENTS_PER_SECOND = 100  # per program and CPU; more are counted as dropped
 
 
-def program_spec(hook: str, maps: dict[str, MapSpec]) -> ProgramSpec:
+def program_spec(hook: str, maps: dict[str, MapSpec], names: bool = False) -> ProgramSpec:
+    """The hook's program; ``names``: its variant for rules naming fqdns (net.c's packet
+    programs only: contract.HookProgram.names_function)."""
     program = HOOK_PROGRAMS[hook]
+    function = program.names_function if names else program.function
+    assert function is not None, hook
     maps = {**maps, "events": events_map(), "ratelimit": ratelimit_map(EVENTS_PER_SECOND)}
     return ProgramSpec(
-        hook,
-        program.source,
-        program.function,
-        program.function,
-        tuple(maps[name] for name in sorted(maps)),
+        hook, program.source, function, function, tuple(maps[name] for name in sorted(maps))
     )
 
 

@@ -299,18 +299,23 @@ def network_maps(
     v4, v6 = _cidr_tables(rules)
     section = f"network.{direction}"
     config = _net_config(default, rules, audit, any_icmp, any_iface, dns.fields(section, rules))
-    learning = (  # ingress learns from answers, egress notes the queries to servers
-        {"dns_scratch": scratch_map(), "dns_jump": jump_map(), "dns_stats": stats_map()}
-        if direction == "ingress"
-        else {"dns_servers": dns.servers_map()}
-    )
+    names: dict[str, MapSpec] = {}
+    if dns.used:  # the program's names variant (bpf/net.c cgp_skb): its DNS maps
+        names = {
+            "learned": learned_map(dns.max_learned),
+            **lookup_maps(True),
+            "dns_pending": pending_map(True),
+            # ingress learns from answers, egress notes the queries to servers
+            **(
+                {"dns_scratch": scratch_map(), "dns_jump": jump_map(), "dns_stats": stats_map()}
+                if direction == "ingress"
+                else {"dns_servers": dns.servers_map()}
+            ),
+        }
     return {
         "generation": generation_map(),
         "config": two_copy_config_map(config),
-        "learned": learned_map(dns.max_learned if dns.used else 1),
-        **lookup_maps(dns.used),
-        "dns_pending": pending_map(dns.used),
-        **learning,
+        **names,
         **_cidr4_maps(v4, index_min),
         "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
