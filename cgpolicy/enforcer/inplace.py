@@ -20,6 +20,7 @@ would overflow, or a write failed.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from cgpolicy.kernel.applied import AppliedPolicy, program_maps
 from cgpolicy.kernel.bpf import Map, close_all
 from cgpolicy.kernel.inplace import (
     Delta,
+    copy_entries,
     delta,
     fits,
     in_force,
@@ -57,7 +59,7 @@ class _Load:
     maps: dict[tuple[str, str], Map] = field(default_factory=dict)
     generation: Map | None = None
     counters: dict[str, Map] = field(default_factory=dict)
-    leveling: Future[None] | None = None  # the old copy being brought level
+    leveling: Future[None] | None = None  # copy 1 being filled, or the old copy leveled
 
     def close(self) -> None:
         if self.leveling is not None:
@@ -76,13 +78,16 @@ class InPlace:
         self._leveler = ThreadPoolExecutor(1, thread_name_prefix="cgpolicy-level")
 
     def remember(self, compiled: CompiledPolicy, programs: dict[str, int]) -> None:
-        """``compiled`` was just loaded whole as ``programs``: both copies hold it."""
+        """``compiled`` was just loaded whole as ``programs``, into copy 0 (the one in
+        force); copy 1 is filled in the background, off the load's path (nothing reads
+        it until a change switches to it, which waits for the fill)."""
         self.forget(compiled.name)
         load = _Load(compiled, dict(programs))
         for spec in _owners(compiled):
             for m in spec.maps:
                 load.capacity[(spec.hook, m.name)] = m.max_entries
         self._loads[compiled.name] = load
+        load.leveling = self._leveler.submit(_fill_copy_1, load)
 
     def forget(self, name: str) -> None:
         load = self._loads.pop(name, None)
@@ -245,6 +250,15 @@ def _reset_counters(load: _Load, compiled: CompiledPolicy) -> None:
             counters.update_batch([(U32.pack(slot), zero) for slot in range(COUNTER_SLOTS)])
         except BpfError as error:
             log.warning("%s %s: counters not reset: %s", compiled.name, hook, error)
+
+
+def _fill_copy_1(load: _Load) -> None:
+    if _open(load) is None:
+        raise BpfError("BPF_MAP_GET_FD_BY_ID", errno.ENOENT, f"a map of {load.compiled.name}")
+    for spec in _owners(load.compiled):
+        for m in spec.maps:
+            if m.two_copies:
+                load.maps[(spec.hook, m.name)].update_batch(copy_entries(m, 1))
 
 
 def _level(writes: list[_Write], old: int) -> None:

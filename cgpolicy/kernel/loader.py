@@ -29,7 +29,6 @@ from cgpolicy.compiler.spec import MapSpec, ProgramSpec
 from cgpolicy.contract import attach_hook
 from cgpolicy.kernel.bpf import Map, Program, close_all
 from cgpolicy.kernel.hooks import hook
-from cgpolicy.kernel.inplace import copy_entries
 from cgpolicy.kernel.store import (
     CompiledFile,
     CompiledFunction,
@@ -215,9 +214,7 @@ def load_program(
                 _check_shared(spec, map_spec, shared[map_spec.name])
                 continue
             maps[map_spec.name] = created = create_map(map_spec)
-            created.update_batch(map_spec.entries)
-            if map_spec.two_copies:  # both copies the same at load (bpf/net.c `generation`)
-                created.update_batch(copy_entries(map_spec, 1))
+            created.update_batch(map_spec.entries)  # a two-copy map's copy 0, in force
         by_name = {**maps, **{n: m for n, m in shared.items() if n in compiled.templates}}
         insns = bytearray(compiled.insns)
         for offset, name in compiled.relocations:
