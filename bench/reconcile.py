@@ -34,6 +34,7 @@ from bench.scratch import Scratch
 from cgpolicy.contract import SECTION_HOOKS
 from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.enforcer.ownership import Owner
+from cgpolicy.kernel.applied import read_named
 from cgpolicy.kernel.bpf import CgroupLink
 from cgpolicy.kernel.cgroup import open_cgroup
 from cgpolicy.kernel.hooks import hook
@@ -137,6 +138,13 @@ def _p99(values: list[float]) -> float:
 
 def _prog_ids(fd: int, hook_name: str) -> tuple[int, ...]:
     return prog_query(fd, hook(hook_name).attach_type).prog_ids
+
+
+def _revision(bpf_dir: Path, name: str) -> str | None:
+    try:
+        return read_named(bpf_dir, name, links=False).revision
+    except (OSError, ValueError):
+        return None
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -291,22 +299,21 @@ def _latencies(report: Report, folder: Path, count: int, changes: int) -> None:
                 )
             )
 
-            # 2. a changed rule, written over the file in place
-            watched = [(fds[0], name) for name in WORKLOAD_HOOKS] + [
-                (fds[-1], name) for name in WORKLOAD_HOOKS
-            ]
+            # 2. a changed rule, written over the file in place. The service changes the
+            # rules in place (enforcer/inplace.py: the programs stay, one map update puts
+            # the new rules in force on every hook at once) and then writes the policy's
+            # metadata: its new revision there is the end of the measure (an upper bound).
             samples = []
             for i in range(changes):
-                before = {pair: _prog_ids(*pair) for pair in watched}
+                before = _revision(scratch.bpf_dir, "workload")
                 text = WORKLOAD_YAML.format(name="workload", glob=glob, denied=f"10.9.{i}.1")
                 start = time.perf_counter()
                 policy.write_text(text)
-                for pair in watched:
-                    _wait(
-                        lambda p=pair, b=before: _prog_ids(*p) not in ((), b[p]),
-                        10,
-                        f"a new program at {pair[1]}",
-                    )
+                _wait(
+                    lambda b=before: _revision(scratch.bpf_dir, "workload") not in (None, b),
+                    10,
+                    "the new revision",
+                )
                 samples.append(time.perf_counter() - start)
                 time.sleep(0.02)
             ms = _ms(samples)
@@ -315,9 +322,9 @@ def _latencies(report: Report, folder: Path, count: int, changes: int) -> None:
                     "reconcile_policy_change_ms",
                     statistics.median(ms),
                     "ms",
-                    f"median time from rewriting the policy file (one rule changed) until the "
-                    f"program on all 5 hooks of the first and last of {count} cgroups is the "
-                    "new one (real daemon)",
+                    "median time from rewriting the policy file (one rule changed) until the "
+                    f"service has the new rules in force on all 5 hooks of its {count} cgroups "
+                    "(real daemon; read as its new revision in the metadata, written last)",
                     ("<", CHANGE_TARGET_MS),
                     note=f"{changes} writes, max {max(ms):.1f} ms",
                 )
