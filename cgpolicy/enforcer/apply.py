@@ -38,10 +38,18 @@ from cgpolicy.enforcer.dns import (
 )
 from cgpolicy.enforcer.plan import GONE, Action, PolicyPlan, Step
 from cgpolicy.kernel import pins
-from cgpolicy.kernel.bpf import CgroupLink, Map, Program
+from cgpolicy.kernel.bpf import CgroupLink, Map, Program, close_all
 from cgpolicy.kernel.cgroup import CgroupError, cgroup_id, open_cgroup
 from cgpolicy.kernel.hooks import hook as hook_named
-from cgpolicy.kernel.loader import LoadedProgram, LoaderError, create_map, load_program
+from cgpolicy.kernel.loader import (
+    LoadedProgram,
+    LoaderError,
+    PreparedProgram,
+    create_map,
+    load_prepared,
+    load_program,
+    prepare_program,
+)
 from cgpolicy.kernel.syscall import BpfError, MapType
 
 log = logging.getLogger(__name__)
@@ -213,24 +221,40 @@ def _prepare_programs(
         _prepare_dns(plan, compiled, cgroup_root, bpf_dir, work)
         if work.dns is not None:
             shared |= work.dns.shared()
-    for spec in compiled.programs:
-        if plan.reload:
-            with_maps = shared
-            if spec.maps_from is not None:  # a connect check: the egress program's maps
-                made = work.new_programs[spec.maps_from].maps
-                with_maps = {
-                    **shared,
-                    **{m.name: made[m.name] for m in spec.maps if m.name in made},
-                }
-            try:
-                work.new_programs[spec.hook] = load_program(spec, shared_maps=with_maps or None)
-            except (LoaderError, BpfError) as error:
-                raise ApplyError(f"loading the {spec.hook} program failed: {error}") from error
-        else:
+    if plan.reload:
+        _load_programs(compiled, shared, work)
+    else:
+        for spec in compiled.programs:
             prog_pin = pins.hook_dir(bpf_dir, compiled.name, spec.hook) / pins.PROG_PIN
             work.current_programs[spec.hook] = Program.from_pin(prog_pin)
     if plan.reload and compiled.dns_programs:
         _load_dns_programs(compiled, work, shared)
+
+
+def _load_programs(compiled: CompiledPolicy, shared: dict[str, Map], work: _Work) -> None:
+    """Every program of the policy: maps made and filled one program after the other (a
+    connect check takes the egress program's), then all verified at once."""
+    prepared: dict[str, PreparedProgram] = {}
+    try:
+        for spec in compiled.programs:
+            with_maps = shared
+            if spec.maps_from is not None:  # a connect check: the egress program's maps
+                made = prepared[spec.maps_from].maps
+                with_maps = {
+                    **shared,
+                    **{m.name: made[m.name] for m in spec.maps if m.name in made},
+                }
+            prepared[spec.hook] = prepare_program(spec, shared_maps=with_maps or None)
+        loaded = load_prepared(list(prepared.values()))
+    except (LoaderError, BpfError) as error:
+        for unloaded in prepared.values():  # (closing twice is nothing)
+            close_all(unloaded.maps.values())
+        raise ApplyError(f"loading the programs failed: {error}") from error
+    except BaseException:
+        for unloaded in prepared.values():
+            close_all(unloaded.maps.values())
+        raise
+    work.new_programs.update((program.spec.hook, program) for program in loaded)
 
 
 def _prepare_dns(

@@ -21,6 +21,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -190,14 +191,37 @@ def _save_if_unchanged(
     _save_entry(store, source, key, compiled)
 
 
-def load_program(
+@dataclass
+class PreparedProgram:
+    """A program instance before PROG_LOAD: its maps made and filled, its instructions
+    pointing at them (:func:`prepare_program`)."""
+
+    spec: ProgramSpec
+    maps: dict[str, Map]
+    insns: bytes
+
+    def load(self) -> LoadedProgram:
+        """PROG_LOAD with the hook's program type and expected attach type; the maps are
+        the LoadedProgram's from here (closed with it, or here on failure)."""
+        target = hook(attach_hook(self.spec.hook))
+        try:
+            program = Program.load(
+                target.prog_type, self.insns, self.spec.prog_name, target.attach_type
+            )
+        except BaseException:
+            close_all(self.maps.values())
+            raise
+        return LoadedProgram(self.spec, program, self.maps)
+
+
+def prepare_program(
     spec: ProgramSpec,
     source_dir: Path = SOURCE_DIR,
     cflags: Sequence[str] = (),
     shared_maps: Mapping[str, Map] | None = None,
-) -> LoadedProgram:
-    """Load one instance of ``spec``: fresh maps filled from its MapSpecs, then PROG_LOAD with
-    the hook's program type and expected attach type. On failure nothing stays open.
+) -> PreparedProgram:
+    """Fresh maps for one instance of ``spec``, filled from its MapSpecs, and its
+    instructions with their fds. On failure nothing stays open.
 
     ``shared_maps`` (by map name) are maps the caller created and keeps, used instead of
     creating those from the spec: several programs of one policy share one ring buffer
@@ -205,7 +229,6 @@ def load_program(
     spec, not part of ``LoadedProgram.maps`` and not closed with the program."""
     compiled = compile_function(source_dir / spec.source, spec.function, cflags)
     _check_maps(spec, compiled)
-    target = hook(attach_hook(spec.hook))
     shared = dict(shared_maps or {})
     maps: dict[str, Map] = {}
     try:
@@ -219,11 +242,37 @@ def load_program(
         insns = bytearray(compiled.insns)
         for offset, name in compiled.relocations:
             struct.pack_into("<i", insns, offset + 4, by_name[name].fd)
-        program = Program.load(target.prog_type, bytes(insns), spec.prog_name, target.attach_type)
     except BaseException:
         close_all(maps.values())
         raise
-    return LoadedProgram(spec, program, maps)
+    return PreparedProgram(spec, maps, bytes(insns))
+
+
+def load_program(
+    spec: ProgramSpec,
+    source_dir: Path = SOURCE_DIR,
+    cflags: Sequence[str] = (),
+    shared_maps: Mapping[str, Map] | None = None,
+) -> LoadedProgram:
+    """Load one instance of ``spec`` (:func:`prepare_program`, then PROG_LOAD)."""
+    return prepare_program(spec, source_dir, cflags, shared_maps).load()
+
+
+def load_prepared(prepared: Sequence[PreparedProgram]) -> list[LoadedProgram]:
+    """PROG_LOAD every prepared program at once, one thread each up to the CPUs: the
+    verifier's walk is most of a load, and it runs on the calling thread's CPU. All or
+    nothing: on a failure every program and map is closed, and the first error raised."""
+    if len(prepared) <= 1:
+        return [p.load() for p in prepared]
+    with ThreadPoolExecutor(min(len(prepared), os.cpu_count() or 1)) as pool:
+        futures = [pool.submit(p.load) for p in prepared]
+    loaded = [f.result() for f in futures if f.exception() is None]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:
+        for done in loaded:
+            done.close()
+        raise failed[0]  # type: ignore[misc]
+    return loaded
 
 
 def create_map(spec: MapSpec) -> Map:
