@@ -689,25 +689,14 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, cons
 	return ret;
 }
 
-int cgp_ingress(struct __sk_buff *skb)
-{
-	return cgp_skb(skb, 0, 0);
-}
+/* Every program of this file comes in two variants: F, and F_names for policies whose rules
+ * name fqdns (the `names` constant; cgpolicy/contract.py names_variant). */
+#define CGP_SKB_PROGRAM(name, egress)                                                        \
+	int name(struct __sk_buff *skb) { return cgp_skb(skb, egress, 0); }                 \
+	int name##_names(struct __sk_buff *skb) { return cgp_skb(skb, egress, 1); }
 
-int cgp_egress(struct __sk_buff *skb)
-{
-	return cgp_skb(skb, 1, 0);
-}
-
-int cgp_ingress_dns(struct __sk_buff *skb)
-{
-	return cgp_skb(skb, 0, 1);
-}
-
-int cgp_egress_dns(struct __sk_buff *skb)
-{
-	return cgp_skb(skb, 1, 1);
-}
+CGP_SKB_PROGRAM(cgp_ingress, 0)
+CGP_SKB_PROGRAM(cgp_egress, 1)
 
 /*
  * cgroup_sock_addr: the local address the socket asks for on bind, the remote address on
@@ -722,7 +711,8 @@ int cgp_egress_dns(struct __sk_buff *skb)
  * are unknown, so deny rules (say, a cidr deny for the metadata address) still stop them
  * and only allow rules without protocol and ports let them through.
  */
-static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u32 hook)
+static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u32 hook,
+					 const int names)
 {
 	const struct cgp_net_config *cfg;
 	__u64 unknown, cidr_mask, proto_mask, port_mask;
@@ -750,7 +740,7 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 						  : cfg->any_cidr;
 		cgp_mapped4(remote, ctx->user_ip4);
 	}
-	if (cfg->fqdn_rules)
+	if (names && cfg->fqdn_rules)
 		cidr_mask |= cgp_learned_rules(cfg, remote, ctx, 0);
 
 	/* user_port holds the port in network byte order in its low 16 bits. */
@@ -793,35 +783,16 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 	return ret;
 }
 
-int cgp_bind4(struct bpf_sock_addr *ctx)
-{
-	return cgp_sock_addr(ctx, 0, CGP_HOOK_BIND4);
-}
+#define CGP_SOCK_ADDR_PROGRAM(name, v6, hook)                                                \
+	int name(struct bpf_sock_addr *ctx) { return cgp_sock_addr(ctx, v6, hook, 0); }     \
+	int name##_names(struct bpf_sock_addr *ctx) { return cgp_sock_addr(ctx, v6, hook, 1); }
 
-int cgp_bind6(struct bpf_sock_addr *ctx)
-{
-	return cgp_sock_addr(ctx, 1, CGP_HOOK_BIND6);
-}
-
-int cgp_connect4(struct bpf_sock_addr *ctx)
-{
-	return cgp_sock_addr(ctx, 0, CGP_HOOK_CONNECT4);
-}
-
-int cgp_connect6(struct bpf_sock_addr *ctx)
-{
-	return cgp_sock_addr(ctx, 1, CGP_HOOK_CONNECT6);
-}
-
-int cgp_sendmsg4(struct bpf_sock_addr *ctx)
-{
-	return cgp_sock_addr(ctx, 0, CGP_HOOK_SENDMSG4);
-}
-
-int cgp_sendmsg6(struct bpf_sock_addr *ctx)
-{
-	return cgp_sock_addr(ctx, 1, CGP_HOOK_SENDMSG6);
-}
+CGP_SOCK_ADDR_PROGRAM(cgp_bind4, 0, CGP_HOOK_BIND4)
+CGP_SOCK_ADDR_PROGRAM(cgp_bind6, 1, CGP_HOOK_BIND6)
+CGP_SOCK_ADDR_PROGRAM(cgp_connect4, 0, CGP_HOOK_CONNECT4)
+CGP_SOCK_ADDR_PROGRAM(cgp_connect6, 1, CGP_HOOK_CONNECT6)
+CGP_SOCK_ADDR_PROGRAM(cgp_sendmsg4, 0, CGP_HOOK_SENDMSG4)
+CGP_SOCK_ADDR_PROGRAM(cgp_sendmsg6, 1, CGP_HOOK_SENDMSG6)
 
 /*
  * network.egress at connect time (cgp_eg_connect4/6, cgp_eg_sendmsg4/6): a TCP or UDP
@@ -852,7 +823,8 @@ int cgp_sendmsg6(struct bpf_sock_addr *ctx)
 #define CGP_SOCK_STREAM 1
 #define CGP_SOCK_DGRAM 2
 
-static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int v6, __u32 flag)
+static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int v6, __u32 flag,
+						 const int names)
 {
 	const struct cgp_net_config *cfg;
 	__u64 cidr_mask, unsure = 0, proto_mask, matched, possible, certain;
@@ -895,7 +867,7 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, gen, addr4) : cfg->any_cidr;
 		cgp_mapped4(remote, addr4);
 	}
-	if (cfg->fqdn_rules && cgp_maybe_learned(remote)) {
+	if (names && cfg->fqdn_rules && cgp_maybe_learned(remote)) {
 		struct cgp_learned_key key = {.cgroup_id = cgp_dns_target(ctx, 0)};
 
 		/* with targets at one depth that is any cgroup's ancestor there: is it one? */
@@ -941,25 +913,14 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 	return 0;
 }
 
-int cgp_eg_connect4(struct bpf_sock_addr *ctx)
-{
-	return cgp_egress_at_connect(ctx, 0, CGP_EV_CONNECT);
-}
+#define CGP_CONNECT_CHECK(name, v6, flag)                                                     \
+	int name(struct bpf_sock_addr *ctx) { return cgp_egress_at_connect(ctx, v6, flag, 0); } \
+	int name##_names(struct bpf_sock_addr *ctx) { return cgp_egress_at_connect(ctx, v6, flag, 1); }
 
-int cgp_eg_connect6(struct bpf_sock_addr *ctx)
-{
-	return cgp_egress_at_connect(ctx, 1, CGP_EV_CONNECT);
-}
-
-int cgp_eg_sendmsg4(struct bpf_sock_addr *ctx)
-{
-	return cgp_egress_at_connect(ctx, 0, CGP_EV_SENDMSG);
-}
-
-int cgp_eg_sendmsg6(struct bpf_sock_addr *ctx)
-{
-	return cgp_egress_at_connect(ctx, 1, CGP_EV_SENDMSG);
-}
+CGP_CONNECT_CHECK(cgp_eg_connect4, 0, CGP_EV_CONNECT)
+CGP_CONNECT_CHECK(cgp_eg_connect6, 1, CGP_EV_CONNECT)
+CGP_CONNECT_CHECK(cgp_eg_sendmsg4, 0, CGP_EV_SENDMSG)
+CGP_CONNECT_CHECK(cgp_eg_sendmsg6, 1, CGP_EV_SENDMSG)
 
 /* The question of a DNS answer (at scratch->off): its rules, then the answers. The
  * ingress program already let the packet in, so every way out allows it. */

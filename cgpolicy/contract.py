@@ -256,15 +256,13 @@ class HookProgram:
     source: str  # its C file in bpf/
     function: str  # its C function, also the kernel's program name
     event_code: int  # cgp_event.hook: CGP_HOOK_<HOOK>
-    # the variant for policies whose rules name fqdns, where there is one (net.c cgp_skb)
-    names_function: str | None = None
 
 
 HOOK_PROGRAMS: dict[str, HookProgram] = {
     program.hook: program
     for program in (
-        HookProgram("ingress", "network.ingress", "net.c", "cgp_ingress", 1, "cgp_ingress_dns"),
-        HookProgram("egress", "network.egress", "net.c", "cgp_egress", 2, "cgp_egress_dns"),
+        HookProgram("ingress", "network.ingress", "net.c", "cgp_ingress", 1),
+        HookProgram("egress", "network.egress", "net.c", "cgp_egress", 2),
         HookProgram("sock_create", "sockets.create", "sock.c", "cgp_sock_create", 3),
         HookProgram("bind4", "sockets.bind", "net.c", "cgp_bind4", 4),
         HookProgram("bind6", "sockets.bind", "net.c", "cgp_bind6", 5),
@@ -277,6 +275,16 @@ HOOK_PROGRAMS: dict[str, HookProgram] = {
         HookProgram("sysctl", "sysctl", "sysctl.c", "cgp_sysctl", 11),
     )
 }
+
+
+def names_variant(function: str) -> str:
+    """The variant of a net.c program for policies whose rules name fqdns: it reads the
+    addresses learned from DNS answers (and, at ingress, learns them). The plain one has
+    none of that code, which makes it several times cheaper to verify; the kernel name
+    (prog_name) stays the plain one's."""
+    return f"{function}_names"
+
+
 # policy section -> the hooks its programs run at, in the order above
 SECTION_HOOKS: dict[str, tuple[str, ...]] = {
     section: tuple(p.hook for p in HOOK_PROGRAMS.values() if p.section == section)

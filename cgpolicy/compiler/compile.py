@@ -12,7 +12,7 @@ from typing import Any
 
 from cgpolicy.compiler.canonical import RuleKeys, ordered_rules, revision
 from cgpolicy.compiler.devices import device_maps
-from cgpolicy.compiler.dns import DnsConfig, dns_programs, learned_map, lookup_maps, name_rules
+from cgpolicy.compiler.dns import DnsConfig, dns_programs, name_rules
 from cgpolicy.compiler.maps import program_spec
 from cgpolicy.compiler.names import pattern_ids
 from cgpolicy.compiler.network import (
@@ -36,6 +36,7 @@ from cgpolicy.contract import (
     EGRESS_AT_CONNECT,
     HOOK_PROGRAMS,
     SECTION_HOOKS,
+    names_variant,
 )
 from cgpolicy.policy.describe import rule_text
 from cgpolicy.policy.model import (
@@ -122,10 +123,10 @@ def compile_policy(
                 used = (
                     maps if hook.endswith("6") else {k: v for k, v in maps.items() if k != "cidr6"}
                 )
-                programs.append(program_spec(hook, used))
+                programs.append(program_spec(hook, used, names=dns.used))
 
     if egress_maps and not audit and network.egress and may_refuse_at_connect(network.egress):
-        programs.extend(connect_checks(egress_maps))
+        programs.extend(connect_checks(egress_maps, names=dns.used))
 
     if policy.devices is not None:
         programs.append(program_spec("device", device_maps(policy.devices, audit, keys)))
@@ -177,22 +178,23 @@ def may_refuse_at_connect(section: NetworkSection) -> bool:
     )
 
 
-def connect_checks(egress_maps: dict[str, MapSpec]) -> list[ProgramSpec]:
+def connect_checks(egress_maps: dict[str, MapSpec], names: bool = False) -> list[ProgramSpec]:
     """network.egress checked at connect time (contract.EGRESS_AT_CONNECT): one program per
     sock_addr hook, on the egress program's maps (events and rate limit included); the
     IPv4 ones do not look IPv6 prefixes up."""
     specs = []
-    # the DNS maps when the egress program has none (no fqdns rules): 1-entry placeholders
-    placeholders = {"learned": learned_map(), **lookup_maps(False)}
     for check in EGRESS_AT_CONNECT.values():
-        names = sorted(_CONNECT_CHECK_MAPS - ({"cidr6"} if check.hook.endswith("4") else set()))
-        maps = tuple(egress_maps.get(name) or placeholders[name] for name in names)
-        specs.append(
-            ProgramSpec(check.slot, "net.c", check.function, check.function, maps, "egress")
-        )
+        unused = {"cidr6"} if check.hook.endswith("4") else set()
+        if not names:  # the plain variant reads no DNS maps
+            unused |= _CONNECT_CHECK_NAME_MAPS
+        maps = tuple(egress_maps[name] for name in sorted(_CONNECT_CHECK_MAPS - unused))
+        function = names_variant(check.function) if names else check.function
+        specs.append(ProgramSpec(check.slot, "net.c", function, check.function, maps, "egress"))
     return specs
 
 
+# the maps of DNS names, which only the names variant of cgp_egress_at_connect() reads
+_CONNECT_CHECK_NAME_MAPS = {"learned", "dns_seen", "dns_scope", "dns_targets", "dns_clock"}
 # the maps bpf/net.c cgp_egress_at_connect() uses
 _CONNECT_CHECK_MAPS = {
     "generation",
@@ -205,11 +207,7 @@ _CONNECT_CHECK_MAPS = {
     "counters",
     "events",
     "ratelimit",
-    "learned",
-    "dns_seen",
-    "dns_scope",
-    "dns_targets",
-    "dns_clock",
+    *_CONNECT_CHECK_NAME_MAPS,
 }
 
 

@@ -14,6 +14,7 @@ from cgpolicy.contract import (
     HOOK_PROGRAMS,
     RATELIMIT,
     U32,
+    names_variant,
 )
 
 BPF_F_NO_PREALLOC = 1  # required for LPM tries
@@ -24,14 +25,17 @@ EVENTS_PER_SECOND = 100  # per program and CPU; more are counted as dropped
 
 
 def program_spec(hook: str, maps: dict[str, MapSpec], names: bool = False) -> ProgramSpec:
-    """The hook's program; ``names``: its variant for rules naming fqdns (net.c's packet
-    programs only: contract.HookProgram.names_function)."""
+    """The hook's program; ``names``: its variant for rules naming fqdns (net.c only,
+    contract.names_variant)."""
     program = HOOK_PROGRAMS[hook]
-    function = program.names_function if names else program.function
-    assert function is not None, hook
+    function = names_variant(program.function) if names else program.function
     maps = {**maps, "events": events_map(), "ratelimit": ratelimit_map(EVENTS_PER_SECOND)}
     return ProgramSpec(
-        hook, program.source, function, function, tuple(maps[name] for name in sorted(maps))
+        hook,
+        program.source,
+        function,
+        program.function,
+        tuple(maps[name] for name in sorted(maps)),
     )
 
 

@@ -348,13 +348,13 @@ def socket_address_maps(
     v4, v6 = _cidr_tables(rules)
     # No icmpTypes or interfaces in socket rules: every rule passes those conditions.
     fields = dns.fields(where, rules)
+    names = {"learned": learned_map(dns.max_learned), **lookup_maps(True)} if dns.used else {}
     return {
         "generation": generation_map(),
         "config": two_copy_config_map(
             _net_config(section.default, rules, audit, all_rules, all_rules, fields)
         ),
-        "learned": learned_map(dns.max_learned if dns.used else 1),
-        **lookup_maps(dns.used),
+        **names,  # the names variant's (contract.names_variant)
         **_cidr4_maps(v4, index_min),
         "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),

@@ -311,14 +311,11 @@ def test_sockets_programs_and_maps() -> None:
         "sendmsg6",
     }
     events = {"events", "ratelimit"}  # deny events, in every program
+    # no fqdns rules: the plain programs, which read no DNS maps (contract.names_variant)
+    assert {p.function for p in compiled.programs} == {p.prog_name for p in compiled.programs}
     assert {m.name for m in hooks["connect4"].maps} == {
         "generation",  # the copy of the rule maps in force
         "config",
-        "learned",  # addresses DNS answers gave (fqdns rules), a 1-entry placeholder here
-        "dns_scope",  # and the target cgroups they are learned for, placeholders too
-        "dns_targets",
-        "dns_seen",
-        "dns_clock",
         "cidr4",
         "cidr4_idx",
         "cidr4_long",
@@ -330,11 +327,6 @@ def test_sockets_programs_and_maps() -> None:
         *events,
         "generation",
         "config",
-        "learned",
-        "dns_scope",
-        "dns_targets",
-        "dns_seen",
-        "dns_clock",
         "cidr4",
         "cidr4_idx",
         "cidr4_long",

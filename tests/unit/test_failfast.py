@@ -183,10 +183,9 @@ def test_the_checks_run_on_the_egress_program_s_maps() -> None:
         )
         names = {m.name for m in spec.maps}  # type: ignore[attr-defined]
         assert ("cidr6" in names) == check.hook.endswith("6")
-        assert {"config", "counters", "events", "ratelimit", "learned"} <= names
-        # the egress program's maps; its DNS ones are 1-entry placeholders when it has none
-        for m in spec.maps:  # type: ignore[attr-defined]
-            assert m == egress[m.name] if m.name in egress else m.max_entries == 1, m.name
+        assert {"generation", "config", "counters", "events", "ratelimit"} <= names
+        assert "learned" not in names  # no fqdns rules: the plain variant, no DNS maps
+        assert all(m == egress[m.name] for m in spec.maps)  # type: ignore[attr-defined]
     compiled = compile_policy(WEB, resolve)
     assert dict(compiled.rules).keys() == {"egress"}  # labels: the egress ones
 
