@@ -165,3 +165,51 @@ def test_a_process_never_meets_half_old_half_new_rules(
         assert tries > 0 and allowed == 0, result[0]
     finally:
         remove(service, "mix")
+
+
+def test_a_list_that_outgrows_its_maps_or_another_apply_means_a_reload(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports
+):
+    p1, *_ = loopback_ports.ports
+    target = [scratch_cgroup.relative]
+    service = Enforcer(cgroup_root, bpf_dir, in_place=True)
+    try:
+        apply_ok(service, policy_file(tmp_path, "grow", target, egress("127.0.0.1", p1)))
+        first = program_ids(bpf_dir, "grow")
+        # four times the prefixes: more than the room a copy has (a quarter more)
+        longer = [f"10.{i >> 8}.{i & 255}.0/24" for i in range(2400)]
+        apply_ok(
+            service, policy_file(tmp_path, "grow", target, egress("127.0.0.2", p1, extra=longer))
+        )
+        second = program_ids(bpf_dir, "grow")
+        assert second["egress"] != first["egress"]
+        expect(
+            scratch_cgroup,
+            [((NOW, "tcp", "127.0.0.1", p1), EPERM), ((NOW, "tcp", "127.0.0.2", p1), ALLOWED)],
+        )
+        # another process's apply (here: another Enforcer) in between: the service reloads
+        apply_ok(
+            Enforcer(cgroup_root, bpf_dir),
+            policy_file(tmp_path, "grow", target, egress("127.0.0.3", p1, extra=longer)),
+        )
+        third = program_ids(bpf_dir, "grow")
+        apply_ok(
+            service, policy_file(tmp_path, "grow", target, egress("127.0.0.1", p1, extra=longer))
+        )
+        assert program_ids(bpf_dir, "grow")["egress"] not in (second["egress"], third["egress"])
+        expect(
+            scratch_cgroup,
+            [((NOW, "tcp", "127.0.0.1", p1), ALLOWED), ((NOW, "tcp", "127.0.0.3", p1), EPERM)],
+        )
+        # and from then on it changes in place again
+        before = program_ids(bpf_dir, "grow")
+        apply_ok(
+            service, policy_file(tmp_path, "grow", target, egress("127.0.0.4", p1, extra=longer))
+        )
+        assert program_ids(bpf_dir, "grow") == before
+        expect(
+            scratch_cgroup,
+            [((NOW, "tcp", "127.0.0.1", p1), EPERM), ((NOW, "tcp", "127.0.0.4", p1), ALLOWED)],
+        )
+    finally:
+        remove(service, "grow")
