@@ -20,7 +20,6 @@ would overflow, or a write failed.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -253,8 +252,9 @@ def _reset_counters(load: _Load, compiled: CompiledPolicy) -> None:
 
 
 def _fill_copy_1(load: _Load) -> None:
+    """Copy 1 of a fresh load made equal to copy 0, which the compiled policy holds."""
     if _open(load) is None:
-        raise BpfError("BPF_MAP_GET_FD_BY_ID", errno.ENOENT, f"a map of {load.compiled.name}")
+        raise LookupError(f"a map of {load.compiled.name} is gone")
     for spec in _owners(load.compiled):
         for m in spec.maps:
             if m.two_copies:
