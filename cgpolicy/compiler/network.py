@@ -1,6 +1,7 @@
 """The maps of bpf/net.c: network sections (cgroup_skb ingress and egress) and socket
 address sections (bind, connect, sendmsg: cgroup_sock_addr), which share its CIDR and port
-lookups: LPM tries of OR-propagated rule masks, and for long IPv4 lists a /16 index."""
+lookups: LPM tries of OR-propagated rule masks, for long IPv4 lists a /16 index, and for
+IPv6 an index of its own (:mod:`cgpolicy.compiler.cidr6`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cgpolicy.compiler.canonical import RuleKeys, ordered_rules
+from cgpolicy.compiler.cidr6 import CIDR6_FLAT_MAX, cidr6_maps
 from cgpolicy.compiler.dns import (
     DnsConfig,
     jump_map,
@@ -33,7 +35,6 @@ from cgpolicy.contract import (
     CIDR4_LONG_KEY,
     CIDR4_PROBES,
     LPM4_KEY,
-    LPM6_KEY,
     LPM_PORT_KEY,
     NET_CONFIG,
     PROTO_SLOTS,
@@ -265,6 +266,7 @@ def network_maps(
     ifindexes: Sequence[set[int]],
     index_min: int,
     dns: DnsConfig,
+    cidr6_flat_max: int = CIDR6_FLAT_MAX,
 ) -> dict[str, MapSpec]:
     any_icmp = rule_mask(i for i, rule in enumerate(rules) if not rule.icmp_types)
     any_iface = rule_mask(i for i, rule in enumerate(rules) if not rule.interfaces)
@@ -290,7 +292,7 @@ def network_maps(
         "dns_pending": pending_map(dns.used),
         **learning,
         **_cidr4_maps(v4, index_min),
-        "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
+        **cidr6_maps(v6, cidr6_flat_max),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
         "icmp_types": array_map(
             "icmp_types", U64.size, 256, {t: U64.pack(m) for t, m in icmp.items()}
@@ -315,6 +317,7 @@ def socket_address_maps(
     keys: RuleKeys,
     index_min: int,
     dns: DnsConfig,
+    cidr6_flat_max: int = CIDR6_FLAT_MAX,
 ) -> dict[str, MapSpec]:
     rules = ordered_rules(section.rules, keys)
     all_rules = rule_mask(range(len(rules)))
@@ -328,7 +331,7 @@ def socket_address_maps(
         "learned": learned_map(dns.max_learned if dns.used else 1),
         **lookup_maps(dns.used),
         **_cidr4_maps(v4, index_min),
-        "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
+        **cidr6_maps(v6, cidr6_flat_max),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
         "counters": counters_map(),
     }
