@@ -33,6 +33,7 @@ address and scanning at most CIDR6_SPAN slots from its home slot.
 
 from __future__ import annotations
 
+import collections
 import functools
 import operator
 from itertools import accumulate, repeat
@@ -80,6 +81,9 @@ def _list_bytes(lengths: tuple[int, ...]) -> bytes:
     return bytes(lengths).ljust(CIDR6_LIST, b"\0")
 
 
+_EMPTY = _list_bytes(())
+
+
 class _Builder:
     """The entries (stored prefixes and markers) as parallel lists, with their masks
     propagated top-down: a node passes its own mask (that of every stored prefix
@@ -106,17 +110,9 @@ class _Builder:
         if count <= self.flat_max and count <= budget:
             self._flat(prefixes, lengths, inherited)
             return tuple(reversed(lengths))
-        if budget - 1 >= _worst(count - 1):
-            head = lengths[0]
-            groups = _groups(prefixes, head)
-            if max(map(len, groups.values()), default=0) * 2 <= len(prefixes):
-                own = self.own
-                for prefix in prefixes:
-                    if prefix[0] == head and prefix not in groups:
-                        self.emit(prefix, own[prefix] | inherited, ())
-                self._children(groups, {key: inherited | own.get(key, 0) for key in groups},
-                               budget - 1)
-                return (head,)
+        if budget - 1 >= _worst(count - 1) and self._bucket(prefixes, lengths[0], inherited,
+                                                             budget - 1):
+            return (lengths[0],)
         # balanced: from the longest, segment i holds at most 1 + _capacity(budget - i)
         worst = _worst(count)
         heads: list[int] = []
@@ -141,10 +137,49 @@ class _Builder:
             self._children({key: members}, {key: masks[key]}, budget - 1 - i)
         return tuple(heads)
 
+    def _bucket(self, prefixes: list[Prefix], head: int, inherited: int, budget: int) -> bool:
+        """Put every prefix longer than ``head`` (the node's shortest length) behind a
+        marker at ``head``, if no marker then holds more than half of the node's prefixes.
+        Most markers of a wide list hold one prefix: those are done in bulk."""
+        keep = _keep(head)
+        longer = [p for p in prefixes if p[0] > head]
+        regions = [value & keep for _, value in longer]
+        counts = collections.Counter(regions)
+        if max(counts.values(), default=0) * 2 > len(prefixes):
+            return False
+        own = self.own
+        at_head = {value: own[(length, value)] for length, value in prefixes if length == head}
+        marker_mask = {r: inherited | at_head.get(r, 0) for r in counts} if at_head else None
+        # the stored prefixes at head with nothing behind them
+        leaves = [(head, value) for value in at_head if value not in counts]
+        self.keys += leaves
+        self.masks += [own[key] | inherited for key in leaves]
+        self.lists += [_EMPTY] * len(leaves)
+        single = [(p, r) for p, r in zip(longer, regions, strict=True) if counts[r] == 1]
+        markers = [(head, r) for _, r in single]
+        if marker_mask is None:
+            masks = [inherited] * len(single)
+        else:
+            masks = [marker_mask[r] for _, r in single]
+        self.keys += [p for p, _ in single]
+        self.masks += [own[p] | mask for (p, _), mask in zip(single, masks, strict=True)]
+        self.lists += [_EMPTY] * len(single)
+        self.keys += markers
+        self.masks += masks
+        self.lists += [_list_bytes((p[0],)) for p, _ in single]
+        groups: dict[int, list[Prefix]] = {}
+        for prefix, region in zip(longer, regions, strict=True):
+            if counts[region] > 1:
+                groups.setdefault(region, []).append(prefix)
+        for region, inside in groups.items():
+            mask = inherited if marker_mask is None else marker_mask[region]
+            self.emit((head, region), mask, self.node(inside, mask, budget))
+        return True
+
     def _flat(self, prefixes: list[Prefix], lengths: list[int], inherited: int) -> None:
         own = self.own
         self.keys.extend(prefixes)
-        self.lists.extend([_list_bytes(())] * len(prefixes))
+        self.lists.extend([_EMPTY] * len(prefixes))
         if len(lengths) == 1:
             self.masks.extend([own[p] | inherited for p in prefixes])
             return
