@@ -36,7 +36,7 @@ from __future__ import annotations
 import collections
 import functools
 import operator
-from itertools import accumulate, repeat
+from itertools import accumulate
 
 from cgpolicy.compiler.spec import CompileError, MapSpec
 from cgpolicy.contract import (
@@ -82,6 +82,7 @@ def _list_bytes(lengths: tuple[int, ...]) -> bytes:
 
 
 _EMPTY = _list_bytes(())
+_LITTLE16 = functools.partial(int.to_bytes, length=16, byteorder="little")
 
 
 class _Builder:
@@ -110,8 +111,9 @@ class _Builder:
         if count <= self.flat_max and count <= budget:
             self._flat(prefixes, lengths, inherited)
             return tuple(reversed(lengths))
-        if budget - 1 >= _worst(count - 1) and self._bucket(prefixes, lengths[0], inherited,
-                                                             budget - 1):
+        if budget - 1 >= _worst(count - 1) and self._bucket(
+            prefixes, lengths[0], inherited, budget - 1
+        ):
             return (lengths[0],)
         # balanced: from the longest, segment i holds at most 1 + _capacity(budget - i)
         worst = _worst(count)
@@ -124,7 +126,7 @@ class _Builder:
             if top == 0:
                 break
         at_heads = set(heads)
-        groups = {}
+        groups: dict[Prefix, tuple[int, list[Prefix]]] = {}
         for i, head in enumerate(heads):
             below = 129 if i == 0 else heads[i - 1]
             inside = [p for p in prefixes if head < p[0] < below]
@@ -252,8 +254,8 @@ def cidr6_layout(
 def _homes(keys: list[Prefix], shift: int) -> list[int]:
     """bpf/net.c cgp_cidr6_hash: the slot each key hashes to."""
     return [
-        (((value >> 64) ^ ((value & _M64) * CIDR6_HASH_LO & _M64) ^ length) * CIDR6_HASH_MUL
-         & _M64) >> shift
+        (((value >> 64) ^ ((value & _M64) * CIDR6_HASH_LO & _M64) ^ length) * CIDR6_HASH_MUL & _M64)
+        >> shift
         for length, value in keys
     ]
 
@@ -269,8 +271,10 @@ def _place(keys: list[Prefix]) -> tuple[int, list[int], list[int]]:
         order = sorted(range(len(keys)), key=homes.__getitem__)
         ordered = [homes[i] for i in order]
         # slot k = k + max(home j - j, j <= k): the first free one from each home
-        slots = [k + m for k, m in enumerate(accumulate(
-            [home - k for k, home in enumerate(ordered)], max))]
+        slots = [
+            k + m
+            for k, m in enumerate(accumulate([home - k for k, home in enumerate(ordered)], max))
+        ]
         if not slots or max(map(int.__sub__, slots, ordered)) < CIDR6_SPAN:
             return shift, order, slots
         bits += 1
@@ -281,15 +285,16 @@ def cidr6_maps(v6: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX) -> dict[st
     """The IPv6 maps of bpf/net.c: cidr6_root and cidr6_slots."""
     (root_mask, root_list), keys, masks, lists = cidr6_layout(v6, flat_max)
     shift, order, slots = _place(keys)
-    take = operator.itemgetter(*order) if len(order) > 1 else lambda items: tuple(items)
-    ordered = take(keys)
-    values = map(
-        CIDR6_SLOT.struct.pack,  # addr, mask, len, next
-        map(int.to_bytes, [value for _, value in ordered], repeat(16), repeat("little")),
-        take(masks),
-        [length for length, _ in ordered],
-        take(lists),
+    values = list(
+        map(
+            CIDR6_SLOT.struct.pack,  # addr, mask, len, next
+            map(_LITTLE16, [value for _, value in keys]),
+            masks,
+            [length for length, _ in keys],
+            lists,
+        )
     )
+    ordered = operator.itemgetter(*order)(values) if len(values) > 1 else values
     size = (1 << (64 - shift)) + CIDR6_SPAN  # no wrap-around: a key's span stays inside
     root = CIDR6_ROOT.struct.pack(root_mask, shift, _list_bytes(root_list))
     return {
@@ -297,7 +302,12 @@ def cidr6_maps(v6: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX) -> dict[st
             "cidr6_root", "array", U32.size, CIDR6_ROOT.size, 1, 0, ((U32.pack(0), root),)
         ),
         "cidr6_slots": MapSpec(
-            "cidr6_slots", "array", U32.size, CIDR6_SLOT.size, size, 0,
-            tuple(zip(map(U32.pack, slots), values, strict=True)),
+            "cidr6_slots",
+            "array",
+            U32.size,
+            CIDR6_SLOT.size,
+            size,
+            0,
+            tuple(zip(map(U32.pack, slots), ordered, strict=True)),
         ),
     }

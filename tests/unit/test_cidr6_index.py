@@ -62,13 +62,11 @@ def index_lookup(maps: dict[str, MapSpec]) -> Callable[[int], tuple[int, int]]:
 
 
 def reference(prefixes: dict[tuple[int, int], int], address: int) -> int:
-    return sum_or(mask for (length, value), mask in prefixes.items() if address & keep(length) == value)
-
-
-def sum_or(masks: object) -> int:
+    """The trie's answer: the OR of the masks of every prefix containing the address."""
     found = 0
-    for mask in masks:  # type: ignore[attr-defined]
-        found |= mask
+    for (length, value), mask in prefixes.items():
+        if address & keep(length) == value:
+            found |= mask
     return found
 
 
@@ -124,8 +122,11 @@ def prefix_sets(draw: st.DrawFn) -> dict[tuple[int, int], int]:
     base = draw(st.integers(0, FULL))
     found: dict[tuple[int, int], int] = {}
     for length, spread, bit in draw(
-        st.lists(st.tuples(st.integers(low, high), st.integers(0, 128), st.integers(0, 63)),
-                 min_size=1, max_size=40)
+        st.lists(
+            st.tuples(st.integers(low, high), st.integers(0, 128), st.integers(0, 63)),
+            min_size=1,
+            max_size=40,
+        )
     ):
         address = base ^ (draw(st.integers(0, FULL)) >> spread)
         key = (length, address & keep(length))
