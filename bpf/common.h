@@ -360,9 +360,9 @@ struct cgp_pfx4 {
 };
 
 /* The IPv6 prefix index (net.c, above cgp_cidr6_mask()). */
-#define CGP_CIDR6_PROBES 10 /* lengths probed at most per IPv6 address */
+#define CGP_CIDR6_PROBES 8 /* lengths probed at most per IPv6 address */
 #define CGP_CIDR6_SPAN 8    /* slots scanned at most per probe, from the key's home slot */
-#define CGP_CIDR6_LIST 7    /* lengths in one list */
+#define CGP_CIDR6_LIST 7    /* bytes of a list: at most 6 lengths, then 0 */
 #define CGP_CIDR6_HASH_MUL 0x5851F42D4C957F2DULL
 #define CGP_CIDR6_HASH_LO 0x14057B7EF767814FULL
 

@@ -212,7 +212,7 @@ static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __
  * (len, address masked to len) and found from its home slot (the top bits of
  * cgp_cidr6_hash, shift in cidr6_root) within CGP_CIDR6_SPAN slots; an empty slot ends the
  * scan. It holds the mask OR-propagated over every stored prefix containing it and the
- * list of longer lengths to probe inside it (longest first, at most CGP_CIDR6_LIST).
+ * list of longer lengths to probe inside it (longest first, at most CGP_CIDR6_LIST - 1).
  *
  * The lookup probes cidr6_root's list longest first: a hit takes the hit's mask (it holds
  * every shorter match) and goes on with the hit's own list, a miss with the next length.
@@ -229,30 +229,35 @@ static __always_inline __u64 cgp_cidr6_hash(__u64 hi, __u64 lo, __u32 len)
 	return (hi ^ (lo * CGP_CIDR6_HASH_LO) ^ len) * CGP_CIDR6_HASH_MUL;
 }
 
-/* The index's mask for `addr` (four network-order words). */
+/* The index's mask for `addr` (four network-order words).
+ * The list being probed is kept as the 8 bytes it was read as (the root's shift or the hit
+ * slot's len, then its lengths, then at least one 0) and rotated a byte at a time, never
+ * narrowed: the verifier, which knows nothing of a value read from a map, then sees every
+ * way out of a probe (hit, empty slot, end of the scan) continue as one state. Shifting the
+ * list along made the egress program's verification 10 times longer. */
 static __always_inline __u64 cgp_cidr6_index(const __u32 addr[4])
 {
 	__u64 hi = ((__u64)bpf_ntohl(addr[0]) << 32) | bpf_ntohl(addr[1]);
 	__u64 lo = ((__u64)bpf_ntohl(addr[2]) << 32) | bpf_ntohl(addr[3]);
 	struct cgp_root6 *root;
-	__u64 found, next;
+	__u64 found, list;
 	__u32 zero = 0, shift, i;
 
 	root = cidr6_root.lookup(&zero);
 	if (!root)
 		return 0;
 	found = root->mask;
-	__builtin_memcpy(&next, &root->shift, 8); /* shift, then the list */
-	shift = next & 63;
-	next >>= 8;
+	__builtin_memcpy(&list, &root->shift, 8); /* shift, then the list */
+	shift = list & 63;
 	/* Count-bounded loops with no branch on the lengths' values: a short verifier walk. */
 	for (i = 0; i < CGP_CIDR6_PROBES; i++) {
-		__u32 len = next & 0xff, home, j;
+		__u32 len, home, j;
 		__u64 khi = hi, klo = 0;
 
+		list = (list >> 8) | (list << 56); /* the next length in the low byte */
+		len = list & 0xff;
 		if (!len)
 			break;
-		next >>= 8;
 		if (len > 64)
 			klo = lo & (~0ULL << ((128 - len) & 63));
 		else
@@ -261,16 +266,14 @@ static __always_inline __u64 cgp_cidr6_index(const __u32 addr[4])
 		for (j = 0; j < CGP_CIDR6_SPAN; j++) {
 			__u32 at = home + j;
 			struct cgp_slot6 *slot = cidr6_slots.lookup(&at);
+			__u64 key[2];
 
 			if (!slot || !slot->len)
 				break;
-			__u64 key[2];
-
 			__builtin_memcpy(key, slot->addr, 16);
 			if (slot->len == len && key[0] == klo && key[1] == khi) {
 				found = slot->mask;
-				__builtin_memcpy(&next, &slot->len, 8);
-				next >>= 8;
+				__builtin_memcpy(&list, &slot->len, 8); /* len, then the list */
 				break;
 			}
 		}

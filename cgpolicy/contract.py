@@ -426,9 +426,9 @@ CIDR4_LONG_KEY = Layout(
 )
 
 # The IPv6 prefix index (bpf/net.c cgp_cidr6_mask, cgpolicy/compiler/cidr6.py).
-CIDR6_PROBES = 10  # CGP_CIDR6_PROBES: lengths probed at most per IPv6 address
+CIDR6_PROBES = 8  # CGP_CIDR6_PROBES: lengths probed at most per IPv6 address
 CIDR6_SPAN = 8  # CGP_CIDR6_SPAN: slots scanned at most per probe, from the key's home slot
-CIDR6_LIST = 7  # CGP_CIDR6_LIST: lengths in one list (a slot's or the root's)
+CIDR6_LIST = 7  # CGP_CIDR6_LIST: bytes of a list (a slot's or the root's): <= 6 lengths, 0
 CIDR6_HASH_MUL = 0x5851F42D4C957F2D  # CGP_CIDR6_HASH_MUL: the hash (cgp_cidr6_hash)
 CIDR6_HASH_LO = 0x14057B7EF767814F  # CGP_CIDR6_HASH_LO
 # Value of the 1-entry array "cidr6_root".

@@ -9,7 +9,7 @@ Layout (the C comment above cgp_cidr6_mask says the same from the program's side
 - ``cidr6_slots`` (struct cgp_slot6, 32 B): one slot per entry, an entry being a stored
   prefix or a marker (a prefix that is not stored but leads to stored longer ones), keyed
   by (length, address masked to it): the OR-propagated mask of every stored prefix
-  containing the key, and the list of lengths (at most CIDR6_LIST, longest first) to
+  containing the key, and the list of lengths (at most CIDR6_LIST - 1, longest first) to
   probe for a longer match inside it.
 
 A lookup probes the root's lengths from the longest down; a hit replaces the result with
@@ -51,6 +51,7 @@ from cgpolicy.contract import (
 )
 
 CIDR6_FLAT_MAX = 4  # a node with at most this many distinct lengths lists them all
+_LENGTHS = CIDR6_LIST - 1  # lengths in a list: its last byte stays 0 (net.c reads 8 bytes)
 _M64 = (1 << 64) - 1
 _FULL = (1 << 128) - 1
 
@@ -61,7 +62,7 @@ Prefix = tuple[int, int]  # (length, network address as a 128-bit int)
 def _capacity(budget: int) -> int:
     """How many distinct lengths a node can hold and still answer within ``budget`` probes
     (balanced segments): the i-th segment from the top costs i probes before its own."""
-    return sum(1 + _capacity(budget - i) for i in range(1, min(CIDR6_LIST, budget) + 1))
+    return sum(1 + _capacity(budget - i) for i in range(1, min(_LENGTHS, budget) + 1))
 
 
 def _worst(count: int) -> int:
@@ -108,7 +109,7 @@ class _Builder:
         costs at most ``budget`` probes."""
         lengths = sorted({length for length, _ in prefixes})
         count = len(lengths)
-        if count <= self.flat_max and count <= budget:
+        if count <= min(self.flat_max, _LENGTHS, budget):
             self._flat(prefixes, lengths, inherited)
             return tuple(reversed(lengths))
         if budget - 1 >= _worst(count - 1) and self._bucket(
@@ -119,7 +120,7 @@ class _Builder:
         worst = _worst(count)
         heads: list[int] = []
         top = count
-        for i in range(1, CIDR6_LIST + 1):
+        for i in range(1, _LENGTHS + 1):
             size = min(top, 1 + _capacity(worst - i))
             top -= size
             heads.append(lengths[top])
