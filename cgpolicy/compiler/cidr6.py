@@ -83,7 +83,7 @@ def _list_bytes(lengths: tuple[int, ...]) -> bytes:
 
 
 _EMPTY = _list_bytes(())
-_LITTLE16 = functools.partial(int.to_bytes, length=16, byteorder="little")
+_LITTLE16 = operator.methodcaller("to_bytes", 16, "little")  # a slot's addr
 
 
 class _Builder:
