@@ -27,8 +27,9 @@ node's list (the root's, a marker's) one of:
   longer ones behind markers there, sized so that the worst address costs the fewest
   probes (a binary search on lengths: at most 8 probes for all 128 lengths).
 
-Every address costs at most CIDR6_PROBES probes (checked here), each hashing the masked
-address and scanning at most CIDR6_SPAN slots from its home slot.
+Every address costs at most CIDR6_PROBES probes (by construction: each node is built
+within the budget its parent leaves; tests/unit/test_cidr6_index.py checks it), each
+hashing the masked address and scanning at most CIDR6_SPAN slots from its home slot.
 """
 
 from __future__ import annotations
