@@ -71,6 +71,37 @@ def cidrs_v6(count: int, seed: int = 6) -> list[str]:
     return found
 
 
+# IPv6 length mixes of the verdict benchmark's index cases: (shortest, longest) length
+V6_MIXES = {"all_64": (64, 64), "all_128": (128, 128), "r32_128": (32, 128), "r16_128": (16, 128)}
+
+
+def cidrs_v6_mix(count: int, low: int, high: int, seed: int = 16) -> tuple[list[str], str, str]:
+    """``count`` distinct IPv6 CIDRs of lengths drawn uniformly from ``low``..``high``, at
+    random over the whole address space (so short ones contain some of the others), and
+    two addresses: one inside the first CIDR (a match), and one outside every CIDR that
+    shares all but the last bit of a longest one (a miss as deep as any)."""
+    rng = random.Random(seed)
+    found: dict[tuple[int, int], None] = {}
+    while len(found) < count:
+        length = rng.randint(low, high)
+        found[(length, rng.getrandbits(length) << (128 - length))] = None
+    nets = [ipaddress.IPv6Network((value, length)) for length, value in found]
+    match = nets[0].network_address + (nets[0].num_addresses - 1) // 2
+    by_length = sorted(range(len(nets)), key=lambda i: -nets[i].prefixlen)
+    for i in by_length:
+        net = nets[i]
+        sibling = int(net.network_address) ^ (1 << (128 - net.prefixlen))
+        if not any(
+            (length, sibling >> (128 - length) << (128 - length)) in found
+            for length in range(low, high + 1)
+        ):
+            miss = ipaddress.IPv6Address(sibling)
+            break
+    else:
+        raise RuntimeError("no uncovered address next to a CIDR")  # cannot happen
+    return [str(net) for net in nets], str(match), str(miss)
+
+
 def _list(items: Sequence[object], indent: str) -> str:
     return "".join(f'{indent}- "{item}"\n' for item in items)
 

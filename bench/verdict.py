@@ -13,6 +13,12 @@ one is dropped at egress (nothing leaves the host) after the full lookup path ha
 CIDR trie, port trie, interface map, decision, counter and the rate-limited deny event.
 "match"/"miss" still say whether the CIDR trie lookup finds the address.
 
+The IPv6 index (issue 14): 100,000 IPv6 prefixes of several length mixes (all /64, all
+/128, random /32-/128, random /16-/128: bench/policies.py V6_MIXES), each in its own
+egress program loaded for test_run only, with an address inside a prefix (match) and one
+just outside the longest ones (miss); ratios against the 1-prefix program's IPv6 figures,
+measured in the same interleaved rounds.
+
 The deny path (issue 4: the targets hold with counters and events on): the IPv4 miss
 packet, which the policy drops, once with every run emitting a deny event (the rate limit
 raised, the ring buffer drained between batches) and once over the rate limit (limit 0:
@@ -36,17 +42,20 @@ from pathlib import Path
 from bench import packets, policies
 from bench.figures import Figure, Report
 from bench.scratch import Scratch
+from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.compiler.maps import EVENTS_PER_SECOND
 from cgpolicy.contract import RATELIMIT
 from cgpolicy.events.decode import decode
 from cgpolicy.kernel import pins
 from cgpolicy.kernel.bpf import Map, Program
 from cgpolicy.kernel.hooks import hook
+from cgpolicy.kernel.loader import LoadedProgram, load_program
 from cgpolicy.kernel.ringbuf import RingBuffer
 from cgpolicy.kernel.syscall import enable_run_time_stats
 
 NS_TARGET = 100.0
 RATIO_TARGET = 2.0
+MIX_RATIO_TARGET = 1.4  # issue 14: IPv6, any mix of prefix lengths
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 EVENT_BATCH = 500  # runs per test_run while every run emits an event: well within the ring
 
@@ -236,11 +245,91 @@ def run(report: Report, quick: bool) -> None:
                     )
                 )
             _deny_path(report, scratch, programs, repeat, rounds)
+            _v6_mixes(report, Path(folder), programs["one_cidr"], many, repeat, rounds)
         finally:
             nop.close()
 
         _real_traffic(report, scratch, programs, datagrams)
         for program in programs.values():
+            program.close()
+
+
+def _v6_mixes(
+    report: Report, folder: Path, one: Program, many: int, repeat: int, rounds: int
+) -> None:
+    """verdict_ns.ipv6_mix.<mix>.match/miss: ``many`` IPv6 prefixes of each length mix in
+    an egress program (test_run only, not attached), against the 1-prefix program."""
+    loaded: dict[str, LoadedProgram] = {}
+    packets_of: dict[str, tuple[bytes, bytes]] = {}
+    setup: dict[str, dict[str, float | int]] = {}
+    try:
+        for mix, (low, high) in policies.V6_MIXES.items():
+            cidrs, match, miss = policies.cidrs_v6_mix(many, low, high)
+            name = f"mix-{mix.replace('_', '-')}"
+            (policy,) = policies.load(
+                folder, {name: policies.network_yaml(name, [("path", "x")], [], cidrs)}
+            )
+            start = time.perf_counter()
+            compiled = compile_policy(policy)
+            compile_s = time.perf_counter() - start
+            spec = next(p for p in compiled.programs if p.hook == "egress")
+            start = time.perf_counter()
+            loaded[mix] = load_program(spec)
+            slots = next(m for m in spec.maps if m.name == "cidr6_slots")
+            setup[mix] = {
+                "compile_s": round(compile_s, 3),
+                "load_s": round(time.perf_counter() - start, 3),
+                "index_entries": len(slots.entries),
+                "index_slots": slots.max_entries,
+                "index_bytes": slots.max_entries * slots.value_size,
+            }
+            packets_of[mix] = (
+                packets.ipv6_tcp("fd00::2", match, 443),
+                packets.ipv6_tcp("fd00::2", miss, 443),
+            )
+        report.details["verdict_v6_mix_setup"] = setup
+        base = {c.outcome: c.packet for c in CASES if c.family == "ipv6"}
+        samples: dict[str, list[int]] = {}
+        for _ in range(rounds):  # interleaved with the 1-prefix program
+            for outcome, verdict_expected in (("match", 1), ("miss", 0)):
+                samples.setdefault(f"one.{outcome}", []).append(
+                    _test_run(one, base[outcome], repeat, verdict_expected)
+                )
+                for mix, program in loaded.items():
+                    packet = packets_of[mix][0 if outcome == "match" else 1]
+                    samples.setdefault(f"{mix}.{outcome}", []).append(
+                        _test_run(program.program, packet, repeat, verdict_expected)
+                    )
+        report.details["verdict_v6_mix_samples_ns"] = samples
+        median = {key: statistics.median(values) for key, values in samples.items()}
+        for mix, (low, high) in policies.V6_MIXES.items():
+            lengths = f"/{low}" if low == high else f"/{low}-/{high}"
+            for outcome in ("match", "miss"):
+                ns = median[f"{mix}.{outcome}"]
+                one_ns = median[f"one.{outcome}"]
+                report.add(
+                    Figure(
+                        f"verdict_ns.ipv6_mix.{mix}.{outcome}",
+                        ns,
+                        "ns",
+                        f"egress verdict, ipv6 TCP {outcome}, {many:,} prefixes of {lengths} "
+                        "(test_run, raw)",
+                        ("<", NS_TARGET),
+                        f"{setup[mix]['index_entries']:,} index entries, compiled in "
+                        f"{setup[mix]['compile_s']} s",
+                    )
+                )
+                report.add(
+                    Figure(
+                        f"verdict_ratio.ipv6_mix.{mix}.{outcome}",
+                        ns / one_ns if one_ns else None,
+                        "x",
+                        f"{lengths} mix cost / 1-prefix cost ({one_ns} ns), ipv6 {outcome}",
+                        ("<=", MIX_RATIO_TARGET),
+                    )
+                )
+    finally:
+        for program in loaded.values():
             program.close()
 
 

@@ -374,6 +374,26 @@ struct cgp_pfx4 {
 	__u32 gen;
 };
 
+/* The IPv6 prefix index (net.c, above cgp_cidr6_mask()). */
+#define CGP_CIDR6_PROBES 8 /* lengths probed at most per IPv6 address */
+#define CGP_CIDR6_SPAN 8    /* slots scanned at most per probe, from the key's home slot */
+#define CGP_CIDR6_LIST 7    /* bytes of a list: at most 6 lengths, then 0 */
+#define CGP_CIDR6_HASH_MUL 0x5851F42D4C957F2DULL
+#define CGP_CIDR6_HASH_LO 0x14057B7EF767814FULL
+
+struct cgp_root6 {
+	__u64 mask;                 /* rules listing ::/0 */
+	__u8 shift;                 /* 64 - log2(table slots) */
+	__u8 next[CGP_CIDR6_LIST];  /* lengths to probe first, longest first, 0-terminated */
+};
+struct cgp_slot6 {
+	__u8 addr[16];              /* the address masked to len, a little-endian 128-bit
+				     * integer: bits 63..0 (lo), then bits 127..64 (hi) */
+	__u64 mask;                 /* OR-propagated over every stored prefix containing it */
+	__u8 len;                   /* 1..128; 0: an empty slot */
+	__u8 next[CGP_CIDR6_LIST];  /* lengths to probe inside it, longest first */
+};
+
 /* sock.c: sockets.create (cgroup_sock). */
 
 #define CGP_FAMILY_SLOTS 64

@@ -18,7 +18,8 @@
  * CIDRs and ports use LPM tries whose stored value for a prefix is the OR of the masks of
  * every stored prefix containing it (the compiler propagates ancestors), so one
  * longest-prefix lookup returns every rule whose list contains the address or port. Long
- * IPv4 lists use a /16 index and a hash instead of the trie (cgp_cidr4_mask).
+ * IPv4 lists use a /16 index and a hash instead of the trie (cgp_cidr4_mask); IPv6 lists
+ * an index of their own (cgp_cidr6_mask).
  *
  * Conditions that cannot be evaluated are "unknown": an unknown condition matches every
  * deny rule and no allow rule that constrains it (unknown = any_x | deny_mask). A packet can
@@ -37,8 +38,8 @@
 #ifndef CGP_CIDR4_LONG_MAX
 #define CGP_CIDR4_LONG_MAX 1
 #endif
-#ifndef CGP_CIDR6_MAX
-#define CGP_CIDR6_MAX 1
+#ifndef CGP_CIDR6_SLOTS_MAX
+#define CGP_CIDR6_SLOTS_MAX 1
 #endif
 #ifndef CGP_PORTS_MAX
 #define CGP_PORTS_MAX 1
@@ -90,7 +91,8 @@ BPF_ARRAY(config, struct cgp_net_config, 2);
 BPF_LPM_TRIE(cidr4, struct cgp_lpm4, __u64, CGP_CIDR4_MAX);
 BPF_ARRAY(cidr4_idx, struct cgp_idx4, CGP_CIDR4_IDX_MAX);
 BPF_HASH(cidr4_long, struct cgp_pfx4, __u64, CGP_CIDR4_LONG_MAX);
-BPF_LPM_TRIE(cidr6, struct cgp_lpm6, __u64, CGP_CIDR6_MAX);
+BPF_ARRAY(cidr6_root, struct cgp_root6, 2);
+BPF_ARRAY(cidr6_slots, struct cgp_slot6, CGP_CIDR6_SLOTS_MAX);
 BPF_LPM_TRIE(ports, struct cgp_lpm_port, __u64, CGP_PORTS_MAX);
 /* ICMP/ICMPv6 type -> rules listing it (both protocols share the table; the protocol mask
  * keeps them apart). skb only. */
@@ -221,6 +223,87 @@ static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __
 	return found;
 }
 
+/*
+ * IPv6 CIDRs: an LPM trie lookup walks one node per distinguishing prefix bit (~80 ns with
+ * 100,000 entries against ~11 ns with one), and a kernel hash map lookup costs ~30 ns, so
+ * IPv6 prefixes, whatever their number, live in a hash table the program hashes itself:
+ * cidr6_slots, an array of struct cgp_slot6 (32 B), open-addressed, whose array lookups
+ * the verifier inlines (a probe is a multiply, a shift and one or two slot reads). An
+ * entry is a stored prefix or a marker (a prefix leading to longer stored ones), keyed by
+ * (len, address masked to len) and found from its home slot (the top bits of
+ * cgp_cidr6_hash, shift in cidr6_root) within CGP_CIDR6_SPAN slots; an empty slot ends the
+ * scan. It holds the mask OR-propagated over every stored prefix containing it and the
+ * list of longer lengths to probe inside it (longest first, at most CGP_CIDR6_LIST - 1).
+ *
+ * The lookup probes cidr6_root's list longest first: a hit takes the hit's mask (it holds
+ * every shorter match) and goes on with the hit's own list, a miss with the next length.
+ * The compiler (cgpolicy/compiler/cidr6.py) shapes the lists so that no address costs more
+ * than CGP_CIDR6_PROBES probes: a root listing every length when there are few (a list of
+ * /64s: one probe), a bucket (every prefix behind a marker at the shortest length, e.g.
+ * per /32) where that splits the list, else a binary search on lengths. Memory: 32 B per
+ * slot, at least twice as many slots as entries, rounded up to a power of two, plus
+ * CGP_CIDR6_SPAN: 64 to 128 B per stored prefix, twice that for the markers of a list with
+ * many lengths (docs/policy.md, "Memory").
+ */
+static __always_inline __u64 cgp_cidr6_hash(__u64 hi, __u64 lo, __u32 len)
+{
+	return (hi ^ (lo * CGP_CIDR6_HASH_LO) ^ len) * CGP_CIDR6_HASH_MUL;
+}
+
+/* The index's mask for `addr` (four network-order words).
+ * The list being probed is kept as the 8 bytes it was read as (the root's shift or the hit
+ * slot's len, then its lengths, then at least one 0) and rotated a byte at a time, never
+ * narrowed: the verifier, which knows nothing of a value read from a map, then sees every
+ * way out of a probe (hit, empty slot, end of the scan) continue as one state. A byte
+ * counter instead gave it a state per count: 4 times the verifier steps (connect6). */
+static __always_inline __u64 cgp_cidr6_index(__u32 gen, const __u32 addr[4])
+{
+	__u64 hi = ((__u64)bpf_ntohl(addr[0]) << 32) | bpf_ntohl(addr[1]);
+	__u64 lo = ((__u64)bpf_ntohl(addr[2]) << 32) | bpf_ntohl(addr[3]);
+	struct cgp_root6 *root;
+	__u64 found, list;
+	__u32 shift, base, i;
+
+	root = cidr6_root.lookup(&gen);
+	if (!root)
+		return 0;
+	found = root->mask;
+	__builtin_memcpy(&list, &root->shift, 8); /* shift, then the list */
+	shift = list & 63;
+	/* copy 1 of the table follows copy 0, whose size the shift gives (cidr6.py) */
+	base = gen * (__u32)((1ULL << ((64 - shift) & 63)) + CGP_CIDR6_SPAN);
+	/* Count-bounded loops with no branch on the lengths' values: a short verifier walk. */
+	for (i = 0; i < CGP_CIDR6_PROBES; i++) {
+		__u32 len, home, j;
+		__u64 khi = hi, klo = 0;
+
+		list = (list >> 8) | (list << 56); /* the next length in the low byte */
+		len = list & 0xff;
+		if (!len)
+			break;
+		if (len > 64)
+			klo = lo & (~0ULL << ((128 - len) & 63));
+		else
+			khi = hi & (~0ULL << ((64 - len) & 63));
+		home = cgp_cidr6_hash(khi, klo, len) >> shift;
+		for (j = 0; j < CGP_CIDR6_SPAN; j++) {
+			__u32 at = base + home + j;
+			struct cgp_slot6 *slot = cidr6_slots.lookup(&at);
+			__u64 key[2];
+
+			if (!slot || !slot->len)
+				break;
+			__builtin_memcpy(key, slot->addr, 16);
+			if (slot->len == len && key[0] == klo && key[1] == khi) {
+				found = slot->mask;
+				__builtin_memcpy(&list, &slot->len, 8); /* len, then the list */
+				break;
+			}
+		}
+	}
+	return found;
+}
+
 /* Rules whose cidrs contain the IPv6 address `addr` (four network-order words).
  * An IPv4-mapped address (::ffff:a.b.c.d) is the IPv4 address a.b.c.d: a dual-stack
  * socket connecting to ::ffff:169.254.169.254 talks IPv4 to 169.254.169.254, so it meets
@@ -228,14 +311,8 @@ static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __
 static __always_inline __u64 cgp_cidr6_mask(const struct cgp_net_config *cfg, __u32 gen,
 					    const __u32 addr[4])
 {
-	struct cgp_lpm6 key = {.prefixlen = 32 + 128, .gen = gen};
-	__u64 mask = cfg->any_cidr;
-	__u64 *hit;
+	__u64 mask = cfg->any_cidr | cgp_cidr6_index(gen, addr);
 
-	__builtin_memcpy(key.addr, addr, 16);
-	hit = cidr6.lookup(&key);
-	if (hit)
-		mask |= *hit;
 	if (addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff))
 		mask |= cgp_cidr4_mask(cfg, gen, addr[3]);
 	return mask;

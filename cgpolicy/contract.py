@@ -461,6 +461,28 @@ CIDR4_LONG_KEY = Layout(
     ("gen", "__u32"),
 )
 
+# The IPv6 prefix index (bpf/net.c cgp_cidr6_mask, cgpolicy/compiler/cidr6.py).
+CIDR6_PROBES = 8  # CGP_CIDR6_PROBES: lengths probed at most per IPv6 address
+CIDR6_SPAN = 8  # CGP_CIDR6_SPAN: slots scanned at most per probe, from the key's home slot
+CIDR6_LIST = 7  # CGP_CIDR6_LIST: bytes of a list (a slot's or the root's): <= 6 lengths, 0
+CIDR6_HASH_MUL = 0x5851F42D4C957F2D  # CGP_CIDR6_HASH_MUL: the hash (cgp_cidr6_hash)
+CIDR6_HASH_LO = 0x14057B7EF767814F  # CGP_CIDR6_HASH_LO
+# Value of the 1-entry array "cidr6_root".
+CIDR6_ROOT = Layout(
+    "cgp_root6",
+    ("mask", "__u64"),  # rules listing ::/0
+    ("shift", "__u8"),  # 64 - log2(table slots): a hash's top bits are its home slot
+    ("next", "__u8", CIDR6_LIST),  # lengths to probe first, longest first, 0-terminated
+)
+# Value of the array "cidr6_slots": a stored prefix or a marker, keyed by (len, hi, lo).
+CIDR6_SLOT = Layout(
+    "cgp_slot6",
+    ("addr", "__u8", 16),  # the address masked to len, as a little-endian 128-bit integer
+    ("mask", "__u64"),  # OR-propagated over every stored prefix containing the key
+    ("len", "__u8"),  # 1..128; 0: an empty slot
+    ("next", "__u8", CIDR6_LIST),  # lengths to probe inside this entry, longest first
+)
+
 # --- sock.c ---------------------------------------------------------------------------------
 
 SOCKET_FAMILY_SLOTS = 64  # CGP_FAMILY_SLOTS
@@ -544,6 +566,8 @@ LAYOUTS: tuple[Layout, ...] = (
     IFACE_KEY,
     CIDR4_INDEX_ENTRY,
     CIDR4_LONG_KEY,
+    CIDR6_ROOT,
+    CIDR6_SLOT,
     CREATE_CONFIG,
     DEVICE_RULE,
     DEVICE_CONFIG,
@@ -561,6 +585,11 @@ C_CONSTANTS: dict[str, int] = {
     **{f"CGP_PROTO_{name.upper()}": slot for slot, name in enumerate(PROTO_SLOTS)},
     "CGP_PROTO_N": len(PROTO_SLOTS),
     "CGP_CIDR4_PROBES": CIDR4_PROBES,
+    "CGP_CIDR6_PROBES": CIDR6_PROBES,
+    "CGP_CIDR6_SPAN": CIDR6_SPAN,
+    "CGP_CIDR6_LIST": CIDR6_LIST,
+    "CGP_CIDR6_HASH_MUL": CIDR6_HASH_MUL,
+    "CGP_CIDR6_HASH_LO": CIDR6_HASH_LO,
     "CGP_DNS_LABELS": DNS_LABELS,
     "CGP_DNS_NAME_BYTES": DNS_NAME_BYTES,
     "CGP_DNS_ANSWERS": DNS_ANSWERS,

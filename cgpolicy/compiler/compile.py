@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cgpolicy.compiler.canonical import RuleKeys, ordered_rules, revision
+from cgpolicy.compiler.cidr6 import CIDR6_FLAT_MAX
 from cgpolicy.compiler.devices import device_maps
 from cgpolicy.compiler.dns import DnsConfig, dns_programs, name_rules
 from cgpolicy.compiler.maps import program_spec
@@ -63,14 +64,18 @@ def compile_policy(
     cidr4_index_min: int | None = None,
     resolve_device: DeviceResolver | None = None,
     dns_key: bytes | None = None,
+    cidr6_flat_max: int | None = None,
 ) -> CompiledPolicy:
     """Compile ``policy``. ``resolve_interfaces`` turns a rule's interface names and globs
     into ifindexes; it is needed only when a network rule names interfaces.
     ``cidr4_index_min`` overrides :data:`CIDR4_INDEX_MIN` (0: always the /16 index).
     ``resolve_device`` says what a ``path:`` device rule's path names on this node; it is
     needed only when a device rule names a path. ``dns_key`` (16 bytes) keys the hashes of
-    `fqdns` names; a fresh random one by default, so that each load has its own."""
+    `fqdns` names; a fresh random one by default, so that each load has its own.
+    ``cidr6_flat_max`` overrides :data:`CIDR6_FLAT_MAX` of the IPv6 index (0: markers
+    wherever a list has prefixes of more than one length, as in lists of many lengths)."""
     index_min = CIDR4_INDEX_MIN if cidr4_index_min is None else cidr4_index_min
+    flat_max = CIDR6_FLAT_MAX if cidr6_flat_max is None else cidr6_flat_max
     policy, device_paths = bind_device_paths(policy, resolve_device)
     by_name = _name_sections(policy)
     settings = policy.dns
@@ -100,7 +105,9 @@ def compile_policy(
         rules = ordered_rules(net_section.rules, keys)
         ifindexes = interface_sets(rules, resolve_interfaces)
         resolved[hook] = [sorted(found) for found in ifindexes]
-        maps = network_maps(hook, net_section.default, rules, audit, ifindexes, index_min, dns)
+        maps = network_maps(
+            hook, net_section.default, rules, audit, ifindexes, index_min, dns, flat_max
+        )
         programs.append(program_spec(hook, maps, names=dns.used))
         if hook == "egress":
             egress_maps = {m.name: m for m in programs[-1].maps}
@@ -117,11 +124,13 @@ def compile_policy(
             if section is None:
                 continue
             where = "sockets.bind" if section is sockets.bind else "sockets.connect"
-            maps = socket_address_maps(where, section, audit, keys, index_min, dns)
+            maps = socket_address_maps(where, section, audit, keys, index_min, dns, flat_max)
             for hook in hooks:
-                # IPv4 programs do not use cidr6; IPv6 ones use both (IPv4-mapped addresses).
+                # IPv4 programs do not use cidr6_*; IPv6 ones use both (IPv4-mapped addresses).
                 used = (
-                    maps if hook.endswith("6") else {k: v for k, v in maps.items() if k != "cidr6"}
+                    maps
+                    if hook.endswith("6")
+                    else {k: v for k, v in maps.items() if k not in _CIDR6_MAPS}
                 )
                 programs.append(program_spec(hook, used, names=dns.used))
 
@@ -184,7 +193,7 @@ def connect_checks(egress_maps: dict[str, MapSpec], names: bool = False) -> list
     IPv4 ones do not look IPv6 prefixes up."""
     specs = []
     for check in EGRESS_AT_CONNECT.values():
-        unused = {"cidr6"} if check.hook.endswith("4") else set()
+        unused = _CIDR6_MAPS if check.hook.endswith("4") else set()
         if not names:  # the plain variant reads no DNS maps
             unused |= _CONNECT_CHECK_NAME_MAPS
         maps = tuple(egress_maps[name] for name in sorted(_CONNECT_CHECK_MAPS - unused))
@@ -193,6 +202,7 @@ def connect_checks(egress_maps: dict[str, MapSpec], names: bool = False) -> list
     return specs
 
 
+_CIDR6_MAPS = {"cidr6_root", "cidr6_slots"}  # the IPv6 index (cidr6.py): IPv6 programs only
 # the maps of DNS names, which only the names variant of cgp_egress_at_connect() reads
 _CONNECT_CHECK_NAME_MAPS = {"learned", "dns_seen", "dns_scope", "dns_targets", "dns_clock"}
 # the maps bpf/net.c cgp_egress_at_connect() uses
@@ -202,7 +212,8 @@ _CONNECT_CHECK_MAPS = {
     "cidr4",
     "cidr4_idx",
     "cidr4_long",
-    "cidr6",
+    "cidr6_root",
+    "cidr6_slots",
     "ports",
     "counters",
     "events",

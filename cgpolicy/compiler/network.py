@@ -1,6 +1,7 @@
 """The maps of bpf/net.c: network sections (cgroup_skb ingress and egress) and socket
 address sections (bind, connect, sendmsg: cgroup_sock_addr), which share its CIDR and port
-lookups: LPM tries of OR-propagated rule masks, and for long IPv4 lists a /16 index."""
+lookups: LPM tries of OR-propagated rule masks, for long IPv4 lists a /16 index, and for
+IPv6 an index of its own (:mod:`cgpolicy.compiler.cidr6`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cgpolicy.compiler.canonical import RuleKeys, ordered_rules
+from cgpolicy.compiler.cidr6 import CIDR6_FLAT_MAX, cidr6_maps
 from cgpolicy.compiler.dns import (
     DnsConfig,
     jump_map,
@@ -36,7 +38,6 @@ from cgpolicy.contract import (
     GENERATION_BITS,
     IFACE_KEY,
     LPM4_KEY,
-    LPM6_KEY,
     LPM_PORT_KEY,
     NET_CONFIG,
     PROTO_SLOTS,
@@ -286,6 +287,7 @@ def network_maps(
     ifindexes: Sequence[set[int]],
     index_min: int,
     dns: DnsConfig,
+    cidr6_flat_max: int = CIDR6_FLAT_MAX,
 ) -> dict[str, MapSpec]:
     any_icmp = rule_mask(i for i, rule in enumerate(rules) if not rule.icmp_types)
     any_iface = rule_mask(i for i, rule in enumerate(rules) if not rule.interfaces)
@@ -317,7 +319,7 @@ def network_maps(
         "config": two_copy_config_map(config),
         **names,
         **_cidr4_maps(v4, index_min),
-        "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
+        **cidr6_maps(v6, cidr6_flat_max),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
         "icmp_types": _two_copy_array(
             "icmp_types",
@@ -342,6 +344,7 @@ def socket_address_maps(
     keys: RuleKeys,
     index_min: int,
     dns: DnsConfig,
+    cidr6_flat_max: int = CIDR6_FLAT_MAX,
 ) -> dict[str, MapSpec]:
     rules = ordered_rules(section.rules, keys)
     all_rules = rule_mask(range(len(rules)))
@@ -356,7 +359,7 @@ def socket_address_maps(
         ),
         **names,  # the names variant's (contract.names_variant)
         **_cidr4_maps(v4, index_min),
-        "cidr6": _lpm_map("cidr6", LPM6_KEY, v6),
+        **cidr6_maps(v6, cidr6_flat_max),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
         "counters": counters_map(),
     }

@@ -42,6 +42,12 @@ FIGURES = {
         for path in ("deny_event", "deny_over_limit")
         for size in ("one_cidr", "many_cidrs")
     ),
+    *(
+        f"{kind}.ipv6_mix.{mix}.{outcome}"
+        for kind in ("verdict_ns", "verdict_ratio")
+        for mix in ("all_64", "all_128", "r32_128", "r16_128")
+        for outcome in ("match", "miss")
+    ),
     "event_decode_per_s",
     "validate_cidrs_s",
     "validate_cidrs_rss_mib",

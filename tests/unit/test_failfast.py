@@ -182,7 +182,7 @@ def test_the_checks_run_on_the_egress_program_s_maps() -> None:
             check.hook,
         )
         names = {m.name for m in spec.maps}  # type: ignore[attr-defined]
-        assert ("cidr6" in names) == check.hook.endswith("6")
+        assert ("cidr6_slots" in names) == check.hook.endswith("6")
         assert {"generation", "config", "counters", "events", "ratelimit"} <= names
         assert "learned" not in names  # no fqdns rules: the plain variant, no DNS maps
         assert all(m == egress[m.name] for m in spec.maps)  # type: ignore[attr-defined]
