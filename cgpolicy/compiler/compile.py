@@ -193,18 +193,22 @@ def connect_checks(egress_maps: dict[str, MapSpec], names: bool = False) -> list
     IPv4 ones do not look IPv6 prefixes up."""
     specs = []
     for check in EGRESS_AT_CONNECT.values():
-        unused = _CIDR6_MAPS if check.hook.endswith("4") else set()
+        unused = _CIDR6_MAPS if check.hook.endswith("4") else frozenset()
         if not names:  # the plain variant reads no DNS maps
-            unused |= _CONNECT_CHECK_NAME_MAPS
+            unused = unused | _CONNECT_CHECK_NAME_MAPS
         maps = tuple(egress_maps[name] for name in sorted(_CONNECT_CHECK_MAPS - unused))
         function = names_variant(check.function) if names else check.function
         specs.append(ProgramSpec(check.slot, "net.c", function, check.function, maps, "egress"))
     return specs
 
 
-_CIDR6_MAPS = {"cidr6_root", "cidr6_slots"}  # the IPv6 index (cidr6.py): IPv6 programs only
+_CIDR6_MAPS = frozenset(
+    {"cidr6_root", "cidr6_slots"}
+)  # the IPv6 index (cidr6.py): IPv6 programs only
 # the maps of DNS names, which only the names variant of cgp_egress_at_connect() reads
-_CONNECT_CHECK_NAME_MAPS = {"learned", "dns_seen", "dns_scope", "dns_targets", "dns_clock"}
+_CONNECT_CHECK_NAME_MAPS = frozenset(
+    {"learned", "dns_seen", "dns_scope", "dns_targets", "dns_clock"}
+)
 # the maps bpf/net.c cgp_egress_at_connect() uses
 _CONNECT_CHECK_MAPS = {
     "generation",

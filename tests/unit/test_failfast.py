@@ -268,3 +268,17 @@ def test_explain_says_whether_a_denial_fails_fast() -> None:
     assert at_connect("egress", "tcp", "8.8.8.8:53", policy=audit) == [
         ("deny", "network.egress", None)
     ]
+
+
+def test_a_plain_compile_leaves_the_names_variant_its_dns_maps() -> None:
+    """The IPv4 checks' map set is computed per call: a plain one first must not change
+    what the names variant gets after it."""
+    from cgpolicy.compiler.compile import _CONNECT_CHECK_MAPS, connect_checks
+    from cgpolicy.compiler.spec import MapSpec
+
+    egress = {name: MapSpec(name, "array", 4, 4, 1, 0, ()) for name in _CONNECT_CHECK_MAPS}
+    plain = {spec.hook: {m.name for m in spec.maps} for spec in connect_checks(egress)}
+    named = {spec.hook: {m.name for m in spec.maps} for spec in connect_checks(egress, names=True)}
+    assert "learned" not in plain["egress@connect4"]
+    assert {"learned", "dns_targets"} <= named["egress@connect4"]
+    assert "cidr6_slots" not in named["egress@connect4"]
