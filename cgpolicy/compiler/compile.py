@@ -39,6 +39,7 @@ from cgpolicy.contract import (
     names_variant,
 )
 from cgpolicy.policy.describe import rule_text
+from cgpolicy.policy.gcpause import gc_paused
 from cgpolicy.policy.model import (
     DeviceRule,
     Network,
@@ -70,6 +71,17 @@ def compile_policy(
     ``resolve_device`` says what a ``path:`` device rule's path names on this node; it is
     needed only when a device rule names a path. ``dns_key`` (16 bytes) keys the hashes of
     `fqdns` names; a fresh random one by default, so that each load has its own."""
+    with gc_paused():
+        return _compile(policy, resolve_interfaces, cidr4_index_min, resolve_device, dns_key)
+
+
+def _compile(
+    policy: Policy,
+    resolve_interfaces: InterfaceResolver | None,
+    cidr4_index_min: int | None,
+    resolve_device: DeviceResolver | None,
+    dns_key: bytes | None,
+) -> CompiledPolicy:
     index_min = CIDR4_INDEX_MIN if cidr4_index_min is None else cidr4_index_min
     policy, device_paths = bind_device_paths(policy, resolve_device)
     by_name = _name_sections(policy)
