@@ -14,6 +14,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,8 @@ def run(report: Report, quick: bool) -> None:
             rounds = 3 if quick or count >= 100_000 else 9
             result = load_paths([path])
             (policy,) = result.policies
-            load, load_low, load_high = _median_ms(lambda: load_paths([path]), rounds)
-            comp, comp_low, comp_high = _median_ms(lambda: compile_policy(policy), rounds)
+            load, load_low, load_high = _median_ms(partial(load_paths, [path]), rounds)
+            comp, comp_low, comp_high = _median_ms(partial(compile_policy, policy), rounds)
             totals[count] = load + comp
             spread = f"median of {rounds}; load {load_low:.1f}-{load_high:.1f}"
             report.add(
