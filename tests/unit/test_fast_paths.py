@@ -395,3 +395,27 @@ def test_index_entries_are_the_straightforward_ones(v4: dict[tuple[int, int], in
 def test_canonical_text_is_the_straightforward_one(text: str) -> None:
     net = parse_cidr(text)
     assert canonical._network_text(net) == _old_network_text(net)
+
+
+def test_gc_paused_restores_the_collector() -> None:
+    import gc
+
+    from cgpolicy.policy.gcpause import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner pause leaves the outer one in force
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # it was off: left off
+    finally:
+        gc.enable()
