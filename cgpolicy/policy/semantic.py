@@ -115,13 +115,13 @@ def _network_maker(network_type: type[IPNetwork], longest: int) -> Callable[[int
         address._ip = value
         for name, default in others:
             setattr(address, name, default)
-        attributes = network.__dict__
-        attributes["network_address"] = address
-        attributes["netmask"], attributes["_prefixlen"] = masks[length]
+        # set as attributes, in __init__'s order, not through __dict__: that would give
+        # each network a dict of its own instead of the compact shared-key layout
+        network.network_address = address
+        network.netmask, network._prefixlen = masks[length]  # type: ignore[union-attr]
         if length >= longest - 1:  # ipaddress gives these two lengths their own hosts()
-            attributes["hosts"] = (
-                network.__iter__ if length < longest else lambda: [address_type(value)]
-            )
+            hosts: Any = network.__iter__ if length < longest else lambda: [address_type(value)]
+            network.hosts = hosts  # type: ignore[method-assign]
         return network
 
     def real(value: int, length: int) -> IPNetwork:
