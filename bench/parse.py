@@ -2,8 +2,9 @@
 
 The file is bench/validate.py's: one allow rule of N random IPv4 /24s (N = 1,000, 10,000
 and 100,000; --quick: the first two). Each figure is the median wall time of several rounds
-(the spread is in the note); a change of one prefix in such a file costs the same, since
-the file is read and compiled whole. `details.parse` splits the load into its stages (YAML
+(the spread is in the note). A change of one prefix in such a file is read and compiled
+whole too, but the CIDRs the load before parsed are not parsed again: `parse_change_ms`
+times that, the service's case. `details.parse` splits the load into its stages (YAML
 events to plain data, the JSON Schema, the semantic checks, building the model), each
 timed alone, the median of the same rounds. bench/README.md has the before/after table.
 """
@@ -25,7 +26,7 @@ from cgpolicy.policy import validate as validation
 from cgpolicy.policy.build import build_policy
 from cgpolicy.policy.gcpause import gc_paused
 from cgpolicy.policy.loader import load_file
-from cgpolicy.policy.semantic import check_policy, parse_cidr
+from cgpolicy.policy.semantic import check_policy, end_of_load
 from cgpolicy.policy.validate import load_paths
 
 SIZES = (1_000, 10_000, 100_000)
@@ -54,7 +55,7 @@ def _stages(path: Path, rounds: int) -> dict[str, float]:
             list(validation._validator().iter_errors(document.data))
 
     def checks() -> None:
-        parse_cidr.cache_clear()
+        end_of_load(keep=False)
         with gc_paused():
             list(check_policy(document.data))
 
@@ -72,8 +73,27 @@ def _stages(path: Path, rounds: int) -> dict[str, float]:
         "semantic_ms": _median_ms(checks, rounds)[0],
         "build_ms": _median_ms(build, rounds)[0],
     }
-    parse_cidr.cache_clear()
+    end_of_load(keep=False)
     return {key: round(value, 2) for key, value in found.items()}
+
+
+def _change_ms(folder: Path, path: Path, rounds: int) -> float:
+    """Median ms of reading and compiling ``path`` with one prefix changed, each time right
+    after a load of ``path`` itself."""
+    lines = path.read_bytes().split(b"\n")
+    middle = len(lines) // 2
+    changed = Path(folder, "changed.yaml")
+    changed.write_bytes(
+        b"\n".join([*lines[:middle], b'            - "203.0.113.0/24"', *lines[middle + 1 :]])
+    )
+    times = []
+    for _ in range(rounds):
+        load_paths([path])
+        started = time.perf_counter()
+        (policy,) = load_paths([changed]).policies
+        compile_policy(policy)
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
 
 
 def run(report: Report, quick: bool) -> None:
@@ -114,8 +134,17 @@ def run(report: Report, quick: bool) -> None:
                     f"parse_total_ms.{count}",
                     totals[count],
                     "ms",
-                    "the two together: what a change of one prefix in that file costs "
-                    "before anything is applied",
+                    "the two together: reading a new file of that size, before anything is applied",
+                )
+            )
+            change = _change_ms(Path(folder), path, rounds)
+            report.add(
+                Figure(
+                    f"parse_change_ms.{count}",
+                    change,
+                    "ms",
+                    "load_paths + compile_policy of that file with one prefix changed, "
+                    "right after a load of the file as it was (the service's case)",
                     ("<", 10.0) if count == 10_000 else None,
                 )
             )

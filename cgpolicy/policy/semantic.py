@@ -6,7 +6,6 @@ of the expected type and leave the rest to the schema's messages.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import itertools
 import re
@@ -59,11 +58,35 @@ class InvalidValue(ValueError):
 # -- parsers shared with build ------------------------------------------------------------
 
 
-# The semantic check and the model builder both parse every CIDR; the cache lets the second
-# pass reuse the first. load_paths clears it when done, so it never outlives one load.
-@functools.lru_cache(maxsize=1 << 18)
+# The semantic checks and the model builder both parse every CIDR, and the reconcile service
+# reads a changed file again whole: a load keeps what it parsed, and the next load starts
+# from it, so the second pass and a file read again with one prefix changed parse only what
+# is new. Only the last load's CIDRs are kept (networks its policies hold anyway).
+MAX_KEPT_CIDRS = 1 << 18
+_this_load: dict[str, IPNetwork] = {}
+_last_load: dict[str, IPNetwork] = {}
+
+
 def parse_cidr(text: str) -> IPNetwork:
     """A strict network: a bare address is /32 or /128; host bits set are an error."""
+    network = _this_load.get(text)
+    if network is None:
+        network = _last_load.get(text)
+        if network is None:
+            network = _parse_cidr(text)
+        if len(_this_load) < MAX_KEPT_CIDRS:
+            _this_load[text] = network
+    return network
+
+
+def end_of_load(keep: bool = True) -> None:
+    """The CIDRs parsed since the last call are the ones kept for the next load (none
+    without ``keep``); those of the load before are dropped."""
+    global _this_load, _last_load
+    _last_load, _this_load = (_this_load if keep else {}), {}
+
+
+def _parse_cidr(text: str) -> IPNetwork:
     network = _plain_ipv4_network(text) if ":" not in text else _plain_ipv6_network(text)
     if network is not None:
         return network

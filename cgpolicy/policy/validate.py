@@ -32,7 +32,7 @@ from cgpolicy.policy.semantic import (
     InvalidValue,
     check_policy,
     duplicate_name,
-    parse_cidr,
+    end_of_load,
     policy_warnings,
 )
 from cgpolicy.policy.sourcemap import SourceMap
@@ -90,7 +90,7 @@ def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadResult:
         with gc_paused():
             return _load_paths(paths)
     finally:
-        parse_cidr.cache_clear()
+        end_of_load()
 
 
 def load_contents(files: Sequence[tuple[str, bytes]]) -> LoadResult:
@@ -104,7 +104,7 @@ def load_contents(files: Sequence[tuple[str, bytes]]) -> LoadResult:
             _load_into(result, files)
         return result
     finally:
-        parse_cidr.cache_clear()
+        end_of_load()
 
 
 def _load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadResult:

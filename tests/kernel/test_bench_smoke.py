@@ -50,7 +50,7 @@ FIGURES = {
     "validate_hostile_max_rss_mib",
     *(
         f"parse_{kind}_ms.{count}"
-        for kind in ("load_paths", "compile", "total")
+        for kind in ("load_paths", "compile", "total", "change")
         for count in (1000, 10000)
     ),
     "validate_fanout_s",

@@ -31,7 +31,7 @@ from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.contract import CIDR4_INDEX_ENTRY, U32
 from cgpolicy.policy import loader
 from cgpolicy.policy.loader import load_file
-from cgpolicy.policy.semantic import InvalidValue, parse_cidr
+from cgpolicy.policy.semantic import InvalidValue, end_of_load, parse_cidr
 from cgpolicy.policy.validate import load_contents
 
 
@@ -63,7 +63,7 @@ def _alike(fast: Any, slow: Any) -> None:
 
 
 def _check(text: str) -> None:
-    parse_cidr.cache_clear()
+    end_of_load(keep=False)
     expected = _expected(text)
     if expected is None:
         with pytest.raises(InvalidValue):
@@ -419,3 +419,21 @@ def test_gc_paused_restores_the_collector() -> None:
         assert not gc.isenabled()  # it was off: left off
     finally:
         gc.enable()
+
+
+def test_a_load_starts_from_the_cidrs_of_the_one_before() -> None:
+    from cgpolicy.policy import semantic
+
+    end_of_load(keep=False)
+    first = parse_cidr("192.0.2.0/24")
+    assert parse_cidr("192.0.2.0/24") is first  # the build reuses the checks' result
+    end_of_load()
+    assert parse_cidr("192.0.2.0/24") is first  # the next load too
+    end_of_load()
+    end_of_load()  # a load that did not use it: dropped
+    assert parse_cidr("192.0.2.0/24") is not first
+    with pytest.raises(InvalidValue):  # refusals are not kept, so their message is made
+        parse_cidr("192.0.2.1/24")
+    assert "192.0.2.1/24" not in semantic._this_load
+    end_of_load(keep=False)
+    assert not semantic._this_load and not semantic._last_load
