@@ -33,14 +33,20 @@ SIZES = (1_000, 10_000, 100_000)
 QUICK_SIZES = (1_000, 10_000)
 
 
-def _median_ms(function: Callable[[], Any], rounds: int) -> tuple[float, float, float]:
-    """Median, lowest and highest wall time in ms of ``rounds`` calls (after one warm-up)."""
+def _median_ms(
+    function: Callable[[], Any], rounds: int, before: Callable[[], None] = lambda: None
+) -> tuple[float, float, float]:
+    """Median, lowest and highest wall time in ms of ``rounds`` calls (after one warm-up),
+    each after ``before`` (not timed). What a call returns is freed after its timing: the
+    previous result is not freed inside the next call either."""
     function()
     times = []
     for _ in range(rounds):
+        before()
         started = time.perf_counter()
-        function()
+        result = function()
         times.append((time.perf_counter() - started) * 1e3)
+        del result
     return statistics.median(times), min(times), max(times)
 
 
@@ -54,23 +60,22 @@ def _stages(path: Path, rounds: int) -> dict[str, float]:
         with gc_paused():
             list(validation._validator().iter_errors(document.data))
 
-    def checks() -> None:
-        end_of_load(keep=False)
+    def checks() -> list[Any]:
         with gc_paused():
-            list(check_policy(document.data))
+            return list(check_policy(document.data))
 
-    def build() -> None:  # after checks(): the CIDRs are in the cache, as in load_paths
+    def build() -> Any:  # after checks(): the CIDRs are in the cache, as in load_paths
         with gc_paused():
-            build_policy(document.data, document.source_map, str(path))
+            return build_policy(document.data, document.source_map, str(path))
 
-    def yaml() -> None:
+    def yaml() -> Any:
         with gc_paused():
-            load_file(str(path))
+            return load_file(str(path))
 
     found = {
         "yaml_ms": _median_ms(yaml, rounds)[0],
         "schema_ms": _median_ms(schema, rounds)[0],
-        "semantic_ms": _median_ms(checks, rounds)[0],
+        "semantic_ms": _median_ms(checks, rounds, partial(end_of_load, keep=False))[0],
         "build_ms": _median_ms(build, rounds)[0],
     }
     end_of_load(keep=False)
@@ -91,8 +96,9 @@ def _change_ms(folder: Path, path: Path, rounds: int) -> float:
         load_paths([path])
         started = time.perf_counter()
         (policy,) = load_paths([changed]).policies
-        compile_policy(policy)
+        compiled = compile_policy(policy)
         times.append((time.perf_counter() - started) * 1e3)
+        del policy, compiled
     return statistics.median(times)
 
 
@@ -106,7 +112,9 @@ def run(report: Report, quick: bool) -> None:
             rounds = 3 if quick or count >= 100_000 else 9
             result = load_paths([path])
             (policy,) = result.policies
-            load, load_low, load_high = _median_ms(partial(load_paths, [path]), rounds)
+            load, load_low, load_high = _median_ms(
+                partial(load_paths, [path]), rounds, partial(end_of_load, keep=False)
+            )
             comp, comp_low, comp_high = _median_ms(partial(compile_policy, policy), rounds)
             totals[count] = load + comp
             spread = f"median of {rounds}; load {load_low:.1f}-{load_high:.1f}"
