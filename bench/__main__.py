@@ -17,6 +17,7 @@ from bench import (
     enforce,
     failfast,
     learn,
+    parse,
     policytest,
     reconcile,
     rollout,
@@ -30,6 +31,7 @@ from bench.scratch import remove_top_folders
 BENCHMARKS: dict[str, Callable[[Report, bool], None]] = {
     "startup": startup.run,  # first: whole commands, before this process grows
     "validate": validate.run,
+    "parse": parse.run,
     "verdict": verdict.run,
     "enforce": enforce.run,
     "reconcile": reconcile.run,

@@ -40,6 +40,7 @@ from cgpolicy.contract import (
     names_variant,
 )
 from cgpolicy.policy.describe import rule_text
+from cgpolicy.policy.gcpause import gc_paused
 from cgpolicy.policy.model import (
     DeviceRule,
     Network,
@@ -74,6 +75,20 @@ def compile_policy(
     `fqdns` names; a fresh random one by default, so that each load has its own.
     ``cidr6_flat_max`` overrides :data:`CIDR6_FLAT_MAX` of the IPv6 index (0: markers
     wherever a list has prefixes of more than one length, as in lists of many lengths)."""
+    with gc_paused():
+        return _compile(
+            policy, resolve_interfaces, cidr4_index_min, resolve_device, dns_key, cidr6_flat_max
+        )
+
+
+def _compile(
+    policy: Policy,
+    resolve_interfaces: InterfaceResolver | None,
+    cidr4_index_min: int | None,
+    resolve_device: DeviceResolver | None,
+    dns_key: bytes | None,
+    cidr6_flat_max: int | None,
+) -> CompiledPolicy:
     index_min = CIDR4_INDEX_MIN if cidr4_index_min is None else cidr4_index_min
     flat_max = CIDR6_FLAT_MAX if cidr6_flat_max is None else cidr6_flat_max
     policy, device_paths = bind_device_paths(policy, resolve_device)

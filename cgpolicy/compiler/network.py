@@ -148,16 +148,19 @@ def _cidr4_maps(v4: dict[tuple[int, int], int], index_min: int) -> dict[str, Map
 def _index_entries(masks: list[int], lengths: dict[int, int]) -> tuple[tuple[bytes, bytes], ...]:
     """The cidr4_idx entries (struct cgp_idx4 per /16 with anything in it, in slot order).
     A short prefix such as /0 puts something in up to 65,536 slots, most of them alike, so
-    the values are packed once per distinct mask and the iteration stays in C."""
+    the values are packed once per distinct mask, and the slots in use are found in C."""
     entry = CIDR4_INDEX_ENTRY.struct  # mask, lengths, pad
     packed = {mask: entry.pack(mask, 0, 0) for mask in set(masks)}
-    values = list(map(packed.__getitem__, masks))
-    used = list(map(bool, masks))
-    for top, bits in lengths.items():
-        values[top] = entry.pack(masks[top], bits, 0)
-        used[top] = True
-    keys = map(U32.pack, range(CIDR4_INDEX_SLOTS))
-    return tuple(itertools.compress(zip(keys, values, strict=True), used))
+    slots = set(itertools.compress(range(CIDR4_INDEX_SLOTS), masks)).union(lengths)
+    return tuple(
+        (
+            U32.pack(slot),
+            packed[masks[slot]]
+            if slot not in lengths
+            else entry.pack(masks[slot], lengths[slot], 0),
+        )
+        for slot in sorted(slots)
+    )
 
 
 def cidr4_index(
@@ -221,7 +224,9 @@ def _cidr_tables(
         bit = 1 << index
         for net in rule.cidrs:
             table = v4 if isinstance(net, ipaddress.IPv4Network) else v6
-            _add(table, (net.prefixlen, int(net.network_address)), bit)
+            # what prefixlen and int(network_address) return, without two Python calls each
+            key = (net._prefixlen, net.network_address._ip)  # type: ignore[union-attr]
+            table[key] = table.get(key, 0) | bit
     return v4, v6
 
 

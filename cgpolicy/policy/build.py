@@ -190,7 +190,7 @@ def _dns(settings: dict[str, Any]) -> DnsSettings:
 
 
 def _cidrs(rule: dict[str, Any]) -> tuple[IPNetwork, ...]:
-    return tuple(parse_cidr(text) for text in rule.get("cidrs", ()))
+    return tuple(map(parse_cidr, rule.get("cidrs", ())))
 
 
 def _ports(rule: dict[str, Any]) -> tuple[PortRange, ...]:

@@ -58,6 +58,7 @@ _DECIMAL = re.compile(r"(?:0|[1-9][0-9]{0,17})\Z")  # YAML 1.1 reads 010 as octa
 MAX_NUMBER_CHARACTERS = 32
 MAX_NUMBER_BITS = 64
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_TOO_MANY_NODES = f"file has more than {MAX_NODES:,} YAML nodes"
 _NO_ALIASES_HINT = (
     "write the value out in full; anchors and aliases are refused so that a small file "
     "cannot expand into a huge one"
@@ -269,9 +270,12 @@ class _Composer:
             yaml.DocumentStartEvent: self._start_document,
             yaml.DocumentEndEvent: self._finish_document,
         }
+        get_event, scalar, scalar_type = parser.get_event, self._scalar, yaml.ScalarEvent
         try:
-            while parser.check_event():
-                event = parser.get_event()
+            while (event := get_event()) is not None:  # None after the stream's end
+                if type(event) is scalar_type:  # most events: one lookup fewer
+                    scalar(event)
+                    continue
                 handler = handlers.get(type(event))
                 if handler is not None:
                     handler(event)
@@ -291,11 +295,24 @@ class _Composer:
     # -- nodes (the hot path: one call per scalar, so kept lean) --------------------------
 
     def _scalar(self, event: yaml.ScalarEvent) -> None:
-        self._count(event)
+        self.nodes += 1  # _count, inlined
+        if self.nodes > MAX_NODES:
+            self._stop(event, _TOO_MANY_NODES)
         if event.anchor is not None:
             self._anchor(event)
         frame = self.stack[-1] if self.stack else None
-        if frame is not None and frame.key is None and isinstance(frame.container, dict):
+        if frame is None:
+            self._value(self._construct(event), _mark(event.start_mark))
+        elif type(frame.container) is list:
+            # An item of a list (a policy may list 200,000 CIDRs): _value, inlined. A quoted
+            # scalar without a tag is a string, as _construct would say.
+            if event.tag is None and not event.implicit[0]:
+                frame.container.append(event.value)
+            else:
+                frame.container.append(self._construct(event))
+            mark: Any = event.start_mark  # always set by the parser (see _start)
+            frame.positions.append((mark.line + 1) << 32 | (mark.column + 1))
+        elif frame.key is None:
             self._key(frame, event)
         else:
             self._value(self._construct(event), _mark(event.start_mark))
@@ -440,7 +457,7 @@ class _Composer:
     def _count(self, event: yaml.Event) -> None:
         self.nodes += 1
         if self.nodes > MAX_NODES:
-            self._stop(event, f"file has more than {MAX_NODES:,} YAML nodes")
+            self._stop(event, _TOO_MANY_NODES)
 
     def _anchor(self, event: yaml.NodeEvent) -> None:
         message = f"YAML anchors ('&{event.anchor}') are not allowed"

@@ -24,6 +24,7 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from cgpolicy.policy.build import build_policy
+from cgpolicy.policy.gcpause import gc_paused
 from cgpolicy.policy.loader import MAX_PROBLEMS, Document, load_file
 from cgpolicy.policy.model import Policy, SourceLocation
 from cgpolicy.policy.problems import Path, PolicyError, Problem, field_name, shown
@@ -31,7 +32,7 @@ from cgpolicy.policy.semantic import (
     InvalidValue,
     check_policy,
     duplicate_name,
-    parse_cidr,
+    end_of_load,
     policy_warnings,
 )
 from cgpolicy.policy.sourcemap import SourceMap
@@ -86,9 +87,10 @@ def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadResult:
     it (not in subfolders), in name order. Never raises for bad input: a missing path,
     an unreadable file and an invalid document are all problems in the result."""
     try:
-        return _load_paths(paths)
+        with gc_paused():
+            return _load_paths(paths)
     finally:
-        parse_cidr.cache_clear()
+        end_of_load()
 
 
 def load_contents(files: Sequence[tuple[str, bytes]]) -> LoadResult:
@@ -98,10 +100,11 @@ def load_contents(files: Sequence[tuple[str, bytes]]) -> LoadResult:
     of them."""
     try:
         result = LoadResult()
-        _load_into(result, files)
+        with gc_paused():
+            _load_into(result, files)
         return result
     finally:
-        parse_cidr.cache_clear()
+        end_of_load()
 
 
 def _load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadResult:

@@ -54,6 +54,11 @@ FIGURES = {
     "compile_cidrs_s",
     "validate_hostile_max_s",
     "validate_hostile_max_rss_mib",
+    *(
+        f"parse_{kind}_ms.{count}"
+        for kind in ("load_paths", "compile", "total", "change")
+        for count in (1000, 10000)
+    ),
     "validate_fanout_s",
     "reapply_unchanged_s",
     "remove_fanout_s",
