@@ -20,6 +20,7 @@ from bench import (
     policytest,
     reconcile,
     rollout,
+    scale,
     startup,
     validate,
     verdict,
@@ -38,6 +39,7 @@ BENCHMARKS: dict[str, Callable[[Report, bool], None]] = {
     "learn": learn.run,
     "policytest": policytest.run,
     "rollout": rollout.run,
+    "scale": scale.run,
 }
 
 
