@@ -184,9 +184,7 @@ class Daemon:
             str(log.parent / "state"),
         ]
         with open(log, "ab") as out:
-            self.process = subprocess.Popen(
-                command, stdout=out, stderr=out, preexec_fn=preexec
-            )
+            self.process = subprocess.Popen(command, stdout=out, stderr=out, preexec_fn=preexec)
 
     def metric(self, name: str) -> float | None:
         try:

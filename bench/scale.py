@@ -358,7 +358,7 @@ def _new_cgroups(report: Report, scratch: Scratch, daemon: Daemon, new: int, cou
         fd = open_cgroup(path)
         try:
             for hook in WORKLOAD_HOOKS:
-                _wait(lambda h=hook: bool(_prog_ids(fd, h)), 60, f"{hook} on {path}")
+                _wait(lambda f=fd, h=hook: bool(_prog_ids(f, h)), 60, f"{hook} on {path}")
         finally:
             os.close(fd)
         samples.append((time.perf_counter() - start) * 1000)

@@ -11,6 +11,7 @@ import os
 import select
 import signal
 import time
+from pathlib import Path
 
 from cgpolicy.compiler.spec import CompileError
 from cgpolicy.enforcer.apply import ApplyError
@@ -105,7 +106,10 @@ class Service:
                 if time.monotonic() >= sweep_due:
                     self._sweep()
                     sweep_due = time.monotonic() + SWEEP_INTERVAL
+                created, other = watcher.take_events()
                 due = bool(ready) or time.monotonic() >= resync_due
+                if due and created and not other and wake_read not in ready:
+                    due = time.monotonic() >= resync_due or not self._attach_new(created)
         finally:
             health.stopped()
             signal.set_wakeup_fd(-1)
@@ -135,6 +139,17 @@ class Service:
         watcher.watch_cgroups(self.reconciler.cgroup_folders())
         watcher.watch_devices(self.reconciler.device_folders())
         return next_resync(started, resync_due, self.interval, time.monotonic())
+
+    def _attach_new(self, created: list[Path]) -> bool:
+        """Only cgroups appeared: the fast path (Reconciler.attach_new) instead of a full
+        pass; False when a full pass must run (also after any error: it reports it)."""
+        try:
+            return self.reconciler.attach_new(created)
+        except RUNTIME_ERRORS as error:
+            log.warning("attaching to new cgroups: %s; running a full pass", error)
+        except Exception:  # a bug must not end the service either
+            log.exception("attaching to new cgroups failed; running a full pass")
+        return False
 
     def _sweep(self) -> None:
         """Delete expired learned DNS entries; a failure is logged, the next sweep retries."""
