@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (
+    ancestor,
     dns,
     enforce,
     failfast,
@@ -40,6 +41,7 @@ BENCHMARKS: dict[str, Callable[[Report, bool], None]] = {
     "policytest": policytest.run,
     "rollout": rollout.run,
     "scale": scale.run,
+    "ancestor": ancestor.run,
 }
 
 
