@@ -254,8 +254,9 @@ def _cold_start(
     for fd in fds:
         for hook in WORKLOAD_HOOKS:
             _wait(lambda f=fd, h=hook: bool(_prog_ids(f, h)), 600, f"{hook} at cold start")
+    sample_s = time.perf_counter() - start
+    daemon.wait_passes(1, 600)  # the pass has attached everything when it counts itself
     cold_s = time.perf_counter() - start
-    daemon.wait_passes(1, 600)
     first_pass = daemon.metric("cgpolicy_reconcile_duration_seconds_sum")
     programs = _pinned_programs(scratch.bpf_dir)
     wrong = _all_enforced(paths, programs)
@@ -272,10 +273,11 @@ def _cold_start(
             "scale_cold_start_s",
             cold_s,
             "s",
-            f"from starting the daemon until all {hooks} hooks have the policy's program on "
-            f"every one of {count:,} cgroups matched by one glob ({links:,} links; all checked "
-            "by PROG_QUERY, 3 by a real connect)",
+            f"from starting the daemon until its first pass has attached the policy on all "
+            f"{hooks} hooks of {count:,} cgroups matched by one glob ({links:,} links; all "
+            "checked by PROG_QUERY after, 3 by a real connect; /metrics polled every 50 ms)",
             ("<", COLD_TARGET_S),
+            note=f"a program on every hook of a sample of 22: {sample_s:.2f} s",
         )
     )
     report.add(
@@ -351,6 +353,8 @@ def _memory(
 def _new_cgroups(report: Report, scratch: Scratch, daemon: Daemon, new: int, count: int) -> None:
     time.sleep(0.5)  # the daemon watches the parent once its first pass has ended
     samples = []
+    overlapped = []  # the samples during which the daemon ran a full pass (its resync)
+    passes = daemon.metric("cgpolicy_reconcile_passes_total")
     for i in range(new):
         path = scratch.cgroup_dir / f"c-new-{i:04d}"
         start = time.perf_counter()
@@ -363,6 +367,11 @@ def _new_cgroups(report: Report, scratch: Scratch, daemon: Daemon, new: int, cou
             os.close(fd)
         samples.append((time.perf_counter() - start) * 1000)
         time.sleep(0.02)  # let the pass that attached it end
+        now = daemon.metric("cgpolicy_reconcile_passes_total")
+        if now != passes:
+            overlapped.append(samples[-1])
+        passes = now
+    quiet = [v for v in samples if v not in overlapped] or [0.0]
     report.add(
         Figure(
             "scale_new_cgroup_ms",
@@ -381,9 +390,20 @@ def _new_cgroups(report: Report, scratch: Scratch, daemon: Daemon, new: int, cou
             "ms",
             "p99 of the same",
             ("<", NEW_CGROUP_TARGET_MS),
+            note=f"{len(overlapped)} of {new} overlapped a full pass (resync, --interval 30)",
+        )
+    )
+    report.add(
+        Figure(
+            "scale_new_cgroup_between_resyncs_p99_ms",
+            _p99(quiet),
+            "ms",
+            "p99 of the samples during which the daemon ran no full pass (the fast path alone)",
+            ("<", NEW_CGROUP_TARGET_MS),
         )
     )
     report.details["scale_new_cgroup_ms"] = [round(v, 2) for v in samples]
+    report.details["scale_new_cgroup_overlapped_ms"] = [round(v, 2) for v in overlapped]
 
 
 def _timed(action: Callable[[], Any]) -> tuple[float, Any]:

@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+from cgpolicy.compiler.spec import CompiledPolicy
 from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer, Planned, compile_here
 from cgpolicy.enforcer.incremental import NotIncremental, attach_new_cgroups
@@ -70,8 +71,9 @@ class Reconciler:
         self.policy_dir = policy_dir.absolute()  # sources recorded in pins are absolute
         self._source = PolicySource(self.policy_dir, store)
         self._policies: list[Policy] = []  # the last pass's
-        # the last pass's plans of the policies it left applied as they are (attach_new)
-        self._settled: dict[str, Planned] = {}
+        # the policies the last pass left applied as they are, compiled, with their source
+        # files (attach_new); not their plans: 10,000 cgroups make 90,000 steps to keep
+        self._settled: dict[str, tuple[CompiledPolicy, str | None]] = {}
         self._metrics = metrics
         self._compiled = Compilations(compile_here)
         self._warned: set[str] = set()
@@ -151,16 +153,10 @@ class Reconciler:
             if rolled_back:
                 return False
             for name, refs in sorted(work.items()):
-                planned = self._settled[name]
-                assert planned.compiled is not None
+                compiled, source = self._settled[name]
                 try:
                     attached = attach_new_cgroups(
-                        planned.compiled,
-                        refs,
-                        root,
-                        self._enforcer.bpf_dir,
-                        self._enforcer.owner,
-                        planned.source,
+                        compiled, refs, root, self._enforcer.bpf_dir, self._enforcer.owner, source
                     )
                 except (NotIncremental, ApplyError) as why:
                     log.debug("%s: a full pass for new cgroups: %s", name, why)
@@ -199,7 +195,7 @@ class Reconciler:
         planned += self._enforcer.plan_removal(doomed, applied) if doomed else []
         report = self._execute(planned, applied)
         self._settled = {
-            item.plan.name: item
+            item.plan.name: (item.compiled, item.source)
             for item in planned
             if item.compiled is not None
             and not item.plan.blocked
