@@ -6,6 +6,7 @@ re-reads the folder, SIGTERM ends it. Each wake-up runs one pass (reconcile.py).
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import select
@@ -123,6 +124,7 @@ class Service:
         reconciler, health = self.reconciler, self.health
         started = time.monotonic()
         health.beat()
+        gc.unfreeze()  # what the passes before left behind can be collected again
         try:
             report = reconciler.reconcile()
         except RUNTIME_ERRORS as error:  # e.g. bpffs cannot be mounted
@@ -135,6 +137,10 @@ class Service:
             report = PassReport()
         if report.applied or report.removed:
             _release_free_heap()  # the first load leaves clang's heap behind
+        # Until the next pass, the collector leaves what exists now alone: otherwise its full
+        # collections walk the whole heap every few events, 30 ms and more at 10,000 cgroups,
+        # in the middle of attaching to a new one (docs/scale.md).
+        gc.freeze()
         watcher.watch_policy_dir()
         watcher.watch_cgroups(self.reconciler.cgroup_folders())
         watcher.watch_devices(self.reconciler.device_folders())
