@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import packets
 from bench.figures import Figure, Report
 from bench.scale import _slab_kib, memlock
 from bench.scratch import Scratch
@@ -166,6 +167,7 @@ def _run(
             _attach_pinned(programs[f"ancestor_{hook}"], parent, hook, links / f"{hook}-parent")
         _cold_figures(report, count, direct_s, one_by_one_s, batch_s)
         _per_run(report, programs, paths[count // 2], other, traffic, rounds, count)
+        _test_run(report, programs, rulesets, rounds, count)
         _new_cgroup(report, programs, rulesets, parent, links, samples, count)
         _memory(report, rulesets, slab_direct, count)
         _removal(report, rulesets, links, entries, count)
@@ -262,6 +264,47 @@ def _per_run(
                     note=f"{value - direct:+.1f} ns vs direct",
                 )
             )
+
+
+def _test_run(
+    report: Report, programs: dict[str, Program], rulesets: Map, rounds: int, count: int
+) -> None:
+    """The same two egress programs under BPF_PROG_TEST_RUN (no per-run clock reads): the
+    test packet's socket has no cgroup, so bpf_skb_cgroup_id() gives the root's id (1),
+    looked up with and without an entry for it among the 10,000."""
+    packet = packets.ipv4_tcp("192.0.2.2", "127.0.0.1", 443)
+    repeat = 1_000_000
+    ns: dict[str, list[float]] = {}
+    root = _key(1)
+    try:
+        for _ in range(rounds):
+            for case in ("direct", "miss", "hit"):
+                if case == "hit":
+                    rulesets.update(root, VALUE)
+                name = "direct_egress" if case == "direct" else "ancestor_egress"
+                result = programs[name].test_run(packet, repeat=repeat)
+                ns.setdefault(case, []).append(result.duration_ns)
+                if case == "hit":
+                    rulesets.delete(root)
+    finally:
+        rulesets.delete(root)
+    direct = statistics.median(ns["direct"])
+    for case, values in ns.items():
+        value = statistics.median(values)
+        report.add(
+            Figure(
+                f"ancestor_testrun_ns.egress.{case}",
+                value,
+                "ns",
+                "BPF_PROG_TEST_RUN ns per run (median of rounds, repeat 1,000,000): "
+                + (
+                    "return 1"
+                    if case == "direct"
+                    else f"bpf_skb_cgroup_id + lookup ({case}) in {count:,} entries"
+                ),
+                note="" if case == "direct" else f"{value - direct:+.1f} ns vs direct",
+            )
+        )
 
 
 def _traffic_from(cgroup: Path, count: int) -> None:
