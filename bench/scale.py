@@ -329,16 +329,17 @@ def _memory(
         )
     )
     kmem = memcg.kmem()
-    report.add(
-        Figure(
-            "scale_daemon_kmem_mib",
-            None if kmem is None else kmem / 2**20,
-            "MiB",
-            "kernel memory charged to the daemon's memory cgroup (v1 memory.kmem.usage_in_bytes:"
-            " maps, programs, pin inodes/dentries, its own page tables; not link structs)",
-            note="" if kmem is not None else "no cgroup v1 memory controller here",
+    if kmem is not None:  # where cgroup v1's memory controller is mounted
+        report.add(
+            Figure(
+                "scale_daemon_kmem_mib",
+                kmem / 2**20,
+                "MiB",
+                "kernel memory charged to the daemon's memory cgroup (v1 memory.kmem."
+                "usage_in_bytes: maps, programs, pin inodes/dentries, its own page tables; "
+                "not link structs)",
+            )
         )
-    )
     report.add(
         Figure(
             "scale_slab_growth_mib",

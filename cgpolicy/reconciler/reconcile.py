@@ -13,7 +13,7 @@ from pathlib import Path
 from cgpolicy.compiler.spec import CompiledPolicy
 from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer, Planned, compile_here
-from cgpolicy.enforcer.incremental import NotIncremental, attach_new_cgroups
+from cgpolicy.enforcer.incremental import MetaCache, NotIncremental, attach_new_cgroups
 from cgpolicy.enforcer.ownership import Owner
 from cgpolicy.enforcer.plan import Action
 from cgpolicy.enforcer.rollout import RolledBack
@@ -74,6 +74,7 @@ class Reconciler:
         # the policies the last pass left applied as they are, compiled, with their source
         # files (attach_new); not their plans: 10,000 cgroups make 90,000 steps to keep
         self._settled: dict[str, tuple[CompiledPolicy, str | None]] = {}
+        self._metas = MetaCache()
         self._metrics = metrics
         self._compiled = Compilations(compile_here)
         self._warned: set[str] = set()
@@ -156,7 +157,13 @@ class Reconciler:
                 compiled, source = self._settled[name]
                 try:
                     attached = attach_new_cgroups(
-                        compiled, refs, root, self._enforcer.bpf_dir, self._enforcer.owner, source
+                        compiled,
+                        refs,
+                        root,
+                        self._enforcer.bpf_dir,
+                        self._enforcer.owner,
+                        source,
+                        self._metas,
                     )
                 except (NotIncremental, ApplyError) as why:
                     log.debug("%s: a full pass for new cgroups: %s", name, why)
