@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (
+    ancestor,
     dns,
     enforce,
     failfast,
@@ -21,6 +22,7 @@ from bench import (
     policytest,
     reconcile,
     rollout,
+    scale,
     startup,
     validate,
     verdict,
@@ -40,6 +42,8 @@ BENCHMARKS: dict[str, Callable[[Report, bool], None]] = {
     "learn": learn.run,
     "policytest": policytest.run,
     "rollout": rollout.run,
+    "scale": scale.run,
+    "ancestor": ancestor.run,
 }
 
 

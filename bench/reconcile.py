@@ -158,7 +158,15 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 class Daemon:
     """``cgpolicy --bpf-dir X reconcile --policy-dir D --interval N --metrics-addr ...``"""
 
-    def __init__(self, bpf_dir: Path, policy_dir: Path, interval: float, log: Path) -> None:
+    def __init__(
+        self,
+        bpf_dir: Path,
+        policy_dir: Path,
+        interval: float,
+        log: Path,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
+        """``preexec`` runs in the child before exec (e.g. to join a memory cgroup)."""
         self.port = _free_port()
         self.log_path = log
         command = [
@@ -176,7 +184,7 @@ class Daemon:
             str(log.parent / "state"),
         ]
         with open(log, "ab") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=out)
+            self.process = subprocess.Popen(command, stdout=out, stderr=out, preexec_fn=preexec)
 
     def metric(self, name: str) -> float | None:
         try:

@@ -6,7 +6,8 @@ Order for one policy:
 2. Pin the new programs and event ring over the old pins (the old objects are kept open).
 3. Swap existing links to the new programs (BPF_LINK_UPDATE with BPF_F_REPLACE: atomic per
    link, so a cgroup hook is never without a program and never runs half old, half new
-   rules), create links on newly covered cgroups, and pin them. If any of 2-3 fails, every
+   rules), create links on newly covered cgroups, pinning each at once (no descriptor is
+   held per link: a glob may cover thousands of cgroups). If any of 2-3 fails, every
    link already swapped is swapped back, every new link is detached and the old pins are
    put back: the old state stays.
 4. Detach links that are no longer wanted, then record the new metadata last, naming the
@@ -61,9 +62,11 @@ class ApplyError(Exception):
 
 @dataclass
 class _Swap:
-    """A link switched to a new program, and the program to switch it back to."""
+    """A link (by its pin) switched to a new program, and the program to switch it back to.
+    Only the pin is kept: a glob over thousands of cgroups must not hold a descriptor per
+    link (nor per old program: links that ran the same one share it)."""
 
-    link: CgroupLink
+    link_pin: Path
     old_program: Program
 
 
@@ -80,10 +83,10 @@ class _Work:
     new_programs: dict[str, LoadedProgram] = field(default_factory=dict)
     current_programs: dict[str, Program] = field(default_factory=dict)
     swapped: list[_Swap] = field(default_factory=list)
-    created: list[tuple[Step, CgroupLink]] = field(default_factory=list)
+    old_programs: dict[int, Program] = field(default_factory=dict)  # theirs, by id
     # pins replaced by the new programs, with what was pinned there before (None: nothing)
     replaced: list[tuple[Path, Map | Program | None]] = field(default_factory=list)
-    pinned_links: list[Path] = field(default_factory=list)  # pins of the links in `created`
+    pinned_links: list[Path] = field(default_factory=list)  # pins of the links created
 
     def close(self) -> None:
         if self.events is not None:
@@ -103,11 +106,8 @@ class _Work:
             loaded.close()
         for program in self.current_programs.values():
             program.close()
-        for swap in self.swapped:
-            swap.link.close()
-            swap.old_program.close()
-        for _, link in self.created:
-            link.close()
+        for program in self.old_programs.values():
+            program.close()
         for _, previous in self.replaced:
             if previous is not None:
                 previous.close()
@@ -139,10 +139,10 @@ def apply_policy(
         try:
             _publish_targets(plan, work, with_old=True)
             _pin_new_programs(plan, bpf_dir, work)
-            _switch_links(plan, compiled, cgroup_root, bpf_dir, work)
+            with pins.checked_once():  # one check of each hook folder, not one per link
+                _switch_links(plan, compiled, cgroup_root, bpf_dir, work)
             if work.carry is not None:
                 work.carry.after_links_moved()
-            _pin_new_links(plan, bpf_dir, work)
         except (BpfError, OSError, DnsError) as error:
             _roll_back(work)
             raise ApplyError(f"attaching failed, previous state restored: {error}") from error
@@ -322,17 +322,15 @@ def _switch_links(
     plan: PolicyPlan, compiled: CompiledPolicy, root: Path, bpf_dir: Path, work: _Work
 ) -> None:
     for step in plan.steps:
+        link_path = pins.link_pin(bpf_dir, compiled.name, step.hook, step.cgroup_id)
         if step.action is Action.UPDATE:
-            link_path = pins.link_pin(bpf_dir, compiled.name, step.hook, step.cgroup_id)
-            link = CgroupLink.from_pin(link_path)
-            old_program = Program.from_id(link.info().prog_id)
-            try:
+            with CgroupLink.from_pin(link_path) as link:
+                old_id = link.info().prog_id
+                if old_id not in work.old_programs:
+                    work.old_programs[old_id] = Program.from_id(old_id)
+                old_program = work.old_programs[old_id]
                 link.update(_program_fd(work, step.hook), old_program.fd)
-            except BaseException:
-                link.close()
-                old_program.close()
-                raise
-            work.swapped.append(_Swap(link, old_program))
+            work.swapped.append(_Swap(link_path, old_program))
         elif step.action in (Action.ATTACH, Action.REATTACH):
             cgroup_fd = _open_checked_cgroup(root, step)
             try:
@@ -340,22 +338,24 @@ def _switch_links(
                 link = CgroupLink.create(_program_fd(work, step.hook), cgroup_fd, attach_type)
             finally:
                 os.close(cgroup_fd)
-            work.created.append((step, link))
+            with link:  # pinned at once, so that no descriptor is held per new link
+                try:
+                    pins.pin_replacing(link, link_path)
+                except (BpfError, OSError):
+                    link.detach()  # not pinned, so the roll-back would not find it
+                    raise
+            work.pinned_links.append(link_path)
 
 
 def _roll_back(work: _Work) -> None:
     for swap in reversed(work.swapped):
         try:
-            swap.link.update(swap.old_program.fd)
-        except BpfError as error:  # nothing better to do than say so
+            with CgroupLink.from_pin(swap.link_pin) as link:
+                link.update(swap.old_program.fd)
+        except (BpfError, OSError) as error:  # nothing better to do than say so
             log.error("could not restore a link to program %d: %s", swap.old_program.id, error)
-    for _, link in work.created:
-        try:
-            link.detach()
-        except BpfError as error:
-            log.error("could not detach a new link: %s", error)
     for path in work.pinned_links:
-        pins.unpin(path)
+        detach_pinned_link(path)
     for path, previous in reversed(work.replaced):
         try:
             if previous is None:
@@ -392,13 +392,6 @@ def _replace_pin(
         previous = None  # nothing pinned there yet
     work.replaced.append((path, previous))
     pins.pin_replacing(new, path)
-
-
-def _pin_new_links(plan: PolicyPlan, bpf_dir: Path, work: _Work) -> None:
-    for step, link in work.created:
-        path = pins.link_pin(bpf_dir, plan.name, step.hook, step.cgroup_id)
-        pins.pin_replacing(link, path)
-        work.pinned_links.append(path)
 
 
 def _detach_unwanted(plan: PolicyPlan, bpf_dir: Path, wanted_hooks: set[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from cgpolicy.kernel.cgroup import NotACgroup, cgroup_at, is_cgroup, matching_children
@@ -66,3 +67,17 @@ def resolve_targets(root: Path, targets: tuple[Target, ...]) -> Resolution:
             elif not target.is_glob:
                 missing.append(target.pattern)
     return Resolution(tuple(sorted(found.values())), tuple(missing), tuple(not_cgroups))
+
+
+def target_covers(target: Target, relative: str) -> bool | None:
+    """Whether the cgroup at ``relative`` is one ``target`` resolves to (True), a folder in
+    which cgroups it resolves to can appear deeper (None), or neither (False). The same
+    matching as :func:`resolve_targets`: one component at a time, '*' never crosses a '/'."""
+    wanted = target.pattern.split("/")
+    given = relative.split("/")
+    if len(given) > len(wanted):
+        return False
+    for pattern, name in zip(wanted, given, strict=False):
+        if not (fnmatchcase(name, pattern) if target.is_glob else name == pattern):
+            return False
+    return True if len(given) == len(wanted) else None

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -139,10 +141,31 @@ class Pinnable(Protocol):
     def pin(self, path: str | os.PathLike[str]) -> None: ...
 
 
+# Folders ensure_trusted() checked within one `checked_once()` block (None: outside one).
+_checked: set[Path] | None = None
+
+
+@contextmanager
+def checked_once() -> Iterator[None]:
+    """Within the block, ensure_trusted() checks each folder once: pinning a link on each of
+    10,000 cgroups checks the hook folder (and its ancestors) once, not 10,000 times. For a
+    caller holding the pin folder's lock (kernel/lock.py), which nothing but root can take."""
+    global _checked
+    outer, _checked = _checked, set() if _checked is None else _checked
+    try:
+        yield
+    finally:
+        _checked = outer
+
+
 def ensure_trusted(folder: Path) -> None:
     """Make ``folder`` (and what is missing above it) mode 0700, or check the existing one:
     root's, closed to others, not a symlink. Raises UntrustedFolder with the fix."""
+    if _checked is not None and folder in _checked:
+        return
     os.close(open_trusted_dir(folder, create=True, mode=0o700))
+    if _checked is not None:
+        _checked.add(folder)
 
 
 def bpf_dir_exists(bpf_dir: Path) -> bool:

@@ -10,15 +10,21 @@ import logging
 import time
 from pathlib import Path
 
+from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer, Planned, compile_here
+from cgpolicy.enforcer.incremental import MetaCache, NotIncremental, attach_new_cgroups
 from cgpolicy.enforcer.ownership import Owner
 from cgpolicy.enforcer.plan import Action
+from cgpolicy.enforcer.rollout import RolledBack
+from cgpolicy.enforcer.targets import CgroupRef, target_covers
 from cgpolicy.kernel.applied import (
     AppliedPolicy,
     delete_expired_learned,
     monotonic_ns,
     read_applied,
 )
+from cgpolicy.kernel.cgroup import NotACgroup, cgroup_at
 from cgpolicy.kernel.devices import device_paths
 from cgpolicy.kernel.devices import watch_folders as device_folders
 from cgpolicy.policy.model import Policy
@@ -65,6 +71,10 @@ class Reconciler:
         self.policy_dir = policy_dir.absolute()  # sources recorded in pins are absolute
         self._source = PolicySource(self.policy_dir, store)
         self._policies: list[Policy] = []  # the last pass's
+        # the policies the last pass left applied as they are, compiled, with their source
+        # files (attach_new); not their plans: 10,000 cgroups make 90,000 steps to keep
+        self._settled: dict[str, tuple[CompiledPolicy, str | None]] = {}
+        self._metas = MetaCache()
         self._metrics = metrics
         self._compiled = Compilations(compile_here)
         self._warned: set[str] = set()
@@ -108,10 +118,59 @@ class Reconciler:
         """One pass, holding the pin folder's lock from observing to applying, so that no
         `cgpolicy apply` or `run` changes the pins in between (kernel/lock.py)."""
         with self._enforcer.locked() as rolled_back:
-            for rolled in rolled_back:
-                result = "failed" if rolled.error else "done"
-                self._metrics.rollbacks.labels(rolled.policy, result).inc()
+            self._count_rollbacks(rolled_back)
             return self._reconcile()
+
+    def _count_rollbacks(self, rolled_back: list[RolledBack]) -> None:
+        for rolled in rolled_back:
+            result = "failed" if rolled.error else "done"
+            self._metrics.rollbacks.labels(rolled.policy, result).inc()
+
+    def attach_new(self, created: list[Path]) -> bool:
+        """The fast path for cgroups that just appeared, when nothing else happened: attach
+        the policies the last pass left applied to those of ``created`` their targets
+        match, reading only those policies' metadata and programs (enforcer/incremental.py),
+        not every link. False when a full pass must run instead: a cgroup in which targets
+        can appear deeper, one a policy covers that the last pass did not leave applied or
+        that changed since, an attach that failed (the full pass retries and reports it)."""
+        root = self._enforcer.cgroup_root
+        work: dict[str, list[CgroupRef]] = {}
+        for path in created:
+            try:
+                relative = str(path.relative_to(root))
+                cgroup = cgroup_at(path)
+            except (ValueError, NotACgroup):
+                return False
+            for policy in self._policies:
+                covers = [target_covers(target, relative) for target in policy.targets]
+                if None in covers or (any(covers) and policy.name not in self._settled):
+                    return False
+                if any(covers) and cgroup is not None:  # None: gone again already
+                    work.setdefault(policy.name, []).append(CgroupRef(relative, cgroup))
+        if not work:
+            return True
+        with self._enforcer.locked() as rolled_back:
+            self._count_rollbacks(rolled_back)
+            if rolled_back:
+                return False
+            for name, refs in sorted(work.items()):
+                compiled, source = self._settled[name]
+                try:
+                    attached = attach_new_cgroups(
+                        compiled,
+                        refs,
+                        root,
+                        self._enforcer.bpf_dir,
+                        self._enforcer.owner,
+                        source,
+                        self._metas,
+                    )
+                except (NotIncremental, ApplyError) as why:
+                    log.debug("%s: a full pass for new cgroups: %s", name, why)
+                    return False
+                if attached:
+                    log.info("%s: attached to %s", name, ", ".join(r.relative for r in attached))
+        return True
 
     def _reconcile(self) -> PassReport:
         """One pass. Never raises for a bad policy or a failed apply: those are reported.
@@ -122,6 +181,7 @@ class Reconciler:
                 self._warned.add("folder")
                 log.error("policy folder %s is missing; enforcement left as it is", self.policy_dir)
             report, outcome = folder_missing(self.policy_dir)
+            self._settled = {}  # nothing is applied to new cgroups while it is missing
             self._record(outcome)
             self._metrics.passes.inc()  # a pass that ran, and found nothing to read
             return report
@@ -141,6 +201,13 @@ class Reconciler:
         doomed = removals(applied, self.policy_dir, snapshot)
         planned += self._enforcer.plan_removal(doomed, applied) if doomed else []
         report = self._execute(planned, applied)
+        self._settled = {
+            item.plan.name: (item.compiled, item.source)
+            for item in planned
+            if item.compiled is not None
+            and not item.plan.blocked
+            and item.plan.name not in report.failed
+        }
         elapsed = time.monotonic() - started
         self._metrics.passes.inc()
         self._metrics.duration.observe(elapsed)

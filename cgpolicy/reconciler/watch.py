@@ -73,6 +73,11 @@ class Watcher:
         self.inotify = INotify()
         self.policy_dir = policy_dir
         self._cgroup_watches: dict[Path, int] = {}
+        self._cgroup_folders: dict[int, Path] = {}  # the same, by watch descriptor
+        # since take_events(): the cgroups created in watched folders, and whether anything
+        # else arrived (a pass must then look at everything)
+        self._created: list[Path] = []
+        self._other = False
         self._device_watches: dict[Path, int] = {}
         self._policy_watch: int | None = None
         self.watch_policy_dir()
@@ -100,18 +105,33 @@ class Watcher:
         if self.inotify.fileno() in ready:
             events = self.inotify.read(timeout=0)
             woke = woke or bool(events)
+            for event in events:
+                folder = self._cgroup_folders.get(event.wd)
+                if folder is not None and event.mask & inotify_flags.CREATE:
+                    self._created.append(folder / event.name)
+                else:
+                    self._other = True
             if any(e.wd == self._policy_watch and e.mask & inotify_flags.IGNORED for e in events):
                 log.warning("policy folder %s was removed", self.policy_dir)
                 self._policy_watch = None
         if self._netlink is not None and self._netlink.fileno() in ready:
             self._netlink.get()
             self.links_generation += 1
+            self._other = True
             woke = True
         return woke
+
+    def take_events(self) -> tuple[list[Path], bool]:
+        """The cgroups created in watched folders since the last call, and whether any
+        other event arrived meanwhile (a policy file, a device, a link, a cgroup removed)."""
+        created, other = self._created, self._other
+        self._created, self._other = [], False
+        return created, other
 
     def watch_cgroups(self, folders: set[Path]) -> None:
         """Watch exactly ``folders`` (new ones added, vanished or unneeded ones dropped)."""
         self._watch(self._cgroup_watches, folders, CGROUP_EVENTS, "cgroup")
+        self._cgroup_folders = {wd: folder for folder, wd in self._cgroup_watches.items()}
 
     def watch_devices(self, folders: set[Path]) -> None:
         """Watch exactly these device folders, so that a device node a policy names is

@@ -57,6 +57,7 @@ class Daemon:
 
     def __init__(self, policy_dir: Path, bpf_dir: Path, log: Path) -> None:
         self.policy_dir, self.bpf_dir, self.log_path = policy_dir, bpf_dir, log
+        self.interval = "0.25"  # quick passes; tests wait for passes or conditions, never for time
         self.port = free_port()
         self.metrics_addr = f"127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -76,7 +77,7 @@ class Daemon:
             "--policy-dir",
             str(self.policy_dir),
             "--interval",
-            "0.25",  # quick passes; tests wait for passes or conditions, never for time
+            self.interval,
             "--metrics-addr",
             self.metrics_addr,
         ]

@@ -116,6 +116,41 @@ LEARN_FIGURES = {
     "learn_entry_bytes.egress",
 }
 FIGURES |= LEARN_FIGURES
+SCALE_FIGURES = {
+    "scale_mkdir_s",
+    "scale_cold_start_s",
+    "scale_cold_first_pass_s",
+    "scale_daemon_rss_mib",
+    "scale_daemon_hwm_mib",
+    "scale_bpf_memlock_kib",
+    "scale_slab_growth_mib",
+    "scale_new_cgroup_ms",
+    "scale_new_cgroup_p99_ms",
+    "scale_new_cgroup_between_resyncs_p99_ms",
+    "scale_idle_pass_ms",
+    "scale_remove_policy_s",
+    "scale_rmdir_s",
+    # kernel memory charged to the daemon: only where cgroup v1's memory controller is
+    *(
+        {"scale_daemon_kmem_mib"}
+        if Path("/sys/fs/cgroup/memory/memory.kmem.usage_in_bytes").exists()
+        else set()
+    ),
+    *(f"ancestor_cold_{key}_s" for key in ("direct", "map", "map_batch")),
+    *(
+        f"ancestor_run_ns.{hook}.{where}"
+        for hook in ("egress", "connect4")
+        for where in ("direct", "matched", "unmatched")
+    ),
+    *(f"ancestor_testrun_ns.egress.{case}" for case in ("direct", "miss", "hit")),
+    "ancestor_new_cgroup_us.direct",
+    "ancestor_new_cgroup_us.map",
+    "ancestor_map_kib",
+    "ancestor_direct_links_kib",
+    "ancestor_remove_direct_s",
+    "ancestor_remove_map_s",
+}
+FIGURES |= SCALE_FIGURES
 FIGURES |= {
     "rollout_apply_change_s",
     "rollout_apply_confirm_within_s",

@@ -347,3 +347,32 @@ def test_missing_policy_folder_is_alive_but_not_ready(daemon, scratch_cgroup):
     finally:
         away.rename(daemon.policy_dir)
     assert wait_until(lambda: http_get(port, "/readyz")[0] == 200, timeout=30), daemon.log()
+
+
+def test_a_new_cgroup_between_resyncs_is_attached_without_a_full_pass(
+    daemon, scratch_cgroup, tcp_server
+):
+    """The fast path (enforcer/incremental.py): with no resync due, a new matching cgroup
+    is enforced and recorded in the metadata without a pass; a non-matching one is left
+    alone; a removed one still gets its pins dropped (by a full pass)."""
+    from cgpolicy.kernel.pins import read_meta
+
+    daemon.interval = "3600"
+    policy = write_policy(daemon, scratch_cgroup, denied="127.0.0.1")
+    daemon.start()
+    count = lambda: daemon.metric("cgpolicy_reconcile_passes_total") or 0  # noqa: E731
+    assert wait_until(lambda: count() >= 1, timeout=30), daemon.log()  # the first pass
+    policy.write_text(policy.read_text())  # a second pass: the first one's watches are set
+    assert wait_until(lambda: count() >= 2, timeout=30), daemon.log()
+    passes = count()
+    work = scratch_cgroup.child("work-1")
+    other = scratch_cgroup.child("other")
+    assert wait_until(lambda: connect_denied(work, "127.0.0.1", tcp_server.port)), daemon.log()
+    assert other.probe("connect", "tcp", "127.0.0.1", tcp_server.port).ok
+    assert f"svc: attached to {work.relative}" in daemon.log()
+    assert count() == passes  # no full pass ran
+    meta = read_meta(daemon.bpf_dir / "svc")
+    assert meta is not None and meta.cgroups[os.stat(work.path).st_ino] == work.relative
+    assert links_at(work.path, "connect4") == 1 and links_at(other.path, "connect4") == 0
+    work.path.rmdir()
+    assert wait_until(lambda: not list(daemon.bpf_dir.glob("svc/connect4/link-*"))), daemon.log()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cgpolicy.enforcer.targets import resolve_targets
+from cgpolicy.enforcer.targets import resolve_targets, target_covers
 from cgpolicy.policy.model import Target
 
 
@@ -71,3 +71,35 @@ def test_a_glob_folder_that_cannot_be_listed_fails_instead_of_matching_nothing(
         resolve_targets(tmp_path, (Target("system.slice/*.service", is_glob=True),))
     # A folder that is gone matches nothing, as before.
     assert resolve_targets(tmp_path, (Target("gone.slice/*", is_glob=True),)).cgroups == ()
+
+
+def test_target_covers_agrees_with_resolve_targets(tmp_path):
+    """The service's fast path for a new cgroup decides with target_covers what a full
+    pass would decide with resolve_targets: covered, a folder where matches can appear
+    deeper (None: it runs a full pass), or neither."""
+    paths = (
+        "kubepods.slice/pod1/cri-containerd-a.scope",
+        "kubepods.slice/pod2/deeper/cri-containerd-c.scope",
+        "kubepods.slice/pod3/other.scope",
+        "system.slice/nginx.service",
+        "system.slice/nginx.service/child",
+    )
+    make_tree(tmp_path, *paths)
+    targets = (
+        Target("kubepods.slice/*/cri-containerd-*.scope", is_glob=True),
+        Target("system.slice/nginx.service", is_glob=False),
+    )
+    for target in targets:
+        resolved = {ref.relative for ref in resolve_targets(tmp_path, (target,)).cgroups}
+        for path in paths:
+            parts = path.split("/")
+            for depth in range(1, len(parts) + 1):
+                relative = "/".join(parts[:depth])
+                assert (target_covers(target, relative) is True) == (relative in resolved)
+    glob = targets[0]
+    assert target_covers(glob, "kubepods.slice") is None
+    assert target_covers(glob, "kubepods.slice/pod9") is None
+    assert target_covers(glob, "kubepods.slice/pod2/deeper") is False
+    assert target_covers(targets[1], "system.slice") is None
+    assert target_covers(targets[1], "system.slice/nginx.service/child") is False
+    assert target_covers(targets[1], "system.slice/other.service") is False
