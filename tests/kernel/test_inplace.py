@@ -213,3 +213,71 @@ def test_a_list_that_outgrows_its_maps_or_another_apply_means_a_reload(
         )
     finally:
         remove(service, "grow")
+
+
+def test_a_new_cgroup_in_between_keeps_changes_in_place(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports
+):
+    """A pass that only attaches (no reload) after a change in place, with copy 1 in force:
+    the service still knows both copies, so the next change is in place too, and right."""
+    p1, *_ = loopback_ports.ports
+    child = scratch_cgroup.child("more")
+    one, two = [scratch_cgroup.relative], [scratch_cgroup.relative, child.relative]
+    service = Enforcer(cgroup_root, bpf_dir, in_place=True)
+    try:
+        apply_ok(service, policy_file(tmp_path, "newcg", one, egress("127.0.0.1", p1)))
+        before = program_ids(bpf_dir, "newcg")
+        apply_ok(service, policy_file(tmp_path, "newcg", one, egress("127.0.0.2", p1)))
+        (outcome,) = apply_ok(service, policy_file(tmp_path, "newcg", two, egress("127.0.0.2", p1)))
+        assert not outcome.plan.reload
+        apply_ok(service, policy_file(tmp_path, "newcg", two, egress("127.0.0.3", p1)))
+        assert program_ids(bpf_dir, "newcg") == before
+        expect(
+            scratch_cgroup,
+            [((NOW, "tcp", "127.0.0.2", p1), EPERM), ((NOW, "tcp", "127.0.0.3", p1), ALLOWED)],
+        )
+    finally:
+        remove(service, "newcg")
+
+
+def test_a_service_never_trusts_copies_it_did_not_write(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports
+):
+    """Copy 1 holding what this process did not write there (here: a prefix a service
+    that stopped mid-change left in it) must never come into force: a service that only
+    attached the load (no reload) does not know its copies, so its next change reloads."""
+    p1, *_ = loopback_ports.ports
+    child = scratch_cgroup.child("more")
+    one, two = [scratch_cgroup.relative], [scratch_cgroup.relative, child.relative]
+    first = Enforcer(cgroup_root, bpf_dir, in_place=True)
+    try:
+        apply_ok(first, policy_file(tmp_path, "stale", one, egress("127.0.0.1", p1)))
+        first.in_place.forget("stale")  # type: ignore[union-attr]  # the service stops
+        # what it was writing into copy 1 when it stopped: a rule allowing 127.0.0.3
+        left = first.plan(load(policy_file(tmp_path, "stale", one, egress("127.0.0.3", p1))))
+        compiled = left[0].compiled
+        assert compiled is not None
+        spec = {m.name: m for m in compiled.programs[0].maps}["cidr4_long"]
+        prog_id = program_ids(bpf_dir, "stale")["egress"]
+        assert prog_id
+        with program_maps(prog_id, {"cidr4_long"})["cidr4_long"] as long:
+            long.update_batch(
+                [(copy_key("hash", spec.max_entries, k, 1), v) for k, v in spec.entries]
+            )
+
+        restarted = Enforcer(cgroup_root, bpf_dir, in_place=True)
+        (outcome,) = apply_ok(
+            restarted, policy_file(tmp_path, "stale", two, egress("127.0.0.1", p1))
+        )
+        assert not outcome.plan.reload
+        apply_ok(restarted, policy_file(tmp_path, "stale", two, egress("127.0.0.4", p1)))
+        expect(
+            scratch_cgroup,
+            [
+                ((NOW, "tcp", "127.0.0.4", p1), ALLOWED),
+                ((NOW, "tcp", "127.0.0.3", p1), EPERM),
+                ((NOW, "tcp", "127.0.0.1", p1), EPERM),
+            ],
+        )
+    finally:
+        remove(first, "stale")
