@@ -281,3 +281,30 @@ def test_a_service_never_trusts_copies_it_did_not_write(
         )
     finally:
         remove(first, "stale")
+
+
+def test_a_policy_with_other_sections_changes_its_prefixes_in_place(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports
+):
+    """Programs with no rule copies (sock.c's here) do not stop the net.c ones' change."""
+    p1, *_ = loopback_ports.ports
+    target = [scratch_cgroup.relative]
+
+    def with_create(host: str) -> dict:
+        policy = egress(host, p1)
+        policy["sockets"] = {"create": {"default": "allow", "rules": []}}
+        return policy
+
+    service = Enforcer(cgroup_root, bpf_dir, in_place=True)
+    try:
+        apply_ok(service, policy_file(tmp_path, "mixed", target, with_create("127.0.0.1")))
+        before = program_ids(bpf_dir, "mixed")
+        assert "sock_create" in before
+        apply_ok(service, policy_file(tmp_path, "mixed", target, with_create("127.0.0.2")))
+        assert program_ids(bpf_dir, "mixed") == before
+        expect(
+            scratch_cgroup,
+            [((NOW, "tcp", "127.0.0.1", p1), EPERM), ((NOW, "tcp", "127.0.0.2", p1), ALLOWED)],
+        )
+    finally:
+        remove(service, "mixed")
