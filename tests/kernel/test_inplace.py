@@ -5,6 +5,7 @@ probe's ``connect-now`` is refused with EPERM by the connect check or goes throu
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ from cgpolicy.compiler.spec import MapSpec
 from cgpolicy.contract import copy_key
 from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.kernel.applied import program_maps, read_named
+from cgpolicy.kernel.inplace import wait_for_readers
 
 NOW = "connect-now"
 # enough prefixes for the /16 index layout (compile.CIDR4_INDEX_MIN), none on loopback
@@ -308,3 +310,14 @@ def test_a_policy_with_other_sections_changes_its_prefixes_in_place(
         )
     finally:
         remove(service, "mixed")
+
+
+def test_waiting_for_readers_holds_nothing_open(kernel_ready):
+    """wait_for_readers() (an update of a map-in-map: the kernel waits for running BPF
+    programs) works here and keeps no descriptor. Its reason to be, a wait also with one CPU
+    online, where membarrier returned at once, cannot be shown on this two-CPU machine, and
+    without tracefs no kprobe can watch synchronize_rcu run."""
+    before = set(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        wait_for_readers()
+    assert set(os.listdir("/proc/self/fd")) == before
