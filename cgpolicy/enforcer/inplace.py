@@ -123,11 +123,12 @@ class InPlace:
         try:
             for write in writes:
                 write_copy(write.map, write.spec, standby, write.change)
+            switch(generation, standby)
         except BpfError as error:  # the copy in force is untouched: reload instead
+            # (and forget the load: its standby copy now holds neither revision)
             log.info("%s: no change in place (%s); reloading", plan.name, error)
             self.forget(plan.name)
             return None
-        switch(generation, standby)
         old_gen, load.gen = load.gen, standby
         _reset_counters(load, compiled)
         load.compiled = compiled

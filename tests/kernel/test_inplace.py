@@ -5,6 +5,7 @@ probe's ``connect-now`` is refused with EPERM by the connect check or goes throu
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from cgpolicy.contract import copy_key
 from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.kernel.applied import program_maps, read_named
 from cgpolicy.kernel.inplace import wait_for_readers
+from cgpolicy.kernel.syscall import _NR_BPF  # the bpf() syscall's number here
 
 NOW = "connect-now"
 # enough prefixes for the /16 index layout (compile.CIDR4_INDEX_MIN), none on loopback
@@ -321,3 +323,37 @@ def test_waiting_for_readers_holds_nothing_open(kernel_ready):
     for _ in range(3):
         wait_for_readers()
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def _freeze(map_fd: int) -> None:
+    """BPF_MAP_FREEZE: from now on the map refuses every write from a syscall."""
+    attr = (ctypes.c_uint32 * 8)(map_fd)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(_NR_BPF, 22, ctypes.byref(attr), ctypes.sizeof(attr)) == 0, (
+        ctypes.get_errno()
+    )
+
+
+def test_a_switch_that_fails_means_a_reload(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports
+):
+    """The standby copy written, the switch refused (here: the generation map frozen): the
+    change is made by a reload, and the half-written standby copy is never trusted again."""
+    p1, *_ = loopback_ports.ports
+    target = [scratch_cgroup.relative]
+    service = Enforcer(cgroup_root, bpf_dir, in_place=True)
+    try:
+        apply_ok(service, policy_file(tmp_path, "frozen", target, egress("127.0.0.1", p1)))
+        before = program_ids(bpf_dir, "frozen")
+        prog_id = before["egress"]
+        assert prog_id
+        with program_maps(prog_id, {"generation"})["generation"] as generation:
+            _freeze(generation.fd)
+        apply_ok(service, policy_file(tmp_path, "frozen", target, egress("127.0.0.2", p1)))
+        assert program_ids(bpf_dir, "frozen")["egress"] != before["egress"]
+        expect(
+            scratch_cgroup,
+            [((NOW, "tcp", "127.0.0.1", p1), EPERM), ((NOW, "tcp", "127.0.0.2", p1), ALLOWED)],
+        )
+    finally:
+        remove(service, "frozen")
