@@ -195,4 +195,10 @@ class Enforcer:
                 record_applied(plan, compiled, self.bpf_dir, item.source, kept)
                 return
         programs = apply_policy(plan, compiled, self.cgroup_root, self.bpf_dir, item.source)
-        self.in_place.remember(compiled, programs)
+        if plan.reload:
+            # Only a load this process made has copies it knows (fresh maps: copy 1 empty,
+            # copy 0 in force). Without a reload the programs stay: a load this process
+            # knows stays known as it is (the copy in force may be 1); one it does not know
+            # stays unknown, since its copy 1 may hold anything (a change another process
+            # stopped in the middle of) and no write here would ever drop that.
+            self.in_place.remember(compiled, programs)

@@ -123,11 +123,12 @@ class InPlace:
         try:
             for write in writes:
                 write_copy(write.map, write.spec, standby, write.change)
+            switch(generation, standby)
         except BpfError as error:  # the copy in force is untouched: reload instead
+            # (and forget the load: its standby copy now holds neither revision)
             log.info("%s: no change in place (%s); reloading", plan.name, error)
             self.forget(plan.name)
             return None
-        switch(generation, standby)
         old_gen, load.gen = load.gen, standby
         _reset_counters(load, compiled)
         load.compiled = compiled
@@ -148,12 +149,16 @@ def _open(load: _Load) -> Map | None:
     if load.generation is not None:
         return load.generation
     for spec in _owners(load.compiled):
+        if not any(m.name == "generation" for m in spec.maps):
+            continue  # not a net.c program (sock.c, device.c...): no copies of rules
         wanted = {m.name for m in spec.maps if m.two_copies} | {"generation", "counters"}
         try:
             found = program_maps(load.programs[spec.hook], wanted)
         except BpfError:
             return None
-        if found.keys() != wanted:
+        if found.keys() != wanted or (  # one switch must turn every program of the load
+            load.generation is not None and found["generation"].id != load.generation.id
+        ):
             close_all(found.values())
             return None
         for name, opened in found.items():

@@ -138,6 +138,7 @@ class Map(_FdObject):
         max_entries: int,
         flags: int = 0,
         name: str = "",
+        inner_map_fd: int = 0,
     ) -> Map:
         attr = MapCreateAttr(
             map_type=map_type,
@@ -145,6 +146,7 @@ class Map(_FdObject):
             value_size=value_size,
             max_entries=max_entries,
             map_flags=flags,
+            inner_map_fd=inner_map_fd,
             map_name=_check_name("map", name),
         )
         what = (

@@ -9,24 +9,14 @@ one too. The enforcer decides when a change can go this way (enforcer/inplace.py
 
 from __future__ import annotations
 
-import ctypes
-import errno as errnos
-import platform
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cgpolicy.compiler.spec import MapSpec
 from cgpolicy.contract import U32, copy_key
 from cgpolicy.kernel.bpf import Map
+from cgpolicy.kernel.syscall import MapType
 
-_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "riscv64": 283, "s390x": 356, "ppc64le": 365}
-_MEMBARRIER_CMD_GLOBAL = 1  # waits for an RCU grace period (synchronize_rcu)
-# Where membarrier cannot wait (nohz_full CPUs make it refuse): a wait far longer than any
-# cgroup program runs, which is not a proof, only a margin.
-_FALLBACK_WAIT_S = 1.0
-
-_libc = ctypes.CDLL(None, use_errno=True)
 _ZERO = U32.pack(0)
 
 
@@ -84,16 +74,19 @@ def switch(generation: Map, gen: int) -> None:
 
 
 def wait_for_readers() -> None:
-    """Return once every program run that started before the call has ended: cgroup
-    programs run inside an RCU read-side section, and membarrier(MEMBARRIER_CMD_GLOBAL)
-    waits for a grace period (about 8 ms here)."""
-    number = _MEMBARRIER.get(platform.machine())
-    if number is not None:
-        if _libc.syscall(number, _MEMBARRIER_CMD_GLOBAL, 0, 0) == 0:
-            return
-        if ctypes.get_errno() not in (errnos.EINVAL, errnos.ENOSYS):
-            raise OSError(ctypes.get_errno(), "membarrier")
-    time.sleep(_FALLBACK_WAIT_S)
+    """Return once every program run that started before the call has ended. cgroup
+    programs run inside an RCU read-side section, and an update of a map-in-map waits for
+    every running BPF program to end before it returns (kernel/bpf/syscall.c
+    maybe_wait_bpf_programs: synchronize_rcu), on any number of CPUs, nohz_full or not.
+    membarrier(MEMBARRIER_CMD_GLOBAL) is no such wait: with one CPU online it returns at
+    once, while a preemptible kernel may have a program preempted in the middle of a run."""
+    with (
+        Map.create(MapType.ARRAY, U32.size, U32.size, 1, name="cgp_rcu_inner") as inner,
+        Map.create(
+            MapType.ARRAY_OF_MAPS, U32.size, U32.size, 1, name="cgp_rcu", inner_map_fd=inner.fd
+        ) as outer,
+    ):
+        outer.update(_ZERO, U32.pack(inner.fd))
 
 
 def fits(map_type: str, max_entries: int, active: int, wanted: int) -> bool:

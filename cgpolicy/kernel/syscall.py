@@ -77,6 +77,7 @@ class MapType(enum.IntEnum):
     PERCPU_ARRAY = 6
     LRU_HASH = 9
     LPM_TRIE = 11
+    ARRAY_OF_MAPS = 12
     RINGBUF = 27
 
 
