@@ -457,7 +457,7 @@ class Load:
         scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "sec": 1.0}[found.group(2)]
         return 1 / (2 * float(found.group(1)) * scale)  # latency is half the round trip
 
-    def check(self, config: Config, family: str) -> None:
+    def check(self, config: Config, family: str) -> dict[str, Any]:
         """The measured destination must be reachable (TCP; its UDP is what the loads
         send), and the second address must get no packet through (with no policy, it must):
         otherwise the run would measure nothing, or a filter that does not filter.
@@ -486,6 +486,7 @@ class Load:
             )
         if not config.enforces and not (result["blocked_tcp"] and arrived):
             raise BenchError(f"{where}: {blocked} is blocked without a policy")
+        return {"blocked_tcp": result["blocked_tcp"], "blocked_arrived": arrived}
 
 
 # --- the run ----------------------------------------------------------------------------
@@ -523,7 +524,7 @@ def measure(
                     sample["apply_s"] = config.setup(family, prefixes)
                     if isinstance(config, Cgpolicy):
                         sample.update(config.split)
-                    load.check(config, family)
+                    sample.update(load.check(config, family))
                     sample.update(load.packets(family))
                     sample["tps"] = load.transactions(family)
                     if config.enforces:
@@ -703,6 +704,7 @@ def render(
     families: Sequence[str],
     params: dict[str, Any],
     command: str,
+    with_plot: bool = True,
 ) -> str:
     names = [n for n in summary[families[0]] if n not in ("none", "reference")]
     label = {"ipv4": "IPv4", "ipv6": "IPv6"}
@@ -736,9 +738,9 @@ def render(
         "noise. The measured destination is the last of the N prefixes (for iptables: the "
         "last ACCEPT rule, the worst case of a linear chain).",
         "",
-        f"![pps and tps ratio vs N]({PLOT})",
-        "",
     ]
+    if with_plot:
+        parts += [f"![pps and tps ratio vs N]({PLOT})", ""]
     for key, _ in METRICS:
         heading, how, unit, scale = SECTIONS[key]
         parts += [f"## {heading}", "", how, ""]
@@ -961,6 +963,9 @@ def main(argv: list[str] | None = None) -> int:
         "temp folder)",
     )
     parser.add_argument(
+        "--no-plot", action="store_true", help=f"no {PLOT} (needs matplotlib, the bench extra)"
+    )
+    parser.add_argument(
         "--only",
         help="comma-separated configurations besides none and cgpolicy (always run): "
         "nftables,iptables-nft,iptables-legacy",
@@ -1088,15 +1093,15 @@ def main(argv: list[str] | None = None) -> int:
     names = [c.name for c in configs]
     summary = summarize(samples, names, sizes, families)
     params["notes"] = _notes(samples, families, params)
+    given = argv if argv is not None else sys.argv[1:]
     command = "make compare   # = .venv/bin/python -m bench.compare"
-    if any(
-        (args.quick, args.out_dir, args.rounds, args.only, args.sizes, args.seconds, args.families)
-    ):
-        command = "sudo .venv/bin/python -m bench.compare " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
-    plot(summary, sizes, families, out_dir / PLOT)
-    (out_dir / "RESULTS.md").write_text(render(summary, sizes, families, params, command))
+    if given:
+        command = "sudo .venv/bin/python -m bench.compare " + " ".join(given)
+    if not args.no_plot:
+        plot(summary, sizes, families, out_dir / PLOT)
+    (out_dir / "RESULTS.md").write_text(
+        render(summary, sizes, families, params, command, with_plot=not args.no_plot)
+    )
     (out_dir / "compare.json").write_text(
         json.dumps({"params": params, "summary": summary, "samples": samples}, indent=1) + "\n"
     )
