@@ -104,9 +104,9 @@ SECTIONS = {  # key: (heading, how it is measured, unit of the none column, its 
     "pps_cpu": (
         "Small-packet UDP: packets per client CPU-second, ratio to no policy",
         "The same runs, divided by the client's CPU time (iperf3's own user + system time "
-        "accounting): the rate the client would reach on a CPU of its own. Much less "
+        "accounting): about the rate the client would reach on a CPU of its own. Much less "
         "sensitive than the rate to the client being descheduled by other work on the "
-        "machine; its inverse is the next section.",
+        "machine; its inverse, in ns per packet, is tabled further down.",
         "kpps",
         1e3,
     ),
