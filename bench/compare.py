@@ -726,7 +726,7 @@ def render(
             f"{k} {params[k]}"
             for k in ("kernel", "cpus", "python", "iperf3", "qperf", "iptables", "nft", "started")
         )
-        + f". {params['rounds']} rounds, each load {params['seconds']} s; wall time "
+        + f". Rounds: {params['rounds']}, each load {params['seconds']} s; wall time "
         f"{params['wall_s']} s; load average (1 min) {params['load_start']} at the start, "
         f"{params['load_end']} at the end, samples taken at {params['load_min']}-"
         f"{params['load_max']} (other work on the machine shares the 2 vCPUs).",
@@ -892,7 +892,7 @@ def plot(
             ax.yaxis.set_minor_formatter(plain)
             ax.tick_params(axis="y", which="minor", labelsize=7)
             ax.set_xlabel("prefixes in the allow-list (N)")
-            ax.set_ylabel(f"{key} / no policy")
+            ax.set_ylabel("ratio to no policy")
             ax.set_title(f"{label[family]}: {what}, 64-byte UDP", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -1046,7 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             configs.append(config)
         params["iperf3"] = run(["iperf3", "--version"]).splitlines()[0]
-        params["qperf"] = run(["qperf", "--version"]).strip()
+        params["qperf"] = run(["qperf", "--version"]).strip().removeprefix("qperf ")
         params["iptables"] = (
             run(["iptables", "--version"]).strip() if shutil.which("iptables") else "-"
         )

@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cpus() -> tuple[int | None, int | None]:
-    """(server CPU, client CPU): two different CPUs this process may run on, the last
-    two (CPU 0 takes most housekeeping); None, None on a single CPU."""
+    """(server CPU, client CPU): the last two CPUs this process may run on, the measured
+    client on the very last (CPU 0 takes most of the housekeeping); None, None on one CPU."""
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
         return None, None
