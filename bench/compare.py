@@ -842,6 +842,11 @@ def render(
     return "\n".join(parts)
 
 
+def _two_and_five(value: float, _: object) -> str:
+    """Minor tick labels of a log axis: only 2x and 5x of each decade."""
+    return f"{value:g}" if f"{value:.0e}"[0] in "25" else ""
+
+
 def plot(
     summary: dict[str, Any], sizes: Sequence[int], families: Sequence[str], path: Path
 ) -> None:
@@ -887,9 +892,8 @@ def plot(
                 )
             ax.set_xscale("log")
             ax.set_yscale("log")  # from ~1 down to iptables' long chains at ~0.01
-            plain = FuncFormatter(lambda value, _: f"{value:g}")
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(_two_and_five))
             ax.tick_params(axis="y", which="minor", labelsize=7)
             ax.set_xlabel("prefixes in the allow-list (N)")
             ax.set_ylabel("ratio to no policy")
