@@ -194,9 +194,6 @@ class Config:
         """None if usable, else why not."""
         return None
 
-    def version(self) -> str:
-        return ""
-
     def setup(self, family: str, prefixes: Sequence[str]) -> float:
         """Install the allow-list; seconds for the whole list."""
         return 0.0
@@ -230,9 +227,6 @@ class Cgpolicy(Config):
         self.file = folder / "compare.yaml"
         self.prefixes: list[str] = []
         self.split: dict[str, float] = {}
-
-    def version(self) -> str:
-        return "working tree"
 
     def _yaml(self, prefixes: list[str]) -> str:
         cidrs = "".join(f'            - "{p}"\n' for p in prefixes)
@@ -321,9 +315,6 @@ class Iptables(Config):
     def available(self) -> str | None:
         return _which(*self._tools("ipv4"), *self._tools("ipv6"))
 
-    def version(self) -> str:
-        return run([self._tools("ipv4")[0], "--version"]).strip()
-
     def setup(self, family: str, prefixes: Sequence[str]) -> float:
         self.binary, restore = self._tools(family)
         self.prefixes = list(prefixes)
@@ -370,9 +361,6 @@ class Nftables(Config):
 
     def available(self) -> str | None:
         return _which("nft")
-
-    def version(self) -> str:
-        return run(["nft", "--version"]).strip()
 
     def setup(self, family: str, prefixes: Sequence[str]) -> float:
         kind, match = ("ipv4_addr", "ip daddr") if family == "ipv4" else ("ipv6_addr", "ip6 daddr")
@@ -749,17 +737,12 @@ def render(
             base = f"{table['none'][n][key] / scale:,.{1 if scale > 1 else 0}f}"
             return [f"{n:,}", base] + [_ratio_cell(table[c][n], key) for c in ["none", *names]]
 
+        def title(family: str, key: str = key, unit: str = unit, scale: float = scale) -> str:
+            reference = summary[family]["reference"][key] / scale
+            return f"{label[family]} (reference: {reference:,.{1 if scale > 1 else 0}f} {unit})"
+
         parts += _family_tables(
-            summary,
-            sizes,
-            families,
-            names,
-            lambda f, key=key, unit=unit, scale=scale: (
-                f"{label[f]} (reference: "
-                f"{summary[f]['reference'][key] / scale:,.{1 if scale > 1 else 0}f} {unit})"
-            ),
-            ["N", f"none ({unit})", "none", *names],
-            row,
+            summary, sizes, families, names, title, ["N", f"none ({unit})", "none", *names], row
         )
     parts += [
         "## Client CPU time per packet (ns)",
@@ -1054,7 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
         params["iptables"] = (
             run(["iptables", "--version"]).strip() if shutil.which("iptables") else "-"
         )
-        params["nft"] = nft.version() if nft in configs else "-"
+        params["nft"] = run(["nft", "--version"]).strip() if nft in configs else "-"
         params["nft_path"], params["nft_level"] = nft.path, nft.level
         params["cgroup2_root"] = str(scratch.root)
         params["placement"] = (
