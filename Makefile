@@ -29,9 +29,10 @@ typecheck: setup
 bench: setup
 	$(PY) -m bench --output bench/results.json
 
-# cgpolicy vs iptables vs nftables (bench/compare.py): needs iperf3, nftables, iptables and
-# matplotlib (the `bench` extra), which setup does not install. Idempotent.
-COMPARE_APT := iperf3 nftables iptables
+# cgpolicy vs iptables vs nftables (bench/compare.py): needs iperf3, qperf, nftables, iptables
+# (setup installs them too, for its smoke test) and matplotlib (the `bench` extra), which setup
+# does not install. Idempotent.
+COMPARE_APT := iperf3 qperf nftables iptables
 
 compare-deps: setup
 	@missing=""; for pkg in $(COMPARE_APT); do \

@@ -14,6 +14,8 @@ need_root() {
 }
 
 PACKAGES="python3-bpfcc bpftool python3-venv python3-pip iproute2 kmod"
+# the peers and loads of bench/compare.py, which tests/kernel/test_compare_smoke.py runs
+PACKAGES="$PACKAGES iperf3 qperf nftables iptables"
 KERNEL="$(uname -r)"
 
 missing=""
