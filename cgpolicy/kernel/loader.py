@@ -193,24 +193,28 @@ def _save_if_unchanged(
 
 @dataclass
 class PreparedProgram:
-    """A program instance before PROG_LOAD: its maps made and filled, its instructions
-    pointing at them (:func:`prepare_program`)."""
+    """A program instance before PROG_LOAD: its maps made, its instructions pointing at
+    them, and what to fill them with (:func:`prepare_program`)."""
 
     spec: ProgramSpec
     maps: dict[str, Map]
     insns: bytes
 
+    def fill(self) -> None:
+        """Write every map's entries from its spec (a two-copy map's copy 0, in force).
+        The verifier does not read map contents, so this may run while it walks."""
+        for map_spec in self.spec.maps:
+            if map_spec.name in self.maps:
+                self.maps[map_spec.name].update_batch(map_spec.entries)
+
     def load(self) -> LoadedProgram:
         """PROG_LOAD with the hook's program type and expected attach type; the maps are
-        the LoadedProgram's from here (closed with it, or here on failure)."""
+        the LoadedProgram's from here (closed with it). On failure the caller closes them:
+        another thread may still be filling them."""
         target = hook(attach_hook(self.spec.hook))
-        try:
-            program = Program.load(
-                target.prog_type, self.insns, self.spec.prog_name, target.attach_type
-            )
-        except BaseException:
-            close_all(self.maps.values())
-            raise
+        program = Program.load(
+            target.prog_type, self.insns, self.spec.prog_name, target.attach_type
+        )
         return LoadedProgram(self.spec, program, self.maps)
 
 
@@ -220,8 +224,8 @@ def prepare_program(
     cflags: Sequence[str] = (),
     shared_maps: Mapping[str, Map] | None = None,
 ) -> PreparedProgram:
-    """Fresh maps for one instance of ``spec``, filled from its MapSpecs, and its
-    instructions with their fds. On failure nothing stays open.
+    """Fresh maps for one instance of ``spec``, empty, and its instructions with their fds
+    (:meth:`PreparedProgram.fill` fills the maps). On failure nothing stays open.
 
     ``shared_maps`` (by map name) are maps the caller created and keeps, used instead of
     creating those from the spec: several programs of one policy share one ring buffer
@@ -236,8 +240,7 @@ def prepare_program(
             if map_spec.name in shared:
                 _check_shared(spec, map_spec, shared[map_spec.name])
                 continue
-            maps[map_spec.name] = created = create_map(map_spec)
-            created.update_batch(map_spec.entries)  # a two-copy map's copy 0, in force
+            maps[map_spec.name] = create_map(map_spec)
         by_name = {**maps, **{n: m for n, m in shared.items() if n in compiled.templates}}
         insns = bytearray(compiled.insns)
         for offset, name in compiled.relocations:
@@ -254,24 +257,38 @@ def load_program(
     cflags: Sequence[str] = (),
     shared_maps: Mapping[str, Map] | None = None,
 ) -> LoadedProgram:
-    """Load one instance of ``spec`` (:func:`prepare_program`, then PROG_LOAD)."""
-    return prepare_program(spec, source_dir, cflags, shared_maps).load()
+    """Load one instance of ``spec``: :func:`prepare_program`, fill, then PROG_LOAD."""
+    prepared = prepare_program(spec, source_dir, cflags, shared_maps)
+    try:
+        prepared.fill()
+        return prepared.load()
+    except BaseException:
+        close_all(prepared.maps.values())
+        raise
 
 
 def load_prepared(prepared: Sequence[PreparedProgram]) -> list[LoadedProgram]:
-    """PROG_LOAD every prepared program at once, one thread each up to the CPUs: the
-    verifier's walk is most of a load, and it runs on the calling thread's CPU. All or
-    nothing: on a failure every program and map is closed, and the first error raised."""
-    if len(prepared) <= 1:
-        return [p.load() for p in prepared]
-    with ThreadPoolExecutor(min(len(prepared), os.cpu_count() or 1)) as pool:
+    """Fill every prepared program's maps and PROG_LOAD them all at once: the loads on
+    threads (one each up to the CPUs: the verifier's walk is most of a load and runs on
+    the calling thread's CPU), the fills on this one meanwhile. All or nothing: on a
+    failure every program and map is closed, and the first error raised."""
+    with ThreadPoolExecutor(max(1, min(len(prepared), os.cpu_count() or 1))) as pool:
         futures = [pool.submit(p.load) for p in prepared]
+        try:
+            for program in prepared:
+                program.fill()
+        except BaseException as error:  # after the loads: then close everything
+            filled: BaseException | None = error
+        else:
+            filled = None
     loaded = [f.result() for f in futures if f.exception() is None]
     failed = [f.exception() for f in futures if f.exception() is not None]
-    if failed:
+    if failed or filled is not None:
         for done in loaded:
             done.close()
-        raise failed[0]  # type: ignore[misc]
+        for program in prepared:
+            close_all(program.maps.values())
+        raise failed[0] if failed else filled  # type: ignore[misc]
     return loaded
 
 
