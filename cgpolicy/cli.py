@@ -584,8 +584,10 @@ def reconcile(
 
     Applies every valid policy in the folder and removes policies that came from files
     since deleted. A file that fails validation is logged and counted, and the last good
-    version of its policies stays enforced. SIGTERM exits and leaves enforcement in place;
-    SIGHUP re-reads the folder. With --once, exit 1 when any policy failed to apply.
+    version of its policies stays enforced. A change of addresses, ports or actions in a
+    policy the service loaded is made in place: every hook switches to the new rules at
+    once, without reloading (docs/reconcile.md). SIGTERM exits and leaves enforcement in
+    place; SIGHUP re-reads the folder. With --once, exit 1 when any policy failed to apply.
     """
     from cgpolicy.enforcer.ownership import Owner
     from cgpolicy.reconciler.lastgood import DEFAULT_STATE_DIR, LastGoodStore
