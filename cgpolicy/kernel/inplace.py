@@ -48,19 +48,22 @@ def write_copy(map_: Map, spec: MapSpec, gen: int, change: Delta) -> None:
     if change.drop:
         if spec.map_type == "array":
             zero = bytes(spec.value_size)
-            dropped = [(copy_key("array", spec.max_entries, k, gen), zero) for k in change.drop]
-            map_.update_batch(dropped)
+            map_.update_batch(_in_copy(spec, [(key, zero) for key in change.drop], gen))
         else:
             for key in change.drop:
                 map_.delete(copy_key(spec.map_type, spec.max_entries, key, gen))
-    map_.update_batch(
-        [(copy_key(spec.map_type, spec.max_entries, k, gen), v) for k, v in change.write]
-    )
+    map_.update_batch(_in_copy(spec, change.write, gen))
 
 
 def copy_entries(spec: MapSpec, gen: int) -> list[tuple[bytes, bytes]]:
     """A two-copy map's entries as copy ``gen`` holds them."""
-    return [(copy_key(spec.map_type, spec.max_entries, k, gen), v) for k, v in spec.entries]
+    return _in_copy(spec, spec.entries, gen)
+
+
+def _in_copy(
+    spec: MapSpec, entries: Sequence[tuple[bytes, bytes]], gen: int
+) -> list[tuple[bytes, bytes]]:
+    return [(copy_key(spec.map_type, spec.max_entries, k, gen), v) for k, v in entries]
 
 
 def in_force(generation: Map) -> int:
