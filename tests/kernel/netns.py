@@ -11,8 +11,9 @@ Probes run in ns a (`ip netns exec`, which keeps the caller's cgroup) to test tr
 two namespaces. The root-ns pair exists for `interfaces` rules: cgpolicy resolves interface
 names in its own network namespace (the test process's), so a rule naming an interface can
 only be checked on an interface of the root namespace; probes for it run in the root ns.
-Its subnet is the one part shared with the rest of the host: N = 2 + pid % 250, so that two
-test sessions at once (or a session and a leftover) route their own traffic.
+Its subnet is the one part shared with the rest of the host: N = 2 + pid % 250, or the next
+one no root-ns interface holds, so that two test sessions at once (or a session and a
+leftover of a killed one) each route their own traffic.
 
 Only the namespaces and interfaces made here are touched, and all of them are removed in
 `close()` (deleting ns b deletes both veth pairs).
@@ -37,6 +38,24 @@ IFA_F_NODAD = 0x02
 PORTS = (8001, 8002, 8003, 8004, 8005)
 
 
+def _free_subnet(first: int) -> int:
+    """The first N from ``first`` on (2..251, wrapping) whose 10.199.N.0/24 no interface of
+    the root namespace holds (never 1: ns b holds 10.199.1.0/24 too)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        taken = {
+            int(address.split(".")[2])
+            for message in ipr.get_addr(family=socket.AF_INET)
+            if (address := message.get_attr("IFA_ADDRESS") or "").startswith("10.199.")
+        }
+    for offset in range(250):
+        subnet = 2 + (first - 2 + offset) % 250
+        if subnet not in taken:
+            return subnet
+    raise RuntimeError("every 10.199.N.0/24 is in use in the root namespace")
+
+
 @dataclass
 class VethNet:
     ns_a: str
@@ -57,7 +76,7 @@ class VethNet:
     @classmethod
     def create(cls) -> VethNet:
         pid = os.getpid()
-        subnet = 2 + pid % 250  # never 1: ns b holds 10.199.1.0/24 too
+        subnet = _free_subnet(2 + pid % 250)
         net = cls(
             f"cgpt-a-{pid}",
             f"cgpt-b-{pid}",
