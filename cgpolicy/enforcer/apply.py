@@ -171,9 +171,21 @@ def record_applied(
 ) -> None:
     """Write the policy's metadata, last: what it now enforces, with which programs."""
     cgroups = {s.cgroup_id: s.cgroup for s in plan.steps if s.action is not Action.DETACH}
+    pins.write_meta(bpf_dir, policy_meta(compiled, source, cgroups, programs, plan.owner))
+
+
+def policy_meta(
+    compiled: CompiledPolicy,
+    source: str | None,
+    cgroups: dict[int, str],
+    programs: dict[str, int],
+    owner: dict[str, object] | None,
+) -> pins.PolicyMeta:
+    """The metadata of ``compiled`` applied from ``source`` by ``owner`` with ``programs``
+    (by hook) on ``cgroups`` (by id)."""
     rules = {hook: [_label(label) for label in labels] for hook, labels in compiled.rules}
     devices = [device.to_json() for device in compiled.device_paths]
-    meta = pins.PolicyMeta(
+    return pins.PolicyMeta(
         compiled.name,
         compiled.revision,
         compiled.mode,
@@ -182,10 +194,9 @@ def record_applied(
         rules,
         devices,
         programs,
-        owner=plan.owner,
+        owner=owner,
         names=list(compiled.names),
     )
-    pins.write_meta(bpf_dir, meta)
 
 
 def _label(label: RuleLabel) -> dict[str, object]:

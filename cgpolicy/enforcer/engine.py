@@ -99,10 +99,10 @@ class Enforcer:
     def observe(self) -> dict[str, AppliedPolicy]:
         return read_applied(self.bpf_dir)
 
-    def devices(self, policy: Policy, applied: AppliedPolicy | None) -> DeviceBinding:
+    def devices(self, policy: Policy, applied: pins.PolicyMeta | None) -> DeviceBinding:
         """What the policy's device paths name on this node; a deny rule's path that names
-        nothing now keeps the device it named when ``applied``."""
-        entries = applied.meta.devices if applied is not None and applied.meta else []
+        nothing now keeps the device it named when it was applied (``applied``)."""
+        entries = applied.devices if applied is not None else []
         return bind_devices(policy, self.dev_root, remembered_denies(entries))
 
     def plan(
@@ -120,7 +120,8 @@ class Enforcer:
         planned = []
         for policy in policies:
             try:
-                devices = self.devices(policy, applied.get(policy.name))
+                before = applied.get(policy.name)
+                devices = self.devices(policy, before.meta if before is not None else None)
                 compiled = (compile or compile_here)(policy, devices)
             except CompileError as error:  # this policy cannot be applied; the others can
                 failed = PolicyPlan(policy.name, None, None, reload=False)

@@ -1,4 +1,5 @@
-"""The reconcile service's fast path for cgroups that just appeared (docs/scale.md).
+"""The reconcile service's fast paths: for cgroups that just appeared, and for a changed
+policy file whose rules change in place (docs/scale.md, docs/reconcile.md).
 
 A full pass observes every link of every policy (one BPF_OBJ_GET and one LINK_INFO per
 link): with one glob over 10,000 cgroups and a policy of 9 programs, that is 90,000 links
@@ -9,6 +10,11 @@ records the new cgroups in the metadata, as a full pass would have. Whatever it 
 vouch for (a changed or interrupted policy, another owner's, one with fqdns rules, a link
 already pinned) raises NotIncremental, and the caller runs a full pass instead. The
 periodic resync stays a full pass, so drift is repaired within the interval as before.
+
+A changed file costs a full pass the same way, though a change in place (inplace.py) touches
+no link: :func:`change_in_place` checks the same metadata and pins, and that the policy's
+targets still resolve to the cgroups the metadata lists, then changes the rules in place
+and writes the new metadata.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from pathlib import Path
 
 from cgpolicy.compiler.spec import CompiledPolicy
 from cgpolicy.contract import attach_hook
-from cgpolicy.enforcer.apply import ApplyError, detach_pinned_link
+from cgpolicy.enforcer.apply import ApplyError, detach_pinned_link, policy_meta
+from cgpolicy.enforcer.inplace import InPlace
 from cgpolicy.enforcer.ownership import Owner
 from cgpolicy.enforcer.targets import CgroupRef
 from cgpolicy.kernel import pins
@@ -84,27 +91,14 @@ def attach_new_cgroups(
     detached again); NotIncremental when a full pass must decide."""
     if compiled.dns_programs:
         raise NotIncremental("fqdns rules: the target cgroups are published to its maps")
-    folder = pins.policy_dir(bpf_dir, compiled.name)
-    meta = cache.read(folder)
-    if (
-        meta is None
-        or meta.revision != compiled.revision
-        or meta.owner != owner.to_json()
-        or meta.source != source
-    ):
-        raise NotIncremental("not applied as it is now, or not by this owner")
+    meta = _settled_meta(compiled, bpf_dir, owner, source, cache)
+    if meta.revision != compiled.revision:
+        raise NotIncremental("not applied as it is now")
     new = [ref for ref in refs if ref.cgroup_id not in meta.cgroups]
     if not new:
         return []
-    programs: dict[str, Program] = {}
+    programs = _pinned_programs(compiled, bpf_dir)
     try:
-        for spec in compiled.programs:
-            try:
-                programs[spec.hook] = Program.from_pin(
-                    pins.hook_dir(bpf_dir, compiled.name, spec.hook) / pins.PROG_PIN
-                )
-            except (BpfError, OSError) as error:
-                raise NotIncremental(f"{spec.hook}: no program pinned") from error
         if {hook: program.id for hook, program in programs.items()} != meta.programs:
             raise NotIncremental("the pinned programs are not those the metadata names")
         _attach(compiled.name, programs, new, cgroup_root, bpf_dir)
@@ -113,6 +107,60 @@ def attach_new_cgroups(
     cgroups = {**meta.cgroups, **{ref.cgroup_id: ref.relative for ref in new}}
     cache.write(bpf_dir, dataclasses.replace(meta, cgroups=cgroups))
     return new
+
+
+def change_in_place(
+    in_place: InPlace,
+    compiled: CompiledPolicy,
+    refs: tuple[CgroupRef, ...],
+    bpf_dir: Path,
+    owner: Owner,
+    source: str | None,
+    cache: MetaCache,
+) -> None:
+    """Put the new revision ``compiled`` of a policy applied by ``owner`` from ``source``
+    in force in place, its targets resolving now to ``refs``; then write its metadata.
+    Call it under the pin folder's lock. NotIncremental (nothing changed) when a full pass
+    must decide: the policy is not applied as this process left it, its cgroups are not
+    those it was applied to, or the new revision is more than new rules (inplace.py)."""
+    meta = _settled_meta(compiled, bpf_dir, owner, source, cache)
+    if {ref.cgroup_id for ref in refs} != meta.cgroups.keys():
+        raise NotIncremental("its targets resolve to other cgroups now")
+    programs = _pinned_programs(compiled, bpf_dir)
+    try:
+        pinned = {hook: program.id for hook, program in programs.items()}
+    finally:
+        close_all(programs.values())
+    if pinned != meta.programs:
+        raise NotIncremental("the pinned programs are not those the metadata names")
+    kept = in_place.change_settled(compiled, meta)
+    if kept is None:
+        raise NotIncremental("not a change of rules this process can make in place")
+    cache.write(bpf_dir, policy_meta(compiled, source, dict(meta.cgroups), kept, meta.owner))
+
+
+def _settled_meta(
+    compiled: CompiledPolicy, bpf_dir: Path, owner: Owner, source: str | None, cache: MetaCache
+) -> pins.PolicyMeta:
+    """The policy's metadata, if ``owner`` applied it from ``source``."""
+    meta = cache.read(pins.policy_dir(bpf_dir, compiled.name))
+    if meta is None or meta.owner != owner.to_json() or meta.source != source:
+        raise NotIncremental("not applied, or not by this owner from this file")
+    return meta
+
+
+def _pinned_programs(compiled: CompiledPolicy, bpf_dir: Path) -> dict[str, Program]:
+    """The program pinned for each hook of ``compiled``, opened (the caller closes them)."""
+    programs: dict[str, Program] = {}
+    for spec in compiled.programs:
+        try:
+            programs[spec.hook] = Program.from_pin(
+                pins.hook_dir(bpf_dir, compiled.name, spec.hook) / pins.PROG_PIN
+            )
+        except (BpfError, OSError) as error:
+            close_all(programs.values())
+            raise NotIncremental(f"{spec.hook}: no program pinned") from error
+    return programs
 
 
 def _attach(

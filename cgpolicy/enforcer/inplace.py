@@ -39,6 +39,7 @@ from cgpolicy.kernel.inplace import (
     wait_for_readers,
     write_copy,
 )
+from cgpolicy.kernel.pins import PolicyMeta
 from cgpolicy.kernel.syscall import BpfError
 
 log = logging.getLogger(__name__)
@@ -98,20 +99,46 @@ class InPlace:
     ) -> dict[str, int] | None:
         """Put ``compiled`` in force in place if it can be, and say with which programs (by
         hook); None when it must be loaded whole (nothing was changed then)."""
-        load = self._loads.get(plan.name)
+        load = self._level_load(plan.name)
         if load is None:
             return None
-        if load.leveling is not None:
-            failed = load.leveling.exception()
-            load.leveling = None
-            if failed is not None:  # the old copy's contents are unknown
-                log.warning("%s: old copy not brought level (%s)", plan.name, failed)
-                self.forget(plan.name)
-                return None
-        pairs = _changed_maps(load, compiled) if _same_load(load, plan, applied) else None
+        if not _same_load(load, plan, applied):
+            self.forget(plan.name)
+            return None
+        return self._change(load, compiled)
+
+    def change_settled(self, compiled: CompiledPolicy, meta: PolicyMeta) -> dict[str, int] | None:
+        """:meth:`apply` for a caller that vouches, from the policy's metadata and program
+        pins read now (``meta``), that the kernel holds it as this process left it, on the
+        same cgroups (enforcer/incremental.py: the links are not read)."""
+        load = self._level_load(compiled.name)
+        if load is None:
+            return None
+        if meta.revision != load.compiled.revision or meta.programs != load.programs:
+            self.forget(compiled.name)
+            return None
+        return self._change(load, compiled)
+
+    def _level_load(self, name: str) -> _Load | None:
+        """The load of ``name`` once its copies are level; None (and forgotten) when it is
+        not known or a copy's contents are not."""
+        load = self._loads.get(name)
+        if load is None or load.leveling is None:
+            return load
+        failed = load.leveling.exception()
+        load.leveling = None
+        if failed is not None:  # the old copy's contents are unknown
+            log.warning("%s: old copy not brought level (%s)", name, failed)
+            self.forget(name)
+            return None
+        return load
+
+    def _change(self, load: _Load, compiled: CompiledPolicy) -> dict[str, int] | None:
+        """The change itself, on a load whose copies are level and held as it was left."""
+        pairs = _changed_maps(load, compiled)
         generation = _open(load) if pairs is not None else None
         if pairs is None or generation is None or in_force(generation) != load.gen:
-            self.forget(plan.name)
+            self.forget(compiled.name)
             return None
         writes = []
         for hook, old, new in pairs:
@@ -126,8 +153,8 @@ class InPlace:
             switch(generation, standby)
         except BpfError as error:  # the copy in force is untouched: reload instead
             # (and forget the load: its standby copy now holds neither revision)
-            log.info("%s: no change in place (%s); reloading", plan.name, error)
-            self.forget(plan.name)
+            log.info("%s: no change in place (%s); reloading", compiled.name, error)
+            self.forget(compiled.name)
             return None
         old_gen, load.gen = load.gen, standby
         _reset_counters(load, compiled)

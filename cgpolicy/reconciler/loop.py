@@ -12,7 +12,6 @@ import os
 import select
 import signal
 import time
-from pathlib import Path
 
 from cgpolicy.compiler.spec import CompileError
 from cgpolicy.enforcer.apply import ApplyError
@@ -22,7 +21,7 @@ from cgpolicy.kernel.trusted import UntrustedFolder
 from cgpolicy.reconciler.decide import PassReport
 from cgpolicy.reconciler.health import Health
 from cgpolicy.reconciler.reconcile import Reconciler
-from cgpolicy.reconciler.watch import Watcher
+from cgpolicy.reconciler.watch import Events, Watcher
 
 log = logging.getLogger("cgpolicy.reconcile")
 
@@ -107,10 +106,10 @@ class Service:
                 if time.monotonic() >= sweep_due:
                     self._sweep()
                     sweep_due = time.monotonic() + SWEEP_INTERVAL
-                created, other = watcher.take_events()
+                events = watcher.take_events()
                 due = bool(ready) or time.monotonic() >= resync_due
-                if due and created and not other and wake_read not in ready:
-                    due = time.monotonic() >= resync_due or not self._attach_new(created)
+                if due and not events.other and wake_read not in ready:
+                    due = time.monotonic() >= resync_due or not self._fast_path(events)
         finally:
             health.stopped()
             signal.set_wakeup_fd(-1)
@@ -146,15 +145,19 @@ class Service:
         watcher.watch_devices(self.reconciler.device_folders())
         return next_resync(started, resync_due, self.interval, time.monotonic())
 
-    def _attach_new(self, created: list[Path]) -> bool:
-        """Only cgroups appeared: the fast path (Reconciler.attach_new) instead of a full
-        pass; False when a full pass must run (also after any error: it reports it)."""
+    def _fast_path(self, events: Events) -> bool:
+        """Only policy files changed or cgroups appeared: the fast paths (Reconciler
+        change_files, attach_new: enforcer/incremental.py) instead of a full pass; False
+        when a full pass must run (also after any error: it reports it)."""
+        reconciler = self.reconciler
         try:
-            return self.reconciler.attach_new(created)
+            if events.policy_files and not reconciler.change_files():
+                return False
+            return not events.created or reconciler.attach_new(events.created)
         except RUNTIME_ERRORS as error:
-            log.warning("attaching to new cgroups: %s; running a full pass", error)
+            log.warning("fast path: %s; running a full pass", error)
         except Exception:  # a bug must not end the service either
-            log.exception("attaching to new cgroups failed; running a full pass")
+            log.exception("fast path failed; running a full pass")
         return False
 
     def _sweep(self) -> None:

@@ -7,17 +7,24 @@ decisions out, and logs and counts them. When passes run is loop.py's business."
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
-from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.compiler.spec import CompiledPolicy, CompileError
 from cgpolicy.enforcer.apply import ApplyError
 from cgpolicy.enforcer.engine import Enforcer, Planned, compile_here
-from cgpolicy.enforcer.incremental import MetaCache, NotIncremental, attach_new_cgroups
+from cgpolicy.enforcer.incremental import (
+    MetaCache,
+    NotIncremental,
+    attach_new_cgroups,
+    change_in_place,
+)
 from cgpolicy.enforcer.ownership import Owner
 from cgpolicy.enforcer.plan import Action
 from cgpolicy.enforcer.rollout import RolledBack
-from cgpolicy.enforcer.targets import CgroupRef, target_covers
+from cgpolicy.enforcer.targets import CgroupRef, resolve_targets, target_covers
+from cgpolicy.kernel import pins
 from cgpolicy.kernel.applied import (
     AppliedPolicy,
     delete_expired_learned,
@@ -170,6 +177,76 @@ class Reconciler:
                     return False
                 if attached:
                     log.info("%s: attached to %s", name, ", ".join(r.relative for r in attached))
+        return True
+
+    def change_files(self) -> bool:
+        """The fast path for changed policy files, when nothing else happened: read the
+        folder, and put each policy whose rules changed in force in place (inplace.py),
+        reading only its metadata and program pins (enforcer/incremental.py), not every
+        link. False when a full pass must run instead (nothing was changed then): a policy
+        added, removed or not left applied by the last pass, new targets, a file that is
+        invalid now, a service not ready, a change that is more than new rules, targets
+        that resolve to other cgroups. The periodic resync stays a full pass, which repairs
+        drift."""
+        if self._not_ready != frozenset() or self._enforcer.in_place is None:
+            return False
+        try:
+            snapshot = self._source.read()
+        except OSError:
+            return False  # the folder cannot be listed: the full pass says so
+        before = {policy.name: policy.targets for policy in self._policies}
+        now = {policy.name: policy.targets for policy in snapshot.policies}
+        if (
+            snapshot.invalid_files
+            or len(now) != len(snapshot.policies)
+            or now != before  # the folders to watch would change too
+            or not now.keys() <= self._settled.keys()
+        ):
+            return False
+        with self._enforcer.locked() as rolled_back:
+            self._count_rollbacks(rolled_back)
+            if rolled_back:
+                return False
+            for policy in snapshot.policies:
+                if not self._change_in_place(policy):
+                    return False
+        self._policies = snapshot.policies
+        self._compiled.keep_only(snapshot.policies)
+        return True
+
+    def _change_in_place(self, policy: Policy) -> bool:
+        """One policy of :meth:`change_files`: True when it is in force as read now."""
+        enforcer = self._enforcer
+        settled, source = self._settled[policy.name]
+        if source != (os.path.abspath(policy.source.file) if policy.source else None):
+            return False
+        meta = self._metas.read(pins.policy_dir(enforcer.bpf_dir, policy.name))
+        if meta is None:
+            return False
+        try:
+            compiled = self._compiled(policy, enforcer.devices(policy, meta))
+        except CompileError:
+            return False
+        if compiled.revision == settled.revision:
+            return meta.revision == settled.revision
+        resolution = resolve_targets(enforcer.cgroup_root, policy.targets)
+        if resolution.not_cgroups or enforcer.in_place is None:
+            return False
+        try:
+            change_in_place(
+                enforcer.in_place,
+                compiled,
+                resolution.cgroups,
+                enforcer.bpf_dir,
+                enforcer.owner,
+                source,
+                self._metas,
+            )
+        except NotIncremental as why:
+            log.debug("%s: a full pass for the change: %s", policy.name, why)
+            return False
+        self._settled[policy.name] = (compiled, source)
+        log.info("%s: rules changed in place (revision %s)", policy.name, compiled.revision)
         return True
 
     def _reconcile(self) -> PassReport:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from inotify_simple import INotify
@@ -26,6 +27,8 @@ FOLDER_EVENTS = (
     | inotify_flags.ATTRIB
     | inotify_flags.DELETE_SELF
 )
+# The policy folder itself went away, or its watch did (a full pass says what that means).
+_WATCH_GONE = inotify_flags.DELETE_SELF | inotify_flags.IGNORED
 CGROUP_EVENTS = inotify_flags.CREATE | inotify_flags.DELETE | inotify_flags.DELETE_SELF
 # A device node (or a symlink to one) created, removed or renamed in a folder a policy's
 # device path goes through.
@@ -37,6 +40,15 @@ DEVICE_EVENTS = (
     | inotify_flags.DELETE_SELF
 )
 MAX_CGROUP_WATCHES = 20000
+
+
+@dataclass
+class Events:
+    """What woke the loop since the last :meth:`Watcher.take_events`."""
+
+    created: list[Path] = field(default_factory=list)  # cgroups created in watched folders
+    policy_files: bool = False  # something in the policy folder (and only there)
+    other: bool = False  # anything else: a device, a link, a cgroup removed, a lost watch
 
 
 def watch_folders(root: Path, targets: Iterable[Target]) -> set[Path]:
@@ -74,10 +86,7 @@ class Watcher:
         self.policy_dir = policy_dir
         self._cgroup_watches: dict[Path, int] = {}
         self._cgroup_folders: dict[int, Path] = {}  # the same, by watch descriptor
-        # since take_events(): the cgroups created in watched folders, and whether anything
-        # else arrived (a pass must then look at everything)
-        self._created: list[Path] = []
-        self._other = False
+        self._events = Events()  # since take_events()
         self._device_watches: dict[Path, int] = {}
         self._policy_watch: int | None = None
         self.watch_policy_dir()
@@ -108,25 +117,25 @@ class Watcher:
             for event in events:
                 folder = self._cgroup_folders.get(event.wd)
                 if folder is not None and event.mask & inotify_flags.CREATE:
-                    self._created.append(folder / event.name)
+                    self._events.created.append(folder / event.name)
+                elif event.wd == self._policy_watch and not event.mask & _WATCH_GONE:
+                    self._events.policy_files = True
                 else:
-                    self._other = True
+                    self._events.other = True
             if any(e.wd == self._policy_watch and e.mask & inotify_flags.IGNORED for e in events):
                 log.warning("policy folder %s was removed", self.policy_dir)
                 self._policy_watch = None
         if self._netlink is not None and self._netlink.fileno() in ready:
             self._netlink.get()
             self.links_generation += 1
-            self._other = True
+            self._events.other = True
             woke = True
         return woke
 
-    def take_events(self) -> tuple[list[Path], bool]:
-        """The cgroups created in watched folders since the last call, and whether any
-        other event arrived meanwhile (a policy file, a device, a link, a cgroup removed)."""
-        created, other = self._created, self._other
-        self._created, self._other = [], False
-        return created, other
+    def take_events(self) -> Events:
+        """What arrived since the last call."""
+        events, self._events = self._events, Events()
+        return events
 
     def watch_cgroups(self, folders: set[Path]) -> None:
         """Watch exactly ``folders`` (new ones added, vanished or unneeded ones dropped)."""

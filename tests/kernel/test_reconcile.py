@@ -25,6 +25,8 @@ from service import (
 )
 
 from cgpolicy.kernel.bpf import CgroupLink
+from cgpolicy.kernel.hooks import hook
+from cgpolicy.kernel.syscall import prog_query
 
 
 @pytest.fixture
@@ -362,7 +364,7 @@ def test_a_new_cgroup_between_resyncs_is_attached_without_a_full_pass(
     daemon.start()
     count = lambda: daemon.metric("cgpolicy_reconcile_passes_total") or 0  # noqa: E731
     assert wait_until(lambda: count() >= 1, timeout=30), daemon.log()  # the first pass
-    policy.write_text(policy.read_text())  # a second pass: the first one's watches are set
+    daemon.process.send_signal(signal.SIGHUP)  # a second pass: the first one's watches are set
     assert wait_until(lambda: count() >= 2, timeout=30), daemon.log()
     passes = count()
     work = scratch_cgroup.child("work-1")
@@ -376,3 +378,52 @@ def test_a_new_cgroup_between_resyncs_is_attached_without_a_full_pass(
     assert links_at(work.path, "connect4") == 1 and links_at(other.path, "connect4") == 0
     work.path.rmdir()
     assert wait_until(lambda: not list(daemon.bpf_dir.glob("svc/connect4/link-*"))), daemon.log()
+
+
+def test_a_changed_rule_between_resyncs_is_changed_in_place_without_a_full_pass(
+    daemon, scratch_cgroup, tcp_server
+):
+    """The fast path for a changed file (enforcer/incremental.py change_in_place): with no
+    resync due, a new deny-list is put in force in the loaded programs' maps, with no full
+    pass and the same programs attached, and the metadata records the new revision; a
+    change that is more than new rules (a section added) still runs a full pass."""
+    from cgpolicy.kernel.pins import read_meta
+
+    daemon.interval = "3600"
+    work = scratch_cgroup.child("work-1")
+    policy = write_policy(daemon, scratch_cgroup, denied="127.0.0.1")
+    daemon.start()
+    count = lambda: daemon.metric("cgpolicy_reconcile_passes_total") or 0  # noqa: E731
+    assert wait_until(lambda: count() >= 1, timeout=30), daemon.log()
+    assert connect_denied(work, "127.0.0.1", tcp_server.port), daemon.log()
+    passes = count()
+
+    def attached() -> tuple[int, ...]:
+        fd = os.open(work.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return prog_query(fd, hook("connect4").attach_type).prog_ids
+        finally:
+            os.close(fd)
+
+    programs = attached()
+    revisions = [read_meta(daemon.bpf_dir / "svc").revision]  # type: ignore[union-attr]
+    for denied in ("127.0.0.3", "127.0.0.1"):
+        write_policy(daemon, scratch_cgroup, denied=denied)
+        assert wait_until(
+            lambda d=denied: (
+                connect_denied(work, "127.0.0.1", tcp_server.port) == (d == "127.0.0.1")
+            )
+        ), daemon.log()
+        assert wait_until(lambda: read_meta(daemon.bpf_dir / "svc").revision != revisions[-1])
+        revisions.append(read_meta(daemon.bpf_dir / "svc").revision)  # type: ignore[union-attr]
+    assert daemon.log().count("svc: rules changed in place") == 2, daemon.log()
+    assert count() == passes  # no full pass ran
+    assert attached() == programs  # the same programs, their maps changed
+
+    policy.write_text(
+        policy.read_text()
+        + "    bind:\n      default: allow\n      rules: [{action: deny, ports: [1]}]\n"
+    )
+    assert wait_until(lambda: links_at(work.path, "bind4") == 1, timeout=30), daemon.log()
+    assert count() > passes
+    assert connect_denied(work, "127.0.0.1", tcp_server.port), daemon.log()
