@@ -360,7 +360,7 @@ def test_a_new_cgroup_between_resyncs_is_attached_without_a_full_pass(
     from cgpolicy.kernel.pins import read_meta
 
     daemon.interval = "3600"
-    policy = write_policy(daemon, scratch_cgroup, denied="127.0.0.1")
+    write_policy(daemon, scratch_cgroup, denied="127.0.0.1")
     daemon.start()
     count = lambda: daemon.metric("cgpolicy_reconcile_passes_total") or 0  # noqa: E731
     assert wait_until(lambda: count() >= 1, timeout=30), daemon.log()  # the first pass
