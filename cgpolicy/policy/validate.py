@@ -38,6 +38,7 @@ from cgpolicy.policy.semantic import (
 from cgpolicy.policy.sourcemap import SourceMap
 
 __all__ = [
+    "FileMemo",
     "LoadResult",
     "PolicyError",
     "Problem",
@@ -93,15 +94,52 @@ def load_paths(paths: Sequence[str | os.PathLike[str]]) -> LoadResult:
         end_of_load()
 
 
-def load_contents(files: Sequence[tuple[str, bytes]]) -> LoadResult:
+@dataclass
+class _Checked:
+    """One document of a file, checked alone (before names are compared across files)."""
+
+    name: str | None
+    where: SourceLocation | None  # of its metadata.name
+    problems: list[Problem]  # the loader's, the schema's and the semantic ones
+    built: Policy | None  # when it has none of those and building it worked
+    build_problems: list[Problem]  # when building it failed
+
+
+@dataclass
+class _CheckedFile:
+    documents: list[_Checked]
+    skipped: list[Problem]  # `cgpolicy test` documents
+    trailing: list[Problem]  # where reading stopped: after every document
+
+
+class FileMemo:
+    """Each file's documents as checked alone, by file name and content: a reading in which
+    one file of many changed checks that file only (the reconcile service reads its whole
+    folder at every change), and gives the same Policy objects for the others, so that
+    what was compiled from them is reused. Names are compared across all files at every
+    reading, as without the memo."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[bytes, _CheckedFile]] = {}
+
+    def get(self, file: str, content: bytes) -> _CheckedFile | None:
+        known = self._files.get(file)
+        return known[1] if known is not None and known[0] == content else None
+
+    def keep(self, checked: dict[str, tuple[bytes, _CheckedFile]]) -> None:
+        """Remember exactly these (the files of the last reading)."""
+        self._files = checked
+
+
+def load_contents(files: Sequence[tuple[str, bytes]], memo: FileMemo | None = None) -> LoadResult:
     """Like :func:`load_paths`, for files whose bytes the caller has read itself (the
     reconcile service does, to refuse what is not a regular file): each ``(name, bytes)``
     is validated under its name, which is not opened, and names must be unique across all
-    of them."""
+    of them. With ``memo``, a file whose name and bytes it holds is not checked again."""
     try:
         result = LoadResult()
         with gc_paused():
-            _load_into(result, files)
+            _load_into(result, files, memo=memo)
         return result
     finally:
         end_of_load()
@@ -118,19 +156,27 @@ def _load_into(
     result: LoadResult,
     files: Iterable[tuple[str, bytes | None]],
     named: set[str] | None = None,
+    memo: FileMemo | None = None,
 ) -> None:
     """``named``: the files given by name (not found in a folder): one that holds only
-    `cgpolicy test` documents is a problem there, not a skipped file."""
+    `cgpolicy test` documents is a problem there, not a skipped file. ``memo``: see
+    :class:`FileMemo` (for files whose bytes are given)."""
     first_use: dict[str, SourceLocation] = {}
+    checked_now: dict[str, tuple[bytes, _CheckedFile]] = {}
     for file, content in files:
         result.files.append(file)
         policies: list[Policy] = []
-        skipped: list[Problem] = []
         try:
-            problems = _load_file(file, content, first_use, policies, skipped)
+            checked = memo.get(file, content) if memo is not None and content else None
+            if checked is None:
+                checked = _check_file(file, content)
+            if content is not None:
+                checked_now[file] = (content, checked)
+            problems = _unique_names(checked, first_use, policies)
+            skipped = list(checked.skipped)
         except Exception as error:  # noqa: BLE001 - a bug costs this file, not the others
             log.debug("checking %s failed", file, exc_info=True)  # the traceback, on request
-            problems, policies = [_unchecked(file, error)], []
+            problems, policies, skipped = [_unchecked(file, error)], [], []
         if skipped and not policies and not problems and named is not None and file in named:
             first = skipped[0]
             problems = [
@@ -148,22 +194,18 @@ def _load_into(
         result.problems += problems
         result.skipped += skipped
         result.warnings += [w for policy in policies for w in policy_warnings(policy)]
+    if memo is not None:
+        memo.keep(checked_now)
 
 
-def _load_file(
-    file: str,
-    content: bytes | None,
-    first_use: dict[str, SourceLocation],
-    policies: list[Policy],
-    skipped: list[Problem],
-) -> list[Problem]:
-    """One file's problems; its policies, if it has none, are appended to ``policies``,
-    and a note for each `cgpolicy test` document (not a policy) to ``skipped``."""
-    problems: list[Problem] = []
+def _check_file(file: str, content: bytes | None) -> _CheckedFile:
+    """One file's documents, each checked alone and built if it has no problem; a note for
+    each `cgpolicy test` document (not a policy)."""
+    checked = _CheckedFile([], [], [])
     loaded = load_file(file, content)
     for document in loaded.documents:
         if _is_test(document.data):
-            skipped.append(
+            checked.skipped.append(
                 Problem(
                     file,
                     document.line,
@@ -174,18 +216,43 @@ def _load_file(
                 )
             )
             continue
-        document_problems = _check_document(file, document)
+        problems = _check_document(file, document)
         name = _name(document.data)
-        if name is not None:
-            where = SourceLocation(file, *document.source_map.locate(("metadata", "name")))
-            if name in first_use:
-                document_problems.append(duplicate_name(name, where, first_use[name]))
+        where = (
+            SourceLocation(file, *document.source_map.locate(("metadata", "name")))
+            if name is not None
+            else None
+        )
+        built: list[Policy] = []
+        build_problems = [] if problems else _build(file, document, built)
+        checked.documents.append(
+            _Checked(name, where, problems, built[0] if built else None, build_problems)
+        )
+    checked.trailing = loaded.problems
+    return checked
+
+
+def _unique_names(
+    checked: _CheckedFile, first_use: dict[str, SourceLocation], policies: list[Policy]
+) -> list[Problem]:
+    """A checked file's problems, with a name used before (``first_use``) one of them; its
+    policies, if they have none, are appended to ``policies``."""
+    problems: list[Problem] = []
+    for document in checked.documents:
+        found = list(document.problems)
+        if document.name is not None and document.where is not None:
+            if document.name in first_use:
+                found.append(
+                    duplicate_name(document.name, document.where, first_use[document.name])
+                )
             else:
-                first_use[name] = where
-        if not document_problems:
-            document_problems = _build(file, document, policies)
-        problems += document_problems
-    return problems + loaded.problems  # reading stopped there: after every document
+                first_use[document.name] = document.where
+        if not found:
+            found = document.build_problems
+            if document.built is not None:
+                policies.append(document.built)
+        problems += found
+    return problems + checked.trailing  # reading stopped there: after every document
 
 
 def _unchecked(file: str, error: Exception) -> Problem:

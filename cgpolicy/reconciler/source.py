@@ -37,7 +37,7 @@ from pathlib import Path
 
 from cgpolicy.policy.loader import MAX_FILE_BYTES
 from cgpolicy.policy.model import Policy
-from cgpolicy.policy.validate import Problem, load_contents
+from cgpolicy.policy.validate import FileMemo, Problem, load_contents
 from cgpolicy.reconciler.lastgood import LastGoodStore, StoreError, is_entry_name
 from cgpolicy.reconciler.versions import (
     FileVersion,
@@ -217,6 +217,7 @@ class PolicySource:
         self.store = store
         self._files: dict[str, FileState] = {}
         self._force = True
+        self._memo = FileMemo()  # a reading checks only the files whose bytes changed
         # file name -> sha256 of its entry in the store; None until the store was read
         self._stored: dict[str, str] | None = None
         self.store_error: str | None = None
@@ -226,6 +227,7 @@ class PolicySource:
         """Read every file (and the store) again at the next reading, as after a restart,
         but keep the last good versions known so far (SIGHUP)."""
         self._force = True
+        self._memo = FileMemo()
         self._stored = None
 
     def _list(self) -> list[str]:
@@ -269,7 +271,7 @@ class PolicySource:
                 contents[file] = got
 
         # Every readable file is validated together, so that names must be unique across files.
-        result = load_contents(sorted(contents.items()))
+        result = load_contents(sorted(contents.items()), self._memo)
         for skipped in result.skipped:  # `cgpolicy test` files beside the policies
             log.info("%s", skipped.format())
         good, problems = judge(result, contents, unreadable)

@@ -335,3 +335,49 @@ def test_readiness_names_a_bad_file_and_counts_its_problems_without_their_text(
         "bad.yaml": f"{len(problems)} problems (see the service log)",
         "leak.yaml": "cannot read the file (see the service log)",
     }
+
+
+def test_a_reading_checks_only_the_files_that_changed(folder: Path) -> None:
+    """The folder is read whole at every change, but a file whose bytes did not change is
+    not checked again: its policies are the same objects (so what was compiled from them
+    is reused); names are still compared across every file, whichever changed."""
+    make(folder, "a", 443)
+    b = make(folder, "b", 80)
+    source = PolicySource(folder)
+    first = {p.name: p for p in source.read().policies}
+    b.write_text(glob_policy_text("b", 81))
+    second = {p.name: p for p in source.read().policies}
+    assert second["a"] is first["a"]
+    assert second["b"] is not first["b"] and port_of(source, "b") == 81
+
+    (folder / "c.yaml").write_text(glob_policy_text("a", 22))  # a's name again, in a later file
+    snapshot = source.read()
+    assert sorted(p.name for p in snapshot.policies) == ["a", "b"]
+    assert snapshot.policies[0] is first["a"]
+    (problem,) = snapshot.invalid_files[str(folder / "c.yaml")]
+    assert "a" in problem.message and "a.yaml" in problem.message
+
+
+def test_a_memo_changes_no_answer(tmp_path: Path) -> None:
+    """load_contents with a memo says what it says without one, reading after reading."""
+    from cgpolicy.policy.validate import FileMemo, load_contents
+
+    def answer(result):  # noqa: ANN001, ANN202
+        return (
+            [(p.name, p.source) for p in result.policies],
+            [p.format() for p in result.problems],
+            [p.format() for p in result.warnings],
+            [p.format() for p in result.skipped],
+        )
+
+    readings = [
+        {"a": glob_policy_text("a", 1), "b": glob_policy_text("b", 2)},
+        {"a": glob_policy_text("a", 1), "b": glob_policy_text("a", 3)},  # b takes a's name
+        {"a": "not: [valid", "b": glob_policy_text("a", 3)},  # now b's is the first a
+        {"a": glob_policy_text("a", 1), "b": glob_policy_text("b", 2) + "---\nkind: X\n"},
+        {"b": glob_policy_text("b", 2)},
+    ]
+    memo = FileMemo()
+    for reading in readings:
+        files = sorted((str(tmp_path / f"{n}.yaml"), t.encode()) for n, t in reading.items())
+        assert answer(load_contents(files, memo)) == answer(load_contents(files))
