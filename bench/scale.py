@@ -12,6 +12,8 @@
    programs, pin inodes and dentries) and the host's Slab + Percpu growth (noisy);
 3. new-cgroup latency with the 10,000 in place: 200 cgroups made one at a time, from just
    before ``mkdir`` until all hooks have a program on it (PROG_QUERY, polled every 0.5 ms);
+   then a changed rule: 30 writes of the policy file, each from the write until the
+   daemon's metadata names the new revision;
 4. an idle pass: ``Reconciler.reconcile()`` in-process with nothing to do, after the daemon
    was stopped (same pin folder, same owner);
 5. removal: ``Enforcer.plan_removal`` + ``apply`` of the policy (detaching every link),
@@ -36,7 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.figures import Figure, Report
-from bench.reconcile import WORKLOAD_HOOKS, WORKLOAD_YAML, Daemon, _p99, _prog_ids, _wait
+from bench.reconcile import (
+    WORKLOAD_HOOKS,
+    WORKLOAD_YAML,
+    Daemon,
+    _p99,
+    _prog_ids,
+    _revision,
+    _wait,
+)
 from bench.scratch import Scratch
 from cgpolicy.contract import attach_hook
 from cgpolicy.enforcer.engine import Enforcer
@@ -60,10 +70,16 @@ MEMCG_V1 = Path("/sys/fs/cgroup/memory")
 def run(report: Report, quick: bool) -> None:
     count = 300 if quick else 10_000
     new = 20 if quick else 200
+    changes = 5 if quick else 30
     idle_passes = 2 if quick else 5
-    report.params["scale"] = {"cgroups": count, "new_cgroups": new, "idle_passes": idle_passes}
+    report.params["scale"] = {
+        "cgroups": count,
+        "new_cgroups": new,
+        "changes": changes,
+        "idle_passes": idle_passes,
+    }
     with sigterm_as_interrupt(), tempfile.TemporaryDirectory() as folder:
-        _run(report, Path(folder), count, new, idle_passes)
+        _run(report, Path(folder), count, new, changes, idle_passes)
 
 
 class _MemoryCgroup:
@@ -193,7 +209,9 @@ def _probe(cgroup: Path) -> str:
     return result.stdout.strip()
 
 
-def _run(report: Report, folder: Path, count: int, new: int, idle_passes: int) -> None:
+def _run(
+    report: Report, folder: Path, count: int, new: int, changes: int, idle_passes: int
+) -> None:
     policy_dir = folder / "policies.d"
     policy_dir.mkdir()
     memcg = _MemoryCgroup()
@@ -227,6 +245,7 @@ def _run(report: Report, folder: Path, count: int, new: int, idle_passes: int) -
                     os.close(fd)
             _memory(report, scratch, daemon, memcg, slab_before, count)
             _new_cgroups(report, scratch, daemon, new, count)
+            _changes(report, scratch, daemon, policy_dir / f"{POLICY}.yaml", glob, changes, count)
             daemon.stop()
             daemon = None
             _idle(report, scratch, policy_dir, idle_passes, count)
@@ -405,6 +424,46 @@ def _new_cgroups(report: Report, scratch: Scratch, daemon: Daemon, new: int, cou
     )
     report.details["scale_new_cgroup_ms"] = [round(v, 2) for v in samples]
     report.details["scale_new_cgroup_overlapped_ms"] = [round(v, 2) for v in overlapped]
+
+
+def _changes(
+    report: Report,
+    scratch: Scratch,
+    daemon: Daemon,
+    policy: Path,
+    glob: str,
+    changes: int,
+    count: int,
+) -> None:
+    """A rule changed in the file, one write at a time: from the write until the service's
+    metadata names the new revision (written once the new rules are in force)."""
+    samples = []
+    passes = daemon.metric("cgpolicy_reconcile_passes_total")
+    for i in range(changes):
+        before = _revision(scratch.bpf_dir, POLICY)
+        text = WORKLOAD_YAML.format(name=POLICY, glob=glob, denied=f"10.9.{i}.1")
+        start = time.perf_counter()
+        policy.write_text(text)
+        _wait(
+            lambda b=before: _revision(scratch.bpf_dir, POLICY) not in (None, b),
+            60,
+            "the new revision",
+        )
+        samples.append((time.perf_counter() - start) * 1000)
+        time.sleep(0.02)
+    full = (daemon.metric("cgpolicy_reconcile_passes_total") or 0) - (passes or 0)
+    report.add(
+        Figure(
+            "scale_policy_change_ms",
+            statistics.median(samples),
+            "ms",
+            "median time from rewriting the policy file (one rule changed) until the service "
+            f"has the new rules in force on its {count:,} cgroups (real daemon; its new "
+            "revision in the metadata, written last)",
+            note=f"{changes} writes, max {max(samples):.1f} ms; {full:.0f} full passes meanwhile",
+        )
+    )
+    report.add(Figure("scale_policy_change_p99_ms", _p99(samples), "ms", "p99 of the same"))
 
 
 def _timed(action: Callable[[], Any]) -> tuple[float, Any]:
