@@ -7,7 +7,7 @@ whatever it refuses must be refused by ip_network too (the messages come from th
 path, unchanged). Inputs: random and hostile texts (leading zeros, spaces, newlines, NULs,
 IPv4-mapped and compatible IPv6, zone ids, host bits, netmasks, non-ASCII digits).
 
-The loader composes list items inline; the compiler packs the /16 index, builds its CIDR
+The loader composes list items inline; the compiler builds its CIDR
 tables and writes canonical texts its own faster way: each is compared with what the
 straightforward code (the code before, kept here) gives, and the revisions of generated
 policies of every kind of CIDR are pinned: a faster compile must not reload anything.
