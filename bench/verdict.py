@@ -228,8 +228,8 @@ def run(report: Report, quick: bool) -> None:
                         f"verdict_ns.{base_key}.many_cidrs",
                         big,
                         "ns",
-                        f"egress verdict, {case.family} TCP {case.outcome} among the longest prefixes, "
-                        f"policy with {many:,} CIDRs per family (test_run, raw)",
+                        f"egress verdict, {case.family} TCP {case.outcome} among the longest "
+                        f"prefixes, policy with {many:,} CIDRs per family (test_run, raw)",
                         ("<", NS_TARGET),
                         f"{big - median['nop']:.0f} ns above the return-1 program"
                         + ("; a drop: includes the deny-event path" if case.verdict == 0 else ""),
