@@ -267,7 +267,7 @@ def _per_packet(
         )
     match = str(ipaddress.IPv4Address(BASE + addresses // 2))
     # never answered, but in a /16 with learned (listed) addresses: the lookups cannot be
-    # skipped, by the /16 index of cidrs or by dns_seen
+    # skipped, by the prefix index of cidrs or by dns_seen
     near_miss = str(ipaddress.IPv4Address(BASE + 2 * addresses))
     spec = {
         "programs": {

@@ -133,7 +133,7 @@ def run(report: Report, quick: bool) -> None:
                     f"parse_compile_ms.{count}",
                     comp,
                     "ms",
-                    "compile_policy of that policy (/16 index, canonical order, revision)",
+                    "compile_policy of that policy (IPv4 index, canonical order, revision)",
                     note=f"median of {rounds}; {comp_low:.1f}-{comp_high:.1f} ms",
                 )
             )

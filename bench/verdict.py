@@ -10,8 +10,8 @@ real datagrams sent from a process inside them, with run-time statistics on
 (BPF_ENABLE_STATS): run_time_ns / run_cnt is the program alone, as the hook runs it.
 The datagrams are UDP to port 443, which the TCP-only allow rules never match, so every
 one is dropped at egress (nothing leaves the host) after the full lookup path has run:
-CIDR trie, port trie, interface map, decision, counter and the rate-limited deny event.
-"match"/"miss" still say whether the CIDR trie lookup finds the address.
+CIDR index, port trie, interface map, decision, counter and the rate-limited deny event.
+"match"/"miss" still say whether the CIDR index lookup finds the address.
 
 The IPv6 index (issue 14): 100,000 IPv6 prefixes of several length mixes (all /64, all
 /128, random /32-/128, random /16-/128: bench/policies.py V6_MIXES), each in its own
@@ -228,8 +228,8 @@ def run(report: Report, quick: bool) -> None:
                         f"verdict_ns.{base_key}.many_cidrs",
                         big,
                         "ns",
-                        f"egress verdict, {case.family} TCP {case.outcome} deep in the trie, "
-                        f"policy with {many:,} CIDRs per family (test_run, raw)",
+                        f"egress verdict, {case.family} TCP {case.outcome} among the longest "
+                        f"prefixes, policy with {many:,} CIDRs per family (test_run, raw)",
                         ("<", NS_TARGET),
                         f"{big - median['nop']:.0f} ns above the return-1 program"
                         + ("; a drop: includes the deny-event path" if case.verdict == 0 else ""),

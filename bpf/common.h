@@ -332,19 +332,9 @@ struct cgp_dns_scratch {
 	__u8 addr[CGP_DNS_ANSWERS * 16]; /* the addresses read, 16 bytes each */
 };
 
-/* LPM keys of the rule maps: prefix length in bits, then the data: the copy of the rules
- * (net.c `generation`: 32 bits, always counted in prefixlen), then the address or port in
+/* LPM key of the rule map `ports`: prefix length in bits, then the data: the copy of the
+ * rules (net.c `generation`: 32 bits, always counted in prefixlen), then the port in
  * network byte order. */
-struct cgp_lpm4 {
-	__u32 prefixlen;
-	__u32 gen;
-	__u8 addr[4];
-};
-struct cgp_lpm6 {
-	__u32 prefixlen;
-	__u32 gen;
-	__u8 addr[16];
-};
 struct cgp_lpm_port {
 	__u32 prefixlen;
 	__u32 gen;
@@ -360,21 +350,9 @@ struct cgp_iface_key {
 	__u32 gen;
 };
 
-/* The /16 index of long IPv4 lists (net.c, above cgp_cidr4_mask()). */
-#define CGP_CIDR4_PROBES 8 /* hash lookups at most per IPv4 address */
-
-struct cgp_idx4 {
-	__u64 mask;    /* rules whose prefixes of length <= 16 contain this /16 */
-	__u32 lengths; /* bit 32 - len: a stored prefix of length len (17..32) lies in this /16 */
-	__u32 pad;
-};
-struct cgp_pfx4 {
-	__u32 low;  /* 1 << (32 - len): the lowest bit the prefix keeps */
-	__u32 addr; /* host byte order, masked to len */
-	__u32 gen;
-};
-
-/* The IPv6 prefix index (net.c, above cgp_cidr6_mask()). */
+/* The prefix indexes, IPv6 and IPv4 (net.c, above cgp_cidr_index()): an IPv4 address is
+ * the index address's top 32 bits. */
+#define CGP_CIDR4_PROBES 6 /* lengths probed at most per IPv4 address */
 #define CGP_CIDR6_PROBES 8 /* lengths probed at most per IPv6 address */
 #define CGP_CIDR6_SPAN 8    /* slots scanned at most per probe, from the key's home slot */
 #define CGP_CIDR6_LIST 7    /* bytes of a list: at most 6 lengths, then 0 */
@@ -382,7 +360,7 @@ struct cgp_pfx4 {
 #define CGP_CIDR6_HASH_LO 0x14057B7EF767814FULL
 
 struct cgp_root6 {
-	__u64 mask;                 /* rules listing ::/0 */
+	__u64 mask;                 /* rules listing ::/0 (0.0.0.0/0) */
 	__u8 shift;                 /* 64 - log2(table slots) */
 	__u8 next[CGP_CIDR6_LIST];  /* lengths to probe first, longest first, 0-terminated */
 };

@@ -15,11 +15,11 @@
  *
  * Rules without a constraint on a condition are in that condition's any_* mask, so every
  * lookup is "any_x | map[x]". Rules live in maps, not code: a rule change is a map write.
- * CIDRs and ports use LPM tries whose stored value for a prefix is the OR of the masks of
- * every stored prefix containing it (the compiler propagates ancestors), so one
- * longest-prefix lookup returns every rule whose list contains the address or port. Long
- * IPv4 lists use a /16 index and a hash instead of the trie (cgp_cidr4_mask); IPv6 lists
- * an index of their own (cgp_cidr6_mask).
+ * Ports use an LPM trie whose stored value for a prefix is the OR of the masks of every
+ * stored prefix containing it (the compiler propagates ancestors), so one longest-prefix
+ * lookup returns every rule whose list contains the port. CIDRs use an index of the same
+ * propagated masks that the program hashes itself, one per address family
+ * (cgp_cidr_index).
  *
  * Conditions that cannot be evaluated are "unknown": an unknown condition matches every
  * deny rule and no allow rule that constrains it (unknown = any_x | deny_mask). A packet can
@@ -29,14 +29,8 @@
 #include "common.h"
 #include "packet.h"
 
-#ifndef CGP_CIDR4_MAX
-#define CGP_CIDR4_MAX 1
-#endif
-#ifndef CGP_CIDR4_IDX_MAX
-#define CGP_CIDR4_IDX_MAX 1
-#endif
-#ifndef CGP_CIDR4_LONG_MAX
-#define CGP_CIDR4_LONG_MAX 1
+#ifndef CGP_CIDR4_SLOTS_MAX
+#define CGP_CIDR4_SLOTS_MAX 1
 #endif
 #ifndef CGP_CIDR6_SLOTS_MAX
 #define CGP_CIDR6_SLOTS_MAX 1
@@ -51,29 +45,7 @@
 #define CGP_ETH_P_IP 0x0800
 #define CGP_ETH_P_IPV6 0x86DD
 
-/*
- * IPv4 CIDRs have two layouts; the compiler picks one per program
- * (cgpolicy/compiler/compile.py CIDR4_INDEX_MIN) and the program reads both, one of them empty:
- *  - small lists: the cidr4 LPM trie, as for IPv6. cidr4_idx and cidr4_long are 1-entry
- *    placeholders (an all-zero slot 0 and an empty hash).
- *  - long lists: an LPM trie lookup walks one node per distinguishing prefix bit, ~75 ns
- *    with 100,000 entries against ~8 ns with one. Instead cidr4 is empty and
- *     - cidr4_idx, an array indexed by the top 16 bits of the address (65,536 entries of
- *       16 B: 1 MiB), holds for each /16 the OR of the masks of the stored prefixes of length
- *       <= 16 containing it, and a bitmap of the lengths 17..32 of the stored prefixes inside
- *       it (bit 32 - len);
- *     - cidr4_long, a hash of the stored prefixes longer than /16, keyed by the length (as
- *       1 << (32 - len)) and the address masked to it, holds the OR-propagated mask over
- *       every stored prefix containing the key, those of length <= 16 included.
- *    The lookup probes the bitmap's lengths from the longest down and stops at the first
- *    hit, which already holds every shorter match; no hit leaves the /16's mask. So one
- *    array lookup plus one hash lookup per length present in the /16, longest first: one or
- *    two for typical lists. At most CGP_CIDR4_PROBES: the compiler rounds the lengths of a
- *    /16 holding more distinct ones up to even lengths (each such prefix becomes two), which
- *    keeps the verifier's walk of the loop short.
- */
-
-/* The layouts of these maps (struct cgp_net_config, cgp_lpm4/6/_port, cgp_idx4, cgp_pfx4)
+/* The layouts of these maps (struct cgp_net_config, cgp_lpm_port, cgp_root6, cgp_slot6)
  * and the CGP_PROTO_* slots are in common.h, with every layout the compiler fills. */
 /*
  * Two copies of the rules, and a switch. Every map below down to `ifaces` holds two
@@ -88,9 +60,9 @@
  */
 BPF_ARRAY(generation, __u32, 1);
 BPF_ARRAY(config, struct cgp_net_config, 2);
-BPF_LPM_TRIE(cidr4, struct cgp_lpm4, __u64, CGP_CIDR4_MAX);
-BPF_ARRAY(cidr4_idx, struct cgp_idx4, CGP_CIDR4_IDX_MAX);
-BPF_HASH(cidr4_long, struct cgp_pfx4, __u64, CGP_CIDR4_LONG_MAX);
+/* The prefix indexes (cgp_cidr_index): IPv4 and IPv6 each a root and a table of slots. */
+BPF_ARRAY(cidr4_root, struct cgp_root6, 2);
+BPF_ARRAY(cidr4_slots, struct cgp_slot6, CGP_CIDR4_SLOTS_MAX);
 BPF_ARRAY(cidr6_root, struct cgp_root6, 2);
 BPF_ARRAY(cidr6_slots, struct cgp_slot6, CGP_CIDR6_SLOTS_MAX);
 BPF_LPM_TRIE(ports, struct cgp_lpm_port, __u64, CGP_PORTS_MAX);
@@ -185,86 +157,52 @@ static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verd
 	return e;
 }
 
-/* Rules whose cidrs contain the IPv4 address `addr` (network byte order): both layouts
- * (above), one of them empty. */
-static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __u32 gen,
-					    __u32 addr)
-{
-	__u32 host = bpf_ntohl(addr), top = gen << 16 | host >> 16, bits, i;
-	struct cgp_lpm4 key = {.prefixlen = 32 + 32, .gen = gen};
-	struct cgp_pfx4 long_key = {.gen = gen};
-	struct cgp_idx4 *slot;
-	__u64 found = cfg->any_cidr;
-	__u64 *hit;
-
-	__builtin_memcpy(key.addr, &addr, 4);
-	hit = cidr4.lookup(&key);
-	if (hit)
-		found |= *hit;
-	slot = cidr4_idx.lookup(&top);
-	if (!slot)
-		return found;
-	found |= slot->mask;
-	bits = slot->lengths;
-	/* Count-bounded, with no branch on which bits are set: a cheap walk for the verifier. */
-	for (i = 0; i < CGP_CIDR4_PROBES; i++) {
-		__u32 low;
-
-		if (!bits)
-			break;
-		low = bits & -bits; /* the longest length left, as 1 << (32 - len) */
-		long_key.low = low;
-		long_key.addr = host & -low;
-		hit = cidr4_long.lookup(&long_key);
-		if (hit)
-			return found | *hit;
-		bits &= bits - 1;
-	}
-	return found;
-}
-
 /*
- * IPv6 CIDRs: an LPM trie lookup walks one node per distinguishing prefix bit (~80 ns with
+ * CIDRs: an LPM trie lookup walks one node per distinguishing prefix bit (~80 ns with
  * 100,000 entries against ~11 ns with one), and a kernel hash map lookup costs ~30 ns, so
- * IPv6 prefixes, whatever their number, live in a hash table the program hashes itself:
- * cidr6_slots, an array of struct cgp_slot6 (32 B), open-addressed, whose array lookups
- * the verifier inlines (a probe is a multiply, a shift and one or two slot reads). An
- * entry is a stored prefix or a marker (a prefix leading to longer stored ones), keyed by
- * (len, address masked to len) and found from its home slot (the top bits of
- * cgp_cidr6_hash, shift in cidr6_root) within CGP_CIDR6_SPAN slots; an empty slot ends the
- * scan. It holds the mask OR-propagated over every stored prefix containing it and the
- * list of longer lengths to probe inside it (longest first, at most CGP_CIDR6_LIST - 1).
+ * prefixes, whatever their number, live in a hash table the program hashes itself, one per
+ * address family: cidr4_slots and cidr6_slots, arrays of struct cgp_slot6 (32 B),
+ * open-addressed, whose array lookups the verifier inlines (a probe is a multiply, a shift
+ * and one or two slot reads). An IPv4 address is the index's 128-bit address with the
+ * IPv4 address as its top 32 bits (lengths 0..32); IPv4 and IPv6 lookups never meet each
+ * other's entries, being in maps of their own. An entry is a stored prefix or a marker (a
+ * prefix leading to longer stored ones), keyed by (len, address masked to len) and found
+ * from its home slot (the top bits of cgp_cidr_hash, shift in cidr4_root / cidr6_root)
+ * within CGP_CIDR6_SPAN slots; an empty slot ends the scan. It holds the mask
+ * OR-propagated over every stored prefix containing it and the list of longer lengths to
+ * probe inside it (longest first, at most CGP_CIDR6_LIST - 1).
  *
- * The lookup probes cidr6_root's list longest first: a hit takes the hit's mask (it holds
+ * The lookup probes the root's list longest first: a hit takes the hit's mask (it holds
  * every shorter match) and goes on with the hit's own list, a miss with the next length.
  * The compiler (cgpolicy/compiler/cidr6.py) shapes the lists so that no address costs more
- * than CGP_CIDR6_PROBES probes: a root listing every length when there are few (a list of
- * /64s: one probe), a bucket (every prefix behind a marker at the shortest length, e.g.
- * per /32) where that splits the list, else a binary search on lengths. Memory: 32 B per
- * slot, at least twice as many slots as entries, rounded up to a power of two, plus
- * CGP_CIDR6_SPAN: 64 to 128 B per stored prefix, twice that for the markers of a list with
- * many lengths (docs/policy.md, "Memory").
+ * than CGP_CIDR6_PROBES probes (CGP_CIDR4_PROBES for IPv4's 32 lengths): a root listing
+ * every length when there are few (a list of /64s, or of IPv4 /24s and /32s: one or two
+ * probes), a bucket (every prefix behind a marker at the shortest length, e.g. per /32)
+ * where that splits the list, else a binary search on lengths. Memory: 32 B per slot, at
+ * least twice as many slots as entries, rounded up to a power of two, plus CGP_CIDR6_SPAN:
+ * 64 to 128 B per stored prefix, twice that for the markers of a list with many lengths
+ * (docs/policy.md, "Memory").
  */
-static __always_inline __u64 cgp_cidr6_hash(__u64 hi, __u64 lo, __u32 len)
+static __always_inline __u64 cgp_cidr_hash(__u64 hi, __u64 lo, __u32 len)
 {
 	return (hi ^ (lo * CGP_CIDR6_HASH_LO) ^ len) * CGP_CIDR6_HASH_MUL;
 }
 
-/* The index's mask for `addr` (four network-order words).
- * The list being probed is kept as the 8 bytes it was read as (the root's shift or the hit
- * slot's len, then its lengths, then at least one 0) and rotated a byte at a time, never
- * narrowed: the verifier, which knows nothing of a value read from a map, then sees every
- * way out of a probe (hit, empty slot, end of the scan) continue as one state. A byte
- * counter instead gave it a state per count: 4 times the verifier steps (connect6). */
-static __always_inline __u64 cgp_cidr6_index(__u32 gen, const __u32 addr[4])
+/* The index's mask for the address hi:lo (host-order 64-bit halves); `v4` (a constant):
+ * the IPv4 index (cidr4_root, cidr4_slots; the address in hi's top 32 bits, lo 0), else
+ * the IPv6 one. The list being probed is kept as the 8 bytes it was read as (the root's
+ * shift or the hit slot's len, then its lengths, then at least one 0) and rotated a byte
+ * at a time, never narrowed: the verifier, which knows nothing of a value read from a
+ * map, then sees every way out of a probe (hit, empty slot, end of the scan) continue as
+ * one state. A byte counter instead gave it a state per count: 4 times the verifier steps
+ * (connect6). */
+static __always_inline __u64 cgp_cidr_index(__u32 gen, __u64 hi, __u64 lo, const int v4)
 {
-	__u64 hi = ((__u64)bpf_ntohl(addr[0]) << 32) | bpf_ntohl(addr[1]);
-	__u64 lo = ((__u64)bpf_ntohl(addr[2]) << 32) | bpf_ntohl(addr[3]);
 	struct cgp_root6 *root;
 	__u64 found, list;
 	__u32 shift, base, i;
 
-	root = cidr6_root.lookup(&gen);
+	root = v4 ? cidr4_root.lookup(&gen) : cidr6_root.lookup(&gen);
 	if (!root)
 		return 0;
 	found = root->mask;
@@ -273,7 +211,7 @@ static __always_inline __u64 cgp_cidr6_index(__u32 gen, const __u32 addr[4])
 	/* copy 1 of the table follows copy 0, whose size the shift gives (cidr6.py) */
 	base = gen * (__u32)((1ULL << ((64 - shift) & 63)) + CGP_CIDR6_SPAN);
 	/* Count-bounded loops with no branch on the lengths' values: a short verifier walk. */
-	for (i = 0; i < CGP_CIDR6_PROBES; i++) {
+	for (i = 0; i < (v4 ? CGP_CIDR4_PROBES : CGP_CIDR6_PROBES); i++) {
 		__u32 len, home, j;
 		__u64 khi = hi, klo = 0;
 
@@ -281,20 +219,21 @@ static __always_inline __u64 cgp_cidr6_index(__u32 gen, const __u32 addr[4])
 		len = list & 0xff;
 		if (!len)
 			break;
-		if (len > 64)
+		if (!v4 && len > 64)
 			klo = lo & (~0ULL << ((128 - len) & 63));
 		else
 			khi = hi & (~0ULL << ((64 - len) & 63));
-		home = cgp_cidr6_hash(khi, klo, len) >> shift;
+		home = cgp_cidr_hash(khi, klo, len) >> shift;
 		for (j = 0; j < CGP_CIDR6_SPAN; j++) {
 			__u32 at = base + home + j;
-			struct cgp_slot6 *slot = cidr6_slots.lookup(&at);
+			struct cgp_slot6 *slot =
+				v4 ? cidr4_slots.lookup(&at) : cidr6_slots.lookup(&at);
 			__u64 key[2];
 
 			if (!slot || !slot->len)
 				break;
 			__builtin_memcpy(key, slot->addr, 16);
-			if (slot->len == len && key[0] == klo && key[1] == khi) {
+			if (slot->len == len && (v4 || key[0] == klo) && key[1] == khi) {
 				found = slot->mask;
 				__builtin_memcpy(&list, &slot->len, 8); /* len, then the list */
 				break;
@@ -304,6 +243,13 @@ static __always_inline __u64 cgp_cidr6_index(__u32 gen, const __u32 addr[4])
 	return found;
 }
 
+/* Rules whose cidrs contain the IPv4 address `addr` (network byte order). */
+static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __u32 gen,
+					    __u32 addr)
+{
+	return cfg->any_cidr | cgp_cidr_index(gen, (__u64)bpf_ntohl(addr) << 32, 0, 1);
+}
+
 /* Rules whose cidrs contain the IPv6 address `addr` (four network-order words).
  * An IPv4-mapped address (::ffff:a.b.c.d) is the IPv4 address a.b.c.d: a dual-stack
  * socket connecting to ::ffff:169.254.169.254 talks IPv4 to 169.254.169.254, so it meets
@@ -311,7 +257,9 @@ static __always_inline __u64 cgp_cidr6_index(__u32 gen, const __u32 addr[4])
 static __always_inline __u64 cgp_cidr6_mask(const struct cgp_net_config *cfg, __u32 gen,
 					    const __u32 addr[4])
 {
-	__u64 mask = cfg->any_cidr | cgp_cidr6_index(gen, addr);
+	__u64 hi = ((__u64)bpf_ntohl(addr[0]) << 32) | bpf_ntohl(addr[1]);
+	__u64 lo = ((__u64)bpf_ntohl(addr[2]) << 32) | bpf_ntohl(addr[3]);
+	__u64 mask = cfg->any_cidr | cgp_cidr_index(gen, hi, lo, 0);
 
 	if (addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff))
 		mask |= cgp_cidr4_mask(cfg, gen, addr[3]);

@@ -434,10 +434,8 @@ def copy_key(map_type: str, max_entries: int, key: bytes, gen: int) -> bytes:
     raise ValueError(f"a {map_type} map holds no copies")
 
 
-# LPM trie keys of the rule maps: the prefix length in bits, then the data: the generation
-# (GENERATION_BITS, always part of the prefix), then the address or port in network order
-LPM4_KEY = Layout("cgp_lpm4", ("prefixlen", "__u32"), ("gen", "__u32"), ("addr", "__u8", 4))
-LPM6_KEY = Layout("cgp_lpm6", ("prefixlen", "__u32"), ("gen", "__u32"), ("addr", "__u8", 16))
+# LPM trie key of the rule map "ports": the prefix length in bits, then the data: the
+# generation (GENERATION_BITS, always part of the prefix), then the port in network order
 LPM_PORT_KEY = Layout(
     "cgp_lpm_port", ("prefixlen", "__u32"), ("gen", "__u32"), ("port", "__u8", 2), packed=True
 )
@@ -445,36 +443,24 @@ LPM_PORT_KEY = Layout(
 SERVER_LPM_KEY = Layout("cgp_server_lpm", ("prefixlen", "__u32"), ("addr", "__u8", 16))
 IFACE_KEY = Layout("cgp_iface_key", ("ifindex", "__u32"), ("gen", "__u32"))
 
-CIDR4_PROBES = 8  # CGP_CIDR4_PROBES: hash lookups at most per IPv4 address (the /16 index)
-# Value of the array "cidr4_idx", indexed by an address's top 16 bits.
-CIDR4_INDEX_ENTRY = Layout(
-    "cgp_idx4",
-    ("mask", "__u64"),  # rules whose prefixes of length <= 16 contain this /16
-    ("lengths", "__u32"),  # bit 32 - len: a prefix of length len (17..32) lies in this /16
-    ("pad", "__u32"),
-)
-# Key of the hash "cidr4_long": a prefix longer than /16.
-CIDR4_LONG_KEY = Layout(
-    "cgp_pfx4",
-    ("low", "__u32"),  # 1 << (32 - len)
-    ("addr", "__u32"),  # host byte order, masked to len
-    ("gen", "__u32"),
-)
-
-# The IPv6 prefix index (bpf/net.c cgp_cidr6_mask, cgpolicy/compiler/cidr6.py).
+# The prefix indexes of IPv6 and IPv4 (bpf/net.c cgp_cidr_index, cgpolicy/compiler/cidr6.py):
+# the maps cidr6_root + cidr6_slots and cidr4_root + cidr4_slots, of the same layouts; an
+# IPv4 prefix is keyed as the index address's top 32 bits.
+CIDR4_PROBES = 6  # CGP_CIDR4_PROBES: lengths probed at most per IPv4 address
 CIDR6_PROBES = 8  # CGP_CIDR6_PROBES: lengths probed at most per IPv6 address
 CIDR6_SPAN = 8  # CGP_CIDR6_SPAN: slots scanned at most per probe, from the key's home slot
 CIDR6_LIST = 7  # CGP_CIDR6_LIST: bytes of a list (a slot's or the root's): <= 6 lengths, 0
-CIDR6_HASH_MUL = 0x5851F42D4C957F2D  # CGP_CIDR6_HASH_MUL: the hash (cgp_cidr6_hash)
+CIDR6_HASH_MUL = 0x5851F42D4C957F2D  # CGP_CIDR6_HASH_MUL: the hash (cgp_cidr_hash)
 CIDR6_HASH_LO = 0x14057B7EF767814F  # CGP_CIDR6_HASH_LO
-# Value of the 1-entry array "cidr6_root".
+# Value of the arrays "cidr6_root" and "cidr4_root" (one entry per copy).
 CIDR6_ROOT = Layout(
     "cgp_root6",
-    ("mask", "__u64"),  # rules listing ::/0
+    ("mask", "__u64"),  # rules listing ::/0 (0.0.0.0/0)
     ("shift", "__u8"),  # 64 - log2(table slots): a hash's top bits are its home slot
     ("next", "__u8", CIDR6_LIST),  # lengths to probe first, longest first, 0-terminated
 )
-# Value of the array "cidr6_slots": a stored prefix or a marker, keyed by (len, hi, lo).
+# Value of the arrays "cidr6_slots" and "cidr4_slots": a stored prefix or a marker, keyed
+# by (len, hi, lo).
 CIDR6_SLOT = Layout(
     "cgp_slot6",
     ("addr", "__u8", 16),  # the address masked to len, as a little-endian 128-bit integer
@@ -559,13 +545,9 @@ LAYOUTS: tuple[Layout, ...] = (
     CLOCK,
     DNS_KEY,
     DNS_SCRATCH,
-    LPM4_KEY,
-    LPM6_KEY,
     LPM_PORT_KEY,
     SERVER_LPM_KEY,
     IFACE_KEY,
-    CIDR4_INDEX_ENTRY,
-    CIDR4_LONG_KEY,
     CIDR6_ROOT,
     CIDR6_SLOT,
     CREATE_CONFIG,

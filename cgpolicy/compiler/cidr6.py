@@ -1,11 +1,14 @@
-"""The IPv6 prefix index of bpf/net.c (cgp_cidr6_mask): an open-addressed hash table in a
-BPF array, hashed by the program itself, whose entries list the longer lengths to probe
-inside them; it replaces the LPM trie, whose lookup cost grows with its size.
+"""The prefix indexes of bpf/net.c (cgp_cidr_index), one per address family: an
+open-addressed hash table in a BPF array, hashed by the program itself, whose entries list
+the longer lengths to probe inside them; it replaces the LPM trie, whose lookup cost grows
+with its size. IPv4 uses the same index in maps of its own (cidr4_root, cidr4_slots), an
+IPv4 prefix a.b.c.d/n being the 128-bit prefix with a.b.c.d as its top 32 bits and the
+same length (0..32), probed at most CIDR4_PROBES times.
 
-Layout (the C comment above cgp_cidr6_mask says the same from the program's side):
+Layout (the C comment above cgp_cidr_index says the same from the program's side):
 
-- ``cidr6_root`` (1 entry, struct cgp_root6): the mask of the rules listing ``::/0``, the
-  table's hash shift and the root's list of lengths to probe.
+- ``cidr6_root`` (1 entry per copy, struct cgp_root6): the mask of the rules listing
+  ``::/0``, the table's hash shift and the root's list of lengths to probe.
 - ``cidr6_slots`` (struct cgp_slot6, 32 B): one slot per entry, an entry being a stored
   prefix or a marker (a prefix that is not stored but leads to stored longer ones), keyed
   by (length, address masked to it): the OR-propagated mask of every stored prefix
@@ -27,9 +30,10 @@ node's list (the root's, a marker's) one of:
   longer ones behind markers there, sized so that the worst address costs the fewest
   probes (a binary search on lengths: at most 8 probes for all 128 lengths).
 
-Every address costs at most CIDR6_PROBES probes (by construction: each node is built
-within the budget its parent leaves; tests/unit/test_cidr6_index.py checks it), each
-hashing the masked address and scanning at most CIDR6_SPAN slots from its home slot.
+Every address costs at most CIDR6_PROBES probes, an IPv4 one CIDR4_PROBES (by
+construction: each node is built within the budget its parent leaves;
+tests/unit/test_cidr6_index.py checks it), each hashing the masked address and scanning at
+most CIDR6_SPAN slots from its home slot.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from itertools import accumulate
 
 from cgpolicy.compiler.spec import CompileError, MapSpec
 from cgpolicy.contract import (
+    CIDR4_PROBES,
     CIDR6_HASH_LO,
     CIDR6_HASH_MUL,
     CIDR6_LIST,
@@ -242,19 +247,25 @@ def _propagate(entries: set[Prefix], own: dict[Prefix, int], base: int) -> dict[
 
 
 def cidr6_layout(
-    v6: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX
+    v6: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX, probes: int = CIDR6_PROBES
 ) -> tuple[tuple[int, tuple[int, ...]], list[Prefix], list[int], list[bytes]]:
     """The index of ``v6`` ((length, address) -> rule mask): the root (mask of ::/0, list)
-    and every entry's key, mask and packed list, in parallel lists."""
+    and every entry's key, mask and packed list, in parallel lists; no address costs more
+    than ``probes`` probes."""
     root_mask = v6.get((0, 0), 0)
     prefixes = [key for key in v6 if key[0]]
     builder = _Builder(v6, flat_max)
-    root_list = builder.node(prefixes, root_mask, CIDR6_PROBES) if prefixes else ()
+    root_list = builder.node(prefixes, root_mask, probes) if prefixes else ()
     return (root_mask, root_list), builder.keys, builder.masks, builder.lists
 
 
+def widen4(v4: dict[Prefix, int]) -> dict[Prefix, int]:
+    """IPv4 prefixes as the index keys them: the address as the top 32 of 128 bits."""
+    return {(length, value << 96): mask for (length, value), mask in v4.items()}
+
+
 def _homes(keys: list[Prefix], shift: int) -> list[int]:
-    """bpf/net.c cgp_cidr6_hash: the slot each key hashes to."""
+    """bpf/net.c cgp_cidr_hash: the slot each key hashes to."""
     return [
         (((value >> 64) ^ ((value & _M64) * CIDR6_HASH_LO & _M64) ^ length) * CIDR6_HASH_MUL & _M64)
         >> shift
@@ -280,12 +291,24 @@ def _place(keys: list[Prefix]) -> tuple[int, list[int], list[int]]:
         if not slots or max(map(int.__sub__, slots, ordered)) < CIDR6_SPAN:
             return shift, order, slots
         bits += 1
-    raise CompileError("IPv6 prefixes: no hash table layout found")  # cannot happen
+    raise CompileError("prefixes: no hash table layout found")  # cannot happen
 
 
 def cidr6_maps(v6: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX) -> dict[str, MapSpec]:
     """The IPv6 maps of bpf/net.c: cidr6_root and cidr6_slots."""
-    (root_mask, root_list), keys, masks, lists = cidr6_layout(v6, flat_max)
+    return _index_maps("cidr6", v6, flat_max, CIDR6_PROBES)
+
+
+def cidr4_maps(v4: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX) -> dict[str, MapSpec]:
+    """The IPv4 maps of bpf/net.c: cidr4_root and cidr4_slots (``v4``: 32-bit addresses)."""
+    return _index_maps("cidr4", widen4(v4), flat_max, CIDR4_PROBES)
+
+
+def _index_maps(
+    family: str, prefixes: dict[Prefix, int], flat_max: int, probes: int
+) -> dict[str, MapSpec]:
+    """``family``_root and ``family``_slots holding the index of ``prefixes``."""
+    (root_mask, root_list), keys, masks, lists = cidr6_layout(prefixes, flat_max, probes)
     shift, order, slots = _place(keys)
     values = list(
         map(
@@ -301,8 +324,8 @@ def cidr6_maps(v6: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX) -> dict[st
     root = CIDR6_ROOT.struct.pack(root_mask, shift, _list_bytes(root_list))
     return {
         # two copies of each (bpf/net.c `generation`): copy 1 of the table at index size + i
-        "cidr6_root": MapSpec(
-            "cidr6_root",
+        f"{family}_root": MapSpec(
+            f"{family}_root",
             "array",
             U32.size,
             CIDR6_ROOT.size,
@@ -311,8 +334,8 @@ def cidr6_maps(v6: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX) -> dict[st
             ((U32.pack(0), root),),
             two_copies=True,
         ),
-        "cidr6_slots": MapSpec(
-            "cidr6_slots",
+        f"{family}_slots": MapSpec(
+            f"{family}_slots",
             "array",
             U32.size,
             CIDR6_SLOT.size,

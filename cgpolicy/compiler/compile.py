@@ -50,11 +50,6 @@ from cgpolicy.policy.model import (
     SocketAddressRule,
 )
 
-# IPv4 CIDR layout (bpf/net.c cgp_cidr4_mask): a section with at least this many distinct
-# IPv4 prefixes gets the /16 index (cidr4_idx, 1 MiB, + cidr4_long hash) instead of the
-# cidr4 LPM trie, whose lookup cost grows with its size. compile_policy takes an override
-# (tests run both layouts).
-CIDR4_INDEX_MIN = 257
 # What a `path:` device rule's path names on this node (cgpolicy.kernel.devices does the I/O).
 DeviceResolver = Callable[[DeviceRule], DeviceNode]
 
@@ -62,35 +57,30 @@ DeviceResolver = Callable[[DeviceRule], DeviceNode]
 def compile_policy(
     policy: Policy,
     resolve_interfaces: InterfaceResolver | None = None,
-    cidr4_index_min: int | None = None,
     resolve_device: DeviceResolver | None = None,
     dns_key: bytes | None = None,
-    cidr6_flat_max: int | None = None,
+    cidr_flat_max: int | None = None,
 ) -> CompiledPolicy:
     """Compile ``policy``. ``resolve_interfaces`` turns a rule's interface names and globs
     into ifindexes; it is needed only when a network rule names interfaces.
-    ``cidr4_index_min`` overrides :data:`CIDR4_INDEX_MIN` (0: always the /16 index).
     ``resolve_device`` says what a ``path:`` device rule's path names on this node; it is
     needed only when a device rule names a path. ``dns_key`` (16 bytes) keys the hashes of
     `fqdns` names; a fresh random one by default, so that each load has its own.
-    ``cidr6_flat_max`` overrides :data:`CIDR6_FLAT_MAX` of the IPv6 index (0: markers
-    wherever a list has prefixes of more than one length, as in lists of many lengths)."""
+    ``cidr_flat_max`` overrides :data:`CIDR6_FLAT_MAX` of the IPv4 and IPv6 indexes (0:
+    markers wherever a list has prefixes of more than one length, as in lists of many
+    lengths)."""
     with gc_paused():
-        return _compile(
-            policy, resolve_interfaces, cidr4_index_min, resolve_device, dns_key, cidr6_flat_max
-        )
+        return _compile(policy, resolve_interfaces, resolve_device, dns_key, cidr_flat_max)
 
 
 def _compile(
     policy: Policy,
     resolve_interfaces: InterfaceResolver | None,
-    cidr4_index_min: int | None,
     resolve_device: DeviceResolver | None,
     dns_key: bytes | None,
-    cidr6_flat_max: int | None,
+    cidr_flat_max: int | None,
 ) -> CompiledPolicy:
-    index_min = CIDR4_INDEX_MIN if cidr4_index_min is None else cidr4_index_min
-    flat_max = CIDR6_FLAT_MAX if cidr6_flat_max is None else cidr6_flat_max
+    flat_max = CIDR6_FLAT_MAX if cidr_flat_max is None else cidr_flat_max
     policy, device_paths = bind_device_paths(policy, resolve_device)
     by_name = _name_sections(policy)
     settings = policy.dns
@@ -120,9 +110,7 @@ def _compile(
         rules = ordered_rules(net_section.rules, keys)
         ifindexes = interface_sets(rules, resolve_interfaces)
         resolved[hook] = [sorted(found) for found in ifindexes]
-        maps = network_maps(
-            hook, net_section.default, rules, audit, ifindexes, index_min, dns, flat_max
-        )
+        maps = network_maps(hook, net_section.default, rules, audit, ifindexes, dns, flat_max)
         programs.append(program_spec(hook, maps, names=dns.used))
         if hook == "egress":
             egress_maps = {m.name: m for m in programs[-1].maps}
@@ -139,7 +127,7 @@ def _compile(
             if section is None:
                 continue
             where = "sockets.bind" if section is sockets.bind else "sockets.connect"
-            maps = socket_address_maps(where, section, audit, keys, index_min, dns, flat_max)
+            maps = socket_address_maps(where, section, audit, keys, dns, flat_max)
             for hook in hooks:
                 # IPv4 programs do not use cidr6_*; IPv6 ones use both (IPv4-mapped addresses).
                 used = (
@@ -228,9 +216,8 @@ _CONNECT_CHECK_NAME_MAPS = frozenset(
 _CONNECT_CHECK_MAPS = {
     "generation",
     "config",
-    "cidr4",
-    "cidr4_idx",
-    "cidr4_long",
+    "cidr4_root",
+    "cidr4_slots",
     "cidr6_root",
     "cidr6_slots",
     "ports",

@@ -1,17 +1,16 @@
 """The maps of bpf/net.c: network sections (cgroup_skb ingress and egress) and socket
 address sections (bind, connect, sendmsg: cgroup_sock_addr), which share its CIDR and port
-lookups: LPM tries of OR-propagated rule masks, for long IPv4 lists a /16 index, and for
-IPv6 an index of its own (:mod:`cgpolicy.compiler.cidr6`)."""
+lookups: an LPM trie of OR-propagated rule masks for ports, and for IPv4 and IPv6 prefixes
+an index each (:mod:`cgpolicy.compiler.cidr6`)."""
 
 from __future__ import annotations
 
 import ipaddress
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cgpolicy.compiler.canonical import RuleKeys, ordered_rules
-from cgpolicy.compiler.cidr6 import CIDR6_FLAT_MAX, cidr6_maps
+from cgpolicy.compiler.cidr6 import CIDR6_FLAT_MAX, cidr4_maps, cidr6_maps
 from cgpolicy.compiler.dns import (
     DnsConfig,
     jump_map,
@@ -32,12 +31,8 @@ from cgpolicy.compiler.maps import (
 )
 from cgpolicy.compiler.spec import CompileError, MapSpec
 from cgpolicy.contract import (
-    CIDR4_INDEX_ENTRY,
-    CIDR4_LONG_KEY,
-    CIDR4_PROBES,
     GENERATION_BITS,
     IFACE_KEY,
-    LPM4_KEY,
     LPM_PORT_KEY,
     NET_CONFIG,
     PROTO_SLOTS,
@@ -52,7 +47,6 @@ from cgpolicy.policy.model import (
 )
 
 InterfaceResolver = Callable[[tuple[str, ...]], set[int]]
-CIDR4_INDEX_SLOTS = 1 << 16  # cidr4_idx: one entry per /16
 
 
 def propagate_prefixes(
@@ -117,98 +111,6 @@ def _two_copy_array(
 ) -> MapSpec:
     """A two-copy array of ``slots`` entries per copy (copy 1 at index slots + i)."""
     return MapSpec(name, "array", U32.size, value_size, 2 * slots, 0, entries, two_copies=True)
-
-
-def _cidr4_maps(v4: dict[tuple[int, int], int], index_min: int) -> dict[str, MapSpec]:
-    """The IPv4 maps of bpf/net.c: cidr4, cidr4_idx and cidr4_long. Fewer than ``index_min``
-    prefixes keep the LPM trie with 1-entry placeholders for the index; more get the /16
-    index (:func:`cidr4_index`) and an empty trie."""
-    if len(v4) < index_min:
-        return {
-            "cidr4": _lpm_map("cidr4", LPM4_KEY, v4),
-            # one slot, past the end for copy 1: a lookup there finds nothing, as in copy 0
-            "cidr4_idx": MapSpec(
-                "cidr4_idx", "array", U32.size, CIDR4_INDEX_ENTRY.size, 1, 0, (), two_copies=True
-            ),
-            "cidr4_long": _two_copy_map("cidr4_long", "hash", CIDR4_LONG_KEY.size, ()),
-        }
-    masks, lengths, long = cidr4_index(v4)
-    index = _index_entries(masks, lengths)
-    hashed = tuple(
-        (CIDR4_LONG_KEY.struct.pack(1 << (32 - length), value, 0), U64.pack(mask))
-        for (length, value), mask in long.items()
-    )
-    return {
-        "cidr4": _lpm_map("cidr4", LPM4_KEY, {}),
-        "cidr4_idx": _two_copy_array("cidr4_idx", CIDR4_INDEX_ENTRY.size, CIDR4_INDEX_SLOTS, index),
-        "cidr4_long": _two_copy_map("cidr4_long", "hash", CIDR4_LONG_KEY.size, hashed),
-    }
-
-
-def _index_entries(masks: list[int], lengths: dict[int, int]) -> tuple[tuple[bytes, bytes], ...]:
-    """The cidr4_idx entries (struct cgp_idx4 per /16 with anything in it, in slot order).
-    A short prefix such as /0 puts something in up to 65,536 slots, most of them alike, so
-    the values are packed once per distinct mask, and the slots in use are found in C."""
-    entry = CIDR4_INDEX_ENTRY.struct  # mask, lengths, pad
-    packed = {mask: entry.pack(mask, 0, 0) for mask in set(masks)}
-    slots = set(itertools.compress(range(CIDR4_INDEX_SLOTS), masks)).union(lengths)
-    return tuple(
-        (
-            U32.pack(slot),
-            packed[masks[slot]]
-            if slot not in lengths
-            else entry.pack(masks[slot], lengths[slot], 0),
-        )
-        for slot in sorted(slots)
-    )
-
-
-def cidr4_index(
-    v4: dict[tuple[int, int], int],
-) -> tuple[list[int], dict[int, int], dict[tuple[int, int], int]]:
-    """The /16 index layout of IPv4 prefixes (bpf/net.c cgp_cidr4_mask): per /16 (slot =
-    the address's top 16 bits), the mask of the prefixes <= 16 containing it (a list of
-    CIDR4_INDEX_SLOTS masks, 0 where none does); per /16 with prefixes longer than 16 inside
-    it, the bitmap of their lengths (bit 32 - len); and those longer prefixes, each mapped to
-    the OR-propagated mask over all stored prefixes containing it. A /16 with more than
-    CIDR4_PROBES distinct lengths has its odd lengths rounded up (a /25 becomes two /26 with
-    its mask, unless a stored /26 is already there: that one holds the mask and more), so
-    that the program probes at most CIDR4_PROBES lengths."""
-    masks = [0] * CIDR4_INDEX_SLOTS
-    lengths: dict[int, int] = {}
-    long: dict[tuple[int, int], int] = {}
-    short: list[tuple[int, int, int]] = []
-    for key, mask in propagate_prefixes(v4, 32).items():
-        length, value = key
-        if length <= 16:
-            short.append((length, value >> 16, mask))
-        else:
-            long[key] = mask
-            top = value >> 16
-            lengths[top] = lengths.get(top, 0) | 1 << (32 - length)
-    # A slot's mask is the OR over the short prefixes containing it. Those are nested, and
-    # each one's propagated mask already holds the masks of all stored prefixes containing
-    # it, so the longest one's mask is that OR: filling the slots shortest first, each
-    # range overwriting the slots it covers, gives exactly it.
-    short.sort()
-    for length, top, mask in short:
-        size = 1 << (16 - length)
-        start = top & -size
-        masks[start : start + size] = [mask] * size
-    crowded = {top for top, bits in lengths.items() if bits.bit_count() > CIDR4_PROBES}
-    if crowded:
-        odd = [(key, mask) for key, mask in long.items() if key[0] % 2 and key[1] >> 16 in crowded]
-        for (length, value), _ in odd:
-            del long[(length, value)]
-        for (length, value), mask in odd:
-            for child in (value, value | 1 << (31 - length)):
-                long.setdefault((length + 1, child), mask)
-        for top in crowded:
-            bits = lengths[top]
-            lengths[top] = (bits & 0x5555) | (
-                bits & 0xAAAA
-            ) >> 1  # odd len: bit 32 - len -> 31 - len
-    return masks, lengths, long
 
 
 def _add(table: dict[tuple[int, int], int], key: tuple[int, int], bit: int) -> None:
@@ -290,9 +192,8 @@ def network_maps(
     rules: Sequence[NetworkRule],
     audit: bool,
     ifindexes: Sequence[set[int]],
-    index_min: int,
     dns: DnsConfig,
-    cidr6_flat_max: int = CIDR6_FLAT_MAX,
+    cidr_flat_max: int = CIDR6_FLAT_MAX,
 ) -> dict[str, MapSpec]:
     any_icmp = rule_mask(i for i, rule in enumerate(rules) if not rule.icmp_types)
     any_iface = rule_mask(i for i, rule in enumerate(rules) if not rule.interfaces)
@@ -323,8 +224,8 @@ def network_maps(
         "generation": generation_map(),
         "config": two_copy_config_map(config),
         **names,
-        **_cidr4_maps(v4, index_min),
-        **cidr6_maps(v6, cidr6_flat_max),
+        **cidr4_maps(v4, cidr_flat_max),
+        **cidr6_maps(v6, cidr_flat_max),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
         "icmp_types": _two_copy_array(
             "icmp_types",
@@ -347,9 +248,8 @@ def socket_address_maps(
     section: SocketAddressSection,
     audit: bool,
     keys: RuleKeys,
-    index_min: int,
     dns: DnsConfig,
-    cidr6_flat_max: int = CIDR6_FLAT_MAX,
+    cidr_flat_max: int = CIDR6_FLAT_MAX,
 ) -> dict[str, MapSpec]:
     rules = ordered_rules(section.rules, keys)
     all_rules = rule_mask(range(len(rules)))
@@ -363,8 +263,8 @@ def socket_address_maps(
             _net_config(section.default, rules, audit, all_rules, all_rules, fields)
         ),
         **names,  # the names variant's (contract.names_variant)
-        **_cidr4_maps(v4, index_min),
-        **cidr6_maps(v6, cidr6_flat_max),
+        **cidr4_maps(v4, cidr_flat_max),
+        **cidr6_maps(v6, cidr_flat_max),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
         "counters": counters_map(),
     }

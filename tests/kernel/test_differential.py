@@ -10,12 +10,11 @@ and ingress programs with BPF_PROG_TEST_RUN and through :mod:`cgpolicy.reference
 verdict and the counter slot of the deciding rule must agree. Packets include what the
 programs must treat as unknown: IPv4 and IPv6 non-first fragments, IPv6 extension header
 chains (longer than the program walks, too), IPv4 options and a malformed IHL, truncated
-headers, and frames that are not IP at all. Both IPv4 CIDR layouts are exercised: each policy
-is compiled either with the default threshold (its short lists take the LPM trie) or with the
-/16 index forced (``cidr4_index_min=0``, bpf/net.c cgp_cidr4_mask), hypothesis choosing; and
-so are both shapes of the IPv6 index (bpf/net.c cgp_cidr6_mask): the flat lists a short list
-gets by default, or markers (buckets, a binary search on lengths) wherever a list has more
-than one length (``cidr6_flat_max=0``), with the same choice.
+headers, and frames that are not IP at all. Both shapes of the prefix indexes, IPv4 and
+IPv6 (bpf/net.c cgp_cidr_index), are exercised: each policy is compiled either with the
+flat lists a short list gets by default, or with markers (buckets, a binary search on
+lengths) wherever a list has more than one length (``cidr_flat_max=0``), hypothesis
+choosing.
 
 The hooks BPF_PROG_TEST_RUN cannot run (sock_addr, device, sysctl) are compared on real
 actions from a process in a scratch cgroup (one process per test, fed a batch per policy),
@@ -474,19 +473,16 @@ def expected_slot(order: tuple[NetworkRule, ...], verdict: reference.Verdict) ->
     return next(i for i, rule in enumerate(order) if rule is verdict.rule)
 
 
-def check_skb(policy: Policy, where: Anchors, seed: int, cidr4_index: bool = False) -> None:
+def check_skb(policy: Policy, where: Anchors, seed: int, markers: bool = False) -> None:
     """The policy's packets (:func:`skb_packets`) through both compiled programs, each
     packet's verdict and counted slot against the reference's."""
     network = policy.network
     assert network is not None
     packets = skb_packets(seed, where, policy)
-    index_min = 0 if cidr4_index else None  # 0: the /16 index layout whatever the size
-    flat_max = 0 if cidr4_index else None  # 0: IPv6 markers wherever lengths differ
-    compiled = compile_policy(
-        policy, resolve_interfaces=resolve, cidr4_index_min=index_min, cidr6_flat_max=flat_max
-    )
+    flat_max = 0 if markers else None  # 0: markers wherever lengths differ (both families)
+    compiled = compile_policy(policy, resolve_interfaces=resolve, cidr_flat_max=flat_max)
     specs = {spec.hook: spec for spec in compiled.programs}
-    layout = "/16 index, IPv6 markers" if cidr4_index else "trie, IPv6 flat"
+    layout = "index markers" if markers else "index flat"
     for hook in ("egress", "ingress"):
         order = ordered_rules(getattr(network, hook).rules)
         program = SkbProgram(specs[hook])
@@ -536,8 +532,8 @@ def test_skb_programs_agree_with_the_reference(kernel_ready: None) -> None:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(skb_case(), st.booleans())
-    def run(case: tuple[Policy, Anchors, int], cidr4_index: bool) -> None:
-        check_skb(*case, cidr4_index=cidr4_index)
+    def run(case: tuple[Policy, Anchors, int], markers: bool) -> None:
+        check_skb(*case, markers=markers)
 
     run()
     cases = checked["skb"] - before
@@ -734,18 +730,16 @@ def test_socket_address_hooks_agree_with_the_reference(
         st.booleans(),
     )
     def run(
-        bind: SocketAddressSection, connect: SocketAddressSection, batch: list, cidr4_index: bool
+        bind: SocketAddressSection, connect: SocketAddressSection, batch: list, markers: bool
     ) -> None:
         policy = policy_model(name="diff", sockets=Sockets(bind=bind, connect=connect))
-        default, flat_max = compile_module.CIDR4_INDEX_MIN, compile_module.CIDR6_FLAT_MAX
-        # The Enforcer compiles with the module's thresholds: 0 forces the /16 index layout
-        # and the IPv6 index's markers.
-        compile_module.CIDR4_INDEX_MIN = 0 if cidr4_index else default
-        compile_module.CIDR6_FLAT_MAX = 0 if cidr4_index else flat_max
+        flat_max = compile_module.CIDR6_FLAT_MAX
+        # The Enforcer compiles with the module's threshold: 0 forces the markers of the
+        # IPv4 and IPv6 indexes.
+        compile_module.CIDR6_FLAT_MAX = 0 if markers else flat_max
         try:
             compare_real("sock_addr", batch_probe, cgroup_root, bpf_dir, policy, batch)
         finally:
-            compile_module.CIDR4_INDEX_MIN = default
             compile_module.CIDR6_FLAT_MAX = flat_max
 
     run()

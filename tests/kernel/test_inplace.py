@@ -27,7 +27,7 @@ from cgpolicy.kernel.inplace import wait_for_readers
 from cgpolicy.kernel.syscall import _NR_BPF  # the bpf() syscall's number here
 
 NOW = "connect-now"
-# enough prefixes for the /16 index layout (compile.CIDR4_INDEX_MIN), none on loopback
+# a list of some length (600 /24s in the IPv4 index), none on loopback
 FILLER = [f"10.{i >> 8}.{i & 255}.0/24" for i in range(600)]
 
 
@@ -85,7 +85,7 @@ def test_a_change_of_prefixes_is_made_in_place(
         compiled = service.plan(load(changed))[0].compiled
         assert compiled is not None
         egress_maps = {m.name: m for m in compiled.programs[0].maps}
-        for name in ("config", "cidr4_idx", "cidr4_long", "ports"):
+        for name in ("config", "cidr4_root", "cidr4_slots", "ports"):
             spec = egress_maps[name]
             wanted = set(spec.entries)
             assert wait_until(
@@ -261,12 +261,12 @@ def test_a_service_never_trusts_copies_it_did_not_write(
         left = first.plan(load(policy_file(tmp_path, "stale", one, egress("127.0.0.3", p1))))
         compiled = left[0].compiled
         assert compiled is not None
-        spec = {m.name: m for m in compiled.programs[0].maps}["cidr4_long"]
+        spec = {m.name: m for m in compiled.programs[0].maps}["cidr4_slots"]
         prog_id = program_ids(bpf_dir, "stale")["egress"]
         assert prog_id
-        with program_maps(prog_id, {"cidr4_long"})["cidr4_long"] as long:
-            long.update_batch(
-                [(copy_key("hash", spec.max_entries, k, 1), v) for k, v in spec.entries]
+        with program_maps(prog_id, {"cidr4_slots"})["cidr4_slots"] as slots:
+            slots.update_batch(
+                [(copy_key("array", spec.max_entries, k, 1), v) for k, v in spec.entries]
             )
 
         restarted = Enforcer(cgroup_root, bpf_dir, in_place=True)

@@ -1,11 +1,13 @@
-"""The IPv6 prefix index (cgpolicy/compiler/cidr6.py, bpf/net.c cgp_cidr6_mask) against the
-longest-prefix semantics of the LPM trie it replaced: for every address, the OR of the
-masks of every stored prefix containing it, whatever the mix of lengths, with every probe
-count and slot scan within what the program allows."""
+"""The prefix indexes, IPv6 and IPv4 (cgpolicy/compiler/cidr6.py, bpf/net.c cgp_cidr_index)
+against the longest-prefix semantics of the LPM tries they replaced: for every address,
+the OR of the masks of every stored prefix containing it, whatever the mix of lengths, with
+every probe count and slot scan within what the program allows."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import operator
 import random
 from collections.abc import Callable
 from struct import unpack
@@ -15,10 +17,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from policy_builders import egress_policy
 
-from cgpolicy.compiler.cidr6 import CIDR6_FLAT_MAX, _homes, cidr6_layout, cidr6_maps
+from cgpolicy.compiler.cidr6 import (
+    CIDR6_FLAT_MAX,
+    _homes,
+    cidr4_maps,
+    cidr6_layout,
+    cidr6_maps,
+    widen4,
+)
 from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.compiler.spec import MapSpec
-from cgpolicy.contract import CIDR6_PROBES, CIDR6_ROOT, CIDR6_SLOT, CIDR6_SPAN
+from cgpolicy.contract import CIDR4_PROBES, CIDR6_PROBES, CIDR6_ROOT, CIDR6_SLOT, CIDR6_SPAN
 from cgpolicy.policy.model import NetworkRule
 
 FULL = (1 << 128) - 1
@@ -29,16 +38,18 @@ def keep(length: int) -> int:
     return FULL ^ (FULL >> length)
 
 
-def index_lookup(maps: dict[str, MapSpec]) -> Callable[[int], tuple[int, int]]:
-    """What bpf/net.c cgp_cidr6_index computes, as a function of the address: (mask,
-    probes), scanning at most CIDR6_SPAN slots per probe and asserting at most
-    CIDR6_PROBES probes, the bounds of the program's loops."""
-    root = CIDR6_ROOT.unpack_from(maps["cidr6_root"].entries[0][1])
+def index_lookup(
+    maps: dict[str, MapSpec], family: str = "cidr6", most: int = CIDR6_PROBES
+) -> Callable[[int], tuple[int, int]]:
+    """What bpf/net.c cgp_cidr_index computes, as a function of the 128-bit address (an
+    IPv4 one as its top 32 bits): (mask, probes), scanning at most CIDR6_SPAN slots per
+    probe and asserting at most ``most`` probes, the bounds of the program's loops."""
+    root = CIDR6_ROOT.unpack_from(maps[f"{family}_root"].entries[0][1])
     slots = {
         unpack("<I", key)[0]: CIDR6_SLOT.unpack_from(value)
-        for key, value in maps["cidr6_slots"].entries
+        for key, value in maps[f"{family}_slots"].entries
     }
-    size = maps["cidr6_slots"].max_entries
+    size = maps[f"{family}_slots"].max_entries
     assert all(slot < size for slot in slots)
     # the program reads a list as 8 bytes with the len (or shift) first: it ends with a 0
     assert root["next"][-1] == 0 and all(slot["next"][-1] == 0 for slot in slots.values())
@@ -57,7 +68,7 @@ def index_lookup(maps: dict[str, MapSpec]) -> Callable[[int], tuple[int, int]]:
                 if slot["len"] == length and int.from_bytes(slot["addr"], "little") == key:
                     found, todo = slot["mask"], list(slot["next"])
                     break
-        assert probes <= CIDR6_PROBES
+        assert probes <= most
         return found, probes
 
     return find
@@ -200,3 +211,138 @@ def test_compile_policy_fills_the_index() -> None:
     (found_in, _), (found_out, _) = find(inside), find(outside)
     assert found_in != found_out and found_out & found_in == found_out
     assert bin(found_in).count("1") == 2 and bin(found_out).count("1") == 1
+
+
+# -- IPv4: the same index in maps of its own, the address as the top 32 bits -----------------
+
+FULL4 = (1 << 32) - 1
+
+
+def keep4(length: int) -> int:
+    return FULL4 ^ (FULL4 >> length)
+
+
+def ipv4_lookup(maps: dict[str, MapSpec]) -> Callable[[int], tuple[int, int]]:
+    """The IPv4 index's (mask, probes) for a 32-bit address, at most CIDR4_PROBES probes."""
+    find = index_lookup(maps, "cidr4", CIDR4_PROBES)
+    return lambda address: find(address << 96)
+
+
+def reference4(prefixes: dict[tuple[int, int], int], address: int) -> int:
+    """The trie's answer: the OR of the masks of every prefix containing the address."""
+    return functools.reduce(
+        operator.or_,
+        (m for (length, value), m in prefixes.items() if address & keep4(length) == value),
+        0,
+    )
+
+
+def probe_points4(prefixes: dict[tuple[int, int], int], rng: random.Random) -> list[int]:
+    """Every prefix's first and last address, its neighbours' and sibling's, and random
+    ones inside, with 0.0.0.0 and 255.255.255.255."""
+    points = [0, FULL4]
+    for length, value in prefixes:
+        last = value | (FULL4 >> length)
+        points += [value, last, value | rng.getrandbits(32) & (FULL4 >> length)]
+        if length:
+            points += [value ^ (1 << (32 - length)), (last + 1) & FULL4, (value - 1) & FULL4]
+    return points
+
+
+def check4(prefixes: dict[tuple[int, int], int], points: list[int], flat_max: int) -> int:
+    find = ipv4_lookup(cidr4_maps(prefixes, flat_max))
+    worst = 0
+    for address in points:
+        found, probes = find(address)
+        assert found == reference4(prefixes, address), ipaddress.IPv4Address(address)
+        worst = max(worst, probes)
+    return worst
+
+
+MIXES4 = [(24, 24), (32, 32), (16, 32), (0, 32), (8, 24), (20, 28), (1, 8)]
+
+
+@pytest.mark.parametrize("lengths", MIXES4)
+@pytest.mark.parametrize("flat_max", [0, 1, CIDR6_FLAT_MAX])
+def test_the_ipv4_index_gives_the_trie_answer(lengths: tuple[int, int], flat_max: int) -> None:
+    rng = random.Random(hash(lengths) ^ flat_max ^ 4)
+    bases = [rng.getrandbits(32) for _ in range(3)]
+    prefixes: dict[tuple[int, int], int] = {}
+    for _ in range(300):
+        length = rng.randint(*lengths)
+        address = rng.choice(bases) ^ (rng.getrandbits(32) >> rng.randint(0, 32))
+        key = (length, address & keep4(length))
+        prefixes[key] = prefixes.get(key, 0) | 1 << rng.randrange(6)
+    points = probe_points4(prefixes, rng) + [rng.getrandbits(32) for _ in range(300)]
+    check4(prefixes, points, flat_max)
+
+
+@st.composite
+def prefix_sets4(draw: st.DrawFn) -> dict[tuple[int, int], int]:
+    low = draw(st.integers(0, 32))
+    high = draw(st.integers(low, 32))
+    base = draw(st.integers(0, FULL4))
+    found: dict[tuple[int, int], int] = {}
+    for length, spread, bit in draw(
+        st.lists(
+            st.tuples(st.integers(low, high), st.integers(0, 32), st.integers(0, 63)),
+            min_size=1,
+            max_size=40,
+        )
+    ):
+        address = base ^ (draw(st.integers(0, FULL4)) >> spread)
+        key = (length, address & keep4(length))
+        found[key] = found.get(key, 0) | 1 << bit
+    return found
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prefixes=prefix_sets4(), flat_max=st.integers(0, 7), seed=st.integers(0, 1 << 32))
+def test_any_mix_of_ipv4_lengths(
+    prefixes: dict[tuple[int, int], int], flat_max: int, seed: int
+) -> None:
+    check4(prefixes, probe_points4(prefixes, random.Random(seed)), flat_max)
+
+
+@pytest.mark.parametrize("flat_max", [0, CIDR6_FLAT_MAX])
+def test_every_ipv4_length_nested_stays_within_the_probes(flat_max: int) -> None:
+    """All 33 lengths along one address, and around it: within CIDR4_PROBES (6) probes."""
+    rng = random.Random(9)
+    base = rng.getrandbits(32)
+    prefixes = {(length, base & keep4(length)): 1 << length for length in range(33)}
+    for _ in range(2000):
+        length = rng.randint(1, 32)
+        address = base ^ (1 << rng.randrange(32))
+        prefixes[(length, address & keep4(length))] = 1 << rng.randrange(64)
+    assert check4(prefixes, probe_points4(prefixes, rng), flat_max) <= CIDR4_PROBES
+
+
+@pytest.mark.parametrize("length", [24, 32])
+def test_an_ipv4_list_of_one_length_is_one_probe(length: int) -> None:
+    rng = random.Random(length)
+    prefixes = {(length, rng.getrandbits(length) << (32 - length)): 1 for _ in range(5000)}
+    (_, root_list), keys, _, _ = cidr6_layout(widen4(prefixes))
+    assert root_list == (length,) and len(keys) == len(prefixes)  # no marker
+    maps = cidr4_maps(prefixes)
+    per_copy = maps["cidr4_slots"].max_entries // 2
+    assert 2 * len(prefixes) <= per_copy - CIDR6_SPAN < 4 * len(prefixes)
+    find = ipv4_lookup(maps)
+    for _, value in list(prefixes)[:200]:
+        assert find(value) == (1, 1)
+    assert find(value ^ (1 << (32 - length)))[0] in (0, 1)
+
+
+def test_compile_policy_fills_the_ipv4_index() -> None:
+    """Through compile_policy: IPv4 prefixes in cidr4_*, 0.0.0.0/0 in its root, none of
+    them in the IPv6 index (an IPv6 lookup never meets them), and the reverse."""
+    allow = NetworkRule("allow", (ipaddress.IPv4Network("10.0.0.0/8"),))
+    everything = NetworkRule("deny", (ipaddress.IPv4Network("0.0.0.0/0"),), "udp")
+    six = NetworkRule("deny", (ipaddress.IPv6Network("::/0"),), "tcp")
+    policy = egress_policy("deny", allow, everything, six)
+    maps = {m.name: m for m in next(p for p in compile_policy(policy).programs).maps}
+    find = ipv4_lookup(maps)
+    (found_in, _), (found_out, _) = find(0x0A000001), find(0x0B000001)
+    assert found_in != found_out and found_out & found_in == found_out
+    assert bin(found_in).count("1") == 2 and bin(found_out).count("1") == 1
+    (found6, _) = index_lookup(maps)(0x0A000001 << 96)
+    assert bin(found6).count("1") == 1 and not found6 & found_in

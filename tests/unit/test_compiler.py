@@ -7,21 +7,19 @@ import ipaddress
 import random
 import struct
 from collections.abc import Callable
-from struct import unpack
 
 import pytest
 from policy_builders import egress_policy, net, policy_model
+from test_cidr6_index import ipv4_lookup
 
 from cgpolicy.compiler.canonical import ordered_rules
-from cgpolicy.compiler.compile import CIDR4_INDEX_MIN, compile_policy
-from cgpolicy.compiler.maps import two_copy_capacity
+from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.compiler.network import (
-    CIDR4_INDEX_SLOTS,
     port_prefixes,
     propagate_prefixes,
 )
 from cgpolicy.compiler.spec import CompiledPolicy, CompileError, MapSpec
-from cgpolicy.contract import CIDR4_PROBES, GENERATION_BITS
+from cgpolicy.contract import GENERATION_BITS
 from cgpolicy.policy.model import (
     DeviceRule,
     DeviceSection,
@@ -59,23 +57,10 @@ def lpm_entries(spec: MapSpec) -> dict[tuple[int, int], int]:
 
 
 def index_lookup(maps: dict[str, MapSpec]) -> Callable[[int], int]:
-    """What bpf/net.c cgp_cidr4_mask computes in the /16 index layout (any_cidr aside), as a
-    function of the address; it also checks that at most CIDR4_PROBES lengths are probed."""
-    slots = {unpack("<I", k)[0]: unpack("<QII", v) for k, v in maps["cidr4_idx"].entries}
-    long = {unpack("<III", k)[:2]: unpack("<Q", v)[0] for k, v in maps["cidr4_long"].entries}
-
-    def find(address: int) -> int:
-        found, bits, _ = slots.get(address >> 16, (0, 0, 0))
-        assert bin(bits).count("1") <= CIDR4_PROBES
-        while bits:
-            low = bits & -bits
-            hit = long.get((low, address & -low & 0xFFFFFFFF))
-            if hit is not None:
-                return found | hit
-            bits &= bits - 1
-        return found
-
-    return find
+    """What bpf/net.c cgp_cidr4_mask computes (any_cidr aside) as a function of the IPv4
+    address: the IPv4 index (test_cidr6_index checks the probe bounds)."""
+    find = ipv4_lookup(maps)
+    return lambda address: find(address)[0]
 
 
 def lookup(entries: dict[tuple[int, int], int], value: int, width: int) -> int:
@@ -126,11 +111,11 @@ def test_allow_inside_deny_map_contents() -> None:
     )
     deny_bit = 1 << rules.index(compiled_rules[0])
     allow_bit = 1 << rules.index(compiled_rules[1])
-    cidr4 = lpm_entries(maps["cidr4"])
+    cidr4 = index_lookup(maps)
     # 10.1.2.3 hits both rules: the deny wins in the program.
-    assert lookup(cidr4, int(ipaddress.IPv4Address("10.1.2.3")), 32) == deny_bit | allow_bit
-    assert lookup(cidr4, int(ipaddress.IPv4Address("10.2.0.1")), 32) == deny_bit
-    assert lookup(cidr4, int(ipaddress.IPv4Address("11.0.0.1")), 32) == 0
+    assert cidr4(int(ipaddress.IPv4Address("10.1.2.3"))) == deny_bit | allow_bit
+    assert cidr4(int(ipaddress.IPv4Address("10.2.0.1"))) == deny_bit
+    assert cidr4(int(ipaddress.IPv4Address("11.0.0.1"))) == 0
     assert lpm_entries(maps["ports"]) == {(16, 443): allow_bit}
     allow, deny, default, audit = struct.unpack_from("<QQII", maps["config"].entries[0][1])
     assert (allow, deny, default, audit) == (allow_bit, deny_bit, 0, 0)
@@ -140,7 +125,8 @@ def test_allow_inside_deny_map_contents() -> None:
     assert any_cidr == 0 and any_port == deny_bit and any_icmp == any_iface == deny_bit | allow_bit
     # tcp, udp, icmp, icmpv6, other
     assert proto == [deny_bit | allow_bit, deny_bit, deny_bit, deny_bit, deny_bit]
-    assert maps["cidr4"].flags == 1 and maps["cidr4"].max_entries == two_copy_capacity(2)
+    # two copies of the root; a /8 and a /16: one marker-free list of two lengths
+    assert maps["cidr4_root"].max_entries == 2 and len(maps["cidr4_slots"].entries) == 2
     # no IPv6 prefix: an empty root list, a table of one key's span
     assert maps["cidr6_root"].entries[0][1][9:] == bytes(7)
     assert maps["cidr6_slots"].entries == ()
@@ -157,17 +143,17 @@ def test_random_cidrs_match_python_semantics() -> None:
         rules.append(NetworkRule(action, tuple(cidrs)))  # type: ignore[arg-type]
     compiled = compile_policy(egress_policy("deny", *rules))
     ordered = ordered_rules(rules)
-    cidr4 = lpm_entries(maps_of(compiled, "egress")["cidr4"])
+    cidr4 = index_lookup(maps_of(compiled, "egress"))
     for _ in range(2000):
         address = ipaddress.IPv4Address(rng.randrange(1 << 32))
         expected = sum(
             1 << i for i, rule in enumerate(ordered) if any(address in c for c in rule.cidrs)
         )
-        assert lookup(cidr4, int(address), 32) == expected
+        assert cidr4(int(address)) == expected
 
 
 def test_100k_cidrs_compile_into_the_index_layout() -> None:
-    """100,000 CIDRs compile into the /16 index and every sampled address gets its rules.
+    """100,000 CIDRs compile into the IPv4 index and every sampled address gets its rules.
     How long that takes is a `make bench` figure (compile_cidrs_s), not asserted here."""
     rng = random.Random(5)
     cidrs = tuple(
@@ -178,12 +164,10 @@ def test_100k_cidrs_compile_into_the_index_layout() -> None:
     policy = egress_policy("deny", *rules)
     compiled = compile_policy(policy)
     maps = maps_of(compiled, "egress")
-    # A long list takes the /16 index instead of the trie (bpf/net.c cgp_cidr4_mask).
-    assert maps["cidr4"].entries == () and maps["cidr4"].max_entries == two_copy_capacity(0)
-    assert maps["cidr4_idx"].max_entries == 2 * CIDR4_INDEX_SLOTS  # two copies
-    long = maps["cidr4_long"]
-    assert len(long.entries) == len(set(cidrs))  # /24s: none rounded
-    assert long.max_entries == two_copy_capacity(len(long.entries))
+    # /24s, a /8 and a /16: a root listing the three lengths, no marker
+    slots = maps["cidr4_slots"]
+    assert len(slots.entries) == len(set(cidrs)) + 2
+    assert 4 * len(slots.entries) <= slots.max_entries <= 8 * len(slots.entries) + 16
     find = index_lookup(maps)
     stored = set(cidrs)
     deny_bit, allow_bit = (1 << ordered_rules(policy.network.egress.rules).index(r) for r in rules)  # type: ignore[union-attr]
@@ -195,9 +179,9 @@ def test_100k_cidrs_compile_into_the_index_layout() -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_cidr4_index_matches_the_trie(seed: int) -> None:
-    """The /16 index layout gives every address the trie's answer, including /16s with more
-    distinct lengths than the program probes (their odd lengths are rounded up)."""
+def test_cidr4_index_matches_the_python_semantics(seed: int) -> None:
+    """The IPv4 index gives every address the rules whose lists contain it, flat and with
+    markers forced (cidr_flat_max=0), including /16s holding every length."""
     rng = random.Random(seed)
     crowded = [rng.randrange(1 << 16) for _ in range(3)]  # /16s holding every length
     rules = []
@@ -215,13 +199,6 @@ def test_cidr4_index_matches_the_trie(seed: int) -> None:
         rules.append(NetworkRule(action, tuple(cidrs)))  # type: ignore[arg-type]
     policy = egress_policy("deny", *rules)
     ordered = ordered_rules(rules)
-    trie = lpm_entries(maps_of(compile_policy(policy), "egress")["cidr4"])
-    index = maps_of(compile_policy(policy, cidr4_index_min=0), "egress")
-    assert len(trie) < CIDR4_INDEX_MIN and index["cidr4"].entries == ()
-    lengths = [struct.unpack_from("<QI", v)[1] for _, v in index["cidr4_idx"].entries]
-    assert any(bits & 0xAAAA for bits in lengths)  # some odd lengths stayed (bit 32 - len)
-    longer = {c for rule in rules for c in rule.cidrs if c.prefixlen > 16}
-    assert len(index["cidr4_long"].entries) > len(longer)  # crowded /16s: odd lengths doubled
     points = [c.network_address for rule in rules for c in rule.cidrs]
     points += [c.broadcast_address for rule in rules for c in rule.cidrs]
     points += [
@@ -229,13 +206,13 @@ def test_cidr4_index_matches_the_trie(seed: int) -> None:
         for _ in range(2000)
     ]
     points += [ipaddress.IPv4Address(rng.randrange(1 << 32)) for _ in range(1000)]
-    find = index_lookup(index)
-    for address in points:
-        expected = sum(
-            1 << i for i, rule in enumerate(ordered) if any(address in c for c in rule.cidrs)
-        )
-        assert lookup(trie, int(address), 32) == expected
-        assert find(int(address)) == expected, address
+    for flat_max in (None, 0):
+        find = index_lookup(maps_of(compile_policy(policy, cidr_flat_max=flat_max), "egress"))
+        for address in points:
+            expected = sum(
+                1 << i for i, rule in enumerate(ordered) if any(address in c for c in rule.cidrs)
+            )
+            assert find(int(address)) == expected, address
 
 
 def test_revision_is_stable_and_semantic() -> None:
@@ -318,9 +295,8 @@ def test_sockets_programs_and_maps() -> None:
     assert {m.name for m in hooks["connect4"].maps} == {
         "generation",  # the copy of the rule maps in force
         "config",
-        "cidr4",
-        "cidr4_idx",
-        "cidr4_long",
+        "cidr4_root",
+        "cidr4_slots",
         "ports",
         "counters",
         *events,
@@ -329,9 +305,8 @@ def test_sockets_programs_and_maps() -> None:
         *events,
         "generation",
         "config",
-        "cidr4",
-        "cidr4_idx",
-        "cidr4_long",
+        "cidr4_root",
+        "cidr4_slots",
         "cidr6_root",
         "cidr6_slots",
         "ports",

@@ -7,7 +7,7 @@ whatever it refuses must be refused by ip_network too (the messages come from th
 path, unchanged). Inputs: random and hostile texts (leading zeros, spaces, newlines, NULs,
 IPv4-mapped and compatible IPv6, zone ids, host bits, netmasks, non-ASCII digits).
 
-The loader composes list items inline; the compiler packs the /16 index, builds its CIDR
+The loader composes list items inline; the compiler builds its CIDR
 tables and writes canonical texts its own faster way: each is compared with what the
 straightforward code (the code before, kept here) gives, and the revisions of generated
 policies of every kind of CIDR are pinned: a faster compile must not reload anything.
@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 
 from cgpolicy.compiler import canonical, network
 from cgpolicy.compiler.compile import compile_policy
-from cgpolicy.contract import CIDR4_INDEX_ENTRY, U32
 from cgpolicy.policy import loader
 from cgpolicy.policy.loader import load_file
 from cgpolicy.policy.semantic import InvalidValue, end_of_load, parse_cidr
@@ -237,18 +236,6 @@ def test_list_items_compose_as_before(lists: list[list[str]], flow: bool) -> Non
 # -- the compiler ----------------------------------------------------------------------------
 
 
-def _old_index_entries(masks: list[int], lengths: dict[int, int]) -> tuple[Any, ...]:
-    entry = CIDR4_INDEX_ENTRY.struct
-    packed = {mask: entry.pack(mask, 0, 0) for mask in set(masks)}
-    values = list(map(packed.__getitem__, masks))
-    used = list(map(bool, masks))
-    for top, bits in lengths.items():
-        values[top] = entry.pack(masks[top], bits, 0)
-        used[top] = True
-    keys = map(U32.pack, range(network.CIDR4_INDEX_SLOTS))
-    return tuple(itertools.compress(zip(keys, values, strict=True), used))
-
-
 def _old_cidr_tables(rules: Any) -> tuple[dict[Any, int], dict[Any, int]]:
     v4: dict[Any, int] = {}
     v6: dict[Any, int] = {}
@@ -369,25 +356,9 @@ def test_compile_matches_the_straightforward_code(seed: int, count: int) -> None
         rules = canonical.ordered_rules(section.rules)  # type: ignore[union-attr]
         v4, v6 = network._cidr_tables(rules)
         assert (v4, v6) == _old_cidr_tables(rules)
-        masks, lengths, _ = network.cidr4_index(v4)
-        assert network._index_entries(masks, lengths) == _old_index_entries(masks, lengths)
         for rule in rules:
             for net in rule.cidrs:
                 assert canonical._network_text(net) == _old_network_text(net)
-
-
-_prefix4 = st.builds(
-    lambda value, length: (length, value & ~((1 << (32 - length)) - 1)),
-    st.integers(0, 2**32 - 1),
-    st.one_of(st.integers(0, 32), st.sampled_from([16, 24, 24, 32])),
-)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.dictionaries(_prefix4, st.integers(1, 2**64 - 1), max_size=300))
-def test_index_entries_are_the_straightforward_ones(v4: dict[tuple[int, int], int]) -> None:
-    masks, lengths, _ = network.cidr4_index(v4)
-    assert network._index_entries(masks, lengths) == _old_index_entries(masks, lengths)
 
 
 @settings(max_examples=500, deadline=None)
