@@ -185,9 +185,9 @@ class Reconciler:
         reading only its metadata and program pins (enforcer/incremental.py), not every
         link. False when a full pass must run instead (nothing was changed then): a policy
         added, removed or not left applied by the last pass, new targets, a file that is
-        invalid now, a service not ready, a change that is more than new rules, targets
-        that resolve to other cgroups. The periodic resync stays a full pass, which repairs
-        drift."""
+        invalid now, a last-good store that failed at this reading, a service not ready, a
+        change that is more than new rules, targets that resolve to other cgroups. The
+        periodic resync stays a full pass, which repairs drift."""
         if self._not_ready != frozenset() or self._enforcer.in_place is None:
             return False
         try:
@@ -198,6 +198,7 @@ class Reconciler:
         now = {policy.name: policy.targets for policy in snapshot.policies}
         if (
             snapshot.invalid_files
+            or snapshot.store_error is not None  # readiness changes: a full pass records it
             or len(now) != len(snapshot.policies)
             or now != before  # the folders to watch would change too
             or not now.keys() <= self._settled.keys()

@@ -213,7 +213,6 @@ def test_a_store_folder_others_can_write_is_refused_until_fixed(
     assert wait_until(lambda: service.metric("cgpolicy_last_good_store_failing") == 0)
 
 
-
 def test_a_store_that_fails_at_a_change_in_place_is_reported_at_once(
     service, scratch_cgroup, tcp_server
 ):
