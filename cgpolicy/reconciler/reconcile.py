@@ -228,6 +228,8 @@ class Reconciler:
             compiled = self._compiled(policy, enforcer.devices(policy, meta))
         except CompileError:
             return False
+        if _device_rules(compiled) != _device_rules(settled):
+            return False  # a full pass watches their folders, reports and counts them
         if compiled.revision == settled.revision:
             return meta.revision == settled.revision
         resolution = resolve_targets(enforcer.cgroup_root, policy.targets)
@@ -363,3 +365,8 @@ class Reconciler:
                     "it is, but cgroups that appear later are not covered by it",
                     file,
                 )
+
+
+def _device_rules(compiled: CompiledPolicy) -> set[tuple[str, str, str]]:
+    """The `path:` device rules of ``compiled`` as the service watches and reports them."""
+    return {(d.path, d.action, d.node.state) for d in compiled.device_paths}
