@@ -151,15 +151,16 @@ class Service:
     def _fast_path(self, events: Events) -> bool:
         """Only policy files changed or cgroups appeared: the fast paths (Reconciler
         change_files, attach_new: enforcer/incremental.py) instead of a full pass; False
-        when a full pass must run (also after any error: it reports it, and after a pass
-        that did not complete: only a pass that completes makes /readyz say so)."""
+        when a full pass must run (also after any error: it reports it). After a pass that
+        did not complete, the fast paths still do what they can (a new cgroup is enforced
+        at once even if passes keep failing), and the full pass is retried too: only a pass
+        that completes makes /readyz say so."""
         reconciler = self.reconciler
-        if self._pass_raised:
-            return False
         try:
             if events.policy_files and not reconciler.change_files():
                 return False
-            return not events.created or reconciler.attach_new(events.created)
+            done = not events.created or reconciler.attach_new(events.created)
+            return done and not self._pass_raised
         except RUNTIME_ERRORS as error:
             log.warning("fast path: %s; running a full pass", error)
         except Exception:  # a bug must not end the service either
