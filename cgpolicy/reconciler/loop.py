@@ -65,6 +65,7 @@ class Service:
         self.interval = interval
         self._stop = False
         self._reread = False
+        self._pass_raised = False  # the last pass did not complete: the next wake-up retries it
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -124,8 +125,10 @@ class Service:
         started = time.monotonic()
         health.beat()
         gc.unfreeze()  # what the passes before left behind can be collected again
+        self._pass_raised = True
         try:
             report = reconciler.reconcile()
+            self._pass_raised = False
         except RUNTIME_ERRORS as error:  # e.g. bpffs cannot be mounted
             log.error("reconcile pass failed: %s; retrying at the next wake-up", error)
             health.pass_raised(str(error))
@@ -148,12 +151,16 @@ class Service:
     def _fast_path(self, events: Events) -> bool:
         """Only policy files changed or cgroups appeared: the fast paths (Reconciler
         change_files, attach_new: enforcer/incremental.py) instead of a full pass; False
-        when a full pass must run (also after any error: it reports it)."""
+        when a full pass must run (also after any error: it reports it). After a pass that
+        did not complete, the fast paths still do what they can (a new cgroup is enforced
+        at once even if passes keep failing), and the full pass is retried too: only a pass
+        that completes makes /readyz say so."""
         reconciler = self.reconciler
         try:
             if events.policy_files and not reconciler.change_files():
                 return False
-            return not events.created or reconciler.attach_new(events.created)
+            done = not events.created or reconciler.attach_new(events.created)
+            return done and not self._pass_raised
         except RUNTIME_ERRORS as error:
             log.warning("fast path: %s; running a full pass", error)
         except Exception:  # a bug must not end the service either

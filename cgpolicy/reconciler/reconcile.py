@@ -185,9 +185,9 @@ class Reconciler:
         reading only its metadata and program pins (enforcer/incremental.py), not every
         link. False when a full pass must run instead (nothing was changed then): a policy
         added, removed or not left applied by the last pass, new targets, a file that is
-        invalid now, a service not ready, a change that is more than new rules, targets
-        that resolve to other cgroups. The periodic resync stays a full pass, which repairs
-        drift."""
+        invalid now, a last-good store that failed at this reading, a service not ready, a
+        change that is more than new rules, targets that resolve to other cgroups. The
+        periodic resync stays a full pass, which repairs drift."""
         if self._not_ready != frozenset() or self._enforcer.in_place is None:
             return False
         try:
@@ -198,6 +198,7 @@ class Reconciler:
         now = {policy.name: policy.targets for policy in snapshot.policies}
         if (
             snapshot.invalid_files
+            or snapshot.store_error is not None  # readiness changes: a full pass records it
             or len(now) != len(snapshot.policies)
             or now != before  # the folders to watch would change too
             or not now.keys() <= self._settled.keys()
@@ -227,6 +228,8 @@ class Reconciler:
             compiled = self._compiled(policy, enforcer.devices(policy, meta))
         except CompileError:
             return False
+        if _device_rules(compiled) != _device_rules(settled):
+            return False  # a full pass watches their folders, reports and counts them
         if compiled.revision == settled.revision:
             return meta.revision == settled.revision
         resolution = resolve_targets(enforcer.cgroup_root, policy.targets)
@@ -362,3 +365,8 @@ class Reconciler:
                     "it is, but cgroups that appear later are not covered by it",
                     file,
                 )
+
+
+def _device_rules(compiled: CompiledPolicy) -> set[tuple[str, str, str]]:
+    """The `path:` device rules of ``compiled`` as the service watches and reports them."""
+    return {(d.path, d.action, d.node.state) for d in compiled.device_paths}

@@ -273,3 +273,81 @@ def test_the_service_reports_a_missing_node_and_enforces_it_when_it_appears(
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=30)
         remove(Enforcer(cgroup_root, bpf_dir), "gpu")
+
+
+def test_the_service_follows_a_device_path_changed_in_place_to_another_folder(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path
+):
+    """A changed file whose new rules are the same map contents (a deny `path:` renamed to
+    another name of the same node) may be put in force without a full pass; the service
+    must still watch the folder of the new path, so that the node replaced there later is
+    followed at once, not at the next resync."""
+    dev = node_dev(tmp_path)
+    make_node(dev / "a0", ZERO)
+    (dev / "sub").mkdir()
+    make_node(dev / "sub" / "b0", ZERO)  # the same device by another name, in another folder
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    path = policies / "dev.yaml"
+
+    def write(device: str) -> None:
+        spec = {
+            "targets": [{"path": scratch_cgroup.relative}],
+            "sockets": {  # net.c programs: a load that can change in place
+                "connect": {"default": "allow", "rules": [{"action": "deny", "ports": [9]}]}
+            },
+            "devices": {
+                "default": "allow",
+                "rules": [{"action": "deny", "path": device, "access": "r"}],
+            },
+        }
+        document = {
+            "apiVersion": "cgpolicy.dev/v1",
+            "kind": "CgroupPolicy",
+            "metadata": {"name": "dev"},
+            "spec": spec,
+        }
+        path.write_text(json.dumps(document, indent=2) + "\n")
+
+    write("/dev/a0")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "service.log"
+    command = [
+        str(CGPOLICY),
+        "--bpf-dir",
+        str(bpf_dir),
+        "--dev-root",
+        str(dev),
+        "--log-level",
+        "info",
+        "reconcile",
+        "--policy-dir",
+        str(policies),
+        "--interval",
+        "3600",  # so that only a watch can explain a prompt reaction
+        "--metrics-addr",
+        f"127.0.0.1:{port}",
+    ]
+    with open(log, "wb") as output:
+        service = subprocess.Popen(command, stdout=output, stderr=output)
+    try:
+        assert wait_until(lambda: not scratch_cgroup.probe("open", "/dev/zero", "r").ok, 30), (
+            log.read_text()
+        )
+        write("/dev/sub/b0")
+        assert wait_until(
+            lambda: "dev: revision" in log.read_text() or "in place" in log.read_text()
+        )
+        expect(scratch_cgroup, [(("open", "/dev/full", "r"), ALLOWED)])
+
+        (dev / "sub" / "b0").unlink()  # the node is replaced: the path names /dev/full now
+        make_node(dev / "sub" / "b0", FULL)
+        assert wait_until(lambda: not scratch_cgroup.probe("open", "/dev/full", "r").ok), (
+            log.read_text()
+        )
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=30)
+        remove(Enforcer(cgroup_root, bpf_dir), "dev")

@@ -213,6 +213,30 @@ def test_a_store_folder_others_can_write_is_refused_until_fixed(
     assert wait_until(lambda: service.metric("cgpolicy_last_good_store_failing") == 0)
 
 
+def test_a_store_that_fails_at_a_change_in_place_is_reported_at_once(
+    service, scratch_cgroup, tcp_server
+):
+    """A valid change that the service puts in force without a full pass (the fast path
+    for changed files) still says when the store could not record it: /readyz and the
+    metric turn at that change, not at the next resync an hour later."""
+    service.interval = "3600"
+    path, work = start_enforcing(service, scratch_cgroup, tcp_server)
+    assert wait_until(lambda: service.stored().exists()), service.log()
+    assert wait_until(lambda: http_get(service.port, "/readyz")[0] == 200), service.log()
+    folder = service.stored().parent
+    folder.chmod(0o777)
+    try:
+        write_policy(service, scratch_cgroup, denied="127.0.0.3")
+        assert wait_until(lambda: not connect_denied(work, "127.0.0.1", tcp_server.port))
+        assert wait_until(lambda: service.metric("cgpolicy_last_good_store_failing") == 1), (
+            service.log()
+        )
+        status, body = http_get(service.port, "/readyz")
+        assert status == 503 and "last-good store: refusing" in body, body
+    finally:
+        folder.chmod(0o700)
+
+
 # -- item 4: a name that is not a regular file is not a deleted file --------------------------
 
 

@@ -427,3 +427,31 @@ def test_a_changed_rule_between_resyncs_is_changed_in_place_without_a_full_pass(
     assert wait_until(lambda: links_at(work.path, "bind4") == 1, timeout=30), daemon.log()
     assert count() > passes
     assert connect_denied(work, "127.0.0.1", tcp_server.port), daemon.log()
+
+
+def test_a_pass_that_did_not_complete_is_retried_at_the_next_changed_file(
+    daemon, scratch_cgroup, tcp_server
+):
+    """A pass that raised (here: the pin folder writable by others, refused) is retried at
+    the next wake-up, as its log line says, also when that wake-up is a changed file the
+    fast path could put in force: /readyz says ready again once a pass completes, not
+    at the next resync."""
+    daemon.interval = "3600"
+    work = scratch_cgroup.child("work-1")
+    write_policy(daemon, scratch_cgroup, denied="127.0.0.1")
+    daemon.start()
+    assert wait_until(lambda: http_get(daemon.port, "/readyz")[0] == 200, timeout=30), daemon.log()
+    mode = daemon.bpf_dir.stat().st_mode & 0o7777
+    try:
+        daemon.bpf_dir.chmod(0o777)
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)  # a full pass, which refuses the folder
+        assert wait_until(lambda: "did not complete" in http_get(daemon.port, "/readyz")[1])
+    finally:
+        daemon.bpf_dir.chmod(mode)
+    write_policy(daemon, scratch_cgroup, denied="127.0.0.3")
+    assert wait_until(lambda: not connect_denied(work, "127.0.0.1", tcp_server.port)), daemon.log()
+    assert wait_until(lambda: http_get(daemon.port, "/readyz")[0] == 200), (
+        http_get(daemon.port, "/readyz"),
+        daemon.log(),
+    )
