@@ -294,21 +294,93 @@ def _place(keys: list[Prefix]) -> tuple[int, list[int], list[int]]:
     raise CompileError("prefixes: no hash table layout found")  # cannot happen
 
 
-def cidr6_maps(v6: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX) -> dict[str, MapSpec]:
-    """The IPv6 maps of bpf/net.c: cidr6_root and cidr6_slots."""
-    return _index_maps("cidr6", v6, flat_max, CIDR6_PROBES)
+MAPPED = 0xFFFF << 32  # ::ffff:0:0, the /96 of the IPv4-mapped IPv6 addresses
+MAPPED_OWN = 64  # added to the lengths of the mapped root's own entries (161..192)
 
 
-def cidr4_maps(v4: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX) -> dict[str, MapSpec]:
-    """The IPv4 maps of bpf/net.c: cidr4_root and cidr4_slots (``v4``: 32-bit addresses)."""
-    return _index_maps("cidr4", widen4(v4), flat_max, CIDR4_PROBES)
+def mapped4(v4: dict[Prefix, int]) -> dict[Prefix, int]:
+    """IPv4 prefixes as the index keys them: a.b.c.d/n as ::ffff:a.b.c.d/(96 + n)."""
+    return {(96 + length, MAPPED | value): mask for (length, value), mask in v4.items()}
+
+
+def mapped_split(v6: dict[Prefix, int]) -> tuple[dict[Prefix, int], dict[Prefix, int], int]:
+    """``v6`` seen from the mapped addresses: the prefixes outside ::ffff:0:0/96 (the IPv6
+    root's), those longer than /96 inside it (as IPv4 prefixes: 32-bit addresses, length -
+    96), and the mask of the rules whose prefixes contain all of it (::/0, ::ffff:0:0/96,
+    ...)."""
+    outside: dict[Prefix, int] = {}
+    inside: dict[Prefix, int] = {}
+    every = 0
+    for (length, value), mask in v6.items():
+        if length >= 96 and value >> 32 == 0xFFFF:  # inside ::ffff:0:0/96
+            if length == 96:
+                every |= mask
+            else:
+                inside[(length - 96, value & 0xFFFFFFFF)] = mask
+            continue
+        if MAPPED & _keep(length) == value:  # contains it
+            every |= mask
+        outside[(length, value)] = mask
+    return outside, inside, every
+
+
+def _moved(packed: bytes, by: int) -> bytes:
+    """A packed list with every length moved by ``by``."""
+    return bytes(length + by if length else 0 for length in packed)
+
+
+def cidr_maps(
+    v4: dict[Prefix, int], v6: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX
+) -> dict[str, MapSpec]:
+    """The maps of bpf/net.c's index, cidr6_root and cidr6_slots, for the IPv4 prefixes
+    ``v4`` (32-bit addresses) and the IPv6 ones ``v6``: three roots per copy (net.c
+    CGP_ROOT_*), all on one table of slots:
+
+    - the IPv6 root: the IPv6 prefixes outside ::ffff:0:0/96 (only a mapped address is
+      inside, and it never walks from here);
+    - the IPv4 root: the IPv4 prefixes as ::ffff:a.b.c.d/(96 + n), lengths 97..128,
+      within CIDR4_PROBES probes;
+    - the mapped root, for ::ffff:a.b.c.d: the IPv4 prefixes, and the IPv6 ones inside
+      ::ffff:0:0/96 (IPv4-mapped rules), its mask also holding the IPv6 rules whose
+      prefixes contain all of it (::/0). When it holds nothing the IPv4 root does not
+      (the usual case) it is the IPv4 root, sharing its entries; else it has entries of
+      its own, their lengths + MAPPED_OWN (161..192, which the program masks as 97..128
+      and hashes as they are): a plain IPv4 address never meets them.
+
+    The three sets of keys are disjoint, so one table holds them."""
+    outside, inside, every = mapped_split(v6)
+    (m6, l6), keys, masks, lists = cidr6_layout(outside, flat_max, CIDR6_PROBES)
+    (m4, l4), k4, ms4, ls4 = cidr6_layout(widen4(v4), flat_max, CIDR4_PROBES)
+    roots = [(m6, l6), (m4, _moved4(l4)), (m4, _moved4(l4))]
+    keys += [(96 + length, MAPPED | value >> 96) for length, value in k4]
+    masks += ms4
+    lists += [_moved(packed, 96) for packed in ls4]
+    if inside or every & ~m4:
+        mapped = dict(widen4(v4))
+        for key, mask in widen4(inside).items():
+            mapped[key] = mapped.get(key, 0) | mask
+        mapped[(0, 0)] = m4 | every
+        (mm, ml), km, msm, lsm = cidr6_layout(mapped, flat_max, CIDR4_PROBES)
+        by = 96 + MAPPED_OWN
+        roots[2] = (mm, tuple(length + by for length in ml))
+        keys += [(by + length, MAPPED | value >> 96) for length, value in km]
+        masks += msm
+        lists += [_moved(packed, by) for packed in lsm]
+    return _index_maps(roots, keys, masks, lists)
+
+
+def _moved4(lengths: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(96 + length for length in lengths)
 
 
 def _index_maps(
-    family: str, prefixes: dict[Prefix, int], flat_max: int, probes: int
+    roots: list[tuple[int, tuple[int, ...]]],
+    keys: list[Prefix],
+    masks: list[int],
+    lists: list[bytes],
 ) -> dict[str, MapSpec]:
-    """``family``_root and ``family``_slots holding the index of ``prefixes``."""
-    (root_mask, root_list), keys, masks, lists = cidr6_layout(prefixes, flat_max, probes)
+    """cidr6_root (``roots``: (mask, list) each, per copy) and cidr6_slots holding the
+    entries ``keys`` with their masks and packed lists."""
     shift, order, slots = _place(keys)
     values = list(
         map(
@@ -321,21 +393,24 @@ def _index_maps(
     )
     ordered = operator.itemgetter(*order)(values) if len(values) > 1 else values
     size = (1 << (64 - shift)) + CIDR6_SPAN  # no wrap-around: a key's span stays inside
-    root = CIDR6_ROOT.struct.pack(root_mask, shift, _list_bytes(root_list))
+    packed = tuple(
+        (U32.pack(i), CIDR6_ROOT.struct.pack(mask, shift, _list_bytes(lengths)))
+        for i, (mask, lengths) in enumerate(roots)
+    )
     return {
-        # two copies of each (bpf/net.c `generation`): copy 1 of the table at index size + i
-        f"{family}_root": MapSpec(
-            f"{family}_root",
+        # two copies of each (bpf/net.c `generation`): copy 1 at index max_entries / 2 + i
+        "cidr6_root": MapSpec(
+            "cidr6_root",
             "array",
             U32.size,
             CIDR6_ROOT.size,
-            2,
+            2 * len(roots),
             0,
-            ((U32.pack(0), root),),
+            packed,
             two_copies=True,
         ),
-        f"{family}_slots": MapSpec(
-            f"{family}_slots",
+        "cidr6_slots": MapSpec(
+            "cidr6_slots",
             "array",
             U32.size,
             CIDR6_SLOT.size,
