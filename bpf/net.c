@@ -58,8 +58,8 @@
 BPF_ARRAY(generation, __u32, 1);
 BPF_ARRAY(config, struct cgp_net_config, 2);
 /* The prefix index (cgp_cidr_index): three roots per copy (copy g's at g*3 + CGP_ROOT_*)
- * and one table of slots for both families. */
-BPF_ARRAY(cidr6_root, struct cgp_root6, 6);
+ * and one table of slots for both families (copy g's at g * its size + i). */
+BPF_ARRAY(cidr6_root, struct cgp_root6, 2 * CGP_CIDR_ROOTS);
 BPF_ARRAY(cidr6_slots, struct cgp_slot6, CGP_CIDR6_SLOTS_MAX);
 BPF_LPM_TRIE(ports, struct cgp_lpm_port, __u64, CGP_PORTS_MAX);
 /* ICMP/ICMPv6 type -> rules listing it (both protocols share the table; the protocol mask
@@ -156,14 +156,21 @@ static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verd
 /*
  * CIDRs: an LPM trie lookup walks one node per distinguishing prefix bit (~80 ns with
  * 100,000 entries against ~11 ns with one), and a kernel hash map lookup costs ~30 ns, so
- * prefixes, whatever their number, live in a hash table the program hashes itself, one per
- * address family: cidr4_slots and cidr6_slots, arrays of struct cgp_slot6 (32 B),
- * open-addressed, whose array lookups the verifier inlines (a probe is a multiply, a shift
- * and one or two slot reads). An IPv4 address is the index's 128-bit address with the
- * IPv4 address as its top 32 bits (lengths 0..32); IPv4 and IPv6 lookups never meet each
- * other's entries, being in maps of their own. An entry is a stored prefix or a marker (a
+ * prefixes, whatever their number, live in a hash table the program hashes itself:
+ * cidr6_slots, an array of struct cgp_slot6 (32 B), open-addressed, whose array lookups the
+ * verifier inlines (a probe is a multiply, a shift and one or two slot reads). Both
+ * families share it, from three roots per copy in cidr6_root (CGP_ROOT_*): IPv6 addresses
+ * walk from the IPv6 root; an IPv4 address a.b.c.d is the IPv6 address ::ffff:a.b.c.d and
+ * an IPv4 prefix a.b.c.d/n the prefix ::ffff:a.b.c.d/(96 + n), walked from the IPv4 root;
+ * an IPv4-mapped IPv6 address walks from the mapped root, which indexes the IPv4 prefixes
+ * and the IPv6 ones inside ::ffff:0:0/96 and whose mask holds the IPv6 rules containing
+ * all of it (::/0). The mapped root is the IPv4 root when it would hold nothing more (the
+ * usual case); else its own entries have lengths 161..192 (96 + 64 + n: masked as 97..128,
+ * hashed as they are), which no other root lists. The IPv6 root holds no prefix inside
+ * ::ffff:0:0/96, and every IPv4 key is inside it: the roots never meet each other's
+ * entries. An entry is a stored prefix or a marker (a
  * prefix leading to longer stored ones), keyed by (len, address masked to len) and found
- * from its home slot (the top bits of cgp_cidr_hash, shift in cidr4_root / cidr6_root)
+ * from its home slot (the top bits of cgp_cidr_hash, shift in cidr6_root)
  * within CGP_CIDR6_SPAN slots; an empty slot ends the scan. It holds the mask
  * OR-propagated over every stored prefix containing it and the list of longer lengths to
  * probe inside it (longest first, at most CGP_CIDR6_LIST - 1).
@@ -171,18 +178,15 @@ static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verd
  * The lookup probes the root's list longest first: a hit takes the hit's mask (it holds
  * every shorter match) and goes on with the hit's own list, a miss with the next length.
  * The compiler (cgpolicy/compiler/cidr6.py) shapes the lists so that no address costs more
- * than CGP_CIDR6_PROBES probes (CGP_CIDR4_PROBES for IPv4's 32 lengths): a root listing
- * every length when there are few (a list of /64s, or of IPv4 /24s and /32s: one or two
- * probes), a bucket (every prefix behind a marker at the shortest length, e.g. per /32)
+ * than CGP_CIDR6_PROBES probes (CGP_CIDR4_PROBES from the IPv4 and mapped roots, for the
+ * 32 lengths of IPv4): a root listing every length when there are few (a list of /64s, or
+ * of IPv4 /24s and /32s: one or two probes), a bucket (every prefix behind a marker at the shortest length, e.g. per /32)
  * where that splits the list, else a binary search on lengths. Memory: 32 B per slot, at
  * least twice as many slots as entries, rounded up to a power of two, plus CGP_CIDR6_SPAN:
- * 64 to 128 B per stored prefix, twice that for the markers of a list with many lengths
- * (docs/policy.md, "Memory").
+ * 64 to 128 B per stored prefix, twice that for the markers of a list with many lengths,
+ * and the IPv4 prefixes twice when the mapped root has entries of its own (docs/policy.md,
+ * "Memory").
  */
-#define CGP_ROOT_V6 0     /* IPv6 addresses outside ::ffff:0:0/96 */
-#define CGP_ROOT_V4 1     /* IPv4 addresses, as ::ffff:a.b.c.d */
-#define CGP_ROOT_MAPPED 2 /* IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) */
-
 static __always_inline __u64 cgp_cidr_hash(__u64 hi, __u64 lo, __u32 len)
 {
 	return (hi ^ (lo * CGP_CIDR6_HASH_LO) ^ len) * CGP_CIDR6_HASH_MUL;
@@ -203,7 +207,7 @@ static __always_inline __u64 cgp_cidr_index(__u32 gen, __u32 which, __u64 hi, __
 {
 	struct cgp_root6 *root;
 	__u64 found, list;
-	__u32 shift, base, i, at = gen * 3 + which;
+	__u32 shift, base, i, at = gen * CGP_CIDR_ROOTS + which;
 
 	root = cidr6_root.lookup(&at);
 	if (!root)
@@ -256,7 +260,8 @@ static __always_inline __u64 cgp_cidr4_lo(__u32 addr)
 static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __u32 gen,
 					    __u32 addr)
 {
-	return cfg->any_cidr | cgp_cidr_index(gen, CGP_ROOT_V4, 0, cgp_cidr4_lo(addr), CGP_CIDR4_PROBES);
+	return cfg->any_cidr |
+	       cgp_cidr_index(gen, CGP_ROOT_V4, 0, cgp_cidr4_lo(addr), CGP_CIDR4_PROBES);
 }
 
 /* The root and the halves hi:lo to look the IPv6 address `addr` (four network-order

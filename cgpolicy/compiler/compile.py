@@ -129,7 +129,6 @@ def _compile(
             where = "sockets.bind" if section is sockets.bind else "sockets.connect"
             maps = socket_address_maps(where, section, audit, keys, dns, flat_max)
             for hook in hooks:
-                # IPv4 programs do not use cidr6_*; IPv6 ones use both (IPv4-mapped addresses).
                 programs.append(program_spec(hook, maps, names=dns.used))
 
     if egress_maps and not audit and network.egress and may_refuse_at_connect(network.egress):
@@ -187,8 +186,7 @@ def may_refuse_at_connect(section: NetworkSection) -> bool:
 
 def connect_checks(egress_maps: dict[str, MapSpec], names: bool = False) -> list[ProgramSpec]:
     """network.egress checked at connect time (contract.EGRESS_AT_CONNECT): one program per
-    sock_addr hook, on the egress program's maps (events and rate limit included); the
-    IPv4 ones do not look IPv6 prefixes up."""
+    sock_addr hook, on the egress program's maps (events and rate limit included)."""
     specs = []
     for check in EGRESS_AT_CONNECT.values():
         unused = frozenset() if names else _CONNECT_CHECK_NAME_MAPS  # the plain variant's
