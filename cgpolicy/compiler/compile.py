@@ -127,8 +127,9 @@ def _compile(
             if section is None:
                 continue
             where = "sockets.bind" if section is sockets.bind else "sockets.connect"
-            maps = socket_address_maps(where, section, audit, keys, dns, flat_max)
+            maps6, maps4 = socket_address_maps(where, section, audit, keys, dns, flat_max)
             for hook in hooks:
+                maps = maps4 if hook.endswith("4") else maps6
                 programs.append(program_spec(hook, maps, names=dns.used))
 
     if egress_maps and not audit and network.egress and may_refuse_at_connect(network.egress):

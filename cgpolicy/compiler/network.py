@@ -249,14 +249,17 @@ def socket_address_maps(
     keys: RuleKeys,
     dns: DnsConfig,
     cidr_flat_max: int = CIDR6_FLAT_MAX,
-) -> dict[str, MapSpec]:
+) -> tuple[dict[str, MapSpec], dict[str, MapSpec]]:
+    """The maps of the section's IPv6 programs, and of its IPv4 ones: the same but for an
+    index without the IPv6 prefixes, which an IPv4 program never looks up (each program
+    holds maps of its own)."""
     rules = ordered_rules(section.rules, keys)
     all_rules = rule_mask(range(len(rules)))
     v4, v6 = _cidr_tables(rules)
     # No icmpTypes or interfaces in socket rules: every rule passes those conditions.
     fields = dns.fields(where, rules)
     names = {"learned": learned_map(dns.max_learned), **lookup_maps(True)} if dns.used else {}
-    return {
+    maps = {
         "generation": generation_map(),
         "config": two_copy_config_map(
             _net_config(section.default, rules, audit, all_rules, all_rules, fields)
@@ -266,3 +269,4 @@ def socket_address_maps(
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
         "counters": counters_map(),
     }
+    return maps, ({**maps, **cidr_maps(v4, {}, cidr_flat_max)} if v6 else maps)

@@ -401,3 +401,26 @@ def test_sysctl_patterns_needing_too_many_states_are_a_compile_error() -> None:
     rules = tuple(SysctlRule("deny", f"*a*b*b*b*{i}*c*d*e*f*g") for i in range(64))
     with pytest.raises(CompileError, match="matcher states"):
         compile_policy(policy_model(sysctl=SysctlSection("allow", rules)))
+
+
+def test_ipv4_socket_programs_hold_no_ipv6_prefix() -> None:
+    """connect4 and sendmsg4 never look an IPv6 address up: their index holds the IPv4
+    prefixes only (each program has maps of its own); connect6 and sendmsg6 hold both, and
+    the mapped root's own entries for a rule in the ::ffff: form."""
+    cidrs = net("10.0.0.0/8", "192.168.1.0/24", "2001:db8::/32", "::ffff:127.0.0.0/104")
+    policy = Policy(
+        name="s",
+        mode="enforce",
+        targets=(Target("a", False),),
+        sockets=Sockets(connect=SocketAddressSection("allow", (SocketAddressRule("deny", cidrs),))),
+    )
+    hooks = {p.hook: {m.name: m for m in p.maps} for p in compile_policy(policy).programs}
+    for hook, lengths in (
+        ("connect4", {104, 120}),
+        ("sendmsg4", {104, 120}),
+        # the mapped root's own entries: /8s (10/8, ::ffff:127.0.0.0/104) and the /24 + 64
+        ("connect6", {104, 120, 32, 168, 184}),
+        ("sendmsg6", {104, 120, 32, 168, 184}),
+    ):
+        entries = hooks[hook]["cidr6_slots"].entries
+        assert {value[24] for _, value in entries} == lengths, hook  # struct cgp_slot6 len
