@@ -1,8 +1,9 @@
 """Differential tests: the compiled BPF programs against the reference evaluator.
 
 Hypothesis draws random policies (overlapping CIDRs of both families, IPv4-mapped ones and
-IPv6 ones holding every IPv4-mapped address such as ::/0, port ranges, protocols, ICMP types, interfaces, both defaults, deny inside allow and allow
-inside deny, sometimes more than 32 rules so that the high half of the 64-bit masks is used)
+IPv6 ones holding every IPv4-mapped address such as ::/0, port ranges, protocols, ICMP
+types, interfaces, both defaults, deny inside allow and allow inside deny, sometimes more
+than 32 rules so that the high half of the 64-bit masks is used)
 and, per policy, the seed of a batch of packets (made with ``random.Random``, see
 :func:`skb_packets`) whose addresses, ports and types sit near the policy's own prefixes
 and boundaries, so that they hit. Every packet goes through the compiled egress
@@ -11,10 +12,10 @@ verdict and the counter slot of the deciding rule must agree. Packets include wh
 programs must treat as unknown: IPv4 and IPv6 non-first fragments, IPv6 extension header
 chains (longer than the program walks, too), IPv4 options and a malformed IHL, truncated
 headers, and frames that are not IP at all. Both shapes of the prefix index, from each of
-its roots (IPv6, IPv4, IPv4-mapped: bpf/net.c cgp_cidr_index), are exercised: each policy is compiled either with the
-flat lists a short list gets by default, or with markers (buckets, a binary search on
-lengths) wherever a list has more than one length (``cidr_flat_max=0``), hypothesis
-choosing.
+its roots (IPv6, IPv4, IPv4-mapped: bpf/net.c cgp_cidr_index), are exercised: each policy
+is compiled either with the flat lists a short list gets by default, or with markers
+(buckets, a binary search on lengths) wherever a list has more than one length
+(``cidr_flat_max=0``), hypothesis choosing.
 
 The hooks BPF_PROG_TEST_RUN cannot run (sock_addr, device, sysctl) are compared on real
 actions from a process in a scratch cgroup (one process per test, fed a batch per policy),
