@@ -350,12 +350,8 @@ struct cgp_iface_key {
 	__u32 gen;
 };
 
-/* The prefix index of IPv6 and IPv4 (net.c, above cgp_cidr_index()): an IPv4 address
- * a.b.c.d is the index address ::ffff:a.b.c.d; its roots, per copy: */
-#define CGP_ROOT_V6 0     /* IPv6 addresses outside ::ffff:0:0/96 */
-#define CGP_ROOT_V4 1     /* IPv4 addresses */
-#define CGP_ROOT_MAPPED 2 /* IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) */
-#define CGP_CIDR_ROOTS 3
+/* The prefix indexes, IPv6 and IPv4 (net.c, above cgp_cidr_index()): an IPv4 address is
+ * the index address's top 32 bits. */
 #define CGP_CIDR4_PROBES 6 /* lengths probed at most per IPv4 address */
 #define CGP_CIDR6_PROBES 8 /* lengths probed at most per IPv6 address */
 #define CGP_CIDR6_SPAN 8    /* slots scanned at most per probe, from the key's home slot */

@@ -29,6 +29,9 @@
 #include "common.h"
 #include "packet.h"
 
+#ifndef CGP_CIDR4_SLOTS_MAX
+#define CGP_CIDR4_SLOTS_MAX 1
+#endif
 #ifndef CGP_CIDR6_SLOTS_MAX
 #define CGP_CIDR6_SLOTS_MAX 1
 #endif
@@ -57,9 +60,10 @@
  */
 BPF_ARRAY(generation, __u32, 1);
 BPF_ARRAY(config, struct cgp_net_config, 2);
-/* The prefix index (cgp_cidr_index): three roots per copy (copy g's at g*3 + CGP_ROOT_*)
- * and one table of slots for both families (copy g's at g * its size + i). */
-BPF_ARRAY(cidr6_root, struct cgp_root6, 2 * CGP_CIDR_ROOTS);
+/* The prefix indexes (cgp_cidr_index): IPv4 and IPv6 each a root and a table of slots. */
+BPF_ARRAY(cidr4_root, struct cgp_root6, 2);
+BPF_ARRAY(cidr4_slots, struct cgp_slot6, CGP_CIDR4_SLOTS_MAX);
+BPF_ARRAY(cidr6_root, struct cgp_root6, 2);
 BPF_ARRAY(cidr6_slots, struct cgp_slot6, CGP_CIDR6_SLOTS_MAX);
 BPF_LPM_TRIE(ports, struct cgp_lpm_port, __u64, CGP_PORTS_MAX);
 /* ICMP/ICMPv6 type -> rules listing it (both protocols share the table; the protocol mask
@@ -156,21 +160,14 @@ static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verd
 /*
  * CIDRs: an LPM trie lookup walks one node per distinguishing prefix bit (~80 ns with
  * 100,000 entries against ~11 ns with one), and a kernel hash map lookup costs ~30 ns, so
- * prefixes, whatever their number, live in a hash table the program hashes itself:
- * cidr6_slots, an array of struct cgp_slot6 (32 B), open-addressed, whose array lookups the
- * verifier inlines (a probe is a multiply, a shift and one or two slot reads). Both
- * families share it, from three roots per copy in cidr6_root (CGP_ROOT_*): IPv6 addresses
- * walk from the IPv6 root; an IPv4 address a.b.c.d is the IPv6 address ::ffff:a.b.c.d and
- * an IPv4 prefix a.b.c.d/n the prefix ::ffff:a.b.c.d/(96 + n), walked from the IPv4 root;
- * an IPv4-mapped IPv6 address walks from the mapped root, which indexes the IPv4 prefixes
- * and the IPv6 ones inside ::ffff:0:0/96 and whose mask holds the IPv6 rules containing
- * all of it (::/0). The mapped root is the IPv4 root when it would hold nothing more (the
- * usual case); else its own entries have lengths 161..192 (96 + 64 + n: masked as 97..128,
- * hashed as they are), which no other root lists. The IPv6 root holds no prefix inside
- * ::ffff:0:0/96, and every IPv4 key is inside it: the roots never meet each other's
- * entries. An entry is a stored prefix or a marker (a
+ * prefixes, whatever their number, live in a hash table the program hashes itself, one per
+ * address family: cidr4_slots and cidr6_slots, arrays of struct cgp_slot6 (32 B),
+ * open-addressed, whose array lookups the verifier inlines (a probe is a multiply, a shift
+ * and one or two slot reads). An IPv4 address is the index's 128-bit address with the
+ * IPv4 address as its top 32 bits (lengths 0..32); IPv4 and IPv6 lookups never meet each
+ * other's entries, being in maps of their own. An entry is a stored prefix or a marker (a
  * prefix leading to longer stored ones), keyed by (len, address masked to len) and found
- * from its home slot (the top bits of cgp_cidr_hash, shift in cidr6_root)
+ * from its home slot (the top bits of cgp_cidr_hash, shift in cidr4_root / cidr6_root)
  * within CGP_CIDR6_SPAN slots; an empty slot ends the scan. It holds the mask
  * OR-propagated over every stored prefix containing it and the list of longer lengths to
  * probe inside it (longest first, at most CGP_CIDR6_LIST - 1).
@@ -178,38 +175,34 @@ static __always_inline struct cgp_event *cgp_event_reserve(const struct cgp_verd
  * The lookup probes the root's list longest first: a hit takes the hit's mask (it holds
  * every shorter match) and goes on with the hit's own list, a miss with the next length.
  * The compiler (cgpolicy/compiler/cidr6.py) shapes the lists so that no address costs more
- * than CGP_CIDR6_PROBES probes (CGP_CIDR4_PROBES from the IPv4 and mapped roots, for the
- * 32 lengths of IPv4): a root listing every length when there are few (a list of /64s, or
- * of IPv4 /24s and /32s: one or two probes), a bucket (every prefix behind a marker at the shortest length, e.g. per /32)
+ * than CGP_CIDR6_PROBES probes (CGP_CIDR4_PROBES for IPv4's 32 lengths): a root listing
+ * every length when there are few (a list of /64s, or of IPv4 /24s and /32s: one or two
+ * probes), a bucket (every prefix behind a marker at the shortest length, e.g. per /32)
  * where that splits the list, else a binary search on lengths. Memory: 32 B per slot, at
  * least twice as many slots as entries, rounded up to a power of two, plus CGP_CIDR6_SPAN:
- * 64 to 128 B per stored prefix, twice that for the markers of a list with many lengths,
- * and the IPv4 prefixes twice when the mapped root has entries of its own (docs/policy.md,
- * "Memory").
+ * 64 to 128 B per stored prefix, twice that for the markers of a list with many lengths
+ * (docs/policy.md, "Memory").
  */
 static __always_inline __u64 cgp_cidr_hash(__u64 hi, __u64 lo, __u32 len)
 {
 	return (hi ^ (lo * CGP_CIDR6_HASH_LO) ^ len) * CGP_CIDR6_HASH_MUL;
 }
 
-/* The index's mask for the address hi:lo (host-order 64-bit halves) from the root
- * `which` (CGP_ROOT_*) of copy `gen`. The list being probed is kept as the 8 bytes it was
- * read as (the root's shift or the hit slot's len, then its lengths, then at least one 0)
- * and rotated a byte at a time, never narrowed: the verifier, which knows nothing of a
- * value read from a map, then sees every way out of a probe (hit, empty slot, end of the
- * scan) continue as one state. A byte counter instead gave it a state per count: 4 times
- * the verifier steps (connect6). A program should have one call of it (where both
- * families meet): the verifier walks what follows a call once per state the call's walk
- * leaves, and a packet program with a walk for each family verified in 27,591 steps
- * instead of ~10,000 (bench/README.md). */
-static __always_inline __u64 cgp_cidr_index(__u32 gen, __u32 which, __u64 hi, __u64 lo,
-					     const int probes)
+/* The index's mask for the address hi:lo (host-order 64-bit halves); `v4` (a constant):
+ * the IPv4 index (cidr4_root, cidr4_slots; the address in hi's top 32 bits, lo 0), else
+ * the IPv6 one. The list being probed is kept as the 8 bytes it was read as (the root's
+ * shift or the hit slot's len, then its lengths, then at least one 0) and rotated a byte
+ * at a time, never narrowed: the verifier, which knows nothing of a value read from a
+ * map, then sees every way out of a probe (hit, empty slot, end of the scan) continue as
+ * one state. A byte counter instead gave it a state per count: 4 times the verifier steps
+ * (connect6). */
+static __always_inline __u64 cgp_cidr_index(__u32 gen, __u64 hi, __u64 lo, const int v4)
 {
 	struct cgp_root6 *root;
 	__u64 found, list;
-	__u32 shift, base, i, at = gen * CGP_CIDR_ROOTS + which;
+	__u32 shift, base, i;
 
-	root = cidr6_root.lookup(&at);
+	root = v4 ? cidr4_root.lookup(&gen) : cidr6_root.lookup(&gen);
 	if (!root)
 		return 0;
 	found = root->mask;
@@ -218,7 +211,7 @@ static __always_inline __u64 cgp_cidr_index(__u32 gen, __u32 which, __u64 hi, __
 	/* copy 1 of the table follows copy 0, whose size the shift gives (cidr6.py) */
 	base = gen * (__u32)((1ULL << ((64 - shift) & 63)) + CGP_CIDR6_SPAN);
 	/* Count-bounded loops with no branch on the lengths' values: a short verifier walk. */
-	for (i = 0; i < probes; i++) {
+	for (i = 0; i < (v4 ? CGP_CIDR4_PROBES : CGP_CIDR6_PROBES); i++) {
 		__u32 len, home, j;
 		__u64 khi = hi, klo = 0;
 
@@ -226,21 +219,21 @@ static __always_inline __u64 cgp_cidr_index(__u32 gen, __u32 which, __u64 hi, __
 		len = list & 0xff;
 		if (!len)
 			break;
-		/* lengths 161..192 (the mapped root's own entries) mask as 97..128 */
-		if (len > 64)
+		if (!v4 && len > 64)
 			klo = lo & (~0ULL << ((128 - len) & 63));
 		else
 			khi = hi & (~0ULL << ((64 - len) & 63));
 		home = cgp_cidr_hash(khi, klo, len) >> shift;
 		for (j = 0; j < CGP_CIDR6_SPAN; j++) {
 			__u32 at = base + home + j;
-			struct cgp_slot6 *slot = cidr6_slots.lookup(&at);
+			struct cgp_slot6 *slot =
+				v4 ? cidr4_slots.lookup(&at) : cidr6_slots.lookup(&at);
 			__u64 key[2];
 
 			if (!slot || !slot->len)
 				break;
 			__builtin_memcpy(key, slot->addr, 16);
-			if (slot->len == len && key[0] == klo && key[1] == khi) {
+			if (slot->len == len && (v4 || key[0] == klo) && key[1] == khi) {
 				found = slot->mask;
 				__builtin_memcpy(&list, &slot->len, 8); /* len, then the list */
 				break;
@@ -250,43 +243,27 @@ static __always_inline __u64 cgp_cidr_index(__u32 gen, __u32 which, __u64 hi, __
 	return found;
 }
 
-/* An IPv4 address (network byte order) as the index looks it up: ::ffff:a.b.c.d. */
-static __always_inline __u64 cgp_cidr4_lo(__u32 addr)
-{
-	return 0xffff00000000ULL | bpf_ntohl(addr);
-}
-
 /* Rules whose cidrs contain the IPv4 address `addr` (network byte order). */
 static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __u32 gen,
 					    __u32 addr)
 {
-	return cfg->any_cidr |
-	       cgp_cidr_index(gen, CGP_ROOT_V4, 0, cgp_cidr4_lo(addr), CGP_CIDR4_PROBES);
+	return cfg->any_cidr | cgp_cidr_index(gen, (__u64)bpf_ntohl(addr) << 32, 0, 1);
 }
 
-/* The root and the halves hi:lo to look the IPv6 address `addr` (four network-order
- * words) up with. An IPv4-mapped address (::ffff:a.b.c.d) is the IPv4 address a.b.c.d: a
- * dual-stack socket connecting to ::ffff:169.254.169.254 talks IPv4 to 169.254.169.254,
- * so it meets the IPv4 rules too, and the IPv6 rules whose prefixes contain it. Its root
- * (cidr6.py cidr_maps) indexes both: one walk. */
-static __always_inline __u32 cgp_cidr6_key(const __u32 addr[4], __u64 *hi, __u64 *lo)
-{
-	*hi = ((__u64)bpf_ntohl(addr[0]) << 32) | bpf_ntohl(addr[1]);
-	*lo = ((__u64)bpf_ntohl(addr[2]) << 32) | bpf_ntohl(addr[3]);
-	__u64 other = *hi | ((*lo >> 32) ^ 0xffff); /* 0 for a mapped address */
-
-	/* without a branch: one verifier state for either root */
-	return 2 - 2 * (__u32)((other | -other) >> 63);
-}
-
-/* Rules whose cidrs contain the IPv6 address `addr` (four network-order words). */
+/* Rules whose cidrs contain the IPv6 address `addr` (four network-order words).
+ * An IPv4-mapped address (::ffff:a.b.c.d) is the IPv4 address a.b.c.d: a dual-stack
+ * socket connecting to ::ffff:169.254.169.254 talks IPv4 to 169.254.169.254, so it meets
+ * the IPv4 rules too. Rules written either way apply (a rule's cidrs are ORed). */
 static __always_inline __u64 cgp_cidr6_mask(const struct cgp_net_config *cfg, __u32 gen,
 					    const __u32 addr[4])
 {
-	__u64 hi, lo;
-	__u32 which = cgp_cidr6_key(addr, &hi, &lo);
+	__u64 hi = ((__u64)bpf_ntohl(addr[0]) << 32) | bpf_ntohl(addr[1]);
+	__u64 lo = ((__u64)bpf_ntohl(addr[2]) << 32) | bpf_ntohl(addr[3]);
+	__u64 mask = cfg->any_cidr | cgp_cidr_index(gen, hi, lo, 0);
 
-	return cfg->any_cidr | cgp_cidr_index(gen, which, hi, lo, CGP_CIDR6_PROBES);
+	if (addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff))
+		mask |= cgp_cidr4_mask(cfg, gen, addr[3]);
+	return mask;
 }
 
 /* Whether some rule lists cidrs; when none does (a section of names, ports or protocols
@@ -570,18 +547,6 @@ static __always_inline __u64 cgp_learned_rules(const struct cgp_net_config *cfg,
 	return cgp_learned_for(cfg, &key, ctx);
 }
 
-/* Layer 4 of an IPv4 packet from its header (its first 10 bytes at least). */
-static __always_inline void cgp_ipv4_l4(const struct cgp_ipv4 *ip, struct cgp_l4 *l4)
-{
-	__u32 ihl = ip->ver_ihl & 0xf;
-
-	l4->proto_known = 1;
-	l4->proto = ip->protocol;
-	l4->offset = ihl * 4;
-	/* Only the first fragment carries the L4 header; ihl < 5 is malformed. */
-	l4->header = !(ip->frag_off & bpf_htons(0x1fff)) && ihl >= 5;
-}
-
 static __always_inline void cgp_mapped4(__u8 out[16], __u32 addr4)
 {
 	__builtin_memset(out, 0, 10);
@@ -597,8 +562,8 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, cons
 {
 	const struct cgp_net_config *cfg;
 	struct cgp_l4 l4 = {};
-	__u64 unknown, cidr_mask, proto_mask, port_mask, icmp_mask, iface_mask, hi = 0, lo = 0;
-	__u32 zero = 0, gen = cgp_generation(), slot, which = 0, found = 0;
+	__u64 unknown, cidr_mask, proto_mask, port_mask, icmp_mask, iface_mask;
+	__u32 zero = 0, gen = cgp_generation(), slot;
 	struct cgp_decision d;
 	struct cgp_event *e;
 	__u64 *hit;
@@ -611,59 +576,25 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, cons
 	cidr_mask = cfg->any_cidr | unknown;
 	__u8 remote[16] = {};
 
-	/* Layer 3: the remote address's rules (cidr_mask), then layer 4 (l4). */
-	if (!names) {
-		/* The address, then one index walk for both families (cgp_cidr_index), then the
-		 * header again for layer 4: the verifier enters the walk in one state, whatever
-		 * the family and however the header was read (no copy of it is live), and walks
-		 * it once; a walk per family made it walk the rest of the program ~110 times. */
-		if (skb->protocol == bpf_htons(CGP_ETH_P_IP)) {
-			struct cgp_ipv4 ip;
-
-			if (!cgp_load(skb, 0, &ip, sizeof(ip))) {
-				found = 1;
-				which = CGP_ROOT_V4;
-				lo = cgp_cidr4_lo(egress ? ip.daddr : ip.saddr);
-			}
-		} else if (skb->protocol == bpf_htons(CGP_ETH_P_IPV6)) {
-			struct cgp_ipv6 ip6;
-
-			if (!cgp_load(skb, 0, &ip6, sizeof(ip6))) {
-				found = 1;
-				which = cgp_cidr6_key(egress ? ip6.daddr : ip6.saddr, &hi, &lo);
-			}
-		}
-		if (found) {
-			cidr_mask = cfg->any_cidr;
-			if (cgp_cidr_listed(cfg))
-				cidr_mask |= cgp_cidr_index(gen, which, hi, lo, CGP_CIDR6_PROBES);
-			if (skb->protocol == bpf_htons(CGP_ETH_P_IP)) {
-				struct cgp_ipv4 ip;
-
-				if (!cgp_load(skb, 0, &ip, offsetof(struct cgp_ipv4, check)))
-					cgp_ipv4_l4(&ip, &l4);
-			} else {
-				__u8 nexthdr;
-
-				if (!cgp_load(skb, offsetof(struct cgp_ipv6, nexthdr), &nexthdr, 1))
-					cgp_ipv6_l4(skb, nexthdr, &l4);
-			}
-		}
-	} else if (skb->protocol == bpf_htons(CGP_ETH_P_IP)) {
-		/* The names variant keeps a walk per family: the learned names' lookup after a
-		 * shared walk left it three times the states (181,061 verifier steps for
-		 * egress instead of 64,609). */
+	if (skb->protocol == bpf_htons(CGP_ETH_P_IP)) {
 		struct cgp_ipv4 ip;
 
 		if (!cgp_load(skb, 0, &ip, sizeof(ip))) {
-			cidr_mask = cgp_cidr_listed(cfg)
-					    ? cgp_cidr4_mask(cfg, gen, egress ? ip.daddr : ip.saddr)
-					    : cfg->any_cidr;
-			if (cfg->fqdn_rules | cfg->dns_learn)
+			__u32 ihl = ip.ver_ihl & 0xf;
+
+			if (cgp_cidr_listed(cfg))
+				cidr_mask = cgp_cidr4_mask(cfg, gen, egress ? ip.daddr : ip.saddr);
+			else
+				cidr_mask = cfg->any_cidr;
+			if (names && (cfg->fqdn_rules | cfg->dns_learn))
 				cgp_mapped4(remote, egress ? ip.daddr : ip.saddr);
-			if (cfg->fqdn_rules)
+			if (names && cfg->fqdn_rules)
 				cidr_mask |= cgp_learned_rules(cfg, remote, skb, 1);
-			cgp_ipv4_l4(&ip, &l4);
+			l4.proto_known = 1;
+			l4.proto = ip.protocol;
+			l4.offset = ihl * 4;
+			/* Only the first fragment carries the L4 header; ihl < 5 is malformed. */
+			l4.header = !(ip.frag_off & bpf_htons(0x1fff)) && ihl >= 5;
 		}
 	} else if (skb->protocol == bpf_htons(CGP_ETH_P_IPV6)) {
 		struct cgp_ipv6 ip6;
@@ -672,9 +603,9 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, cons
 			cidr_mask = cgp_cidr_listed(cfg)
 					    ? cgp_cidr6_mask(cfg, gen, egress ? ip6.daddr : ip6.saddr)
 					    : cfg->any_cidr;
-			if (cfg->fqdn_rules | cfg->dns_learn)
+			if (names && (cfg->fqdn_rules | cfg->dns_learn))
 				__builtin_memcpy(remote, egress ? ip6.daddr : ip6.saddr, 16);
-			if (cfg->fqdn_rules)
+			if (names && cfg->fqdn_rules)
 				cidr_mask |= cgp_learned_rules(cfg, remote, skb, 1);
 			cgp_ipv6_l4(skb, ip6.nexthdr, &l4);
 		}

@@ -443,32 +443,29 @@ LPM_PORT_KEY = Layout(
 SERVER_LPM_KEY = Layout("cgp_server_lpm", ("prefixlen", "__u32"), ("addr", "__u8", 16))
 IFACE_KEY = Layout("cgp_iface_key", ("ifindex", "__u32"), ("gen", "__u32"))
 
-# The prefix index of IPv6 and IPv4 (bpf/net.c cgp_cidr_index, cgpolicy/compiler/cidr6.py):
-# the maps cidr6_root (three roots per copy) + cidr6_slots; an IPv4 prefix a.b.c.d/n is
-# keyed as ::ffff:a.b.c.d/(96 + n).
-CIDR_ROOT_V6 = 0  # CGP_ROOT_V6: the root of IPv6 addresses outside ::ffff:0:0/96
-CIDR_ROOT_V4 = 1  # CGP_ROOT_V4: of IPv4 addresses
-CIDR_ROOT_MAPPED = 2  # CGP_ROOT_MAPPED: of IPv4-mapped IPv6 addresses
-CIDR_ROOTS = 3  # roots per copy
+# The prefix indexes of IPv6 and IPv4 (bpf/net.c cgp_cidr_index, cgpolicy/compiler/cidr6.py):
+# the maps cidr6_root + cidr6_slots and cidr4_root + cidr4_slots, of the same layouts; an
+# IPv4 prefix is keyed as the index address's top 32 bits.
 CIDR4_PROBES = 6  # CGP_CIDR4_PROBES: lengths probed at most per IPv4 address
 CIDR6_PROBES = 8  # CGP_CIDR6_PROBES: lengths probed at most per IPv6 address
 CIDR6_SPAN = 8  # CGP_CIDR6_SPAN: slots scanned at most per probe, from the key's home slot
 CIDR6_LIST = 7  # CGP_CIDR6_LIST: bytes of a list (a slot's or the root's): <= 6 lengths, 0
 CIDR6_HASH_MUL = 0x5851F42D4C957F2D  # CGP_CIDR6_HASH_MUL: the hash (cgp_cidr_hash)
 CIDR6_HASH_LO = 0x14057B7EF767814F  # CGP_CIDR6_HASH_LO
-# Value of the array "cidr6_root" (CIDR_ROOTS entries per copy).
+# Value of the arrays "cidr6_root" and "cidr4_root" (one entry per copy).
 CIDR6_ROOT = Layout(
     "cgp_root6",
     ("mask", "__u64"),  # rules listing ::/0 (0.0.0.0/0)
     ("shift", "__u8"),  # 64 - log2(table slots): a hash's top bits are its home slot
     ("next", "__u8", CIDR6_LIST),  # lengths to probe first, longest first, 0-terminated
 )
-# Value of the array "cidr6_slots": a stored prefix or a marker, keyed by (len, hi, lo).
+# Value of the arrays "cidr6_slots" and "cidr4_slots": a stored prefix or a marker, keyed
+# by (len, hi, lo).
 CIDR6_SLOT = Layout(
     "cgp_slot6",
     ("addr", "__u8", 16),  # the address masked to len, as a little-endian 128-bit integer
     ("mask", "__u64"),  # OR-propagated over every stored prefix containing the key
-    ("len", "__u8"),  # 1..128, 161..192 (the mapped root's own entries); 0: an empty slot
+    ("len", "__u8"),  # 1..128; 0: an empty slot
     ("next", "__u8", CIDR6_LIST),  # lengths to probe inside this entry, longest first
 )
 
@@ -569,10 +566,6 @@ C_CONSTANTS: dict[str, int] = {
     **{f"CGP_HOOK_{p.hook.upper()}": p.event_code for p in HOOK_PROGRAMS.values()},
     **{f"CGP_PROTO_{name.upper()}": slot for slot, name in enumerate(PROTO_SLOTS)},
     "CGP_PROTO_N": len(PROTO_SLOTS),
-    "CGP_ROOT_V6": CIDR_ROOT_V6,
-    "CGP_ROOT_V4": CIDR_ROOT_V4,
-    "CGP_ROOT_MAPPED": CIDR_ROOT_MAPPED,
-    "CGP_CIDR_ROOTS": CIDR_ROOTS,
     "CGP_CIDR4_PROBES": CIDR4_PROBES,
     "CGP_CIDR6_PROBES": CIDR6_PROBES,
     "CGP_CIDR6_SPAN": CIDR6_SPAN,

@@ -1,14 +1,14 @@
-"""The prefix index of bpf/net.c (cgp_cidr_index), for both address families: an
+"""The prefix indexes of bpf/net.c (cgp_cidr_index), one per address family: an
 open-addressed hash table in a BPF array, hashed by the program itself, whose entries list
 the longer lengths to probe inside them; it replaces the LPM trie, whose lookup cost grows
-with its size. An IPv4 prefix a.b.c.d/n is the IPv6 prefix ::ffff:a.b.c.d/(96 + n), looked
-up from a root of its own within CIDR4_PROBES probes (:func:`cidr_maps`: the three roots).
+with its size. IPv4 uses the same index in maps of its own (cidr4_root, cidr4_slots), an
+IPv4 prefix a.b.c.d/n being the 128-bit prefix with a.b.c.d as its top 32 bits and the
+same length (0..32), probed at most CIDR4_PROBES times.
 
 Layout (the C comment above cgp_cidr_index says the same from the program's side):
 
-- ``cidr6_root`` (CIDR_ROOTS entries per copy, struct cgp_root6): per root, the mask of
-  the rules containing every address it serves (``::/0``, ``0.0.0.0/0``), the table's hash
-  shift and the root's list of lengths to probe.
+- ``cidr6_root`` (1 entry per copy, struct cgp_root6): the mask of the rules listing
+  ``::/0``, the table's hash shift and the root's list of lengths to probe.
 - ``cidr6_slots`` (struct cgp_slot6, 32 B): one slot per entry, an entry being a stored
   prefix or a marker (a prefix that is not stored but leads to stored longer ones), keyed
   by (length, address masked to it): the OR-propagated mask of every stored prefix
@@ -30,7 +30,7 @@ node's list (the root's, a marker's) one of:
   longer ones behind markers there, sized so that the worst address costs the fewest
   probes (a binary search on lengths: at most 8 probes for all 128 lengths).
 
-Every address costs at most CIDR6_PROBES probes, an IPv4 or IPv4-mapped one CIDR4_PROBES (by
+Every address costs at most CIDR6_PROBES probes, an IPv4 one CIDR4_PROBES (by
 construction: each node is built within the budget its parent leaves;
 tests/unit/test_cidr6_index.py checks it), each hashing the masked address and scanning at
 most CIDR6_SPAN slots from its home slot.
@@ -53,9 +53,6 @@ from cgpolicy.contract import (
     CIDR6_ROOT,
     CIDR6_SLOT,
     CIDR6_SPAN,
-    CIDR_ROOT_MAPPED,
-    CIDR_ROOT_V4,
-    CIDR_ROOT_V6,
     U32,
 )
 
@@ -262,6 +259,11 @@ def cidr6_layout(
     return (root_mask, root_list), builder.keys, builder.masks, builder.lists
 
 
+def widen4(v4: dict[Prefix, int]) -> dict[Prefix, int]:
+    """IPv4 prefixes as the index keys them: the address as the top 32 of 128 bits."""
+    return {(length, value << 96): mask for (length, value), mask in v4.items()}
+
+
 def _homes(keys: list[Prefix], shift: int) -> list[int]:
     """bpf/net.c cgp_cidr_hash: the slot each key hashes to."""
     return [
@@ -292,94 +294,21 @@ def _place(keys: list[Prefix]) -> tuple[int, list[int], list[int]]:
     raise CompileError("prefixes: no hash table layout found")  # cannot happen
 
 
-MAPPED = 0xFFFF << 32  # ::ffff:0:0, the /96 of the IPv4-mapped IPv6 addresses
-MAPPED_OWN = 64  # added to the lengths of the mapped root's own entries (161..192)
+def cidr6_maps(v6: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX) -> dict[str, MapSpec]:
+    """The IPv6 maps of bpf/net.c: cidr6_root and cidr6_slots."""
+    return _index_maps("cidr6", v6, flat_max, CIDR6_PROBES)
 
 
-def mapped4(v4: dict[Prefix, int]) -> dict[Prefix, int]:
-    """IPv4 prefixes as the index keys them: a.b.c.d/n as ::ffff:a.b.c.d/(96 + n), and
-    0.0.0.0/0 as the root's mask (the key (0, 0))."""
-    keyed = {(96 + length, MAPPED | value): mask for (length, value), mask in v4.items()}
-    if (96, MAPPED) in keyed:
-        keyed[(0, 0)] = keyed.pop((96, MAPPED))
-    return keyed
-
-
-def mapped_split(v6: dict[Prefix, int]) -> tuple[dict[Prefix, int], dict[Prefix, int], int]:
-    """``v6`` seen from the mapped addresses: the prefixes outside ::ffff:0:0/96 (the IPv6
-    root's), those longer than /96 inside it (as IPv4 prefixes: 32-bit addresses, length -
-    96), and the mask of the rules whose prefixes contain all of it (::/0, ::ffff:0:0/96,
-    ...)."""
-    outside: dict[Prefix, int] = {}
-    inside: dict[Prefix, int] = {}
-    every = 0
-    for (length, value), mask in v6.items():
-        if length >= 96 and value >> 32 == 0xFFFF:  # inside ::ffff:0:0/96
-            if length == 96:
-                every |= mask
-            else:
-                inside[(length - 96, value & 0xFFFFFFFF)] = mask
-            continue
-        if MAPPED & _keep(length) == value:  # contains it
-            every |= mask
-        outside[(length, value)] = mask
-    return outside, inside, every
-
-
-@functools.cache
-def _own(packed: bytes) -> bytes:
-    """A packed list of the mapped root's own entries: every length + MAPPED_OWN."""
-    return bytes(length + MAPPED_OWN if length else 0 for length in packed)
-
-
-def cidr_maps(
-    v4: dict[Prefix, int], v6: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX
-) -> dict[str, MapSpec]:
-    """The maps of bpf/net.c's index, cidr6_root and cidr6_slots, for the IPv4 prefixes
-    ``v4`` (32-bit addresses) and the IPv6 ones ``v6``: three roots per copy (contract
-    CIDR_ROOT_*), all on one table of slots:
-
-    - the IPv6 root: the IPv6 prefixes outside ::ffff:0:0/96 (only a mapped address is
-      inside, and it never walks from here);
-    - the IPv4 root: the IPv4 prefixes as ::ffff:a.b.c.d/(96 + n), lengths 97..128,
-      within CIDR4_PROBES probes;
-    - the mapped root, for ::ffff:a.b.c.d: the IPv4 prefixes, and the IPv6 ones inside
-      ::ffff:0:0/96 (IPv4-mapped rules), its mask also holding the IPv6 rules whose
-      prefixes contain all of it (::/0). When it holds nothing the IPv4 root does not
-      (the usual case) it is the IPv4 root, sharing its entries; else it has entries of
-      its own, their lengths + MAPPED_OWN (161..192, which the program masks as 97..128
-      and hashes as they are): a plain IPv4 address never meets them.
-
-    The IPv6 root's keys lie outside ::ffff:0:0/96 or contain it (markers), the others
-    inside it at lengths the IPv6 root does not have: one table holds them all."""
-    outside, inside, every = mapped_split(v6)
-    (m6, l6), keys, masks, lists = cidr6_layout(outside, flat_max, CIDR6_PROBES)
-    keyed4 = mapped4(v4)
-    (m4, l4), k4, ms4, ls4 = cidr6_layout(keyed4, flat_max, CIDR4_PROBES)
-    roots = {CIDR_ROOT_V6: (m6, l6), CIDR_ROOT_V4: (m4, l4), CIDR_ROOT_MAPPED: (m4, l4)}
-    keys += k4
-    masks += ms4
-    lists += ls4
-    if inside or every & ~m4:
-        for key, mask in mapped4(inside).items():
-            keyed4[key] = keyed4.get(key, 0) | mask
-        keyed4[(0, 0)] = m4 | every
-        (mm, ml), km, msm, lsm = cidr6_layout(keyed4, flat_max, CIDR4_PROBES)
-        roots[CIDR_ROOT_MAPPED] = (mm, tuple(length + MAPPED_OWN for length in ml))
-        keys += [(length + MAPPED_OWN, value) for length, value in km]
-        masks += msm
-        lists += map(_own, lsm)
-    return _index_maps([roots[i] for i in sorted(roots)], keys, masks, lists)
+def cidr4_maps(v4: dict[Prefix, int], flat_max: int = CIDR6_FLAT_MAX) -> dict[str, MapSpec]:
+    """The IPv4 maps of bpf/net.c: cidr4_root and cidr4_slots (``v4``: 32-bit addresses)."""
+    return _index_maps("cidr4", widen4(v4), flat_max, CIDR4_PROBES)
 
 
 def _index_maps(
-    roots: list[tuple[int, tuple[int, ...]]],
-    keys: list[Prefix],
-    masks: list[int],
-    lists: list[bytes],
+    family: str, prefixes: dict[Prefix, int], flat_max: int, probes: int
 ) -> dict[str, MapSpec]:
-    """cidr6_root (``roots``: (mask, list) each, per copy) and cidr6_slots holding the
-    entries ``keys`` with their masks and packed lists."""
+    """``family``_root and ``family``_slots holding the index of ``prefixes``."""
+    (root_mask, root_list), keys, masks, lists = cidr6_layout(prefixes, flat_max, probes)
     shift, order, slots = _place(keys)
     values = list(
         map(
@@ -392,24 +321,21 @@ def _index_maps(
     )
     ordered = operator.itemgetter(*order)(values) if len(values) > 1 else values
     size = (1 << (64 - shift)) + CIDR6_SPAN  # no wrap-around: a key's span stays inside
-    packed = tuple(
-        (U32.pack(i), CIDR6_ROOT.struct.pack(mask, shift, _list_bytes(lengths)))
-        for i, (mask, lengths) in enumerate(roots)
-    )
+    root = CIDR6_ROOT.struct.pack(root_mask, shift, _list_bytes(root_list))
     return {
-        # two copies of each (bpf/net.c `generation`): copy 1 at index max_entries / 2 + i
-        "cidr6_root": MapSpec(
-            "cidr6_root",
+        # two copies of each (bpf/net.c `generation`): copy 1 of the table at index size + i
+        f"{family}_root": MapSpec(
+            f"{family}_root",
             "array",
             U32.size,
             CIDR6_ROOT.size,
-            2 * len(roots),
+            2,
             0,
-            packed,
+            ((U32.pack(0), root),),
             two_copies=True,
         ),
-        "cidr6_slots": MapSpec(
-            "cidr6_slots",
+        f"{family}_slots": MapSpec(
+            f"{family}_slots",
             "array",
             U32.size,
             CIDR6_SLOT.size,

@@ -127,10 +127,15 @@ def _compile(
             if section is None:
                 continue
             where = "sockets.bind" if section is sockets.bind else "sockets.connect"
-            maps6, maps4 = socket_address_maps(where, section, audit, keys, dns, flat_max)
+            maps = socket_address_maps(where, section, audit, keys, dns, flat_max)
             for hook in hooks:
-                maps = maps4 if hook.endswith("4") else maps6
-                programs.append(program_spec(hook, maps, names=dns.used))
+                # IPv4 programs do not use cidr6_*; IPv6 ones use both (IPv4-mapped addresses).
+                used = (
+                    maps
+                    if hook.endswith("6")
+                    else {k: v for k, v in maps.items() if k not in _CIDR6_MAPS}
+                )
+                programs.append(program_spec(hook, used, names=dns.used))
 
     if egress_maps and not audit and network.egress and may_refuse_at_connect(network.egress):
         programs.extend(connect_checks(egress_maps, names=dns.used))
@@ -187,16 +192,22 @@ def may_refuse_at_connect(section: NetworkSection) -> bool:
 
 def connect_checks(egress_maps: dict[str, MapSpec], names: bool = False) -> list[ProgramSpec]:
     """network.egress checked at connect time (contract.EGRESS_AT_CONNECT): one program per
-    sock_addr hook, on the egress program's maps (events and rate limit included)."""
+    sock_addr hook, on the egress program's maps (events and rate limit included); the
+    IPv4 ones do not look IPv6 prefixes up."""
     specs = []
     for check in EGRESS_AT_CONNECT.values():
-        unused = frozenset() if names else _CONNECT_CHECK_NAME_MAPS  # the plain variant's
+        unused = _CIDR6_MAPS if check.hook.endswith("4") else frozenset()
+        if not names:  # the plain variant reads no DNS maps
+            unused = unused | _CONNECT_CHECK_NAME_MAPS
         maps = tuple(egress_maps[name] for name in sorted(_CONNECT_CHECK_MAPS - unused))
         function = names_variant(check.function) if names else check.function
         specs.append(ProgramSpec(check.slot, "net.c", function, check.function, maps, "egress"))
     return specs
 
 
+_CIDR6_MAPS = frozenset(
+    {"cidr6_root", "cidr6_slots"}
+)  # the IPv6 index (cidr6.py): IPv6 programs only
 # the maps of DNS names, which only the names variant of cgp_egress_at_connect() reads
 _CONNECT_CHECK_NAME_MAPS = frozenset(
     {"learned", "dns_seen", "dns_scope", "dns_targets", "dns_clock"}
@@ -205,6 +216,8 @@ _CONNECT_CHECK_NAME_MAPS = frozenset(
 _CONNECT_CHECK_MAPS = {
     "generation",
     "config",
+    "cidr4_root",
+    "cidr4_slots",
     "cidr6_root",
     "cidr6_slots",
     "ports",

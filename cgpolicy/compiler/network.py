@@ -1,7 +1,7 @@
 """The maps of bpf/net.c: network sections (cgroup_skb ingress and egress) and socket
 address sections (bind, connect, sendmsg: cgroup_sock_addr), which share its CIDR and port
 lookups: an LPM trie of OR-propagated rule masks for ports, and for IPv4 and IPv6 prefixes
-one index (:mod:`cgpolicy.compiler.cidr6`)."""
+an index each (:mod:`cgpolicy.compiler.cidr6`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cgpolicy.compiler.canonical import RuleKeys, ordered_rules
-from cgpolicy.compiler.cidr6 import CIDR6_FLAT_MAX, cidr_maps
+from cgpolicy.compiler.cidr6 import CIDR6_FLAT_MAX, cidr4_maps, cidr6_maps
 from cgpolicy.compiler.dns import (
     DnsConfig,
     jump_map,
@@ -224,7 +224,8 @@ def network_maps(
         "generation": generation_map(),
         "config": two_copy_config_map(config),
         **names,
-        **cidr_maps(v4, v6, cidr_flat_max),
+        **cidr4_maps(v4, cidr_flat_max),
+        **cidr6_maps(v6, cidr_flat_max),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
         "icmp_types": _two_copy_array(
             "icmp_types",
@@ -249,24 +250,21 @@ def socket_address_maps(
     keys: RuleKeys,
     dns: DnsConfig,
     cidr_flat_max: int = CIDR6_FLAT_MAX,
-) -> tuple[dict[str, MapSpec], dict[str, MapSpec]]:
-    """The maps of the section's IPv6 programs, and of its IPv4 ones: the same but for an
-    index without the IPv6 prefixes, which an IPv4 program never looks up (each program
-    holds maps of its own)."""
+) -> dict[str, MapSpec]:
     rules = ordered_rules(section.rules, keys)
     all_rules = rule_mask(range(len(rules)))
     v4, v6 = _cidr_tables(rules)
     # No icmpTypes or interfaces in socket rules: every rule passes those conditions.
     fields = dns.fields(where, rules)
     names = {"learned": learned_map(dns.max_learned), **lookup_maps(True)} if dns.used else {}
-    maps = {
+    return {
         "generation": generation_map(),
         "config": two_copy_config_map(
             _net_config(section.default, rules, audit, all_rules, all_rules, fields)
         ),
         **names,  # the names variant's (contract.names_variant)
-        **cidr_maps(v4, v6, cidr_flat_max),
+        **cidr4_maps(v4, cidr_flat_max),
+        **cidr6_maps(v6, cidr_flat_max),
         "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
         "counters": counters_map(),
     }
-    return maps, ({**maps, **cidr_maps(v4, {}, cidr_flat_max)} if v6 else maps)

@@ -2,7 +2,7 @@
 
 When a new revision of a policy differs from the loaded one only in the contents of
 net.c's two-copy rule maps (prefixes, ports, protocols, ICMP types, interfaces, actions,
-defaults: everything in `config`, `cidr6_root`, `cidr6_slots`, `ports`, `icmp_types`, `ifaces`), the
+defaults: everything in `config`, `cidr4_*`, `cidr6_*`, `ports`, `icmp_types`, `ifaces`), the
 change is the delta between the two contents: written into the copy not in force, put in
 force with one update of the load's `generation` map (every program of the policy at
 once: a packet or a syscall meets the old rules or the new ones, never a mix), and then,

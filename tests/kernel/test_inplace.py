@@ -85,7 +85,7 @@ def test_a_change_of_prefixes_is_made_in_place(
         compiled = service.plan(load(changed))[0].compiled
         assert compiled is not None
         egress_maps = {m.name: m for m in compiled.programs[0].maps}
-        for name in ("config", "cidr6_root", "cidr6_slots", "ports"):
+        for name in ("config", "cidr4_root", "cidr4_slots", "ports"):
             spec = egress_maps[name]
             wanted = set(spec.entries)
             assert wait_until(
@@ -261,10 +261,10 @@ def test_a_service_never_trusts_copies_it_did_not_write(
         left = first.plan(load(policy_file(tmp_path, "stale", one, egress("127.0.0.3", p1))))
         compiled = left[0].compiled
         assert compiled is not None
-        spec = {m.name: m for m in compiled.programs[0].maps}["cidr6_slots"]
+        spec = {m.name: m for m in compiled.programs[0].maps}["cidr4_slots"]
         prog_id = program_ids(bpf_dir, "stale")["egress"]
         assert prog_id
-        with program_maps(prog_id, {"cidr6_slots"})["cidr6_slots"] as slots:
+        with program_maps(prog_id, {"cidr4_slots"})["cidr4_slots"] as slots:
             slots.update_batch(
                 [(copy_key("array", spec.max_entries, k, 1), v) for k, v in spec.entries]
             )

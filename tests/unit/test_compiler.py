@@ -19,7 +19,7 @@ from cgpolicy.compiler.network import (
     propagate_prefixes,
 )
 from cgpolicy.compiler.spec import CompiledPolicy, CompileError, MapSpec
-from cgpolicy.contract import GENERATION_BITS, U32
+from cgpolicy.contract import GENERATION_BITS
 from cgpolicy.policy.model import (
     DeviceRule,
     DeviceSection,
@@ -125,13 +125,11 @@ def test_allow_inside_deny_map_contents() -> None:
     assert any_cidr == 0 and any_port == deny_bit and any_icmp == any_iface == deny_bit | allow_bit
     # tcp, udp, icmp, icmpv6, other
     assert proto == [deny_bit | allow_bit, deny_bit, deny_bit, deny_bit, deny_bit]
-    # two copies of the three roots; a /8 and a /16: one marker-free list of two lengths
-    # (as /104 and /112 of ::ffff:0:0/96), which the mapped root shares
-    roots = dict(maps["cidr6_root"].entries)
-    assert maps["cidr6_root"].max_entries == 6 and len(maps["cidr6_slots"].entries) == 2
-    assert roots[U32.pack(1)][9:] == bytes((112, 104, 0, 0, 0, 0, 0)) == roots[U32.pack(2)][9:]
-    # no IPv6 prefix: an empty IPv6 root list
-    assert roots[U32.pack(0)][9:] == bytes(7)
+    # two copies of the root; a /8 and a /16: one marker-free list of two lengths
+    assert maps["cidr4_root"].max_entries == 2 and len(maps["cidr4_slots"].entries) == 2
+    # no IPv6 prefix: an empty root list, a table of one key's span
+    assert maps["cidr6_root"].entries[0][1][9:] == bytes(7)
+    assert maps["cidr6_slots"].entries == ()
 
 
 def test_random_cidrs_match_python_semantics() -> None:
@@ -167,7 +165,7 @@ def test_100k_cidrs_compile_into_the_index_layout() -> None:
     compiled = compile_policy(policy)
     maps = maps_of(compiled, "egress")
     # /24s, a /8 and a /16: a root listing the three lengths, no marker
-    slots = maps["cidr6_slots"]
+    slots = maps["cidr4_slots"]
     assert len(slots.entries) == len(set(cidrs)) + 2
     assert 4 * len(slots.entries) <= slots.max_entries <= 8 * len(slots.entries) + 16
     find = index_lookup(maps)
@@ -297,8 +295,8 @@ def test_sockets_programs_and_maps() -> None:
     assert {m.name for m in hooks["connect4"].maps} == {
         "generation",  # the copy of the rule maps in force
         "config",
-        "cidr6_root",
-        "cidr6_slots",
+        "cidr4_root",
+        "cidr4_slots",
         "ports",
         "counters",
         *events,
@@ -307,6 +305,8 @@ def test_sockets_programs_and_maps() -> None:
         *events,
         "generation",
         "config",
+        "cidr4_root",
+        "cidr4_slots",
         "cidr6_root",
         "cidr6_slots",
         "ports",
@@ -401,26 +401,3 @@ def test_sysctl_patterns_needing_too_many_states_are_a_compile_error() -> None:
     rules = tuple(SysctlRule("deny", f"*a*b*b*b*{i}*c*d*e*f*g") for i in range(64))
     with pytest.raises(CompileError, match="matcher states"):
         compile_policy(policy_model(sysctl=SysctlSection("allow", rules)))
-
-
-def test_ipv4_socket_programs_hold_no_ipv6_prefix() -> None:
-    """connect4 and sendmsg4 never look an IPv6 address up: their index holds the IPv4
-    prefixes only (each program has maps of its own); connect6 and sendmsg6 hold both, and
-    the mapped root's own entries for a rule in the ::ffff: form."""
-    cidrs = net("10.0.0.0/8", "192.168.1.0/24", "2001:db8::/32", "::ffff:127.0.0.0/104")
-    policy = Policy(
-        name="s",
-        mode="enforce",
-        targets=(Target("a", False),),
-        sockets=Sockets(connect=SocketAddressSection("allow", (SocketAddressRule("deny", cidrs),))),
-    )
-    hooks = {p.hook: {m.name: m for m in p.maps} for p in compile_policy(policy).programs}
-    for hook, lengths in (
-        ("connect4", {104, 120}),
-        ("sendmsg4", {104, 120}),
-        # the mapped root's own entries: /8s (10/8, ::ffff:127.0.0.0/104) and the /24 + 64
-        ("connect6", {104, 120, 32, 168, 184}),
-        ("sendmsg6", {104, 120, 32, 168, 184}),
-    ):
-        entries = hooks[hook]["cidr6_slots"].entries
-        assert {value[24] for _, value in entries} == lengths, hook  # struct cgp_slot6 len
