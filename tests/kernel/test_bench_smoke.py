@@ -127,6 +127,8 @@ SCALE_FIGURES = {
     "scale_new_cgroup_ms",
     "scale_new_cgroup_p99_ms",
     "scale_new_cgroup_between_resyncs_p99_ms",
+    "scale_policy_change_ms",
+    "scale_policy_change_p99_ms",
     "scale_idle_pass_ms",
     "scale_remove_policy_s",
     "scale_rmdir_s",
