@@ -5,9 +5,7 @@ every probe count and slot scan within what the program allows."""
 
 from __future__ import annotations
 
-import functools
 import ipaddress
-import operator
 import random
 from collections.abc import Callable
 from struct import unpack
@@ -30,12 +28,13 @@ from cgpolicy.compiler.spec import MapSpec
 from cgpolicy.contract import CIDR4_PROBES, CIDR6_PROBES, CIDR6_ROOT, CIDR6_SLOT, CIDR6_SPAN
 from cgpolicy.policy.model import NetworkRule
 
-FULL = (1 << 128) - 1
 M64 = (1 << 64) - 1
 
 
-def keep(length: int) -> int:
-    return FULL ^ (FULL >> length)
+def keep(length: int, width: int = 128) -> int:
+    """The mask of a prefix of ``length`` bits in an address of ``width`` bits."""
+    full = (1 << width) - 1
+    return full ^ (full >> length)
 
 
 def index_lookup(
@@ -74,44 +73,57 @@ def index_lookup(
     return find
 
 
-def reference(prefixes: dict[tuple[int, int], int], address: int) -> int:
+def reference(prefixes: dict[tuple[int, int], int], address: int, width: int = 128) -> int:
     """The trie's answer: the OR of the masks of every prefix containing the address."""
     found = 0
     for (length, value), mask in prefixes.items():
-        if address & keep(length) == value:
+        if address & keep(length, width) == value:
             found |= mask
     return found
 
 
-def probe_points(prefixes: dict[tuple[int, int], int], rng: random.Random) -> list[int]:
-    """Every prefix's first and last address, its sibling's, and random ones inside."""
-    points = []
+def probe_points(
+    prefixes: dict[tuple[int, int], int], rng: random.Random, width: int = 128
+) -> list[int]:
+    """Every prefix's first and last address, its neighbours' and sibling's, and random
+    ones inside, with the lowest and highest addresses."""
+    full = (1 << width) - 1
+    points = [0, full]
     for length, value in prefixes:
-        last = value | (FULL >> length)
-        points += [value, last, value | rng.getrandbits(128) & (FULL >> length)]
+        last = value | (full >> length)
+        points += [value, last, value | rng.getrandbits(width) & (full >> length)]
         if length:
-            points += [value ^ (1 << (128 - length)), (last + 1) & FULL, (value - 1) & FULL]
+            points += [value ^ (1 << (width - length)), (last + 1) & full, (value - 1) & full]
     return points
 
 
-def check(prefixes: dict[tuple[int, int], int], points: list[int], flat_max: int) -> int:
-    find = index_lookup(cidr6_maps(prefixes, flat_max))
+def check(
+    prefixes: dict[tuple[int, int], int], points: list[int], flat_max: int, width: int = 128
+) -> int:
+    """Every point's mask from the IPv6 (``width`` 128) or the IPv4 (32) index against
+    the trie's; the most probes any took."""
+    if width == 128:
+        find, shown = index_lookup(cidr6_maps(prefixes, flat_max)), ipaddress.IPv6Address
+    else:
+        find, shown = ipv4_lookup(cidr4_maps(prefixes, flat_max)), ipaddress.IPv4Address
     worst = 0
     for address in points:
         found, probes = find(address)
-        assert found == reference(prefixes, address), ipaddress.IPv6Address(address)
+        assert found == reference(prefixes, address, width), shown(address)
         worst = max(worst, probes)
     return worst
 
 
-def random_prefixes(rng: random.Random, count: int, lengths: tuple[int, int]) -> dict:
+def random_prefixes(
+    rng: random.Random, count: int, lengths: tuple[int, int], width: int = 128
+) -> dict:
     """Prefixes clustered around a few bases (so that they nest and share markers)."""
-    bases = [rng.getrandbits(128) for _ in range(3)]
+    bases = [rng.getrandbits(width) for _ in range(3)]
     found: dict[tuple[int, int], int] = {}
     for _ in range(count):
         length = rng.randint(*lengths)
-        address = rng.choice(bases) ^ (rng.getrandbits(128) >> rng.randint(0, 128))
-        key = (length, address & keep(length))
+        address = rng.choice(bases) ^ (rng.getrandbits(width) >> rng.randint(0, width))
+        key = (length, address & keep(length, width))
         found[key] = found.get(key, 0) | 1 << rng.randrange(6)
     return found
 
@@ -129,20 +141,21 @@ def test_the_index_gives_the_trie_answer(lengths: tuple[int, int], flat_max: int
 
 
 @st.composite
-def prefix_sets(draw: st.DrawFn) -> dict[tuple[int, int], int]:
-    low = draw(st.integers(0, 128))
-    high = draw(st.integers(low, 128))
-    base = draw(st.integers(0, FULL))
+def prefix_sets(draw: st.DrawFn, width: int = 128) -> dict[tuple[int, int], int]:
+    low = draw(st.integers(0, width))
+    high = draw(st.integers(low, width))
+    full = (1 << width) - 1
+    base = draw(st.integers(0, full))
     found: dict[tuple[int, int], int] = {}
     for length, spread, bit in draw(
         st.lists(
-            st.tuples(st.integers(low, high), st.integers(0, 128), st.integers(0, 63)),
+            st.tuples(st.integers(low, high), st.integers(0, width), st.integers(0, 63)),
             min_size=1,
             max_size=40,
         )
     ):
-        address = base ^ (draw(st.integers(0, FULL)) >> spread)
-        key = (length, address & keep(length))
+        address = base ^ (draw(st.integers(0, full)) >> spread)
+        key = (length, address & keep(length, width))
         found[key] = found.get(key, 0) | 1 << bit
     return found
 
@@ -215,48 +228,11 @@ def test_compile_policy_fills_the_index() -> None:
 
 # -- IPv4: the same index in maps of its own, the address as the top 32 bits -----------------
 
-FULL4 = (1 << 32) - 1
-
-
-def keep4(length: int) -> int:
-    return FULL4 ^ (FULL4 >> length)
-
 
 def ipv4_lookup(maps: dict[str, MapSpec]) -> Callable[[int], tuple[int, int]]:
     """The IPv4 index's (mask, probes) for a 32-bit address, at most CIDR4_PROBES probes."""
     find = index_lookup(maps, "cidr4", CIDR4_PROBES)
     return lambda address: find(address << 96)
-
-
-def reference4(prefixes: dict[tuple[int, int], int], address: int) -> int:
-    """The trie's answer: the OR of the masks of every prefix containing the address."""
-    return functools.reduce(
-        operator.or_,
-        (m for (length, value), m in prefixes.items() if address & keep4(length) == value),
-        0,
-    )
-
-
-def probe_points4(prefixes: dict[tuple[int, int], int], rng: random.Random) -> list[int]:
-    """Every prefix's first and last address, its neighbours' and sibling's, and random
-    ones inside, with 0.0.0.0 and 255.255.255.255."""
-    points = [0, FULL4]
-    for length, value in prefixes:
-        last = value | (FULL4 >> length)
-        points += [value, last, value | rng.getrandbits(32) & (FULL4 >> length)]
-        if length:
-            points += [value ^ (1 << (32 - length)), (last + 1) & FULL4, (value - 1) & FULL4]
-    return points
-
-
-def check4(prefixes: dict[tuple[int, int], int], points: list[int], flat_max: int) -> int:
-    find = ipv4_lookup(cidr4_maps(prefixes, flat_max))
-    worst = 0
-    for address in points:
-        found, probes = find(address)
-        assert found == reference4(prefixes, address), ipaddress.IPv4Address(address)
-        worst = max(worst, probes)
-    return worst
 
 
 MIXES4 = [(24, 24), (32, 32), (16, 32), (0, 32), (8, 24), (20, 28), (1, 8)]
@@ -266,42 +242,17 @@ MIXES4 = [(24, 24), (32, 32), (16, 32), (0, 32), (8, 24), (20, 28), (1, 8)]
 @pytest.mark.parametrize("flat_max", [0, 1, CIDR6_FLAT_MAX])
 def test_the_ipv4_index_gives_the_trie_answer(lengths: tuple[int, int], flat_max: int) -> None:
     rng = random.Random(hash(lengths) ^ flat_max ^ 4)
-    bases = [rng.getrandbits(32) for _ in range(3)]
-    prefixes: dict[tuple[int, int], int] = {}
-    for _ in range(300):
-        length = rng.randint(*lengths)
-        address = rng.choice(bases) ^ (rng.getrandbits(32) >> rng.randint(0, 32))
-        key = (length, address & keep4(length))
-        prefixes[key] = prefixes.get(key, 0) | 1 << rng.randrange(6)
-    points = probe_points4(prefixes, rng) + [rng.getrandbits(32) for _ in range(300)]
-    check4(prefixes, points, flat_max)
-
-
-@st.composite
-def prefix_sets4(draw: st.DrawFn) -> dict[tuple[int, int], int]:
-    low = draw(st.integers(0, 32))
-    high = draw(st.integers(low, 32))
-    base = draw(st.integers(0, FULL4))
-    found: dict[tuple[int, int], int] = {}
-    for length, spread, bit in draw(
-        st.lists(
-            st.tuples(st.integers(low, high), st.integers(0, 32), st.integers(0, 63)),
-            min_size=1,
-            max_size=40,
-        )
-    ):
-        address = base ^ (draw(st.integers(0, FULL4)) >> spread)
-        key = (length, address & keep4(length))
-        found[key] = found.get(key, 0) | 1 << bit
-    return found
+    prefixes = random_prefixes(rng, 300, lengths, 32)
+    points = probe_points(prefixes, rng, 32) + [rng.getrandbits(32) for _ in range(300)]
+    check(prefixes, points, flat_max, 32)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(prefixes=prefix_sets4(), flat_max=st.integers(0, 7), seed=st.integers(0, 1 << 32))
+@given(prefixes=prefix_sets(32), flat_max=st.integers(0, 7), seed=st.integers(0, 1 << 32))
 def test_any_mix_of_ipv4_lengths(
     prefixes: dict[tuple[int, int], int], flat_max: int, seed: int
 ) -> None:
-    check4(prefixes, probe_points4(prefixes, random.Random(seed)), flat_max)
+    check(prefixes, probe_points(prefixes, random.Random(seed), 32), flat_max, 32)
 
 
 @pytest.mark.parametrize("flat_max", [0, CIDR6_FLAT_MAX])
@@ -309,12 +260,12 @@ def test_every_ipv4_length_nested_stays_within_the_probes(flat_max: int) -> None
     """All 33 lengths along one address, and around it: within CIDR4_PROBES (6) probes."""
     rng = random.Random(9)
     base = rng.getrandbits(32)
-    prefixes = {(length, base & keep4(length)): 1 << length for length in range(33)}
+    prefixes = {(length, base & keep(length, 32)): 1 << length for length in range(33)}
     for _ in range(2000):
         length = rng.randint(1, 32)
         address = base ^ (1 << rng.randrange(32))
-        prefixes[(length, address & keep4(length))] = 1 << rng.randrange(64)
-    assert check4(prefixes, probe_points4(prefixes, rng), flat_max) <= CIDR4_PROBES
+        prefixes[(length, address & keep(length, 32))] = 1 << rng.randrange(64)
+    assert check(prefixes, probe_points(prefixes, rng, 32), flat_max, 32) <= CIDR4_PROBES
 
 
 @pytest.mark.parametrize("length", [24, 32])
