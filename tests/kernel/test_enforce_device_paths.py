@@ -47,6 +47,34 @@ def line_of(path: Path, text: str) -> int:
     return next(i for i in range(found, -1, -1) if lines[i].strip() == "{") + 1
 
 
+def start_service(
+    bpf_dir: Path, dev: Path, policies: Path, log: Path, interval: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`cgpolicy reconcile` on ``policies`` with ``dev`` as the node's /dev, its output in
+    ``log``: the process and the port of its metrics."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        str(CGPOLICY),
+        "--bpf-dir",
+        str(bpf_dir),
+        "--dev-root",
+        str(dev),
+        "--log-level",
+        "info",
+        "reconcile",
+        "--policy-dir",
+        str(policies),
+        "--interval",
+        interval,
+        "--metrics-addr",
+        f"127.0.0.1:{port}",
+    ]
+    with open(log, "wb") as output:
+        return subprocess.Popen(command, stdout=output, stderr=output), port
+
+
 def cgpolicy(bpf_dir: Path, dev: Path, *args: str) -> subprocess.CompletedProcess[str]:
     command = [str(CGPOLICY), "--bpf-dir", str(bpf_dir), "--dev-root", str(dev), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -224,26 +252,7 @@ def test_the_service_reports_a_missing_node_and_enforces_it_when_it_appears(
         },
     )
     assert [p.name for p in load(path)] == ["gpu"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     log = tmp_path / "service.log"
-    command = [
-        str(CGPOLICY),
-        "--bpf-dir",
-        str(bpf_dir),
-        "--dev-root",
-        str(dev),
-        "--log-level",
-        "info",
-        "reconcile",
-        "--policy-dir",
-        str(policies),
-        "--interval",
-        "300",  # so that only the device folder's watch can explain a prompt reaction
-        "--metrics-addr",
-        f"127.0.0.1:{port}",
-    ]
     series = (
         'cgpolicy_device_path_unresolved{action="deny",path="/dev/gpu0",policy="gpu",'
         'state="missing"} 1.0'
@@ -256,8 +265,8 @@ def test_the_service_reports_a_missing_node_and_enforces_it_when_it_appears(
         except OSError:
             return ""
 
-    with open(log, "wb") as output:
-        service = subprocess.Popen(command, stdout=output, stderr=output)
+    # a long resync, so that only the device folder's watch can explain a prompt reaction
+    service, port = start_service(bpf_dir, dev, policies, log, "300")
     try:
         assert wait_until(lambda: series in metrics()), log.read_text()
         warning = f"device path /dev/gpu0 (deny rule, line {line_of(path, 'gpu0')}) does not exist"
@@ -310,28 +319,9 @@ def test_the_service_follows_a_device_path_changed_in_place_to_another_folder(
         path.write_text(json.dumps(document, indent=2) + "\n")
 
     write("/dev/a0")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     log = tmp_path / "service.log"
-    command = [
-        str(CGPOLICY),
-        "--bpf-dir",
-        str(bpf_dir),
-        "--dev-root",
-        str(dev),
-        "--log-level",
-        "info",
-        "reconcile",
-        "--policy-dir",
-        str(policies),
-        "--interval",
-        "3600",  # so that only a watch can explain a prompt reaction
-        "--metrics-addr",
-        f"127.0.0.1:{port}",
-    ]
-    with open(log, "wb") as output:
-        service = subprocess.Popen(command, stdout=output, stderr=output)
+    # so that only a watch can explain a prompt reaction
+    service, _ = start_service(bpf_dir, dev, policies, log, "3600")
     try:
         assert wait_until(lambda: not scratch_cgroup.probe("open", "/dev/zero", "r").ok, 30), (
             log.read_text()
