@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cgpolicy.kernel.cgroup import join_cgroup, make_cgroup, remove_if_empty
 
@@ -162,12 +163,33 @@ class CommandNotRun(Exception):
         self.status = status
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP}
+
+
+def popen_in_cgroup(command: list[str], cgroup: Path, **options: Any) -> subprocess.Popen[Any]:
+    """subprocess.Popen of ``command`` in ``cgroup``. SIGTERM and SIGHUP are held while
+    the child is forked: Python runs a handler whose signal arrives then inside the fork's
+    after-fork callbacks, where the KeyboardInterrupt of :func:`sigterm_as_interrupt` is
+    printed and dropped, and the command went on as if never stopped. Held, the signal is
+    handled once Popen returns; the child releases it before it joins the cgroup."""
+
+    def in_child() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        join_cgroup(cgroup)
+
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return subprocess.Popen(command, preexec_fn=in_child, **options)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def run_in_cgroup(command: list[str], cgroup: Path) -> int:
     """Run ``command`` in ``cgroup`` until it exits (`run`, `learn -- CMD`): Ctrl-C is
     passed on to it as SIGINT, and it decides whether to end. Its exit status as Popen
     gives it (negative for a signal); CommandNotRun when it cannot be started."""
     try:
-        child = subprocess.Popen(command, preexec_fn=lambda: join_cgroup(cgroup))
+        child = popen_in_cgroup(command, cgroup)
     except OSError as error:
         status = 127 if isinstance(error, FileNotFoundError) else 126
         raise CommandNotRun(f"cannot run {command[0]}: {error.strerror}", status) from None

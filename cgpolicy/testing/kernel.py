@@ -38,8 +38,9 @@ from cgpolicy.enforcer.engine import Enforcer
 from cgpolicy.enforcer.transient import applied_in_throwaway
 from cgpolicy.kernel.applied import program_maps, read_named
 from cgpolicy.kernel.bpf import Map, Program, close_all
-from cgpolicy.kernel.cgroup import join_cgroup, make_cgroup
+from cgpolicy.kernel.cgroup import make_cgroup
 from cgpolicy.kernel.guard import attach_guard, make_node, node_folder
+from cgpolicy.kernel.processes import popen_in_cgroup
 from cgpolicy.policy.model import Policy
 from cgpolicy.reference import DeviceAccess, Packet, SocketAddress, SocketCreate, SysctlAccess
 from cgpolicy.testing import probe
@@ -71,12 +72,12 @@ class _Probe:
     """One probe process in a cgroup, serving actions line by line."""
 
     def __init__(self, cgroup: Path) -> None:
-        self.process = subprocess.Popen(
+        self.process = popen_in_cgroup(
             [sys.executable, "-I", probe.__file__],
+            cgroup,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            preexec_fn=lambda: join_cgroup(cgroup),
             process_group=0,  # Ctrl-C reaches cgpolicy, which ends the probe itself
         )
 
