@@ -13,8 +13,10 @@ non-overlapping ones (IPv4 /24../32 anywhere; IPv6 /48../128 in fd00::/16, aroun
 destination) followed by the measured destination's own /32 or /128: it is allowed and it
 is the LAST entry of the list, the worst case of a linear chain.
 
-* ``cgpolicy``: a policy file (egress default deny, one allow rule with the N prefixes),
-  read with ``load_paths`` and applied with ``Enforcer.plan`` + ``Enforcer.apply``.
+* ``cgpolicy``: a policy file (egress default deny, one allow rule with the N prefixes) in
+  the policy folder of the reconcile service, run in this process (its ``Reconciler``):
+  loaded by a reconcile pass, changed by what the service does on an event in its folder
+  (``Reconciler.change_files``, the change in place, else a pass).
 * ``iptables-nft`` / ``iptables-legacy``: a chain of one ``-d PREFIX -j ACCEPT`` rule per
   prefix, in list order, then ``-j DROP``; OUTPUT jumps to it with ``-m cgroup --path``.
   ``iptables`` for IPv4, ``ip6tables`` for IPv6; loaded with ``*-restore --noflush``.
@@ -77,7 +79,10 @@ from typing import Any
 
 from bench.scratch import Scratch, remove_top_folders
 from bench.veth import IPERF_PORT, PROBE_PORT, QPERF_PORT, VethPair
-from cgpolicy.policy.validate import load_paths
+from cgpolicy.enforcer.engine import Enforcer
+from cgpolicy.enforcer.ownership import Owner
+from cgpolicy.reconciler.metrics import Metrics
+from cgpolicy.reconciler.reconcile import Reconciler
 
 SIZES = (1, 100, 1_000, 10_000, 100_000)
 QUICK_SIZES = (1, 1_000)
@@ -219,14 +224,23 @@ def _which(*tools: str) -> str | None:
 
 
 class Cgpolicy(Config):
+    """The reconcile service, run in this process: its Reconciler over a policy folder
+    holding the one policy file."""
+
     name = "cgpolicy"
 
     def __init__(self, scratch: Scratch, cgroup: str, folder: Path) -> None:
         self.scratch = scratch
         self.cgroup = cgroup
-        self.file = folder / "compare.yaml"
+        self.folder = folder / "policies"
+        self.folder.mkdir(exist_ok=True)
+        self.file = self.folder / "compare.yaml"
+        self.enforcer = Enforcer(
+            scratch.root, scratch.bpf_dir, owner=Owner.service(), in_place=True
+        )
+        self.service = Reconciler(self.enforcer, self.folder, Metrics())
         self.prefixes: list[str] = []
-        self.split: dict[str, float] = {}
+        self.in_place = False  # whether the last change was made in place
 
     def _yaml(self, prefixes: list[str]) -> str:
         cidrs = "".join(f'            - "{p}"\n' for p in prefixes)
@@ -245,34 +259,36 @@ class Cgpolicy(Config):
             f"          cidrs:\n{cidrs}"
         )
 
-    def _apply_file(self) -> None:
-        """What `cgpolicy apply FILE` and a reconcile pass do: load, plan, apply."""
-        start = time.perf_counter()
-        loaded = load_paths([self.file])
-        if loaded.problems:
-            raise BenchError(f"policy does not validate: {loaded.problems[0]}")
-        middle = time.perf_counter()
-        planned = self.scratch.enforcer.plan(loaded.policies)
-        end = time.perf_counter()
-        self.split = {"load_paths_s": middle - start, "plan_s": end - middle}
-        outcomes = self.scratch.enforcer.apply(planned)
-        failed = [f"{o.plan.name}: {o.error}" for o in outcomes if not o.ok]
-        if failed:
-            raise BenchError("apply failed: " + "; ".join(failed))
+    def _full_pass(self) -> None:
+        """What the service does for a new file: a reconcile pass (read the folder,
+        validate, plan, apply)."""
+        report = self.service.reconcile()
+        if report.failed:
+            raise BenchError(f"reconcile failed: {report.failed}")
+
+    def _files_changed(self) -> None:
+        """What the service does on an event in its policy folder (reconciler/loop.py): the
+        change in place of Reconciler.change_files, else a full pass."""
+        self.in_place = self.service.change_files()
+        if not self.in_place:
+            self._full_pass()
 
     def setup(self, family: str, prefixes: Sequence[str]) -> float:
         self.prefixes = list(prefixes)
         self.file.write_text(self._yaml(self.prefixes))
-        return timed(self._apply_file)
+        # a service started now: it knows nothing of earlier cells
+        self.service = Reconciler(self.enforcer, self.folder, Metrics())
+        return timed(self._full_pass)
 
     def change(self, old: str, new: str) -> float:
         self.prefixes[self.prefixes.index(old)] = new
         self.file.write_text(self._yaml(self.prefixes))
-        return timed(self._apply_file)
+        return timed(self._files_changed)
 
     def change_cli(self, old: str, new: str) -> float:
         """The same change through a fresh `cgpolicy apply` process (Python start-up,
-        imports and the one-time bcc compile included)."""
+        imports and the one-time bcc compile included); --force, since the service applied
+        the policy."""
         self.prefixes[self.prefixes.index(old)] = new
         self.file.write_text(self._yaml(self.prefixes))
         cmd = [
@@ -282,13 +298,14 @@ class Cgpolicy(Config):
             "--bpf-dir",
             str(self.scratch.bpf_dir),
             "apply",
+            "--force",
             str(self.file),
         ]
         return timed(lambda: run(cmd))
 
     def teardown(self) -> None:
-        removal = self.scratch.enforcer.plan_removal(None)
-        for outcome in self.scratch.enforcer.apply(removal):
+        removal = self.enforcer.plan_removal(None, force=True)
+        for outcome in self.enforcer.apply(removal):
             if not outcome.ok:
                 raise BenchError(f"cgpolicy removal: {outcome.error}")
 
@@ -510,14 +527,13 @@ def measure(
                 }
                 try:
                     sample["apply_s"] = config.setup(family, prefixes)
-                    if isinstance(config, Cgpolicy):
-                        sample.update(config.split)
                     sample.update(load.check(config, family))
                     sample.update(load.packets(family))
                     sample["tps"] = load.transactions(family)
                     if config.enforces:
                         sample["change_s"] = config.change(prefixes[0], new)
                     if isinstance(config, Cgpolicy):
+                        sample["change_in_place"] = config.in_place
                         sample["change_cli_s"] = config.change_cli(new, prefixes[0])
                 finally:
                     config.teardown()
@@ -538,7 +554,7 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-TIMES = ("apply_s", "change_s", "change_cli_s", "load_paths_s", "plan_s")
+TIMES = ("apply_s", "change_s", "change_cli_s")
 
 
 def summarize(
@@ -571,6 +587,7 @@ def summarize(
                     cell[key] = _median(values)
                     cell[f"{key}_min"] = min(values, default=None)
                     cell[f"{key}_max"] = max(values, default=None)
+                cell["changes_in_place"] = sum(1 for s in rows if s.get("change_in_place"))
                 out[family][name][n] = cell
     return out
 
@@ -650,20 +667,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def _split_text(cells: dict[int, dict[str, Any]], sizes: Sequence[int]) -> str:
-    parts = []
-    for n in sizes:
-        cell = cells[n]
-        if cell["apply_s"] is None:
-            continue
-        rest = cell["apply_s"] - cell["load_paths_s"] - cell["plan_s"]
-        parts.append(
-            f"N={n:,}: load_paths {cell['load_paths_s'] * 1000:.0f} ms, "
-            f"plan {cell['plan_s'] * 1000:.0f} ms, apply {rest * 1000:.0f} ms"
-        )
-    return "cgpolicy's split (medians): " + "; ".join(parts) + "."
 
 
 def _family_tables(
@@ -763,8 +766,9 @@ def render(
     parts += [
         "## Time to load the whole allow-list",
         "",
-        "cgpolicy: `load_paths` + `Enforcer.plan` + `Enforcer.apply` in one process (what "
-        "`cgpolicy reconcile` pays; the one-time bcc compile was paid before the first run). "
+        "cgpolicy: a pass of the reconcile service (in this process) that finds the file new: "
+        "read, validate, compile, plan, apply (the one-time bcc compile was paid before the "
+        "first run; bench/parse.py and bench/enforce.py split such a load). "
         "iptables: `iptables-restore -w --noflush` (`ip6tables-restore` for IPv6) of the "
         "chain, its rules and the jump. nftables: `nft -f` of the table, set and chains. Each "
         "includes parsing its input.",
@@ -779,15 +783,15 @@ def render(
         ["N", *names],
         lambda t, n: [f"{n:,}"] + [_time_cell(t[c][n], "apply_s") for c in names],
     )
-    for family in families:
-        if "cgpolicy" in summary[family]:
-            parts += [f"{label[family]}: " + _split_text(summary[family]["cgpolicy"], sizes), ""]
     parts += [
         "## Time to change one prefix",
         "",
-        "cgpolicy: the YAML file rewritten with the first prefix replaced, then `load_paths` "
-        "+ plan + apply; *cgpolicy CLI*: the same change through a fresh `cgpolicy apply` "
-        "process (interpreter start-up, imports and the bcc compile included). iptables: "
+        "cgpolicy: the YAML file rewritten with the first prefix replaced, then what the "
+        "reconcile service does on an event in its folder (`Reconciler.change_files`: the "
+        "line spliced into the last reading, the prefix index changed, the change written "
+        "in place; else a full pass); *cgpolicy CLI*: the same change through a fresh "
+        "`cgpolicy apply --force` process (interpreter start-up, imports and the bcc compile "
+        "included). iptables: "
         "`iptables -w -R CHAIN 1 -d NEW -j ACCEPT`. nftables: `delete element` + `add element` "
         "in one `nft -f` transaction.",
         "",
@@ -806,6 +810,13 @@ def render(
             + ([_time_cell(t["cgpolicy"][n], "change_cli_s")] if cli else [])
         ),
     )
+    if "cgpolicy" in names:
+        in_place = [
+            f"{label[family]} N={n:,}: {cell['changes_in_place']}/{cell['rounds']}"
+            for family in families
+            for n, cell in summary[family]["cgpolicy"].items()
+        ]
+        parts += ["cgpolicy's changes made in place (rounds): " + "; ".join(in_place) + ".", ""]
     parts += [
         "## Targets",
         "",

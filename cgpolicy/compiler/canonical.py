@@ -9,6 +9,7 @@ revision hashes the same canonical content, so a reordered file is the same revi
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import ipaddress
@@ -23,6 +24,7 @@ from cgpolicy.contract import (
     MAX_RULES,
 )
 from cgpolicy.policy.model import (
+    CidrEdit,
     DeviceRule,
     DnsSettings,
     NetworkRule,
@@ -38,7 +40,7 @@ Rule = TypeVar(
 )
 
 
-def _network_text(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+def network_text(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
     """``str(network)``, made with the C inet_ntop: the same text several times faster (a
     rule may list 100,000 CIDRs). Addresses whose first 80 bits are zero are left to
     ``str``, because glibc writes ::ffff:a.b.c.d and ::a.b.c.d dotted and Python does not."""
@@ -58,7 +60,7 @@ _U32 = struct.Struct(">I")
 
 def _item_text(item: Any) -> str:
     if isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-        return _network_text(item)
+        return network_text(item)
     return str(item)
 
 
@@ -68,14 +70,18 @@ def _canonical_value(value: Any) -> Any:
     return value
 
 
-def canonical_rule(rule: Any) -> dict[str, Any]:
+def canonical_rule(rule: Any, cidrs: list[str] | None = None) -> dict[str, Any]:
     """A rule's semantic content as JSON-ready data (no source position; lists sorted).
     Fields added to the language later are left out while empty, so that a policy that
-    does not use them keeps its revision (and is not reloaded by an upgrade)."""
+    does not use them keeps its revision (and is not reloaded by an upgrade). ``cidrs``:
+    the rule's CIDR texts, sorted, when the caller has them."""
     content = {}
     for f in dataclasses.fields(rule):
         value = getattr(rule, f.name)
         if f.name == "source" or (f.name in _LATER_FIELDS and not value):
+            continue
+        if f.name == "cidrs" and cidrs is not None:
+            content[f.name] = cidrs
             continue
         content[f.name] = _canonical_value(value)
     return content
@@ -85,22 +91,54 @@ _LATER_FIELDS = frozenset({"fqdns"})
 
 
 def _rule_key(rule: Any) -> str:
-    return json.dumps(canonical_rule(rule), sort_keys=True, separators=(",", ":"))
+    return _key_text(canonical_rule(rule))
+
+
+def _key_text(content: dict[str, Any]) -> str:
+    return json.dumps(content, sort_keys=True, separators=(",", ":"))
 
 
 class RuleKeys:
-    """Canonical texts of rules, remembered by identity for the length of one compile: the
-    rule order, the revision and the labels all need them, and a rule of 100,000 CIDRs
-    takes tens of milliseconds to serialise. Holds the rules, so ids are not reused."""
+    """Canonical texts of rules, remembered by identity: the rule order, the revision and
+    the labels all need them, and a rule of 100,000 CIDRs takes tens of milliseconds to
+    serialise. A compilation keeps its own (CompiledPolicy.keys), with each rule's sorted
+    CIDR texts, so that a change of a few CIDRs (:meth:`derive`) costs what they cost.
+    Holds the rules, so ids are not reused."""
 
-    def __init__(self) -> None:
-        self._known: dict[int, tuple[Any, str]] = {}
+    def __init__(self, known: dict[int, tuple[Any, str, list[str] | None]] | None = None) -> None:
+        self._known = known or {}
 
     def __call__(self, rule: Any) -> str:
+        return self._entry(rule)[1]
+
+    def _entry(self, rule: Any) -> tuple[Any, str, list[str] | None]:
         found = self._known.get(id(rule))
         if found is None:
-            found = self._known[id(rule)] = (rule, _rule_key(rule))
-        return found[1]
+            content = canonical_rule(rule)
+            found = self._known[id(rule)] = (rule, _key_text(content), content.get("cidrs"))
+        return found
+
+    def cidr_texts(self, rule: Any) -> list[str]:
+        """The rule's CIDRs as sorted canonical texts (repeats kept)."""
+        return self._entry(rule)[2] or []
+
+    def derive(self, edits: Iterable[CidrEdit]) -> RuleKeys:
+        """These keys and those of each edit's new rule, made from its old rule's sorted
+        texts by taking out the removed CIDRs and putting in the added ones."""
+        derived = RuleKeys(dict(self._known))
+        for edit in edits:
+            texts = list(self.cidr_texts(edit.old))
+            for network in edit.removed:
+                text = network_text(network)
+                at = bisect.bisect_left(texts, text)
+                if at == len(texts) or texts[at] != text:
+                    raise CompileError(f"{text} is not a CIDR of the rule it was removed from")
+                del texts[at]
+            for network in edit.added:
+                bisect.insort(texts, network_text(network))
+            content = canonical_rule(edit.new, texts)
+            derived._known[id(edit.new)] = (edit.new, _key_text(content), texts)
+        return derived
 
 
 def ordered_rules(

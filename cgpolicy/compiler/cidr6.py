@@ -38,12 +38,15 @@ most CIDR6_SPAN slots from its home slot.
 
 from __future__ import annotations
 
+import bisect
 import collections
+import dataclasses
 import functools
 import operator
+import threading
 from itertools import accumulate
 
-from cgpolicy.compiler.spec import CompileError, MapSpec
+from cgpolicy.compiler.spec import CompileError, EntryChange, MapSpec
 from cgpolicy.contract import (
     CIDR4_PROBES,
     CIDR6_HASH_LO,
@@ -322,6 +325,7 @@ def _index_maps(
     ordered = operator.itemgetter(*order)(values) if len(values) > 1 else values
     size = (1 << (64 - shift)) + CIDR6_SPAN  # no wrap-around: a key's span stays inside
     root = CIDR6_ROOT.struct.pack(root_mask, shift, _list_bytes(root_list))
+    index = CidrIndex(prefixes, (keys, masks, lists, order, slots), shift, root_list)
     return {
         # two copies of each (bpf/net.c `generation`): copy 1 of the table at index size + i
         f"{family}_root": MapSpec(
@@ -343,5 +347,205 @@ def _index_maps(
             0,
             tuple(zip(map(U32.pack, slots), ordered, strict=True)),
             two_copies=True,
+            index=index,
         ),
     }
+
+
+# -- changes in place -----------------------------------------------------------------------
+#
+# A change of a few prefixes (a one-line edit of a long list) changes the built index rather
+# than building it again. Two invariants make an index exact: every entry's mask is the OR
+# of the masks of the stored prefixes containing it (itself included), and every address
+# inside an entry ends its lookup at an entry inside that one (the builder makes both
+# hold). A change keeps both:
+#
+# - bits of a prefix that is an entry change: the masks of that entry and of every entry
+#   inside it are computed again; a prefix no rule lists any more stays as an entry (a
+#   marker holding what contains it), so that no lookup changes its way;
+# - a prefix that is not an entry, with no entry inside it, is inserted where the lookup of
+#   its addresses probes its length (every probe of a longer length misses there): its
+#   addresses now end on it, and no other address's lookup changes. Where no list probes
+#   its length, or no slot within CIDR6_SPAN of its home is free, there is no change in
+#   place: the compiler builds the index again.
+#
+# tests/unit/test_cidr6_index.py checks changed indexes against the prefixes' meaning.
+
+
+class CidrIndex:
+    """An index as :func:`_index_maps` built it, for :meth:`changed`. Its entries by slot
+    and by address are listed at its first change, not at the build."""
+
+    def __init__(
+        self,
+        own: dict[Prefix, int],
+        built: tuple[list[Prefix], list[int], list[bytes], list[int], list[int]] | None,
+        shift: int,
+        root_list: tuple[int, ...],
+        state: _State | None = None,
+    ) -> None:
+        self.own = own  # (length, address) -> mask of the rules listing it
+        self.shift = shift
+        self.root_list = root_list
+        # keys, masks, lists (in build order), the build order by slot, the slots
+        self._built = built
+        self._state = state
+        self._listing = threading.Lock()
+
+    def prepare(self, spec: MapSpec) -> None:
+        """List the entries now (an enforcer does it off the load's path, once the load
+        is done), so that the first change does not pay for it."""
+        self._entries(spec)
+
+    def _entries(self, spec: MapSpec) -> _State:
+        with self._listing:
+            return self._list(spec)
+
+    def _list(self, spec: MapSpec) -> _State:
+        if self._state is None:
+            assert self._built is not None
+            keys, masks, lists, order, slots = self._built
+            pick = operator.itemgetter(*order) if len(order) > 1 else list
+            self._state = _State(
+                slots=list(slots),
+                keys=list(pick(keys)),
+                masks=list(pick(masks)),
+                lists=list(pick(lists)),
+                entries=list(spec.entries),
+                by_address=sorted(value << 8 | length for length, value in keys),
+                lengths=collections.Counter(map(operator.itemgetter(0), self.own)),
+            )
+            self._built = None
+        return self._state
+
+    def changed(self, spec: MapSpec, bits: list[tuple[Prefix, int, bool]]) -> MapSpec | None:
+        """``spec`` (this index's slots map) with each (prefix, rule bit, listed) of
+        ``bits`` set or cleared: a new spec, with its own index and the change from
+        ``spec``'s entries; None when that cannot be done in place (above)."""
+        own = dict(self.own)
+        state = self._entries(spec).copy()
+        for prefix, bit, listed in bits:
+            if prefix[0] == 0:
+                return None  # ::/0 or 0.0.0.0/0: the root's mask, under every entry
+            had = own.get(prefix, 0)
+            now = had | bit if listed else had & ~bit
+            if now:
+                own[prefix] = now
+            else:
+                own.pop(prefix, None)
+            if bool(now) != bool(had):
+                state.lengths[prefix[0]] += 1 if now else -1
+        touched: set[Prefix] = set()
+        fresh: set[Prefix] = set()
+        for prefix, _, _ in bits:
+            if state.find(prefix, self.shift) is None:
+                if not state.insert(prefix, self.shift, self.root_list):
+                    return None
+                fresh.add(prefix)
+            touched.update(state.inside(prefix))
+        lengths = sorted(length for length, count in state.lengths.items() if count > 0)
+        write = []
+        for key in touched:
+            at = state.find(key, self.shift)
+            assert at is not None
+            mask = _mask_of(key, own, lengths)
+            if mask == state.masks[at] and key not in fresh:
+                continue
+            state.masks[at] = mask
+            value = CIDR6_SLOT.struct.pack(_LITTLE16(key[1]), mask, key[0], state.lists[at])
+            state.entries[at] = (state.entries[at][0], value)
+            write.append(state.entries[at])
+        return dataclasses.replace(
+            spec,
+            entries=tuple(state.entries),
+            index=CidrIndex(own, None, self.shift, self.root_list, state),
+            change=EntryChange(spec.entries, tuple(sorted(write))),
+        )
+
+
+@dataclasses.dataclass
+class _State:
+    """An index's entries by slot (parallel lists, slots ascending) and by address."""
+
+    slots: list[int]
+    keys: list[Prefix]
+    masks: list[int]
+    lists: list[bytes]
+    entries: list[tuple[bytes, bytes]]  # the map's, packed
+    by_address: list[int]  # address << 8 | length of every entry, ascending
+    lengths: collections.Counter[int]  # stored prefixes of each length
+
+    def copy(self) -> _State:
+        return _State(
+            self.slots.copy(),
+            self.keys.copy(),
+            self.masks.copy(),
+            self.lists.copy(),
+            self.entries.copy(),
+            self.by_address.copy(),
+            collections.Counter(self.lengths),
+        )
+
+    def find(self, key: Prefix, shift: int) -> int | None:
+        """The position of ``key``'s entry, found as bpf/net.c finds it."""
+        home = _homes([key], shift)[0]
+        at = bisect.bisect_left(self.slots, home)
+        while at < len(self.slots) and self.slots[at] == home:
+            if self.keys[at] == key:
+                return at
+            at, home = at + 1, home + 1
+        return None
+
+    def inside(self, prefix: Prefix) -> list[Prefix]:
+        """The entries inside ``prefix``, itself included if it is one."""
+        length, value = prefix
+        low = bisect.bisect_left(self.by_address, value << 8 | length)
+        high = bisect.bisect_right(self.by_address, (value | _FULL >> length) << 8 | 0xFF)
+        return [(key & 0xFF, key >> 8) for key in self.by_address[low:high]]
+
+    def insert(self, key: Prefix, shift: int, root_list: tuple[int, ...]) -> bool:
+        """Make ``key`` (no entry yet) an entry, if no entry lies inside it, a list its
+        addresses' lookup walks probes its length, and a slot near its home is free."""
+        if self.inside(key) or not self._probed(key, shift, root_list):
+            return False
+        home = _homes([key], shift)[0]
+        at = bisect.bisect_left(self.slots, home)
+        slot = home
+        while at < len(self.slots) and self.slots[at] == slot:
+            at, slot = at + 1, slot + 1
+        if slot - home >= CIDR6_SPAN:
+            return False
+        self.slots.insert(at, slot)
+        self.keys.insert(at, key)
+        self.masks.insert(at, 0)
+        self.lists.insert(at, _EMPTY)
+        self.entries.insert(at, (U32.pack(slot), b""))  # its value: written by the caller
+        bisect.insort(self.by_address, key[1] << 8 | key[0])
+        return True
+
+    def _probed(self, key: Prefix, shift: int, lengths: tuple[int, ...]) -> bool:
+        """Whether the lookup of an address in ``key`` probes ``key``'s length, when no
+        entry lies inside ``key`` (so every probe of a longer length misses)."""
+        length, value = key
+        while True:
+            for probed in lengths:
+                if probed > length:
+                    continue
+                if probed == length:
+                    return True
+                at = self.find((probed, value & _keep(probed)), shift)
+                if at is not None:  # a hit: its list next
+                    lengths = tuple(self.lists[at].rstrip(b"\0"))
+                    break
+            else:
+                return False
+
+
+def _mask_of(key: Prefix, own: dict[Prefix, int], lengths: list[int]) -> int:
+    """The OR of the masks of the stored prefixes containing ``key`` (of ``lengths``)."""
+    mask = 0
+    for length in lengths:
+        if length > key[0]:
+            break
+        mask |= own.get((length, key[1] & _keep(length)), 0)
+    return mask

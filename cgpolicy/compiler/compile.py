@@ -5,12 +5,14 @@ out (their layouts: cgpolicy/contract.py). Pure: no syscalls, no bcc."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import ipaddress
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cgpolicy.compiler.canonical import RuleKeys, ordered_rules, revision
+from cgpolicy.compiler.canonical import RuleKeys, network_text, ordered_rules, revision
 from cgpolicy.compiler.cidr6 import CIDR6_FLAT_MAX
 from cgpolicy.compiler.devices import device_maps
 from cgpolicy.compiler.dns import DnsConfig, dns_programs, name_rules
@@ -42,7 +44,9 @@ from cgpolicy.contract import (
 from cgpolicy.policy.describe import rule_text
 from cgpolicy.policy.gcpause import gc_paused
 from cgpolicy.policy.model import (
+    CidrEdit,
     DeviceRule,
+    IPNetwork,
     Network,
     NetworkRule,
     NetworkSection,
@@ -172,7 +176,128 @@ def _compile(
         names=names,
         name_rules=tuple(rules_by_name),
         dns_max_ttl=settings.max_ttl,
+        keys=keys,
     )
+
+
+def recompile(
+    base: CompiledPolicy, base_policy: Policy, policy: Policy, edits: Sequence[CidrEdit]
+) -> CompiledPolicy | None:
+    """``policy`` compiled by changing ``base`` (``base_policy``'s compilation), when
+    ``policy`` is ``base_policy`` with the CIDRs of ``edits`` rewritten (a Derivation):
+    the new rules' canonical texts from the old ones' (canonical.RuleKeys.derive), and
+    the prefix indexes changed in place (cidr6.CidrIndex.changed), so that the cost is
+    the edits', not the policy's. None when it must be compiled whole: a policy naming
+    DNS names, interfaces or device paths (what they resolve to is looked up at
+    compilation), a rule that moves in the canonical order, an index that cannot take the
+    change in place."""
+    if base.keys is None or base.dns_programs or base.device_paths or _names_interfaces(policy):
+        return None
+    try:
+        keys = base.keys.derive(edits)
+        changes = _index_bits(base.keys, keys, base_policy, policy, edits)
+    except CompileError:
+        return None
+    replaced: dict[int, MapSpec] = {}
+    for where, families in changes.items():
+        for family, bits in families.items():
+            slots = _section_map(base, where, f"{family}_slots")
+            changed = None if slots is None else slots.index.changed(slots, bits)
+            if changed is None:
+                return None
+            replaced[id(slots)] = changed
+    programs = tuple(
+        dataclasses.replace(spec, maps=tuple(replaced.get(id(m), m) for m in spec.maps))
+        if any(id(m) in replaced for m in spec.maps)
+        else spec
+        for spec in base.programs
+    )
+    return dataclasses.replace(
+        base,
+        revision=revision(policy, None, keys),
+        targets=policy.targets,
+        programs=programs,
+        rules=rule_labels(policy, [hook for hook, _ in base.rules], keys),
+        keys=keys,
+    )
+
+
+def _position(rules: Sequence[object], rule: object) -> int:
+    """Where ``rule`` (that object) is in ``rules``; CompileError if it is not there (a rule
+    merged with an equal one)."""
+    for at, found in enumerate(rules):
+        if found is rule:
+            return at
+    raise CompileError("a rule merged with another")
+
+
+def _holds(texts: list[str], network: IPNetwork) -> bool:
+    """Whether sorted canonical ``texts`` hold ``network``."""
+    text = network_text(network)
+    at = bisect.bisect_left(texts, text)
+    return at < len(texts) and texts[at] == text
+
+
+def _section_rules(policy: Policy, where: str) -> tuple[NetworkRule | SocketAddressRule, ...]:
+    group, name = where.split(".")
+    section = getattr(getattr(policy, group), name)
+    return tuple(section.rules)
+
+
+def _section_map(compiled: CompiledPolicy, where: str, name: str) -> MapSpec | None:
+    """The map ``name`` of the programs of the section ``where``, with its index."""
+    for spec in compiled.programs:
+        if spec.hook in SECTION_HOOKS[where]:
+            for m in spec.maps:
+                if m.name == name and m.index is not None:
+                    return m
+    return None
+
+
+def _names_interfaces(policy: Policy) -> bool:
+    network = policy.network or Network()
+    return any(
+        rule.interfaces
+        for section in (network.ingress, network.egress)
+        if section
+        for rule in section.rules
+    )
+
+
+def _index_bits(
+    old_keys: RuleKeys,
+    keys: RuleKeys,
+    base_policy: Policy,
+    policy: Policy,
+    edits: Sequence[CidrEdit],
+) -> dict[str, dict[str, list[tuple[tuple[int, int], int, bool]]]]:
+    """By section and family (cidr4, cidr6): each (prefix as the index keys it, rule
+    bit, listed now) that the edits change; CompileError (compile whole) when a rule's
+    bit is not what it was."""
+    found: dict[str, dict[str, list[tuple[tuple[int, int], int, bool]]]] = {}
+    for edit in edits:
+        before = ordered_rules(_section_rules(base_policy, edit.where), old_keys)
+        after = ordered_rules(_section_rules(policy, edit.where), keys)
+        at = _position(after, edit.new)
+        if len(before) != len(after) or _position(before, edit.old) != at:
+            raise CompileError("a rule moved in the canonical order")
+        bit = 1 << at
+        old_texts, new_texts = old_keys.cidr_texts(edit.old), keys.cidr_texts(edit.new)
+        bits = found.setdefault(edit.where, {})
+        for networks, texts, listed in (
+            (edit.removed, new_texts, False),
+            (edit.added, old_texts, True),
+        ):
+            for network in networks:
+                if _holds(texts, network):  # still listed (or listed before): no change
+                    continue
+                value = network.network_address._ip  # type: ignore[union-attr]
+                if isinstance(network, ipaddress.IPv4Network):
+                    change = ((network.prefixlen, value << 96), bit, listed)
+                    bits.setdefault("cidr4", []).append(change)
+                else:
+                    bits.setdefault("cidr6", []).append(((network.prefixlen, value), bit, listed))
+    return found
 
 
 def may_refuse_at_connect(section: NetworkSection) -> bool:

@@ -4,7 +4,7 @@ with the C in bpf/, are stated once in cgpolicy/contract.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cgpolicy.policy.model import Target
@@ -34,6 +34,19 @@ class MapSpec:
     # a rule map of net.c holding two copies (contract.copy_key): ``entries`` are copy 0's,
     # and ``max_entries`` holds both copies, with room for a change in place
     two_copies: bool = False
+    # a prefix index's slots (cidr6.CidrIndex): what a change of its prefixes starts from
+    index: Any = field(default=None, compare=False, repr=False)
+    # made by changing the map whose entries are ``change.base``: what differs (cidr6.py)
+    change: EntryChange | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class EntryChange:
+    """The entries to write that turn ``base`` (another spec's entries tuple, compared by
+    identity) into a map's own; no entry is dropped."""
+
+    base: tuple[tuple[bytes, bytes], ...]
+    write: tuple[tuple[bytes, bytes], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +157,8 @@ class CompiledPolicy:
     # (section slot, rule index, fqdns) of every rule naming fqdns (contract.DNS_SLOTS)
     name_rules: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
     dns_max_ttl: int = 0  # seconds a learned address may match at most (spec.dns.maxTTL)
+    # the canonical.RuleKeys it was made with, for a change of CIDRs (compile.recompile)
+    keys: Any = field(default=None, compare=False, repr=False)
 
     def dns_map(self, name: str) -> MapSpec:
         """A map of DNS names as the programs of a policy with fqdns rules declare it: the

@@ -143,9 +143,7 @@ class InPlace:
         writes = []
         for hook, old, new in pairs:
             as_created = dataclasses.replace(old, max_entries=load.capacity[(hook, old.name)])
-            writes.append(
-                _Write(load.maps[(hook, old.name)], as_created, delta(old.entries, new.entries))
-            )
+            writes.append(_Write(load.maps[(hook, old.name)], as_created, _delta(old, new)))
         standby = 1 - load.gen
         try:
             for write in writes:
@@ -168,6 +166,16 @@ class _Write:
     map: Map
     spec: MapSpec  # as the map was created (its max_entries place copy 1 of an array)
     change: Delta
+
+
+def _delta(old: MapSpec, new: MapSpec) -> Delta:
+    """What turns ``old``'s entries into ``new``'s: the compiler's own account of it when
+    it made ``new`` by changing ``old`` (a prefix index changed in place, cidr6.py), else
+    found by comparing the two."""
+    change = new.change
+    if change is not None and change.base is old.entries:
+        return Delta(change.write, ())
+    return delta(old.entries, new.entries)
 
 
 def _open(load: _Load) -> Map | None:
@@ -284,13 +292,16 @@ def _reset_counters(load: _Load, compiled: CompiledPolicy) -> None:
 
 
 def _fill_copy_1(load: _Load) -> None:
-    """Copy 1 of a fresh load made equal to copy 0, which the compiled policy holds."""
+    """Copy 1 of a fresh load made equal to copy 0, which the compiled policy holds; the
+    prefix indexes made ready for a change (compiler/cidr6.py CidrIndex.prepare)."""
     if _open(load) is None:
         raise LookupError(f"a map of {load.compiled.name} is gone")
     for spec in _owners(load.compiled):
         for m in spec.maps:
             if m.two_copies:
                 load.maps[(spec.hook, m.name)].update_batch(copy_entries(m, 1))
+            if m.index is not None:
+                m.index.prepare(m)
 
 
 def _level(writes: list[_Write], old: int) -> None:

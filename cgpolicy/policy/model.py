@@ -9,6 +9,7 @@ Everything is frozen and hashable: a policy is a value, and rule order carries n
 from __future__ import annotations
 
 import ipaddress
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -196,7 +197,7 @@ class DnsSettings:
     servers: tuple[IPNetwork, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Policy:
     name: str
     mode: Mode
@@ -207,3 +208,36 @@ class Policy:
     sysctl: SysctlSection | None = None
     dns: DnsSettings = DnsSettings()
     source: SourceLocation | None = field(default=None, compare=False)
+    # how it was made from the file's previous reading, when only CIDR items were rewritten
+    derived: Derivation | None = field(default=None, compare=False, repr=False)
+
+
+AddressRule = NetworkRule | SocketAddressRule
+
+
+@dataclass(frozen=True, slots=True)
+class CidrEdit:
+    """One rule of a policy whose CIDR items were rewritten in place in its file."""
+
+    where: str  # the section: network.ingress, network.egress, sockets.bind, sockets.connect
+    old: AddressRule
+    new: AddressRule
+    removed: tuple[IPNetwork, ...]  # the items' networks before (repeats kept)
+    added: tuple[IPNetwork, ...]  # and after
+
+
+class Derivation:
+    """A policy that differs from ``base`` (a policy of the file's previous reading) only in
+    the CIDR items of ``edits``, each rule in the same place (policy/splice.py). The
+    compiler may then change ``base``'s compilation rather than start again. Not a
+    dataclass: it is no part of the policy's value. ``base`` is held weakly, so that a
+    chain of changes does not keep every reading alive."""
+
+    __slots__ = ("_base", "edits")
+
+    def __init__(self, base: Policy, edits: tuple[CidrEdit, ...]) -> None:
+        self._base = weakref.ref(base)
+        self.edits = edits
+
+    def base(self) -> Policy | None:
+        return self._base()

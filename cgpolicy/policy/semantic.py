@@ -580,22 +580,30 @@ def _check_dns(spec: dict[str, Any]) -> Iterator[Finding]:
 
 def _check_cidrs(rule: dict[str, Any], path: Path, protocol: Any) -> Iterator[Finding]:
     """Syntax and host bits of each CIDR, and its family against an ICMP protocol."""
-    version = {"icmp": 4, "icmpv6": 6}.get(protocol) if isinstance(protocol, str) else None
     for index, text in enumerate(_list(rule, "cidrs")):
         if not isinstance(text, str):
             continue
-        try:
-            network = parse_cidr(text)
-        except InvalidValue as error:
-            yield Finding(path + ("cidrs", index), error.message, error.hint)
-            continue
-        if version is not None and network.version != version:
-            other = "icmpv6" if protocol == "icmp" else "icmp"
-            yield Finding(
-                path + ("cidrs", index),
-                f"{text} is IPv{network.version} and cannot match protocol {protocol}",
-                f"use protocol {other} for IPv{network.version} in a separate rule",
-            )
+        problem = cidr_item_problem(text, protocol)
+        if problem is not None:
+            yield Finding(path + ("cidrs", index), *problem)
+
+
+def cidr_item_problem(text: str, protocol: Any) -> tuple[str, str | None] | None:
+    """What is wrong with one `cidrs` item of a rule of ``protocol`` (message, hint), if
+    anything: the checks of a CIDR item look at that item alone (policy/splice.py relies
+    on it)."""
+    try:
+        network = parse_cidr(text)
+    except InvalidValue as error:
+        return error.message, error.hint
+    version = {"icmp": 4, "icmpv6": 6}.get(protocol) if isinstance(protocol, str) else None
+    if version is not None and network.version != version:
+        other = "icmpv6" if protocol == "icmp" else "icmp"
+        return (
+            f"{text} is IPv{network.version} and cannot match protocol {protocol}",
+            f"use protocol {other} for IPv{network.version} in a separate rule",
+        )
+    return None
 
 
 def _check_ports(rule: dict[str, Any], path: Path) -> Iterator[Finding]:

@@ -28,6 +28,15 @@ class SourceMap:
         and per mapping entry, its key's position then its value's."""
         self._collections[path] = (positions, container)
 
+    def lists_named(self, name: str) -> list[tuple[Path, array[int], list[Any]]]:
+        """Every list that is the value of a key ``name``: its path, its items' positions
+        and the list itself."""
+        return [
+            (path, positions, container)
+            for path, (positions, container) in self._collections.items()
+            if path and path[-1] == name and isinstance(container, list)
+        ]
+
     def locate(self, path: Path, *, key: bool = False) -> tuple[int, int]:
         """(line, column) of the node at `path`, or of its deepest existing ancestor.
 

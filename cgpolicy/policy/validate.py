@@ -8,6 +8,7 @@ problems. Importing this module must stay cheap: nothing here touches the kernel
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -25,7 +26,7 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from cgpolicy.policy.build import build_policy
 from cgpolicy.policy.gcpause import gc_paused
-from cgpolicy.policy.loader import MAX_PROBLEMS, Document, load_file
+from cgpolicy.policy.loader import MAX_FILE_BYTES, MAX_PROBLEMS, Document, load_file
 from cgpolicy.policy.model import Policy, SourceLocation
 from cgpolicy.policy.problems import Path, PolicyError, Problem, field_name, shown
 from cgpolicy.policy.semantic import (
@@ -36,6 +37,7 @@ from cgpolicy.policy.semantic import (
     policy_warnings,
 )
 from cgpolicy.policy.sourcemap import SourceMap
+from cgpolicy.policy.splice import CidrList, cidr_lists, splice
 
 __all__ = [
     "FileMemo",
@@ -103,6 +105,7 @@ class _Checked:
     problems: list[Problem]  # the loader's, the schema's and the semantic ones
     built: Policy | None  # when it has none of those and building it worked
     build_problems: list[Problem]  # when building it failed
+    cidrs: tuple[CidrList, ...] = ()  # where the built policy's CIDR items are (splice.py)
 
 
 @dataclass
@@ -116,15 +119,20 @@ class FileMemo:
     """Each file's documents as checked alone, by file name and content: a reading in which
     one file of many changed checks that file only (the reconcile service reads its whole
     folder at every change), and gives the same Policy objects for the others, so that
-    what was compiled from them is reused. Names are compared across all files at every
-    reading, as without the memo."""
+    what was compiled from them is reused. A file whose change only rewrote CIDR items is
+    not read again whole either (policy/splice.py). Names are compared across all files at
+    every reading, as without the memo."""
 
     def __init__(self) -> None:
         self._files: dict[str, tuple[bytes, _CheckedFile]] = {}
 
     def get(self, file: str, content: bytes) -> _CheckedFile | None:
         known = self._files.get(file)
-        return known[1] if known is not None and known[0] == content else None
+        if known is None:
+            return None
+        if known[0] == content:
+            return known[1]
+        return _spliced(known[0], known[1], content)
 
     def keep(self, checked: dict[str, tuple[bytes, _CheckedFile]]) -> None:
         """Remember exactly these (the files of the last reading)."""
@@ -198,6 +206,33 @@ def _load_into(
         memo.keep(checked_now)
 
 
+def _spliced(old: bytes, checked: _CheckedFile, new: bytes) -> _CheckedFile | None:
+    """``checked`` made for ``new`` by :func:`splice`, when that can be done."""
+    if checked.trailing or len(new) > MAX_FILE_BYTES:
+        return None
+    built = [(i, d) for i, d in enumerate(checked.documents) if d.built is not None and d.cidrs]
+    if not built:
+        return None
+    items = _item_check()
+    if items is None:
+        return None
+    documents = [(d.built, d.cidrs) for _, d in built if d.built is not None]
+    made = splice(old, new, documents, items)
+    if made is None:
+        return None
+    spliced = list(checked.documents)
+    for (i, document), (policy, cidrs) in zip(built, made, strict=True):
+        spliced[i] = dataclasses.replace(document, built=policy, cidrs=cidrs)
+    return _CheckedFile(spliced, checked.skipped, checked.trailing)
+
+
+@cache
+def _item_check() -> Callable[[Any], bool] | None:
+    """The schema's check of one `cidrs` item, when it is one :func:`_string_check` can
+    make (else no file is spliced)."""
+    return _string_check(_validator().schema.get("$defs", {}).get("cidrs", {}).get("items"))
+
+
 def _check_file(file: str, content: bytes | None) -> _CheckedFile:
     """One file's documents, each checked alone and built if it has no problem; a note for
     each `cgpolicy test` document (not a policy)."""
@@ -225,8 +260,9 @@ def _check_file(file: str, content: bytes | None) -> _CheckedFile:
         )
         built: list[Policy] = []
         build_problems = [] if problems else _build(file, document, built)
+        cidrs = cidr_lists(document.source_map) if built else ()
         checked.documents.append(
-            _Checked(name, where, problems, built[0] if built else None, build_problems)
+            _Checked(name, where, problems, built[0] if built else None, build_problems, cidrs)
         )
     checked.trailing = loaded.problems
     return checked

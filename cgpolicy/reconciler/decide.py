@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cgpolicy.compiler.compile import recompile
 from cgpolicy.enforcer.ownership import SERVICE, recorded_owner
 from cgpolicy.enforcer.plan import Action
 from cgpolicy.reconciler.health import PassOutcome
@@ -182,9 +183,19 @@ class Compilations:
         cached = self._cached.get(id(policy))
         if cached and cached[0] is policy and cached[1] == devices:
             return cached[2]
-        compiled = self._compile(policy, devices)
+        compiled = self._changed(policy, devices) or self._compile(policy, devices)
         self._cached[id(policy)] = (policy, devices, compiled)
         return compiled
+
+    def _changed(self, policy: Policy, devices: DeviceBinding) -> CompiledPolicy | None:
+        """``policy`` compiled from the compilation of the policy it was derived from (a
+        file whose change rewrote CIDR items only), when that is cached."""
+        derived = policy.derived
+        base = derived.base() if derived is not None else None
+        cached = self._cached.get(id(base)) if base is not None else None
+        if derived is None or cached is None or cached[0] is not base or cached[1] != devices:
+            return None
+        return recompile(cached[2], cached[0], policy, derived.edits)
 
     def keep_only(self, policies: Iterable[Policy]) -> None:
         """Forget every compilation but those of ``policies`` (the folder's reading now)."""

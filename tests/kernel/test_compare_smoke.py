@@ -66,6 +66,8 @@ def test_one_tiny_round_filters_and_measures(cgroup_root, tmp_path):
         else:  # the run itself stops on a leak; this says so explicitly
             assert not sample["blocked_tcp"] and sample["blocked_arrived"] == 0, where
             assert sample["apply_s"] > 0 and sample["change_s"] > 0, where
+        if sample["config"] == "cgpolicy":  # as the service: the change made in place
+            assert sample["change_in_place"], where
         for key in ("pps", "pps_cpu", "cpu_ns", "tps"):
             assert sample[key] > 0, (where, key)
     assert (tmp_path / "RESULTS.md").read_text().startswith("# cgpolicy vs iptables")

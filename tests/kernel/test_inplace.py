@@ -357,3 +357,62 @@ def test_a_switch_that_fails_means_a_reload(
         )
     finally:
         remove(service, "frozen")
+
+
+def test_the_service_changes_a_line_of_a_long_list_without_reading_or_compiling_it_whole(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports, monkeypatch
+):
+    """A file whose change rewrote one item of a long `cidrs` list: the service's fast path
+    splices the line into its last reading (policy/splice.py) and changes the compilation
+    (compile.recompile, the prefix index changed in place) rather than compiling it whole;
+    each new list is in force in the same programs, with the revision a whole reading
+    gives, and a full pass afterwards has nothing to change."""
+    import cgpolicy.reconciler.reconcile as reconcile_module
+    from cgpolicy.compiler.compile import compile_policy
+    from cgpolicy.enforcer.ownership import Owner
+    from cgpolicy.policy.validate import load_paths
+    from cgpolicy.reconciler.metrics import Metrics
+
+    whole: list[str] = []  # the policies compiled whole
+    compile_whole = reconcile_module.compile_here
+
+    def counted(policy: Any, devices: Any) -> Any:
+        whole.append(policy.name)
+        return compile_whole(policy, devices)
+
+    monkeypatch.setattr(reconcile_module, "compile_here", counted)
+    port = loopback_ports.ports[0]
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    file = folder / "long.yaml"
+
+    def write(host: str) -> None:
+        items = "".join(f'            - "{cidr}"\n' for cidr in [f"{host}/32", *FILLER])
+        file.write_text(
+            "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\nmetadata: {name: long}\n"
+            f"spec:\n  targets: [{{path: {scratch_cgroup.relative}}}]\n  network:\n"
+            "    egress:\n      default: deny\n      rules:\n        - action: allow\n"
+            f"          protocol: tcp\n          ports: [{port}]\n          cidrs:\n{items}"
+        )
+
+    service = Enforcer(cgroup_root, bpf_dir, owner=Owner.service(), in_place=True)
+    reconciler = reconcile_module.Reconciler(service, folder, Metrics())
+    hosts = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+    try:
+        write("127.0.0.1")
+        assert reconciler.reconcile().applied == ["long"]
+        before = program_ids(bpf_dir, "long")
+        for host in ("127.0.0.2", "127.0.0.3", "127.0.0.1", "127.0.0.3"):
+            write(host)
+            assert reconciler.change_files()
+            expect(
+                scratch_cgroup,
+                [((NOW, "tcp", h, port), ALLOWED if h == host else EPERM) for h in hosts],
+            )
+            assert program_ids(bpf_dir, "long") == before
+            (policy,) = load_paths([file]).policies
+            assert read_named(bpf_dir, "long").revision == compile_policy(policy).revision
+        assert whole == ["long"]  # the first load only
+        assert not reconciler.reconcile().applied  # nothing to change
+    finally:
+        remove(service, "long")

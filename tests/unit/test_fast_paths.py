@@ -358,14 +358,14 @@ def test_compile_matches_the_straightforward_code(seed: int, count: int) -> None
         assert (v4, v6) == _old_cidr_tables(rules)
         for rule in rules:
             for net in rule.cidrs:
-                assert canonical._network_text(net) == _old_network_text(net)
+                assert canonical.network_text(net) == _old_network_text(net)
 
 
 @settings(max_examples=500, deadline=None)
 @given(_network)
 def test_canonical_text_is_the_straightforward_one(text: str) -> None:
     net = parse_cidr(text)
-    assert canonical._network_text(net) == _old_network_text(net)
+    assert canonical.network_text(net) == _old_network_text(net)
 
 
 def test_gc_paused_restores_the_collector() -> None:
