@@ -279,8 +279,12 @@ class Map(_FdObject):
             self.update(key, value, flags)
 
     def _update_batch(self, entries: Sequence[tuple[bytes, bytes]], flags: int) -> None:
-        keys = b"".join(self._key(k) for k, _ in entries)
-        values = b"".join(self._value(v) for _, v in entries)
+        key_list, value_list = [k for k, _ in entries], [v for _, v in entries]
+        if self._per_cpu or set(map(len, value_list)) != {self._value_len}:
+            value_list = [self._value(v) for v in value_list]  # padded, or the error
+        if set(map(len, key_list)) != {self.info.key_size}:
+            key_list = [self._key(k) for k in key_list]  # the error
+        keys, values = b"".join(key_list), b"".join(value_list)
         kbuf = ctypes.create_string_buffer(keys, len(keys))
         vbuf = ctypes.create_string_buffer(values, len(values))
         done = 0
