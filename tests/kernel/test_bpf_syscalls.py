@@ -178,6 +178,18 @@ def test_lpm_batch_fill_finds_the_longest_prefix() -> None:
         assert sum(1 for _ in m.keys()) == len(entries)
 
 
+def test_a_batch_of_wrong_sizes_is_refused_before_the_kernel_sees_it() -> None:
+    """Sizes are checked for the whole batch at once; an entry of the wrong size is named
+    and nothing is written, whatever its place."""
+    with Map.create(MapType.ARRAY, 4, 8, 4, name="cgp_t_sizes") as m:
+        for bad in ((u32(3)[:3], u64(1)), (u32(3), u32(1)), (u32(3) + b"\0", u64(1))):
+            with pytest.raises(ValueError, match="cgp_t_sizes"):
+                m.update_batch([(u32(0), u64(7)), bad, (u32(1), u64(7))])
+        assert m.lookup(u32(0)) == u64(0)  # nothing written
+        m.update_batch([(u32(0), u64(7)), (u32(1), u64(8))])
+        assert (m.lookup(u32(0)), m.lookup(u32(1))) == (u64(7), u64(8))
+
+
 def test_per_cpu_value_is_written_to_every_cpu() -> None:
     with Map.create(MapType.PERCPU_ARRAY, 4, 8, 2, name="cgp_t_pcpu") as m:
         m.update(u32(1), u64(5))
