@@ -369,7 +369,7 @@ def _index_maps(
 #   its length, or no slot within CIDR6_SPAN of its home is free, there is no change in
 #   place: the compiler builds the index again.
 #
-# tests/unit/test_cidr6_index.py checks changed indexes against the prefixes' meaning.
+# tests/unit/test_splice.py checks changed indexes against the prefixes' meaning.
 
 
 class CidrIndex:
@@ -487,7 +487,8 @@ class _State:
         )
 
     def find(self, key: Prefix, shift: int) -> int | None:
-        """The position of ``key``'s entry, found as bpf/net.c finds it."""
+        """The position of ``key``'s entry: in the run of taken slots from its home, as
+        bpf/net.c finds it (every entry lies within CIDR6_SPAN of its home)."""
         home = _homes([key], shift)[0]
         at = bisect.bisect_left(self.slots, home)
         while at < len(self.slots) and self.slots[at] == home:

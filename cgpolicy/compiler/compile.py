@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cgpolicy.compiler.canonical import RuleKeys, network_text, ordered_rules, revision
-from cgpolicy.compiler.cidr6 import CIDR6_FLAT_MAX
+from cgpolicy.compiler.cidr6 import CIDR6_FLAT_MAX, CidrIndex
 from cgpolicy.compiler.devices import device_maps
 from cgpolicy.compiler.dns import DnsConfig, dns_programs, name_rules
 from cgpolicy.compiler.maps import program_spec
@@ -201,11 +201,11 @@ def recompile(
     replaced: dict[int, MapSpec] = {}
     for where, families in changes.items():
         for family, bits in families.items():
-            slots = _section_map(base, where, f"{family}_slots")
-            changed = None if slots is None else slots.index.changed(slots, bits)
-            if changed is None:
+            found = _section_index(base, where, f"{family}_slots")
+            changed = found[1].changed(found[0], bits) if found is not None else None
+            if found is None or changed is None:
                 return None
-            replaced[id(slots)] = changed
+            replaced[id(found[0])] = changed
     programs = tuple(
         dataclasses.replace(spec, maps=tuple(replaced.get(id(m), m) for m in spec.maps))
         if any(id(m) in replaced for m in spec.maps)
@@ -244,13 +244,16 @@ def _section_rules(policy: Policy, where: str) -> tuple[NetworkRule | SocketAddr
     return tuple(section.rules)
 
 
-def _section_map(compiled: CompiledPolicy, where: str, name: str) -> MapSpec | None:
-    """The map ``name`` of the programs of the section ``where``, with its index."""
+def _section_index(
+    compiled: CompiledPolicy, where: str, name: str
+) -> tuple[MapSpec, CidrIndex] | None:
+    """The prefix index map ``name`` of the programs of the section ``where``, and its
+    index (the programs of a section share it)."""
     for spec in compiled.programs:
         if spec.hook in SECTION_HOOKS[where]:
             for m in spec.maps:
                 if m.name == name and m.index is not None:
-                    return m
+                    return m, m.index
     return None
 
 

@@ -5,9 +5,13 @@ with the C in bpf/, are stated once in cgpolicy/contract.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cgpolicy.policy.model import Target
+
+if TYPE_CHECKING:  # they build specs: imported for annotations only
+    from cgpolicy.compiler.canonical import RuleKeys
+    from cgpolicy.compiler.cidr6 import CidrIndex
 
 
 class CompileError(Exception):
@@ -35,7 +39,7 @@ class MapSpec:
     # and ``max_entries`` holds both copies, with room for a change in place
     two_copies: bool = False
     # a prefix index's slots (cidr6.CidrIndex): what a change of its prefixes starts from
-    index: Any = field(default=None, compare=False, repr=False)
+    index: CidrIndex | None = field(default=None, compare=False, repr=False)
     # made by changing the map whose entries are ``change.base``: what differs (cidr6.py)
     change: EntryChange | None = field(default=None, compare=False, repr=False)
 
@@ -158,7 +162,7 @@ class CompiledPolicy:
     name_rules: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
     dns_max_ttl: int = 0  # seconds a learned address may match at most (spec.dns.maxTTL)
     # the canonical.RuleKeys it was made with, for a change of CIDRs (compile.recompile)
-    keys: Any = field(default=None, compare=False, repr=False)
+    keys: RuleKeys | None = field(default=None, compare=False, repr=False)
 
     def dns_map(self, name: str) -> MapSpec:
         """A map of DNS names as the programs of a policy with fqdns rules declare it: the
