@@ -280,3 +280,49 @@ def test_the_index_changed_in_place_answers_as_built() -> None:
             for address in probe_points(dict.fromkeys(touched, 1), rng):
                 assert find(address)[0] == reference(own, address), hex(address)
     assert made > rebuilt / 2
+
+
+def two_rule_file(comment: str, denied: str, allowed: str) -> bytes:
+    """A deny rule and an allow rule of one item each, three lines apart."""
+    return (
+        "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\n"
+        f"metadata:\n  name: p   # {comment}\n"
+        "spec:\n  targets: [{path: work}]\n  network:\n    egress:\n      default: allow\n"
+        "      rules:\n"
+        f"        - action: deny\n          cidrs:\n            - {denied}\n"
+        f"        - action: allow\n          cidrs:\n            - {allowed}\n"
+    ).encode()
+
+
+def egress_cidrs(result: LoadResult) -> list[list[tuple[str, list[str]]]]:
+    return [
+        [(rule.action, [str(n) for n in rule.cidrs]) for rule in policy.network.egress.rules]
+        for policy in result.policies
+        if policy.network and policy.network.egress
+    ]
+
+
+@pytest.mark.parametrize("breaks", ["\u2028" * 3, "\u2029" * 3, "\x85" * 3, "\r" * 4])
+def test_a_file_whose_lines_yaml_counts_otherwise_is_read_whole(breaks: str) -> None:
+    """YAML also ends a line at a lone CR, NEL, LS and PS (here in a comment): its line
+    numbers are then ahead of the file's newlines (here by three: the last CR is a CRLF),
+    and the allow rule's item, three lines down, must not be taken for the one at that
+    YAML line (the deny rule's)."""
+    memo = FileMemo()
+    load_contents([("p.yaml", two_rule_file(breaks, "10.0.0.1", "10.0.0.1"))], memo)
+    new = two_rule_file(breaks, "10.0.0.1", "10.0.0.2")
+    with_memo = load_contents([("p.yaml", new)], memo)
+    assert egress_cidrs(with_memo) == egress_cidrs(load_contents([("p.yaml", new)]))
+    assert egress_cidrs(with_memo) == [[("deny", ["10.0.0.1/32"]), ("allow", ["10.0.0.2/32"])]]
+
+
+@pytest.mark.parametrize("item", ["fd00::", "::", "1::"])
+def test_a_plain_item_ending_in_a_colon_is_read_whole(item: str) -> None:
+    """`- fd00::` is a mapping to YAML (its last ':' ends a key), not the string: the
+    file is invalid, as a whole reading says."""
+    memo = FileMemo()
+    load_contents([("p.yaml", two_rule_file("", "10.0.0.1", "fd00::1"))], memo)
+    new = two_rule_file("", "10.0.0.1", item)
+    with_memo = load_contents([("p.yaml", new)], memo)
+    assert summary(with_memo) == summary(load_contents([("p.yaml", new)]))
+    assert [p.message for p in with_memo.problems] == ["expected a string, not a mapping"]
