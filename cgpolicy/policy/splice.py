@@ -9,9 +9,9 @@ file's YAML structure is the same: only those items' values changed. Every check
 CIDR item looks at that item alone (its schema: a string of the address pattern; its
 semantics: :func:`~cgpolicy.policy.semantic.cidr_item_problem`), and the lists keep their
 lengths, so checking the new items alone gives the answer that reading the whole file
-would, and the policy is the old one with those items replaced. A change of one prefix in a 10,000-prefix
-list then costs what its line costs, not the file (the figure is bench/compare.py's).
-Anything else, or any doubt, returns None: the file is read whole, as always.
+would, and the policy is the old one with those items replaced. A change of one prefix in a
+10,000-prefix list then costs what its line costs, not the file (the figure is
+bench/compare.py's). Anything else, or any doubt, returns None: the file is read whole, as always.
 """
 
 from __future__ import annotations

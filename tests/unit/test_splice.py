@@ -5,6 +5,7 @@ random edits of random files, valid and not."""
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import random
 from typing import Any
@@ -15,7 +16,7 @@ from test_cidr6_index import index_lookup, keep, probe_points, random_prefixes, 
 from cgpolicy.compiler.cidr6 import cidr6_maps
 from cgpolicy.compiler.compile import compile_policy, recompile
 from cgpolicy.compiler.spec import CompiledPolicy
-from cgpolicy.policy.model import Policy
+from cgpolicy.policy.model import NetworkRule, Policy
 from cgpolicy.policy.validate import FileMemo, LoadResult, load_contents
 
 ADDRESSES = [
@@ -326,3 +327,24 @@ def test_a_plain_item_ending_in_a_colon_is_read_whole(item: str) -> None:
     with_memo = load_contents([("p.yaml", new)], memo)
     assert summary(with_memo) == summary(load_contents([("p.yaml", new)]))
     assert [p.message for p in with_memo.problems] == ["expected a string, not a mapping"]
+
+
+def test_a_chain_of_changed_compilations_keeps_only_the_rules_of_the_last() -> None:
+    """Each compilation changed from the last holds the rules it was made from (their
+    canonical texts): not those of every earlier reading, which would grow the service by
+    a copy of the long rule at every change of one of its lines."""
+    prefixes = [f"10.{i >> 8}.{i & 255}.0/24" for i in range(300)]
+    memo = FileMemo()
+    (policy,) = load_contents([("c.yaml", long_list_file(prefixes))], memo).policies
+    compiled = compile_policy(policy)
+    alive = []
+    for step in range(12):
+        prefixes[step] = f"192.0.{step}.0/24"
+        (new,) = load_contents([("c.yaml", long_list_file(prefixes))], memo).policies
+        assert new.derived is not None
+        changed = recompile(compiled, policy, new, new.derived.edits)
+        assert changed is not None
+        policy, compiled = new, changed
+        gc.collect()
+        alive.append(sum(type(o) is NetworkRule for o in gc.get_objects()))
+    assert alive[-1] == alive[1], alive
