@@ -16,6 +16,7 @@ from test_cidr6_index import index_lookup, keep, probe_points, random_prefixes, 
 from cgpolicy.compiler.cidr6 import cidr6_maps
 from cgpolicy.compiler.compile import compile_policy, recompile
 from cgpolicy.compiler.spec import CompiledPolicy
+from cgpolicy.contract import CIDR4_PROBES, CIDR6_PROBES
 from cgpolicy.policy.model import NetworkRule, Policy
 from cgpolicy.policy.validate import FileMemo, LoadResult, load_contents
 
@@ -36,7 +37,8 @@ ADDRESSES = [
     "::ffff:10.1.2.3/128",
 ]
 # what an edit may write instead: valid, invalid (host bits, not an address), YAML that
-# does not read as a string (an int, a float), an address with more to the line
+# does not read as a string (an int, a float, a mapping when plain), an address with more
+# to the line
 REPLACEMENTS = [
     *ADDRESSES,
     "10.1.2.3/8",
@@ -46,6 +48,7 @@ REPLACEMENTS = [
     "fd00::1/8",
     "10.9.0.0/16 # a comment",
     "1:30",
+    "fd00::",
 ]
 
 
@@ -56,7 +59,7 @@ def random_file(rng: random.Random) -> str:
         lines = [
             "apiVersion: cgpolicy.dev/v1",
             "kind: CgroupPolicy",
-            f"metadata: {{name: p{number}}}",
+            f"metadata: {{name: p{number}}}" + ("  # \u2028" if rng.random() < 0.05 else ""),
             "spec:",
             "  targets: [{path: work}]",
             "  network:",
@@ -178,7 +181,10 @@ def compiled_answers(compiled: CompiledPolicy, points: list[int]) -> dict[str, A
         for name, m in maps.items():
             if name.endswith("_slots"):
                 family = name.removesuffix("_slots")
-                find = index_lookup(maps, family)
+                # the program's bound on probes: IPv4's is lower
+                find = index_lookup(
+                    maps, family, CIDR4_PROBES if family == "cidr4" else CIDR6_PROBES
+                )
                 width = 32 if family == "cidr4" else 128
                 shifted = [p << 96 if width == 32 else p for p in points]
                 found[(spec.hook, name)] = [find(p)[0] for p in shifted]
