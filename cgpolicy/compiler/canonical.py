@@ -124,7 +124,8 @@ class RuleKeys:
 
     def derive(self, edits: Iterable[CidrEdit]) -> RuleKeys:
         """These keys and those of each edit's new rule, made from its old rule's sorted
-        texts by taking out the removed CIDRs and putting in the added ones."""
+        texts by taking out the removed CIDRs and putting in the added ones; the old
+        rule's are left out."""
         derived = RuleKeys(dict(self._known))
         for edit in edits:
             texts = list(self.cidr_texts(edit.old))
@@ -138,6 +139,8 @@ class RuleKeys:
                 bisect.insort(texts, network_text(network))
             content = canonical_rule(edit.new, texts)
             derived._known[id(edit.new)] = (edit.new, _key_text(content), texts)
+            # the new rule replaced it: kept, it would be kept by every later derivation
+            derived._known.pop(id(edit.old), None)
         return derived
 
 

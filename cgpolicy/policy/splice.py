@@ -3,14 +3,15 @@
 The reconcile service keeps each file's last bytes and what was checked in it
 (validate.FileMemo). When the new bytes differ from those only in whole lines, each of which
 was one `cidrs` item of a valid policy and is one again, written the same way (same
-indentation, same quoting, nothing else on the line), the file's YAML structure is the
-same: only those items' values changed. Every check of a CIDR item looks at that item alone
-(its schema: a string of the address pattern; its semantics:
-:func:`~cgpolicy.policy.semantic.cidr_item_problem`), and the lists keep their lengths, so
-checking the new items alone gives the answer that reading the whole file would, and the
-policy is the old one with those items replaced. A change of one prefix in a 10,000-prefix
-list then costs what its line costs, not the file (the figure is bench/compare.py's).
-Anything else, or any doubt, returns None: the file is read whole, as always.
+indentation, same quoting, nothing else on the line, a plain one not ending in ':'), in a
+file whose only line breaks are newlines (YAML's line numbers are then the file's), the
+file's YAML structure is the same: only those items' values changed. Every check of a
+CIDR item looks at that item alone (its schema: a string of the address pattern; its
+semantics: :func:`~cgpolicy.policy.semantic.cidr_item_problem`), and the lists keep their
+lengths, so checking the new items alone gives the answer that reading the whole file
+would, and the policy is the old one with those items replaced. A change of one prefix in a
+10,000-prefix list then costs what its line costs, not the file (the figure is
+bench/compare.py's). Anything else, or any doubt, returns None: the file is read whole, as always.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from cgpolicy.policy.sourcemap import SourceMap
 # or quoted, and optional trailing blanks. No comment, no flow collection, no escape.
 _ITEM = re.compile(rb"( *)- (\"|'|)([0-9A-Fa-f:./]{1,64})\2 *")
 _STR = "tag:yaml.org,2002:str"
+_LONE_CR = re.compile(rb"\r(?!\n)")
+_OTHER_BREAKS = tuple(mark.encode() for mark in "\x85\u2028\u2029")  # NEL, LS, PS (UTF-8)
 MAX_SPLICED_LINES = 1000  # more changed lines than this: read the file whole
 # where a list of CIDR items may be, by path (spec, group, section, "rules", index, "cidrs")
 _SECTIONS = {
@@ -86,7 +89,7 @@ def splice(
     """The policies of ``new`` (with their lists), made from those of ``old`` when the two
     differ only in CIDR items (module docstring); None otherwise. ``documents``: the valid
     policies of ``old`` with their lists; ``item_valid``: the schema's check of one item."""
-    changed = _changed_lines(old, new)
+    changed = _changed_lines(old, new) if _lines_are_yamls(old) else None
     if not changed:
         return None
     edits: dict[tuple[int, int], dict[int, str]] = {}  # (document, list) -> item -> text
@@ -127,6 +130,16 @@ def _changed_lines(old: bytes, new: bytes) -> list[tuple[int, bytes, bytes]] | N
     ]
 
 
+def _lines_are_yamls(content: bytes) -> bool:
+    """Whether YAML's lines in ``content`` are its b"\\n" lines: YAML also ends a line at a
+    lone CR, NEL, LS and PS, and then the line numbers of the source map are not those
+    counted here (an item would be taken for the one a few lines up). The other lines of
+    the new bytes are the same, or an item's, which has none of these."""
+    if b"\r" in content and _LONE_CR.search(content):
+        return False
+    return content.isascii() or not any(mark in content for mark in _OTHER_BREAKS)
+
+
 def _common_prefix(a: bytes, b: bytes, most: int | None = None) -> int:
     """How many first bytes ``a`` and ``b`` share (at most ``most``): a binary search of
     slice comparisons, each a memcmp."""
@@ -149,7 +162,9 @@ def _item(
     if was is None or now is None or was.group(1, 2) != now.group(1, 2):
         return None
     text = now.group(3).decode()
-    if not was.group(2) and _resolve(text) != _STR:  # plain: YAML must read it as a string
+    # plain: YAML must read it as a string, and a last ':' would end a key (`- fd00::` is
+    # a mapping)
+    if not was.group(2) and (_resolve(text) != _STR or text.endswith(":")):
         return None
     column = len(was.group(1)) + 3  # where the scalar (or its quote) starts, 1-based
     for document, (_, lists) in enumerate(documents):

@@ -416,3 +416,55 @@ def test_the_service_changes_a_line_of_a_long_list_without_reading_or_compiling_
         assert not reconciler.reconcile().applied  # nothing to change
     finally:
         remove(service, "long")
+
+
+def test_the_service_reads_whole_a_file_whose_lines_yaml_counts_otherwise(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports
+):
+    """Line separators (U+2028) in a comment: YAML counts four more lines than the file's
+    newlines, so the tcp rule's item, four lines below the udp rule's, is at the line YAML
+    gives the udp rule's. The service must change the tcp rule's item, as a whole reading
+    does (its line-by-line fast path once changed the udp rule's: tcp to the old address
+    stayed allowed, to the new one refused)."""
+    from cgpolicy.enforcer.ownership import Owner
+    from cgpolicy.policy.validate import load_paths
+    from cgpolicy.reconciler.metrics import Metrics
+    from cgpolicy.reconciler.reconcile import Reconciler
+
+    port = loopback_ports.ports[0]
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    file = folder / "breaks.yaml"
+
+    def write(host: str) -> None:
+        file.write_text(
+            "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\n"
+            "metadata: {name: breaks}  # four more lines: \u2028\u2028\u2028\u2028\n"
+            f"spec:\n  targets: [{{path: {scratch_cgroup.relative}}}]\n  network:\n"
+            "    egress:\n      default: deny\n      rules:\n"
+            "        - action: deny\n          protocol: udp\n          cidrs:\n"
+            "            - 127.0.0.1/32\n"
+            "        - action: allow\n          protocol: tcp\n          cidrs:\n"
+            f"            - {host}/32\n          ports: [{port}]\n",
+            encoding="utf-8",
+        )
+
+    service = Enforcer(cgroup_root, bpf_dir, owner=Owner.service(), in_place=True)
+    reconciler = Reconciler(service, folder, Metrics())
+    try:
+        write("127.0.0.1")
+        assert reconciler.reconcile().applied == ["breaks"]
+        write("127.0.0.2")
+        if not reconciler.change_files():  # the index grows: a full pass reloads
+            assert reconciler.reconcile().applied == ["breaks"]
+        expect(
+            scratch_cgroup,
+            [((NOW, "tcp", "127.0.0.1", port), EPERM), ((NOW, "tcp", "127.0.0.2", port), ALLOWED)],
+        )
+        (policy,) = load_paths([file]).policies
+        assert [[str(n) for n in r.cidrs] for r in policy.network.egress.rules] == [
+            ["127.0.0.1/32"],
+            ["127.0.0.2/32"],
+        ]
+    finally:
+        remove(service, "breaks")

@@ -5,6 +5,7 @@ random edits of random files, valid and not."""
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import random
 from typing import Any
@@ -15,7 +16,8 @@ from test_cidr6_index import index_lookup, keep, probe_points, random_prefixes, 
 from cgpolicy.compiler.cidr6 import cidr6_maps
 from cgpolicy.compiler.compile import compile_policy, recompile
 from cgpolicy.compiler.spec import CompiledPolicy
-from cgpolicy.policy.model import Policy
+from cgpolicy.contract import CIDR4_PROBES, CIDR6_PROBES
+from cgpolicy.policy.model import NetworkRule, Policy
 from cgpolicy.policy.validate import FileMemo, LoadResult, load_contents
 
 ADDRESSES = [
@@ -35,7 +37,8 @@ ADDRESSES = [
     "::ffff:10.1.2.3/128",
 ]
 # what an edit may write instead: valid, invalid (host bits, not an address), YAML that
-# does not read as a string (an int, a float), an address with more to the line
+# does not read as a string (an int, a float, a mapping when plain), an address with more
+# to the line
 REPLACEMENTS = [
     *ADDRESSES,
     "10.1.2.3/8",
@@ -45,6 +48,7 @@ REPLACEMENTS = [
     "fd00::1/8",
     "10.9.0.0/16 # a comment",
     "1:30",
+    "fd00::",
 ]
 
 
@@ -55,7 +59,7 @@ def random_file(rng: random.Random) -> str:
         lines = [
             "apiVersion: cgpolicy.dev/v1",
             "kind: CgroupPolicy",
-            f"metadata: {{name: p{number}}}",
+            f"metadata: {{name: p{number}}}" + ("  # \u2028" if rng.random() < 0.05 else ""),
             "spec:",
             "  targets: [{path: work}]",
             "  network:",
@@ -177,7 +181,10 @@ def compiled_answers(compiled: CompiledPolicy, points: list[int]) -> dict[str, A
         for name, m in maps.items():
             if name.endswith("_slots"):
                 family = name.removesuffix("_slots")
-                find = index_lookup(maps, family)
+                # the program's bound on probes: IPv4's is lower
+                find = index_lookup(
+                    maps, family, CIDR4_PROBES if family == "cidr4" else CIDR6_PROBES
+                )
                 width = 32 if family == "cidr4" else 128
                 shifted = [p << 96 if width == 32 else p for p in points]
                 found[(spec.hook, name)] = [find(p)[0] for p in shifted]
@@ -280,3 +287,70 @@ def test_the_index_changed_in_place_answers_as_built() -> None:
             for address in probe_points(dict.fromkeys(touched, 1), rng):
                 assert find(address)[0] == reference(own, address), hex(address)
     assert made > rebuilt / 2
+
+
+def two_rule_file(comment: str, denied: str, allowed: str) -> bytes:
+    """A deny rule and an allow rule of one item each, three lines apart."""
+    return (
+        "apiVersion: cgpolicy.dev/v1\nkind: CgroupPolicy\n"
+        f"metadata:\n  name: p   # {comment}\n"
+        "spec:\n  targets: [{path: work}]\n  network:\n    egress:\n      default: allow\n"
+        "      rules:\n"
+        f"        - action: deny\n          cidrs:\n            - {denied}\n"
+        f"        - action: allow\n          cidrs:\n            - {allowed}\n"
+    ).encode()
+
+
+def egress_cidrs(result: LoadResult) -> list[list[tuple[str, list[str]]]]:
+    return [
+        [(rule.action, [str(n) for n in rule.cidrs]) for rule in policy.network.egress.rules]
+        for policy in result.policies
+        if policy.network and policy.network.egress
+    ]
+
+
+@pytest.mark.parametrize("breaks", ["\u2028" * 3, "\u2029" * 3, "\x85" * 3, "\r" * 4])
+def test_a_file_whose_lines_yaml_counts_otherwise_is_read_whole(breaks: str) -> None:
+    """YAML also ends a line at a lone CR, NEL, LS and PS (here in a comment): its line
+    numbers are then ahead of the file's newlines (here by three: the last CR is a CRLF),
+    and the allow rule's item, three lines down, must not be taken for the one at that
+    YAML line (the deny rule's)."""
+    memo = FileMemo()
+    load_contents([("p.yaml", two_rule_file(breaks, "10.0.0.1", "10.0.0.1"))], memo)
+    new = two_rule_file(breaks, "10.0.0.1", "10.0.0.2")
+    with_memo = load_contents([("p.yaml", new)], memo)
+    assert egress_cidrs(with_memo) == egress_cidrs(load_contents([("p.yaml", new)]))
+    assert egress_cidrs(with_memo) == [[("deny", ["10.0.0.1/32"]), ("allow", ["10.0.0.2/32"])]]
+
+
+@pytest.mark.parametrize("item", ["fd00::", "::", "1::"])
+def test_a_plain_item_ending_in_a_colon_is_read_whole(item: str) -> None:
+    """`- fd00::` is a mapping to YAML (its last ':' ends a key), not the string: the
+    file is invalid, as a whole reading says."""
+    memo = FileMemo()
+    load_contents([("p.yaml", two_rule_file("", "10.0.0.1", "fd00::1"))], memo)
+    new = two_rule_file("", "10.0.0.1", item)
+    with_memo = load_contents([("p.yaml", new)], memo)
+    assert summary(with_memo) == summary(load_contents([("p.yaml", new)]))
+    assert [p.message for p in with_memo.problems] == ["expected a string, not a mapping"]
+
+
+def test_a_chain_of_changed_compilations_keeps_only_the_rules_of_the_last() -> None:
+    """Each compilation changed from the last holds the rules it was made from (their
+    canonical texts): not those of every earlier reading, which would grow the service by
+    a copy of the long rule at every change of one of its lines."""
+    prefixes = [f"10.{i >> 8}.{i & 255}.0/24" for i in range(300)]
+    memo = FileMemo()
+    (policy,) = load_contents([("c.yaml", long_list_file(prefixes))], memo).policies
+    compiled = compile_policy(policy)
+    alive = []
+    for step in range(12):
+        prefixes[step] = f"192.0.{step}.0/24"
+        (new,) = load_contents([("c.yaml", long_list_file(prefixes))], memo).policies
+        assert new.derived is not None
+        changed = recompile(compiled, policy, new, new.derived.edits)
+        assert changed is not None
+        policy, compiled = new, changed
+        gc.collect()
+        alive.append(sum(type(o) is NetworkRule for o in gc.get_objects()))
+    assert alive[-1] == alive[1], alive
