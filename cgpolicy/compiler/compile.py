@@ -193,6 +193,8 @@ def recompile(
     change in place."""
     if base.keys is None or base.dns_programs or base.device_paths or _names_interfaces(policy):
         return None
+    if (policy.name, policy.mode) != (base.name, base.mode):
+        return None  # not what a Derivation makes; said here, as the result keeps base's
     try:
         keys = base.keys.derive(edits)
         changes = _index_bits(base.keys, keys, base_policy, policy, edits)

@@ -269,12 +269,13 @@ class Reconciler:
         snapshot = self._source.read()
         self._policies = snapshot.policies
         self._report_invalid(snapshot)
-        self._compiled.keep_only(snapshot.policies)
 
         applied = self._enforcer.observe()
         planned = self._enforcer.plan(
             snapshot.policies, self._compiled, applied, missing_target_blocks=False
         )
+        # after planning: a policy of this reading may be compiled from one of the last
+        self._compiled.keep_only(snapshot.policies)
         self._metrics.record_device_paths(
             (item.plan.name, device) for item in planned for device in item.plan.devices
         )
