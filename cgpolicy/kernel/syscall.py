@@ -57,6 +57,7 @@ class Cmd(enum.IntEnum):
     MAP_GET_FD_BY_ID = 14
     OBJ_GET_INFO_BY_FD = 15
     PROG_QUERY = 16
+    BTF_LOAD = 18
     MAP_LOOKUP_AND_DELETE_ELEM = 21
     MAP_UPDATE_BATCH = 26
     LINK_CREATE = 28
@@ -229,6 +230,20 @@ class ProgLoadAttr(ctypes.Structure):
         ("prog_name", ctypes.c_char * 16),
         ("prog_ifindex", _u32),
         ("expected_attach_type", _u32),
+        ("prog_btf_fd", _u32),
+        ("func_info_rec_size", _u32),
+        ("func_info", _u64),
+        ("func_info_cnt", _u32),
+    ]
+
+
+class BtfLoadAttr(ctypes.Structure):
+    _fields_ = [
+        ("btf", _u64),
+        ("btf_log_buf", _u64),
+        ("btf_size", _u32),
+        ("btf_log_size", _u32),
+        ("btf_log_level", _u32),
     ]
 
 
