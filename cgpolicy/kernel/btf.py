@@ -61,8 +61,6 @@ def func_btf(main: str, subprograms: Sequence[str], arg_bytes: int) -> tuple[byt
     types += _TYPE.pack(name(main), info(_KIND_FUNC, _LINKAGE_STATIC), _MAIN_PROTO)
     for sub in subprograms:
         types += _TYPE.pack(name(sub), info(_KIND_FUNC, _LINKAGE_GLOBAL), _SUB_PROTO)
-    header = _HEADER.pack(
-        _MAGIC, 1, 0, _HEADER.size, 0, len(types), len(types), len(strings)
-    )
+    header = _HEADER.pack(_MAGIC, 1, 0, _HEADER.size, 0, len(types), len(types), len(strings))
     ids = list(range(_FIRST_FUNC, _FIRST_FUNC + 1 + len(subprograms)))
     return header + bytes(types) + bytes(strings), ids

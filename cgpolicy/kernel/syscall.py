@@ -319,7 +319,7 @@ class _EnableStatsAttr(ctypes.Structure):
 
 
 class _ProgInfo(ctypes.Structure):
-    """``struct bpf_prog_info`` up to ``run_cnt``."""
+    """``struct bpf_prog_info`` up to ``verified_insns``."""
 
     _fields_ = [
         ("type", _u32),
@@ -356,6 +356,8 @@ class _ProgInfo(ctypes.Structure):
         ("prog_tags", _u64),
         ("run_time_ns", _u64),
         ("run_cnt", _u64),
+        ("recursion_misses", _u64),
+        ("verified_insns", _u32),
     ]
 
 
@@ -478,6 +480,9 @@ class ProgramInfo:
     map_ids: tuple[int, ...]
     run_time_ns: int  # counted only while kernel.bpf_stats_enabled=1
     run_cnt: int
+    btf_id: int = 0  # the program's BTF (a program with subprograms: cgpolicy/kernel/btf.py)
+    functions: int = 0  # its functions with BTF: the main one and each subprogram
+    verified_insns: int = 0  # the verifier's steps at load (kernel 5.16+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,6 +523,9 @@ def prog_info(fd: int) -> ProgramInfo:
         map_ids=tuple(map_ids),
         run_time_ns=info.run_time_ns,
         run_cnt=info.run_cnt,
+        btf_id=info.btf_id,
+        functions=info.nr_func_info,
+        verified_insns=info.verified_insns,
     )
 
 
