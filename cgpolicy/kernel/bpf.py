@@ -287,14 +287,12 @@ class Map(_FdObject):
             value_list = [self._value(v) for v in value_list]  # padded, or the error
         if set(map(len, key_list)) != {self.info.key_size}:
             key_list = [self._key(k) for k in key_list]  # the error
-        keys, values = b"".join(key_list), b"".join(value_list)
-        kbuf = ctypes.create_string_buffer(keys, len(keys))
-        vbuf = ctypes.create_string_buffer(values, len(values))
+        keys, values = b"".join(key_list), b"".join(value_list)  # only read by the kernel
         done = 0
         while done < len(entries):
             attr = MapBatchAttr(
-                keys=addr(kbuf) + done * self.info.key_size,
-                values=addr(vbuf) + done * self._value_len,
+                keys=_bytes_addr(keys) + done * self.info.key_size,
+                values=_bytes_addr(values) + done * self._value_len,
                 count=len(entries) - done,
                 map_fd=self.fd,
                 elem_flags=flags,
