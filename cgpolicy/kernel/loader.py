@@ -9,6 +9,11 @@ taken once with ``BPF.dump_func``; in them every map reference is an ``ld_imm64`
 its MapSpecs describe, writes their fds at the relocations and loads the result: a few
 milliseconds plus the map fill.
 
+Subprograms (contract.SUBPROGRAMS): bcc compiles no call between its functions, so a
+program calls one as a helper number; :func:`link` appends the function and makes that a
+BPF-to-BPF call, and the load gives the kernel BTF that declares the subprograms global
+functions (cgpolicy/kernel/btf.py), which the verifier checks once each.
+
 Only this module imports bcc, and only when the store lacks what a load needs.
 """
 
