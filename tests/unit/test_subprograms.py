@@ -1,7 +1,7 @@
 """Linking subprograms into a program (cgpolicy/kernel/loader.py link) and the BTF that makes
 them global functions (cgpolicy/kernel/btf.py), on made-up instructions. That the kernel
 takes the result, and that the programs decide as before, is tested on the kernel
-(tests/kernel/test_subprograms.py, tests/kernel/test_differential.py)."""
+(tests/kernel/test_subprograms_kernel.py, tests/kernel/test_differential.py)."""
 
 from __future__ import annotations
 
