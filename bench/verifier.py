@@ -71,9 +71,7 @@ def run(report: Report, quick: bool) -> None:
                 with loaded:
                     steps = loaded.info().verified_insns
             what = f"the {spec.function} program ({spec.hook})"
-            report.add(
-                Figure(f"verifier.steps.{key}", steps, "steps", f"verifier steps of {what}")
-            )
+            report.add(Figure(f"verifier.steps.{key}", steps, "steps", f"verifier steps of {what}"))
             report.add(
                 Figure(
                     f"verifier.prog_load_ms.{key}",
