@@ -26,6 +26,7 @@ from bench import (
     startup,
     validate,
     verdict,
+    verifier,
 )
 from bench.figures import Figure, Report
 from bench.scratch import remove_top_folders
@@ -35,6 +36,7 @@ BENCHMARKS: dict[str, Callable[[Report, bool], None]] = {
     "validate": validate.run,
     "parse": parse.run,
     "verdict": verdict.run,
+    "verifier": verifier.run,
     "enforce": enforce.run,
     "reconcile": reconcile.run,
     "dns": dns.run,

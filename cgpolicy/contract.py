@@ -468,6 +468,15 @@ CIDR6_SLOT = Layout(
     ("len", "__u8"),  # 1..128; 0: an empty slot
     ("next", "__u8", CIDR6_LIST),  # lengths to probe inside this entry, longest first
 )
+# Subprograms (net.c, above cgp_cidr_index): a program calls subprogram i as the helper
+# number SUBPROGRAM_BASE + i (CGP_SUBPROG_*), and the loader appends the function and makes
+# the call a BPF-to-BPF one, to a global function (verified once, on its own): each takes a
+# pointer to SUBPROGRAM_ARGS and returns a __u64.
+SUBPROGRAM_BASE = 0x7C000000  # CGP_SUBPROG_BASE: far above any helper number
+SUBPROGRAMS = ("cgp_cidr_walk4", "cgp_cidr_scan4", "cgp_cidr_scan6")
+SUBPROGRAM_ARGS = Layout(
+    "cgp_cidr_args", ("hi", "__u64"), ("lo", "__u64"), ("n", "__u32"), ("len", "__u32")
+)
 
 # --- sock.c ---------------------------------------------------------------------------------
 
@@ -550,6 +559,7 @@ LAYOUTS: tuple[Layout, ...] = (
     IFACE_KEY,
     CIDR6_ROOT,
     CIDR6_SLOT,
+    SUBPROGRAM_ARGS,
     CREATE_CONFIG,
     DEVICE_RULE,
     DEVICE_CONFIG,
@@ -572,6 +582,11 @@ C_CONSTANTS: dict[str, int] = {
     "CGP_CIDR6_LIST": CIDR6_LIST,
     "CGP_CIDR6_HASH_MUL": CIDR6_HASH_MUL,
     "CGP_CIDR6_HASH_LO": CIDR6_HASH_LO,
+    "CGP_SUBPROG_BASE": SUBPROGRAM_BASE,
+    **{
+        f"CGP_SUBPROG_{name.removeprefix('cgp_').upper()}": SUBPROGRAM_BASE + index
+        for index, name in enumerate(SUBPROGRAMS)
+    },
     "CGP_DNS_LABELS": DNS_LABELS,
     "CGP_DNS_NAME_BYTES": DNS_NAME_BYTES,
     "CGP_DNS_ANSWERS": DNS_ANSWERS,

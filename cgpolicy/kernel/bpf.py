@@ -10,6 +10,7 @@ import ctypes
 import errno as errnos
 import functools
 import os
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar, Self
@@ -21,6 +22,7 @@ from cgpolicy.kernel.syscall import (
     ENOTSUPP,
     AttachType,
     BpfError,
+    BtfLoadAttr,
     Cmd,
     LinkCreateAttr,
     LinkDetachAttr,
@@ -50,6 +52,7 @@ from cgpolicy.kernel.syscall import (
     prog_test_run,
 )
 
+_FUNC_INFO = struct.Struct("<II")  # struct bpf_func_info: insn_off, type_id
 _PERCPU_MAPS = frozenset({MapType.PERCPU_HASH, MapType.PERCPU_ARRAY})
 # Map types whose MAP_UPDATE_BATCH this kernel refused: not asked again in this process.
 _NO_BATCH: set[MapType] = set()
@@ -284,14 +287,12 @@ class Map(_FdObject):
             value_list = [self._value(v) for v in value_list]  # padded, or the error
         if set(map(len, key_list)) != {self.info.key_size}:
             key_list = [self._key(k) for k in key_list]  # the error
-        keys, values = b"".join(key_list), b"".join(value_list)
-        kbuf = ctypes.create_string_buffer(keys, len(keys))
-        vbuf = ctypes.create_string_buffer(values, len(values))
+        keys, values = b"".join(key_list), b"".join(value_list)  # only read by the kernel
         done = 0
         while done < len(entries):
             attr = MapBatchAttr(
-                keys=addr(kbuf) + done * self.info.key_size,
-                values=addr(vbuf) + done * self._value_len,
+                keys=_bytes_addr(keys) + done * self.info.key_size,
+                values=_bytes_addr(values) + done * self._value_len,
                 count=len(entries) - done,
                 map_fd=self.fd,
                 elem_flags=flags,
@@ -325,14 +326,19 @@ class Program(_FdObject):
         name: str,
         expected_attach_type: AttachType | int = 0,
         license: str = "GPL",
+        btf: Btf | None = None,
+        func_info: Sequence[tuple[int, int]] = (),
     ) -> Program:
         """PROG_LOAD. Tried first without a verifier log (the log slows the verifier); on a
         rejection it loads again with a log, growing the buffer until the log fits, and raises
-        VerifierError with it."""
+        VerifierError with it. ``func_info``: (first instruction, FUNC type id in ``btf``) of
+        the main function and of each subprogram, for a program with subprograms."""
         if len(insns) % 8:
             raise ValueError(f"program {name}: {len(insns)} bytes is not whole instructions")
         insn_buf = ctypes.create_string_buffer(insns, len(insns))
         lic = ctypes.create_string_buffer(license.encode())
+        funcs = b"".join(_FUNC_INFO.pack(insn, type_id) for insn, type_id in func_info)
+        func_buf = ctypes.create_string_buffer(funcs, len(funcs)) if funcs else None
         attr = ProgLoadAttr(
             prog_type=prog_type,
             insn_cnt=len(insns) // 8,
@@ -341,6 +347,13 @@ class Program(_FdObject):
             prog_name=_check_name("program", name),
             expected_attach_type=expected_attach_type,
         )
+        if func_info:
+            if btf is None:
+                raise ValueError(f"program {name}: func_info without its BTF")
+            attr.prog_btf_fd = btf.fd
+            attr.func_info_rec_size = _FUNC_INFO.size
+            attr.func_info = addr(func_buf)
+            attr.func_info_cnt = len(func_info)
         what = f"of {name} ({ProgType(prog_type).name.lower()}, {len(insns) // 8} insns)"
         try:
             return cls(_load(attr, what))
@@ -386,6 +399,31 @@ def _load(attr: ProgLoadAttr, what: str) -> int:
             if error.errno != errnos.EAGAIN:
                 raise
     return bpf(Cmd.PROG_LOAD, attr, what)
+
+
+class Btf(_FdObject):
+    """A BTF object (BTF_LOAD), the types a program's func_info names. A program loaded
+    with it keeps its own reference: close it after PROG_LOAD."""
+
+    _kind = "BTF"
+
+    @classmethod
+    def load(cls, blob: bytes) -> Btf:
+        """BTF_LOAD; on a rejection, loaded again with a log, which the error carries."""
+        buf = ctypes.create_string_buffer(blob, len(blob))
+        attr = BtfLoadAttr(btf=addr(buf), btf_size=len(blob))
+        try:
+            return cls(bpf(Cmd.BTF_LOAD, attr, "of a program's BTF"))
+        except BpfError as error:
+            if error.errno in (errnos.EPERM, errnos.ENOMEM):
+                raise
+            log = ctypes.create_string_buffer(1 << 16)
+            attr.btf_log_buf, attr.btf_log_size, attr.btf_log_level = addr(log), len(log), 1
+            try:
+                return cls(bpf(Cmd.BTF_LOAD, attr, "of a program's BTF"))
+            except BpfError as retry:
+                text = log.value.decode(errors="replace")
+                raise VerifierError(retry.op, retry.errno, retry.message, text) from None
 
 
 class CgroupLink(_FdObject):

@@ -9,6 +9,11 @@ taken once with ``BPF.dump_func``; in them every map reference is an ``ld_imm64`
 its MapSpecs describe, writes their fds at the relocations and loads the result: a few
 milliseconds plus the map fill.
 
+Subprograms (contract.SUBPROGRAMS): bcc compiles no call between its functions, so a
+program calls one as a helper number; :func:`link` appends the function and makes that a
+BPF-to-BPF call, and the load gives the kernel BTF that declares the subprograms global
+functions (cgpolicy/kernel/btf.py), which the verifier checks once each.
+
 Only this module imports bcc, and only when the store lacks what a load needs.
 """
 
@@ -27,8 +32,9 @@ from pathlib import Path
 from typing import Any, Self
 
 from cgpolicy.compiler.spec import MapSpec, ProgramSpec
-from cgpolicy.contract import attach_hook
-from cgpolicy.kernel.bpf import Map, Program, close_all
+from cgpolicy.contract import SUBPROGRAM_ARGS, SUBPROGRAM_BASE, SUBPROGRAMS, attach_hook
+from cgpolicy.kernel.bpf import Btf, Map, Program, close_all
+from cgpolicy.kernel.btf import func_btf
 from cgpolicy.kernel.hooks import hook
 from cgpolicy.kernel.store import (
     CompiledFile,
@@ -48,6 +54,9 @@ SOURCE_DIR = Path(__file__).resolve().parents[2] / "bpf"
 _LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: a 16-byte instruction
 _PSEUDO_MAP_FD = 1  # src_reg: imm is a map fd
 _PSEUDO_MAP_VALUE = 2  # src_reg: imm is a map fd, the next imm an offset into its value
+_CALL = 0x85  # BPF_JMP | BPF_CALL: src_reg 0 calls the helper number imm
+_PSEUDO_CALL = 1  # src_reg: imm is the called function's first instruction - (this one + 1)
+_INSN = struct.Struct("<BBhi")  # opcode, dst_reg | src_reg << 4, off, imm
 
 
 class LoaderError(Exception):
@@ -82,16 +91,86 @@ class LoadedProgram:
         self.close()
 
 
+@dataclass(frozen=True, slots=True)
+class LinkedFunction:
+    """A function with the subprograms it calls (contract.SUBPROGRAMS) appended, each once,
+    and its calls of them made BPF-to-BPF calls: what PROG_LOAD takes."""
+
+    code: CompiledFunction  # the instructions of all; relocations and templates of all
+    subprograms: tuple[tuple[int, str], ...] = ()  # (first instruction, name), in order
+
+    def btf(self) -> tuple[bytes, list[tuple[int, int]]]:
+        """The BTF that makes the subprograms global functions, and the func_info records
+        (first instruction, FUNC type id) of the main function and each subprogram."""
+        blob, type_ids = func_btf(
+            self.code.function, [name for _, name in self.subprograms], SUBPROGRAM_ARGS.size
+        )
+        starts = [0, *(start for start, _ in self.subprograms)]
+        return blob, list(zip(starts, type_ids, strict=True))
+
+
 _lock = threading.Lock()
 _compiled: dict[tuple[str, bytes, tuple[str, ...]], CompiledFile] = {}
+_linked: dict[tuple[int, str], LinkedFunction] = {}  # by id() of a CompiledFile in _compiled
 
 
 def compile_function(source: Path, function: str, cflags: Sequence[str] = ()) -> CompiledFunction:
-    """The compiled instructions of ``function`` in ``source``."""
-    found = compile_file(source, cflags).get(function)
-    if found is None:
+    """The compiled instructions of ``function`` in ``source``, its subprograms linked."""
+    return link_function(source, function, cflags).code
+
+
+def link_function(source: Path, function: str, cflags: Sequence[str] = ()) -> LinkedFunction:
+    """``function`` of ``source`` with its subprograms (:func:`link`), once per process."""
+    compiled = compile_file(source, cflags)
+    key = (id(compiled), function)
+    with _lock:
+        linked = _linked.get(key)
+    if linked is None:
+        linked = link(compiled, function, source)
+        with _lock:
+            _linked[key] = linked
+    return linked
+
+
+def link(compiled: CompiledFile, function: str, source: Path) -> LinkedFunction:
+    """Append each subprogram ``function`` calls (a call of the helper number
+    SUBPROGRAM_BASE + i calls SUBPROGRAMS[i]), and those they call, once each, and turn
+    every such call into a BPF-to-BPF call of the appended copy."""
+    main = compiled.get(function)
+    if main is None:
         raise LoaderError(f"{source} has no BPF function {function!r}")
-    return found
+    insns = bytearray(main.insns)
+    relocations = list(main.relocations)
+    templates = dict(main.templates)
+    parts = [(0, main)]  # (first instruction, function)
+    starts: dict[str, int] = {function: 0}
+    for first, part in parts:  # grows while it runs: a subprogram may call another
+        index = first
+        while index < first + len(part.insns) // 8:
+            opcode, regs, _, imm = _INSN.unpack_from(insns, index * 8)
+            number = imm - SUBPROGRAM_BASE
+            if opcode == _CALL and regs >> 4 == 0 and 0 <= number < len(SUBPROGRAMS):
+                name = SUBPROGRAMS[number]
+                if name not in starts:
+                    callee = compiled.get(name)
+                    if callee is None:
+                        raise LoaderError(
+                            f"{source}:{part.function}: calls subprogram {name}, which is "
+                            "not a function of the file"
+                        )
+                    starts[name] = len(insns) // 8
+                    parts.append((starts[name], callee))
+                    relocations += [(starts[name] * 8 + o, m) for o, m in callee.relocations]
+                    templates |= callee.templates
+                    insns += callee.insns
+                _INSN.pack_into(
+                    insns, index * 8, _CALL, _PSEUDO_CALL << 4, 0, starts[name] - index - 1
+                )
+            index += 2 if opcode == _LD_IMM64 else 1
+    code = CompiledFunction(
+        main.source, function, bytes(insns), tuple(relocations), dict(sorted(templates.items()))
+    )
+    return LinkedFunction(code, tuple((start, part.function) for start, part in parts[1:]))
 
 
 def compile_file(source: Path, cflags: Sequence[str] = ()) -> CompiledFile:
@@ -199,6 +278,7 @@ class PreparedProgram:
     spec: ProgramSpec
     maps: dict[str, Map]
     insns: bytes
+    linked: LinkedFunction | None = None  # the code's subprograms, if any
 
     def fill(self) -> None:
         """Write every map's entries from its spec (a two-copy map's copy 0, in force).
@@ -212,9 +292,21 @@ class PreparedProgram:
         the LoadedProgram's from here (closed with it). On failure the caller closes them:
         another thread may still be filling them."""
         target = hook(attach_hook(self.spec.hook))
-        program = Program.load(
-            target.prog_type, self.insns, self.spec.prog_name, target.attach_type
-        )
+        if self.linked is None or not self.linked.subprograms:
+            program = Program.load(
+                target.prog_type, self.insns, self.spec.prog_name, target.attach_type
+            )
+            return LoadedProgram(self.spec, program, self.maps)
+        blob, func_info = self.linked.btf()
+        with Btf.load(blob) as btf:  # the program keeps its own reference
+            program = Program.load(
+                target.prog_type,
+                self.insns,
+                self.spec.prog_name,
+                target.attach_type,
+                btf=btf,
+                func_info=func_info,
+            )
         return LoadedProgram(self.spec, program, self.maps)
 
 
@@ -231,7 +323,8 @@ def prepare_program(
     creating those from the spec: several programs of one policy share one ring buffer
     this way. They must match their MapSpec's type and sizes; they are not filled from the
     spec, not part of ``LoadedProgram.maps`` and not closed with the program."""
-    compiled = compile_function(source_dir / spec.source, spec.function, cflags)
+    linked = link_function(source_dir / spec.source, spec.function, cflags)
+    compiled = linked.code
     _check_maps(spec, compiled)
     shared = dict(shared_maps or {})
     maps: dict[str, Map] = {}
@@ -248,7 +341,7 @@ def prepare_program(
     except BaseException:
         close_all(maps.values())
         raise
-    return PreparedProgram(spec, maps, bytes(insns))
+    return PreparedProgram(spec, maps, bytes(insns), linked)
 
 
 def load_program(

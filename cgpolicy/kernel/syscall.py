@@ -57,6 +57,7 @@ class Cmd(enum.IntEnum):
     MAP_GET_FD_BY_ID = 14
     OBJ_GET_INFO_BY_FD = 15
     PROG_QUERY = 16
+    BTF_LOAD = 18
     MAP_LOOKUP_AND_DELETE_ELEM = 21
     MAP_UPDATE_BATCH = 26
     LINK_CREATE = 28
@@ -229,6 +230,20 @@ class ProgLoadAttr(ctypes.Structure):
         ("prog_name", ctypes.c_char * 16),
         ("prog_ifindex", _u32),
         ("expected_attach_type", _u32),
+        ("prog_btf_fd", _u32),
+        ("func_info_rec_size", _u32),
+        ("func_info", _u64),
+        ("func_info_cnt", _u32),
+    ]
+
+
+class BtfLoadAttr(ctypes.Structure):
+    _fields_ = [
+        ("btf", _u64),
+        ("btf_log_buf", _u64),
+        ("btf_size", _u32),
+        ("btf_log_size", _u32),
+        ("btf_log_level", _u32),
     ]
 
 
@@ -304,7 +319,7 @@ class _EnableStatsAttr(ctypes.Structure):
 
 
 class _ProgInfo(ctypes.Structure):
-    """``struct bpf_prog_info`` up to ``run_cnt``."""
+    """``struct bpf_prog_info`` up to ``verified_insns``."""
 
     _fields_ = [
         ("type", _u32),
@@ -341,6 +356,8 @@ class _ProgInfo(ctypes.Structure):
         ("prog_tags", _u64),
         ("run_time_ns", _u64),
         ("run_cnt", _u64),
+        ("recursion_misses", _u64),
+        ("verified_insns", _u32),
     ]
 
 
@@ -463,6 +480,9 @@ class ProgramInfo:
     map_ids: tuple[int, ...]
     run_time_ns: int  # counted only while kernel.bpf_stats_enabled=1
     run_cnt: int
+    btf_id: int = 0  # the program's BTF (a program with subprograms: cgpolicy/kernel/btf.py)
+    functions: int = 0  # its functions with BTF: the main one and each subprogram
+    verified_insns: int = 0  # the verifier's steps at load (kernel 5.16+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,6 +523,9 @@ def prog_info(fd: int) -> ProgramInfo:
         map_ids=tuple(map_ids),
         run_time_ns=info.run_time_ns,
         run_cnt=info.run_cnt,
+        btf_id=info.btf_id,
+        functions=info.nr_func_info,
+        verified_insns=info.verified_insns,
     )
 
 

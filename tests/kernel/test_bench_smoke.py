@@ -153,6 +153,17 @@ SCALE_FIGURES = {
     "ancestor_remove_map_s",
 }
 FIGURES |= SCALE_FIGURES
+VERIFIER_HOOKS = (
+    "ingress",
+    "egress",
+    *(f"{hook}{v}" for hook in ("bind", "connect", "sendmsg") for v in (4, 6)),
+    *(f"egress@{hook}{v}" for hook in ("connect", "sendmsg") for v in (4, 6)),
+    "ingress.names",
+    "egress.names",
+)
+FIGURES |= {
+    f"verifier.{kind}.{hook}" for kind in ("steps", "prog_load_ms") for hook in VERIFIER_HOOKS
+}
 FIGURES |= {
     "rollout_apply_change_s",
     "rollout_apply_confirm_within_s",

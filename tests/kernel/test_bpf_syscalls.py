@@ -190,6 +190,13 @@ def test_a_batch_of_wrong_sizes_is_refused_before_the_kernel_sees_it() -> None:
         assert (m.lookup(u32(0)), m.lookup(u32(1))) == (u64(7), u64(8))
 
 
+def test_a_batch_fill_writes_a_per_cpu_value_to_every_cpu() -> None:
+    with Map.create(MapType.PERCPU_ARRAY, 4, 8, 2, name="cgp_t_pbatch") as m:
+        m.update_batch([(u32(0), u64(4)), (u32(1), u64(5))])
+        slots = m.lookup_per_cpu(u32(1))
+    assert slots and set(slots) == {u64(5)}
+
+
 def test_per_cpu_value_is_written_to_every_cpu() -> None:
     with Map.create(MapType.PERCPU_ARRAY, 4, 8, 2, name="cgp_t_pcpu") as m:
         m.update(u32(1), u64(5))

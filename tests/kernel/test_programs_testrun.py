@@ -409,6 +409,8 @@ def test_100k_cidrs(loaded: list[Skb]) -> None:
     inside = [str(ipaddress.IPv4Address(block + 77)) for block in rng.sample(sorted(blocks), 50)]
     for address in inside:
         assert prog.run(ipv4("1.1.1.1", address, TCP, tcp(443))) == DROP
+        # an IPv4-mapped address: the IPv4 walk as a subprogram (bpf/net.c cgp_cidr_walk4)
+        assert prog.run(ipv6("::1", f"::ffff:{address}", TCP, tcp(443))) == DROP
     outside = 0
     while outside < 50:
         candidate = rng.randrange(1 << 32)
@@ -418,6 +420,8 @@ def test_100k_cidrs(loaded: list[Skb]) -> None:
             expected = DROP if candidate < 1 << 31 else ALLOW  # udp to 0.0.0.0/1 is denied
             assert prog.run(ipv4("1.1.1.1", address, UDP, udp(53))) == expected
             assert prog.run(ipv4("1.1.1.1", address, TCP, tcp(53))) == ALLOW
+            assert prog.run(ipv6("::1", f"::ffff:{address}", UDP, udp(53))) == expected
+            assert prog.run(ipv6("::1", f"::ffff:{address}", TCP, tcp(53))) == ALLOW
 
 
 # --- the other hooks, by real actions in a scratch cgroup (PROG_TEST_RUN does not run them) ----
