@@ -359,18 +359,15 @@ struct cgp_iface_key {
 #define CGP_CIDR6_HASH_MUL 0x5851F42D4C957F2DULL
 #define CGP_CIDR6_HASH_LO 0x14057B7EF767814FULL
 
-/* Subprograms (net.c, above cgp_cidr_index): a program calls one as the helper number
+/* Subprograms (net.c cgp_cidr_walk4): a program calls one as the helper number
  * CGP_SUBPROG_BASE + its index in cgpolicy/contract.py SUBPROGRAMS, and the loader makes
  * that a BPF-to-BPF call. Far above any helper number the kernel has. */
 #define CGP_SUBPROG_BASE 0x7c000000
 #define CGP_SUBPROG_CIDR_WALK4 (CGP_SUBPROG_BASE + 0)
-#define CGP_SUBPROG_CIDR_SCAN4 (CGP_SUBPROG_BASE + 1)
-#define CGP_SUBPROG_CIDR_SCAN6 (CGP_SUBPROG_BASE + 2)
-/* What a program hands each of them. */
+/* What a program hands cgp_cidr_walk4: the address (hi:lo, host order) and the copy. */
 struct cgp_cidr_args {
-	__u64 hi, lo; /* walk: the address; scan: the key (host-order halves) */
-	__u32 n;      /* walk: the copy in force; scan: the key's home slot, in that copy */
-	__u32 len;    /* scan: the key's length */
+	__u64 hi, lo;
+	__u32 gen, pad;
 };
 
 struct cgp_root6 {

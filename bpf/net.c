@@ -188,67 +188,15 @@ static __always_inline __u64 cgp_cidr_hash(__u64 hi, __u64 lo, __u32 len)
 	return (hi ^ (lo * CGP_CIDR6_HASH_LO) ^ len) * CGP_CIDR6_HASH_MUL;
 }
 
-/*
- * Subprograms. A BPF-to-BPF call to a global function is verified once, on its own, with
- * unknown arguments, instead of once per path of the caller that reaches it, and every path
- * leaves the call as one state; but on this machine's CPUs a call and its return cost ~8 ns
- * (the return goes through the kernel's return thunk). So the packet programs keep their
- * walks inline (a packet pays no call), except the IPv4 walk of an IPv4-mapped address in
- * an IPv6 program, which is rare in a packet (a dual-stack socket sends IPv4 packets):
- * inline, it left ~110 states and the verifier walked the rest of the program once per
- * state (27,600 steps; 18,300 with the call; a step is about 1 us). The socket address
- * programs, which run once per system call, also call the scan of each probe: 64 scans
- * inline were most of their verifier steps (egress@connect6: 7,600 -> 3,100).
- *
- * bcc cannot compile a call between its functions, so a program calls the helper number
- * CGP_SUBPROG_<name>, which the loader (cgpolicy/kernel/loader.py) turns into a call of
- * the subprogram it appends, and gives it the BTF that makes it a global function. The
- * argument is a pointer to the caller's stack: bcc reads a program function's arguments
- * after the first from pt_regs.
- */
-static __u64 (*cgp_call_cidr_walk4)(struct cgp_cidr_args *) = (void *)CGP_SUBPROG_CIDR_WALK4;
-static __u64 (*cgp_call_cidr_scan4)(struct cgp_cidr_args *) = (void *)CGP_SUBPROG_CIDR_SCAN4;
-static __u64 (*cgp_call_cidr_scan6)(struct cgp_cidr_args *) = (void *)CGP_SUBPROG_CIDR_SCAN6;
-
-/* The scan of one probe (cgp_cidr_index): up to CGP_CIDR6_SPAN slots from the key's home
- * slot a->n (in the copy in force), for the key (a->len, a->hi:a->lo); the hit's slot
- * number + 1, or 0. */
-static __always_inline __u64 cgp_cidr_scan(const struct cgp_cidr_args *a, const int v4)
-{
-	for (__u32 j = 0; j < CGP_CIDR6_SPAN; j++) {
-		__u32 at = a->n + j;
-		struct cgp_slot6 *slot = v4 ? cidr4_slots.lookup(&at) : cidr6_slots.lookup(&at);
-		__u64 key[2];
-
-		if (!slot || !slot->len)
-			break;
-		__builtin_memcpy(key, slot->addr, 16);
-		if (slot->len == a->len && (v4 || key[0] == a->lo) && key[1] == a->hi)
-			return (__u64)at + 1;
-	}
-	return 0;
-}
-
-__u64 cgp_cidr_scan4(struct cgp_cidr_args *a)
-{
-	return a ? cgp_cidr_scan(a, 1) : 0; /* a global function's pointer may be NULL */
-}
-
-__u64 cgp_cidr_scan6(struct cgp_cidr_args *a)
-{
-	return a ? cgp_cidr_scan(a, 0) : 0;
-}
-
 /* The index's mask for the address hi:lo (host-order 64-bit halves); `v4` (a constant):
  * the IPv4 index (cidr4_root, cidr4_slots; the address in hi's top 32 bits, lo 0), else
- * the IPv6 one; `calls` (a constant): each probe's scan through its subprogram. The list
- * being probed is kept as the 8 bytes it was read as (the root's shift or the hit slot's
- * len, then its lengths, then at least one 0) and rotated a byte at a time, never
- * narrowed: the verifier, which knows nothing of a value read from a map, then sees every
- * way out of a probe (hit, empty slot, end of the scan) continue as one state. A byte
- * counter instead gave it a state per count: 4 times the verifier steps (connect6). */
-static __always_inline __u64 cgp_cidr_index(__u32 gen, __u64 hi, __u64 lo, const int v4,
-					    const int calls)
+ * the IPv6 one. The list being probed is kept as the 8 bytes it was read as (the root's
+ * shift or the hit slot's len, then its lengths, then at least one 0) and rotated a byte
+ * at a time, never narrowed: the verifier, which knows nothing of a value read from a
+ * map, then sees every way out of a probe (hit, empty slot, end of the scan) continue as
+ * one state. A byte counter instead gave it a state per count: 4 times the verifier steps
+ * (connect6). */
+static __always_inline __u64 cgp_cidr_index(__u32 gen, __u64 hi, __u64 lo, const int v4)
 {
 	struct cgp_root6 *root;
 	__u64 found, list;
@@ -276,18 +224,6 @@ static __always_inline __u64 cgp_cidr_index(__u32 gen, __u64 hi, __u64 lo, const
 		else
 			khi = hi & (~0ULL << ((64 - len) & 63));
 		home = cgp_cidr_hash(khi, klo, len) >> shift;
-		if (calls) {
-			struct cgp_cidr_args a = {.hi = khi, .lo = klo, .n = base + home, .len = len};
-			__u32 at = (v4 ? cgp_call_cidr_scan4(&a) : cgp_call_cidr_scan6(&a)) - 1;
-			struct cgp_slot6 *slot =
-				v4 ? cidr4_slots.lookup(&at) : cidr6_slots.lookup(&at);
-
-			if (slot && at != (__u32)-1) {
-				found = slot->mask;
-				__builtin_memcpy(&list, &slot->len, 8); /* len, then the list */
-			}
-			continue;
-		}
 		for (j = 0; j < CGP_CIDR6_SPAN; j++) {
 			__u32 at = base + home + j;
 			struct cgp_slot6 *slot =
@@ -307,18 +243,33 @@ static __always_inline __u64 cgp_cidr_index(__u32 gen, __u64 hi, __u64 lo, const
 	return found;
 }
 
-/* The IPv4 walk of an IPv4-mapped address (cgp_cidr6_mask), as a subprogram: a->hi:a->lo
- * the address, a->n the copy in force. */
+/*
+ * The IPv4 walk for an IPv4-mapped address in an IPv6 program (cgp_cidr6_mask) is a
+ * subprogram, a global function to the verifier (cgpolicy/kernel/loader.py gives it the
+ * BTF that says so): checked once, on its own, and every path leaves its call as one state.
+ * Inline, this second walk left ~110 states after it, and the verifier walked the rest of
+ * the packet programs once per state: 27,600 steps; 18,300 with the call (about 1 us a step).
+ * Only this walk: on this machine's CPUs a BPF-to-BPF call and its return cost ~8 ns per
+ * packet (the return goes through the kernel's return thunk), and a mapped address is rare
+ * in a packet (a dual-stack socket sends IPv4 packets). bcc cannot compile a call between
+ * its functions, so the program calls the helper number CGP_SUBPROG_CIDR_WALK4, which the
+ * loader turns into a call of the subprogram it appends. The argument is a pointer to the
+ * caller's stack: bcc reads a program function's arguments after the first from pt_regs.
+ */
 __u64 cgp_cidr_walk4(struct cgp_cidr_args *a)
 {
-	return a ? cgp_cidr_index(a->n, a->hi, a->lo, 1, 1) : 0;
+	if (!a) /* a global function's pointer argument may be NULL, to the verifier */
+		return 0;
+	return cgp_cidr_index(a->gen, a->hi, a->lo, 1);
 }
+
+static __u64 (*cgp_call_cidr_walk4)(struct cgp_cidr_args *) = (void *)CGP_SUBPROG_CIDR_WALK4;
 
 /* Rules whose cidrs contain the IPv4 address `addr` (network byte order). */
 static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __u32 gen,
-					    __u32 addr, const int calls)
+					    __u32 addr)
 {
-	return cfg->any_cidr | cgp_cidr_index(gen, (__u64)bpf_ntohl(addr) << 32, 0, 1, calls);
+	return cfg->any_cidr | cgp_cidr_index(gen, (__u64)bpf_ntohl(addr) << 32, 0, 1);
 }
 
 /* Rules whose cidrs contain the IPv6 address `addr` (four network-order words).
@@ -326,14 +277,14 @@ static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __
  * socket connecting to ::ffff:169.254.169.254 talks IPv4 to 169.254.169.254, so it meets
  * the IPv4 rules too. Rules written either way apply (a rule's cidrs are ORed). */
 static __always_inline __u64 cgp_cidr6_mask(const struct cgp_net_config *cfg, __u32 gen,
-					    const __u32 addr[4], const int calls)
+					    const __u32 addr[4])
 {
 	__u64 hi = ((__u64)bpf_ntohl(addr[0]) << 32) | bpf_ntohl(addr[1]);
 	__u64 lo = ((__u64)bpf_ntohl(addr[2]) << 32) | bpf_ntohl(addr[3]);
-	__u64 mask = cfg->any_cidr | cgp_cidr_index(gen, hi, lo, 0, calls);
+	__u64 mask = cfg->any_cidr | cgp_cidr_index(gen, hi, lo, 0);
 
 	if (addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff)) {
-		struct cgp_cidr_args a = {.hi = (__u64)bpf_ntohl(addr[3]) << 32, .n = gen};
+		struct cgp_cidr_args a = {.hi = (__u64)bpf_ntohl(addr[3]) << 32, .gen = gen};
 
 		mask |= cgp_call_cidr_walk4(&a);
 	}
@@ -673,7 +624,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, cons
 			__u32 ihl = ip.ver_ihl & 0xf;
 
 			if (cgp_cidr_listed(cfg))
-				cidr_mask = cgp_cidr4_mask(cfg, gen, egress ? ip.daddr : ip.saddr, 0);
+				cidr_mask = cgp_cidr4_mask(cfg, gen, egress ? ip.daddr : ip.saddr);
 			else
 				cidr_mask = cfg->any_cidr;
 			if (names && (cfg->fqdn_rules | cfg->dns_learn))
@@ -691,7 +642,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, cons
 
 		if (!cgp_load(skb, 0, &ip6, sizeof(ip6))) {
 			cidr_mask = cgp_cidr_listed(cfg)
-					    ? cgp_cidr6_mask(cfg, gen, egress ? ip6.daddr : ip6.saddr, 0)
+					    ? cgp_cidr6_mask(cfg, gen, egress ? ip6.daddr : ip6.saddr)
 					    : cfg->any_cidr;
 			if (names && (cfg->fqdn_rules | cfg->dns_learn))
 				__builtin_memcpy(remote, egress ? ip6.daddr : ip6.saddr, 16);
@@ -848,10 +799,10 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 		__u32 addr[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
 				 ctx->user_ip6[3]};
 
-		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, gen, addr, 1) : cfg->any_cidr;
+		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, gen, addr) : cfg->any_cidr;
 		__builtin_memcpy(remote, addr, 16);
 	} else {
-		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, gen, ctx->user_ip4, 1)
+		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, gen, ctx->user_ip4)
 						  : cfg->any_cidr;
 		cgp_mapped4(remote, ctx->user_ip4);
 	}
@@ -970,7 +921,7 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 			if (!(addr[0] | addr[1] | addr[2] | addr[3]))
 				return 1;
 			family = 10;
-			cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, gen, addr, 1) : cfg->any_cidr;
+			cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, gen, addr) : cfg->any_cidr;
 			__builtin_memcpy(remote, addr, 16);
 		}
 	} else {
@@ -979,7 +930,7 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 	if (family == 2) {
 		if (!addr4)
 			return 1;
-		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, gen, addr4, 1) : cfg->any_cidr;
+		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, gen, addr4) : cfg->any_cidr;
 		cgp_mapped4(remote, addr4);
 	}
 	if (names && cfg->fqdn_rules && cgp_maybe_learned(remote)) {

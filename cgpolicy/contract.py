@@ -468,14 +468,14 @@ CIDR6_SLOT = Layout(
     ("len", "__u8"),  # 1..128; 0: an empty slot
     ("next", "__u8", CIDR6_LIST),  # lengths to probe inside this entry, longest first
 )
-# Subprograms (net.c, above cgp_cidr_index): a program calls subprogram i as the helper
-# number SUBPROGRAM_BASE + i (CGP_SUBPROG_*), and the loader appends the function and makes
-# the call a BPF-to-BPF one, to a global function (verified once, on its own): each takes a
-# pointer to SUBPROGRAM_ARGS and returns a __u64.
+# Subprograms (net.c cgp_cidr_walk4: the IPv4 walk of an IPv4-mapped address): a program
+# calls subprogram i as the helper number SUBPROGRAM_BASE + i (CGP_SUBPROG_*), and the loader
+# appends the function and makes the call a BPF-to-BPF one, to a global function (verified
+# once, on its own): it takes a pointer to SUBPROGRAM_ARGS and returns a __u64.
 SUBPROGRAM_BASE = 0x7C000000  # CGP_SUBPROG_BASE: far above any helper number
-SUBPROGRAMS = ("cgp_cidr_walk4", "cgp_cidr_scan4", "cgp_cidr_scan6")
+SUBPROGRAMS = ("cgp_cidr_walk4",)
 SUBPROGRAM_ARGS = Layout(
-    "cgp_cidr_args", ("hi", "__u64"), ("lo", "__u64"), ("n", "__u32"), ("len", "__u32")
+    "cgp_cidr_args", ("hi", "__u64"), ("lo", "__u64"), ("gen", "__u32"), ("pad", "__u32")
 )
 
 # --- sock.c ---------------------------------------------------------------------------------
