@@ -1,7 +1,7 @@
 """The BTF a program with subprograms needs: a FUNC for its main function and one for each
 subprogram, the subprograms' linkage global. The verifier checks a global function once, on
 its own, with unknown arguments of their declared types, instead of once per path of the
-caller that reaches its call (cgpolicy/contract.py SUBPROGRAMS, bpf/net.c cgp_cidr_walk).
+caller that reaches its call (cgpolicy/contract.py SUBPROGRAMS, bpf/net.c cgp_cidr_walk4).
 
 bcc emits BTF, but for its own loads only; this is the little the kernel needs, made here
 (the layout: include/uapi/linux/btf.h, Documentation/bpf/btf.rst). Pure: no I/O.
