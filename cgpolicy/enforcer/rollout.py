@@ -322,6 +322,8 @@ def stop_idle_timers(bpf_dir: Path, root: Path) -> None:
     """End the rollback processes of this pin folder that have nothing left to roll back
     (all confirmed), and remove their cgroups. Call it with the pin lock held."""
     parent = root / ROLLBACK_PARENT
+    if not os.path.isdir(parent):
+        return  # no rollback process has run (the usual case: nothing more to read)
     prefix = f"{_tree_tag(bpf_dir)}-"
     try:
         tokens = {record.token for record in read_pending(bpf_dir).values()}
