@@ -363,10 +363,13 @@ def load_program(
 def load_prepared(prepared: Sequence[PreparedProgram]) -> list[LoadedProgram]:
     """Fill every prepared program's maps and PROG_LOAD them all at once: the loads on
     threads (one each up to the CPUs: the verifier's walk is most of a load and runs on
-    the calling thread's CPU), the fills on this one meanwhile. All or nothing: on a
-    failure every program and map is closed, and the first error raised."""
+    the calling thread's CPU, the longest programs first, so that the threads end
+    together), the fills on this one meanwhile. All or nothing: on a failure every
+    program and map is closed, and the first error raised."""
     with ThreadPoolExecutor(max(1, min(len(prepared), os.cpu_count() or 1))) as pool:
-        futures = [pool.submit(p.load) for p in prepared]
+        longest_first = sorted(prepared, key=lambda p: len(p.insns), reverse=True)
+        started = {id(p): pool.submit(p.load) for p in longest_first}
+        futures = [started[id(p)] for p in prepared]
         try:
             for program in prepared:
                 program.fill()
