@@ -51,6 +51,9 @@ class Split:
     def __enter__(self) -> Split:
         self._patch(engine, "compile_policy", "compile")
         self._patch(engine, "read_applied", "observe")
+        # maps made and filled and programs verified, on threads (enforcer/apply.py), and
+        # the DNS programs of the names variant, one by one
+        self._patch(apply_module, "_load_programs", "load")
         self._patch(apply_module, "load_program", "load")
         self._patch(Program, "load", "verifier")  # PROG_LOAD (the verifier), inside load
         return self
