@@ -53,6 +53,7 @@ from cgpolicy.policy.model import (
     Policy,
     SocketAddressRule,
 )
+from cgpolicy.policy.splice import section_at
 
 # What a `path:` device rule's path names on this node (cgpolicy.kernel.devices does the I/O).
 DeviceResolver = Callable[[DeviceRule], DeviceNode]
@@ -191,7 +192,7 @@ def recompile(
     DNS names, interfaces or device paths (what they resolve to is looked up at
     compilation), a rule that moves in the canonical order, an index that cannot take the
     change in place."""
-    if base.keys is None or base.dns_programs or base.device_paths or _names_interfaces(policy):
+    if base.keys is None or base.dns_programs or base.device_paths or names_interfaces(policy):
         return None
     if (policy.name, policy.mode) != (base.name, base.mode):
         return None  # not what a Derivation makes; said here, as the result keeps base's
@@ -240,12 +241,6 @@ def _holds(texts: list[str], network: IPNetwork) -> bool:
     return at < len(texts) and texts[at] == text
 
 
-def _section_rules(policy: Policy, where: str) -> tuple[NetworkRule | SocketAddressRule, ...]:
-    group, name = where.split(".")
-    section = getattr(getattr(policy, group), name)
-    return tuple(section.rules)
-
-
 def _section_index(
     compiled: CompiledPolicy, where: str, name: str
 ) -> tuple[MapSpec, CidrIndex] | None:
@@ -259,14 +254,12 @@ def _section_index(
     return None
 
 
-def _names_interfaces(policy: Policy) -> bool:
-    network = policy.network or Network()
-    return any(
-        rule.interfaces
-        for section in (network.ingress, network.egress)
-        if section
-        for rule in section.rules
-    )
+def names_interfaces(policy: Policy) -> bool:
+    """Whether a network rule names interfaces: what they resolve to is looked up at
+    compilation, so it is compiled again when interfaces change."""
+    network = policy.network
+    sections = (network.ingress, network.egress) if network else ()
+    return any(rule.interfaces for section in sections if section for rule in section.rules)
 
 
 def _index_bits(
@@ -281,8 +274,8 @@ def _index_bits(
     bit is not what it was."""
     found: dict[str, dict[str, list[tuple[tuple[int, int], int, bool]]]] = {}
     for edit in edits:
-        before = ordered_rules(_section_rules(base_policy, edit.where), old_keys)
-        after = ordered_rules(_section_rules(policy, edit.where), keys)
+        before = ordered_rules(section_at(base_policy, edit.where).rules, old_keys)
+        after = ordered_rules(section_at(policy, edit.where).rules, keys)
         at = _position(after, edit.new)
         if len(before) != len(after) or _position(before, edit.old) != at:
             raise CompileError("a rule moved in the canonical order")

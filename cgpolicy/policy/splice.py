@@ -215,21 +215,21 @@ def _apply(
     return made, tuple(new_lists)
 
 
-def _section(policy: Policy, where: str) -> Any:
+def section_at(policy: Policy, where: str) -> Any:
     """The section at ``where`` (network.egress, sockets.bind...), or None."""
     group, name = where.split(".")
     return getattr(getattr(policy, group), name, None)
 
 
 def _rule(policy: Policy, where: str, index: Any) -> AddressRule | None:
-    rules = getattr(_section(policy, where), "rules", ())
+    rules = getattr(section_at(policy, where), "rules", ())
     return rules[index] if isinstance(index, int) and 0 <= index < len(rules) else None
 
 
 def _replace_rules(policy: Policy, edits: list[tuple[int, CidrEdit]]) -> Policy:
     """``policy`` with each edit's new rule at its index in its section."""
     for index, edit in edits:
-        section = _section(policy, edit.where)
+        section = section_at(policy, edit.where)
         rules = section.rules[:index] + (edit.new,) + section.rules[index + 1 :]
         section = dataclasses.replace(section, rules=rules)
         network, sockets = policy.network, policy.sockets

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cgpolicy.compiler.compile import recompile
+from cgpolicy.compiler.compile import names_interfaces, recompile
 from cgpolicy.enforcer.ownership import SERVICE, recorded_owner
 from cgpolicy.enforcer.plan import Action
 from cgpolicy.reconciler.health import PassOutcome
@@ -162,12 +162,6 @@ def readiness(snapshot: Snapshot, report: PassReport) -> PassOutcome:
     return PassOutcome(wanted, dict(report.failed), invalid, None, snapshot.store_error)
 
 
-def _uses_interfaces(policy: Policy) -> bool:
-    network = policy.network
-    sections = (network.ingress, network.egress) if network else ()
-    return any(rule.interfaces for section in sections if section for rule in section.rules)
-
-
 class Compilations:
     """The compiled policies a pass can reuse. A policy is compiled again when it is a new
     one (a file read again gives new Policy objects), when what its device paths name
@@ -205,5 +199,5 @@ class Compilations:
     def links_changed(self) -> None:
         """Interfaces appeared, went or were renamed: what names them is compiled again."""
         self._cached = {
-            key: entry for key, entry in self._cached.items() if not _uses_interfaces(entry[0])
+            key: entry for key, entry in self._cached.items() if not names_interfaces(entry[0])
         }
