@@ -4,8 +4,11 @@ sockets.bind, IPv4 and IPv6 prefixes), the verifier's steps (``verified_insns`` 
 bpf_prog_info, which does not depend on the machine's speed) and the PROG_LOAD time
 (verifier and JIT, median of the rounds, one program at a time, maps made and filled as a
 load does). The same for the egress and ingress programs of a policy whose rules name
-fqdns (the ``_names`` variants). PROG_LOAD is most of a policy load: the programs are
-verified on one thread each, up to the CPUs (cgpolicy/kernel/loader.py load_prepared).
+fqdns (the ``_names`` variants), and for the shape of policy ``bench.compare`` loads (egress
+default deny, one allow rule listing prefixes of one family: ``.ipv4``, ``.ipv6``), whose
+programs walk only the index of that family (contract.family_variant). PROG_LOAD is most
+of a policy load: the programs are verified on one thread each, up to the CPUs
+(cgpolicy/kernel/loader.py load_prepared).
 """
 
 from __future__ import annotations
@@ -45,18 +48,35 @@ spec:
 """
 CIDRS = 'cidrs: ["10.0.0.0/8", "192.168.1.0/24", "fd00::/8", "2001:db8::1/128"]'
 NAMES = "fqdns: [example.com]"
+ONE_FAMILY = """\
+apiVersion: cgpolicy.dev/v1
+kind: CgroupPolicy
+metadata: {{name: verifier}}
+spec:
+  mode: enforce
+  targets: [{{path: x}}]
+  network:
+    egress:
+      default: deny
+      rules: [{{action: allow, cidrs: {cidrs}}}]
+"""
+VARIANTS = (
+    ("plain", POLICY.format(remote=CIDRS)),
+    ("names", POLICY.format(remote=NAMES)),
+    ("ipv4", ONE_FAMILY.format(cidrs='["10.77.0.0/24", "192.168.1.0/24"]')),
+    ("ipv6", ONE_FAMILY.format(cidrs='["fd77::/64", "2001:db8::1/128"]')),
+)
 
 
 def run(report: Report, quick: bool) -> None:
     rounds = 1 if quick else 5
     report.params["verifier"] = {"rounds": rounds, "statistic": "median PROG_LOAD time"}
-    for variant, remote in (("plain", CIDRS), ("names", NAMES)):
-        text = POLICY.format(remote=remote).encode()
-        (policy,) = load_contents([("verifier.yaml", text)]).policies
+    for variant, text in VARIANTS:
+        (policy,) = load_contents([("verifier.yaml", text.encode())]).policies
         for spec in compile_policy(policy).programs:
             if variant == "names" and spec.hook not in ("egress", "ingress"):
                 continue
-            key = spec.hook if variant == "plain" else f"{spec.hook}.names"
+            key = spec.hook if variant == "plain" else f"{spec.hook}.{variant}"
             steps, times = 0, []
             for _ in range(rounds):
                 prepared = prepare_program(spec)

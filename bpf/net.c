@@ -265,10 +265,24 @@ __u64 cgp_cidr_walk4(struct cgp_cidr_args *a)
 
 static __u64 (*cgp_call_cidr_walk4)(struct cgp_cidr_args *) = (void *)CGP_SUBPROG_CIDR_WALK4;
 
+/*
+ * Which prefix indexes a program reads (`fam`, a constant): CGP_FAM4 the IPv4 one, CGP_FAM6
+ * the IPv6 one. A policy section listing no prefix of a family gets the variant of each
+ * program without that family's walk (cgpolicy/contract.py family_variant): its index is
+ * empty, so the walk would find no rule, and without it the verifier has that much less to
+ * walk at every load (the IPv6 walk is most of the steps of an IPv6 connect check). The
+ * names variants read both.
+ */
+#define CGP_FAM4 1
+#define CGP_FAM6 2
+#define CGP_FAM_BOTH (CGP_FAM4 | CGP_FAM6)
+
 /* Rules whose cidrs contain the IPv4 address `addr` (network byte order). */
 static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __u32 gen,
-					    __u32 addr)
+					    __u32 addr, const int fam)
 {
+	if (!(fam & CGP_FAM4))
+		return cfg->any_cidr;
 	return cfg->any_cidr | cgp_cidr_index(gen, (__u64)bpf_ntohl(addr) << 32, 0, 1);
 }
 
@@ -277,13 +291,15 @@ static __always_inline __u64 cgp_cidr4_mask(const struct cgp_net_config *cfg, __
  * socket connecting to ::ffff:169.254.169.254 talks IPv4 to 169.254.169.254, so it meets
  * the IPv4 rules too. Rules written either way apply (a rule's cidrs are ORed). */
 static __always_inline __u64 cgp_cidr6_mask(const struct cgp_net_config *cfg, __u32 gen,
-					    const __u32 addr[4])
+					    const __u32 addr[4], const int fam)
 {
 	__u64 hi = ((__u64)bpf_ntohl(addr[0]) << 32) | bpf_ntohl(addr[1]);
 	__u64 lo = ((__u64)bpf_ntohl(addr[2]) << 32) | bpf_ntohl(addr[3]);
-	__u64 mask = cfg->any_cidr | cgp_cidr_index(gen, hi, lo, 0);
+	__u64 mask = cfg->any_cidr;
 
-	if (addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff)) {
+	if (fam & CGP_FAM6)
+		mask |= cgp_cidr_index(gen, hi, lo, 0);
+	if ((fam & CGP_FAM4) && addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff)) {
 		struct cgp_cidr_args a = {.hi = (__u64)bpf_ntohl(addr[3]) << 32, .gen = gen};
 
 		mask |= cgp_call_cidr_walk4(&a);
@@ -599,7 +615,8 @@ static __always_inline void cgp_mapped4(__u8 out[16], __u32 addr4)
 /* `names` (a constant): the variant for policies whose rules name fqdns, which reads the
  * learned addresses and learns from DNS. Without it the verifier has a fraction of the paths
  * to walk (~10 ms instead of ~300 ms per load): the DNS code is not in the program at all. */
-static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, const int names)
+static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, const int names,
+				   const int fam)
 {
 	const struct cgp_net_config *cfg;
 	struct cgp_l4 l4 = {};
@@ -624,7 +641,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, cons
 			__u32 ihl = ip.ver_ihl & 0xf;
 
 			if (cgp_cidr_listed(cfg))
-				cidr_mask = cgp_cidr4_mask(cfg, gen, egress ? ip.daddr : ip.saddr);
+				cidr_mask = cgp_cidr4_mask(cfg, gen, egress ? ip.daddr : ip.saddr, fam);
 			else
 				cidr_mask = cfg->any_cidr;
 			if (names && (cfg->fqdn_rules | cfg->dns_learn))
@@ -642,7 +659,7 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, cons
 
 		if (!cgp_load(skb, 0, &ip6, sizeof(ip6))) {
 			cidr_mask = cgp_cidr_listed(cfg)
-					    ? cgp_cidr6_mask(cfg, gen, egress ? ip6.daddr : ip6.saddr)
+					    ? cgp_cidr6_mask(cfg, gen, egress ? ip6.daddr : ip6.saddr, fam)
 					    : cfg->any_cidr;
 			if (names && (cfg->fqdn_rules | cfg->dns_learn))
 				__builtin_memcpy(remote, egress ? ip6.daddr : ip6.saddr, 16);
@@ -755,11 +772,15 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, cons
 	return ret;
 }
 
-/* Every program of this file comes in two variants: F, and F_names for policies whose rules
- * name fqdns (the `names` constant; cgpolicy/contract.py names_variant). */
+/* Every program of this file comes in variants: F, and F_names for policies whose rules
+ * name fqdns (the `names` constant; cgpolicy/contract.py names_variant); F_4, F_6 and F_0
+ * for sections that list only IPv4 prefixes, only IPv6 ones, or none (`fam`, above). */
 #define CGP_SKB_PROGRAM(name, egress)                                                        \
-	int name(struct __sk_buff *skb) { return cgp_skb(skb, egress, 0); }                 \
-	int name##_names(struct __sk_buff *skb) { return cgp_skb(skb, egress, 1); }
+	int name(struct __sk_buff *skb) { return cgp_skb(skb, egress, 0, CGP_FAM_BOTH); }    \
+	int name##_4(struct __sk_buff *skb) { return cgp_skb(skb, egress, 0, CGP_FAM4); }    \
+	int name##_6(struct __sk_buff *skb) { return cgp_skb(skb, egress, 0, CGP_FAM6); }    \
+	int name##_0(struct __sk_buff *skb) { return cgp_skb(skb, egress, 0, 0); }           \
+	int name##_names(struct __sk_buff *skb) { return cgp_skb(skb, egress, 1, CGP_FAM_BOTH); }
 
 CGP_SKB_PROGRAM(cgp_ingress, 0)
 CGP_SKB_PROGRAM(cgp_egress, 1)
@@ -778,7 +799,7 @@ CGP_SKB_PROGRAM(cgp_egress, 1)
  * and only allow rules without protocol and ports let them through.
  */
 static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u32 hook,
-					 const int names)
+					 const int names, const int fam)
 {
 	const struct cgp_net_config *cfg;
 	__u64 unknown, cidr_mask, proto_mask, port_mask;
@@ -799,10 +820,10 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 		__u32 addr[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
 				 ctx->user_ip6[3]};
 
-		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, gen, addr) : cfg->any_cidr;
+		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, gen, addr, fam) : cfg->any_cidr;
 		__builtin_memcpy(remote, addr, 16);
 	} else {
-		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, gen, ctx->user_ip4)
+		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, gen, ctx->user_ip4, fam)
 						  : cfg->any_cidr;
 		cgp_mapped4(remote, ctx->user_ip4);
 	}
@@ -850,8 +871,17 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 }
 
 #define CGP_SOCK_ADDR_PROGRAM(name, v6, hook)                                                \
-	int name(struct bpf_sock_addr *ctx) { return cgp_sock_addr(ctx, v6, hook, 0); }     \
-	int name##_names(struct bpf_sock_addr *ctx) { return cgp_sock_addr(ctx, v6, hook, 1); }
+	int name(struct bpf_sock_addr *ctx)                                                  \
+	{                                                                                    \
+		return cgp_sock_addr(ctx, v6, hook, 0, CGP_FAM_BOTH);                         \
+	}                                                                                    \
+	int name##_4(struct bpf_sock_addr *ctx) { return cgp_sock_addr(ctx, v6, hook, 0, CGP_FAM4); } \
+	int name##_6(struct bpf_sock_addr *ctx) { return cgp_sock_addr(ctx, v6, hook, 0, CGP_FAM6); } \
+	int name##_0(struct bpf_sock_addr *ctx) { return cgp_sock_addr(ctx, v6, hook, 0, 0); }        \
+	int name##_names(struct bpf_sock_addr *ctx)                                          \
+	{                                                                                    \
+		return cgp_sock_addr(ctx, v6, hook, 1, CGP_FAM_BOTH);                         \
+	}
 
 CGP_SOCK_ADDR_PROGRAM(cgp_bind4, 0, CGP_HOOK_BIND4)
 CGP_SOCK_ADDR_PROGRAM(cgp_bind6, 1, CGP_HOOK_BIND6)
@@ -890,7 +920,7 @@ CGP_SOCK_ADDR_PROGRAM(cgp_sendmsg6, 1, CGP_HOOK_SENDMSG6)
 #define CGP_SOCK_DGRAM 2
 
 static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int v6, __u32 flag,
-						 const int names)
+						 const int names, const int fam)
 {
 	const struct cgp_net_config *cfg;
 	__u64 cidr_mask, unsure = 0, proto_mask, matched, possible, certain;
@@ -921,7 +951,7 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 			if (!(addr[0] | addr[1] | addr[2] | addr[3]))
 				return 1;
 			family = 10;
-			cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, gen, addr) : cfg->any_cidr;
+			cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr6_mask(cfg, gen, addr, fam) : cfg->any_cidr;
 			__builtin_memcpy(remote, addr, 16);
 		}
 	} else {
@@ -930,7 +960,7 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 	if (family == 2) {
 		if (!addr4)
 			return 1;
-		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, gen, addr4) : cfg->any_cidr;
+		cidr_mask = cgp_cidr_listed(cfg) ? cgp_cidr4_mask(cfg, gen, addr4, fam) : cfg->any_cidr;
 		cgp_mapped4(remote, addr4);
 	}
 	if (names && cfg->fqdn_rules && cgp_maybe_learned(remote)) {
@@ -980,8 +1010,23 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 }
 
 #define CGP_CONNECT_CHECK(name, v6, flag)                                                     \
-	int name(struct bpf_sock_addr *ctx) { return cgp_egress_at_connect(ctx, v6, flag, 0); } \
-	int name##_names(struct bpf_sock_addr *ctx) { return cgp_egress_at_connect(ctx, v6, flag, 1); }
+	int name(struct bpf_sock_addr *ctx)                                                    \
+	{                                                                                      \
+		return cgp_egress_at_connect(ctx, v6, flag, 0, CGP_FAM_BOTH);                   \
+	}                                                                                      \
+	int name##_4(struct bpf_sock_addr *ctx)                                                \
+	{                                                                                      \
+		return cgp_egress_at_connect(ctx, v6, flag, 0, CGP_FAM4);                       \
+	}                                                                                      \
+	int name##_6(struct bpf_sock_addr *ctx)                                                \
+	{                                                                                      \
+		return cgp_egress_at_connect(ctx, v6, flag, 0, CGP_FAM6);                       \
+	}                                                                                      \
+	int name##_0(struct bpf_sock_addr *ctx) { return cgp_egress_at_connect(ctx, v6, flag, 0, 0); } \
+	int name##_names(struct bpf_sock_addr *ctx)                                            \
+	{                                                                                      \
+		return cgp_egress_at_connect(ctx, v6, flag, 1, CGP_FAM_BOTH);                   \
+	}
 
 CGP_CONNECT_CHECK(cgp_eg_connect4, 0, CGP_EV_CONNECT)
 CGP_CONNECT_CHECK(cgp_eg_connect6, 1, CGP_EV_CONNECT)

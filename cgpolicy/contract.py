@@ -285,6 +285,17 @@ def names_variant(function: str) -> str:
     return f"{function}_names"
 
 
+def family_variant(function: str, ipv4: bool, ipv6: bool) -> str:
+    """The variant of a plain net.c program that walks only the prefix indexes of the
+    families its section lists prefixes of (``ipv4``, ``ipv6``): F with both, F_4 or F_6
+    with one, F_0 with none (bpf/net.c `fam`). An empty index finds no rule, so leaving
+    its walk out changes no verdict, and the verifier walks that much less at each load.
+    The kernel name (prog_name) stays the plain one's."""
+    if ipv4 and ipv6:
+        return function
+    return f"{function}_{4 if ipv4 else 6 if ipv6 else 0}"
+
+
 # policy section -> the hooks its programs run at, in the order above
 SECTION_HOOKS: dict[str, tuple[str, ...]] = {
     section: tuple(p.hook for p in HOOK_PROGRAMS.values() if p.section == section)

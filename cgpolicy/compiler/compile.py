@@ -16,7 +16,7 @@ from cgpolicy.compiler.canonical import RuleKeys, network_text, ordered_rules, r
 from cgpolicy.compiler.cidr6 import CIDR6_FLAT_MAX, CidrIndex
 from cgpolicy.compiler.devices import device_maps
 from cgpolicy.compiler.dns import DnsConfig, dns_programs, name_rules
-from cgpolicy.compiler.maps import program_spec
+from cgpolicy.compiler.maps import index_variant, program_spec
 from cgpolicy.compiler.names import pattern_ids
 from cgpolicy.compiler.network import (
     InterfaceResolver,
@@ -205,9 +205,11 @@ def recompile(
     for where, families in changes.items():
         for family, bits in families.items():
             found = _section_index(base, where, f"{family}_slots")
-            changed = found[1].changed(found[0], bits) if found is not None else None
-            if found is None or changed is None:
-                return None
+            if found is None:
+                return None  # the first prefix of a family: a variant that walks its index
+            changed = found[1].changed(found[0], bits)
+            if changed is None or changed.index is None or not changed.index.own:
+                return None  # not in place; or the family's last prefix went (a variant)
             replaced[id(found[0])] = changed
     programs = tuple(
         dataclasses.replace(spec, maps=tuple(replaced.get(id(m), m) for m in spec.maps))
@@ -322,8 +324,13 @@ def connect_checks(egress_maps: dict[str, MapSpec], names: bool = False) -> list
         unused = _CIDR6_MAPS if check.hook.endswith("4") else frozenset()
         if not names:  # the plain variant reads no DNS maps
             unused = unused | _CONNECT_CHECK_NAME_MAPS
-        maps = tuple(egress_maps[name] for name in sorted(_CONNECT_CHECK_MAPS - unused))
-        function = names_variant(check.function) if names else check.function
+        # (the egress program has no maps of an index that lists no prefix)
+        used = {n: egress_maps[n] for n in sorted(_CONNECT_CHECK_MAPS - unused) if n in egress_maps}
+        if names:
+            function = names_variant(check.function)
+        else:
+            function, used = index_variant(check.function, used)
+        maps = tuple(used[name] for name in sorted(used))
         specs.append(ProgramSpec(check.slot, "net.c", function, check.function, maps, "egress"))
     return specs
 

@@ -14,6 +14,7 @@ from cgpolicy.contract import (
     HOOK_PROGRAMS,
     RATELIMIT,
     U32,
+    family_variant,
     names_variant,
 )
 
@@ -26,9 +27,15 @@ EVENTS_PER_SECOND = 100  # per program and CPU; more are counted as dropped
 
 def program_spec(hook: str, maps: dict[str, MapSpec], names: bool = False) -> ProgramSpec:
     """The hook's program; ``names``: its variant for rules naming fqdns (net.c only,
-    contract.names_variant)."""
+    contract.names_variant), else the one walking only the prefix indexes that hold a
+    prefix (:func:`index_variant`)."""
     program = HOOK_PROGRAMS[hook]
-    function = names_variant(program.function) if names else program.function
+    if names:
+        function = names_variant(program.function)
+    elif program.source == "net.c":
+        function, maps = index_variant(program.function, maps)
+    else:
+        function = program.function
     maps = {**maps, "events": events_map(), "ratelimit": ratelimit_map(EVENTS_PER_SECOND)}
     return ProgramSpec(
         hook,
@@ -37,6 +44,23 @@ def program_spec(hook: str, maps: dict[str, MapSpec], names: bool = False) -> Pr
         program.function,
         tuple(maps[name] for name in sorted(maps)),
     )
+
+
+def index_variant(function: str, maps: dict[str, MapSpec]) -> tuple[str, dict[str, MapSpec]]:
+    """The variant of the plain net.c program ``function`` (contract.family_variant) for the
+    prefix indexes among ``maps`` (cidr4_*, cidr6_*: cidr6.py) that hold a prefix, and the
+    maps it reads: ``maps`` without the empty indexes."""
+    listed = {
+        family: slots is not None and slots.index is not None and bool(slots.index.own)
+        for family in ("cidr4", "cidr6")
+        for slots in [maps.get(f"{family}_slots")]
+    }
+    kept = {
+        name: spec
+        for name, spec in maps.items()
+        if not any(name.startswith(f"{family}_") and not has for family, has in listed.items())
+    }
+    return family_variant(function, listed["cidr4"], listed["cidr6"]), kept
 
 
 def events_map() -> MapSpec:

@@ -127,9 +127,9 @@ def test_allow_inside_deny_map_contents() -> None:
     assert proto == [deny_bit | allow_bit, deny_bit, deny_bit, deny_bit, deny_bit]
     # two copies of the root; a /8 and a /16: one marker-free list of two lengths
     assert maps["cidr4_root"].max_entries == 2 and len(maps["cidr4_slots"].entries) == 2
-    # no IPv6 prefix: an empty root list, a table of one key's span
-    assert maps["cidr6_root"].entries[0][1][9:] == bytes(7)
-    assert maps["cidr6_slots"].entries == ()
+    # no IPv6 prefix: the variant without the IPv6 walk, and no IPv6 index
+    assert next(p for p in compiled.programs if p.hook == "egress").function == "cgp_egress_4"
+    assert "cidr6_root" not in maps and "cidr6_slots" not in maps
 
 
 def test_random_cidrs_match_python_semantics() -> None:
@@ -290,8 +290,25 @@ def test_sockets_programs_and_maps() -> None:
         "sendmsg6",
     }
     events = {"events", "ratelimit"}  # deny events, in every program
-    # no fqdns rules: the plain programs, which read no DNS maps (contract.names_variant)
-    assert {p.function for p in compiled.programs} == {p.prog_name for p in compiled.programs}
+    # no fqdns rules: the plain programs, which read no DNS maps (contract.names_variant),
+    # in the variant that walks the indexes holding a prefix (contract.family_variant):
+    # bind lists none, connect IPv4 prefixes only
+    assert {p.hook: p.function for p in compiled.programs} == {
+        "sock_create": "cgp_sock_create",
+        "bind4": "cgp_bind4_0",
+        "bind6": "cgp_bind6_0",
+        "connect4": "cgp_connect4_4",
+        "connect6": "cgp_connect6_4",
+        "sendmsg4": "cgp_sendmsg4_4",
+        "sendmsg6": "cgp_sendmsg6_4",
+    }
+    assert {m.name for m in hooks["bind6"].maps} == {
+        *events,
+        "generation",
+        "config",
+        "ports",
+        "counters",
+    }
     assert {m.name for m in hooks["connect4"].maps} == {
         "generation",  # the copy of the rule maps in force
         "config",
@@ -305,10 +322,8 @@ def test_sockets_programs_and_maps() -> None:
         *events,
         "generation",
         "config",
-        "cidr4_root",
+        "cidr4_root",  # IPv4-mapped addresses
         "cidr4_slots",
-        "cidr6_root",
-        "cidr6_slots",
         "ports",
         "counters",
     }

@@ -175,6 +175,7 @@ def compiled_answers(compiled: CompiledPolicy, points: list[int]) -> dict[str, A
         "revision": compiled.revision,
         "labels": compiled.rules,
         "hooks": [spec.hook for spec in compiled.programs],
+        "functions": [spec.function for spec in compiled.programs],  # the variants
     }
     for spec in compiled.programs:
         maps = {m.name: m for m in spec.maps}
@@ -333,6 +334,29 @@ def test_a_plain_item_ending_in_a_colon_is_read_whole(item: str) -> None:
     with_memo = load_contents([("p.yaml", new)], memo)
     assert summary(with_memo) == summary(load_contents([("p.yaml", new)]))
     assert [p.message for p in with_memo.problems] == ["expected a string, not a mapping"]
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "variant"),
+    [
+        ("fd00::/16", "10.10.0.0/16", "cgp_egress_4"),  # the last IPv6 prefix goes
+        ("192.0.2.0/24", "fd00::/16", "cgp_egress"),  # the first IPv6 prefix comes
+    ],
+)
+def test_a_change_of_the_families_listed_is_compiled_whole(
+    before: str, after: str, variant: str
+) -> None:
+    """The programs walk only the indexes of the families a section lists prefixes of
+    (contract.family_variant): a change that empties one, or lists the first prefix of
+    one, is not made in place, and the whole compilation has the variant that fits."""
+    memo = FileMemo()
+    (policy,) = load_contents([("c.yaml", long_list_file(["10.9.0.0/16", before]))], memo).policies
+    compiled = compile_policy(policy)
+    (new,) = load_contents([("c.yaml", long_list_file(["10.9.0.0/16", after]))], memo).policies
+    assert new.derived is not None
+    assert recompile(compiled, policy, new, new.derived.edits) is None
+    egress = next(spec for spec in compile_policy(new).programs if spec.hook == "egress")
+    assert egress.function == variant
 
 
 def test_a_chain_of_changed_compilations_keeps_only_the_rules_of_the_last() -> None:
