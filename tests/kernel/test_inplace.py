@@ -219,6 +219,37 @@ def test_a_list_that_outgrows_its_maps_or_another_apply_means_a_reload(
         remove(service, "grow")
 
 
+def test_the_first_or_last_prefix_of_a_family_means_a_reload(
+    scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports
+):
+    """A section that lists no prefix of a family has programs that do not look that family
+    up (contract.family_variant): listing its first prefix, or removing its last, reloads
+    the policy, and each list is in force."""
+    p1, *_ = loopback_ports.ports
+    target = [scratch_cgroup.relative]
+    service = Enforcer(cgroup_root, bpf_dir, in_place=True)
+    probes = [(NOW, "tcp", "127.0.0.1", p1), (NOW, "tcp", "::1", p1)]
+    try:
+        apply_ok(service, policy_file(tmp_path, "families", target, egress("127.0.0.1", p1)))
+        ipv4_only = program_ids(bpf_dir, "families")
+        expect(scratch_cgroup, list(zip(probes, [ALLOWED, EPERM], strict=True)))
+
+        with_ipv6 = egress("127.0.0.1", p1, extra=[*FILLER, "::1/128"])
+        apply_ok(service, policy_file(tmp_path, "families", target, with_ipv6))
+        both = program_ids(bpf_dir, "families")
+        assert both["egress"] != ipv4_only["egress"]
+        expect(scratch_cgroup, list(zip(probes, [ALLOWED, ALLOWED], strict=True)))
+
+        apply_ok(service, policy_file(tmp_path, "families", target, egress("127.0.0.1", p1)))
+        assert program_ids(bpf_dir, "families")["egress"] not in (
+            ipv4_only["egress"],
+            both["egress"],
+        )
+        expect(scratch_cgroup, list(zip(probes, [ALLOWED, EPERM], strict=True)))
+    finally:
+        remove(service, "families")
+
+
 def test_a_new_cgroup_in_between_keeps_changes_in_place(
     scratch_cgroup, bpf_dir, cgroup_root, tmp_path, loopback_ports
 ):
