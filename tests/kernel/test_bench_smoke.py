@@ -160,6 +160,15 @@ VERIFIER_HOOKS = (
     *(f"egress@{hook}{v}" for hook in ("connect", "sendmsg") for v in (4, 6)),
     "ingress.names",
     "egress.names",
+    # the compare bench's shape of policy, with prefixes of one family
+    *(
+        f"{slot}.{family}"
+        for slot in (
+            "egress",
+            *(f"egress@{hook}{v}" for hook in ("connect", "sendmsg") for v in (4, 6)),
+        )
+        for family in ("ipv4", "ipv6")
+    ),
 )
 FIGURES |= {
     f"verifier.{kind}.{hook}" for kind in ("steps", "prog_load_ms") for hook in VERIFIER_HOOKS
