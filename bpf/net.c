@@ -870,18 +870,14 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 	return ret;
 }
 
+#define CGP_SOCK_ADDR_VARIANT(name, v6, hook, names, fam)                                    \
+	int name(struct bpf_sock_addr *ctx) { return cgp_sock_addr(ctx, v6, hook, names, fam); }
 #define CGP_SOCK_ADDR_PROGRAM(name, v6, hook)                                                \
-	int name(struct bpf_sock_addr *ctx)                                                  \
-	{                                                                                    \
-		return cgp_sock_addr(ctx, v6, hook, 0, CGP_FAM_BOTH);                         \
-	}                                                                                    \
-	int name##_4(struct bpf_sock_addr *ctx) { return cgp_sock_addr(ctx, v6, hook, 0, CGP_FAM4); } \
-	int name##_6(struct bpf_sock_addr *ctx) { return cgp_sock_addr(ctx, v6, hook, 0, CGP_FAM6); } \
-	int name##_0(struct bpf_sock_addr *ctx) { return cgp_sock_addr(ctx, v6, hook, 0, 0); }        \
-	int name##_names(struct bpf_sock_addr *ctx)                                          \
-	{                                                                                    \
-		return cgp_sock_addr(ctx, v6, hook, 1, CGP_FAM_BOTH);                         \
-	}
+	CGP_SOCK_ADDR_VARIANT(name, v6, hook, 0, CGP_FAM_BOTH)                               \
+	CGP_SOCK_ADDR_VARIANT(name##_4, v6, hook, 0, CGP_FAM4)                               \
+	CGP_SOCK_ADDR_VARIANT(name##_6, v6, hook, 0, CGP_FAM6)                               \
+	CGP_SOCK_ADDR_VARIANT(name##_0, v6, hook, 0, 0)                                      \
+	CGP_SOCK_ADDR_VARIANT(name##_names, v6, hook, 1, CGP_FAM_BOTH)
 
 CGP_SOCK_ADDR_PROGRAM(cgp_bind4, 0, CGP_HOOK_BIND4)
 CGP_SOCK_ADDR_PROGRAM(cgp_bind6, 1, CGP_HOOK_BIND6)
@@ -1009,24 +1005,17 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 	return 0;
 }
 
-#define CGP_CONNECT_CHECK(name, v6, flag)                                                     \
-	int name(struct bpf_sock_addr *ctx)                                                    \
-	{                                                                                      \
-		return cgp_egress_at_connect(ctx, v6, flag, 0, CGP_FAM_BOTH);                   \
-	}                                                                                      \
-	int name##_4(struct bpf_sock_addr *ctx)                                                \
-	{                                                                                      \
-		return cgp_egress_at_connect(ctx, v6, flag, 0, CGP_FAM4);                       \
-	}                                                                                      \
-	int name##_6(struct bpf_sock_addr *ctx)                                                \
-	{                                                                                      \
-		return cgp_egress_at_connect(ctx, v6, flag, 0, CGP_FAM6);                       \
-	}                                                                                      \
-	int name##_0(struct bpf_sock_addr *ctx) { return cgp_egress_at_connect(ctx, v6, flag, 0, 0); } \
-	int name##_names(struct bpf_sock_addr *ctx)                                            \
-	{                                                                                      \
-		return cgp_egress_at_connect(ctx, v6, flag, 1, CGP_FAM_BOTH);                   \
+#define CGP_CONNECT_CHECK_VARIANT(name, v6, flag, names, fam)                                \
+	int name(struct bpf_sock_addr *ctx)                                                  \
+	{                                                                                    \
+		return cgp_egress_at_connect(ctx, v6, flag, names, fam);                      \
 	}
+#define CGP_CONNECT_CHECK(name, v6, flag)                                                    \
+	CGP_CONNECT_CHECK_VARIANT(name, v6, flag, 0, CGP_FAM_BOTH)                           \
+	CGP_CONNECT_CHECK_VARIANT(name##_4, v6, flag, 0, CGP_FAM4)                           \
+	CGP_CONNECT_CHECK_VARIANT(name##_6, v6, flag, 0, CGP_FAM6)                           \
+	CGP_CONNECT_CHECK_VARIANT(name##_0, v6, flag, 0, 0)                                  \
+	CGP_CONNECT_CHECK_VARIANT(name##_names, v6, flag, 1, CGP_FAM_BOTH)
 
 CGP_CONNECT_CHECK(cgp_eg_connect4, 0, CGP_EV_CONNECT)
 CGP_CONNECT_CHECK(cgp_eg_connect6, 1, CGP_EV_CONNECT)

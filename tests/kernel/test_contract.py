@@ -102,3 +102,17 @@ def test_every_hook_program_is_a_function_of_its_source() -> None:
     for program in contract.HOOK_PROGRAMS.values():
         assert program.function in compile_file(SOURCE_DIR / program.source), program
         assert hook(program.hook).name == program.hook
+
+
+def test_every_variant_the_compiler_may_pick_is_a_function_of_net_c() -> None:
+    """The names variant and the variants by the families a section lists prefixes of
+    (contract.family_variant) of every net.c program, the connect checks included."""
+    compiled = compile_file(SOURCE_DIR / "net.c")
+    functions = [p.function for p in contract.HOOK_PROGRAMS.values() if p.source == "net.c"]
+    functions += [check.function for check in contract.EGRESS_AT_CONNECT.values()]
+    for function in functions:
+        assert contract.names_variant(function) in compiled, function
+        for ipv4 in (False, True):
+            for ipv6 in (False, True):
+                variant = contract.family_variant(function, ipv4, ipv6)
+                assert variant in compiled, variant
