@@ -10,7 +10,7 @@ real datagrams sent from a process inside them, with run-time statistics on
 (BPF_ENABLE_STATS): run_time_ns / run_cnt is the program alone, as the hook runs it.
 The datagrams are UDP to port 443, which the TCP-only allow rules never match, so every
 one is dropped at egress (nothing leaves the host) after the full lookup path has run:
-CIDR index, port trie, interface map, decision, counter and the rate-limited deny event.
+CIDR index, port table, interface map, decision, counter and the rate-limited deny event.
 "match"/"miss" still say whether the CIDR index lookup finds the address.
 
 The IPv6 index (issue 14): 100,000 IPv6 prefixes of several length mixes (all /64, all

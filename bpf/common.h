@@ -332,14 +332,15 @@ struct cgp_dns_scratch {
 	__u8 addr[CGP_DNS_ANSWERS * 16]; /* the addresses read, 16 bytes each */
 };
 
-/* LPM key of the rule map `ports`: prefix length in bits, then the data: the copy of the
- * rules (net.c `generation`: 32 bits, always counted in prefixlen), then the port in
- * network byte order. */
-struct cgp_lpm_port {
-	__u32 prefixlen;
-	__u32 gen;
-	__u8 port[2];
-} __attribute__((packed)); /* 10 bytes: an LPM key is the prefix length and the data only */
+/* A value of the rule map `ports` (net.c cgp_port_mask), one per 256 ports (by the port's
+ * high byte): with `block` 0, `mask` holds the rules whose ports contain every port of
+ * them; else their masks are port by port in `port_blocks`, from entry (block - 1) * 256 of
+ * the copy, `copy` being the entries of one copy of `port_blocks`. */
+struct cgp_port_range {
+	__u64 mask;
+	__u32 block;
+	__u32 copy;
+};
 /* spec.dns.servers: one copy (a change of names reloads the policy). */
 struct cgp_server_lpm {
 	__u32 prefixlen;

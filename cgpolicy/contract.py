@@ -429,27 +429,22 @@ DNS_SCRATCH = Layout(  # only the programs read it; here for its size
 # The rule maps of net.c hold two copies of their contents, generation 0 and 1, and the
 # one-entry array "generation" names the copy the programs read (bpf/net.c, above the
 # maps). The compiler writes copy 0; copy_key() places an entry in the other copy.
-GENERATION_BITS = 32  # the generation field of a rule LPM key, counted in its prefixlen
 
 
 def copy_key(map_type: str, max_entries: int, key: bytes, gen: int) -> bytes:
     """``key`` of copy 0 of a two-copy map, moved to copy ``gen``: an array's index by
-    ``gen * max_entries // 2``, an LPM trie key's ``gen`` field (right after prefixlen), a
-    hash key's ``gen`` field (its last four bytes)."""
+    ``gen * max_entries // 2``, a hash key's ``gen`` field (its last four bytes)."""
     if map_type == "array":
         return U32.pack(U32.unpack(key)[0] + gen * (max_entries // 2))
-    if map_type == "lpm_trie":
-        return key[:4] + U32.pack(gen) + key[8:]
     if map_type == "hash":
         return key[:-4] + U32.pack(gen)
     raise ValueError(f"a {map_type} map holds no copies")
 
 
-# LPM trie key of the rule map "ports": the prefix length in bits, then the data: the
-# generation (GENERATION_BITS, always part of the prefix), then the port in network order
-LPM_PORT_KEY = Layout(
-    "cgp_lpm_port", ("prefixlen", "__u32"), ("gen", "__u32"), ("port", "__u8", 2), packed=True
-)
+# A value of the rule map "ports" (bpf/net.c cgp_port_mask), per port high byte: the rules
+# of all 256 ports (block 0), or where their masks start in "port_blocks" (block - 1 blocks
+# of 256 in), with the entries of one copy of "port_blocks"
+PORT_RANGE = Layout("cgp_port_range", ("mask", "__u64"), ("block", "__u32"), ("copy", "__u32"))
 # spec.dns.servers (one copy: a change of names reloads the policy)
 SERVER_LPM_KEY = Layout("cgp_server_lpm", ("prefixlen", "__u32"), ("addr", "__u8", 16))
 IFACE_KEY = Layout("cgp_iface_key", ("ifindex", "__u32"), ("gen", "__u32"))
@@ -565,7 +560,7 @@ LAYOUTS: tuple[Layout, ...] = (
     CLOCK,
     DNS_KEY,
     DNS_SCRATCH,
-    LPM_PORT_KEY,
+    PORT_RANGE,
     SERVER_LPM_KEY,
     IFACE_KEY,
     CIDR6_ROOT,

@@ -351,6 +351,7 @@ _CONNECT_CHECK_MAPS = {
     "cidr6_root",
     "cidr6_slots",
     "ports",
+    "port_blocks",
     "counters",
     "events",
     "ratelimit",

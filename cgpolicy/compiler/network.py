@@ -1,10 +1,11 @@
 """The maps of bpf/net.c: network sections (cgroup_skb ingress and egress) and socket
 address sections (bind, connect, sendmsg: cgroup_sock_addr), which share its CIDR and port
-lookups: an LPM trie of OR-propagated rule masks for ports, and for IPv4 and IPv6 prefixes
+lookups: a table of rule masks by port (:func:`_port_maps`), and for IPv4 and IPv6 prefixes
 an index each (:mod:`cgpolicy.compiler.cidr6`)."""
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,14 +32,12 @@ from cgpolicy.compiler.maps import (
 )
 from cgpolicy.compiler.spec import CompileError, MapSpec
 from cgpolicy.contract import (
-    GENERATION_BITS,
     IFACE_KEY,
-    LPM_PORT_KEY,
     NET_CONFIG,
+    PORT_RANGE,
     PROTO_SLOTS,
     U32,
     U64,
-    Layout,
 )
 from cgpolicy.policy.model import (
     NetworkRule,
@@ -49,51 +48,81 @@ from cgpolicy.policy.model import (
 InterfaceResolver = Callable[[tuple[str, ...]], set[int]]
 
 
-def propagate_prefixes(
-    prefixes: dict[tuple[int, int], int], width: int
-) -> dict[tuple[int, int], int]:
-    """LPM trie contents: every stored (prefixlen, value) maps to the OR of the masks of all
-    stored prefixes containing it (itself included), so that the longest-prefix match of an
-    address yields every rule whose list contains the address. Only prefix lengths that
-    occur are checked: O(entries x distinct lengths)."""
-    lengths = sorted({length for length, _ in prefixes})
-    full = (1 << width) - 1
-    out: dict[tuple[int, int], int] = {}
-    for (length, value), mask in prefixes.items():
-        for shorter in lengths:
-            if shorter >= length:
-                break
-            ancestor = value & (full ^ (full >> shorter))
-            mask |= prefixes.get((shorter, ancestor), 0)
-        out[(length, value)] = mask
-    return out
+def _port_masks(rules: Sequence[NetworkRule | SocketAddressRule]) -> list[tuple[int, int]]:
+    """(first port, mask of the rules whose ports contain it) where the mask changes, from
+    port 0, in port order: a sweep over the ends of every rule's port ranges."""
+    ends: dict[int, list[tuple[int, int]]] = {}  # port -> (rule index, +1 or -1)
+    for index, rule in enumerate(rules):
+        for ports in rule.ports:
+            ends.setdefault(ports.low, []).append((index, 1))
+            ends.setdefault(ports.high + 1, []).append((index, -1))
+    inside = [0] * len(rules)  # how many of each rule's ranges hold the current port
+    steps = [] if 0 in ends else [(0, 0)]
+    for port in sorted(ends):
+        if port > _PORTS:
+            break  # (the ends of ranges up to the last port)
+        for index, step in ends[port]:
+            inside[index] += step
+        mask = rule_mask(i for i, count in enumerate(inside) if count)
+        if not steps or mask != steps[-1][1]:
+            steps.append((port, mask))
+    return steps
 
 
-def port_prefixes(low: int, high: int) -> list[tuple[int, int]]:
-    """The inclusive port range as (prefixlen, first port) prefixes of a 16-bit space: at
-    most 30, the fewest that cover it exactly."""
-    prefixes = []
-    while low <= high:
-        size = low & -low if low else 1 << 16
-        while size > high - low + 1:
-            size >>= 1
-        prefixes.append((16 - size.bit_length() + 1, low))
-        low += size
-    return prefixes
+_PORTS = 0xFFFF
+_BLOCK = 256  # ports per entry of the map "ports" (by high byte)
 
 
-def _lpm_map(name: str, key: Layout, prefixes: dict[tuple[int, int], int]) -> MapSpec:
-    """A two-copy LPM trie keyed by ``key`` (struct cgp_lpm*: the prefix length, the
-    generation, then the data), copy 0 filled."""
-    _, _, data = key.fields.values()
-    entries = tuple(
-        (
-            key.struct.pack(GENERATION_BITS + length, 0, value.to_bytes(data.size, "big")),
-            U64.pack(mask),
-        )
-        for (length, value), mask in sorted(propagate_prefixes(prefixes, 8 * data.size).items())
-    )
-    return _two_copy_map(name, "lpm_trie", key.size, entries)
+def _port_maps(rules: Sequence[NetworkRule | SocketAddressRule]) -> dict[str, MapSpec]:
+    """The maps "ports" and "port_blocks" (bpf/net.c cgp_port_mask), two copies each: per
+    256 ports, the rules of them all, or a block of the rules port by port where a rule's
+    ports begin or end inside. Room for blocks up to the next power of two, so that most
+    changes of ports are made in place (an array of another size is a reload)."""
+    steps = _port_masks(rules)
+    starts = [port for port, _ in steps]
+    ranges: list[tuple[int, int, int]] = []  # (high byte, mask, block), block 0: uniform
+    blocks: list[int] = []  # port by port, the blocks' masks in order
+    for high in range(_PORTS // _BLOCK + 1):
+        first = high * _BLOCK
+        at = bisect.bisect_right(starts, first) - 1
+        end = bisect.bisect_right(starts, first + _BLOCK - 1)
+        if end - at == 1:  # one mask for the whole block
+            if steps[at][1]:
+                ranges.append((high, steps[at][1], 0))
+            continue
+        block = len(blocks) // _BLOCK + 1
+        for i in range(at, end):
+            low = max(steps[i][0], first)
+            top = steps[i + 1][0] if i + 1 < len(steps) else _PORTS + 1
+            blocks.extend([steps[i][1]] * (min(top, first + _BLOCK) - low))
+        ranges.append((high, 0, block))
+    # room: blocks up to the next power of two, so that the size stays across most changes
+    copy = _BLOCK * min(_PORTS // _BLOCK + 1, 1 << (len(blocks) // _BLOCK).bit_length())
+    return {
+        "ports": MapSpec(
+            "ports",
+            "array",
+            U32.size,
+            PORT_RANGE.size,
+            2 * _BLOCK,
+            0,
+            tuple(
+                (U32.pack(high), PORT_RANGE.pack(mask=mask, block=block, copy=copy))
+                for high, mask, block in ranges
+            ),
+            two_copies=True,
+        ),
+        "port_blocks": MapSpec(
+            "port_blocks",
+            "array",
+            U32.size,
+            U64.size,
+            2 * copy,
+            0,
+            tuple((U32.pack(i), U64.pack(mask)) for i, mask in enumerate(blocks) if mask),
+            two_copies=True,
+        ),
+    }
 
 
 def _two_copy_map(
@@ -113,10 +142,6 @@ def _two_copy_array(
     return MapSpec(name, "array", U32.size, value_size, 2 * slots, 0, entries, two_copies=True)
 
 
-def _add(table: dict[tuple[int, int], int], key: tuple[int, int], bit: int) -> None:
-    table[key] = table.get(key, 0) | bit
-
-
 def _cidr_tables(
     rules: Sequence[NetworkRule | SocketAddressRule],
 ) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], int]]:
@@ -130,15 +155,6 @@ def _cidr_tables(
             key = (net._prefixlen, net.network_address._ip)  # type: ignore[union-attr]
             table[key] = table.get(key, 0) | bit
     return v4, v6
-
-
-def _port_table(rules: Sequence[NetworkRule | SocketAddressRule]) -> dict[tuple[int, int], int]:
-    table: dict[tuple[int, int], int] = {}
-    for index, rule in enumerate(rules):
-        for ports in rule.ports:
-            for prefix in port_prefixes(ports.low, ports.high):
-                _add(table, prefix, 1 << index)
-    return table
 
 
 def _net_config(
@@ -226,7 +242,7 @@ def network_maps(
         **names,
         **cidr4_maps(v4, cidr_flat_max),
         **cidr6_maps(v6, cidr_flat_max),
-        "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
+        **_port_maps(rules),
         "icmp_types": _two_copy_array(
             "icmp_types",
             U64.size,
@@ -265,6 +281,6 @@ def socket_address_maps(
         **names,  # the names variant's (contract.names_variant)
         **cidr4_maps(v4, cidr_flat_max),
         **cidr6_maps(v6, cidr_flat_max),
-        "ports": _lpm_map("ports", LPM_PORT_KEY, _port_table(rules)),
+        **_port_maps(rules),
         "counters": counters_map(),
     }

@@ -85,7 +85,7 @@ def test_a_change_of_prefixes_is_made_in_place(
         compiled = service.plan(load(changed))[0].compiled
         assert compiled is not None
         egress_maps = {m.name: m for m in compiled.programs[0].maps}
-        for name in ("config", "cidr4_root", "cidr4_slots", "ports"):
+        for name in ("config", "cidr4_root", "cidr4_slots", "ports", "port_blocks"):
             spec = egress_maps[name]
             wanted = set(spec.entries)
             assert wait_until(

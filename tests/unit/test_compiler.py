@@ -14,12 +14,8 @@ from test_cidr6_index import ipv4_lookup
 
 from cgpolicy.compiler.canonical import ordered_rules
 from cgpolicy.compiler.compile import compile_policy
-from cgpolicy.compiler.network import (
-    port_prefixes,
-    propagate_prefixes,
-)
 from cgpolicy.compiler.spec import CompiledPolicy, CompileError, MapSpec
-from cgpolicy.contract import GENERATION_BITS
+from cgpolicy.contract import PORT_RANGE
 from cgpolicy.policy.model import (
     DeviceRule,
     DeviceSection,
@@ -44,16 +40,30 @@ def maps_of(compiled: CompiledPolicy, hook: str) -> dict[str, MapSpec]:
     return {m.name: m for m in program.maps}
 
 
-def lpm_entries(spec: MapSpec) -> dict[tuple[int, int], int]:
-    """Copy 0 of a rule LPM trie, by (prefix length, data) without the generation field."""
-    entries = {}
-    for key, value in spec.entries:
-        length, gen = struct.unpack_from("<II", key)
-        assert gen == 0
-        entries[(length - GENERATION_BITS, int.from_bytes(key[8:], "big"))] = struct.unpack(
-            "<Q", value
-        )[0]
-    return entries
+def port_lookup(maps: dict[str, MapSpec]) -> Callable[[int], int]:
+    """What bpf/net.c cgp_port_mask computes (any_port aside) in copy 0, as a function of
+    the port."""
+    ranges = {
+        struct.unpack("<I", key)[0]: PORT_RANGE.unpack_from(value)
+        for key, value in maps["ports"].entries
+    }
+    blocks = {
+        struct.unpack("<I", k)[0]: struct.unpack("<Q", v)[0] for k, v in maps["port_blocks"].entries
+    }
+    copy = maps["port_blocks"].max_entries // 2
+
+    def mask(port: int) -> int:
+        found = ranges.get(port >> 8)
+        if found is None:
+            return 0
+        if not found["block"]:
+            return found["mask"]
+        assert found["copy"] == copy
+        at = (found["block"] - 1) * 256 + (port & 0xFF)
+        assert at < copy  # inside copy 0
+        return blocks.get(at, 0)
+
+    return mask
 
 
 def index_lookup(maps: dict[str, MapSpec]) -> Callable[[int], int]:
@@ -63,35 +73,44 @@ def index_lookup(maps: dict[str, MapSpec]) -> Callable[[int], int]:
     return lambda address: find(address)[0]
 
 
-def lookup(entries: dict[tuple[int, int], int], value: int, width: int) -> int:
-    """What the kernel's longest-prefix match returns (0 when nothing matches)."""
-    for length in range(width, -1, -1):
-        prefix = value & (((1 << width) - 1) ^ ((1 << (width - length)) - 1))
-        if (length, prefix) in entries:
-            return entries[(length, prefix)]
-    return 0
-
-
-def test_port_prefixes_cover_ranges_exactly() -> None:
+def test_the_port_table_gives_each_port_the_rules_listing_it() -> None:
+    """Every port of 0-65535 against random rules' ranges (overlapping, adjacent, at the
+    ends of the port space, inside one block of 256 and across many)."""
     rng = random.Random(1)
-    cases = [(1, 65535), (1, 1023), (443, 443), (8000, 8100), (65535, 65535)]
-    cases += [tuple(sorted((rng.randint(1, 65535), rng.randint(1, 65535)))) for _ in range(300)]
-    for low, high in cases:
-        prefixes = port_prefixes(low, high)
-        assert len(prefixes) <= 30
-        covered = []
-        for length, first in prefixes:
-            assert first % (1 << (16 - length)) == 0  # aligned
-            covered.extend(range(first, first + (1 << (16 - length))))
-        assert covered == list(range(low, high + 1))
-    assert port_prefixes(443, 443) == [(16, 443)]
-    assert port_prefixes(1, 65535)[-1] == (1, 32768)
-
-
-def test_ancestor_propagation() -> None:
-    table = {(8, 0x0A000000): 0b01, (16, 0x0A010000): 0b10, (24, 0x0A010200): 0b100}
-    out = propagate_prefixes(table, 32)
-    assert out == {(8, 0x0A000000): 0b01, (16, 0x0A010000): 0b11, (24, 0x0A010200): 0b111}
+    edges = [(0, 0), (1, 1023), (443, 443), (8000, 8100), (65535, 65535), (0, 65535)]
+    for case in range(40):
+        rules = []
+        for _ in range(rng.randint(1, 8)):
+            ranges = []
+            for _ in range(rng.randint(1, 4)):
+                if rng.random() < 0.3:
+                    ranges.append(rng.choice(edges))
+                else:
+                    low = rng.randrange(65536)
+                    width = rng.choice([0, 1, 5, 255, 256, 300, 5000, 65535])
+                    ranges.append((low, min(65535, low + width)))
+            rules.append(
+                NetworkRule("allow", protocol="tcp", ports=tuple(PortRange(*r) for r in ranges))
+            )
+        compiled = compile_policy(egress_policy("deny", *rules))
+        maps = maps_of(compiled, "egress")
+        find = port_lookup(maps)
+        ordered = ordered_rules(tuple(rules))
+        bits = [1 << ordered.index(rule) for rule in rules]
+        for port in range(65536):
+            wanted = 0
+            for rule, bit in zip(rules, bits, strict=True):
+                if any(p.low <= port <= p.high for p in rule.ports):
+                    wanted |= bit
+            assert find(port) == wanted, (case, port)
+        # room for blocks up to the next power of two: a change of ports stays in place
+        used = len(
+            {
+                at // 256
+                for at in (struct.unpack("<I", k)[0] for k, _ in maps["port_blocks"].entries)
+            }
+        )
+        assert maps["port_blocks"].max_entries // 2 >= 256 * min(256, used + 1)
 
 
 def test_allow_inside_deny_map_contents() -> None:
@@ -116,7 +135,8 @@ def test_allow_inside_deny_map_contents() -> None:
     assert cidr4(int(ipaddress.IPv4Address("10.1.2.3"))) == deny_bit | allow_bit
     assert cidr4(int(ipaddress.IPv4Address("10.2.0.1"))) == deny_bit
     assert cidr4(int(ipaddress.IPv4Address("11.0.0.1"))) == 0
-    assert lpm_entries(maps["ports"]) == {(16, 443): allow_bit}
+    find_port = port_lookup(maps)
+    assert [find_port(p) for p in (442, 443, 444)] == [0, allow_bit, 0]
     allow, deny, default, audit = struct.unpack_from("<QQII", maps["config"].entries[0][1])
     assert (allow, deny, default, audit) == (allow_bit, deny_bit, 0, 0)
     any_cidr, any_port, any_icmp, any_iface, *proto = struct.unpack_from(
@@ -307,6 +327,7 @@ def test_sockets_programs_and_maps() -> None:
         "generation",
         "config",
         "ports",
+        "port_blocks",
         "counters",
     }
     assert {m.name for m in hooks["connect4"].maps} == {
@@ -315,6 +336,7 @@ def test_sockets_programs_and_maps() -> None:
         "cidr4_root",
         "cidr4_slots",
         "ports",
+        "port_blocks",
         "counters",
         *events,
     }
@@ -325,6 +347,7 @@ def test_sockets_programs_and_maps() -> None:
         "cidr4_root",  # IPv4-mapped addresses
         "cidr4_slots",
         "ports",
+        "port_blocks",
         "counters",
     }
     assert all(p.prog_name.startswith("cgp_") and len(p.prog_name) <= 15 for p in compiled.programs)
