@@ -333,13 +333,13 @@ struct cgp_dns_scratch {
 };
 
 /* A value of the rule map `ports` (net.c cgp_port_mask), one per 256 ports (by the port's
- * high byte): with `block` 0, `mask` holds the rules whose ports contain every port of
- * them; else their masks are port by port in `port_blocks`, from entry (block - 1) * 256 of
- * the copy, `copy` being the entries of one copy of `port_blocks`. */
-struct cgp_port_range {
+ * high byte): with `block` 0, `mask` holds the rules whose ports contain all 256; else
+ * (blocks count from 1) their masks are port by port in `port_blocks`, from entry
+ * (block - 1) * 256 of the copy, `copy_size` being the entries of one copy of it. */
+struct cgp_port_hi {
 	__u64 mask;
 	__u32 block;
-	__u32 copy;
+	__u32 copy_size;
 };
 /* spec.dns.servers: one copy (a change of names reloads the policy). */
 struct cgp_server_lpm {

@@ -44,7 +44,7 @@
 #define CGP_ETH_P_IP 0x0800
 #define CGP_ETH_P_IPV6 0x86DD
 
-/* The layouts of these maps (struct cgp_net_config, cgp_port_range, cgp_root6, cgp_slot6)
+/* The layouts of these maps (struct cgp_net_config, cgp_port_hi, cgp_root6, cgp_slot6)
  * and the CGP_PROTO_* slots are in common.h, with every layout the compiler fills. */
 /*
  * Two copies of the rules, and a switch. Every map below down to `ifaces` holds two
@@ -65,7 +65,7 @@ BPF_ARRAY(cidr6_root, struct cgp_root6, 2);
 BPF_ARRAY(cidr6_slots, struct cgp_slot6, CGP_CIDR6_SLOTS_MAX);
 /* Ports (cgp_port_mask): by high byte, then port by port where rules' ports begin or end
  * inside a block of 256. */
-BPF_ARRAY(ports, struct cgp_port_range, 2 * 256);
+BPF_ARRAY(ports, struct cgp_port_hi, 2 * 256);
 BPF_ARRAY(port_blocks, __u64, CGP_PORT_BLOCKS_MAX);
 /* ICMP/ICMPv6 type -> rules listing it (both protocols share the table; the protocol mask
  * keeps them apart). skb only. */
@@ -321,14 +321,14 @@ static __always_inline __u64 cgp_port_mask(const struct cgp_net_config *cfg, __u
 					   __u16 port)
 {
 	__u32 at = gen * 256 + (port >> 8);
-	struct cgp_port_range *range = ports.lookup(&at);
+	struct cgp_port_hi *hi = ports.lookup(&at);
 	__u64 *hit;
 
-	if (!range)
+	if (!hi)
 		return cfg->any_port;
-	if (!range->block)
-		return cfg->any_port | range->mask;
-	at = gen * range->copy + (range->block - 1) * 256 + (port & 0xff);
+	if (!hi->block)
+		return cfg->any_port | hi->mask;
+	at = gen * hi->copy_size + (hi->block - 1) * 256 + (port & 0xff);
 	hit = port_blocks.lookup(&at);
 	return cfg->any_port | (hit ? *hit : 0);
 }
@@ -780,7 +780,8 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, cons
 
 /* Every program of this file comes in variants: F, and F_names for policies whose rules
  * name fqdns (the `names` constant; cgpolicy/contract.py names_variant); F_4, F_6 and F_0
- * for sections that list only IPv4 prefixes, only IPv6 ones, or none (`fam`, above). */
+ * for sections that list only IPv4 prefixes, only IPv6 ones, or none: F_0 walks no prefix
+ * index (`fam`, above). */
 #define CGP_SKB_PROGRAM(name, egress)                                                        \
 	int name(struct __sk_buff *skb) { return cgp_skb(skb, egress, 0, CGP_FAM_BOTH); }    \
 	int name##_4(struct __sk_buff *skb) { return cgp_skb(skb, egress, 0, CGP_FAM4); }    \
@@ -897,9 +898,10 @@ CGP_SOCK_ADDR_PROGRAM(cgp_sendmsg6, 1, CGP_HOOK_SENDMSG6)
  * connect(), or an unconnected UDP sendmsg(), fails at once with EPERM when every packet
  * it would send is certain to be dropped by this policy's egress program, instead of the
  * SYN being retransmitted into a drop for two minutes. These programs run on the egress
- * program's own maps (config, tries, counters, rate limit: the loader hands them the same
- * map fds), so a refusal counts on the egress rule or default that decided and sends the
- * egress deny event (flags CGP_EV_CONNECT or CGP_EV_SENDMSG, with the task).
+ * program's own maps (config, prefix indexes, port tables, counters, rate limit: the
+ * loader hands them the same map fds), so a refusal counts on the egress rule or default
+ * that decided and sends the egress deny event (flags CGP_EV_CONNECT or CGP_EV_SENDMSG,
+ * with the task).
  *
  * The packets of such a socket go to the address and port asked for, with the socket's
  * protocol; an IPv4-mapped address (::ffff:a.b.c.d) sends IPv4 packets to a.b.c.d, so it is

@@ -441,10 +441,10 @@ def copy_key(map_type: str, max_entries: int, key: bytes, gen: int) -> bytes:
     raise ValueError(f"a {map_type} map holds no copies")
 
 
-# A value of the rule map "ports" (bpf/net.c cgp_port_mask), per port high byte: the rules
-# of all 256 ports (block 0), or where their masks start in "port_blocks" (block - 1 blocks
-# of 256 in), with the entries of one copy of "port_blocks"
-PORT_RANGE = Layout("cgp_port_range", ("mask", "__u64"), ("block", "__u32"), ("copy", "__u32"))
+# A value of the rule map "ports" (bpf/net.c cgp_port_mask), per port high byte: block 0,
+# the rules of all 256 ports (mask); else their masks port by port in "port_blocks", from
+# entry (block - 1) * 256 of a copy, whose size (entries) is copy_size
+PORT_HI = Layout("cgp_port_hi", ("mask", "__u64"), ("block", "__u32"), ("copy_size", "__u32"))
 # spec.dns.servers (one copy: a change of names reloads the policy)
 SERVER_LPM_KEY = Layout("cgp_server_lpm", ("prefixlen", "__u32"), ("addr", "__u8", 16))
 IFACE_KEY = Layout("cgp_iface_key", ("ifindex", "__u32"), ("gen", "__u32"))
@@ -560,7 +560,7 @@ LAYOUTS: tuple[Layout, ...] = (
     CLOCK,
     DNS_KEY,
     DNS_SCRATCH,
-    PORT_RANGE,
+    PORT_HI,
     SERVER_LPM_KEY,
     IFACE_KEY,
     CIDR6_ROOT,

@@ -324,8 +324,9 @@ def connect_checks(egress_maps: dict[str, MapSpec], names: bool = False) -> list
         unused = _CIDR6_MAPS if check.hook.endswith("4") else frozenset()
         if not names:  # the plain variant reads no DNS maps
             unused = unused | _CONNECT_CHECK_NAME_MAPS
-        # (the egress program has no maps of an index that lists no prefix)
-        used = {n: egress_maps[n] for n in sorted(_CONNECT_CHECK_MAPS - unused) if n in egress_maps}
+        # the egress program has no maps of an index that lists no prefix
+        wanted = _CONNECT_CHECK_MAPS - unused
+        used = {n: egress_maps[n] for n in wanted if n in egress_maps or not n.startswith("cidr")}
         if names:
             function = names_variant(check.function)
         else:

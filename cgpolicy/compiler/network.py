@@ -34,7 +34,7 @@ from cgpolicy.compiler.spec import CompileError, MapSpec
 from cgpolicy.contract import (
     IFACE_KEY,
     NET_CONFIG,
-    PORT_RANGE,
+    PORT_HI,
     PROTO_SLOTS,
     U32,
     U64,
@@ -76,8 +76,8 @@ _BLOCK = 256  # ports per entry of the map "ports" (by high byte)
 def _port_maps(rules: Sequence[NetworkRule | SocketAddressRule]) -> dict[str, MapSpec]:
     """The maps "ports" and "port_blocks" (bpf/net.c cgp_port_mask), two copies each: per
     256 ports, the rules of them all, or a block of the rules port by port where a rule's
-    ports begin or end inside. Room for blocks up to the next power of two, so that most
-    changes of ports are made in place (an array of another size is a reload)."""
+    ports begin or end inside. Sized to the blocks: a change that splits more or fewer
+    blocks is a reload (enforcer/inplace.py keeps an array's size)."""
     steps = _port_masks(rules)
     starts = [port for port, _ in steps]
     ranges: list[tuple[int, int, int]] = []  # (high byte, mask, block), block 0: uniform
@@ -96,18 +96,17 @@ def _port_maps(rules: Sequence[NetworkRule | SocketAddressRule]) -> dict[str, Ma
             top = steps[i + 1][0] if i + 1 < len(steps) else _PORTS + 1
             blocks.extend([steps[i][1]] * (min(top, first + _BLOCK) - low))
         ranges.append((high, 0, block))
-    # room: blocks up to the next power of two, so that the size stays across most changes
-    copy = _BLOCK * min(_PORTS // _BLOCK + 1, 1 << (len(blocks) // _BLOCK).bit_length())
+    copy_size = _BLOCK * max(1, len(blocks) // _BLOCK)  # an array has one entry at least
     return {
         "ports": MapSpec(
             "ports",
             "array",
             U32.size,
-            PORT_RANGE.size,
+            PORT_HI.size,
             2 * _BLOCK,
             0,
             tuple(
-                (U32.pack(high), PORT_RANGE.pack(mask=mask, block=block, copy=copy))
+                (U32.pack(high), PORT_HI.pack(mask=mask, block=block, copy_size=copy_size))
                 for high, mask, block in ranges
             ),
             two_copies=True,
@@ -117,7 +116,7 @@ def _port_maps(rules: Sequence[NetworkRule | SocketAddressRule]) -> dict[str, Ma
             "array",
             U32.size,
             U64.size,
-            2 * copy,
+            2 * copy_size,
             0,
             tuple((U32.pack(i), U64.pack(mask)) for i, mask in enumerate(blocks) if mask),
             two_copies=True,

@@ -2,7 +2,8 @@
 
 When a new revision of a policy differs from the loaded one only in the contents of
 net.c's two-copy rule maps (prefixes, ports, protocols, ICMP types, interfaces, actions,
-defaults: everything in `config`, `cidr4_*`, `cidr6_*`, `ports`, `icmp_types`, `ifaces`), the
+defaults: everything in `config`, `cidr4_*`, `cidr6_*`, `ports`, `port_blocks`, `icmp_types`,
+`ifaces`), the
 change is the delta between the two contents: written into the copy not in force, put in
 force with one update of the load's `generation` map (every program of the policy at
 once: a packet or a syscall meets the old rules or the new ones, never a mix), and then,
@@ -10,7 +11,7 @@ after an RCU grace period, written into the other copy in the background. The co
 that of the delta, not of the list.
 
 Only the process that loaded or last changed a policy knows what its copies hold (reading
-a 10,000-prefix LPM trie back would cost more than the reload), so only a long-lived
+a 10,000-prefix index back would cost more than the reload), so only a long-lived
 enforcer (the service) changes in place, and only a load it made or changed itself. Any
 doubt means a reload, which is always correct: another process applied in between, a
 program, a map size or a map outside the two-copy set differs, the targets change, a copy

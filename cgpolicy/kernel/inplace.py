@@ -94,7 +94,7 @@ def wait_for_readers() -> None:
 
 def fits(map_type: str, max_entries: int, active: int, wanted: int) -> bool:
     """Whether a two-copy map can take a copy of ``wanted`` entries beside one of ``active``
-    (with drops first), and then that copy twice: hash and LPM copies share max_entries;
+    (with drops first), and then that copy twice: a hash's copies share max_entries;
     an array's copies each have their own slots."""
     if map_type == "array":
         return True

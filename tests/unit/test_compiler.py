@@ -15,7 +15,7 @@ from test_cidr6_index import ipv4_lookup
 from cgpolicy.compiler.canonical import ordered_rules
 from cgpolicy.compiler.compile import compile_policy
 from cgpolicy.compiler.spec import CompiledPolicy, CompileError, MapSpec
-from cgpolicy.contract import PORT_RANGE
+from cgpolicy.contract import PORT_HI
 from cgpolicy.policy.model import (
     DeviceRule,
     DeviceSection,
@@ -44,7 +44,7 @@ def port_lookup(maps: dict[str, MapSpec]) -> Callable[[int], int]:
     """What bpf/net.c cgp_port_mask computes (any_port aside) in copy 0, as a function of
     the port."""
     ranges = {
-        struct.unpack("<I", key)[0]: PORT_RANGE.unpack_from(value)
+        struct.unpack("<I", key)[0]: PORT_HI.unpack_from(value)
         for key, value in maps["ports"].entries
     }
     blocks = {
@@ -58,7 +58,7 @@ def port_lookup(maps: dict[str, MapSpec]) -> Callable[[int], int]:
             return 0
         if not found["block"]:
             return found["mask"]
-        assert found["copy"] == copy
+        assert found["copy_size"] == copy
         at = (found["block"] - 1) * 256 + (port & 0xFF)
         assert at < copy  # inside copy 0
         return blocks.get(at, 0)
@@ -103,14 +103,14 @@ def test_the_port_table_gives_each_port_the_rules_listing_it() -> None:
                 if any(p.low <= port <= p.high for p in rule.ports):
                     wanted |= bit
             assert find(port) == wanted, (case, port)
-        # room for blocks up to the next power of two: a change of ports stays in place
+        # sized to the blocks split (one at least)
         used = len(
             {
                 at // 256
                 for at in (struct.unpack("<I", k)[0] for k, _ in maps["port_blocks"].entries)
             }
         )
-        assert maps["port_blocks"].max_entries // 2 >= 256 * min(256, used + 1)
+        assert maps["port_blocks"].max_entries == 2 * 256 * max(1, used)
 
 
 def test_allow_inside_deny_map_contents() -> None:

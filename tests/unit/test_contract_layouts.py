@@ -88,7 +88,7 @@ def test_layouts_know_their_c_shapes() -> None:
         1536,
     )
     assert contract.SYSCTL_CONFIG.struct.format.endswith("256s4x")  # trailing padding
-    assert contract.PORT_RANGE.size == 16
+    assert contract.PORT_HI.size == 16
     assert contract.EVENT.fields["comm"].c_declared_type == "char[16]"
 
 
