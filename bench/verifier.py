@@ -22,7 +22,7 @@ from cgpolicy.kernel.bpf import close_all
 from cgpolicy.kernel.loader import prepare_program
 from cgpolicy.policy.validate import load_contents
 
-POLICY = """\
+HEAD = """\
 apiVersion: cgpolicy.dev/v1
 kind: CgroupPolicy
 metadata: {{name: verifier}}
@@ -32,6 +32,10 @@ spec:
   network:
     egress:
       default: deny
+"""
+POLICY = (
+    HEAD
+    + """\
       rules:
         - {{action: allow, protocol: tcp, ports: [443, 8000-8080], {remote}}}
         - {{action: deny, cidrs: ["10.1.0.0/16", "fd01::/16"]}}
@@ -46,20 +50,11 @@ spec:
       default: deny
       rules: [{{action: allow, cidrs: ["127.0.0.0/8", "::1/128"]}}]
 """
+)
 CIDRS = 'cidrs: ["10.0.0.0/8", "192.168.1.0/24", "fd00::/8", "2001:db8::1/128"]'
 NAMES = "fqdns: [example.com]"
-ONE_FAMILY = """\
-apiVersion: cgpolicy.dev/v1
-kind: CgroupPolicy
-metadata: {{name: verifier}}
-spec:
-  mode: enforce
-  targets: [{{path: x}}]
-  network:
-    egress:
-      default: deny
-      rules: [{{action: allow, cidrs: {cidrs}}}]
-"""
+# the compare bench's shape: one allow rule of prefixes
+ONE_FAMILY = HEAD + "      rules: [{{action: allow, cidrs: {cidrs}}}]\n"
 VARIANTS = (
     ("plain", POLICY.format(remote=CIDRS)),
     ("names", POLICY.format(remote=NAMES)),
