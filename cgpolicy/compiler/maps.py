@@ -50,17 +50,15 @@ def index_variant(function: str, maps: dict[str, MapSpec]) -> tuple[str, dict[st
     """The variant of the plain net.c program ``function`` (contract.family_variant) for the
     prefix indexes among ``maps`` (cidr4_*, cidr6_*: cidr6.py) that hold a prefix, and the
     maps it reads: ``maps`` without the empty indexes."""
-    listed = {
-        family: slots is not None and slots.index is not None and bool(slots.index.own)
-        for family in ("cidr4", "cidr6")
-        for slots in [maps.get(f"{family}_slots")]
-    }
-    kept = {
-        name: spec
-        for name, spec in maps.items()
-        if not any(name.startswith(f"{family}_") and not has for family, has in listed.items())
-    }
-    return family_variant(function, listed["cidr4"], listed["cidr6"]), kept
+    empty = {family for family in ("cidr4", "cidr6") if not _lists_prefixes(maps, family)}
+    kept = {name: spec for name, spec in maps.items() if name.split("_")[0] not in empty}
+    return family_variant(function, "cidr4" not in empty, "cidr6" not in empty), kept
+
+
+def _lists_prefixes(maps: dict[str, MapSpec], family: str) -> bool:
+    """Whether the prefix index of ``family`` (cidr4, cidr6) among ``maps`` holds one."""
+    slots = maps.get(f"{family}_slots")
+    return slots is not None and slots.index is not None and bool(slots.index.own)
 
 
 def events_map() -> MapSpec:

@@ -98,28 +98,20 @@ def _port_maps(rules: Sequence[NetworkRule | SocketAddressRule]) -> dict[str, Ma
         ranges.append((high, 0, block))
     copy_size = _BLOCK * max(1, len(blocks) // _BLOCK)  # an array has one entry at least
     return {
-        "ports": MapSpec(
+        "ports": _two_copy_array(
             "ports",
-            "array",
-            U32.size,
             PORT_HI.size,
-            2 * _BLOCK,
-            0,
+            _BLOCK,
             tuple(
                 (U32.pack(high), PORT_HI.pack(mask=mask, block=block, copy_size=copy_size))
                 for high, mask, block in ranges
             ),
-            two_copies=True,
         ),
-        "port_blocks": MapSpec(
+        "port_blocks": _two_copy_array(
             "port_blocks",
-            "array",
-            U32.size,
             U64.size,
-            2 * copy_size,
-            0,
+            copy_size,
             tuple((U32.pack(i), U64.pack(mask)) for i, mask in enumerate(blocks) if mask),
-            two_copies=True,
         ),
     }
 
