@@ -58,6 +58,14 @@ _DECIMAL = re.compile(r"(?:0|[1-9][0-9]{0,17})\Z")  # YAML 1.1 reads 010 as octa
 MAX_NUMBER_CHARACTERS = 32
 MAX_NUMBER_BITS = 64
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# A run of list items libyaml need not see one by one (see _ItemRuns): lines holding only
+# "- CIDR", quoted or plain, at one indentation. A plain one has a "/", so that it can only
+# be a string (no YAML 1.1 int, float, timestamp or bool has one).
+_RUN_ITEM = r"""- (?:"[0-9A-Fa-f:./]+"|'[0-9A-Fa-f:./]+'|[0-9A-Fa-f:.]+/[0-9]+)\n"""
+_ITEM_RUN = re.compile(rf"^( *){_RUN_ITEM}(?:\1{_RUN_ITEM}){{7,}}", re.MULTILINE)
+_RUN_TEXT = re.compile(r"""- ["']?([0-9A-Fa-f:./]+)""")
+# Characters YAML may read as a line break besides \n: their lines are not the ones counted.
+_OTHER_BREAKS = re.compile("[\r\x85\u2028\u2029]")
 _TOO_MANY_NODES = f"file has more than {MAX_NODES:,} YAML nodes"
 _NO_ALIASES_HINT = (
     "write the value out in full; anchors and aliases are refused so that a small file "
@@ -213,6 +221,69 @@ class _Frame:
     key_lines: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class _ItemRun:
+    line: int  # 0-based line of its first item
+    column: int  # 0-based column of each item's value
+    first: str  # the first item, which libyaml reads
+    texts: list[str]  # the items after it, which it does not
+    claimed: bool = False
+
+
+class _ItemRuns:
+    """The long runs of CIDR items of a text, and the text with all but the first item of
+    each blanked out (its lines left empty, so that every other line and column stays
+    where it was). libyaml then reads a 10,000-CIDR list in a few events instead of 10,000
+    (8 ms less); the composer puts the blanked items back behind the first (:meth:`claim`).
+
+    A run is put back only when libyaml reads its first item as a one-line string item
+    of a list (in a flow list, "- " lines are a syntax error), and only when the reading
+    found nothing wrong: a run that is something else (lines of a block scalar, of a
+    quoted or plain string going on over several lines) changes that first value or
+    leaves it unclaimed, and then the file is read again whole, as are files with
+    problems and files with other line breaks than \\n."""
+
+    def __init__(self, text: str) -> None:
+        self.at: dict[int, _ItemRun] = {}
+        self.text = text
+        if _OTHER_BREAKS.search(text) is not None:
+            return
+        pieces: list[str] = []
+        end = line = 0
+        for found in _ITEM_RUN.finditer(text):
+            start = found.start()
+            line += text.count("\n", end, start)
+            texts = _RUN_TEXT.findall(found.group())
+            first = found.group().index("\n") + 1
+            pieces += (text[end : start + first], "\n" * (len(texts) - 1))
+            self.at[line] = _ItemRun(line, len(found.group(1)) + 2, texts[0], texts[1:])
+            end, line = found.end(), line + len(texts)
+        if self.at:
+            pieces.append(text[end:])
+            self.text = "".join(pieces)
+
+    def claim(self, items: list[Any], start: Any, end: Any) -> _ItemRun | None:
+        """The run whose first item is the one just added to ``items``, read from the
+        ``start`` to the ``end`` mark, if it is one."""
+        run = self.at.get(start.line)
+        if (
+            run is None
+            or start.column != run.column
+            or end.line != run.line
+            or items[-1] != run.first  # (the line leaves no room for a tag or an anchor)
+        ):
+            return None
+        run.claimed = True
+        return run
+
+    def all_claimed(self) -> bool:
+        return all(run.claimed for run in self.at.values())
+
+
+class _Abandon(Exception):
+    """The blanked reading of a file cannot give the answer its whole reading gives."""
+
+
 class _Composer:
     """Turns libyaml's events into documents with an explicit stack (no recursion)."""
 
@@ -232,8 +303,28 @@ class _Composer:
         self.document: Document | None = None
         self.resolver: Any = None
         self.stopped = False  # by one of our limits (a _Stop), not by a YAML error
+        self.runs: _ItemRuns | None = None
 
     def run(self, content: bytes) -> None:
+        """Read every document of `content` (the text's bytes), recording data and
+        problems in `loaded`: with the text's long CIDR lists blanked out (_ItemRuns) when
+        that gives the whole reading's answer, else whole."""
+        runs = _ItemRuns(self.text)
+        if runs.at:
+            self.runs = runs
+            try:
+                read = self._read_events(_Loader(runs.text.encode()))
+            except _Abandon:
+                read = -1
+            if read is None and runs.all_claimed() and not self._any_problem():
+                return
+            self._reset()
+        self._read_whole(content)
+
+    def _any_problem(self) -> bool:
+        return bool(self.loaded.problems) or any(d.problems for d in self.loaded.documents)
+
+    def _read_whole(self, content: bytes) -> None:
         """Read every document of `content`, recording data and problems in `loaded`.
 
         When libyaml's own depth limit (see _LIBYAML_DEPTH_LIMIT) ends the read, the answer
@@ -312,10 +403,28 @@ class _Composer:
                 frame.container.append(self._construct(event))
             mark: Any = event.start_mark  # always set by the parser (see _start)
             frame.positions.append((mark.line + 1) << 32 | (mark.column + 1))
+            if self.runs is not None and mark.line in self.runs.at:
+                self._put_back(frame, event)
         elif frame.key is None:
             self._key(frame, event)
         else:
             self._value(self._construct(event), _mark(event.start_mark))
+
+    def _put_back(self, frame: _Frame, event: yaml.ScalarEvent) -> None:
+        """After the first item of a blanked run, the others, as their events would have
+        added them: a string each, at its own line and the first one's column."""
+        assert self.runs is not None and isinstance(frame.container, list)
+        run = self.runs.claim(frame.container, event.start_mark, event.end_mark)
+        if run is None:
+            return
+        self.nodes += len(run.texts)
+        if self.nodes > MAX_NODES:
+            raise _Abandon  # the whole reading says at which item
+        frame.container.extend(run.texts)
+        column = run.column + 1
+        frame.positions.extend(
+            (line << 32 | column) for line in range(run.line + 2, run.line + 2 + len(run.texts))
+        )
 
     def _alias(self, event: yaml.AliasEvent) -> None:
         self._count(event)

@@ -7,7 +7,8 @@ whatever it refuses must be refused by ip_network too (the messages come from th
 path, unchanged). Inputs: random and hostile texts (leading zeros, spaces, newlines, NULs,
 IPv4-mapped and compatible IPv6, zone ids, host bits, netmasks, non-ASCII digits).
 
-The loader composes list items inline; the compiler builds its CIDR
+The loader composes list items inline and lets libyaml skip long runs of CIDR items; the
+compiler builds its CIDR
 tables and writes canonical texts its own faster way: each is compared with what the
 straightforward code (the code before, kept here) gives, and the revisions of generated
 policies of every kind of CIDR are pinned: a faster compile must not reload anything.
@@ -19,6 +20,7 @@ import ipaddress
 import itertools
 import pickle
 import random
+import re
 import socket
 from typing import Any
 
@@ -231,6 +233,103 @@ def test_list_items_compose_as_before(lists: list[list[str]], flow: bool) -> Non
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(loader._Composer, "_scalar", _old_scalar)
             assert _outcome(text.encode()) == fast
+
+
+_run_item = st.one_of(
+    st.from_regex(r"[0-9a-f:./]{1,14}", fullmatch=True).map(lambda t: f'"{t}"'),
+    st.from_regex(r"[0-9a-f:./]{1,14}", fullmatch=True).map(lambda t: f"'{t}'"),
+    st.from_regex(r"[0-9a-f:.]{1,12}/[0-9]{1,3}", fullmatch=True),
+)
+# What may stand before and after a run of item lines, each ending with a newline: the
+# contexts in which such lines are not items of a block list, or not only those.
+_before = st.sampled_from(
+    [
+        "k:\n",
+        "k: [\n",
+        "k: |\n",
+        "k: >-\n",
+        'k: "open\n',
+        "k: 'open\n",
+        "k: plain\n",
+        "k: x\nk:\n",  # a duplicate key: its value is read and dropped
+        "k:\n  - first\n",
+        "- top\n",
+        "k: &a\n",
+        "k: !!seq\n",
+        "",
+    ]
+)
+_after = st.sampled_from(
+    [
+        "",
+        "j: 1\n",
+        "]\n",
+        '  close"\n',
+        "  close'\n",
+        "    more\n",
+        "      more\n",
+        "  # note\n",
+        "- last\n",
+        "  - last\n",
+        "  - 10.0.0.0/8\r\n",
+        "\u2028\n",
+        "---\nk: 1\n",
+        "*a\n",
+    ]
+)
+
+
+def _without_runs(text: bytes) -> Any:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loader, "_ITEM_RUN", re.compile(r"(?!)"))  # matches nothing
+        return _outcome(text)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    _before,
+    st.sampled_from(["", "  ", "    "]),
+    st.lists(_run_item, min_size=6, max_size=20),
+    _after,
+    st.integers(0, 3),
+    st.sampled_from([loader.MAX_NODES, 12]),
+)
+def test_blanked_runs_read_as_the_whole_file(
+    before: str, indent: str, items: list[str], after: str, breaks: int, max_nodes: int
+) -> None:
+    """A file whose runs of CIDR items libyaml skips gives the same documents, values,
+    problems and positions as the same file read whole, whatever the run turns out to be
+    part of (a block scalar, a flow list, a string over several lines, a duplicate key),
+    with comments or other line breaks in it, and with the node limit reached inside it."""
+    lines = [f"{indent}- {item}\n" for item in items]
+    for at in range(breaks):  # a comment or a blank line inside the run
+        lines.insert(len(lines) * (at + 1) // (breaks + 1), ["\n", f"{indent}# c\n"][at % 2])
+    text = (before + "".join(lines) + after).encode()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loader, "MAX_NODES", max_nodes)
+        assert _outcome(text) == _without_runs(text)
+
+
+def test_a_long_list_is_read_in_few_events() -> None:
+    """The fast path is taken for a list as `cgpolicy learn` and the bench write it, and
+    gives what the whole reading gives."""
+    items = "".join(f'    - "10.{i >> 8}.{i & 255}.0/24"\n' for i in range(5000))
+    plain = "".join(f"    - fd00:{i:x}::/48\n" for i in range(5000))
+    text = f"a:\n  b:\n{items}  c:\n{plain}d: 1\n".encode()
+    scalars = 0
+    original = loader._Composer._scalar
+
+    def counted(self: Any, event: Any) -> None:
+        nonlocal scalars
+        scalars += 1
+        original(self, event)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loader._Composer, "_scalar", counted)
+        fast = _outcome(text)
+    assert scalars < 10
+    assert fast == _without_runs(text)
+    assert len(fast[1][0][3]["a"]["b"]) == 5000
 
 
 # -- the compiler ----------------------------------------------------------------------------
