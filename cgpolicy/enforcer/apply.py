@@ -413,12 +413,12 @@ def _detach_unwanted(plan: PolicyPlan, bpf_dir: Path, wanted_hooks: set[str]) ->
         detach_pinned_link(link_path)
     for hook_folder in pins.real_subfolders(pins.policy_dir(bpf_dir, plan.name)):
         if hook_folder.name not in wanted_hooks:
-            for link_path in pins.link_pins(hook_folder).values():  # links of gone cgroups
-                detach_pinned_link(link_path)
+            for pin in pins.link_pins(hook_folder).values():  # links of gone cgroups
+                detach_pinned_link(pin)
             pins.remove_folder(hook_folder)  # the program pin, anything else
 
 
-def detach_pinned_link(link_path: Path) -> None:
+def detach_pinned_link(link_path: str | os.PathLike[str]) -> None:
     """End an attachment cgpolicy made and drop its pin (a link already defunct is fine)."""
     try:
         with CgroupLink.from_pin(link_path) as link:

@@ -30,9 +30,9 @@ from cgpolicy.contract import (
     attach_hook,
 )
 from cgpolicy.kernel import pins
-from cgpolicy.kernel.bpf import CgroupLink, Map, Program, close_all
+from cgpolicy.kernel.bpf import Map, Program, close_all
 from cgpolicy.kernel.hooks import HOOKS
-from cgpolicy.kernel.syscall import BPF_NOEXIST, BpfError
+from cgpolicy.kernel.syscall import BPF_NOEXIST, BpfError, pinned_cgroup_links
 from cgpolicy.kernel.trusted import check_real_folder
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ _ZERO = U32.pack(0)
 @dataclass(frozen=True)
 class AppliedLink:
     cgroup_id: int
-    pin: Path
+    pin: str
     link_id: int
     prog_id: int
     attached: bool  # False once the link was detached from outside or its cgroup is gone
@@ -83,14 +83,22 @@ class AppliedPolicy:
         return found
 
 
-def _read_link(cgroup_id: int, pin: Path) -> AppliedLink:
-    try:
-        with CgroupLink.from_pin(pin) as link:
-            info = link.info()
-    except (BpfError, OSError):
-        return AppliedLink(cgroup_id, pin, 0, 0, attached=False)
-    attached = info.cgroup_id == cgroup_id
-    return AppliedLink(cgroup_id, pin, info.id, info.prog_id, attached)
+def _read_links(hook_folder: Path) -> dict[int, AppliedLink]:
+    """The links pinned in a hook folder, by cgroup id; one whose link is gone, detached
+    or attached elsewhere reads as not attached."""
+    pinned = sorted(pins.link_pins(hook_folder).items())
+    links = {}
+    for (cgroup_id, pin), info in zip(
+        pinned, pinned_cgroup_links([pin for _, pin in pinned]), strict=True
+    ):
+        if info is None:
+            links[cgroup_id] = AppliedLink(cgroup_id, pin, 0, 0, attached=False)
+        else:
+            link_id, prog_id, attached_to = info
+            links[cgroup_id] = AppliedLink(
+                cgroup_id, pin, link_id, prog_id, attached=attached_to == cgroup_id
+            )
+    return links
 
 
 def _read_prog_id(pin: Path) -> int | None:
@@ -109,8 +117,7 @@ def read_policy(folder: Path, links: bool = True) -> AppliedPolicy:
             continue
         hook = AppliedHook(hook_folder.name, _read_prog_id(hook_folder / pins.PROG_PIN))
         if links:
-            for cgroup_id, pin in sorted(pins.link_pins(hook_folder).items()):
-                hook.links[cgroup_id] = _read_link(cgroup_id, pin)
+            hook.links = _read_links(hook_folder)
         applied.hooks[hook.hook] = hook
     return applied
 

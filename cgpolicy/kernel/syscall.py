@@ -20,7 +20,7 @@ import errno as errnos
 import os
 import platform
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -554,6 +554,38 @@ def link_info(fd: int) -> LinkInfo:
         cgroup_id=info.cgroup_id if is_cgroup else 0,
         attach_type=info.attach_type if is_cgroup else -1,
     )
+
+
+def pinned_cgroup_links(paths: Sequence[str]) -> list[tuple[int, int, int] | None]:
+    """(link id, program id, cgroup id) of the link pinned at each of ``paths`` (cgroup id
+    0 for a detached link or one of another kind), or None where nothing readable is
+    pinned. A reconcile pass reads every link of every policy (90,000 at 10,000 cgroups):
+    this costs an OBJ_GET, a GET_INFO and a close per path, and one buffer for them all."""
+    encoded = [os.fsencode(path) for path in paths]
+    names = ctypes.create_string_buffer(b"\0".join(encoded))
+    get = _ObjAttr(pathname=ctypes.addressof(names))
+    found: list[tuple[int, int, int] | None] = []
+    for path in encoded:
+        try:
+            fd = bpf(Cmd.OBJ_GET, get, "of a link pin")
+        except BpfError:
+            found.append(None)
+        else:
+            # a new, zeroed info each time: for some link types the kernel reads pointers
+            # from it (e.g. where to write a tracepoint's name)
+            info = _LinkInfo()
+            ask = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+            try:
+                bpf(Cmd.OBJ_GET_INFO_BY_FD, ask, "of a pinned link")
+            except BpfError:
+                found.append(None)
+            else:
+                cgroup_id = info.cgroup_id if info.type == LinkType.CGROUP else 0
+                found.append((info.id, info.prog_id, cgroup_id))
+            finally:
+                os.close(fd)
+        get.pathname += len(path) + 1
+    return found
 
 
 def link_ids() -> Iterator[int]:
