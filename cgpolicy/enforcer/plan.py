@@ -24,7 +24,7 @@ class Action(StrEnum):
 GONE = "<gone>"  # the path of a cgroup that no longer exists
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Step:
     action: Action
     hook: str

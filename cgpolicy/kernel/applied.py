@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 _ZERO = U32.pack(0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AppliedLink:
     cgroup_id: int
     pin: str
