@@ -86,15 +86,23 @@ class Enforcer:
         self.owner = owner or Owner.cli()  # recorded in what it applies
         self.lock_timeout = lock_timeout  # seconds to wait for another change to end
         self.in_place = InPlace() if in_place else None
+        self._lock_depth = 0  # locked() sections entered and not left
 
     @contextmanager
     def locked(self) -> Iterator[list[RolledBack]]:
         """Hold the pin folder's lock (reentrant) around observe, plan and apply. Taking it
         first rolls back every `apply --confirm-within` whose deadline has passed
         (rollout.py): whatever runs next, the rollback does not wait for its process.
-        Yields what it rolled back."""
-        with PinFolderLock(self.bpf_dir, self.lock_timeout):
-            yield roll_back_overdue(self.bpf_dir, self.cgroup_root)
+        Yields what it rolled back. Leaving the outermost section starts the background
+        work of the loads made in it (InPlace.start_filling)."""
+        self._lock_depth += 1
+        try:
+            with PinFolderLock(self.bpf_dir, self.lock_timeout):
+                yield roll_back_overdue(self.bpf_dir, self.cgroup_root)
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self.in_place is not None:
+                self.in_place.start_filling()  # the work of the loads it made, now over
 
     def observe(self) -> dict[str, AppliedPolicy]:
         return read_applied(self.bpf_dir)
