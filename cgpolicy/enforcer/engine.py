@@ -86,7 +86,7 @@ class Enforcer:
         self.owner = owner or Owner.cli()  # recorded in what it applies
         self.lock_timeout = lock_timeout  # seconds to wait for another change to end
         self.in_place = InPlace() if in_place else None
-        self._lock_depth = 0  # locked() sections entered and not left
+        self._lock_depth = 0  # locked() sections entered and not left (one thread uses it)
 
     @contextmanager
     def locked(self) -> Iterator[list[RolledBack]]:
@@ -191,6 +191,8 @@ class Enforcer:
                 outcomes.append(Outcome(item.plan, str(error)))
                 continue
             outcomes.append(Outcome(item.plan))
+        if self._lock_depth == 0 and self.in_place is not None:
+            self.in_place.start_filling()  # else when the locked() section is left
         return outcomes
 
     def _apply_one(self, item: Planned, compiled: CompiledPolicy) -> None:

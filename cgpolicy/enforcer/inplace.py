@@ -75,7 +75,7 @@ class InPlace:
 
     def __init__(self) -> None:
         self._loads: dict[str, _Load] = {}
-        self._unfilled: list[_Load] = []  # remembered, copy 1 not yet being filled
+        self._unfilled: dict[str, _Load] = {}  # remembered, copy 1 not yet being filled
         # brings old copies level after a grace period, off the caller's path
         self._leveler = ThreadPoolExecutor(1, thread_name_prefix="cgpolicy-level")
 
@@ -90,21 +90,25 @@ class InPlace:
             for m in spec.maps:
                 load.capacity[(spec.hook, m.name)] = m.max_entries
         self._loads[compiled.name] = load
-        self._unfilled.append(load)
+        self._unfilled[compiled.name] = load
 
     def start_filling(self) -> None:
         """Start filling copy 1 of the loads remembered since the last call. Called once a
-        pass is over: on the same CPUs and under the same GIL, the fill (a batch write and
-        the prefix indexes made ready for a change: ~15 ms at 10,000 prefixes) slowed what
-        was left of the pass that made the load by about as much."""
-        for load in self._unfilled:
+        pass (or an apply outside one) is over: on the same CPUs and under the same GIL,
+        the fill (a batch write and the prefix indexes made ready for a change: ~15 ms at
+        10,000 prefixes) slowed what was left of the pass by about as much."""
+        for name in list(self._unfilled):
+            self._start_fill(name)
+
+    def _start_fill(self, name: str) -> None:
+        load = self._unfilled.pop(name, None)
+        if load is not None:
             load.leveling = self._leveler.submit(_fill_copy_1, load)
-        self._unfilled.clear()
 
     def forget(self, name: str) -> None:
+        self._unfilled.pop(name, None)
         load = self._loads.pop(name, None)
         if load is not None:
-            self._unfilled = [other for other in self._unfilled if other is not load]
             load.close()
 
     def apply(
@@ -135,7 +139,7 @@ class InPlace:
     def _level_load(self, name: str) -> _Load | None:
         """The load of ``name`` once its copies are level; None (and forgotten) when it is
         not known or a copy's contents are not."""
-        self.start_filling()  # a change waits for the fill: it must have begun
+        self._start_fill(name)  # a change waits for the fill: it must have begun
         load = self._loads.get(name)
         if load is None or load.leveling is None:
             return load

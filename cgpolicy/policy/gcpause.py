@@ -4,14 +4,16 @@ Reading a policy of 100,000 CIDRs makes some 500,000 objects that stay alive (ne
 their addresses, positions, texts, packed map entries), and each allocation threshold
 crossed on the way makes the collector walk all of them again: at 100,000 CIDRs that was
 about a third of the time. Nothing these stages make refers to itself, so reference counting
-frees all of it; a cycle made meanwhile is collected after the pause, as usual.
+frees all of it.
 
 Deferring the walks is not enough: the first collection after the pause still walks every
 object the pause made (2-4 ms after a 10,000-CIDR read or compile, 20-40 ms at 100,000, in
-the middle of a load). So a pause that made many objects ends by freezing them
-(``gc.freeze``): they are long-lived by nature (a policy, its compilation), and collections
-leave frozen objects alone until ``gc.unfreeze``, which the service calls at the start of
-every reconcile pass (reconciler/loop.py). Reference counting still frees them as usual.
+the middle of a load). So a pause that made many objects ends with ``gc.freeze()``, which
+takes every object tracked at that moment, mostly what the pause made (a policy, its
+compilation: long-lived by nature), out of the collector's sight until ``gc.unfreeze()``.
+Reference counting still frees them as usual. The service unfreezes at the start of every
+reconcile pass (reconciler/loop.py), so a cycle that was garbage when frozen is collected
+after that; a one-shot command exits first.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ JSON-like data itself. Decisions:
   bombs impossible instead of merely bounded;
 * nesting deeper than :data:`MAX_DEPTH` is refused as soon as it is seen, so a
   100,000-deep ``[[[...`` costs 65 events, with the same answer whichever libyaml is
-  installed (see :meth:`_Composer.run` for libyaml's own limit);
+  installed (see :meth:`_Composer._read_whole` for libyaml's own limit);
 * at most :data:`MAX_NODES` nodes and :data:`MAX_COLLECTIONS` mappings/lists per file;
 * duplicate keys are errors naming both lines;
 * mapping keys are kept as their source text (``yes:`` is the key "yes", not True), and
@@ -58,12 +58,12 @@ _DECIMAL = re.compile(r"(?:0|[1-9][0-9]{0,17})\Z")  # YAML 1.1 reads 010 as octa
 MAX_NUMBER_CHARACTERS = 32
 MAX_NUMBER_BITS = 64
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
-# A run of list items libyaml need not see one by one (see _ItemRuns): lines holding only
+# A run of CIDR lines libyaml need not see one by one (see _CidrRuns): lines holding only
 # "- CIDR", quoted or plain, at one indentation. A plain one has a "/", so that it can only
 # be a string (no YAML 1.1 int, float, timestamp or bool has one).
-_RUN_ITEM = r"""- (?:"[0-9A-Fa-f:./]+"|'[0-9A-Fa-f:./]+'|[0-9A-Fa-f:.]+/[0-9]+)\n"""
-_ITEM_RUN = re.compile(rf"^( *){_RUN_ITEM}(?:\1{_RUN_ITEM}){{7,}}", re.MULTILINE)
-_RUN_TEXT = re.compile(r"""- ["']?([0-9A-Fa-f:./]+)""")
+_CIDR_LINE = r"""- (?:"[0-9A-Fa-f:./]+"|'[0-9A-Fa-f:./]+'|[0-9A-Fa-f:.]+/[0-9]+)\n"""
+_CIDR_RUN = re.compile(rf"^( *){_CIDR_LINE}(?:\1{_CIDR_LINE}){{7,}}", re.MULTILINE)
+_CIDR_VALUE = re.compile(r"""- ["']?([0-9A-Fa-f:./]+)""")
 # Characters YAML may read as a line break besides \n: their lines are not the ones counted.
 _OTHER_BREAKS = re.compile("[\r\x85\u2028\u2029]")
 _TOO_MANY_NODES = f"file has more than {MAX_NODES:,} YAML nodes"
@@ -222,51 +222,63 @@ class _Frame:
 
 
 @dataclass(slots=True)
-class _ItemRun:
+class _CidrRun:
+    """One run of CIDR lines: libyaml reads its first line, the others are blanked."""
+
     line: int  # 0-based line of its first item
     column: int  # 0-based column of each item's value
-    first: str  # the first item, which libyaml reads
-    texts: list[str]  # the items after it, which it does not
+    first: str  # the first item's value
+    rest: tuple[int, int]  # where the blanked lines are in the text (start, end)
+    count: int  # how many blanked lines
     claimed: bool = False
 
 
-class _ItemRuns:
-    """The long runs of CIDR items of a text, and the text with all but the first item of
-    each blanked out (its lines left empty, so that every other line and column stays
-    where it was). libyaml then reads a 10,000-CIDR list in a few events instead of 10,000
-    (8 ms less); the composer puts the blanked items back behind the first (:meth:`claim`).
+class _CidrRuns:
+    """The long runs of CIDR lines of a text, and the text with all lines of each run but
+    its first blanked out (left empty, so that every other line and column stays where it
+    was). libyaml then reads a 10,000-CIDR list in a few events instead of 10,000 (8 ms
+    less); the composer puts the blanked items back behind the first (:meth:`claim`,
+    :meth:`values`).
 
     A run is put back only when libyaml reads its first item as a one-line string item
     of a list (in a flow list, "- " lines are a syntax error), and only when the reading
     found nothing wrong: a run that is something else (lines of a block scalar, of a
     quoted or plain string going on over several lines) changes that first value or
     leaves it unclaimed, and then the file is read again whole, as are files with
-    problems and files with other line breaks than \\n. Such a file costs at most two
-    readings instead of one."""
+    problems. A text with other line breaks than \\n, or with more CIDR lines than a file
+    may have nodes, is not blanked at all. A file read again costs one reading more."""
 
     def __init__(self, text: str) -> None:
-        self.at: dict[int, _ItemRun] = {}
-        self.text = text
+        self.by_line: dict[int, _CidrRun] = {}
+        self.original = self.text = text
         if _OTHER_BREAKS.search(text) is not None:
             return
         pieces: list[str] = []
-        end = line = 0
-        for found in _ITEM_RUN.finditer(text):
+        end = line = total = 0
+        for found in _CIDR_RUN.finditer(text):
             start = found.start()
             line += text.count("\n", end, start)
-            texts = _RUN_TEXT.findall(found.group())
-            first = found.group().index("\n") + 1
-            pieces += (text[end : start + first], "\n" * (len(texts) - 1))
-            self.at[line] = _ItemRun(line, len(found.group(1)) + 2, texts[0], texts[1:])
-            end, line = found.end(), line + len(texts)
-        if self.at:
+            second = text.index("\n", start) + 1
+            count = text.count("\n", second, found.end())
+            total += count
+            if total > MAX_NODES:  # the whole reading stops inside; no values made for it
+                self.by_line = {}
+                self.text = text
+                return
+            first = _CIDR_VALUE.findall(text, start, second)[0]
+            pieces += (text[end:second], "\n" * count)
+            self.by_line[line] = _CidrRun(
+                line, found.end(1) - start + 2, first, (second, found.end()), count
+            )
+            end, line = found.end(), line + 1 + count
+        if self.by_line:
             pieces.append(text[end:])
             self.text = "".join(pieces)
 
-    def claim(self, items: list[Any], start: Any, end: Any) -> _ItemRun | None:
+    def claim(self, items: list[Any], start: Any, end: Any) -> _CidrRun | None:
         """The run whose first item is the one just added to ``items``, read from the
         ``start`` to the ``end`` mark, if it is one."""
-        run = self.at.get(start.line)
+        run = self.by_line.get(start.line)
         if (
             run is None
             or start.column != run.column
@@ -277,8 +289,12 @@ class _ItemRuns:
         run.claimed = True
         return run
 
+    def values(self, run: _CidrRun) -> list[str]:
+        """The values of a run's blanked lines, in order."""
+        return _CIDR_VALUE.findall(self.original, *run.rest)
+
     def all_claimed(self) -> bool:
-        return all(run.claimed for run in self.at.values())
+        return all(run.claimed for run in self.by_line.values())
 
 
 class _Abandon(Exception):
@@ -304,20 +320,20 @@ class _Composer:
         self.document: Document | None = None
         self.resolver: Any = None
         self.stopped = False  # by one of our limits (a _Stop), not by a YAML error
-        self.runs: _ItemRuns | None = None
+        self.runs: _CidrRuns | None = None
 
     def run(self, content: bytes) -> None:
         """Read every document of `content` (the text's bytes), recording data and
-        problems in `loaded`: with the text's long CIDR lists blanked out (_ItemRuns) when
+        problems in `loaded`: with the text's long CIDR lists blanked out (_CidrRuns) when
         that gives the whole reading's answer, else whole."""
-        runs = _ItemRuns(self.text)
-        if runs.at:
+        runs = _CidrRuns(self.text)
+        if runs.by_line:
             self.runs = runs
             try:
-                read = self._read_events(_Loader(runs.text.encode()))
+                whole = self._read_events(_Loader(runs.text.encode())) is None
             except _Abandon:
-                read = -1
-            if read is None and runs.all_claimed() and not self._any_problem():
+                whole = False
+            if whole and runs.all_claimed() and not self._any_problem():
                 return
             self._reset()
         self._read_whole(content)
@@ -404,7 +420,7 @@ class _Composer:
                 frame.container.append(self._construct(event))
             mark: Any = event.start_mark  # always set by the parser (see _start)
             frame.positions.append((mark.line + 1) << 32 | (mark.column + 1))
-            if self.runs is not None and mark.line in self.runs.at:
+            if self.runs is not None and mark.line in self.runs.by_line:
                 self._put_back(frame, event)
         elif frame.key is None:
             self._key(frame, event)
@@ -418,13 +434,13 @@ class _Composer:
         run = self.runs.claim(frame.container, event.start_mark, event.end_mark)
         if run is None:
             return
-        self.nodes += len(run.texts)
+        self.nodes += run.count
         if self.nodes > MAX_NODES:
             raise _Abandon  # the whole reading says at which item
-        frame.container.extend(run.texts)
+        frame.container.extend(self.runs.values(run))
         column = run.column + 1
         frame.positions.extend(
-            (line << 32 | column) for line in range(run.line + 2, run.line + 2 + len(run.texts))
+            (line << 32 | column) for line in range(run.line + 2, run.line + 2 + run.count)
         )
 
     def _alias(self, event: yaml.AliasEvent) -> None:

@@ -281,7 +281,7 @@ _after = st.sampled_from(
 
 def _without_runs(text: bytes) -> Any:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loader, "_ITEM_RUN", re.compile(r"(?!)"))  # matches nothing
+        patch.setattr(loader, "_CIDR_RUN", re.compile(r"(?!)"))  # matches nothing
         return _outcome(text)
 
 
@@ -489,6 +489,24 @@ def test_gc_paused_restores_the_collector() -> None:
         assert not gc.isenabled()  # it was off: left off
     finally:
         gc.enable()
+
+
+def test_a_pause_that_made_many_objects_ends_with_them_frozen() -> None:
+    import gc
+
+    from cgpolicy.policy.gcpause import FREEZE_ABOVE, gc_paused
+
+    gc.unfreeze()
+    try:
+        with gc_paused():
+            few = [[i] for i in range(100)]
+        assert gc.get_freeze_count() == 0
+        with gc_paused():
+            many = [[i] for i in range(2 * FREEZE_ABOVE)]
+        assert gc.get_freeze_count() >= len(many)
+        assert gc.isenabled() and few
+    finally:
+        gc.unfreeze()
 
 
 def test_a_load_starts_from_the_cidrs_of_the_one_before() -> None:
