@@ -86,11 +86,13 @@ class AppliedPolicy:
 def _read_links(hook_folder: Path) -> dict[int, AppliedLink]:
     """The links pinned in a hook folder, by cgroup id; one whose link is gone, detached
     or attached elsewhere reads as not attached."""
-    pinned = sorted(pins.link_pins(hook_folder).items())
+    folder = str(hook_folder)
+    pinned = sorted(pins.link_pin_names(hook_folder).items())
     links = {}
-    for (cgroup_id, pin), info in zip(
-        pinned, pinned_cgroup_links([pin for _, pin in pinned]), strict=True
+    for (cgroup_id, name), info in zip(
+        pinned, pinned_cgroup_links(folder, [name for _, name in pinned]), strict=True
     ):
+        pin = f"{folder}/{name}"
         if info is None:
             links[cgroup_id] = AppliedLink(cgroup_id, pin, 0, 0, attached=False)
         else:

@@ -22,9 +22,10 @@ import platform
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 _u8, _u32, _u64 = ctypes.c_uint8, ctypes.c_uint32, ctypes.c_uint64
+_s32 = ctypes.c_int32
 
 # __NR_bpf differs per architecture; the generic table (arm64, riscv) uses 280.
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "s390x": 351, "ppc64le": 361}
@@ -248,7 +249,10 @@ class BtfLoadAttr(ctypes.Structure):
 
 
 class _ObjAttr(ctypes.Structure):
-    _fields_ = [("pathname", _u64), ("bpf_fd", _u32), ("file_flags", _u32)]
+    _fields_ = [("pathname", _u64), ("bpf_fd", _u32), ("file_flags", _u32), ("path_fd", _s32)]
+
+
+BPF_F_PATH_FD = 1 << 14  # OBJ_GET: pathname is relative to path_fd (kernel 6.5+)
 
 
 class _ProgAttachAttr(ctypes.Structure):
@@ -391,6 +395,7 @@ class _Probed:
     """What this kernel refused once, so that it is not asked again in this process."""
 
     query_tail = True  # PROG_QUERY takes the 6.6+ fields after prog_attach_flags
+    path_fd = True  # OBJ_GET takes BPF_F_PATH_FD (6.5+)
 
 
 _probed = _Probed()
@@ -410,13 +415,21 @@ _NR_BPF = _nr_bpf()
 def bpf(cmd: Cmd, attr: ctypes.Structure, what: str | Callable[[], str]) -> int:
     """Run one command; on failure raise BpfError naming it and ``what`` it was done to
     (a callable when describing the object costs work that only an error needs)."""
+    ret = _retried(cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        raise BpfError(f"BPF_{cmd.name}", -ret, what if isinstance(what, str) else what())
+    return ret
+
+
+def _retried(cmd: Cmd, attr: Any, size: int) -> int:
+    """bpf(cmd) on an attr passed by reference, retried on EINTR: the result, or -errno."""
     while True:
-        ret = _syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+        ret = _syscall(_NR_BPF, cmd, attr, size)
         if ret >= 0:
-            return ret
+            return int(ret)
         err = ctypes.get_errno()
         if err != errnos.EINTR:
-            raise BpfError(f"BPF_{cmd.name}", err, what if isinstance(what, str) else what())
+            return -err
 
 
 def _cgroup_name(fd: int) -> str:
@@ -556,32 +569,58 @@ def link_info(fd: int) -> LinkInfo:
     )
 
 
-def pinned_cgroup_links(paths: Sequence[str]) -> list[tuple[int, int, int] | None]:
-    """(link id, program id, cgroup id) of the link pinned at each of ``paths`` (cgroup id
-    0 for a detached link or one of another kind), or None where nothing readable is
-    pinned. A reconcile pass reads every link of every policy (90,000 at 10,000 cgroups):
-    this costs an OBJ_GET, a GET_INFO and a close per path, and one buffer for them all."""
+def pinned_cgroup_links(folder: str, names: Sequence[str]) -> list[tuple[int, int, int] | None]:
+    """(link id, program id, cgroup id) of the link pinned as each of ``names`` in
+    ``folder`` (cgroup id 0 for a detached link or one of another kind), or None where
+    nothing readable is pinned. A reconcile pass reads every link of every policy (90,000
+    at 10,000 cgroups), so this is its hot loop: an OBJ_GET relative to the folder, a
+    GET_INFO and a close per name, with one buffer for all the names and one for the
+    answers (zeroed each time: for some link types the kernel reads pointers from it)."""
+    folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if _probed.path_fd:
+            try:
+                return _read_pinned_links(names, folder_fd)
+            except _PathFdRefused:
+                _probed.path_fd = False  # a kernel before 6.5
+        return _read_pinned_links([os.path.join(folder, name) for name in names], None)
+    finally:
+        os.close(folder_fd)
+
+
+class _PathFdRefused(Exception):
+    """The kernel does not know BPF_F_PATH_FD."""
+
+
+def _read_pinned_links(
+    paths: Sequence[str], folder_fd: int | None
+) -> list[tuple[int, int, int] | None]:
     encoded = [os.fsencode(path) for path in paths]
-    names = ctypes.create_string_buffer(b"\0".join(encoded))
-    get = _ObjAttr(pathname=ctypes.addressof(names))
+    buffer = ctypes.create_string_buffer(b"\0".join(encoded))
+    get = _ObjAttr(pathname=ctypes.addressof(buffer))
+    if folder_fd is not None:
+        get.file_flags, get.path_fd = BPF_F_PATH_FD, folder_fd
+    info = _LinkInfo()
+    info_at, info_size = ctypes.addressof(info), ctypes.sizeof(info)
+    ask = _InfoAttr(info_len=info_size, info=info_at)
+    get_ref, get_size = ctypes.byref(get), ctypes.sizeof(get)
+    ask_ref, ask_size = ctypes.byref(ask), ctypes.sizeof(ask)
     found: list[tuple[int, int, int] | None] = []
     for path in encoded:
-        try:
-            fd = bpf(Cmd.OBJ_GET, get, "of a link pin")
-        except BpfError:
+        fd = _retried(Cmd.OBJ_GET, get_ref, get_size)
+        if fd < 0:
+            if -fd == errnos.EINVAL and folder_fd is not None and not found:
+                raise _PathFdRefused
             found.append(None)
         else:
-            # a new, zeroed info each time: for some link types the kernel reads pointers
-            # from it (e.g. where to write a tracepoint's name)
-            info = _LinkInfo()
-            ask = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
             try:
-                bpf(Cmd.OBJ_GET_INFO_BY_FD, ask, "of a pinned link")
-            except BpfError:
-                found.append(None)
-            else:
-                cgroup_id = info.cgroup_id if info.type == LinkType.CGROUP else 0
-                found.append((info.id, info.prog_id, cgroup_id))
+                ctypes.memset(info_at, 0, info_size)
+                ask.bpf_fd = fd
+                if _retried(Cmd.OBJ_GET_INFO_BY_FD, ask_ref, ask_size) < 0:
+                    found.append(None)
+                else:
+                    cgroup_id = info.cgroup_id if info.type == LinkType.CGROUP else 0
+                    found.append((info.id, info.prog_id, cgroup_id))
             finally:
                 os.close(fd)
         get.pathname += len(path) + 1

@@ -337,37 +337,37 @@ def test_link_is_queried_pinned_reopened_updated_and_detached(
             pinned.detach()
             assert syscall.prog_query(cgroup_fd, EGRESS).prog_ids == ()
     # what a reconcile pass reads of each pin: a detached link is attached to no cgroup
-    pin, missing = str(bpf_dir / "link"), str(bpf_dir / "no-such-pin")
-    assert syscall.pinned_cgroup_links([missing, pin, missing]) == [
-        None,
-        (info.id, deny_id, 0),
-        None,
-    ]
+    found = syscall.pinned_cgroup_links(str(bpf_dir), ["no-such-pin", "link", "no-such-pin"])
+    assert found == [None, (info.id, deny_id, 0), None]
 
 
+@pytest.mark.parametrize("relative", [True, False], ids=["path_fd", "whole_paths"])
 def test_pinned_cgroup_links_reads_each_pin_in_order(
-    source_dir: Path, scratch_cgroup, cgroup_fd: int, bpf_dir: Path
+    source_dir: Path, scratch_cgroup, cgroup_fd: int, bpf_dir: Path, monkeypatch, relative: bool
 ) -> None:
+    """Relative to the folder (BPF_F_PATH_FD), or by whole paths as on a kernel without it."""
+    monkeypatch.setattr(syscall._probed, "path_fd", relative)
     allow = loader.load_program(spec("allow_all", "cgp_t_allow"), source_dir)
     child = scratch_cgroup.child("pins")
     child_fd = cgroup.open_cgroup(child.path)
-    pinned: list[tuple[str, int]] = []  # (pin, link id)
+    pinned: list[tuple[str, int]] = []  # (pin name, link id)
     try:
         with allow:
             for name, fd in (("a", cgroup_fd), ("b", child_fd)):
                 with CgroupLink.create(allow.fd, fd, EGRESS) as link:
                     link.pin(bpf_dir / name)
-                    pinned.append((str(bpf_dir / name), link.info().id))
-            found = syscall.pinned_cgroup_links([pinned[1][0], pinned[0][0]])
+                    pinned.append((name, link.info().id))
+            found = syscall.pinned_cgroup_links(str(bpf_dir), [pinned[1][0], "c", pinned[0][0]])
             assert found == [
                 (pinned[1][1], allow.info().id, cgroup.cgroup_id(child.path)),
+                None,
                 (pinned[0][1], allow.info().id, cgroup.cgroup_id(scratch_cgroup.path)),
             ]
     finally:
-        for pin, _ in pinned:
-            with CgroupLink.from_pin(pin) as link:
+        for name, _ in pinned:
+            with CgroupLink.from_pin(bpf_dir / name) as link:
                 link.detach()
-            os.unlink(pin)
+            os.unlink(bpf_dir / name)
         os.close(child_fd)
 
 
