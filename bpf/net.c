@@ -781,13 +781,18 @@ static __always_inline int cgp_skb(struct __sk_buff *skb, const int egress, cons
 /* Every program of this file comes in variants: F, and F_names for policies whose rules
  * name fqdns (the `names` constant; cgpolicy/contract.py names_variant); F_4, F_6 and F_0
  * for sections that list only IPv4 prefixes, only IPv6 ones, or none: F_0 walks no prefix
- * index (`fam`, above). */
-#define CGP_SKB_PROGRAM(name, egress)                                                        \
-	int name(struct __sk_buff *skb) { return cgp_skb(skb, egress, 0, CGP_FAM_BOTH); }    \
-	int name##_4(struct __sk_buff *skb) { return cgp_skb(skb, egress, 0, CGP_FAM4); }    \
-	int name##_6(struct __sk_buff *skb) { return cgp_skb(skb, egress, 0, CGP_FAM6); }    \
-	int name##_0(struct __sk_buff *skb) { return cgp_skb(skb, egress, 0, 0); }           \
-	int name##_names(struct __sk_buff *skb) { return cgp_skb(skb, egress, 1, CGP_FAM_BOTH); }
+ * index (`fam`, above). CGP_VARIANTS defines them all with `variant`, a macro that defines
+ * one program from its name, the program's own arguments, then `names` and `fam`. */
+#define CGP_VARIANTS(variant, name, ...)                                                     \
+	variant(name, __VA_ARGS__, 0, CGP_FAM_BOTH)                                          \
+	variant(name##_4, __VA_ARGS__, 0, CGP_FAM4)                                          \
+	variant(name##_6, __VA_ARGS__, 0, CGP_FAM6)                                          \
+	variant(name##_0, __VA_ARGS__, 0, 0)                                                 \
+	variant(name##_names, __VA_ARGS__, 1, CGP_FAM_BOTH)
+
+#define CGP_SKB_VARIANT(name, egress, names, fam)                                            \
+	int name(struct __sk_buff *skb) { return cgp_skb(skb, egress, names, fam); }
+#define CGP_SKB_PROGRAM(name, egress) CGP_VARIANTS(CGP_SKB_VARIANT, name, egress)
 
 CGP_SKB_PROGRAM(cgp_ingress, 0)
 CGP_SKB_PROGRAM(cgp_egress, 1)
@@ -879,12 +884,7 @@ static __always_inline int cgp_sock_addr(struct bpf_sock_addr *ctx, int v6, __u3
 
 #define CGP_SOCK_ADDR_VARIANT(name, v6, hook, names, fam)                                    \
 	int name(struct bpf_sock_addr *ctx) { return cgp_sock_addr(ctx, v6, hook, names, fam); }
-#define CGP_SOCK_ADDR_PROGRAM(name, v6, hook)                                                \
-	CGP_SOCK_ADDR_VARIANT(name, v6, hook, 0, CGP_FAM_BOTH)                               \
-	CGP_SOCK_ADDR_VARIANT(name##_4, v6, hook, 0, CGP_FAM4)                               \
-	CGP_SOCK_ADDR_VARIANT(name##_6, v6, hook, 0, CGP_FAM6)                               \
-	CGP_SOCK_ADDR_VARIANT(name##_0, v6, hook, 0, 0)                                      \
-	CGP_SOCK_ADDR_VARIANT(name##_names, v6, hook, 1, CGP_FAM_BOTH)
+#define CGP_SOCK_ADDR_PROGRAM(name, v6, hook) CGP_VARIANTS(CGP_SOCK_ADDR_VARIANT, name, v6, hook)
 
 CGP_SOCK_ADDR_PROGRAM(cgp_bind4, 0, CGP_HOOK_BIND4)
 CGP_SOCK_ADDR_PROGRAM(cgp_bind6, 1, CGP_HOOK_BIND6)
@@ -1018,12 +1018,7 @@ static __always_inline int cgp_egress_at_connect(struct bpf_sock_addr *ctx, int 
 	{                                                                                    \
 		return cgp_egress_at_connect(ctx, v6, flag, names, fam);                      \
 	}
-#define CGP_CONNECT_CHECK(name, v6, flag)                                                    \
-	CGP_CONNECT_CHECK_VARIANT(name, v6, flag, 0, CGP_FAM_BOTH)                           \
-	CGP_CONNECT_CHECK_VARIANT(name##_4, v6, flag, 0, CGP_FAM4)                           \
-	CGP_CONNECT_CHECK_VARIANT(name##_6, v6, flag, 0, CGP_FAM6)                           \
-	CGP_CONNECT_CHECK_VARIANT(name##_0, v6, flag, 0, 0)                                  \
-	CGP_CONNECT_CHECK_VARIANT(name##_names, v6, flag, 1, CGP_FAM_BOTH)
+#define CGP_CONNECT_CHECK(name, v6, flag) CGP_VARIANTS(CGP_CONNECT_CHECK_VARIANT, name, v6, flag)
 
 CGP_CONNECT_CHECK(cgp_eg_connect4, 0, CGP_EV_CONNECT)
 CGP_CONNECT_CHECK(cgp_eg_connect6, 1, CGP_EV_CONNECT)
