@@ -205,7 +205,7 @@ def _restore(bpf_dir: Path, root: Path, record: PendingRecord, kept: pending.Pre
     for hook, state in hooks.items():
         for cid, link in state.links.items():
             if hook not in kept.programs or cid not in meta.cgroups:
-                detach_pinned_link(link.pin)
+                detach_pinned_link(pins.hook_dir(bpf_dir, name, hook) / link.name)
         if hook not in kept.programs:
             pins.remove_folder(pins.hook_dir(bpf_dir, name, hook))
     # 3. the previous programs and maps pinned back, the metadata last

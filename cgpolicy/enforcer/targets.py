@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from cgpolicy.kernel.cgroup import NotACgroup, cgroup_at, is_cgroup, matching_children
+from cgpolicy.kernel.cgroup import NotACgroup, cgroup_at, is_cgroup, matching_child_ids
 from cgpolicy.policy.model import Target
 
 
@@ -33,19 +33,21 @@ def _ref(root: Path, relative: str) -> CgroupRef | None:
     return None if cgroup_id is None else CgroupRef(relative, cgroup_id)
 
 
-def _glob(root: Path, pattern: str) -> list[str]:
-    """Match one path component at a time, so '*' never crosses a '/' (as in a shell)."""
-    matches = [""]
+def _glob(root: Path, pattern: str) -> list[tuple[str, int | None]]:
+    """Match one path component at a time, so '*' never crosses a '/' (as in a shell).
+    Each match with its cgroup id where the folder listing gave it (the last component a
+    pattern), else None."""
+    matches: list[tuple[str, int | None]] = [("", None)]
     for component in pattern.split("/"):
-        next_matches = []
-        for base in matches:
+        next_matches: list[tuple[str, int | None]] = []
+        for base, _ in matches:
             if not any(ch in component for ch in "*?["):
                 candidate = f"{base}/{component}" if base else component
                 if is_cgroup(root / candidate):
-                    next_matches.append(candidate)
+                    next_matches.append((candidate, None))
                 continue
-            for child in matching_children(root / base if base else root, component):
-                next_matches.append(f"{base}/{child.name}" if base else child.name)
+            for name, cgroup_id in matching_child_ids(root / base if base else root, component):
+                next_matches.append((f"{base}/{name}" if base else name, cgroup_id))
         matches = next_matches
     return matches
 
@@ -55,8 +57,11 @@ def resolve_targets(root: Path, targets: tuple[Target, ...]) -> Resolution:
     missing = []
     not_cgroups = []
     for target in targets:
-        relatives = _glob(root, target.pattern) if target.is_glob else [target.pattern]
-        for relative in relatives:
+        matches = _glob(root, target.pattern) if target.is_glob else [(target.pattern, None)]
+        for relative, listed_id in matches:
+            if listed_id is not None:
+                found[relative] = CgroupRef(relative, listed_id)
+                continue
             try:
                 ref = _ref(root, relative)
             except NotACgroup:

@@ -43,7 +43,7 @@ _ZERO = U32.pack(0)
 @dataclass(frozen=True, slots=True)
 class AppliedLink:
     cgroup_id: int
-    pin: str
+    name: str  # of its pin in the hook folder (pins.link_pin_names)
     link_id: int
     prog_id: int
     attached: bool  # False once the link was detached from outside or its cgroup is gone
@@ -86,19 +86,18 @@ class AppliedPolicy:
 def _read_links(hook_folder: Path) -> dict[int, AppliedLink]:
     """The links pinned in a hook folder, by cgroup id; one whose link is gone, detached
     or attached elsewhere reads as not attached."""
-    folder = str(hook_folder)
     pinned = sorted(pins.link_pin_names(hook_folder).items())
+    names = [name for _, name in pinned]
     links = {}
     for (cgroup_id, name), info in zip(
-        pinned, pinned_cgroup_links(folder, [name for _, name in pinned]), strict=True
+        pinned, pinned_cgroup_links(str(hook_folder), names), strict=True
     ):
-        pin = f"{folder}/{name}"
         if info is None:
-            links[cgroup_id] = AppliedLink(cgroup_id, pin, 0, 0, attached=False)
+            links[cgroup_id] = AppliedLink(cgroup_id, name, 0, 0, attached=False)
         else:
             link_id, prog_id, attached_to = info
             links[cgroup_id] = AppliedLink(
-                cgroup_id, pin, link_id, prog_id, attached=attached_to == cgroup_id
+                cgroup_id, name, link_id, prog_id, attached=attached_to == cgroup_id
             )
     return links
 

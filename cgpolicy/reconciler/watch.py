@@ -58,7 +58,8 @@ def watch_folders(root: Path, targets: Iterable[Target]) -> set[Path]:
     folders: set[Path] = set()
     for target in targets:
         level = [root]
-        for component in target.pattern.split("/"):
+        # the last component's matches are targets, not folders to watch: not listed
+        for component in target.pattern.split("/")[:-1]:
             folders.update(level)
             following = []
             for folder in level:
@@ -74,6 +75,7 @@ def watch_folders(root: Path, targets: Iterable[Target]) -> set[Path]:
             level = following
             if not level:
                 break
+        folders.update(level)
     return folders
 
 

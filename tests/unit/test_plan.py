@@ -23,7 +23,7 @@ def applied(revision: str, links: dict[str, dict[int, bool]], prog_id: int = 7) 
     for hook, cgroups in links.items():
         policy.hooks[hook] = AppliedHook(hook, prog_id)
         for cgroup_id, attached in cgroups.items():
-            link = AppliedLink(cgroup_id, folder / hook / f"link-{cgroup_id}", 9, prog_id, attached)
+            link = AppliedLink(cgroup_id, f"link-{cgroup_id}", 9, prog_id, attached)
             policy.hooks[hook].links[cgroup_id] = link
     return policy
 
