@@ -14,8 +14,6 @@ import dataclasses
 import hashlib
 import ipaddress
 import json
-import socket
-import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -33,6 +31,7 @@ from cgpolicy.policy.model import (
     SocketCreateRule,
     SysctlRule,
 )
+from cgpolicy.policy.prefixes import Prefixes, prefix_key, prefix_text
 
 # Bound, not constrained: reference.py orders a section whose rule type it does not know.
 Rule = TypeVar(
@@ -41,21 +40,8 @@ Rule = TypeVar(
 
 
 def network_text(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
-    """``str(network)``, made with the C inet_ntop: the same text several times faster (a
-    rule may list 100,000 CIDRs). Addresses whose first 80 bits are zero are left to
-    ``str``, because glibc writes ::ffff:a.b.c.d and ::a.b.c.d dotted and Python does not."""
-    # _ip and _prefixlen: what int(network_address) and prefixlen return, without a Python
-    # call each
-    value, length = network.network_address._ip, network._prefixlen  # type: ignore[union-attr]
-    if isinstance(network, ipaddress.IPv4Network):
-        return f"{_inet_ntoa(_U32.pack(value))}/{length}"
-    if value >> 48 == 0:
-        return str(network)
-    return f"{socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, 'big'))}/{length}"
-
-
-_inet_ntoa = socket.inet_ntoa
-_U32 = struct.Struct(">I")
+    """``str(network)``, made faster (policy/prefixes.py prefix_text)."""
+    return prefix_text(prefix_key(network))
 
 
 def _item_text(item: Any) -> str:
@@ -65,6 +51,8 @@ def _item_text(item: Any) -> str:
 
 
 def _canonical_value(value: Any) -> Any:
+    if isinstance(value, Prefixes):
+        return sorted(value.texts())
     if isinstance(value, tuple):
         return sorted(map(_item_text, value))
     return value

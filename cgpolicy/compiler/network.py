@@ -6,7 +6,6 @@ an index each (:mod:`cgpolicy.compiler.cidr6`)."""
 from __future__ import annotations
 
 import bisect
-import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -140,10 +139,9 @@ def _cidr_tables(
     v6: dict[tuple[int, int], int] = {}
     for index, rule in enumerate(rules):
         bit = 1 << index
-        for net in rule.cidrs:
-            table = v4 if isinstance(net, ipaddress.IPv4Network) else v6
-            # what prefixlen and int(network_address) return, without two Python calls each
-            key = (net._prefixlen, net.network_address._ip)  # type: ignore[union-attr]
+        for prefix in rule.cidrs.keys:  # policy/prefixes.py: (address << 8 | length) << 1 | v6
+            table = v6 if prefix & 1 else v4
+            key = (prefix >> 1 & 0xFF, prefix >> 9)
             table[key] = table.get(key, 0) | bit
     return v4, v6
 

@@ -19,7 +19,6 @@ from cgpolicy.policy.model import (
     DeviceRule,
     DeviceSection,
     DnsSettings,
-    IPNetwork,
     Network,
     NetworkRule,
     NetworkSection,
@@ -35,8 +34,10 @@ from cgpolicy.policy.model import (
     SysctlSection,
     Target,
 )
+from cgpolicy.policy.prefixes import Prefixes
 from cgpolicy.policy.problems import Path
 from cgpolicy.policy.semantic import (
+    cidr_key,
     normalise_fqdn,
     normalise_sysctl_name,
     parse_cidr,
@@ -189,8 +190,8 @@ def _dns(settings: dict[str, Any]) -> DnsSettings:
     )
 
 
-def _cidrs(rule: dict[str, Any]) -> tuple[IPNetwork, ...]:
-    return tuple(map(parse_cidr, rule.get("cidrs", ())))
+def _cidrs(rule: dict[str, Any]) -> Prefixes:
+    return Prefixes(map(cidr_key, rule.get("cidrs", ())))
 
 
 def _ports(rule: dict[str, Any]) -> tuple[PortRange, ...]:

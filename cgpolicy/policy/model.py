@@ -8,14 +8,15 @@ Everything is frozen and hashable: a policy is a value, and rule order carries n
 
 from __future__ import annotations
 
-import ipaddress
 import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cgpolicy.policy.prefixes import IPNetwork, Prefixes
+
 Action = Literal["allow", "deny"]
 Mode = Literal["enforce", "audit"]
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+NO_PREFIXES = Prefixes()
 
 NetworkProtocol = Literal["tcp", "udp", "icmp", "icmpv6", "any"]
 SocketProtocol = Literal["tcp", "udp", "any"]
@@ -69,7 +70,7 @@ class NetworkRule:
     """A cgroup_skb rule. Empty tuples mean "any"."""
 
     action: Action
-    cidrs: tuple[IPNetwork, ...] = ()  # remote address
+    cidrs: Prefixes = NO_PREFIXES  # remote address (a tuple of networks is taken too)
     protocol: NetworkProtocol = "any"
     ports: tuple[PortRange, ...] = ()  # remote port on egress, local port on ingress
     icmp_types: tuple[int, ...] = ()  # only with icmp/icmpv6
@@ -78,6 +79,9 @@ class NetworkRule:
     # for a wildcard; matches an address only while a DNS answer for the name holds it
     fqdns: tuple[str, ...] = ()
     source: SourceLocation | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        _take_prefixes(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +114,21 @@ class SocketAddressRule:
     """A bind or connect (and sendmsg) rule: local address on bind, remote on connect."""
 
     action: Action
-    cidrs: tuple[IPNetwork, ...] = ()
+    cidrs: Prefixes = NO_PREFIXES  # (a tuple of networks is taken too)
     protocol: SocketProtocol = "any"
     ports: tuple[PortRange, ...] = ()
     fqdns: tuple[str, ...] = ()  # connect only: as NetworkRule.fqdns
     source: SourceLocation | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        _take_prefixes(self)
+
+
+def _take_prefixes(rule: NetworkRule | SocketAddressRule) -> None:
+    """A rule made with a tuple of networks (tests, code that builds rules) holds them as
+    Prefixes, as a rule built from a file does: one kind, compared by value."""
+    if not isinstance(rule.cidrs, Prefixes):
+        object.__setattr__(rule, "cidrs", Prefixes.of(rule.cidrs))
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,9 @@ of the expected type and leave the rest to the schema's messages.
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import re
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ from cgpolicy.policy.model import (
     SocketAddressRule,
     SourceLocation,
 )
+from cgpolicy.policy.prefixes import key_parts, network_of, prefix_key
 from cgpolicy.policy.problems import SHOWN_CHARACTERS, Path, Problem, shown
 from cgpolicy.policy.sysctl_patterns import TooManyStates, sysctl_dfa
 
@@ -59,24 +59,30 @@ class InvalidValue(ValueError):
 
 
 # The semantic checks and the model builder both parse every CIDR, and the reconcile service
-# reads a changed file again whole: a load keeps what it parsed, and the next load starts
-# from it, so the second pass and a file read again with one prefix changed parse only what
-# is new. Only the last load's CIDRs are kept (networks its policies hold anyway).
+# reads a changed file again whole: a load keeps what it parsed (as prefix keys, see
+# policy/prefixes.py), and the next load starts from it, so the second pass and a file read
+# again with one prefix changed parse only what is new. Only the last load's CIDRs are kept.
 MAX_KEPT_CIDRS = 1 << 18
-_this_load: dict[str, IPNetwork] = {}
-_last_load: dict[str, IPNetwork] = {}
+_this_load: dict[str, int] = {}
+_last_load: dict[str, int] = {}
+
+
+def cidr_key(text: str) -> int:
+    """A strict network as its prefix key: a bare address is /32 or /128; host bits set
+    are an error."""
+    key = _this_load.get(text)
+    if key is None:
+        key = _last_load.get(text)
+        if key is None:
+            key = _parse_key(text)
+        if len(_this_load) < MAX_KEPT_CIDRS:
+            _this_load[text] = key
+    return key
 
 
 def parse_cidr(text: str) -> IPNetwork:
-    """A strict network: a bare address is /32 or /128; host bits set are an error."""
-    network = _this_load.get(text)
-    if network is None:
-        network = _last_load.get(text)
-        if network is None:
-            network = _parse_cidr(text)
-        if len(_this_load) < MAX_KEPT_CIDRS:
-            _this_load[text] = network
-    return network
+    """The same as a network."""
+    return network_of(cidr_key(text))
 
 
 def end_of_load(keep: bool = True) -> None:
@@ -86,12 +92,12 @@ def end_of_load(keep: bool = True) -> None:
     _last_load, _this_load = (_this_load if keep else {}), {}
 
 
-def _parse_cidr(text: str) -> IPNetwork:
-    network = _plain_ipv4_network(text) if ":" not in text else _plain_ipv6_network(text)
-    if network is not None:
-        return network
+def _parse_key(text: str) -> int:
+    key = _plain_key(text)
+    if key is not None:
+        return key
     try:
-        return ipaddress.ip_network(text, strict=True)
+        return prefix_key(ipaddress.ip_network(text, strict=True))
     except ValueError:
         pass
     try:
@@ -117,95 +123,29 @@ _HOST_BITS4 = [(1 << (32 - length)) - 1 for length in range(33)]
 _HOST_BITS6 = [(1 << (128 - length)) - 1 for length in range(129)]
 
 
-def _network_maker(network_type: type[IPNetwork], longest: int) -> Callable[[int, int], IPNetwork]:
-    """``network_type((value, length))`` for a value without host bits, without the checks
-    and string handling of its constructor: a policy may list 200,000 CIDRs, and that
-    constructor was half of checking each. The objects are made as ipaddress's own
-    ``__init__`` makes them (the same attributes, so the same equality, hash, text and
-    pickle); a Python whose ipaddress builds them differently (checked once, on import)
-    gets the real constructor."""
-    address_type = network_type._address_class  # type: ignore[union-attr]
-    masks = [network_type._make_netmask(length) for length in range(longest + 1)]  # type: ignore[union-attr]
-    # the address's other slots (IPv6: _scope_id) as its int constructor leaves them
-    sample = address_type(0)
-    slots = {name for kind in address_type.__mro__ for name in getattr(kind, "__slots__", ())}
-    others = [(name, getattr(sample, name)) for name in sorted(slots - {"_ip", "__weakref__"})]
-    new = object.__new__
-
-    def make(value: int, length: int) -> IPNetwork:
-        network = new(network_type)
-        address = new(address_type)
-        address._ip = value
-        for name, default in others:
-            setattr(address, name, default)
-        # set as attributes, in __init__'s order, not through __dict__: that would give
-        # each network a dict of its own instead of the compact shared-key layout
-        network.network_address = address
-        network.netmask, network._prefixlen = masks[length]  # type: ignore[union-attr]
-        if length >= longest - 1:  # ipaddress gives these two lengths their own hosts()
-            hosts: Any = network.__iter__ if length < longest else lambda: [address_type(value)]
-            network.hosts = hosts  # type: ignore[method-assign]
-        return network
-
-    def real(value: int, length: int) -> IPNetwork:
-        return network_type((value, length))
-
-    samples = [(0, 0), (1, longest), (2, longest - 1), (1 << (longest - 8), 8)]
-    try:
-        if all(_same(make(*sample), real(*sample)) for sample in samples):
-            return make
-    except Exception:  # noqa: BLE001 - an ipaddress unlike the one this was written for
-        pass
-    return real
-
-
-def _same(fast: IPNetwork, slow: IPNetwork) -> bool:
-    """Whether two networks are alike in every attribute and in what they compute."""
-    hosts = [list(itertools.islice(network.hosts(), 2)) for network in (fast, slow)]
-    return (
-        vars(fast).keys() == vars(slow).keys()
-        and all(vars(fast)[k] == v for k, v in vars(slow).items() if k != "hosts")
-        and (fast, hash(fast), str(fast), repr(fast)) == (slow, hash(slow), str(slow), repr(slow))
-        and hosts[0] == hosts[1]
-    )
-
-
-_network4 = _network_maker(ipaddress.IPv4Network, ipaddress.IPV4LENGTH)
-_network6 = _network_maker(ipaddress.IPv6Network, ipaddress.IPV6LENGTH)
-
-
-def _plain_ipv4_network(text: str) -> IPNetwork | None:
-    """The common case, several times as fast as ip_network (policies may list 200,000
-    CIDRs). Accepts a subset of what ip_network accepts; anything else takes the slow path."""
+def _plain_key(text: str) -> int | None:
+    """The common cases, several times as fast as ip_network (policies may list 200,000
+    CIDRs): what inet_pton reads, with a length of 1-3 digits. Accepts a subset of what
+    ip_network accepts (no '%' scope, say); anything else, and host bits set, take the
+    slow path, which explains."""
     address, slash, length = text.partition("/")
+    v6 = ":" in address
     try:
-        packed = socket.inet_pton(socket.AF_INET, address)
+        packed = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, address)
     except (OSError, ValueError):  # ValueError: a NUL (YAML's "\0") or a lone surrogate
         return None
-    prefix = _LENGTHS4.get(length) if slash else 32
+    if v6:
+        prefix = _LENGTHS6.get(length) if slash else 128
+        host_bits = _HOST_BITS6
+    else:
+        prefix = _LENGTHS4.get(length) if slash else 32
+        host_bits = _HOST_BITS4
     if prefix is None:
         return None
     value = int.from_bytes(packed, "big")
-    if value & _HOST_BITS4[prefix]:
-        return None  # host bits set: the slow path explains
-    return _network4(value, prefix)
-
-
-def _plain_ipv6_network(text: str) -> IPNetwork | None:
-    """The same for IPv6. Addresses with a '%' scope or anything inet_pton refuses take
-    the slow path."""
-    address, slash, length = text.partition("/")
-    try:
-        packed = socket.inet_pton(socket.AF_INET6, address)
-    except (OSError, ValueError):
+    if value & host_bits[prefix]:
         return None
-    prefix = _LENGTHS6.get(length) if slash else 128
-    if prefix is None:
-        return None
-    value = int.from_bytes(packed, "big")
-    if value & _HOST_BITS6[prefix]:
-        return None  # host bits set: the slow path explains
-    return _network6(value, prefix)
+    return (value << 8 | prefix) << 1 | v6
 
 
 def parse_port_range(value: int | float | str) -> PortRange:
@@ -593,15 +533,15 @@ def cidr_item_problem(text: str, protocol: Any) -> tuple[str, str | None] | None
     anything: the checks of a CIDR item look at that item alone (policy/splice.py relies
     on it)."""
     try:
-        network = parse_cidr(text)
+        key = cidr_key(text)
     except InvalidValue as error:
         return error.message, error.hint
     version = {"icmp": 4, "icmpv6": 6}.get(protocol) if isinstance(protocol, str) else None
-    if version is not None and network.version != version:
+    if version is not None and key_parts(key)[0] != version:
         other = "icmpv6" if protocol == "icmp" else "icmp"
         return (
-            f"{text} is IPv{network.version} and cannot match protocol {protocol}",
-            f"use protocol {other} for IPv{network.version} in a separate rule",
+            f"{text} is IPv{key_parts(key)[0]} and cannot match protocol {protocol}",
+            f"use protocol {other} for IPv{key_parts(key)[0]} in a separate rule",
         )
     return None
 

@@ -33,8 +33,9 @@ from cgpolicy.policy.model import (
     Derivation,
     Policy,
 )
+from cgpolicy.policy.prefixes import Prefixes, network_of
 from cgpolicy.policy.problems import Path
-from cgpolicy.policy.semantic import cidr_item_problem, parse_cidr
+from cgpolicy.policy.semantic import cidr_item_problem, cidr_key
 from cgpolicy.policy.sourcemap import SourceMap
 
 # One list item on its own line: indentation, "- ", a scalar of address characters, plain
@@ -198,16 +199,16 @@ def _apply(
             return None
         protocol = rule.protocol if where.startswith("network.") else "any"
         texts = list(found.items)
-        networks = list(rule.cidrs)
+        keys = list(rule.cidrs.keys)
         removed, added = [], []
         for item, text in items.items():
             if not item_valid(text) or cidr_item_problem(text, protocol) is not None:
                 return None
-            removed.append(networks[item])
-            networks[item] = parse_cidr(text)
-            added.append(networks[item])
+            removed.append(network_of(keys[item]))
+            keys[item] = cidr_key(text)
+            added.append(network_of(keys[item]))
             texts[item] = text
-        new_rule = dataclasses.replace(rule, cidrs=tuple(networks))
+        new_rule = dataclasses.replace(rule, cidrs=Prefixes(keys))
         edits.append((index, CidrEdit(where, rule, new_rule, tuple(removed), tuple(added))))
         new_lists[which] = CidrList(found.path, found.positions, texts)
     made = _replace_rules(policy, edits)

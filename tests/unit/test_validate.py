@@ -45,7 +45,7 @@ def test_valid_policy_becomes_the_typed_model(write: WriteFile, valid_policy: st
     assert [t.is_glob for t in policy.targets] == [False, True]
     egress = policy.network.egress
     rule = egress.rules[0]
-    assert rule.cidrs == (
+    assert tuple(rule.cidrs) == (
         ipaddress.ip_network("10.0.0.0/8"),
         ipaddress.ip_network("fd00::/8"),
         ipaddress.ip_network("192.0.2.1/32"),
