@@ -60,13 +60,14 @@ class ApplyError(Exception):
     """One policy could not be applied; what was enforced before is still enforced."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Swap:
-    """A link (by its pin) switched to a new program, and the program to switch it back to.
-    Only the pin is kept: a glob over thousands of cgroups must not hold a descriptor per
-    link (nor per old program: links that ran the same one share it)."""
+    """A link (by its plan step) switched to a new program, and the program to switch it
+    back to. Only the step is kept, which the plan holds anyway: a glob over thousands of
+    cgroups must not hold a descriptor per link (nor per old program: links that ran the
+    same one share it), nor a path."""
 
-    link_pin: Path
+    step: Step
     old_program: Program
 
 
@@ -86,7 +87,7 @@ class _Work:
     old_programs: dict[int, Program] = field(default_factory=dict)  # theirs, by id
     # pins replaced by the new programs, with what was pinned there before (None: nothing)
     replaced: list[tuple[Path, Map | Program | None]] = field(default_factory=list)
-    pinned_links: list[Path] = field(default_factory=list)  # pins of the links created
+    pinned_links: list[Step] = field(default_factory=list)  # the steps that made links
 
     def close(self) -> None:
         if self.events is not None:
@@ -144,7 +145,7 @@ def apply_policy(
             if work.carry is not None:
                 work.carry.after_links_moved()
         except (BpfError, OSError, DnsError) as error:
-            _roll_back(work)
+            _roll_back(work, bpf_dir, plan.name)
             raise ApplyError(f"attaching failed, previous state restored: {error}") from error
         _detach_unwanted(plan, bpf_dir, {spec.hook for spec in compiled.programs})
         if plan.reload and not compiled.dns_programs:  # a version without names
@@ -341,7 +342,7 @@ def _switch_links(
                     work.old_programs[old_id] = Program.from_id(old_id)
                 old_program = work.old_programs[old_id]
                 link.update(_program_fd(work, step.hook), old_program.fd)
-            work.swapped.append(_Swap(link_path, old_program))
+            work.swapped.append(_Swap(step, old_program))
         elif step.action in (Action.ATTACH, Action.REATTACH):
             cgroup_fd = _open_checked_cgroup(root, step)
             try:
@@ -355,18 +356,19 @@ def _switch_links(
                 except (BpfError, OSError):
                     link.detach()  # not pinned, so the roll-back would not find it
                     raise
-            work.pinned_links.append(link_path)
+            work.pinned_links.append(step)
 
 
-def _roll_back(work: _Work) -> None:
+def _roll_back(work: _Work, bpf_dir: Path, name: str) -> None:
     for swap in reversed(work.swapped):
         try:
-            with CgroupLink.from_pin(swap.link_pin) as link:
+            pin = pins.link_pin(bpf_dir, name, swap.step.hook, swap.step.cgroup_id)
+            with CgroupLink.from_pin(pin) as link:
                 link.update(swap.old_program.fd)
         except (BpfError, OSError) as error:  # nothing better to do than say so
             log.error("could not restore a link to program %d: %s", swap.old_program.id, error)
-    for path in work.pinned_links:
-        detach_pinned_link(path)
+    for step in work.pinned_links:
+        detach_pinned_link(pins.link_pin(bpf_dir, name, step.hook, step.cgroup_id))
     for path, previous in reversed(work.replaced):
         try:
             if previous is None:

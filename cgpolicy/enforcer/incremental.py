@@ -167,7 +167,7 @@ def _attach(
     name: str, programs: dict[str, Program], new: list[CgroupRef], root: Path, bpf_dir: Path
 ) -> None:
     """A link per hook and cgroup, each pinned at once; all detached again on a failure."""
-    pinned: list[Path] = []
+    pinned: list[str] = []
     try:
         with pins.checked_once():
             for hook, program in programs.items():
@@ -191,10 +191,10 @@ def _attach(
                             raise
                     pinned.append(path)
     except (BpfError, OSError) as error:
-        for path in pinned:
-            detach_pinned_link(path)
+        for link_pin in pinned:
+            detach_pinned_link(link_pin)
         raise ApplyError(f"attaching to new cgroups failed, detached again: {error}") from error
     except NotIncremental:
-        for path in pinned:
-            detach_pinned_link(path)
+        for link_pin in pinned:
+            detach_pinned_link(link_pin)
         raise

@@ -203,9 +203,9 @@ def _restore(bpf_dir: Path, root: Path, record: PendingRecord, kept: pending.Pre
                 pins.pin_replacing(created, pin)
     # 2. then the links the previous version did not have go
     for hook, state in hooks.items():
-        for cid, link in state.links.items():
+        for cid in state.links:
             if hook not in kept.programs or cid not in meta.cgroups:
-                detach_pinned_link(pins.hook_dir(bpf_dir, name, hook) / link.name)
+                detach_pinned_link(pins.link_pin(bpf_dir, name, hook, cid))
         if hook not in kept.programs:
             pins.remove_folder(pins.hook_dir(bpf_dir, name, hook))
     # 3. the previous programs and maps pinned back, the metadata last

@@ -42,8 +42,7 @@ _ZERO = U32.pack(0)
 
 @dataclass(frozen=True, slots=True)
 class AppliedLink:
-    cgroup_id: int
-    name: str  # of its pin in the hook folder (pins.link_pin_names)
+    cgroup_id: int  # pinned as pins.link_pin names it
     link_id: int
     prog_id: int
     attached: bool  # False once the link was detached from outside or its cgroup is gone
@@ -89,15 +88,19 @@ def _read_links(hook_folder: Path) -> dict[int, AppliedLink]:
     pinned = sorted(pins.link_pin_names(hook_folder).items())
     names = [name for _, name in pinned]
     links = {}
-    for (cgroup_id, name), info in zip(
+    programs: dict[int, int] = {}  # one int per program, not per link (90,000 at 10,000)
+    for (cgroup_id, _), info in zip(
         pinned, pinned_cgroup_links(str(hook_folder), names), strict=True
     ):
         if info is None:
-            links[cgroup_id] = AppliedLink(cgroup_id, name, 0, 0, attached=False)
+            links[cgroup_id] = AppliedLink(cgroup_id, 0, 0, attached=False)
         else:
             link_id, prog_id, attached_to = info
             links[cgroup_id] = AppliedLink(
-                cgroup_id, name, link_id, prog_id, attached=attached_to == cgroup_id
+                cgroup_id,
+                link_id,
+                programs.setdefault(prog_id, prog_id),
+                attached=attached_to == cgroup_id,
             )
     return links
 

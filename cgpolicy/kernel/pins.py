@@ -133,8 +133,10 @@ def hook_dir(bpf_dir: Path, name: str, hook: str) -> Path:
     return bpf_dir / name / hook
 
 
-def link_pin(bpf_dir: Path, name: str, hook: str, cgroup_id: int) -> Path:
-    return hook_dir(bpf_dir, name, hook) / f"{LINK_PREFIX}{cgroup_id}"
+def link_pin(bpf_dir: Path, name: str, hook: str, cgroup_id: int) -> str:
+    """As text: an apply over 10,000 cgroups keeps one per link it made (to roll back),
+    and a Path costs ~3 times the memory."""
+    return os.path.join(bpf_dir, name, hook, f"{LINK_PREFIX}{cgroup_id}")
 
 
 class Pinnable(Protocol):
@@ -199,12 +201,13 @@ def real_subfolders(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def pin_replacing(obj: Pinnable, path: Path) -> None:
+def pin_replacing(obj: Pinnable, path: str | os.PathLike[str]) -> None:
     """Pin ``obj`` at ``path``, atomically replacing whatever was pinned there."""
-    ensure_trusted(path.parent)
-    temporary = path.with_name(f"{path.name}_new")  # bpffs refuses names with a '.'
-    if temporary.exists():
-        temporary.unlink()
+    path = os.fspath(path)
+    ensure_trusted(Path(os.path.dirname(path)))
+    temporary = f"{path}_new"  # bpffs refuses names with a '.'
+    if os.path.lexists(temporary):
+        os.unlink(temporary)
     obj.pin(temporary)
     os.replace(temporary, path)
 
@@ -276,7 +279,9 @@ def link_pin_names(folder: Path) -> dict[int, str]:
         return {}
     for entry in entries:
         suffix = entry.name[len(LINK_PREFIX) :]
-        if entry.name.startswith(LINK_PREFIX) and suffix.isdigit() and not entry.is_symlink():
+        # only the names link_pin gives: ASCII digits, no leading zero
+        canonical = suffix.isascii() and suffix.isdigit() and suffix[0] != "0"
+        if entry.name.startswith(LINK_PREFIX) and canonical and not entry.is_symlink():
             found[int(suffix)] = entry.name
     return found
 

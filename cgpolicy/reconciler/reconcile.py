@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 from cgpolicy.compiler.spec import CompiledPolicy, CompileError
@@ -53,6 +54,10 @@ from cgpolicy.reconciler.source import PolicySource, Snapshot
 from cgpolicy.reconciler.watch import watch_folders
 
 log = logging.getLogger("cgpolicy.reconcile")
+
+# A pass's log line names this many of its steps and counts them all: a glob over 10,000
+# cgroups is 90,000 links, a line of megabytes.
+MAX_LOGGED_STEPS = 20
 
 
 class Reconciler:
@@ -334,11 +339,13 @@ class Reconciler:
             else:
                 for problem in drift.get(plan.name, []):
                     self._metrics.drift_repaired.labels(problem).inc()
+                changed = [s for s in plan.steps if s.action is not Action.KEEP]
                 log.info(
                     "%s",
                     plan.summary(),
                     extra={
-                        "steps": [s.describe() for s in plan.steps if s.action is not Action.KEEP]
+                        "steps": [s.describe() for s in changed[:MAX_LOGGED_STEPS]],
+                        "step_counts": dict(Counter(s.action.value for s in changed)),
                     },
                 )
         return tally(outcomes, drift)

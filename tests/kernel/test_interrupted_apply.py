@@ -99,8 +99,8 @@ def test_a_new_policy_killed_while_pinning_is_finished_or_removed(
     real_pin = pins.pin_replacing
     pinned_links = []
 
-    def pin_some(obj, path: Path) -> None:  # type: ignore[no-untyped-def]
-        if path.name.startswith(pins.LINK_PREFIX):
+    def pin_some(obj, path: str | Path) -> None:  # type: ignore[no-untyped-def]
+        if Path(path).name.startswith(pins.LINK_PREFIX):
             if len(pinned_links) == 3:
                 raise Killed
             pinned_links.append(path)

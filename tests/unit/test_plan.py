@@ -5,8 +5,9 @@ from pathlib import Path
 from cgpolicy.compiler.spec import CompiledPolicy, ProgramSpec
 from cgpolicy.enforcer.plan import Action, plan_policy, plan_removal
 from cgpolicy.enforcer.targets import CgroupRef, Resolution
+from cgpolicy.kernel import pins
 from cgpolicy.kernel.applied import AppliedHook, AppliedLink, AppliedPolicy
-from cgpolicy.kernel.pins import PolicyMeta
+from cgpolicy.kernel.pins import PolicyMeta, link_pin_names
 from cgpolicy.policy.model import Target
 
 
@@ -23,7 +24,7 @@ def applied(revision: str, links: dict[str, dict[int, bool]], prog_id: int = 7) 
     for hook, cgroups in links.items():
         policy.hooks[hook] = AppliedHook(hook, prog_id)
         for cgroup_id, attached in cgroups.items():
-            link = AppliedLink(cgroup_id, f"link-{cgroup_id}", 9, prog_id, attached)
+            link = AppliedLink(cgroup_id, 9, prog_id, attached)
             policy.hooks[hook].links[cgroup_id] = link
     return policy
 
@@ -103,3 +104,13 @@ def test_removal_of_a_policy_without_links_still_changes_the_kernel():
     must still drop its pins, so the service must hand the plan to the enforcer."""
     plan = plan_removal(applied("r1", {"egress": {}}))
     assert plan.steps == [] and plan.changed and plan.changes_kernel
+
+
+def test_only_the_link_pins_cgpolicy_names_are_links(tmp_path: Path) -> None:
+    """A hook folder's link pins are the names pins.link_pin gives: what else is there
+    (a leading zero, other digits, a symlink) is no link of a cgroup."""
+    for name in ("link-7", "link-123", "link-0123", "link-\u0661\u0662", "link-", "prog"):
+        (tmp_path / name).touch()
+    (tmp_path / "link-9").symlink_to(tmp_path / "link-7")
+    assert link_pin_names(tmp_path) == {7: "link-7", 123: "link-123"}
+    assert pins.link_pin(tmp_path, "web", "egress", 7).endswith("/web/egress/link-7")
