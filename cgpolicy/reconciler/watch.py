@@ -128,7 +128,7 @@ class Watcher:
                 log.warning("policy folder %s was removed", self.policy_dir)
                 self._policy_watch = None
         if self._netlink is not None and self._netlink.fileno() in ready:
-            self._netlink.get()
+            self._netlink.drain()
             self.links_generation += 1
             self._events.other = True
             woke = True
