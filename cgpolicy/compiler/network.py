@@ -139,10 +139,9 @@ def _cidr_tables(
     v6: dict[tuple[int, int], int] = {}
     for index, rule in enumerate(rules):
         bit = 1 << index
-        for prefix in rule.cidrs.keys:  # policy/prefixes.py: (address << 8 | length) << 1 | v6
-            table = v6 if prefix & 1 else v4
-            key = (prefix >> 1 & 0xFF, prefix >> 9)
-            table[key] = table.get(key, 0) | bit
+        for table, prefixes in zip((v4, v6), rule.cidrs.tables(), strict=True):
+            for key in prefixes:
+                table[key] = table.get(key, 0) | bit
     return v4, v6
 
 

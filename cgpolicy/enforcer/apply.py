@@ -145,7 +145,7 @@ def apply_policy(
             if work.carry is not None:
                 work.carry.after_links_moved()
         except (BpfError, OSError, DnsError) as error:
-            _roll_back(work, bpf_dir, plan.name)
+            _roll_back(work, bpf_dir, compiled.name)  # as _switch_links named the pins
             raise ApplyError(f"attaching failed, previous state restored: {error}") from error
         _detach_unwanted(plan, bpf_dir, {spec.hook for spec in compiled.programs})
         if plan.reload and not compiled.dns_programs:  # a version without names

@@ -46,21 +46,25 @@ class LinkEvents:
         return self._socket.fileno()
 
     def drain(self) -> None:
-        """Read what is queued, until nothing is (an overrun, ENOBUFS, is news too)."""
-        while True:
+        """Read what is queued (an overrun, ENOBUFS, is news too), at most a bounded
+        number of messages: the wake-up is what counts, and a storm of link changes must
+        not hold the service here."""
+        for _ in range(_MAX_DRAINED):
             try:
                 self._socket.recv(65536)
             except BlockingIOError:
                 return
             except OSError as error:
                 if error.errno != errno.ENOBUFS:
-                    raise
+                    logging.getLogger(__name__).warning("netlink link events: %s", error)
+                    return
 
     def close(self) -> None:
         self._socket.close()
 
 
 _RTMGRP_LINK = 1  # linux/rtnetlink.h
+_MAX_DRAINED = 1024
 
 
 def link_monitor() -> LinkEvents | None:

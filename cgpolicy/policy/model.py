@@ -67,7 +67,7 @@ class Target:
 
 @dataclass(frozen=True, slots=True)
 class NetworkRule:
-    """A cgroup_skb rule. Empty tuples mean "any"."""
+    """A cgroup_skb rule. Empty means "any"."""
 
     action: Action
     cidrs: Prefixes = NO_PREFIXES  # remote address (a tuple of networks is taken too)

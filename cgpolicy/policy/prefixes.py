@@ -19,9 +19,13 @@ from typing import Any, overload
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def make_key(address: int, length: int, ipv6: bool) -> int:
+    return (address << 8 | length) << 1 | ipv6
+
+
 def prefix_key(network: IPNetwork) -> int:
     value, length = network.network_address._ip, network._prefixlen  # type: ignore[union-attr]
-    return (value << 8 | length) << 1 | (network.version == 6)
+    return make_key(value, length, network.version == 6)
 
 
 def key_parts(key: int) -> tuple[int, int, int]:
@@ -54,11 +58,23 @@ class Prefixes(Sequence[IPNetwork]):
     """A rule's prefixes in the order written (repeats kept): a sequence of networks, made
     when read (and kept from then on), compared and hashed by their keys."""
 
-    __slots__ = ("keys", "_networks")
+    __slots__ = ("_keys", "_networks")
 
     def __init__(self, keys: Iterable[int] = ()) -> None:
-        self.keys: tuple[int, ...] = tuple(keys)
+        self._keys: tuple[int, ...] = tuple(keys)
         self._networks: tuple[IPNetwork, ...] | None = None
+
+    @property
+    def keys(self) -> tuple[int, ...]:
+        return self._keys
+
+    def tables(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(length, address) of each prefix: the IPv4 ones, then the IPv6 ones."""
+        v4: list[tuple[int, int]] = []
+        v6: list[tuple[int, int]] = []
+        for key in self._keys:
+            (v6 if key & 1 else v4).append((key >> 1 & 0xFF, key >> 9))
+        return v4, v6
 
     @classmethod
     def of(cls, networks: Iterable[IPNetwork]) -> Prefixes:
@@ -66,15 +82,15 @@ class Prefixes(Sequence[IPNetwork]):
 
     def networks(self) -> tuple[IPNetwork, ...]:
         if self._networks is None:
-            self._networks = tuple(map(network_of, self.keys))
+            self._networks = tuple(map(network_of, self._keys))
         return self._networks
 
     def texts(self) -> list[str]:
         """Each prefix as ``str`` writes its network, without making the networks."""
-        return list(map(prefix_text, self.keys))
+        return list(map(prefix_text, self._keys))
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._keys)
 
     @overload
     def __getitem__(self, index: int) -> IPNetwork: ...
@@ -86,23 +102,26 @@ class Prefixes(Sequence[IPNetwork]):
         if self._networks is not None:
             return self._networks[index]
         if isinstance(index, slice):  # a few shown of a long list: only those made
-            return tuple(map(network_of, self.keys[index]))
-        return network_of(self.keys[index])
+            return tuple(map(network_of, self._keys[index]))
+        return network_of(self._keys[index])
 
     def __iter__(self) -> Iterator[IPNetwork]:
         return iter(self.networks())
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Prefixes):
-            return self.keys == other.keys
+            return self._keys == other.keys
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash(self.keys)
+        return hash(self._keys)
+
+    def __reduce__(self) -> tuple[type[Prefixes], tuple[tuple[int, ...]]]:
+        return Prefixes, (self._keys,)  # (copied and pickled without the networks made)
 
     def __repr__(self) -> str:
-        shown = ", ".join(map(prefix_text, self.keys[:5]))
-        more = f", ... {len(self.keys) - 5} more" if len(self.keys) > 5 else ""
+        shown = ", ".join(map(prefix_text, self._keys[:5]))
+        more = f", ... {len(self._keys) - 5} more" if len(self._keys) > 5 else ""
         return f"Prefixes([{shown}{more}])"
 
 

@@ -23,7 +23,7 @@ from cgpolicy.policy.model import (
     SocketAddressRule,
     SourceLocation,
 )
-from cgpolicy.policy.prefixes import key_parts, network_of, prefix_key
+from cgpolicy.policy.prefixes import key_parts, make_key, network_of, prefix_key
 from cgpolicy.policy.problems import SHOWN_CHARACTERS, Path, Problem, shown
 from cgpolicy.policy.sysctl_patterns import TooManyStates, sysctl_dfa
 
@@ -97,9 +97,16 @@ def _parse_key(text: str) -> int:
     if key is not None:
         return key
     try:
-        return prefix_key(ipaddress.ip_network(text, strict=True))
+        network = ipaddress.ip_network(text, strict=True)
     except ValueError:
         pass
+    else:
+        if getattr(network.network_address, "scope_id", None):
+            raise InvalidValue(
+                f"{shown(text)} names a zone, which cannot be matched",
+                "the programs see addresses, not zones: leave out the %zone",
+            )
+        return prefix_key(network)
     try:
         network = ipaddress.ip_network(text, strict=False)
     except ValueError:
@@ -107,7 +114,13 @@ def _parse_key(text: str) -> int:
             f"{shown(text)} is not an IPv4 or IPv6 address or CIDR prefix",
             "write e.g. 10.0.0.0/8, 192.0.2.1 or fd00::/8",
         ) from None
-    raise InvalidValue(f"{text} has host bits set", f"did you mean {network}?")
+    raise InvalidValue(f"{_as_is(text)} has host bits set", f"did you mean {_as_is(str(network))}?")
+
+
+def _as_is(text: str) -> str:
+    """A text as written when it is printable ASCII, else as ``shown`` quotes it: a zone
+    may hold any character, and a message is one line."""
+    return text if text.isascii() and text.isprintable() else shown(text)
 
 
 def _prefix_lengths(longest: int) -> dict[str, int]:
@@ -145,7 +158,7 @@ def _plain_key(text: str) -> int | None:
     value = int.from_bytes(packed, "big")
     if value & host_bits[prefix]:
         return None
-    return (value << 8 | prefix) << 1 | v6
+    return make_key(value, prefix, v6)
 
 
 def parse_port_range(value: int | float | str) -> PortRange:
@@ -537,11 +550,12 @@ def cidr_item_problem(text: str, protocol: Any) -> tuple[str, str | None] | None
     except InvalidValue as error:
         return error.message, error.hint
     version = {"icmp": 4, "icmpv6": 6}.get(protocol) if isinstance(protocol, str) else None
-    if version is not None and key_parts(key)[0] != version:
+    listed = key_parts(key)[0]
+    if version is not None and listed != version:
         other = "icmpv6" if protocol == "icmp" else "icmp"
         return (
-            f"{text} is IPv{key_parts(key)[0]} and cannot match protocol {protocol}",
-            f"use protocol {other} for IPv{key_parts(key)[0]} in a separate rule",
+            f"{text} is IPv{listed} and cannot match protocol {protocol}",
+            f"use protocol {other} for IPv{listed} in a separate rule",
         )
     return None
 

@@ -3,8 +3,8 @@
 
 cidr_key reads the common CIDRs without ip_network, and parse_cidr makes networks from its
 keys without ip_network's constructor; whatever they accept must be exactly what
-ip_network(strict=True) makes (less a zone id), and whatever they refuse must be refused
-by ip_network too (the messages come from the slow path, unchanged). Inputs: random and
+ip_network(strict=True) makes, and whatever they refuse must be refused by ip_network
+too or name a zone (the messages come from the slow path, unchanged). Inputs: random and
 hostile texts (leading zeros, spaces, newlines, NULs, IPv4-mapped and compatible IPv6, zone
 ids, host bits, netmasks, non-ASCII digits).
 
@@ -38,13 +38,13 @@ from cgpolicy.policy.validate import load_contents
 
 
 def _expected(text: str) -> Any:
-    """ip_network's network, without a zone id (fe80::1%eth0): the programs match
-    addresses, and a policy's prefixes are kept as integers."""
+    """ip_network's network; one with a zone (fe80::1%eth0) is refused: the programs
+    match addresses, not zones."""
     try:
         network = ipaddress.ip_network(text, strict=True)
     except ValueError:
         return None
-    return type(network)((int(network.network_address), network.prefixlen))
+    return None if getattr(network.network_address, "scope_id", None) else network
 
 
 def _alike(fast: Any, slow: Any) -> None:

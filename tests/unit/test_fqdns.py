@@ -118,13 +118,21 @@ def test_an_allow_by_name_without_servers_warns_that_any_server_teaches(
 
 @pytest.mark.parametrize(
     ("servers", "problem"),
-    [("[10.0.0.353]", "10.0.0.353"), ("[10.0.0.1/24]", "host bits"), ("[]", "")],
+    [
+        ("[10.0.0.353]", "10.0.0.353"),
+        ("[10.0.0.1/24]", "host bits"),
+        ("[]", ""),
+        ('["fe80::53%eth0"]', "names a zone"),
+        # a zone may hold any character: the message shows them escaped, on one line
+        ('["fe80::1%\\e[31m\\nspec.fake: ok/64"]', "fe80::1%\\x1b[31m\\nspec.fake: ok/64"),
+    ],
 )
 def test_dns_servers_are_addresses_or_cidrs(write: WriteFile, servers: str, problem: str) -> None:
     spec = section_text("sockets.connect", "{action: allow, fqdns: [a.example]}")
     result = load(write, spec + f"dns: {{servers: {servers}}}\n")
     (found,) = result.problems
     assert found.field.startswith("spec.dns.servers") and problem in found.message
+    assert "\n" not in found.format() and "\x1b" not in found.format()
 
 
 def test_a_name_of_more_labels_than_the_kernel_reads_is_refused(write: WriteFile) -> None:
