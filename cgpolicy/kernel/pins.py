@@ -134,8 +134,8 @@ def hook_dir(bpf_dir: Path, name: str, hook: str) -> Path:
 
 
 def link_pin(bpf_dir: Path, name: str, hook: str, cgroup_id: int) -> str:
-    """As text: an apply over 10,000 cgroups keeps one per link it made (to roll back),
-    and a Path costs ~3 times the memory."""
+    """As text: an apply over 10,000 cgroups makes one per link, and a Path costs ~3
+    times the memory and time."""
     return os.path.join(bpf_dir, name, hook, f"{LINK_PREFIX}{cgroup_id}")
 
 

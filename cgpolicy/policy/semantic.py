@@ -81,7 +81,7 @@ def cidr_key(text: str) -> int:
 
 
 def parse_cidr(text: str) -> IPNetwork:
-    """The same as a network."""
+    """:func:`cidr_key`'s prefix as an ipaddress network."""
     return network_of(cidr_key(text))
 
 
